@@ -1,0 +1,224 @@
+//! Starting the daemon (fork, wait for the mount to be live, detach from stdio), serving
+//! until unmounted, stopping on SIGTERM/SIGINT, and `umount`.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::ForkResult;
+
+use super::validate::Checked;
+use super::{EXIT_USAGE, fail};
+use crate::fuse::UnionFs;
+use crate::union::Union;
+
+/// Mount and serve. Returns the process exit code (the daemon child never returns here in
+/// background mode: it exits when the mount ends).
+pub fn start(c: Checked) -> i32 {
+    if let Some(w) = &c.create_workdir
+        && let Err(e) = std::fs::create_dir(w)
+    {
+        return fail(format!("create workdir {}: {e}", w.display()));
+    }
+    crate::logger::init(c.spec.debug, c.spec.foreground);
+    if c.spec.foreground {
+        return match serve(&c, None) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        };
+    }
+    let (rd, wr) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("pipe: {e}")),
+    };
+    // SAFETY: no other threads exist yet (we fork before starting any), so the child may run
+    // arbitrary code.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => fail(format!("fork: {e}")),
+        Ok(ForkResult::Parent { .. }) => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+            if msg.starts_with("ok") {
+                0
+            } else if msg.is_empty() {
+                fail("the daemon exited before the mount was ready")
+            } else {
+                eprint!("{msg}");
+                EXIT_USAGE
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            let r = serve(&c, Some(wr));
+            std::process::exit(if r.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+/// Point stdin/stdout/stderr at /dev/null so a caller reading our stderr sees EOF.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors; null stays open for the call.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), fd);
+            }
+        }
+    }
+}
+
+fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
+    let report = |ready: &Option<OwnedFd>, msg: &str| {
+        if let Some(fd) = ready {
+            // SAFETY: dup the pipe fd so the File we write through owns its own descriptor.
+            let dupfd = unsafe { libc::dup(std::os::fd::AsRawFd::as_raw_fd(fd)) };
+            if dupfd >= 0 {
+                // SAFETY: dupfd is a fresh descriptor we own.
+                let mut f = unsafe { std::fs::File::from_raw_fd(dupfd) };
+                let _ = f.write_all(msg.as_bytes());
+            }
+        }
+    };
+    // Signals are taken by a dedicated thread: block them before any thread starts.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGTERM);
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGHUP);
+    let _ = sigs.thread_block();
+
+    let union = match Union::new(&c.opts) {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            let m = format!("unionfs-rs: {e}\n");
+            report(&ready, &m);
+            return Err(e.to_string());
+        }
+    };
+    let mut cfg = Config::default();
+    let fsname = c.spec.fsname.clone().unwrap_or_else(|| "unionfs-rs".into());
+    let mut mo = vec![
+        MountOption::FSName(fsname),
+        MountOption::Subtype(
+            c.spec
+                .subtype
+                .clone()
+                .unwrap_or_else(|| "unionfs-rs".into()),
+        ),
+        MountOption::DefaultPermissions,
+    ];
+    let root = nix::unistd::geteuid().is_root();
+    let has = |f: &str| c.spec.kernel_flags.iter().any(|x| x == f);
+    if root && !has("nodev") {
+        mo.push(MountOption::Dev);
+    }
+    if root && !has("nosuid") {
+        mo.push(MountOption::Suid);
+    }
+    for f in &c.spec.kernel_flags {
+        match f.as_str() {
+            "nodev" => mo.push(MountOption::NoDev),
+            "nosuid" => mo.push(MountOption::NoSuid),
+            "noexec" => mo.push(MountOption::NoExec),
+            "noatime" => mo.push(MountOption::NoAtime),
+            "dirsync" => mo.push(MountOption::DirSync),
+            "sync" => mo.push(MountOption::Sync),
+            _ => {}
+        }
+    }
+    mo.push(if union.read_only() {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    cfg.mount_options = mo;
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(c.spec.threads.unwrap_or(4).max(1));
+    cfg.clone_fd = true;
+    let mut session = match Session::new(UnionFs::new(union.clone()), &c.merged, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let m = format!("unionfs-rs: mount on {}: {e}\n", c.merged.display());
+            report(&ready, &m);
+            return Err(m);
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    let merged = c.merged.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                log::info!("{sig:?}: unmounting {}", merged.display());
+                if let Err(e) = unmounter.unmount() {
+                    log::warn!("unmount: {e}; detaching");
+                    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    log::info!("mounted {}", c.merged.display());
+    report(&ready, "ok\n");
+    if ready.is_some() {
+        drop(ready);
+        detach_stdio();
+    }
+    session.run().map_err(|e| e.to_string())
+}
+
+/// Unmount MERGED: umount(2) as root, else `fusermount3 -u`.
+pub fn umount(merged: &Path) -> Result<(), String> {
+    let m = merged
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", merged.display()))?;
+    if !is_fuse_mount(&m) {
+        return Err(format!("{} is not a unionfs-rs mount", m.display()));
+    }
+    match nix::mount::umount(&m) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => {
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&m)
+                .status()
+                .map_err(|e| format!("fusermount3: {e}"))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(format!("fusermount3 -u {} failed", m.display()))
+            }
+        }
+        Err(e) => Err(format!("umount {}: {e}", m.display())),
+    }
+}
+
+fn is_fuse_mount(m: &Path) -> bool {
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = m.to_string_lossy();
+    s.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            return false;
+        };
+        f.get(4).is_some_and(|p| unescape(p) == want)
+            && f.get(sep + 1).is_some_and(|t| t.starts_with("fuse"))
+    })
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}

@@ -1,0 +1,138 @@
+//! Command line: `mount`, `umount`, and the fuse-overlayfs / mount(8) helper form
+//! `unionfs-rs [SOURCE] MERGED -o lowerdir=…,upperdir=…,workdir=…`.
+
+pub mod daemon;
+pub mod options;
+pub mod validate;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use options::MountSpec;
+
+/// Exit code for bad input and refused mounts.
+pub const EXIT_USAGE: i32 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "unionfs-rs",
+    version,
+    about = "OverlayFS-compatible union filesystem in userspace (FUSE)",
+    after_help = "Also usable as `unionfs-rs [SOURCE] MERGED -o lowerdir=L1:L2,upperdir=U,workdir=W` \
+                  (fuse-overlayfs and mount.fuse3 form)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Mount LOWER1[:LOWER2…] [UPPER] MERGED (no UPPER: a read-only union).
+    Mount(MountArgs),
+    /// Unmount a union mounted at MERGED.
+    Umount {
+        /// The merged directory.
+        merged: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct MountArgs {
+    /// Lower directories separated by ':', leftmost on top.
+    lowers: String,
+    /// [UPPER] MERGED
+    #[arg(num_args = 1..=2, required = true)]
+    dirs: Vec<PathBuf>,
+    /// Work directory on the same filesystem as UPPER (default: UPPER's sibling `<upper>.work`).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Stay in the foreground, logging to stderr.
+    #[arg(short, long)]
+    foreground: bool,
+    /// Use user.overlay.* xattrs (kernel overlayfs `userxattr`), for rootless use.
+    #[arg(long)]
+    userxattr: bool,
+    /// Honour AUFS-style `.wh.NAME` whiteouts in lower layers.
+    #[arg(long)]
+    aufs_whiteouts: bool,
+    /// FUSE worker threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Debug logging.
+    #[arg(short, long)]
+    debug: bool,
+    /// Mount options, comma separated (same as the -o form).
+    #[arg(short = 'o', value_name = "OPTS")]
+    opts: Vec<String>,
+}
+
+/// Print one clear line and return the usage exit code.
+pub fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("unionfs-rs: {msg}");
+    EXIT_USAGE
+}
+
+/// Entry point; returns the process exit code.
+pub fn main_with(args: Vec<OsString>) -> i32 {
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let is_cli = matches!(
+        first,
+        "mount" | "umount" | "help" | "--help" | "-h" | "--version" | "-V" | ""
+    );
+    if !is_cli {
+        return match options::parse_legacy(&args[1..]) {
+            Ok(spec) => run_mount(spec),
+            Err(e) => fail(e),
+        };
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.cmd {
+        Cmd::Mount(m) => {
+            let mut spec = MountSpec {
+                lowers: options::split_lowers(&m.lowers),
+                workdir: m.workdir,
+                foreground: m.foreground,
+                userxattr: m.userxattr,
+                aufs_whiteouts: m.aufs_whiteouts,
+                threads: m.threads,
+                debug: m.debug,
+                ..MountSpec::default()
+            };
+            match m.dirs.len() {
+                1 => spec.merged = Some(m.dirs[0].clone()),
+                _ => {
+                    spec.upper = Some(m.dirs[0].clone());
+                    spec.merged = Some(m.dirs[1].clone());
+                }
+            }
+            for o in &m.opts {
+                if let Err(e) = options::apply_opts(&mut spec, o) {
+                    return fail(e);
+                }
+            }
+            run_mount(spec)
+        }
+        Cmd::Umount { merged } => match daemon::umount(&merged) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn run_mount(spec: MountSpec) -> i32 {
+    let checked = match validate::validate(spec) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    daemon::start(checked)
+}

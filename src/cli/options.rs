@@ -1,0 +1,206 @@
+//! Mount option parsing shared by the `mount` subcommand and the `-o` (fuse-overlayfs,
+//! mount.fuse3) form.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Everything a mount request says, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct MountSpec {
+    /// Lower dirs, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper dir (None: read-only union).
+    pub upper: Option<PathBuf>,
+    /// Work dir.
+    pub workdir: Option<PathBuf>,
+    /// Mount point.
+    pub merged: Option<PathBuf>,
+    /// Stay attached.
+    pub foreground: bool,
+    /// user.overlay.* xattrs.
+    pub userxattr: bool,
+    /// AUFS whiteouts in lowers.
+    pub aufs_whiteouts: bool,
+    /// Read-only mount.
+    pub read_only: bool,
+    /// fsname= for /proc/mounts.
+    pub fsname: Option<String>,
+    /// subtype= for /proc/mounts.
+    pub subtype: Option<String>,
+    /// Kernel mount flags passed through (nodev, nosuid, noexec, noatime, …).
+    pub kernel_flags: Vec<String>,
+    /// FUSE worker threads.
+    pub threads: Option<usize>,
+    /// Debug logging.
+    pub debug: bool,
+    /// Options we accepted but ignore, or did not know (warned).
+    pub unknown: Vec<String>,
+}
+
+/// Split `a:b:c` into paths (empty elements skipped).
+pub fn split_lowers(s: &str) -> Vec<PathBuf> {
+    s.split(':')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Apply one comma-separated option string.
+pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
+    for o in opts.split(',') {
+        let o = o.trim();
+        if o.is_empty() {
+            continue;
+        }
+        let (k, v) = match o.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (o, None),
+        };
+        let need = |v: Option<&str>| -> Result<String, String> {
+            match v {
+                Some(v) if !v.is_empty() => Ok(v.to_string()),
+                _ => Err(format!("option '{k}' needs a value")),
+            }
+        };
+        match k {
+            "lowerdir" => spec.lowers = split_lowers(&need(v)?),
+            "upperdir" => spec.upper = Some(PathBuf::from(need(v)?)),
+            "workdir" => spec.workdir = Some(PathBuf::from(need(v)?)),
+            "userxattr" => spec.userxattr = true,
+            "aufs_whiteouts" | "aufs" => spec.aufs_whiteouts = true,
+            "noaufs" => spec.aufs_whiteouts = false,
+            "ro" => spec.read_only = true,
+            "rw" => spec.read_only = false,
+            "fsname" => spec.fsname = Some(need(v)?),
+            "subtype" => spec.subtype = Some(need(v)?),
+            "threads" => {
+                spec.threads = Some(
+                    need(v)?
+                        .parse()
+                        .map_err(|_| format!("threads: not a number: {}", v.unwrap_or("")))?,
+                )
+            }
+            "debug" => spec.debug = true,
+            "nodev" | "nosuid" | "noexec" | "noatime" | "dev" | "suid" | "exec" | "atime"
+            | "sync" | "async" | "dirsync" => spec.kernel_flags.push(k.to_string()),
+            // Always on, or meaningless for us: accept silently.
+            "default_permissions"
+            | "allow_other"
+            | "allow_root"
+            | "auto_unmount"
+            | "nonempty"
+            | "defaults"
+            | "auto"
+            | "noauto"
+            | "user"
+            | "nouser"
+            | "_netdev"
+            | "nofail"
+            | "relatime"
+            | "strictatime"
+            | "lazytime"
+            | "volatile"
+            | "redirect_dir"
+            | "index"
+            | "xino"
+            | "metacopy"
+            | "uuid"
+            | "nfs_export" => {}
+            _ => spec.unknown.push(o.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Parse the fuse-overlayfs / mount.fuse3 form: `[SOURCE] MERGED` with `-o OPTS` anywhere,
+/// `-f` for foreground.
+pub fn parse_legacy(args: &[OsString]) -> Result<MountSpec, String> {
+    let mut spec = MountSpec {
+        // containers/storage commits AUFS-style whiteouts when it drives a mount program.
+        aufs_whiteouts: true,
+        ..MountSpec::default()
+    };
+    let mut pos: Vec<PathBuf> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_str().unwrap_or("");
+        if s == "-o" {
+            let v = it
+                .next()
+                .ok_or("-o needs an option string")?
+                .to_str()
+                .ok_or("options are not valid UTF-8")?;
+            apply_opts(&mut spec, v)?;
+        } else if let Some(v) = s.strip_prefix("-o") {
+            apply_opts(&mut spec, v)?;
+        } else if s == "-f" || s == "--foreground" {
+            spec.foreground = true;
+        } else if s == "-d" || s == "--debug" {
+            spec.debug = true;
+            spec.foreground = true;
+        } else if s.starts_with('-') && s.len() > 1 {
+            return Err(format!("unknown argument '{s}' (see unionfs-rs --help)"));
+        } else {
+            pos.push(PathBuf::from(a));
+        }
+    }
+    match pos.len() {
+        1 => spec.merged = Some(pos.remove(0)),
+        2 => {
+            let source = pos.remove(0);
+            if spec.fsname.is_none() {
+                spec.fsname = Some(source.to_string_lossy().into_owned());
+            }
+            spec.merged = Some(pos.remove(0));
+        }
+        0 => {
+            return Err(
+                "missing mount point (usage: unionfs-rs -o lowerdir=…,upperdir=…,workdir=… MERGED)"
+                    .into(),
+            );
+        }
+        _ => return Err("too many arguments (usage: unionfs-rs [SOURCE] MERGED -o OPTS)".into()),
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_form() {
+        let args: Vec<OsString> = ["-o", "lowerdir=/a:/b,,upperdir=/u,workdir=/w,", "/m"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let s = parse_legacy(&args).unwrap();
+        assert_eq!(s.lowers, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(s.upper, Some(PathBuf::from("/u")));
+        assert_eq!(s.workdir, Some(PathBuf::from("/w")));
+        assert_eq!(s.merged, Some(PathBuf::from("/m")));
+        assert!(s.aufs_whiteouts);
+    }
+
+    #[test]
+    fn mount_helper_form() {
+        let args: Vec<OsString> = ["srcname", "/m", "-o", "rw,lowerdir=/l,fsname=x,bogus=1"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let s = parse_legacy(&args).unwrap();
+        assert_eq!(s.fsname.as_deref(), Some("x"));
+        assert_eq!(s.unknown, vec!["bogus=1".to_string()]);
+        assert!(s.upper.is_none());
+    }
+
+    #[test]
+    fn bad_forms() {
+        let a: Vec<OsString> = ["-o", "lowerdir="].iter().map(OsString::from).collect();
+        assert!(parse_legacy(&a).is_err());
+        let a: Vec<OsString> = ["-x", "/m"].iter().map(OsString::from).collect();
+        assert!(parse_legacy(&a).is_err());
+        let a: Vec<OsString> = ["a", "b", "c"].iter().map(OsString::from).collect();
+        assert!(parse_legacy(&a).is_err());
+    }
+}

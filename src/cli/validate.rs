@@ -1,0 +1,187 @@
+//! Check a mount request before anything on disk is touched: every refusal is one clear line
+//! and changes nothing.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::options::MountSpec;
+use crate::union::Options;
+
+/// A request that passed every check.
+#[derive(Debug)]
+pub struct Checked {
+    /// The union to build.
+    pub opts: Options,
+    /// Canonical mount point.
+    pub merged: PathBuf,
+    /// The original request (flags, names).
+    pub spec: MountSpec,
+    /// Work dir to create before mounting (the default sibling did not exist).
+    pub create_workdir: Option<PathBuf>,
+    /// Exclusive lock on the upper dir, held for the daemon's life.
+    pub lock: Option<File>,
+}
+
+fn existing_dir(p: &Path, what: &str) -> Result<PathBuf, String> {
+    let md = std::fs::metadata(p).map_err(|e| format!("{what} {}: {e}", p.display()))?;
+    if !md.is_dir() {
+        return Err(format!("{what} {}: not a directory", p.display()));
+    }
+    p.canonicalize()
+        .map_err(|e| format!("{what} {}: {e}", p.display()))
+}
+
+/// Is `a` equal to or inside `b`?
+fn within(a: &Path, b: &Path) -> bool {
+    a.starts_with(b)
+}
+
+/// Validate a request.
+pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
+    for u in &spec.unknown {
+        eprintln!("unionfs-rs: warning: ignoring unknown option '{u}'");
+    }
+    if spec.lowers.is_empty() {
+        return Err("no lower directory given (lowerdir=…)".into());
+    }
+    let merged_raw = spec.merged.clone().ok_or("no mount point given")?;
+    let merged = existing_dir(&merged_raw, "mount point")?;
+    let mut lowers = Vec::new();
+    for l in &spec.lowers {
+        lowers.push(existing_dir(l, "lower directory")?);
+    }
+    if spec.read_only {
+        spec.upper = None;
+        spec.workdir = None;
+    }
+    let upper = match &spec.upper {
+        Some(u) => Some(existing_dir(u, "upper directory")?),
+        None => None,
+    };
+    let mut create_workdir = None;
+    let workdir = match (&upper, &spec.workdir) {
+        (None, Some(_)) => return Err("workdir given without an upper directory".into()),
+        (None, None) => None,
+        (Some(_), Some(w)) => Some(existing_dir(w, "workdir")?),
+        (Some(u), None) => {
+            let name = format!(
+                "{}.work",
+                u.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            );
+            let w = u.with_file_name(name);
+            if w.exists() {
+                Some(existing_dir(&w, "workdir")?)
+            } else {
+                create_workdir = Some(w.clone());
+                Some(w)
+            }
+        }
+    };
+    if let (Some(u), Some(w)) = (&upper, &workdir) {
+        let udev = std::fs::metadata(u).map_err(|e| e.to_string())?.dev();
+        let wdev_path = if w.exists() {
+            w.clone()
+        } else {
+            w.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        let wdev = std::fs::metadata(&wdev_path)
+            .map_err(|e| format!("workdir {}: {e}", w.display()))?
+            .dev();
+        if udev != wdev {
+            return Err(format!(
+                "workdir {} is on another filesystem than upper {} (they must share one, as rename between them must work)",
+                w.display(),
+                u.display()
+            ));
+        }
+        if within(u, w) || within(w, u) {
+            return Err(format!(
+                "workdir {} and upper {} overlap (they must be separate subtrees)",
+                w.display(),
+                u.display()
+            ));
+        }
+        let incompat = w.join("work").join("incompat");
+        if let Ok(mut rd) = std::fs::read_dir(&incompat)
+            && rd.next().is_some()
+        {
+            return Err(format!(
+                "{} is not empty: this upper was written with an incompatible feature; refusing to mount (as overlayfs does)",
+                incompat.display()
+            ));
+        }
+    }
+    for l in &lowers {
+        for (what, d) in [("upper", &upper), ("workdir", &workdir)] {
+            if let Some(d) = d
+                && (within(d, l) || within(l, d))
+            {
+                return Err(format!(
+                    "{what} {} overlaps lower directory {}",
+                    d.display(),
+                    l.display()
+                ));
+            }
+        }
+        if within(l, &merged) && l != &merged {
+            return Err(format!(
+                "lower directory {} is inside the mount point {}",
+                l.display(),
+                merged.display()
+            ));
+        }
+    }
+    for (what, d) in [("upper", &upper), ("workdir", &workdir)] {
+        if let Some(d) = d
+            && (within(&merged, d) || within(d, &merged))
+        {
+            return Err(format!(
+                "mount point {} overlaps {what} {}",
+                merged.display(),
+                d.display()
+            ));
+        }
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Err(format!(
+            "cannot open /dev/fuse: {e} (is the fuse module loaded and /dev/fuse accessible?)"
+        ));
+    }
+    let lock = match &upper {
+        Some(u) => {
+            let f = File::open(u).map_err(|e| format!("upper {}: {e}", u.display()))?;
+            // SAFETY: f is an open descriptor for the whole call.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                return Err(format!(
+                    "upper {} is already in use by another unionfs-rs mount",
+                    u.display()
+                ));
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    let opts = Options {
+        lowers,
+        upper,
+        workdir,
+        userxattr: spec.userxattr,
+        aufs_whiteouts: spec.aufs_whiteouts,
+    };
+    Ok(Checked {
+        opts,
+        merged,
+        spec,
+        create_workdir,
+        lock,
+    })
+}

@@ -1,0 +1,200 @@
+//! Thin syscall wrappers that nix does not provide (xattrs, fchmodat2, FICLONE).
+//! All `unsafe` of the layer module lives here.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use nix::errno::Errno;
+
+/// Path naming `name` inside the directory `dir` without resolving anything of the layer:
+/// `/proc/self/fd/N/name` (the final component is never followed by the l*xattr calls).
+fn fd_path(dir: BorrowedFd<'_>, name: &OsStr) -> Result<CString, Errno> {
+    let mut v = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    v.extend_from_slice(name.as_bytes());
+    CString::new(v).map_err(|_| Errno::EINVAL)
+}
+
+fn cstr(s: &OsStr) -> Result<CString, Errno> {
+    CString::new(s.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+/// Run an xattr call that fills a buffer, growing it on ERANGE.
+fn fill_buf(mut call: impl FnMut(*mut libc::c_void, usize) -> isize) -> Result<Vec<u8>, Errno> {
+    let mut cap = 256usize;
+    loop {
+        let mut buf = vec![0u8; cap];
+        let n = call(buf.as_mut_ptr().cast(), buf.len());
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        match Errno::last() {
+            Errno::ERANGE if cap < (1 << 20) => {
+                let need = call(std::ptr::null_mut(), 0);
+                cap = if need > 0 {
+                    need as usize + 16
+                } else {
+                    cap * 4
+                };
+            }
+            e => return Err(e),
+        }
+    }
+}
+
+/// Read xattr `xname` of `name` in `dir` (`name` empty: `dir` itself). `Ok(None)` if absent.
+pub fn get_xattr(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    xname: &OsStr,
+) -> Result<Option<Vec<u8>>, Errno> {
+    let x = cstr(xname)?;
+    let r = if name.is_empty() {
+        let fd = dir.as_raw_fd();
+        // SAFETY: fd is a live descriptor, x a NUL-terminated string, buffer pointer/len valid.
+        fill_buf(|p, n| unsafe { libc::fgetxattr(fd, x.as_ptr(), p, n) })
+    } else {
+        let path = fd_path(dir, name)?;
+        // SAFETY: path and x are NUL-terminated, buffer pointer/len valid.
+        fill_buf(|p, n| unsafe { libc::lgetxattr(path.as_ptr(), x.as_ptr(), p, n) })
+    };
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Errno::ENODATA) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// List xattr names of `name` in `dir`.
+pub fn list_xattr(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<OsString>, Errno> {
+    let buf = if name.is_empty() {
+        let fd = dir.as_raw_fd();
+        // SAFETY: fd is live; buffer pointer/len valid.
+        fill_buf(|p, n| unsafe { libc::flistxattr(fd, p.cast(), n) })?
+    } else {
+        let path = fd_path(dir, name)?;
+        // SAFETY: path is NUL-terminated; buffer pointer/len valid.
+        fill_buf(|p, n| unsafe { libc::llistxattr(path.as_ptr(), p.cast(), n) })?
+    };
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| OsString::from_vec(s.to_vec()))
+        .collect())
+}
+
+/// Set xattr `xname` = `value` on `name` in `dir`; `flags` are XATTR_CREATE / XATTR_REPLACE.
+pub fn set_xattr(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    xname: &OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Result<(), Errno> {
+    let x = cstr(xname)?;
+    let r = if name.is_empty() {
+        // SAFETY: fd live; x NUL-terminated; value pointer/len from a slice.
+        unsafe {
+            libc::fsetxattr(
+                dir.as_raw_fd(),
+                x.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        }
+    } else {
+        let path = fd_path(dir, name)?;
+        // SAFETY: path and x NUL-terminated; value pointer/len from a slice.
+        unsafe {
+            libc::lsetxattr(
+                path.as_ptr(),
+                x.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        }
+    };
+    Errno::result(r).map(drop)
+}
+
+/// Remove xattr `xname` from `name` in `dir`.
+pub fn remove_xattr(dir: BorrowedFd<'_>, name: &OsStr, xname: &OsStr) -> Result<(), Errno> {
+    let x = cstr(xname)?;
+    let r = if name.is_empty() {
+        // SAFETY: fd live; x NUL-terminated.
+        unsafe { libc::fremovexattr(dir.as_raw_fd(), x.as_ptr()) }
+    } else {
+        let path = fd_path(dir, name)?;
+        // SAFETY: path and x NUL-terminated.
+        unsafe { libc::lremovexattr(path.as_ptr(), x.as_ptr()) }
+    };
+    Errno::result(r).map(drop)
+}
+
+/// chmod that never follows a final symlink (fchmodat2 with AT_SYMLINK_NOFOLLOW, Linux 6.6+;
+/// falls back to fchmodat, which is safe for the non-symlink objects we call it on).
+pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<(), Errno> {
+    if name.is_empty() {
+        return nix::sys::stat::fchmod(dir, nix::sys::stat::Mode::from_bits_truncate(mode));
+    }
+    let n = cstr(name)?;
+    // SAFETY: fd live; n NUL-terminated; syscall 452 is fchmodat2(dirfd, path, mode, flags).
+    let r = unsafe {
+        libc::syscall(
+            452,
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            mode as libc::c_uint,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    match Errno::result(r) {
+        Ok(_) => Ok(()),
+        Err(Errno::ENOSYS) => nix::sys::stat::fchmodat(
+            dir,
+            name,
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        ),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reflink the whole of `src` into `dst` (FICLONE). Fails with EOPNOTSUPP/EXDEV/EINVAL where the
+/// filesystem cannot share extents.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<(), Errno> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: both fds are live; FICLONE takes the source fd as its integer argument.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+    Errno::result(r).map(drop)
+}
+
+/// statfs of the filesystem holding `fd`.
+pub fn statfs(fd: BorrowedFd<'_>) -> Result<libc::statfs, Errno> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fd live; st points to writable memory of the right size.
+    let r = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
+    Errno::result(r)?;
+    // SAFETY: fstatfs succeeded and filled the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// pread that retries on EINTR and reads until `buf` is full or EOF.
+pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], mut off: i64) -> Result<usize, Errno> {
+    let mut done = 0;
+    while done < buf.len() {
+        match nix::sys::uio::pread(fd, &mut buf[done..], off) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                off += n as i64;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,327 @@
+//! Atomic copy-up (kernel fs/overlayfs/copy_up.c): build the object in `workdir/work`, copy
+//! data (reflink, then copy_file_range, then read/write; holes kept), owner, mode, xattrs and
+//! times, then rename it into place. Parents first. A crash leaves the old view or the new one.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{FileStat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, Whence};
+
+use super::{Ctx, Error, LayerRef, Node, Result, Union};
+use crate::layer::{self, sys};
+
+impl Union {
+    /// Make sure `node` exists in the upper layer (copying it and its parents up).
+    pub fn copy_up(&self, node: &Node) -> Result<()> {
+        if node.st.lock().upper {
+            return Ok(());
+        }
+        self.upper_layer()?;
+        // Parents first (the root always has an upper when the union is writable).
+        let parent = node.st.lock().parent;
+        if parent != 0 {
+            let p = self.node(parent)?;
+            self.copy_up(&p)?;
+        }
+        let _g = node.copy_lock.lock();
+        let st = node.state();
+        if st.upper {
+            return Ok(());
+        }
+        if st.unlinked {
+            return Err(Error::new(Errno::ENOENT, "copy-up of removed file"));
+        }
+        let src_layer = st.top();
+        let (pp, name) = self.parent_path(node)?;
+        let src_dir = self
+            .layer(src_layer)
+            .open_dir(&pp)
+            .ctx("copy-up: open lower dir")?;
+        let dst_dir = self
+            .upper_layer()?
+            .open_dir(&pp)
+            .ctx("copy-up: open upper dir")?;
+        let fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
+        let upper_ino = self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)?;
+        if !(src_layer == LayerRef::Upper) {
+            self.inomap.set(upper_ino, node.ino);
+        }
+        node.st.lock().upper = true;
+        Ok(())
+    }
+
+    /// Copy the object `name` (stat `fs`) from `src_dir` to `dst_dir/dst_name` through the work
+    /// dir. Returns the new upper inode number.
+    fn copy_object(
+        &self,
+        src_dir: BorrowedFd<'_>,
+        name: &OsStr,
+        fs: &FileStat,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+    ) -> Result<u64> {
+        let work = self.work_fd()?;
+        let tmp = self.tmp_name();
+        let kind = fs.st_mode & libc::S_IFMT;
+        let perm = fs.st_mode & 0o7777;
+        let res = (|| -> Result<()> {
+            match kind {
+                libc::S_IFDIR => {
+                    nix::sys::stat::mkdirat(work, tmp.as_os_str(), Mode::from_bits_truncate(0o700))
+                        .ctx("copy-up: mkdir")?;
+                }
+                libc::S_IFREG => {
+                    let src = nix::fcntl::openat(
+                        src_dir,
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOATIME,
+                        Mode::empty(),
+                    )
+                    .or_else(|_| {
+                        nix::fcntl::openat(
+                            src_dir,
+                            name,
+                            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                            Mode::empty(),
+                        )
+                    })
+                    .ctx("copy-up: open source")?;
+                    let dst = nix::fcntl::openat(
+                        work,
+                        tmp.as_os_str(),
+                        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o600),
+                    )
+                    .ctx("copy-up: create")?;
+                    copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64)?;
+                    nix::unistd::fsync(dst.as_fd()).ctx("copy-up: fsync")?;
+                }
+                libc::S_IFLNK => {
+                    let target = nix::fcntl::readlinkat(src_dir, name).ctx("copy-up: readlink")?;
+                    nix::unistd::symlinkat(target.as_os_str(), work, tmp.as_os_str())
+                        .ctx("copy-up: symlink")?;
+                }
+                _ => {
+                    nix::sys::stat::mknodat(
+                        work,
+                        tmp.as_os_str(),
+                        SFlag::from_bits_truncate(kind),
+                        Mode::from_bits_truncate(0o600),
+                        fs.st_rdev,
+                    )
+                    .ctx("copy-up: mknod")?;
+                }
+            }
+            copy_xattrs(self, src_dir, name, work, &tmp)?;
+            copy_meta(work, &tmp, fs)?;
+            let _ = perm;
+            nix::fcntl::renameat2(
+                work,
+                tmp.as_os_str(),
+                dst_dir,
+                dst_name,
+                RenameFlags::RENAME_NOREPLACE,
+            )
+            .ctx("copy-up: rename into upper")?;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            remove_tmp(work, &tmp, kind == libc::S_IFDIR);
+            return Err(e);
+        }
+        let st = layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")?;
+        Ok(st.st_ino)
+    }
+}
+
+/// Owner, mode and times of `name` in `dir` from `fs` (owner first: chown clears set-id bits).
+pub(crate) fn copy_meta(dir: BorrowedFd<'_>, name: &OsStr, fs: &FileStat) -> Result<()> {
+    nix::unistd::fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(fs.st_uid)),
+        Some(Gid::from_raw(fs.st_gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .ctx("copy-up: chown")?;
+    if fs.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        sys::chmod_at(dir, name, fs.st_mode & 0o7777).ctx("copy-up: chmod")?;
+    }
+    nix::sys::stat::utimensat(
+        dir,
+        name,
+        &TimeSpec::new(fs.st_atime, fs.st_atime_nsec),
+        &TimeSpec::new(fs.st_mtime, fs.st_mtime_nsec),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .ctx("copy-up: utimes")?;
+    Ok(())
+}
+
+/// Copy every xattr except the overlay-private ones.
+fn copy_xattrs(
+    u: &Union,
+    src_dir: BorrowedFd<'_>,
+    name: &OsStr,
+    dst_dir: BorrowedFd<'_>,
+    dst_name: &OsStr,
+) -> Result<()> {
+    let names = match sys::list_xattr(src_dir, name) {
+        Ok(n) => n,
+        Err(Errno::ENOTSUP) => return Ok(()),
+        Err(e) => return Err(Error::new(e, "copy-up: listxattr")),
+    };
+    for x in names {
+        if u.names.is_private(&x) {
+            continue;
+        }
+        let v = match sys::get_xattr(src_dir, name, &x) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            // Unreadable namespaces (e.g. trusted.* for an unprivileged daemon) are skipped,
+            // as the kernel skips what it may not copy.
+            Err(Errno::EPERM) | Err(Errno::EACCES) | Err(Errno::ENOTSUP) => continue,
+            Err(e) => return Err(Error::new(e, "copy-up: getxattr")),
+        };
+        match sys::set_xattr(dst_dir, dst_name, &x, &v, 0) {
+            Ok(()) => {}
+            Err(Errno::EPERM) | Err(Errno::ENOTSUP)
+                if !x.to_string_lossy().starts_with("user.") => {}
+            Err(e) => return Err(Error::new(e, "copy-up: setxattr")),
+        }
+    }
+    Ok(())
+}
+
+/// Copy file data keeping holes: reflink if possible, else copy_file_range (or read/write)
+/// over each data extent found with SEEK_DATA/SEEK_HOLE, then set the size.
+pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    if sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut off: i64 = 0;
+    let end = size as i64;
+    while off < end {
+        let data = match nix::unistd::lseek(src, off, Whence::SeekData) {
+            Ok(d) => d,
+            Err(Errno::ENXIO) => break, // only a hole remains
+            Err(Errno::EINVAL) => off,  // no SEEK_DATA support: treat all as data
+            Err(e) => return Err(Error::new(e, "copy-up: seek data")),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match nix::unistd::lseek(src, data, Whence::SeekHole) {
+            Ok(h) => h.min(end),
+            Err(_) => end,
+        };
+        copy_range(src, dst, data, (hole - data) as u64)?;
+        off = hole;
+    }
+    nix::unistd::ftruncate(dst, end).ctx("copy-up: set size")?;
+    Ok(())
+}
+
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: u64) -> Result<()> {
+    let mut done = 0u64;
+    let mut use_cfr = true;
+    let mut buf: Vec<u8> = Vec::new();
+    while done < len {
+        let chunk = (len - done).min(1 << 30) as usize;
+        let mut off_in = start + done as i64;
+        let mut off_out = off_in;
+        if use_cfr {
+            match nix::fcntl::copy_file_range(
+                src,
+                Some(&mut off_in),
+                dst,
+                Some(&mut off_out),
+                chunk,
+            ) {
+                Ok(0) => return Ok(()), // source shorter than expected
+                Ok(n) => {
+                    done += n as u64;
+                    continue;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EXDEV)
+                | Err(Errno::EINVAL)
+                | Err(Errno::EOPNOTSUPP)
+                | Err(Errno::ENOSYS) => {
+                    use_cfr = false;
+                }
+                Err(e) => return Err(Error::new(e, "copy-up: copy_file_range")),
+            }
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; 1 << 20];
+        }
+        let want = chunk.min(buf.len());
+        let n = sys::pread_full(src, &mut buf[..want], off_in).ctx("copy-up: read")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut w = 0;
+        while w < n {
+            match nix::sys::uio::pwrite(dst, &buf[w..n], off_in + w as i64) {
+                Ok(m) => w += m,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::new(e, "copy-up: write")),
+            }
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Remove a scratch object from the work dir (recursively for a directory).
+pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) {
+    if is_dir {
+        if let Ok(d) = nix::fcntl::openat(
+            work,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            remove_dir_contents(&d);
+        }
+        let _ = nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::RemoveDir);
+    } else {
+        let _ = nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    }
+}
+
+/// Remove everything inside an (already detached) directory, never following symlinks.
+pub(crate) fn remove_dir_contents(dir: &OwnedFd) {
+    let Ok(dup) = nix::unistd::dup(dir.as_fd()) else {
+        return;
+    };
+    let Ok(mut d) = nix::dir::Dir::from_fd(dup) else {
+        return;
+    };
+    let names: Vec<(std::ffi::OsString, bool)> = d
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let b = e.file_name().to_bytes();
+            b != b"." && b != b".."
+        })
+        .map(|e| {
+            use std::os::unix::ffi::OsStrExt;
+            (
+                OsStr::from_bytes(e.file_name().to_bytes()).to_os_string(),
+                e.file_type() == Some(nix::dir::Type::Directory),
+            )
+        })
+        .collect();
+    for (n, is_dir) in names {
+        remove_tmp(dir.as_fd(), &n, is_dir);
+    }
+}

@@ -1,0 +1,500 @@
+//! Namespace operations (kernel fs/overlayfs/dir.c): create, mkdir, mknod, symlink, link,
+//! unlink, rmdir, rename — with whiteouts where a lower entry must stay hidden and the opaque
+//! mark where the kernel puts it.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
+
+use super::copy_up::{remove_dir_contents, remove_tmp};
+use super::namei::{drop_name, move_name};
+use super::ondisk::{is_whiteout_stat, make_whiteout};
+use super::{Attr, Caller, Ctx, Error, LayerRef, Node, NodeState, Result, Union};
+use crate::layer;
+
+/// What to create.
+#[derive(Debug, Clone, Copy)]
+pub enum NewKind<'a> {
+    /// Regular file, opened with these flags (returns the fd).
+    File { flags: i32 },
+    /// Directory.
+    Dir,
+    /// Device, fifo, socket or regular file via mknod.
+    Node { kind: u32, rdev: u64 },
+    /// Symbolic link to this target.
+    Symlink(&'a OsStr),
+}
+
+impl Union {
+    /// Install a new object `name` in `parent`'s upper dir. If a whiteout sits there, the object
+    /// is built in the work dir (directories marked opaque) and exchanged with the whiteout, as
+    /// the kernel does. Returns the upper parent dir fd and the opened file for `File`.
+    fn install(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        is_dir: bool,
+        build: &dyn Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
+    ) -> Result<(OwnedFd, Option<OwnedFd>, bool)> {
+        self.copy_up(parent)?;
+        let ppath = self.path_of(parent)?;
+        let dir = self.upper_layer()?.open_dir(&ppath).ctx("open upper dir")?;
+        let over_whiteout = match layer::stat_at(dir.as_fd(), name) {
+            Ok(st) if is_whiteout_stat(&st) => true,
+            Ok(_) => return Err(Error::new(Errno::EEXIST, "create: exists in upper")),
+            Err(Errno::ENOENT) => false,
+            Err(e) => return Err(Error::new(e, "create: stat upper")),
+        };
+        if !over_whiteout {
+            let f = build(dir.as_fd(), name)?;
+            return Ok((dir, f, false));
+        }
+        let work = self.work_fd()?;
+        let tmp = self.tmp_name();
+        let f = build(work, &tmp)?;
+        let res = (|| -> Result<()> {
+            if is_dir {
+                self.names
+                    .set_opaque(work, &tmp)
+                    .ctx("create: set opaque")?;
+            }
+            nix::fcntl::renameat2(
+                work,
+                tmp.as_os_str(),
+                dir.as_fd(),
+                name,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .ctx("create: exchange with whiteout")?;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                // The whiteout is now in the work dir.
+                let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                Ok((dir, f, true))
+            }
+            Err(e) => {
+                remove_tmp(work, &tmp, is_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Give a new object its owner: the caller, with the group of a set-gid parent.
+    fn set_owner(&self, dir: BorrowedFd<'_>, name: &OsStr, who: Caller) -> Result<()> {
+        let pst = nix::sys::stat::fstat(dir).ctx("stat parent")?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            who.gid
+        };
+        let before = layer::stat_at(dir, name).ctx("stat new")?;
+        if before.st_uid == who.uid && before.st_gid == gid {
+            return Ok(());
+        }
+        nix::unistd::fchownat(
+            dir,
+            name,
+            Some(Uid::from_raw(who.uid)),
+            Some(Gid::from_raw(gid)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .ctx("chown new")?;
+        if before.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+            && before.st_mode & libc::S_IFMT != libc::S_IFLNK
+        {
+            layer::sys::chmod_at(dir, name, before.st_mode & 0o7777).ctx("chmod new")?;
+        }
+        Ok(())
+    }
+
+    /// Create `name` in `parent` (create, mkdir, mknod, symlink). Takes one kernel reference
+    /// on the new node. Returns its attributes and, for `File`, the open fd.
+    pub fn create_node(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        kind: NewKind<'_>,
+        mode: u32,
+        who: Caller,
+    ) -> Result<(Attr, Option<OwnedFd>)> {
+        let p = self.node(parent)?;
+        if !layer::valid_name(name) {
+            return Err(Error::new(Errno::EINVAL, "bad name"));
+        }
+        if name.len() > 255 {
+            return Err(Error::new(Errno::ENAMETOOLONG, "create"));
+        }
+        if self.find(&p, name)?.is_some() {
+            return Err(Error::new(Errno::EEXIST, "create"));
+        }
+        let perm = Mode::from_bits_truncate(mode & 0o7777);
+        if let NewKind::Node { kind, rdev } = kind
+            && kind == libc::S_IFCHR
+            && rdev == 0
+        {
+            // 0/0 is the whiteout format; the kernel refuses it too.
+            return Err(Error::new(Errno::EPERM, "mknod 0/0"));
+        }
+        let is_dir = matches!(kind, NewKind::Dir);
+        let build = |d: BorrowedFd<'_>, n: &OsStr| -> Result<Option<OwnedFd>> {
+            match kind {
+                NewKind::File { flags } => {
+                    let keep = OFlag::from_bits_truncate(flags)
+                        & (OFlag::O_ACCMODE
+                            | OFlag::O_APPEND
+                            | OFlag::O_SYNC
+                            | OFlag::O_DSYNC
+                            | OFlag::O_DIRECT
+                            | OFlag::O_NOATIME);
+                    let fd = nix::fcntl::openat(
+                        d,
+                        n,
+                        keep | OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC,
+                        perm,
+                    )
+                    .ctx("create")?;
+                    Ok(Some(fd))
+                }
+                NewKind::Dir => {
+                    nix::sys::stat::mkdirat(d, n, perm).ctx("mkdir")?;
+                    Ok(None)
+                }
+                NewKind::Node { kind, rdev } => {
+                    nix::sys::stat::mknodat(d, n, SFlag::from_bits_truncate(kind), perm, rdev)
+                        .ctx("mknod")?;
+                    Ok(None)
+                }
+                NewKind::Symlink(target) => {
+                    nix::unistd::symlinkat(target, d, n).ctx("symlink")?;
+                    Ok(None)
+                }
+            }
+        };
+        let (dir, fd, over_wh) = self.install(&p, name, is_dir, &build)?;
+        self.set_owner(dir.as_fd(), name, who)?;
+        let fs = layer::stat_at(dir.as_fd(), name).ctx("stat new")?;
+        // A new upper inode: forget any stale origin recorded for a reused inode number.
+        self.inomap.set(fs.st_ino, 0);
+        let st = NodeState {
+            parent,
+            name: name.to_os_string(),
+            aliases: Vec::new(),
+            upper: true,
+            lower: None,
+            lowers: Vec::new(),
+            opaque: is_dir && over_wh,
+            unlinked: false,
+        };
+        let node = self.insert_fresh(
+            self.ino_for(LayerRef::Upper, &fs),
+            fs.st_mode & libc::S_IFMT,
+            st,
+        );
+        node.nlookup.fetch_add(1, Ordering::AcqRel);
+        let nst = node.state();
+        Ok((self.attr_for(&node, &nst, &fs), fd))
+    }
+
+    fn insert_fresh(&self, ino: u64, kind: u32, st: NodeState) -> Arc<Node> {
+        let (node, created) = self.nodes.insert_or_get(Node::new(ino, kind, st.clone()));
+        if !created {
+            *node.st.lock() = st;
+        }
+        node
+    }
+
+    /// Hard link `ino` as `newname` in `newparent`. Takes one kernel reference.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        let node = self.node(ino)?;
+        if node.is_dir() {
+            return Err(Error::new(Errno::EPERM, "link of a directory"));
+        }
+        let np = self.node(newparent)?;
+        if self.find(&np, newname)?.is_some() {
+            return Err(Error::new(Errno::EEXIST, "link"));
+        }
+        self.copy_up(&node)?;
+        let (sdir, sname) = self.open_parent_in(&node, LayerRef::Upper)?;
+        let build = |d: BorrowedFd<'_>, n: &OsStr| -> Result<Option<OwnedFd>> {
+            nix::unistd::linkat(sdir.as_fd(), sname.as_os_str(), d, n, AtFlags::empty())
+                .ctx("link")?;
+            Ok(None)
+        };
+        let (dir, _, _) = self.install(&np, newname, false, &build)?;
+        let fs = layer::stat_at(dir.as_fd(), newname).ctx("stat link")?;
+        {
+            let mut st = node.st.lock();
+            st.aliases.push((newparent, newname.to_os_string()));
+        }
+        node.nlookup.fetch_add(1, Ordering::AcqRel);
+        let st = node.state();
+        Ok(self.attr_for(&node, &st, &fs))
+    }
+
+    /// Remove `name` from upper, leaving a whiteout when a lower entry would show through.
+    fn remove_entry(&self, p: &Node, name: &OsStr, child: &Node, is_dir: bool) -> Result<()> {
+        self.copy_up(p)?;
+        let cst = child.state();
+        let wh = self.lower_positive(p, name)?;
+        let ppath = self.path_of(p)?;
+        let dir = self.upper_layer()?.open_dir(&ppath).ctx("open upper dir")?;
+        let work = self.work_fd()?;
+        if cst.upper {
+            if wh {
+                let tmp = self.tmp_name();
+                make_whiteout(work, &tmp).ctx("make whiteout")?;
+                if let Err(e) = nix::fcntl::renameat2(
+                    work,
+                    tmp.as_os_str(),
+                    dir.as_fd(),
+                    name,
+                    RenameFlags::RENAME_EXCHANGE,
+                ) {
+                    let _ =
+                        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                    return Err(Error::new(e, "whiteout exchange"));
+                }
+                remove_tmp(work, &tmp, is_dir);
+            } else {
+                if is_dir {
+                    let sub = nix::fcntl::openat(
+                        dir.as_fd(),
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ctx("open dir to remove")?;
+                    // Only whiteouts can be left in a directory that is empty in the merged view.
+                    remove_dir_contents(&sub);
+                }
+                let f = if is_dir {
+                    UnlinkatFlags::RemoveDir
+                } else {
+                    UnlinkatFlags::NoRemoveDir
+                };
+                nix::unistd::unlinkat(dir.as_fd(), name, f).ctx("unlink")?;
+            }
+        } else {
+            let tmp = self.tmp_name();
+            make_whiteout(work, &tmp).ctx("make whiteout")?;
+            if let Err(e) = nix::fcntl::renameat2(
+                work,
+                tmp.as_os_str(),
+                dir.as_fd(),
+                name,
+                RenameFlags::RENAME_NOREPLACE,
+            ) {
+                let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                return Err(Error::new(e, "install whiteout"));
+            }
+        }
+        Ok(())
+    }
+
+    /// unlink(2).
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let p = self.node(parent)?;
+        let (child, _) = self
+            .child(&p, name)?
+            .ok_or(Error::new(Errno::ENOENT, "unlink"))?;
+        if child.is_dir() {
+            return Err(Error::new(Errno::EISDIR, "unlink of a directory"));
+        }
+        self.remove_entry(&p, name, &child, false)?;
+        drop_name(&child, parent, name);
+        Ok(())
+    }
+
+    /// rmdir(2).
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let p = self.node(parent)?;
+        let (child, _) = self
+            .child(&p, name)?
+            .ok_or(Error::new(Errno::ENOENT, "rmdir"))?;
+        if !child.is_dir() {
+            return Err(Error::new(Errno::ENOTDIR, "rmdir"));
+        }
+        if !self.merged_entries(&child)?.is_empty() {
+            return Err(Error::new(Errno::ENOTEMPTY, "rmdir"));
+        }
+        self.remove_entry(&p, name, &child, true)?;
+        drop_name(&child, parent, name);
+        Ok(())
+    }
+
+    /// rename(2) / renameat2(2) with RENAME_NOREPLACE or RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
+            return Err(Error::new(Errno::EINVAL, "rename flags"));
+        }
+        let p = self.node(parent)?;
+        let np = self.node(newparent)?;
+        let (src, _) = self
+            .child(&p, name)?
+            .ok_or(Error::new(Errno::ENOENT, "rename source"))?;
+        let dst = self.child(&np, newname)?.map(|(n, _)| n);
+        if exchange && dst.is_none() {
+            return Err(Error::new(Errno::ENOENT, "rename exchange target"));
+        }
+        if noreplace && dst.is_some() {
+            return Err(Error::new(Errno::EEXIST, "rename noreplace"));
+        }
+        if let Some(d) = &dst
+            && d.ino == src.ino
+        {
+            // Two names of one inode: rename does nothing.
+            return Ok(());
+        }
+        let sst = src.state();
+        if src.is_dir() && !sst.lowers.is_empty() {
+            // Without redirect_dir the kernel refuses to move merged or lower directories.
+            return Err(Error::new(Errno::EXDEV, "rename of a lower directory"));
+        }
+        if let Some(d) = &dst {
+            let dst_st = d.state();
+            if exchange && d.is_dir() && !dst_st.lowers.is_empty() {
+                return Err(Error::new(Errno::EXDEV, "exchange with a lower directory"));
+            }
+            if !exchange {
+                if d.is_dir() {
+                    if !src.is_dir() {
+                        return Err(Error::new(Errno::EISDIR, "rename over a directory"));
+                    }
+                    if !self.merged_entries(d)?.is_empty() {
+                        return Err(Error::new(Errno::ENOTEMPTY, "rename over a directory"));
+                    }
+                } else if src.is_dir() {
+                    return Err(Error::new(Errno::ENOTDIR, "rename a directory over a file"));
+                }
+            }
+        }
+        self.copy_up(&p)?;
+        self.copy_up(&np)?;
+        self.copy_up(&src)?;
+        if exchange && let Some(d) = &dst {
+            self.copy_up(d)?;
+        }
+        let old_wh = !exchange && self.lower_positive(&p, name)?;
+        let up = self.upper_layer()?;
+        let sdir = up.open_dir(&self.path_of(&p)?).ctx("open upper dir")?;
+        let ddir = up.open_dir(&self.path_of(&np)?).ctx("open upper dir")?;
+        let np_merge = !np.state().lowers.is_empty();
+        if src.is_dir() && !exchange && !sst.opaque && np_merge {
+            // Kernel: a directory moved into a merged directory is marked opaque.
+            self.names
+                .set_opaque(sdir.as_fd(), name)
+                .ctx("set opaque")?;
+            src.st.lock().opaque = true;
+        }
+        if exchange {
+            nix::fcntl::renameat2(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .ctx("rename exchange")?;
+            if let Some(d) = &dst {
+                // Swap the two names.
+                move_name(d, newparent, newname, u64::MAX, OsStr::new(""));
+                move_name(&src, parent, name, newparent, newname);
+                move_name(d, u64::MAX, OsStr::new(""), parent, name);
+            }
+            return Ok(());
+        }
+        let target = match layer::stat_at(ddir.as_fd(), newname) {
+            Ok(st) => Some(st),
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(Error::new(e, "stat rename target")),
+        };
+        let target_is_wh = target.as_ref().is_some_and(is_whiteout_stat);
+        if let (Some(d), Some(t)) = (&dst, &target)
+            && d.is_dir()
+            && t.st_mode & libc::S_IFMT == libc::S_IFDIR
+        {
+            // Empty in the merged view: only whiteouts can be inside.
+            let sub = nix::fcntl::openat(
+                ddir.as_fd(),
+                newname,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx("open rename target")?;
+            remove_dir_contents(&sub);
+        }
+        if target_is_wh && src.is_dir() {
+            // rename(2) cannot put a directory over a char device: exchange, then keep or drop
+            // the whiteout that lands at the old name.
+            nix::fcntl::renameat2(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .ctx("rename over whiteout")?;
+            if !old_wh {
+                nix::unistd::unlinkat(sdir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
+                    .ctx("drop whiteout")?;
+            }
+        } else if old_wh {
+            match nix::fcntl::renameat2(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                RenameFlags::RENAME_WHITEOUT,
+            ) {
+                Ok(()) => {}
+                Err(Errno::EINVAL) | Err(Errno::EPERM) => {
+                    nix::fcntl::renameat2(
+                        sdir.as_fd(),
+                        name,
+                        ddir.as_fd(),
+                        newname,
+                        RenameFlags::empty(),
+                    )
+                    .ctx("rename")?;
+                    make_whiteout(sdir.as_fd(), name).ctx("whiteout after rename")?;
+                }
+                Err(e) => return Err(Error::new(e, "rename")),
+            }
+        } else {
+            nix::fcntl::renameat2(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                RenameFlags::empty(),
+            )
+            .ctx("rename")?;
+        }
+        if let Some(d) = &dst {
+            drop_name(d, newparent, newname);
+        }
+        move_name(&src, parent, name, newparent, newname);
+        Ok(())
+    }
+}

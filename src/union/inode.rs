@@ -1,0 +1,261 @@
+//! The node table: one node per merged-view inode, keyed by its stable st_ino (which is also
+//! the FUSE node id), with the kernel's nlookup/forget reference counting.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+/// FUSE's root node id.
+pub const ROOT_INO: u64 = 1;
+
+/// Where the topmost object of a node lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRef {
+    /// The upper layer.
+    Upper,
+    /// Lower layer `i` (0 = leftmost = topmost lower).
+    Lower(usize),
+}
+
+/// Mutable per-node state; changes on copy-up, rename, unlink.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// Parent node id (0 for the root).
+    pub parent: u64,
+    /// Name in the parent ("" for the root).
+    pub name: OsString,
+    /// Other (parent, name) pairs of a hard-linked node.
+    pub aliases: Vec<(u64, OsString)>,
+    /// Present in the upper layer.
+    pub upper: bool,
+    /// Non-directories: the lower layer holding the object (the copy-up origin).
+    pub lower: Option<usize>,
+    /// Directories: the lower layers merged into this directory, top first.
+    pub lowers: Vec<usize>,
+    /// Directory is opaque in its top layer.
+    pub opaque: bool,
+    /// Removed from the merged view (kept alive only by the kernel's references).
+    pub unlinked: bool,
+}
+
+impl NodeState {
+    /// The layer holding the topmost object.
+    pub fn top(&self) -> LayerRef {
+        if self.upper {
+            LayerRef::Upper
+        } else if let Some(l) = self.lower {
+            LayerRef::Lower(l)
+        } else {
+            LayerRef::Lower(self.lowers.first().copied().unwrap_or(0))
+        }
+    }
+
+    /// Layers to read a directory from, top first.
+    pub fn dir_layers(&self) -> Vec<LayerRef> {
+        let mut v = Vec::with_capacity(self.lowers.len() + 1);
+        if self.upper {
+            v.push(LayerRef::Upper);
+        }
+        v.extend(self.lowers.iter().map(|&l| LayerRef::Lower(l)));
+        v
+    }
+
+    /// Has lower content below it (kernel: OVL_TYPE_MERGE or lower)?
+    pub fn has_lower(&self) -> bool {
+        self.lower.is_some() || !self.lowers.is_empty()
+    }
+}
+
+/// One inode of the merged view.
+#[derive(Debug)]
+pub struct Node {
+    /// Stable inode number, also the FUSE node id.
+    pub ino: u64,
+    /// File type bits (S_IFMT).
+    pub kind: u32,
+    /// Kernel lookup count.
+    pub nlookup: AtomicU64,
+    /// Mutable state.
+    pub st: Mutex<NodeState>,
+    /// Serialises copy-up of this node.
+    pub copy_lock: Mutex<()>,
+}
+
+impl Node {
+    /// A node with the given identity and state.
+    pub fn new(ino: u64, kind: u32, st: NodeState) -> Node {
+        Node {
+            ino,
+            kind,
+            nlookup: AtomicU64::new(0),
+            st: Mutex::new(st),
+            copy_lock: Mutex::new(()),
+        }
+    }
+
+    /// Is this a directory?
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    /// A copy of the current state.
+    pub fn state(&self) -> NodeState {
+        self.st.lock().clone()
+    }
+}
+
+/// The sharded node table.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    map: DashMap<u64, Arc<Node>>,
+}
+
+impl NodeTable {
+    /// Look a node up by id.
+    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
+        self.map.get(&ino).map(|n| n.clone())
+    }
+
+    /// Insert `node` unless a live node of the same id and type exists; returns the node in the
+    /// table. A node of another type under the same id (inode number reused) is replaced.
+    pub fn insert_or_get(&self, node: Node) -> (Arc<Node>, bool) {
+        use dashmap::mapref::entry::Entry;
+        match self.map.entry(node.ino) {
+            Entry::Occupied(mut e) => {
+                if e.get().kind == node.kind {
+                    (e.get().clone(), false)
+                } else {
+                    let n = Arc::new(node);
+                    e.insert(n.clone());
+                    (n, true)
+                }
+            }
+            Entry::Vacant(e) => {
+                let n = Arc::new(node);
+                e.insert(n.clone());
+                (n, true)
+            }
+        }
+    }
+
+    /// Drop `n` kernel references; remove the node when none remain.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let remove = match self.map.get(&ino) {
+            Some(node) => {
+                let prev = node
+                    .nlookup
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                        Some(v.saturating_sub(n))
+                    })
+                    .unwrap_or(0);
+                prev <= n
+            }
+            None => false,
+        };
+        if remove {
+            self.map
+                .remove_if(&ino, |_, node| node.nlookup.load(Ordering::Acquire) == 0);
+        }
+    }
+
+    /// Number of nodes held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Is the table empty?
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Persistent map from an upper object's inode number to the inode number its copy-up origin
+/// had, so st_ino stays stable across copy-up and remounts. Kept in `workdir/unionfs/inomap`
+/// as 16-byte little-endian records (upper, origin); origin 0 removes a mapping.
+#[derive(Debug)]
+pub struct InoMap {
+    map: DashMap<u64, u64>,
+    file: Option<Mutex<std::fs::File>>,
+    path: Option<PathBuf>,
+}
+
+impl InoMap {
+    /// An in-memory map only (read-only mounts).
+    pub fn memory() -> InoMap {
+        InoMap {
+            map: DashMap::new(),
+            file: None,
+            path: None,
+        }
+    }
+
+    /// Load (and keep appending to) the map file at `path`.
+    pub fn open(path: &Path) -> std::io::Result<InoMap> {
+        let map = DashMap::new();
+        if let Ok(mut f) = std::fs::File::open(path) {
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            for rec in buf.chunks_exact(16) {
+                let up = u64::from_le_bytes(rec[..8].try_into().unwrap_or([0; 8]));
+                let or = u64::from_le_bytes(rec[8..].try_into().unwrap_or([0; 8]));
+                if or == 0 {
+                    map.remove(&up);
+                } else {
+                    map.insert(up, or);
+                }
+            }
+        }
+        // Compact: rewrite live records only, then append from there.
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            let mut out = Vec::with_capacity(map.len() * 16);
+            for e in map.iter() {
+                out.extend_from_slice(&e.key().to_le_bytes());
+                out.extend_from_slice(&e.value().to_le_bytes());
+            }
+            f.write_all(&out)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        let file = OpenOptions::new().append(true).open(path)?;
+        Ok(InoMap {
+            map,
+            file: Some(Mutex::new(file)),
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// The origin inode recorded for upper inode `upper`.
+    pub fn get(&self, upper: u64) -> Option<u64> {
+        self.map.get(&upper).map(|v| *v)
+    }
+
+    /// Record that upper inode `upper` was copied up from `origin` (0: forget any record).
+    pub fn set(&self, upper: u64, origin: u64) {
+        if origin == 0 {
+            if self.map.remove(&upper).is_none() {
+                return;
+            }
+        } else {
+            self.map.insert(upper, origin);
+        }
+        if let Some(f) = &self.file {
+            let mut rec = [0u8; 16];
+            rec[..8].copy_from_slice(&upper.to_le_bytes());
+            rec[8..].copy_from_slice(&origin.to_le_bytes());
+            if let Err(e) = f.lock().write_all(&rec) {
+                log::warn!("inomap {:?}: {e}", self.path);
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The OverlayFS semantics, FUSE-free: lookup through layers, copy-up, whiteouts, opaque
+//! directories, merged readdir, and every namespace operation. The FUSE adapter calls these with
+//! plain integers and byte strings and turns [`Error`] into an errno.
+
+pub mod copy_up;
+pub mod dir;
+pub mod file;
+pub mod inode;
+pub mod namei;
+pub mod ondisk;
+pub mod readdir;
+pub mod xattr;
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use dashmap::DashMap;
+use nix::errno::Errno;
+use nix::sys::stat::FileStat;
+
+use crate::layer::{self, Layer};
+pub use inode::{LayerRef, Node, NodeState, ROOT_INO};
+
+/// An error of the union layer: an errno plus what we were doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Error {
+    /// The errno to report.
+    pub errno: Errno,
+    /// What failed.
+    pub ctx: &'static str,
+}
+
+impl Error {
+    /// An error with context.
+    pub fn new(errno: Errno, ctx: &'static str) -> Error {
+        Error { errno, ctx }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.ctx, self.errno.desc())
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Errno> for Error {
+    fn from(e: Errno) -> Error {
+        Error::new(e, "syscall")
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::new(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)), "io")
+    }
+}
+
+/// Attach context to a nix result.
+pub trait Ctx<T> {
+    /// Tag the error with `ctx`.
+    fn ctx(self, ctx: &'static str) -> Result<T>;
+}
+
+impl<T> Ctx<T> for std::result::Result<T, Errno> {
+    fn ctx(self, ctx: &'static str) -> Result<T> {
+        self.map_err(|e| Error::new(e, ctx))
+    }
+}
+
+/// Result of the union layer.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Attributes of a merged-view inode (FUSE-free mirror of `struct stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Stable inode number (= node id).
+    pub ino: u64,
+    /// st_mode (type and permission bits).
+    pub mode: u32,
+    /// Link count.
+    pub nlink: u64,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number of a device node.
+    pub rdev: u64,
+    /// Apparent size.
+    pub size: u64,
+    /// Allocated 512-byte blocks.
+    pub blocks: u64,
+    /// Preferred I/O size.
+    pub blksize: u64,
+    /// Access time (sec, nsec).
+    pub atime: (i64, i64),
+    /// Modification time.
+    pub mtime: (i64, i64),
+    /// Status change time.
+    pub ctime: (i64, i64),
+}
+
+impl Attr {
+    /// From a layer stat, with the merged-view inode number.
+    pub fn from_stat(st: &FileStat, ino: u64) -> Attr {
+        Attr {
+            ino,
+            mode: st.st_mode,
+            nlink: st.st_nlink,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            blksize: st.st_blksize as u64,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
+    /// File type bits.
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
+/// How to build a union.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Lower layers, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper layer (None: read-only union).
+    pub upper: Option<PathBuf>,
+    /// Work directory (required with an upper).
+    pub workdir: Option<PathBuf>,
+    /// Use `user.overlay.*` xattrs (kernel `userxattr`).
+    pub userxattr: bool,
+    /// Honour AUFS `.wh.` whiteouts in lower layers.
+    pub aufs_whiteouts: bool,
+}
+
+/// The identity of a caller, for ownership of new objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// fsuid
+    pub uid: u32,
+    /// fsgid
+    pub gid: u32,
+}
+
+/// A union filesystem instance.
+#[derive(Debug)]
+pub struct Union {
+    pub(crate) upper: Option<Layer>,
+    pub(crate) lowers: Vec<Layer>,
+    /// `workdir/work`: scratch space for atomic creation, on upper's filesystem.
+    pub(crate) work: Option<OwnedFd>,
+    pub(crate) names: ondisk::Names,
+    pub(crate) nodes: inode::NodeTable,
+    pub(crate) inomap: inode::InoMap,
+    /// Layers are not all on one filesystem: inode numbers get a layer tag in the high bits.
+    pub(crate) xino: bool,
+    pub(crate) tmp_seq: AtomicU64,
+    pub(crate) files: DashMap<u64, Arc<file::OpenFile>>,
+    pub(crate) dirs: DashMap<u64, Arc<readdir::DirHandle>>,
+    pub(crate) fh_seq: AtomicU64,
+}
+
+impl Union {
+    /// Open all layers and set up the root node. The directories must already be validated.
+    pub fn new(opts: &Options) -> std::io::Result<Union> {
+        let lowers = opts
+            .lowers
+            .iter()
+            .map(|p| Layer::open(p))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let upper = opts.upper.as_deref().map(Layer::open).transpose()?;
+        let (work, inomap) = match (&upper, &opts.workdir) {
+            (Some(_), Some(wd)) => {
+                let workdir = Layer::open(wd)?;
+                for sub in ["work", "unionfs"] {
+                    match nix::sys::stat::mkdirat(
+                        workdir.root(),
+                        sub,
+                        nix::sys::stat::Mode::from_bits_truncate(0o700),
+                    ) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => {
+                            return Err(layer::io_err(e, format!("create {}/{sub}", wd.display())));
+                        }
+                    }
+                }
+                let work = workdir
+                    .open_dir(&[OsString::from("work")])
+                    .map_err(|e| layer::io_err(e, "open workdir/work"))?;
+                let inomap = inode::InoMap::open(&wd.join("unionfs").join("inomap"))?;
+                (Some(work), inomap)
+            }
+            (Some(_), None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "an upper layer needs a workdir",
+                ));
+            }
+            _ => (None, inode::InoMap::memory()),
+        };
+        let mut devs: Vec<u64> = lowers.iter().map(|l| l.dev).collect();
+        if let Some(u) = &upper {
+            devs.push(u.dev);
+        }
+        let xino = devs.windows(2).any(|w| w[0] != w[1]);
+        let u = Union {
+            upper,
+            lowers,
+            work,
+            names: ondisk::Names::new(opts.userxattr, opts.aufs_whiteouts),
+            nodes: inode::NodeTable::default(),
+            inomap,
+            xino,
+            tmp_seq: AtomicU64::new(0),
+            files: DashMap::new(),
+            dirs: DashMap::new(),
+            fh_seq: AtomicU64::new(1),
+        };
+        u.init_root()?;
+        Ok(u)
+    }
+
+    fn init_root(&self) -> std::io::Result<()> {
+        let mut st = NodeState {
+            parent: 0,
+            name: OsString::new(),
+            aliases: Vec::new(),
+            upper: self.upper.is_some(),
+            lower: None,
+            lowers: Vec::new(),
+            opaque: false,
+            unlinked: false,
+        };
+        // The root merges every lower until one is opaque.
+        if !(self.upper.is_some() && self.root_opaque_upper()) {
+            for (i, l) in self.lowers.iter().enumerate() {
+                st.lowers.push(i);
+                if self
+                    .names
+                    .is_opaque(l.root(), OsStr::new(""), Some(l.root()))?
+                {
+                    break;
+                }
+            }
+        }
+        let node = Node::new(ROOT_INO, libc::S_IFDIR, st);
+        node.nlookup.store(1, std::sync::atomic::Ordering::Relaxed);
+        self.nodes.insert_or_get(node);
+        Ok(())
+    }
+
+    fn root_opaque_upper(&self) -> bool {
+        self.upper.as_ref().is_some_and(|u| {
+            matches!(
+                self.names.opaque_mark(u.root(), OsStr::new("")),
+                Ok(Some(b'y'))
+            )
+        })
+    }
+
+    /// Is this a read-only union (no upper layer)?
+    pub fn read_only(&self) -> bool {
+        self.upper.is_none()
+    }
+
+    /// The layer behind a reference.
+    pub(crate) fn layer(&self, r: LayerRef) -> &Layer {
+        match r {
+            LayerRef::Upper => self
+                .upper
+                .as_ref()
+                .expect("upper layer referenced without one"),
+            LayerRef::Lower(i) => &self.lowers[i],
+        }
+    }
+
+    pub(crate) fn upper_layer(&self) -> Result<&Layer> {
+        self.upper
+            .as_ref()
+            .ok_or(Error::new(Errno::EROFS, "read-only union"))
+    }
+
+    pub(crate) fn work_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        self.work
+            .as_ref()
+            .map(|w| w.as_fd())
+            .ok_or(Error::new(Errno::EROFS, "read-only union"))
+    }
+
+    /// A node by id.
+    pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        self.nodes
+            .get(ino)
+            .ok_or(Error::new(Errno::ESTALE, "unknown node id"))
+    }
+
+    /// Path components of a node from the root (its primary name).
+    pub(crate) fn path_of(&self, node: &Node) -> Result<Vec<OsString>> {
+        let mut comps = Vec::new();
+        let (mut parent, name) = {
+            let st = node.st.lock();
+            (st.parent, st.name.clone())
+        };
+        if node.ino == ROOT_INO {
+            return Ok(comps);
+        }
+        comps.push(name);
+        let mut depth = 0;
+        while parent != ROOT_INO {
+            let p = self.node(parent)?;
+            let st = p.st.lock();
+            comps.push(st.name.clone());
+            parent = st.parent;
+            depth += 1;
+            if depth > 4096 || parent == 0 {
+                return Err(Error::new(Errno::ELOOP, "node path"));
+            }
+        }
+        comps.reverse();
+        Ok(comps)
+    }
+
+    /// Split a node path into (parent components, own name).
+    pub(crate) fn parent_path(&self, node: &Node) -> Result<(Vec<OsString>, OsString)> {
+        let mut p = self.path_of(node)?;
+        let name = p.pop().unwrap_or_default();
+        Ok((p, name))
+    }
+
+    /// Open the directory holding `node` in layer `r`, returning it with the node's name there
+    /// (for the root: the root dir itself and an empty name).
+    pub(crate) fn open_parent_in(&self, node: &Node, r: LayerRef) -> Result<(OwnedFd, OsString)> {
+        let (pp, name) = self.parent_path(node)?;
+        let fd = self.layer(r).open_dir(&pp).ctx("open parent dir")?;
+        Ok((fd, name))
+    }
+
+    /// Fresh attributes of a node from its top layer.
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let node = self.node(ino)?;
+        let st = node.state();
+        let (dir, name) = self.open_parent_in(&node, st.top())?;
+        let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;
+        Ok(self.attr_for(&node, &st, &fs))
+    }
+
+    /// Merged-view attributes from the top object's stat.
+    pub(crate) fn attr_for(&self, node: &Node, st: &NodeState, fs: &FileStat) -> Attr {
+        let mut a = Attr::from_stat(fs, node.ino);
+        if node.is_dir() && Self::is_merge_dir(st) {
+            // As the kernel: counting subdirectories across layers is not worth it.
+            a.nlink = 1;
+        }
+        a
+    }
+
+    /// Kernel OVL_TYPE_MERGE for a directory.
+    pub(crate) fn is_merge_dir(st: &NodeState) -> bool {
+        (st.upper && !st.lowers.is_empty()) || st.lowers.len() > 1
+    }
+
+    /// The merged-view inode number for a real object.
+    pub(crate) fn ino_for(&self, r: LayerRef, fs: &FileStat) -> u64 {
+        let real = fs.st_ino;
+        let base = match r {
+            LayerRef::Upper => self.inomap.get(real).unwrap_or(real),
+            LayerRef::Lower(_) => real,
+        };
+        if !self.xino || (r == LayerRef::Upper && base != real) {
+            // Same filesystem everywhere (or an origin already tagged): real numbers are unique.
+            return if base == ROOT_INO { u64::MAX - 1 } else { base };
+        }
+        let tag = match r {
+            LayerRef::Upper => 0u64,
+            LayerRef::Lower(i) => i as u64 + 1,
+        };
+        let v = (base & ((1u64 << 56) - 1)) | (tag << 56);
+        if v == ROOT_INO { u64::MAX - 1 } else { v }
+    }
+
+    /// A fresh scratch name in the work directory.
+    pub(crate) fn tmp_name(&self) -> OsString {
+        let n = self
+            .tmp_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OsString::from(format!("#{:x}.{n}", std::process::id()))
+    }
+
+    /// Number of live nodes (for stats and tests).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Drop kernel references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.nodes.forget(ino, n);
+    }
+
+    /// statfs of the upper filesystem (or the top lower for a read-only union).
+    pub fn statfs(&self) -> Result<libc::statfs> {
+        let l = self.upper.as_ref().unwrap_or(&self.lowers[0]);
+        layer::sys::statfs(l.root()).ctx("statfs")
+    }
+}

@@ -1,0 +1,321 @@
+//! Lookup through the layers (kernel fs/overlayfs/namei.c): the topmost object wins; a
+//! whiteout ends the search; directories merge with lower directories until one is opaque;
+//! a non-directory hides everything below it.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use nix::errno::Errno;
+use nix::sys::stat::FileStat;
+
+use super::{Attr, Ctx, Error, LayerRef, Node, NodeState, Result, Union};
+use crate::layer::{self, valid_name};
+
+/// What a lookup found.
+#[derive(Debug)]
+pub struct Found {
+    /// Layer of the top object.
+    pub top: LayerRef,
+    /// Its stat.
+    pub stat: FileStat,
+    /// Lower layers merged (directories) or the lower holding the object (non-dir: first).
+    pub lowers: Vec<usize>,
+    /// Top directory is opaque.
+    pub opaque: bool,
+}
+
+impl Union {
+    /// Find `name` in directory node `parent` across the layers. `Ok(None)`: not in the
+    /// merged view (missing or whited out).
+    pub(crate) fn find(&self, parent: &Node, name: &OsStr) -> Result<Option<Found>> {
+        if !parent.is_dir() {
+            return Err(Error::new(Errno::ENOTDIR, "lookup in non-directory"));
+        }
+        if !valid_name(name) {
+            return Err(Error::new(Errno::EINVAL, "bad name"));
+        }
+        if name.len() > 255 {
+            return Err(Error::new(Errno::ENAMETOOLONG, "lookup"));
+        }
+        let pst = parent.state();
+        let ppath = self.path_of(parent)?;
+        let mut found: Option<Found> = None;
+        if pst.upper {
+            let u = self.upper_layer()?;
+            let dir = match u.open_dir(&ppath) {
+                Ok(d) => Some(d),
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => None,
+                Err(e) => return Err(Error::new(e, "open upper dir")),
+            };
+            if let Some(dir) = dir {
+                match layer::stat_at(dir.as_fd(), name) {
+                    Ok(st) => {
+                        if super::ondisk::is_whiteout_stat(&st) {
+                            return Ok(None);
+                        }
+                        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                        let opaque = is_dir
+                            && self
+                                .names
+                                .opaque_mark(dir.as_fd(), name)
+                                .ctx("opaque xattr")?
+                                == Some(b'y');
+                        found = Some(Found {
+                            top: LayerRef::Upper,
+                            stat: st,
+                            lowers: Vec::new(),
+                            opaque,
+                        });
+                        if !is_dir || opaque {
+                            return Ok(found);
+                        }
+                    }
+                    Err(Errno::ENOENT) => {}
+                    Err(e) => return Err(Error::new(e, "stat upper")),
+                }
+            }
+        }
+        for &li in &pst.lowers {
+            let l = &self.lowers[li];
+            let dir = match l.open_dir(&ppath) {
+                Ok(d) => d,
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
+                Err(e) => return Err(Error::new(e, "open lower dir")),
+            };
+            if self.names.is_aufs_meta(name) {
+                return Ok(found);
+            }
+            if self.names.aufs_whiteout(dir.as_fd(), name) {
+                return Ok(found);
+            }
+            let st = match layer::stat_at(dir.as_fd(), name) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(Error::new(e, "stat lower")),
+            };
+            let dir_has_x = st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && st.st_size == 0
+                && self
+                    .names
+                    .opaque_mark(dir.as_fd(), OsStr::new(""))
+                    .ctx("opaque xattr")?
+                    == Some(b'x');
+            if self.names.is_whiteout(dir.as_fd(), name, &st, dir_has_x) {
+                return Ok(found);
+            }
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            match &mut found {
+                None => {
+                    let opaque = is_dir && self.lower_dir_opaque(&dir, name)?;
+                    found = Some(Found {
+                        top: LayerRef::Lower(li),
+                        stat: st,
+                        lowers: vec![li],
+                        opaque,
+                    });
+                    if !is_dir || opaque {
+                        return Ok(found);
+                    }
+                }
+                Some(f) => {
+                    if !is_dir {
+                        // A non-directory below a directory is hidden by it.
+                        return Ok(found);
+                    }
+                    f.lowers.push(li);
+                    if self.lower_dir_opaque(&dir, name)? {
+                        return Ok(found);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn lower_dir_opaque(&self, parent: &std::os::fd::OwnedFd, name: &OsStr) -> Result<bool> {
+        if self
+            .names
+            .opaque_mark(parent.as_fd(), name)
+            .ctx("opaque xattr")?
+            == Some(b'y')
+        {
+            return Ok(true);
+        }
+        if self.names.aufs {
+            let d = nix::fcntl::openat(
+                parent.as_fd(),
+                name,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .ctx("open lower dir")?;
+            return Ok(layer::stat_at(
+                d.as_fd(),
+                OsStr::from_bytes_compat(super::ondisk::AUFS_OPAQUE),
+            )
+            .is_ok());
+        }
+        Ok(false)
+    }
+
+    /// Does a lower layer below `parent` hold a visible `name` (kernel ovl_lower_positive)?
+    /// Decides whether removing `name` from upper needs a whiteout.
+    pub(crate) fn lower_positive(&self, parent: &Node, name: &OsStr) -> Result<bool> {
+        let pst = parent.state();
+        if pst.lowers.is_empty() {
+            return Ok(false);
+        }
+        let ppath = self.path_of(parent)?;
+        for &li in &pst.lowers {
+            let l = &self.lowers[li];
+            let dir = match l.open_dir(&ppath) {
+                Ok(d) => d,
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
+                Err(e) => return Err(Error::new(e, "open lower dir")),
+            };
+            if self.names.aufs_whiteout(dir.as_fd(), name) {
+                return Ok(false);
+            }
+            match layer::stat_at(dir.as_fd(), name) {
+                Ok(st) => {
+                    let dir_has_x = st.st_mode & libc::S_IFMT == libc::S_IFREG
+                        && st.st_size == 0
+                        && self
+                            .names
+                            .opaque_mark(dir.as_fd(), OsStr::new(""))
+                            .ctx("xattr")?
+                            == Some(b'x');
+                    return Ok(!self.names.is_whiteout(dir.as_fd(), name, &st, dir_has_x));
+                }
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(Error::new(e, "stat lower")),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Turn a lookup result into a node (existing or new) under (parent, name).
+    pub(crate) fn node_for(&self, parent: u64, name: &OsStr, f: &Found) -> (Arc<Node>, Attr) {
+        let ino = self.ino_for(f.top, &f.stat);
+        let kind = f.stat.st_mode & libc::S_IFMT;
+        let is_dir = kind == libc::S_IFDIR;
+        let fresh = NodeState {
+            parent,
+            name: name.to_os_string(),
+            aliases: Vec::new(),
+            upper: f.top == LayerRef::Upper,
+            lower: if is_dir {
+                None
+            } else {
+                f.lowers.first().copied()
+            },
+            lowers: if is_dir { f.lowers.clone() } else { Vec::new() },
+            opaque: f.opaque,
+            unlinked: false,
+        };
+        let (node, created) = self
+            .nodes
+            .insert_or_get(Node::new(ino, kind, fresh.clone()));
+        if !created {
+            let mut st = node.st.lock();
+            if st.unlinked {
+                *st = fresh.clone();
+            } else {
+                // Refresh from disk: the layers are the truth.
+                st.upper = fresh.upper;
+                if fresh.lower.is_some() || !fresh.upper {
+                    st.lower = fresh.lower;
+                }
+                st.lowers = fresh.lowers.clone();
+                st.opaque = fresh.opaque;
+                let same = st.parent == parent && st.name.as_os_str() == name;
+                if !same
+                    && !st
+                        .aliases
+                        .iter()
+                        .any(|(p, n)| *p == parent && n.as_os_str() == name)
+                {
+                    if is_dir {
+                        // A directory has one name: it moved.
+                        st.parent = parent;
+                        st.name = name.to_os_string();
+                    } else {
+                        st.aliases.push((parent, name.to_os_string()));
+                    }
+                }
+            }
+        }
+        let st = node.state();
+        let attr = self.attr_for(&node, &st, &f.stat);
+        (node, attr)
+    }
+
+    /// FUSE lookup: find `name` in `parent`, take one kernel reference on the result.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let p = self.node(parent)?;
+        let f = self
+            .find(&p, name)?
+            .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
+        let (node, attr) = self.node_for(parent, name, &f);
+        node.nlookup.fetch_add(1, Ordering::AcqRel);
+        Ok(attr)
+    }
+
+    /// Find the node for `name` in `parent` without taking a kernel reference.
+    pub(crate) fn child(&self, parent: &Node, name: &OsStr) -> Result<Option<(Arc<Node>, Attr)>> {
+        Ok(self
+            .find(parent, name)?
+            .map(|f| self.node_for(parent.ino, name, &f)))
+    }
+}
+
+/// `OsStr::from_bytes` under a name that reads well at call sites.
+trait FromBytesCompat {
+    fn from_bytes_compat(b: &[u8]) -> &OsStr;
+}
+
+impl FromBytesCompat for OsStr {
+    fn from_bytes_compat(b: &[u8]) -> &OsStr {
+        use std::os::unix::ffi::OsStrExt;
+        OsStr::from_bytes(b)
+    }
+}
+
+/// Remove one (parent, name) from a node's names; mark it unlinked when none remain.
+pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
+    let mut st = node.st.lock();
+    if st.parent == parent && st.name.as_os_str() == name {
+        if let Some((p, n)) = st.aliases.pop() {
+            st.parent = p;
+            st.name = n;
+        } else {
+            st.unlinked = true;
+        }
+    } else {
+        st.aliases
+            .retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+    }
+}
+
+/// Rename one (parent, name) of a node to (np, nn).
+pub(crate) fn move_name(node: &Node, parent: u64, name: &OsStr, np: u64, nn: &OsStr) {
+    let mut st = node.st.lock();
+    if st.parent == parent && st.name.as_os_str() == name {
+        st.parent = np;
+        st.name = OsString::from(nn);
+    } else if let Some(a) = st
+        .aliases
+        .iter_mut()
+        .find(|(p, n)| *p == parent && n.as_os_str() == name)
+    {
+        *a = (np, OsString::from(nn));
+    } else {
+        st.parent = np;
+        st.name = OsString::from(nn);
+    }
+}

@@ -1,0 +1,133 @@
+//! The on-disk contract shared with kernel overlayfs (DESIGN.md section 2): how whiteouts and
+//! opaque directories look, how to recognise them in a layer and how to write them in upper.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+use nix::sys::stat::{FileStat, Mode, SFlag};
+
+use crate::layer::sys;
+
+/// AUFS-style whiteout prefix (`.wh.NAME`), as containers/storage writes layers.
+pub const AUFS_WH_PREFIX: &[u8] = b".wh.";
+/// AUFS-style opaque marker file inside a directory.
+pub const AUFS_OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// The xattr names of one mount: `trusted.overlay.*`, or `user.overlay.*` in userxattr mode.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// `trusted.overlay.` or `user.overlay.`
+    pub prefix: &'static str,
+    /// `<prefix>opaque`
+    pub opaque: OsString,
+    /// `<prefix>whiteout`
+    pub whiteout: OsString,
+    /// honour AUFS `.wh.` names in lower layers
+    pub aufs: bool,
+}
+
+impl Names {
+    /// Names for the given mode.
+    pub fn new(userxattr: bool, aufs: bool) -> Names {
+        let prefix = if userxattr {
+            "user.overlay."
+        } else {
+            "trusted.overlay."
+        };
+        Names {
+            prefix,
+            opaque: OsString::from(format!("{prefix}opaque")),
+            whiteout: OsString::from(format!("{prefix}whiteout")),
+            aufs,
+        }
+    }
+
+    /// Is this xattr private to the overlay (hidden from the merged view)?
+    pub fn is_private(&self, xname: &OsStr) -> bool {
+        xname.as_bytes().starts_with(self.prefix.as_bytes())
+    }
+
+    /// Is this directory entry name an AUFS whiteout/meta name that must be hidden?
+    pub fn is_aufs_meta(&self, name: &OsStr) -> bool {
+        self.aufs && name.as_bytes().starts_with(AUFS_WH_PREFIX)
+    }
+
+    /// The opaque mark of directory `name` in `dir`: `Some(b'y')` opaque, `Some(b'x')` holds
+    /// xattr whiteouts (not opaque), `None` none.
+    pub fn opaque_mark(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<u8>, Errno> {
+        match sys::get_xattr(dir, name, &self.opaque) {
+            Ok(Some(v)) if v.as_slice() == b"y" => Ok(Some(b'y')),
+            Ok(Some(v)) if v.as_slice() == b"x" => Ok(Some(b'x')),
+            Ok(_) => Ok(None),
+            Err(Errno::ENOTSUP) | Err(Errno::EACCES) | Err(Errno::EPERM) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Is the directory `name` (opened `dir_of_name` as its parent) opaque in a lower layer,
+    /// counting AUFS `.wh..wh..opq` when enabled? `sub` is an fd of the directory itself
+    /// (needed for the AUFS check).
+    pub fn is_opaque(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        lower_dir: Option<BorrowedFd<'_>>,
+    ) -> Result<bool, Errno> {
+        if self.opaque_mark(parent, name)? == Some(b'y') {
+            return Ok(true);
+        }
+        if self.aufs
+            && let Some(d) = lower_dir
+        {
+            return Ok(crate::layer::stat_at(d, OsStr::from_bytes(AUFS_OPAQUE)).is_ok());
+        }
+        Ok(false)
+    }
+
+    /// Does an AUFS whiteout `.wh.NAME` exist in `dir`?
+    pub fn aufs_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+        if !self.aufs {
+            return false;
+        }
+        let mut v = AUFS_WH_PREFIX.to_vec();
+        v.extend_from_slice(name.as_bytes());
+        crate::layer::stat_at(dir, OsStr::from_bytes(&v)).is_ok()
+    }
+
+    /// Is the entry `name` with stat `st` in `dir` a whiteout? Char 0/0 always; in a lower
+    /// directory marked `opaque=x` (`dir_has_x`), also a zero-size regular file with the
+    /// whiteout xattr.
+    pub fn is_whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        st: &FileStat,
+        dir_has_x: bool,
+    ) -> bool {
+        let fmt = st.st_mode & libc::S_IFMT;
+        if fmt == libc::S_IFCHR && st.st_rdev == 0 {
+            return true;
+        }
+        if dir_has_x && fmt == libc::S_IFREG && st.st_size == 0 {
+            return matches!(sys::get_xattr(dir, name, &self.whiteout), Ok(Some(_)));
+        }
+        false
+    }
+
+    /// Mark directory `name` in `dir` opaque (`<prefix>opaque=y`).
+    pub fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+        sys::set_xattr(dir, name, &self.opaque, b"y", 0)
+    }
+}
+
+/// Is `st` a char 0/0 whiteout?
+pub fn is_whiteout_stat(st: &FileStat) -> bool {
+    (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && st.st_rdev == 0
+}
+
+/// Create a whiteout (char device 0/0) named `name` in `dir`.
+pub fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+    nix::sys::stat::mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0)
+}

@@ -1,0 +1,193 @@
+//! Merged directory listing (kernel fs/overlayfs/readdir.c): upper first, then each merged
+//! lower; a name seen once is not listed again; whiteouts hide the name below and are never
+//! listed.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use nix::dir::{Dir, Type};
+use nix::errno::Errno;
+use parking_lot::Mutex;
+
+use super::{Ctx, Error, LayerRef, Node, Result, Union};
+use crate::layer;
+
+/// One entry of a merged listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    /// Name.
+    pub name: OsString,
+    /// File type bits (S_IFMT), 0 if unknown.
+    pub kind: u32,
+    /// Inode number as seen in the layer (merged-view number where cheaply known).
+    pub ino: u64,
+}
+
+/// An open directory: a snapshot of the listing taken at opendir / rewind.
+#[derive(Debug)]
+pub struct DirHandle {
+    /// Node id of the directory.
+    pub ino: u64,
+    /// Entries, `.` and `..` first.
+    pub entries: Mutex<Arc<Vec<DirEntry>>>,
+}
+
+fn dtype_kind(t: Option<Type>) -> u32 {
+    match t {
+        Some(Type::Directory) => libc::S_IFDIR,
+        Some(Type::File) => libc::S_IFREG,
+        Some(Type::Symlink) => libc::S_IFLNK,
+        Some(Type::CharacterDevice) => libc::S_IFCHR,
+        Some(Type::BlockDevice) => libc::S_IFBLK,
+        Some(Type::Fifo) => libc::S_IFIFO,
+        Some(Type::Socket) => libc::S_IFSOCK,
+        None => 0,
+    }
+}
+
+impl Union {
+    /// The merged entries of a directory node, without `.` and `..`.
+    pub(crate) fn merged_entries(&self, node: &Node) -> Result<Vec<DirEntry>> {
+        let st = node.state();
+        let path = self.path_of(node)?;
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let mut out = Vec::new();
+        for r in st.dir_layers() {
+            let l = self.layer(r);
+            let fd = match l.open_dir(&path) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) if r != LayerRef::Upper => continue,
+                Err(e) => return Err(Error::new(e, "readdir: open")),
+            };
+            let is_lower = r != LayerRef::Upper;
+            let has_x = is_lower
+                && self
+                    .names
+                    .opaque_mark(fd.as_fd(), OsStr::new(""))
+                    .ctx("readdir: xattr")?
+                    == Some(b'x');
+            let dup = nix::unistd::dup(fd.as_fd()).ctx("readdir: dup")?;
+            let mut d = Dir::from_fd(dup).ctx("readdir: fdopendir")?;
+            for e in d.iter() {
+                let e = e.ctx("readdir")?;
+                let b = e.file_name().to_bytes();
+                if b == b"." || b == b".." {
+                    continue;
+                }
+                let name = OsStr::from_bytes(b);
+                if is_lower && self.names.aufs {
+                    if let Some(hidden) = b.strip_prefix(super::ondisk::AUFS_WH_PREFIX) {
+                        // `.wh.NAME` hides NAME below; `.wh..wh..opq` and other meta are hidden.
+                        if !hidden.starts_with(b".wh.") {
+                            seen.insert(OsStr::from_bytes(hidden).to_os_string());
+                        }
+                        continue;
+                    }
+                }
+                if seen.contains(name) {
+                    continue;
+                }
+                seen.insert(name.to_os_string());
+                let mut kind = dtype_kind(e.file_type());
+                let maybe_wh = match kind {
+                    libc::S_IFCHR => true,
+                    libc::S_IFREG => has_x,
+                    0 => true,
+                    _ => false,
+                };
+                if maybe_wh {
+                    let fs = match layer::stat_at(fd.as_fd(), name) {
+                        Ok(fs) => fs,
+                        Err(Errno::ENOENT) => continue,
+                        Err(e) => return Err(Error::new(e, "readdir: stat")),
+                    };
+                    if self.names.is_whiteout(fd.as_fd(), name, &fs, has_x) {
+                        continue;
+                    }
+                    kind = fs.st_mode & libc::S_IFMT;
+                }
+                out.push(DirEntry {
+                    name: name.to_os_string(),
+                    kind,
+                    ino: e.ino(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn listing(&self, node: &Node) -> Result<Arc<Vec<DirEntry>>> {
+        let mut v = Vec::new();
+        let parent = node.st.lock().parent;
+        v.push(DirEntry {
+            name: OsString::from("."),
+            kind: libc::S_IFDIR,
+            ino: node.ino,
+        });
+        v.push(DirEntry {
+            name: OsString::from(".."),
+            kind: libc::S_IFDIR,
+            ino: if parent == 0 { node.ino } else { parent },
+        });
+        v.extend(self.merged_entries(node)?);
+        Ok(Arc::new(v))
+    }
+
+    /// opendir: snapshot the listing; returns a handle id.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let node = self.node(ino)?;
+        if !node.is_dir() {
+            return Err(Error::new(Errno::ENOTDIR, "opendir"));
+        }
+        // Listed on the first readdir (offset 0), so opendir costs no layer I/O.
+        let entries = Arc::new(Vec::new());
+        let fh = self
+            .fh_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dirs.insert(
+            fh,
+            Arc::new(DirHandle {
+                ino,
+                entries: Mutex::new(entries),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// Entries of an open directory from `offset` on (offset = index of the next entry). At
+    /// offset 0 the snapshot is refreshed (rewinddir sees changes, as POSIX asks).
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let h = self
+            .dirs
+            .get(&fh)
+            .map(|h| h.clone())
+            .ok_or(Error::new(Errno::EBADF, "readdir handle"))?;
+        if offset == 0 {
+            let node = self.node(h.ino)?;
+            let fresh = self.listing(&node)?;
+            *h.entries.lock() = fresh;
+        }
+        let entries = h.entries.lock().clone();
+        Ok(entries)
+    }
+
+    /// releasedir.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(&fh);
+    }
+
+    /// fsyncdir: sync the upper directory if there is one.
+    pub fn fsyncdir(&self, ino: u64) -> Result<()> {
+        let node = self.node(ino)?;
+        let st = node.state();
+        if !st.upper {
+            return Ok(());
+        }
+        let path = self.path_of(&node)?;
+        let fd = self.upper_layer()?.open_dir(&path).ctx("fsyncdir: open")?;
+        nix::unistd::fsync(fd.as_fd()).ctx("fsyncdir")
+    }
+}
