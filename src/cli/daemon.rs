@@ -89,6 +89,8 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             }
         }
     };
+    // Modes arrive from the kernel with the caller's umask applied; ours must not apply again.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Signals are taken by a dedicated thread: block them before any thread starts.
     let mut sigs = SigSet::empty();
     sigs.add(Signal::SIGTERM);

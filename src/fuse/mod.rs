@@ -127,8 +127,8 @@ impl Filesystem for UnionFs {
         self.u.forget(ino.0, nlookup)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.u.getattr(ino.0) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.u.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&TTL, &fattr(&a)),
             Err(e) => reply.error(errno(e)),
         }
@@ -487,7 +487,7 @@ impl Filesystem for UnionFs {
         match r {
             Ok((a, Some(fd))) => {
                 let acc = flags & libc::O_ACCMODE;
-                let fh = self.u.add_handle(a.ino, fd, acc != libc::O_RDONLY);
+                let fh = self.u.add_handle(a.ino, fd, acc != libc::O_RDONLY, true);
                 reply.created(
                     &TTL,
                     &fattr(&a),

@@ -24,6 +24,8 @@ pub struct OpenFile {
     pub fd: OwnedFd,
     /// Opened for writing (so it is in upper).
     pub writable: bool,
+    /// The backing file is the upper layer's (safe to change through).
+    pub in_upper: bool,
 }
 
 /// A time to set.
@@ -105,15 +107,60 @@ impl Union {
             }
         })
         .ctx("open")?;
-        Ok(self.add_handle(ino, fd, writable))
+        Ok(self.add_handle(ino, fd, writable, st.upper))
     }
 
     /// Register an open backing fd; returns its handle id.
-    pub fn add_handle(&self, ino: u64, fd: OwnedFd, writable: bool) -> u64 {
+    pub fn add_handle(&self, ino: u64, fd: OwnedFd, writable: bool, in_upper: bool) -> u64 {
         let fh = self.fh_seq.fetch_add(1, Ordering::Relaxed);
-        self.files
-            .insert(fh, Arc::new(OpenFile { ino, fd, writable }));
+        self.files.insert(
+            fh,
+            Arc::new(OpenFile {
+                ino,
+                fd,
+                writable,
+                in_upper,
+            }),
+        );
         fh
+    }
+
+    /// An open upper-layer handle of node `ino` (`fh` first if it is one): how an unlinked
+    /// but still open file is reached.
+    pub(crate) fn upper_handle_of(&self, ino: u64, fh: Option<u64>) -> Option<Arc<OpenFile>> {
+        if let Some(f) = fh.and_then(|fh| self.handle(fh).ok())
+            && f.ino == ino
+            && f.in_upper
+        {
+            return Some(f);
+        }
+        self.files
+            .iter()
+            .find(|e| e.ino == ino && e.in_upper)
+            .map(|e| e.value().clone())
+    }
+
+    /// setattr of an unlinked file through one of its open handles.
+    fn setattr_unlinked(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
+        let f = self
+            .upper_handle_of(node.ino, a.fh)
+            .ok_or(Error::new(Errno::ENOENT, "setattr of a removed file"))?;
+        let fd = f.fd.as_fd();
+        if a.uid.is_some() || a.gid.is_some() {
+            nix::unistd::fchown(fd, a.uid.map(Uid::from_raw), a.gid.map(Gid::from_raw))
+                .ctx("fchown")?;
+        }
+        if let Some(mode) = a.mode {
+            nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(mode & 0o7777)).ctx("fchmod")?;
+        }
+        if let Some(size) = a.size {
+            nix::unistd::ftruncate(fd, size as i64).ctx("ftruncate")?;
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            nix::sys::stat::futimens(fd, &ts(a.atime), &ts(a.mtime)).ctx("futimens")?;
+        }
+        let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
+        Ok(self.attr_for(node, &node.state(), &fs))
     }
 
     /// The open file behind a handle.
@@ -202,6 +249,9 @@ impl Union {
     /// setattr: chown, chmod, truncate, utimens — copying up first, as the kernel does.
     pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Attr> {
         let node = self.node(ino)?;
+        if node.st.lock().unlinked {
+            return self.setattr_unlinked(&node, a);
+        }
         self.copy_up(&node)?;
         let st = node.state();
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;

@@ -347,10 +347,17 @@ impl Union {
         Ok((fd, name))
     }
 
-    /// Fresh attributes of a node from its top layer.
-    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+    /// Fresh attributes of a node from its top layer (through an open handle `fh` if the
+    /// node was unlinked while open).
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
         let st = node.state();
+        if st.unlinked
+            && let Some(f) = self.upper_handle_of(ino, fh)
+        {
+            let fs = nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?;
+            return Ok(self.attr_for(&node, &st, &fs));
+        }
         let (dir, name) = self.open_parent_in(&node, st.top())?;
         let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;
         Ok(self.attr_for(&node, &st, &fs))
