@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use nix::errno::Errno;
 use nix::sys::stat::{FileStat, Mode, SFlag};
@@ -44,9 +44,42 @@ impl Names {
         }
     }
 
-    /// Is this xattr private to the overlay (hidden from the merged view)?
-    pub fn is_private(&self, xname: &OsStr) -> bool {
-        xname.as_bytes().starts_with(self.prefix.as_bytes())
+    /// Is this layer xattr private to the overlay (hidden from the merged view, not copied
+    /// up)? Escaped names (`<prefix>overlay.*`, kernel 6.7+ nesting) are user data.
+    pub fn is_private(&self, layer_name: &OsStr) -> bool {
+        let b = layer_name.as_bytes();
+        let p = self.prefix.as_bytes();
+        b.starts_with(p) && !b[p.len()..].starts_with(b"overlay.")
+    }
+
+    /// The layer name of a merged-view xattr: `<prefix>X` is stored escaped as
+    /// `<prefix>overlay.X`, as the kernel does for nested overlays.
+    pub fn to_layer(&self, merged: &OsStr) -> OsString {
+        let b = merged.as_bytes();
+        let p = self.prefix.as_bytes();
+        match b.strip_prefix(p) {
+            Some(rest) => {
+                let mut v = p.to_vec();
+                v.extend_from_slice(b"overlay.");
+                v.extend_from_slice(rest);
+                OsString::from_vec(v)
+            }
+            None => merged.to_os_string(),
+        }
+    }
+
+    /// The merged-view name of a layer xattr (`None`: private, hidden).
+    pub fn to_merged(&self, layer_name: &OsStr) -> Option<OsString> {
+        let b = layer_name.as_bytes();
+        let p = self.prefix.as_bytes();
+        match b.strip_prefix(p) {
+            Some(rest) => rest.strip_prefix(b"overlay.").map(|r| {
+                let mut v = p.to_vec();
+                v.extend_from_slice(r);
+                OsString::from_vec(v)
+            }),
+            None => Some(layer_name.to_os_string()),
+        }
     }
 
     /// Is this directory entry name an AUFS whiteout/meta name that must be hidden?
