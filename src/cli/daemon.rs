@@ -142,11 +142,18 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     } else {
         MountOption::RW
     });
-    cfg.mount_options = mo;
+    cfg.mount_options = mo.clone();
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(c.spec.threads.unwrap_or(4).max(1));
     cfg.clone_fd = true;
-    let mut session = match Session::new(UnionFs::new(union.clone()), &c.merged, &cfg) {
+    let fs = UnionFs::new(union.clone());
+    let session = match own_mount(c, &mo) {
+        Ok(fd) => Session::from_fd(fs, fd, SessionACL::All, cfg),
+        // Not allowed to mount(2) here (rootless outside a user namespace): fusermount3.
+        Err(nix::errno::Errno::EPERM) => Session::new(fs, &c.merged, &cfg),
+        Err(e) => Err(std::io::Error::from(e)),
+    };
+    let mut session = match session {
         Ok(s) => s,
         Err(e) => {
             let m = format!("unionfs-rs: mount on {}: {e}\n", c.merged.display());
@@ -161,7 +168,10 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         .spawn(move || {
             if let Ok(sig) = sigs.wait() {
                 log::info!("{sig:?}: unmounting {}", merged.display());
-                if let Err(e) = unmounter.unmount() {
+                // Mounted by us: umount(2); through fusermount3: the session's unmounter.
+                if nix::mount::umount(&merged).is_err()
+                    && let Err(e) = unmounter.unmount()
+                {
                     log::warn!("unmount: {e}; detaching");
                     let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
                 }
@@ -175,6 +185,55 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         detach_stdio();
     }
     session.run().map_err(|e| e.to_string())
+}
+
+/// mount(2) a FUSE filesystem of type `fuse.<subtype>` ourselves (fuser's own mount omits the
+/// subtype), returning the /dev/fuse fd to serve.
+fn own_mount(c: &Checked, mo: &[MountOption]) -> Result<OwnedFd, nix::errno::Errno> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let dev = nix::fcntl::open(
+        "/dev/fuse",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let root = nix::sys::stat::stat(&c.merged)?;
+    let mut flags = MsFlags::empty();
+    for o in mo {
+        flags |= match o {
+            MountOption::NoDev => MsFlags::MS_NODEV,
+            MountOption::NoSuid => MsFlags::MS_NOSUID,
+            MountOption::NoExec => MsFlags::MS_NOEXEC,
+            MountOption::NoAtime => MsFlags::MS_NOATIME,
+            MountOption::DirSync => MsFlags::MS_DIRSYNC,
+            MountOption::Sync => MsFlags::MS_SYNCHRONOUS,
+            MountOption::RO => MsFlags::MS_RDONLY,
+            _ => MsFlags::empty(),
+        };
+    }
+    if !mo.contains(&MountOption::Dev) {
+        flags |= MsFlags::MS_NODEV;
+    }
+    if !mo.contains(&MountOption::Suid) {
+        flags |= MsFlags::MS_NOSUID;
+    }
+    let data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions,allow_other",
+        dev.as_raw_fd(),
+        root.st_mode & libc::S_IFMT,
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    let fsname = c.spec.fsname.as_deref().unwrap_or("unionfs-rs");
+    let fstype = format!("fuse.{}", c.spec.subtype.as_deref().unwrap_or("unionfs-rs"));
+    nix::mount::mount(
+        Some(fsname),
+        &c.merged,
+        Some(fstype.as_str()),
+        flags,
+        Some(data.as_str()),
+    )?;
+    Ok(dev)
 }
 
 /// Unmount MERGED: umount(2) as root, else `fusermount3 -u`.
