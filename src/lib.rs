@@ -4,7 +4,9 @@
 //! `union` (the overlay semantics, FUSE-free), `fuse` (the thin fuser adapter), `cli`.
 
 pub mod cli;
+pub mod control;
 pub mod fuse;
 pub mod layer;
 pub mod logger;
+pub mod quota;
 pub mod union;

@@ -1,7 +1,7 @@
 //! Starting the daemon (fork, wait for the mount to be live, detach from stdio), serving
 //! until unmounted, stopping on SIGTERM/SIGINT, and `umount`.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -40,14 +40,23 @@ pub fn start(c: Checked) -> i32 {
         Err(e) => fail(format!("fork: {e}")),
         Ok(ForkResult::Parent { .. }) => {
             drop(wr);
-            let mut msg = String::new();
-            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
-            if msg.starts_with("ok") {
-                0
-            } else if msg.is_empty() {
+            // The child reports progress lines ("note: …"), then "ok" or the error.
+            let mut failed = String::new();
+            for line in std::io::BufReader::new(std::fs::File::from(rd)).lines() {
+                let Ok(line) = line else { break };
+                if line == "ok" {
+                    return 0;
+                } else if let Some(note) = line.strip_prefix("note: ") {
+                    eprintln!("unionfs-rs: {note}");
+                } else {
+                    failed.push_str(&line);
+                    failed.push('\n');
+                }
+            }
+            if failed.is_empty() {
                 fail("the daemon exited before the mount was ready")
             } else {
-                eprint!("{msg}");
+                eprint!("{failed}");
                 EXIT_USAGE
             }
         }
@@ -98,7 +107,11 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     sigs.add(Signal::SIGHUP);
     let _ = sigs.thread_block();
 
-    let union = match Union::new(&c.opts) {
+    let mut progress = |m: String| {
+        log::info!("{m}");
+        report(&ready, &format!("note: {m}\n"));
+    };
+    let union = match Union::new_with_progress(&c.opts, &mut progress) {
         Ok(u) => Arc::new(u),
         Err(e) => {
             let m = format!("unionfs-rs: {e}\n");
@@ -178,6 +191,13 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
+    let _control = match crate::control::Control::start(&c.merged, union.clone()) {
+        Ok(ctl) => Some(ctl),
+        Err(e) => {
+            log::warn!("control socket: {e} (quota/stats commands will not reach this mount)");
+            None
+        }
+    };
     log::info!("mounted {}", c.merged.display());
     report(&ready, "ok\n");
     if ready.is_some() {
@@ -277,7 +297,7 @@ fn is_fuse_mount(m: &Path) -> bool {
     })
 }
 
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     s.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\012", "\n")

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod options;
+pub mod quota;
 pub mod validate;
 
 use std::ffi::OsString;
@@ -31,10 +32,57 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Mount LOWER1[:LOWER2…] [UPPER] MERGED (no UPPER: a read-only union).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a union mounted at MERGED.
     Umount {
         /// The merged directory.
+        merged: PathBuf,
+    },
+    /// Project quota of live mounts (xfs_quota's report and limit).
+    Quota {
+        #[command(subcommand)]
+        cmd: QuotaCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuotaCmd {
+    /// Usage, limits and grace of mounts (all unionfs-rs mounts if none is named).
+    #[command(disable_help_flag = true)]
+    Report {
+        /// Print help.
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+        /// Human-readable sizes.
+        #[arg(short = 'h', long = "human-readable")]
+        human: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Mount points.
+        merged: Vec<PathBuf>,
+    },
+    /// Change limits on a live mount (lowering below usage is allowed; growth is refused).
+    Limit {
+        /// Block hard limit.
+        #[arg(long, value_name = "SIZE")]
+        bhard: Option<String>,
+        /// Block soft limit.
+        #[arg(long, value_name = "SIZE")]
+        bsoft: Option<String>,
+        /// Inode hard limit.
+        #[arg(long, value_name = "N")]
+        ihard: Option<String>,
+        /// Inode soft limit.
+        #[arg(long, value_name = "N")]
+        isoft: Option<String>,
+        /// Block grace period.
+        #[arg(long, value_name = "DURATION")]
+        bgrace: Option<String>,
+        /// Inode grace period.
+        #[arg(long, value_name = "DURATION")]
+        igrace: Option<String>,
+        /// Mount point.
         merged: PathBuf,
     },
 }
@@ -67,6 +115,33 @@ struct MountArgs {
     /// Mount options, comma separated (same as the -o form).
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
+    /// Project quota: block hard limit (like `--storage-opt size=`), e.g. 10G.
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// Block hard limit (same as --size).
+    #[arg(long, value_name = "SIZE")]
+    bhard: Option<String>,
+    /// Block soft limit (enforced after the grace period).
+    #[arg(long, value_name = "SIZE")]
+    bsoft: Option<String>,
+    /// Inode hard limit.
+    #[arg(long, value_name = "N")]
+    ihard: Option<String>,
+    /// Inode soft limit.
+    #[arg(long, value_name = "N")]
+    isoft: Option<String>,
+    /// Block grace period (default 7d).
+    #[arg(long, value_name = "DURATION")]
+    bgrace: Option<String>,
+    /// Inode grace period (default 7d).
+    #[arg(long, value_name = "DURATION")]
+    igrace: Option<String>,
+    /// Project id to record and report.
+    #[arg(long, value_name = "ID")]
+    project_id: Option<String>,
+    /// errno for refusals: enospc (XFS project quota, default) or edquot (ext4's convention).
+    #[arg(long, value_name = "ERRNO")]
+    quota_errno: Option<String>,
 }
 
 /// Print one clear line and return the usage exit code.
@@ -80,7 +155,7 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let is_cli = matches!(
         first,
-        "mount" | "umount" | "help" | "--help" | "-h" | "--version" | "-V" | ""
+        "mount" | "umount" | "quota" | "help" | "--help" | "-h" | "--version" | "-V" | ""
     );
     if !is_cli {
         return match options::parse_legacy(&args[1..]) {
@@ -115,6 +190,23 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                     spec.merged = Some(m.dirs[1].clone());
                 }
             }
+            for (k, v) in [
+                ("size", &m.size),
+                ("bhard", &m.bhard),
+                ("bsoft", &m.bsoft),
+                ("ihard", &m.ihard),
+                ("isoft", &m.isoft),
+                ("bgrace", &m.bgrace),
+                ("igrace", &m.igrace),
+                ("project_id", &m.project_id),
+                ("quota_errno", &m.quota_errno),
+            ] {
+                if let Some(v) = v
+                    && let Err(e) = spec.quota_args.set(k, v)
+                {
+                    return fail(e);
+                }
+            }
             for o in &m.opts {
                 if let Err(e) = options::apply_opts(&mut spec, o) {
                     return fail(e);
@@ -126,6 +218,45 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             Ok(()) => 0,
             Err(e) => fail(e),
         },
+        Cmd::Quota { cmd } => {
+            let r = match cmd {
+                QuotaCmd::Report {
+                    human,
+                    json,
+                    merged,
+                    ..
+                } => quota::report(&merged, human, json),
+                QuotaCmd::Limit {
+                    bhard,
+                    bsoft,
+                    ihard,
+                    isoft,
+                    bgrace,
+                    igrace,
+                    merged,
+                } => {
+                    let args: Vec<String> = [
+                        ("bhard", bhard),
+                        ("bsoft", bsoft),
+                        ("ihard", ihard),
+                        ("isoft", isoft),
+                        ("bgrace", bgrace),
+                        ("igrace", igrace),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+                    .collect();
+                    quota::limit(&merged, &args)
+                }
+            };
+            match r {
+                Ok(out) => {
+                    print!("{out}");
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
     }
 }
 

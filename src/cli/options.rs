@@ -35,6 +35,100 @@ pub struct MountSpec {
     pub debug: bool,
     /// Options we accepted but ignore, or did not know (warned).
     pub unknown: Vec<String>,
+    /// Project quota settings.
+    pub quota_args: QuotaArgs,
+    /// The quota configuration built from `quota_args` (filled by validation).
+    pub quota: Option<crate::union::charge::QuotaConfig>,
+}
+
+/// Quota options as given (`--bhard 10G`, `-o size=10G,bsoft=…`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaArgs {
+    /// Block hard limit (bytes).
+    pub bhard: Option<u64>,
+    /// Block soft limit.
+    pub bsoft: Option<u64>,
+    /// Inode hard limit.
+    pub ihard: Option<u64>,
+    /// Inode soft limit.
+    pub isoft: Option<u64>,
+    /// Block grace, seconds.
+    pub bgrace: Option<u64>,
+    /// Inode grace, seconds.
+    pub igrace: Option<u64>,
+    /// Project id.
+    pub project_id: Option<u32>,
+    /// EDQUOT instead of ENOSPC.
+    pub edquot: Option<bool>,
+}
+
+impl QuotaArgs {
+    /// Set one quota option by name; `Ok(false)` if the name is not a quota option.
+    pub fn set(&mut self, k: &str, v: &str) -> Result<bool, String> {
+        use crate::quota::{parse_count, parse_duration, parse_size};
+        match k {
+            "size" | "bhard" => self.bhard = Some(parse_size(v)?),
+            "bsoft" => self.bsoft = Some(parse_size(v)?),
+            "ihard" | "inodes" => self.ihard = Some(parse_count(v)?),
+            "isoft" => self.isoft = Some(parse_count(v)?),
+            "bgrace" => self.bgrace = Some(parse_duration(v)?),
+            "igrace" => self.igrace = Some(parse_duration(v)?),
+            "project_id" | "project-id" => {
+                self.project_id = Some(
+                    v.trim()
+                        .parse()
+                        .map_err(|_| format!("invalid project id '{v}'"))?,
+                )
+            }
+            "quota_errno" | "quota-errno" => {
+                self.edquot = Some(match v.trim() {
+                    "enospc" | "ENOSPC" => false,
+                    "edquot" | "EDQUOT" => true,
+                    _ => return Err(format!("quota errno '{v}': use enospc or edquot")),
+                })
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Any limit given?
+    fn has_limits(&self) -> bool {
+        self.bhard.is_some()
+            || self.bsoft.is_some()
+            || self.ihard.is_some()
+            || self.isoft.is_some()
+            || self.bgrace.is_some()
+            || self.igrace.is_some()
+            || self.project_id.is_some()
+    }
+
+    /// The quota configuration these arguments ask for (None: nothing asked).
+    pub fn to_config(&self) -> Result<Option<crate::union::charge::QuotaConfig>, String> {
+        use crate::quota::{DEFAULT_GRACE, Limits};
+        if !self.has_limits() && self.edquot.is_none() {
+            return Ok(None);
+        }
+        let limits = if self.has_limits() {
+            let l = Limits {
+                project_id: self.project_id.unwrap_or(0),
+                bsoft: self.bsoft.unwrap_or(0),
+                bhard: self.bhard.unwrap_or(0),
+                isoft: self.isoft.unwrap_or(0),
+                ihard: self.ihard.unwrap_or(0),
+                bgrace: self.bgrace.unwrap_or(DEFAULT_GRACE),
+                igrace: self.igrace.unwrap_or(DEFAULT_GRACE),
+            };
+            l.validate()?;
+            Some(l)
+        } else {
+            None
+        };
+        Ok(Some(crate::union::charge::QuotaConfig {
+            limits,
+            edquot: self.edquot.unwrap_or(false),
+        }))
+    }
 }
 
 /// Split `a:b:c` into paths (empty elements skipped).
@@ -62,6 +156,11 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 _ => Err(format!("option '{k}' needs a value")),
             }
         };
+        if let Some(v) = v
+            && spec.quota_args.set(k, v)?
+        {
+            continue;
+        }
         match k {
             "lowerdir" => spec.lowers = split_lowers(&need(v)?),
             "upperdir" => spec.upper = Some(PathBuf::from(need(v)?)),

@@ -43,6 +43,10 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     for u in &spec.unknown {
         eprintln!("unionfs-rs: warning: ignoring unknown option '{u}'");
     }
+    spec.quota = spec.quota_args.to_config()?;
+    if spec.quota.is_some() && spec.upper.is_none() {
+        return Err("a quota needs an upper directory".into());
+    }
     if spec.lowers.is_empty() {
         return Err("no lower directory given (lowerdir=…)".into());
     }
@@ -176,6 +180,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         workdir,
         userxattr: spec.userxattr,
         aufs_whiteouts: spec.aufs_whiteouts,
+        quota: spec.quota.clone(),
     };
     Ok(Checked {
         opts,

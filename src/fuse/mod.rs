@@ -119,6 +119,10 @@ impl Filesystem for UnionFs {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        self.u.shutdown();
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(self.u.lookup(parent.0, name), reply)
     }

@@ -46,16 +46,21 @@ impl Union {
             .open_dir(&pp)
             .ctx("copy-up: open upper dir")?;
         let fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
-        let upper_ino = self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)?;
-        if !(src_layer == LayerRef::Upper) {
-            self.inomap.set(upper_ino, node.ino);
+        // Charged in full before it starts: a copy-up that does not fit fails cleanly.
+        let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
+        let pbefore = self.stat_if_quota(dst_dir.as_fd());
+        let new = self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)?;
+        res.settle(super::charge::alloc(&new), 1);
+        self.account_dir_growth(dst_dir.as_fd(), pbefore.as_ref());
+        if src_layer != LayerRef::Upper {
+            self.inomap.set(new.st_ino, node.ino);
         }
         node.st.lock().upper = true;
         Ok(())
     }
 
     /// Copy the object `name` (stat `fs`) from `src_dir` to `dst_dir/dst_name` through the work
-    /// dir. Returns the new upper inode number.
+    /// dir. Returns the new upper object's stat.
     fn copy_object(
         &self,
         src_dir: BorrowedFd<'_>,
@@ -63,7 +68,7 @@ impl Union {
         fs: &FileStat,
         dst_dir: BorrowedFd<'_>,
         dst_name: &OsStr,
-    ) -> Result<u64> {
+    ) -> Result<FileStat> {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         let kind = fs.st_mode & libc::S_IFMT;
@@ -133,8 +138,7 @@ impl Union {
             remove_tmp(work, &tmp, kind == libc::S_IFDIR);
             return Err(e);
         }
-        let st = layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")?;
-        Ok(st.st_ino)
+        layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")
     }
 }
 
@@ -281,8 +285,11 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: u64) ->
     Ok(())
 }
 
-/// Remove a scratch object from the work dir (recursively for a directory).
-pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) {
+/// Remove a scratch object from the work dir (recursively for a directory). Returns what was
+/// freed (allocated bytes, inodes), counting only objects whose last link went away.
+pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> (i64, i64) {
+    let st = layer::stat_at(work, name).ok();
+    let mut freed = (0, 0);
     if is_dir {
         if let Ok(d) = nix::fcntl::openat(
             work,
@@ -290,21 +297,31 @@ pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) {
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
-            remove_dir_contents(&d);
+            freed = remove_dir_contents(&d);
         }
-        let _ = nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::RemoveDir);
-    } else {
-        let _ = nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        if nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::RemoveDir).is_err() {
+            return freed;
+        }
+    } else if nix::unistd::unlinkat(work, name, nix::unistd::UnlinkatFlags::NoRemoveDir).is_err() {
+        return freed;
     }
+    if let Some(st) = st
+        && (is_dir || st.st_nlink <= 1)
+    {
+        freed.0 += super::charge::alloc(&st);
+        freed.1 += 1;
+    }
+    freed
 }
 
 /// Remove everything inside an (already detached) directory, never following symlinks.
-pub(crate) fn remove_dir_contents(dir: &OwnedFd) {
+/// Returns what was freed (bytes, inodes).
+pub(crate) fn remove_dir_contents(dir: &OwnedFd) -> (i64, i64) {
     let Ok(dup) = nix::unistd::dup(dir.as_fd()) else {
-        return;
+        return (0, 0);
     };
     let Ok(mut d) = nix::dir::Dir::from_fd(dup) else {
-        return;
+        return (0, 0);
     };
     let names: Vec<(std::ffi::OsString, bool)> = d
         .iter()
@@ -321,7 +338,11 @@ pub(crate) fn remove_dir_contents(dir: &OwnedFd) {
             )
         })
         .collect();
+    let mut freed = (0, 0);
     for (n, is_dir) in names {
-        remove_tmp(dir.as_fd(), &n, is_dir);
+        let f = remove_tmp(dir.as_fd(), &n, is_dir);
+        freed.0 += f.0;
+        freed.1 += f.1;
     }
+    freed
 }

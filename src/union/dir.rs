@@ -45,6 +45,7 @@ impl Union {
         self.copy_up(parent)?;
         let ppath = self.path_of(parent)?;
         let dir = self.upper_layer()?.open_dir(&ppath).ctx("open upper dir")?;
+        let pbefore = self.stat_if_quota(dir.as_fd());
         let over_whiteout = match layer::stat_at(dir.as_fd(), name) {
             Ok(st) if is_whiteout_stat(&st) => true,
             Ok(_) => return Err(Error::new(Errno::EEXIST, "create: exists in upper")),
@@ -53,6 +54,7 @@ impl Union {
         };
         if !over_whiteout {
             let f = build(dir.as_fd(), name)?;
+            self.account_dir_growth(dir.as_fd(), pbefore.as_ref());
             return Ok((dir, f, false));
         }
         let work = self.work_fd()?;
@@ -77,7 +79,8 @@ impl Union {
         match res {
             Ok(()) => {
                 // The whiteout is now in the work dir.
-                let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                let freed = remove_tmp(work, &tmp, false);
+                self.account(-freed.0, -freed.1);
                 Ok((dir, f, true))
             }
             Err(e) => {
@@ -181,9 +184,12 @@ impl Union {
                 }
             }
         };
+        // One inode, and a block for a directory, before the filesystem is asked.
+        let res = self.reserve(1, if is_dir { 4096 } else { 0 })?;
         let (dir, fd, over_wh) = self.install(&p, name, is_dir, &build)?;
         self.set_owner(dir.as_fd(), name, who)?;
         let fs = layer::stat_at(dir.as_fd(), name).ctx("stat new")?;
+        res.settle(super::charge::alloc(&fs), 1);
         // A new upper inode: forget any stale origin recorded for a reused inode number.
         self.inomap.set(fs.st_ino, 0);
         let st = NodeState {
@@ -250,7 +256,9 @@ impl Union {
         let ppath = self.path_of(p)?;
         let dir = self.upper_layer()?.open_dir(&ppath).ctx("open upper dir")?;
         let work = self.work_fd()?;
+        let still_open = self.quota.is_some() && self.upper_handle_of(child.ino, None).is_some();
         if cst.upper {
+            let before = layer::stat_at(dir.as_fd(), name).ctx("stat entry")?;
             if wh {
                 let tmp = self.tmp_name();
                 make_whiteout(work, &tmp).ctx("make whiteout")?;
@@ -265,7 +273,16 @@ impl Union {
                         nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
                     return Err(Error::new(e, "whiteout exchange"));
                 }
-                remove_tmp(work, &tmp, is_dir);
+                // The new whiteout is an inode; the old object went to the work dir.
+                self.account(0, 1);
+                if is_dir {
+                    let freed = remove_tmp(work, &tmp, true);
+                    self.account(-freed.0, -freed.1);
+                } else {
+                    let _ =
+                        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                    self.account_unlinked(&before, still_open);
+                }
             } else {
                 if is_dir {
                     let sub = nix::fcntl::openat(
@@ -276,7 +293,8 @@ impl Union {
                     )
                     .ctx("open dir to remove")?;
                     // Only whiteouts can be left in a directory that is empty in the merged view.
-                    remove_dir_contents(&sub);
+                    let freed = remove_dir_contents(&sub);
+                    self.account(-freed.0, -freed.1);
                 }
                 let f = if is_dir {
                     UnlinkatFlags::RemoveDir
@@ -284,6 +302,7 @@ impl Union {
                     UnlinkatFlags::NoRemoveDir
                 };
                 nix::unistd::unlinkat(dir.as_fd(), name, f).ctx("unlink")?;
+                self.account_unlinked(&before, still_open);
             }
         } else {
             let tmp = self.tmp_name();
@@ -298,6 +317,7 @@ impl Union {
                 let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
                 return Err(Error::new(e, "install whiteout"));
             }
+            self.account(0, 1);
         }
         Ok(())
     }
@@ -430,6 +450,10 @@ impl Union {
             Err(e) => return Err(Error::new(e, "stat rename target")),
         };
         let target_is_wh = target.as_ref().is_some_and(is_whiteout_stat);
+        let target_open = match (&dst, &self.quota) {
+            (Some(d), Some(_)) => self.upper_handle_of(d.ino, None).is_some(),
+            _ => false,
+        };
         if let (Some(d), Some(t)) = (&dst, &target)
             && d.is_dir()
             && t.st_mode & libc::S_IFMT == libc::S_IFDIR
@@ -442,7 +466,8 @@ impl Union {
                 Mode::empty(),
             )
             .ctx("open rename target")?;
-            remove_dir_contents(&sub);
+            let freed = remove_dir_contents(&sub);
+            self.account(-freed.0, -freed.1);
         }
         if target_is_wh && src.is_dir() {
             // rename(2) cannot put a directory over a char device: exchange, then keep or drop
@@ -458,6 +483,7 @@ impl Union {
             if !old_wh {
                 nix::unistd::unlinkat(sdir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
                     .ctx("drop whiteout")?;
+                self.account(0, -1);
             }
         } else if old_wh {
             match nix::fcntl::renameat2(
@@ -490,6 +516,16 @@ impl Union {
                 RenameFlags::empty(),
             )
             .ctx("rename")?;
+        }
+        if !(target_is_wh && src.is_dir()) {
+            if old_wh {
+                self.account(0, 1);
+            }
+            match &target {
+                Some(t) if target_is_wh => self.account(-super::charge::alloc(t), -1),
+                Some(t) => self.account_unlinked(t, target_open),
+                None => {}
+            }
         }
         if let Some(d) = &dst {
             drop_name(d, newparent, newname);

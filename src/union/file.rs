@@ -28,6 +28,20 @@ pub struct OpenFile {
     pub in_upper: bool,
 }
 
+/// pwrite all of `data` at `off` (a short count only after a later chunk fails).
+pub(crate) fn pwrite_all(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], off: u64) -> Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        match nix::sys::uio::pwrite(fd, &data[done..], off as i64 + done as i64) {
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) if done == 0 => return Err(Error::new(e, "write")),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
 /// A time to set.
 #[derive(Debug, Clone, Copy)]
 pub enum SetTime {
@@ -180,24 +194,33 @@ impl Union {
         Ok(buf)
     }
 
-    /// write(2) of `data` at `off`.
+    /// write(2) of `data` at `off` (within the quota, if one is set).
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<usize> {
         let f = self.handle(fh)?;
-        let mut done = 0;
-        while done < data.len() {
-            match nix::sys::uio::pwrite(f.fd.as_fd(), &data[done..], off as i64 + done as i64) {
-                Ok(n) => done += n,
-                Err(Errno::EINTR) => {}
-                Err(e) if done == 0 => return Err(Error::new(e, "write")),
-                Err(_) => break,
+        match &self.quota {
+            Some(q) if f.in_upper => {
+                // One writer at a time per inode keeps the before/after accounting exact.
+                let node = self.node(f.ino)?;
+                let _g = node.io_lock.lock();
+                self.quota_write(q, f.fd.as_fd(), off, data)
             }
+            _ => pwrite_all(f.fd.as_fd(), data, off),
         }
-        Ok(done)
     }
 
-    /// release(2): drop a handle.
+    /// release(2): drop a handle. The last close of an unlinked upper file frees its space.
     pub fn release(&self, fh: u64) {
-        self.files.remove(&fh);
+        let Some((_, f)) = self.files.remove(&fh) else {
+            return;
+        };
+        if self.quota.is_some()
+            && f.in_upper
+            && !self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
+            && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
+            && st.st_nlink == 0
+        {
+            self.account(-super::charge::alloc(&st), -1);
+        }
     }
 
     /// fsync / fdatasync of an open file.
@@ -210,16 +233,29 @@ impl Union {
         }
     }
 
-    /// fallocate on an open file.
+    /// fallocate on an open file (space reserved against the quota first).
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let f = self.handle(fh)?;
-        nix::fcntl::fallocate(
-            f.fd.as_fd(),
-            nix::fcntl::FallocateFlags::from_bits_truncate(mode),
-            off as i64,
-            len as i64,
-        )
-        .ctx("fallocate")
+        let run = || {
+            nix::fcntl::fallocate(
+                f.fd.as_fd(),
+                nix::fcntl::FallocateFlags::from_bits_truncate(mode),
+                off as i64,
+                len as i64,
+            )
+            .ctx("fallocate")
+        };
+        match &self.quota {
+            Some(q) if f.in_upper && len > 0 => {
+                let node = self.node(f.ino)?;
+                let _g = node.io_lock.lock();
+                let frees = libc::FALLOC_FL_PUNCH_HOLE
+                    | libc::FALLOC_FL_COLLAPSE_RANGE
+                    | libc::FALLOC_FL_ZERO_RANGE;
+                self.quota_fallocate(q, f.fd.as_fd(), off, len, &run, mode & frees == 0)
+            }
+            _ => run(),
+        }
     }
 
     /// lseek SEEK_DATA / SEEK_HOLE on an open file.
@@ -275,6 +311,8 @@ impl Union {
             let via =
                 a.fh.and_then(|fh| self.handle(fh).ok())
                     .filter(|f| f.writable);
+            let _g = node.io_lock.lock();
+            let before = self.stat_if_quota_at(dir.as_fd(), &name);
             match via {
                 Some(f) => nix::unistd::ftruncate(f.fd.as_fd(), size as i64).ctx("ftruncate")?,
                 None => {
@@ -287,6 +325,10 @@ impl Union {
                     .ctx("truncate: open")?;
                     nix::unistd::ftruncate(fd.as_fd(), size as i64).ctx("truncate")?;
                 }
+            }
+            // Growing is sparse (nothing allocated); shrinking frees blocks.
+            if let (Some(b), Ok(a)) = (before, layer::stat_at(dir.as_fd(), &name)) {
+                self.account(super::charge::alloc(&a) - super::charge::alloc(&b), 0);
             }
         }
         if a.atime.is_some() || a.mtime.is_some() {

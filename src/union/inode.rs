@@ -85,6 +85,8 @@ pub struct Node {
     pub st: Mutex<NodeState>,
     /// Serialises copy-up of this node.
     pub copy_lock: Mutex<()>,
+    /// Serialises size-changing I/O when a quota needs exact before/after accounting.
+    pub io_lock: Mutex<()>,
 }
 
 impl Node {
@@ -96,6 +98,7 @@ impl Node {
             nlookup: AtomicU64::new(0),
             st: Mutex::new(st),
             copy_lock: Mutex::new(()),
+            io_lock: Mutex::new(()),
         }
     }
 

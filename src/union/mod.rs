@@ -2,6 +2,7 @@
 //! directories, merged readdir, and every namespace operation. The FUSE adapter calls these with
 //! plain integers and byte strings and turns [`Error`] into an errno.
 
+pub mod charge;
 pub mod copy_up;
 pub mod dir;
 pub mod file;
@@ -143,6 +144,8 @@ pub struct Options {
     pub userxattr: bool,
     /// Honour AUFS `.wh.` whiteouts in lower layers.
     pub aufs_whiteouts: bool,
+    /// Project quota settings (limits recorded in the workdir apply even without them).
+    pub quota: Option<charge::QuotaConfig>,
 }
 
 /// The identity of a caller, for ownership of new objects.
@@ -170,17 +173,27 @@ pub struct Union {
     pub(crate) files: DashMap<u64, Arc<file::OpenFile>>,
     pub(crate) dirs: DashMap<u64, Arc<readdir::DirHandle>>,
     pub(crate) fh_seq: AtomicU64,
+    pub(crate) quota: Option<Arc<crate::quota::Quota>>,
 }
 
 impl Union {
     /// Open all layers and set up the root node. The directories must already be validated.
     pub fn new(opts: &Options) -> std::io::Result<Union> {
+        Self::new_with_progress(opts, &mut |m| log::info!("{m}"))
+    }
+
+    /// Like [`Union::new`], reporting long steps (quotacheck) through `progress`.
+    pub fn new_with_progress(
+        opts: &Options,
+        progress: &mut dyn FnMut(String),
+    ) -> std::io::Result<Union> {
         let lowers = opts
             .lowers
             .iter()
             .map(|p| Layer::open(p))
             .collect::<std::io::Result<Vec<_>>>()?;
         let upper = opts.upper.as_deref().map(Layer::open).transpose()?;
+        let mut quota = None;
         let (work, inomap) = match (&upper, &opts.workdir) {
             (Some(_), Some(wd)) => {
                 let workdir = Layer::open(wd)?;
@@ -200,6 +213,15 @@ impl Union {
                     .open_dir(&[OsString::from("work")])
                     .map_err(|e| layer::io_err(e, "open workdir/work"))?;
                 let inomap = inode::InoMap::open(&wd.join("unionfs").join("inomap"))?;
+                if let Some(up) = &upper {
+                    quota = charge::open_quota(
+                        opts.quota.as_ref(),
+                        up,
+                        work.as_fd(),
+                        &wd.join("unionfs").join("quota"),
+                        progress,
+                    )?;
+                }
                 (Some(work), inomap)
             }
             (Some(_), None) => {
@@ -227,6 +249,7 @@ impl Union {
             files: DashMap::new(),
             dirs: DashMap::new(),
             fh_seq: AtomicU64::new(1),
+            quota,
         };
         u.init_root()?;
         Ok(u)
@@ -410,14 +433,36 @@ impl Union {
         self.nodes.len()
     }
 
+    /// Number of open file handles.
+    pub fn open_file_count(&self) -> usize {
+        self.files.len()
+    }
+
     /// Drop kernel references.
     pub fn forget(&self, ino: u64, n: u64) {
         self.nodes.forget(ino, n);
     }
 
-    /// statfs of the upper filesystem (or the top lower for a read-only union).
+    /// statfs of the upper filesystem (or the top lower for a read-only union); with a quota,
+    /// sizes and inode counts show the limit, as XFS does inside a project directory.
     pub fn statfs(&self) -> Result<libc::statfs> {
         let l = self.upper.as_ref().unwrap_or(&self.lowers[0]);
-        layer::sys::statfs(l.root()).ctx("statfs")
+        let mut s = layer::sys::statfs(l.root()).ctx("statfs")?;
+        if let Some(q) = &self.quota {
+            let (b, bf, ba, f, ff) = q.statfs(&s);
+            s.f_blocks = b;
+            s.f_bfree = bf;
+            s.f_bavail = ba;
+            s.f_files = f;
+            s.f_ffree = ff;
+        }
+        Ok(s)
+    }
+
+    /// Clean shutdown: record exact quota usage so the next mount need not rescan.
+    pub fn shutdown(&self) {
+        if let Some(q) = &self.quota {
+            q.persist(true);
+        }
     }
 }

@@ -39,7 +39,9 @@ impl Union {
         let node = self.node(ino)?;
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
-        sys::set_xattr(dir.as_fd(), &name, &lname, value, flags).ctx("setxattr")
+        self.with_realloc(dir.as_fd(), &name, || {
+            sys::set_xattr(dir.as_fd(), &name, &lname, value, flags).ctx("setxattr")
+        })
     }
 
     /// removexattr (copies up only if the attribute exists).
@@ -51,6 +53,9 @@ impl Union {
         }
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
-        sys::remove_xattr(dir.as_fd(), &name, &self.names.to_layer(xname)).ctx("removexattr")
+        let lname = self.names.to_layer(xname);
+        self.with_realloc(dir.as_fd(), &name, || {
+            sys::remove_xattr(dir.as_fd(), &name, &lname).ctx("removexattr")
+        })
     }
 }

@@ -1,0 +1,269 @@
+//! The control channel of a live mount: a Unix socket per mount point that `unionfs-rs quota`
+//! (and scripts) talk to.
+//!
+//! Where: `/run/unionfs-rs/<fnv64 of the canonical mount point>.sock` for root, else
+//! `$XDG_RUNTIME_DIR/unionfs-rs/…` (or `/tmp/unionfs-rs-<uid>/…`). Protocol: the client sends one
+//! line (`quota-report`, `quota-limit key=value …`, `stats`) and reads the reply until EOF. Replies
+//! are one JSON object; errors are `{"error": "…"}`. Commands that change something are accepted
+//! only from root or the daemon's own user (checked with SO_PEERCRED).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::quota::{Limits, Quota, Report};
+use crate::union::Union;
+
+/// The socket path for a (canonical) mount point.
+pub fn socket_path(merged: &Path) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in merged.as_os_str().as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    runtime_dir().join(format!("{h:016x}.sock"))
+}
+
+fn runtime_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/unionfs-rs");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("unionfs-rs"),
+        _ => PathBuf::from(format!("/tmp/unionfs-rs-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// JSON string escaping.
+pub fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// A quota report as JSON.
+pub fn report_json(mount: &str, r: &Report, now: u64) -> String {
+    let timer = |t: Option<u64>| match t {
+        Some(t) => t.to_string(),
+        None => "null".into(),
+    };
+    let left = |t: Option<u64>| match t {
+        Some(t) => t.saturating_sub(now).to_string(),
+        None => "null".into(),
+    };
+    let l = &r.limits;
+    format!(
+        "{{\"mount\":{},\"project_id\":{},\"blocks\":{{\"used\":{},\"soft\":{},\"hard\":{},\"grace\":{},\"grace_expires\":{},\"grace_left\":{}}},\"inodes\":{{\"used\":{},\"soft\":{},\"hard\":{},\"grace\":{},\"grace_expires\":{},\"grace_left\":{}}},\"refusals\":{}}}",
+        json_str(mount),
+        l.project_id,
+        r.used_bytes,
+        l.bsoft,
+        l.bhard,
+        l.bgrace,
+        timer(r.btimer),
+        left(r.btimer),
+        r.used_inodes,
+        l.isoft,
+        l.ihard,
+        l.igrace,
+        timer(r.itimer),
+        left(r.itimer),
+        r.refusals,
+    )
+}
+
+/// A quota report as `key=value` lines (what the CLI's table is built from).
+pub fn report_kv(r: &Report, now: u64) -> String {
+    let l = &r.limits;
+    let left = |t: Option<u64>| t.map_or(-1, |t| t.saturating_sub(now) as i64);
+    format!(
+        "project_id={}\nbused={}\nbsoft={}\nbhard={}\nbgrace={}\nbleft={}\niused={}\nisoft={}\nihard={}\nigrace={}\nileft={}\nrefusals={}",
+        l.project_id,
+        r.used_bytes,
+        l.bsoft,
+        l.bhard,
+        l.bgrace,
+        left(r.btimer),
+        r.used_inodes,
+        l.isoft,
+        l.ihard,
+        l.igrace,
+        left(r.itimer),
+        r.refusals
+    )
+}
+
+/// Apply `key=value` limit changes to `l`.
+pub fn apply_limit_args(l: &mut Limits, args: &[&str]) -> Result<(), String> {
+    use crate::quota::{parse_count, parse_duration, parse_size};
+    for a in args {
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value, got '{a}'"))?;
+        match k {
+            "bhard" | "size" => l.bhard = parse_size(v)?,
+            "bsoft" => l.bsoft = parse_size(v)?,
+            "ihard" => l.ihard = parse_count(v)?,
+            "isoft" => l.isoft = parse_count(v)?,
+            "bgrace" => l.bgrace = parse_duration(v)?,
+            "igrace" => l.igrace = parse_duration(v)?,
+            "project_id" => {
+                l.project_id = v.parse().map_err(|_| format!("invalid project id '{v}'"))?
+            }
+            _ => return Err(format!("unknown limit '{k}'")),
+        }
+    }
+    l.validate()
+}
+
+/// Serve the control socket of `merged` for `union` on a background thread. Returns the path
+/// (removed again by [`Control::drop`]).
+pub struct Control {
+    path: PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Control {
+    /// Bind and start serving.
+    pub fn start(merged: &Path, union: Arc<Union>) -> std::io::Result<Control> {
+        let path = socket_path(merged);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if path.exists() {
+            // A live daemon answers; a stale socket from a killed one is replaced.
+            if UnixStream::connect(&path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by another daemon", path.display()),
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        // Anyone who can see the mount may read reports; changes are checked per request.
+        let _ = nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        );
+        let mount = merged.to_string_lossy().into_owned();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    if let Err(e) = serve_one(conn, &union, &mount) {
+                        log::debug!("control: {e}");
+                    }
+                }
+            })?;
+        Ok(Control { path })
+    }
+}
+
+fn serve_one(conn: UnixStream, union: &Union, mount: &str) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .unwrap_or(u32::MAX);
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let reply = handle(&words, peer, union, mount);
+    let mut w = &conn;
+    w.write_all(reply.as_bytes())?;
+    w.write_all(b"\n")
+}
+
+fn no_quota() -> String {
+    "{\"error\":\"no quota is set on this mount\"}".into()
+}
+
+fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
+    let q: Option<&Arc<Quota>> = union.quota();
+    match words.first().copied() {
+        Some("quota-report") => match q {
+            Some(q) if words.get(1) == Some(&"kv") => report_kv(&q.report(), q.now()),
+            Some(q) => report_json(mount, &q.report(), q.now()),
+            None => no_quota(),
+        },
+        Some("quota-limit") => {
+            let me = nix::unistd::geteuid().as_raw();
+            if peer != 0 && peer != me {
+                return "{\"error\":\"only root or the mount's owner may change limits\"}".into();
+            }
+            let Some(q) = q else { return no_quota() };
+            let mut l = q.limits();
+            match apply_limit_args(&mut l, &words[1..]) {
+                Ok(()) => {
+                    q.set_limits(l);
+                    report_json(mount, &q.report(), q.now())
+                }
+                Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
+            }
+        }
+        Some("stats") => {
+            let mut s = format!(
+                "{{\"mount\":{},\"nodes\":{},\"open_files\":{}",
+                json_str(mount),
+                union.node_count(),
+                union.open_file_count()
+            );
+            if let Some(q) = q {
+                let r = q.report();
+                s.push_str(&format!(
+                    ",\"quota_used_bytes\":{},\"quota_used_inodes\":{},\"quota_bhard\":{},\"quota_bsoft\":{},\"quota_ihard\":{},\"quota_isoft\":{},\"quota_refusals\":{}",
+                    r.used_bytes,
+                    r.used_inodes,
+                    r.limits.bhard,
+                    r.limits.bsoft,
+                    r.limits.ihard,
+                    r.limits.isoft,
+                    r.refusals
+                ));
+            }
+            s.push('}');
+            s
+        }
+        _ => "{\"error\":\"unknown command (quota-report, quota-limit k=v…, stats)\"}".into(),
+    }
+}
+
+/// Send one command to the daemon serving `merged`; returns its reply.
+pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
+    let path = socket_path(merged);
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "{}: no unionfs-rs daemon answers on {} ({e})",
+            merged.display(),
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(cmd.as_bytes())
+        .and_then(|_| s.write_all(b"\n"))
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).map_err(|e| e.to_string())?;
+    Ok(out.trim().to_string())
+}

@@ -1,0 +1,435 @@
+//! Where the union meets the project quota: setting it up at mount (recorded limits, clean
+//! state or quotacheck), reservations taken before the filesystem is asked for space, and
+//! releases when objects go away. Every change to upper's allocation passes through here.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::sys::stat::FileStat;
+
+use super::{Error, Result, Union};
+use crate::quota::{Limits, Quota, scan, store};
+
+/// Quota settings of a mount request.
+#[derive(Debug, Clone, Default)]
+pub struct QuotaConfig {
+    /// Limits given on the command line (None: keep what the workdir recorded, if anything).
+    pub limits: Option<Limits>,
+    /// Refuse with EDQUOT instead of ENOSPC.
+    pub edquot: bool,
+}
+
+/// Allocated bytes of a stat.
+pub(crate) fn alloc(st: &FileStat) -> i64 {
+    st.st_blocks * 512
+}
+
+/// Set up the quota of a writable union: limits from the command line or the workdir's record,
+/// usage from a clean record or a fresh scan of upper + workdir/work.
+pub(crate) fn open_quota(
+    cfg: Option<&QuotaConfig>,
+    upper: &crate::layer::Layer,
+    work: BorrowedFd<'_>,
+    state_path: &Path,
+    progress: &mut dyn FnMut(String),
+) -> std::io::Result<Option<Arc<Quota>>> {
+    let recorded = store::load(state_path)?;
+    let limits = match (cfg.and_then(|c| c.limits), &recorded) {
+        (Some(l), Some(r)) if r.limits != l => {
+            progress("quota: limits changed from the recorded ones by the mount options".into());
+            l
+        }
+        (Some(l), _) => l,
+        (None, Some(r)) => {
+            progress(format!(
+                "quota: keeping the limits recorded in the workdir (project {}, bhard {}, bsoft {}, ihard {}, isoft {})",
+                r.limits.project_id, r.limits.bhard, r.limits.bsoft, r.limits.ihard, r.limits.isoft
+            ));
+            r.limits
+        }
+        (None, None) => return Ok(None),
+    };
+    limits
+        .validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let errno = match (cfg.map(|c| c.edquot), &recorded) {
+        (Some(true), _) => Errno::EDQUOT,
+        (Some(false), Some(r)) if cfg.and_then(|c| c.limits).is_none() => r.errno,
+        (None, Some(r)) => r.errno,
+        _ => Errno::ENOSPC,
+    };
+    let (bytes, inodes, timers) = match &recorded {
+        Some(r) if r.clean => (r.used_bytes, r.used_inodes, r.timers),
+        _ => {
+            if recorded.is_some() {
+                progress(
+                    "quota: the last mount did not stop cleanly; recomputing usage (quotacheck)"
+                        .into(),
+                );
+            }
+            let t = quotacheck(upper, work, progress)?;
+            (t.0, t.1, recorded.map(|r| r.timers).unwrap_or((None, None)))
+        }
+    };
+    let q = Quota::new(
+        limits,
+        bytes,
+        inodes,
+        timers,
+        errno,
+        Some(state_path.to_path_buf()),
+    );
+    // Mark the record dirty while mounted: a crash means the next mount rescans.
+    let r = q.report();
+    store::save_state(
+        state_path,
+        &store::State {
+            limits,
+            used_bytes: bytes,
+            used_inodes: inodes,
+            timers: (r.btimer, r.itimer),
+            clean: false,
+            errno,
+        },
+        Some(errno),
+    )?;
+    Ok(Some(Arc::new(q)))
+}
+
+/// Scan upper and workdir/work; returns (bytes, inodes).
+pub fn quotacheck(
+    upper: &crate::layer::Layer,
+    work: BorrowedFd<'_>,
+    progress: &mut dyn FnMut(String),
+) -> std::io::Result<(u64, u64)> {
+    let mut t = scan::Totals::default();
+    let started = std::time::Instant::now();
+    let mut report = |n: u64| {
+        progress(format!(
+            "quotacheck: {n} inodes scanned ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        ))
+    };
+    let up = upper
+        .open_dir(&[])
+        .map_err(|e| crate::layer::io_err(e, "quotacheck: open upper"))?;
+    scan::scan_dir(&up, &mut t, &mut report)
+        .map_err(|e| crate::layer::io_err(e, "quotacheck: scan upper"))?;
+    let w = nix::unistd::dup(work).map_err(|e| crate::layer::io_err(e, "dup"))?;
+    scan::scan_dir(&w, &mut t, &mut report)
+        .map_err(|e| crate::layer::io_err(e, "quotacheck: scan workdir"))?;
+    if t.inodes >= 10_000 {
+        progress(format!(
+            "quotacheck: done, {} inodes, {} bytes",
+            t.inodes, t.bytes
+        ));
+    }
+    Ok((t.bytes, t.inodes))
+}
+
+/// Space and inodes held for an operation until it knows what it really used. Dropped without
+/// [`Reservation::settle`], it gives everything back (the operation failed).
+#[derive(Debug)]
+pub(crate) struct Reservation<'a> {
+    q: Option<&'a Quota>,
+    bytes: i64,
+    inodes: i64,
+}
+
+impl Reservation<'_> {
+    /// Settle with what was really allocated (bytes, inodes).
+    pub(crate) fn settle(mut self, bytes: i64, inodes: i64) {
+        if let Some(q) = self.q {
+            q.adjust_bytes(bytes - self.bytes);
+            q.adjust_inodes(inodes - self.inodes);
+        }
+        self.q = None;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.q {
+            q.adjust_bytes(-self.bytes);
+            q.adjust_inodes(-self.inodes);
+        }
+    }
+}
+
+impl Union {
+    /// The mount's quota, if any.
+    pub fn quota(&self) -> Option<&Arc<Quota>> {
+        self.quota.as_ref()
+    }
+
+    /// Reserve `inodes` and `bytes` before creating something in upper.
+    pub(crate) fn reserve(&self, inodes: u64, bytes: u64) -> Result<Reservation<'_>> {
+        let Some(q) = self.quota.as_deref() else {
+            return Ok(Reservation {
+                q: None,
+                bytes: 0,
+                inodes: 0,
+            });
+        };
+        q.reserve_inodes(inodes)
+            .map_err(|e| Error::new(e, "quota: inode limit"))?;
+        if let Err(e) = q.reserve_bytes(bytes) {
+            q.adjust_inodes(-(inodes as i64));
+            return Err(Error::new(e, "quota: block limit"));
+        }
+        Ok(Reservation {
+            q: Some(q),
+            bytes: bytes as i64,
+            inodes: inodes as i64,
+        })
+    }
+
+    /// Account a change that needs no permission (releases, whiteouts, reconciliation).
+    pub(crate) fn account(&self, bytes: i64, inodes: i64) {
+        if let Some(q) = &self.quota {
+            q.adjust_bytes(bytes);
+            q.adjust_inodes(inodes);
+        }
+    }
+
+    /// An upper object with stat `st` lost one name: if that was its last, its space and inode
+    /// are freed — unless it is still open, in which case the last close frees them.
+    pub(crate) fn account_unlinked(&self, st: &FileStat, still_open: bool) {
+        let last = st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if self.quota.is_some() && last && !still_open {
+            self.account(-alloc(st), -1);
+        }
+    }
+
+    /// Reconcile the allocation of a directory that may have grown by one entry.
+    pub(crate) fn account_dir_growth(&self, dir: BorrowedFd<'_>, before: Option<&FileStat>) {
+        if let (Some(_), Some(b)) = (&self.quota, before)
+            && let Ok(a) = nix::sys::stat::fstat(dir)
+        {
+            self.account(alloc(&a) - alloc(b), 0);
+        }
+    }
+
+    /// lstat of `name` in `dir`, only when a quota needs the before/after picture.
+    pub(crate) fn stat_if_quota_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+    ) -> Option<FileStat> {
+        self.quota.as_ref()?;
+        crate::layer::stat_at(dir, name).ok()
+    }
+
+    /// fstat of a directory, only when a quota needs the before/after picture.
+    pub(crate) fn stat_if_quota(&self, fd: BorrowedFd<'_>) -> Option<FileStat> {
+        self.quota.as_ref()?;
+        nix::sys::stat::fstat(fd).ok()
+    }
+
+    /// Write `data` at `off` through `fd` within the quota: reserve what the write can newly
+    /// allocate, shorten the write to what fits near the limit (a partial write, as on a full
+    /// disk), then settle with the real allocation.
+    pub(crate) fn quota_write(
+        &self,
+        q: &Quota,
+        fd: BorrowedFd<'_>,
+        off: u64,
+        data: &[u8],
+    ) -> Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let before = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
+        let bs = block_size(&before);
+        let mut len = data.len() as u64;
+        let mut est = estimate(&before, off, len, bs);
+        if q.reserve_bytes(est).is_err() {
+            let avail = q.available_bytes();
+            let holes = new_blocks(fd, &before, off, len, bs)?;
+            let (fit, need) = fitting(&holes, off, len, bs, avail);
+            if fit == 0 {
+                return Err(Error::new(q.errno(), "quota: block limit"));
+            }
+            len = fit;
+            est = need;
+            q.reserve_bytes(est)
+                .map_err(|e| Error::new(e, "quota: block limit"))?;
+        }
+        let r = Reservation {
+            q: Some(q),
+            bytes: est as i64,
+            inodes: 0,
+        };
+        let res = super::file::pwrite_all(fd, &data[..len as usize], off);
+        let after = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
+        r.settle(alloc(&after) - alloc(&before), 0);
+        res
+    }
+
+    /// Reserve for an fallocate of [off, off+len) on `fd`, run it, settle.
+    pub(crate) fn quota_fallocate(
+        &self,
+        q: &Quota,
+        fd: BorrowedFd<'_>,
+        off: u64,
+        len: u64,
+        run: &dyn Fn() -> Result<()>,
+        allocates: bool,
+    ) -> Result<()> {
+        let before = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
+        let need = if allocates {
+            let bs = block_size(&before);
+            let holes = new_blocks(fd, &before, off, len, bs)?;
+            holes.iter().filter(|&&h| h).count() as u64 * bs
+        } else {
+            0
+        };
+        q.reserve_bytes(need)
+            .map_err(|e| Error::new(e, "quota: block limit"))?;
+        let r = Reservation {
+            q: Some(q),
+            bytes: need as i64,
+            inodes: 0,
+        };
+        run()?;
+        let after = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
+        r.settle(alloc(&after) - alloc(&before), 0);
+        Ok(())
+    }
+
+    /// Run `op` on the upper object `name` in `dir` and settle the change of its allocation.
+    pub(crate) fn with_realloc<T>(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if self.quota.is_none() {
+            return op();
+        }
+        let before = crate::layer::stat_at(dir, name).ok();
+        let r = op();
+        if let (Some(b), Ok(a)) = (before, crate::layer::stat_at(dir, name)) {
+            self.account(alloc(&a) - alloc(&b), 0);
+        }
+        r
+    }
+}
+
+fn block_size(st: &FileStat) -> u64 {
+    if st.st_blksize > 0 {
+        st.st_blksize as u64
+    } else {
+        4096
+    }
+}
+
+/// Upper bound of what writing [off, off+len) can newly allocate: blocks past the allocated
+/// end for a file without holes, every touched block otherwise.
+fn estimate(st: &FileStat, off: u64, len: u64, bs: u64) -> u64 {
+    let first = off / bs;
+    let last = (off + len - 1) / bs;
+    let size = st.st_size as u64;
+    let full = alloc(st) as u64 >= size.div_ceil(bs) * bs;
+    let alloc_end = size.div_ceil(bs);
+    let newblocks = if full {
+        (last + 1).saturating_sub(first.max(alloc_end))
+    } else {
+        last - first + 1
+    };
+    newblocks * bs
+}
+
+/// For each block touched by [off, off+len): is it unallocated now (hole or past EOF)?
+fn new_blocks(fd: BorrowedFd<'_>, st: &FileStat, off: u64, len: u64, bs: u64) -> Result<Vec<bool>> {
+    let first = off / bs;
+    let last = (off + len - 1) / bs;
+    let size = st.st_size as u64;
+    let mut out = vec![true; (last - first + 1) as usize];
+    // Walk the data extents that intersect the range.
+    let start = first * bs;
+    let end = ((last + 1) * bs).min(size);
+    let mut pos = start;
+    while pos < end {
+        let data = match nix::unistd::lseek(fd.as_fd(), pos as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(Errno::ENXIO) => break,
+            Err(Errno::EINVAL) => {
+                // No SEEK_DATA: assume everything before EOF is allocated.
+                for (i, b) in out.iter_mut().enumerate() {
+                    if (first + i as u64) * bs < size {
+                        *b = false;
+                    }
+                }
+                break;
+            }
+            Err(e) => return Err(Error::new(e, "seek data")),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match nix::unistd::lseek(fd.as_fd(), data as i64, nix::unistd::Whence::SeekHole)
+        {
+            Ok(h) => (h as u64).min(end),
+            Err(_) => end,
+        };
+        for b in (data / bs)..=((hole - 1) / bs) {
+            if b >= first && b <= last {
+                out[(b - first) as usize] = false;
+            }
+        }
+        pos = hole.max(data + 1);
+    }
+    Ok(out)
+}
+
+/// The longest prefix of [off, off+len) whose new blocks fit in `avail` bytes, and what those
+/// blocks cost.
+fn fitting(holes: &[bool], off: u64, len: u64, bs: u64, avail: u64) -> (u64, u64) {
+    let first = off / bs;
+    let mut need = 0u64;
+    for (i, &is_new) in holes.iter().enumerate() {
+        if is_new {
+            if need + bs > avail {
+                let block_start = (first + i as u64) * bs;
+                let fit = block_start.saturating_sub(off).min(len);
+                return (fit, need);
+            }
+            need += bs;
+        }
+    }
+    (len, need)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitting_prefix() {
+        // Three new blocks, room for two: the write stops at the third block's start.
+        assert_eq!(
+            fitting(&[true, true, true], 100, 10_000, 4096, 8192),
+            (8092, 8192)
+        );
+        // Allocated blocks cost nothing.
+        assert_eq!(fitting(&[false, true], 0, 8192, 4096, 4096), (8192, 4096));
+        // Nothing fits.
+        assert_eq!(fitting(&[true], 0, 10, 4096, 100), (0, 0));
+    }
+
+    #[test]
+    fn estimates() {
+        // SAFETY: FileStat is plain old data.
+        let mut st: FileStat = unsafe { std::mem::zeroed() };
+        st.st_size = 8192;
+        st.st_blocks = 16; // fully allocated 8 KiB
+        assert_eq!(estimate(&st, 0, 4096, 4096), 0); // overwrite
+        assert_eq!(estimate(&st, 8192, 1, 4096), 4096); // append a byte
+        assert_eq!(estimate(&st, 4000, 8000, 4096), 4096);
+        st.st_blocks = 0; // sparse: every touched block may be new
+        assert_eq!(estimate(&st, 0, 4096, 4096), 4096);
+    }
+}
