@@ -77,5 +77,89 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(core, benches);
+/// The quota's hot path: a 4 KiB append through the union with and without a quota, and the
+/// bare reserve + settle of the counters.
+fn quota_benches(c: &mut Criterion) {
+    use unionfs_rs::quota::{Limits, Quota};
+    use unionfs_rs::union::Caller;
+    use unionfs_rs::union::charge::QuotaConfig;
+    use unionfs_rs::union::dir::NewKind;
+
+    let q = Quota::new(
+        Limits {
+            bhard: u64::MAX / 2,
+            ..Limits::default()
+        },
+        0,
+        0,
+        (None, None),
+        nix::errno::Errno::ENOSPC,
+        None,
+    );
+    c.bench_function("quota_reserve_settle", |b| {
+        b.iter(|| {
+            q.reserve_bytes(4096).expect("reserve");
+            q.adjust_bytes(-4096);
+        })
+    });
+
+    let mut g = c.benchmark_group("write_4k_append");
+    for with_quota in [false, true] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        for d in ["l", "u", "w"] {
+            fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        let u = Union::new(&Options {
+            lowers: vec![root.join("l")],
+            upper: Some(root.join("u")),
+            workdir: Some(root.join("w")),
+            quota: with_quota.then(|| QuotaConfig {
+                limits: Some(Limits {
+                    bhard: 1 << 40,
+                    ..Limits::default()
+                }),
+                edquot: false,
+            }),
+            ..Options::default()
+        })
+        .expect("union");
+        let who = Caller { uid: 0, gid: 0 };
+        let (a, fd) = u
+            .create_node(
+                ROOT_INO,
+                OsStr::new("f"),
+                NewKind::File {
+                    flags: libc::O_WRONLY,
+                },
+                0o644,
+                who,
+            )
+            .expect("create");
+        let fh = u.add_handle(a.ino, fd.expect("fd"), true, true);
+        let buf = vec![7u8; 4096];
+        let mut off = 0u64;
+        let name = if with_quota { "quota" } else { "no_quota" };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                if off >= 256 << 20 {
+                    u.setattr(
+                        a.ino,
+                        &unionfs_rs::union::file::SetAttr {
+                            size: Some(0),
+                            ..Default::default()
+                        },
+                    )
+                    .expect("truncate");
+                    off = 0;
+                }
+                let n = u.write(fh, off, &buf).expect("write");
+                off += n as u64;
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(core, benches, quota_benches);
 criterion_main!(core);

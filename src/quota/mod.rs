@@ -290,6 +290,12 @@ impl Quota {
     /// Start or clear grace timers as usage crosses soft limits.
     fn update_timers(&self) {
         let l = self.limits();
+        if l.bsoft == 0 && l.isoft == 0 {
+            let t = self.timers.lock();
+            if t.0.is_none() && t.1.is_none() {
+                return;
+            }
+        }
         let (b, i) = self.usage();
         let t_now = self.now();
         let mut guard = self.timers.lock();

@@ -237,17 +237,25 @@ impl Union {
         fd: BorrowedFd<'_>,
         off: u64,
         data: &[u8],
+        known: &mut Option<(i64, i64)>,
     ) -> Result<usize> {
         if data.is_empty() {
             return Ok(0);
         }
-        let before = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
-        let bs = block_size(&before);
+        // The allocation and size as left by our last write (all size-changing I/O of the
+        // node runs under the lock that guards `known`), else a fresh fstat.
+        let (alloc_before, size_before, bs) = match *known {
+            Some((a, sz)) => (a, sz, 4096),
+            None => {
+                let st = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
+                (alloc(&st), st.st_size, block_size(&st))
+            }
+        };
         let mut len = data.len() as u64;
-        let mut est = estimate(&before, off, len, bs);
+        let mut est = estimate(alloc_before, size_before, off, len, bs);
         if q.reserve_bytes(est).is_err() {
             let avail = q.available_bytes();
-            let holes = new_blocks(fd, &before, off, len, bs)?;
+            let holes = new_blocks(fd, size_before as u64, off, len, bs)?;
             let (fit, need) = fitting(&holes, off, len, bs, avail);
             if fit == 0 {
                 return Err(Error::new(q.errno(), "quota: block limit"));
@@ -263,8 +271,15 @@ impl Union {
             inodes: 0,
         };
         let res = super::file::pwrite_all(fd, &data[..len as usize], off);
-        let after = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
-        r.settle(alloc(&after) - alloc(&before), 0);
+        let after = match nix::sys::stat::fstat(fd) {
+            Ok(st) => st,
+            Err(e) => {
+                *known = None;
+                return Err(Error::new(e, "fstat"));
+            }
+        };
+        r.settle(alloc(&after) - alloc_before, 0);
+        *known = Some((alloc(&after), after.st_size));
         res
     }
 
@@ -281,7 +296,7 @@ impl Union {
         let before = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
         let need = if allocates {
             let bs = block_size(&before);
-            let holes = new_blocks(fd, &before, off, len, bs)?;
+            let holes = new_blocks(fd, before.st_size as u64, off, len, bs)?;
             holes.iter().filter(|&&h| h).count() as u64 * bs
         } else {
             0
@@ -328,11 +343,11 @@ fn block_size(st: &FileStat) -> u64 {
 
 /// Upper bound of what writing [off, off+len) can newly allocate: blocks past the allocated
 /// end for a file without holes, every touched block otherwise.
-fn estimate(st: &FileStat, off: u64, len: u64, bs: u64) -> u64 {
+fn estimate(alloc_bytes: i64, size: i64, off: u64, len: u64, bs: u64) -> u64 {
     let first = off / bs;
     let last = (off + len - 1) / bs;
-    let size = st.st_size as u64;
-    let full = alloc(st) as u64 >= size.div_ceil(bs) * bs;
+    let size = size.max(0) as u64;
+    let full = alloc_bytes.max(0) as u64 >= size.div_ceil(bs) * bs;
     let alloc_end = size.div_ceil(bs);
     let newblocks = if full {
         (last + 1).saturating_sub(first.max(alloc_end))
@@ -343,10 +358,9 @@ fn estimate(st: &FileStat, off: u64, len: u64, bs: u64) -> u64 {
 }
 
 /// For each block touched by [off, off+len): is it unallocated now (hole or past EOF)?
-fn new_blocks(fd: BorrowedFd<'_>, st: &FileStat, off: u64, len: u64, bs: u64) -> Result<Vec<bool>> {
+fn new_blocks(fd: BorrowedFd<'_>, size: u64, off: u64, len: u64, bs: u64) -> Result<Vec<bool>> {
     let first = off / bs;
     let last = (off + len - 1) / bs;
-    let size = st.st_size as u64;
     let mut out = vec![true; (last - first + 1) as usize];
     // Walk the data extents that intersect the range.
     let start = first * bs;
@@ -422,14 +436,11 @@ mod tests {
 
     #[test]
     fn estimates() {
-        // SAFETY: FileStat is plain old data.
-        let mut st: FileStat = unsafe { std::mem::zeroed() };
-        st.st_size = 8192;
-        st.st_blocks = 16; // fully allocated 8 KiB
-        assert_eq!(estimate(&st, 0, 4096, 4096), 0); // overwrite
-        assert_eq!(estimate(&st, 8192, 1, 4096), 4096); // append a byte
-        assert_eq!(estimate(&st, 4000, 8000, 4096), 4096);
-        st.st_blocks = 0; // sparse: every touched block may be new
-        assert_eq!(estimate(&st, 0, 4096, 4096), 4096);
+        // A fully allocated 8 KiB file.
+        assert_eq!(estimate(8192, 8192, 0, 4096, 4096), 0); // overwrite
+        assert_eq!(estimate(8192, 8192, 8192, 1, 4096), 4096); // append a byte
+        assert_eq!(estimate(8192, 8192, 4000, 8000, 4096), 4096);
+        // Sparse: every touched block may be new.
+        assert_eq!(estimate(0, 8192, 0, 4096, 4096), 4096);
     }
 }

@@ -201,8 +201,8 @@ impl Union {
             Some(q) if f.in_upper => {
                 // One writer at a time per inode keeps the before/after accounting exact.
                 let node = self.node(f.ino)?;
-                let _g = node.io_lock.lock();
-                self.quota_write(q, f.fd.as_fd(), off, data)
+                let mut known = node.io_lock.lock();
+                self.quota_write(q, f.fd.as_fd(), off, data, &mut known)
             }
             _ => pwrite_all(f.fd.as_fd(), data, off),
         }
@@ -248,7 +248,8 @@ impl Union {
         match &self.quota {
             Some(q) if f.in_upper && len > 0 => {
                 let node = self.node(f.ino)?;
-                let _g = node.io_lock.lock();
+                let mut known = node.io_lock.lock();
+                *known = None;
                 let frees = libc::FALLOC_FL_PUNCH_HOLE
                     | libc::FALLOC_FL_COLLAPSE_RANGE
                     | libc::FALLOC_FL_ZERO_RANGE;
@@ -311,7 +312,8 @@ impl Union {
             let via =
                 a.fh.and_then(|fh| self.handle(fh).ok())
                     .filter(|f| f.writable);
-            let _g = node.io_lock.lock();
+            let mut known = node.io_lock.lock();
+            *known = None;
             let before = self.stat_if_quota_at(dir.as_fd(), &name);
             match via {
                 Some(f) => nix::unistd::ftruncate(f.fd.as_fd(), size as i64).ctx("ftruncate")?,

@@ -85,8 +85,9 @@ pub struct Node {
     pub st: Mutex<NodeState>,
     /// Serialises copy-up of this node.
     pub copy_lock: Mutex<()>,
-    /// Serialises size-changing I/O when a quota needs exact before/after accounting.
-    pub io_lock: Mutex<()>,
+    /// Serialises size-changing I/O when a quota needs exact before/after accounting, and
+    /// holds the upper file's (allocation, size) as last seen, saving an fstat per write.
+    pub io_lock: Mutex<Option<(i64, i64)>>,
 }
 
 impl Node {
@@ -98,7 +99,7 @@ impl Node {
             nlookup: AtomicU64::new(0),
             st: Mutex::new(st),
             copy_lock: Mutex::new(()),
-            io_lock: Mutex::new(()),
+            io_lock: Mutex::new(None),
         }
     }
 
