@@ -98,6 +98,13 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             }
         }
     };
+    // Directory fds are cached per node: allow as many open files as the system lets us.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     // Modes arrive from the kernel with the caller's umask applied; ours must not apply again.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Signals are taken by a dedicated thread: block them before any thread starts.

@@ -163,12 +163,31 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             Err(e) => fail(e),
         };
     }
+    if args.len() <= 1 {
+        return fail("missing command: mount, umount or quota (see unionfs-rs --help)");
+    }
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
             let _ = e.print();
-            return code;
+            return 0;
+        }
+        Err(e) => {
+            // One clear line instead of clap's multi-line usage block.
+            let text = e.to_string();
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or("invalid arguments");
+            let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            if msg.ends_with(':') {
+                // "required arguments were not provided:" lists them on the next lines.
+                let more: Vec<&str> = lines
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                msg = format!("{msg} {}", more.join(" "));
+            }
+            return fail(format!("{msg} (see unionfs-rs --help)"));
         }
     };
     match cli.cmd {

@@ -36,22 +36,24 @@ impl Union {
             return Err(Error::new(Errno::ENOENT, "copy-up of removed file"));
         }
         let src_layer = st.top();
-        let (pp, name) = self.parent_path(node)?;
-        let src_dir = self
-            .layer(src_layer)
-            .open_dir(&pp)
-            .ctx("copy-up: open lower dir")?;
-        let dst_dir = self
-            .upper_layer()?
-            .open_dir(&pp)
-            .ctx("copy-up: open upper dir")?;
+        let (src_dir, name) = self.open_parent_in(node, src_layer)?;
+        let (dst_dir, _) = self.open_parent_in(node, LayerRef::Upper)?;
         let fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
         // Charged in full before it starts: a copy-up that does not fit fails cleanly.
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
-        let pbefore = self.stat_if_quota(dst_dir.as_fd());
+        let pstat = nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?;
         let new = self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)?;
+        // A copy-up is no change of the parent the user could see: restore its times, as the
+        // kernel does (best effort).
+        let _ = nix::sys::stat::futimens(
+            dst_dir.as_fd(),
+            &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
+            &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
+        );
         res.settle(super::charge::alloc(&new), 1);
-        self.account_dir_growth(dst_dir.as_fd(), pbefore.as_ref());
+        if self.quota.is_some() {
+            self.account_dir_growth(dst_dir.as_fd(), Some(&pstat));
+        }
         if src_layer != LayerRef::Upper {
             self.inomap.set(new.st_ino, node.ino);
         }

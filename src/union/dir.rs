@@ -41,10 +41,9 @@ impl Union {
         name: &OsStr,
         is_dir: bool,
         build: &dyn Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
-    ) -> Result<(OwnedFd, Option<OwnedFd>, bool)> {
+    ) -> Result<(Arc<OwnedFd>, Option<OwnedFd>, bool)> {
         self.copy_up(parent)?;
-        let ppath = self.path_of(parent)?;
-        let dir = self.upper_layer()?.open_dir(&ppath).ctx("open upper dir")?;
+        let dir = self.dir_fd(parent, LayerRef::Upper).ctx("open upper dir")?;
         let pbefore = self.stat_if_quota(dir.as_fd());
         let over_whiteout = match layer::stat_at(dir.as_fd(), name) {
             Ok(st) if is_whiteout_stat(&st) => true,
@@ -216,6 +215,7 @@ impl Union {
         let (node, created) = self.nodes.insert_or_get(Node::new(ino, kind, st.clone()));
         if !created {
             *node.st.lock() = st;
+            node.reset_dirfds();
         }
         node
     }
@@ -253,8 +253,7 @@ impl Union {
         self.copy_up(p)?;
         let cst = child.state();
         let wh = self.lower_positive(p, name)?;
-        let ppath = self.path_of(p)?;
-        let dir = self.upper_layer()?.open_dir(&ppath).ctx("open upper dir")?;
+        let dir = self.dir_fd(p, LayerRef::Upper).ctx("open upper dir")?;
         let work = self.work_fd()?;
         let still_open = self.quota.is_some() && self.upper_handle_of(child.ino, None).is_some();
         if cst.upper {
@@ -416,9 +415,8 @@ impl Union {
             self.copy_up(d)?;
         }
         let old_wh = !exchange && self.lower_positive(&p, name)?;
-        let up = self.upper_layer()?;
-        let sdir = up.open_dir(&self.path_of(&p)?).ctx("open upper dir")?;
-        let ddir = up.open_dir(&self.path_of(&np)?).ctx("open upper dir")?;
+        let sdir = self.dir_fd(&p, LayerRef::Upper).ctx("open upper dir")?;
+        let ddir = self.dir_fd(&np, LayerRef::Upper).ctx("open upper dir")?;
         let np_merge = !np.state().lowers.is_empty();
         if src.is_dir() && !exchange && !sst.opaque && np_merge {
             // Kernel: a directory moved into a merged directory is marked opaque.

@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,6 +89,9 @@ pub struct Node {
     /// Serialises size-changing I/O when a quota needs exact before/after accounting, and
     /// holds the upper file's (allocation, size) as last seen, saving an fstat per write.
     pub io_lock: Mutex<Option<(i64, i64)>>,
+    /// Directories: open fds of this directory in each layer, opened once beneath the layer
+    /// root and then used for every lookup, create and readdir in it (they follow renames).
+    pub dirfds: Mutex<Vec<(LayerRef, Arc<OwnedFd>)>>,
 }
 
 impl Node {
@@ -100,12 +104,18 @@ impl Node {
             st: Mutex::new(st),
             copy_lock: Mutex::new(()),
             io_lock: Mutex::new(None),
+            dirfds: Mutex::new(Vec::new()),
         }
     }
 
     /// Is this a directory?
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
+    }
+
+    /// Forget cached directory fds (the node now names another directory, or none).
+    pub fn reset_dirfds(&self) {
+        self.dirfds.lock().clear();
     }
 
     /// A copy of the current state.

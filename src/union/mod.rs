@@ -355,19 +355,42 @@ impl Union {
         Ok(comps)
     }
 
-    /// Split a node path into (parent components, own name).
-    pub(crate) fn parent_path(&self, node: &Node) -> Result<(Vec<OsString>, OsString)> {
-        let mut p = self.path_of(node)?;
-        let name = p.pop().unwrap_or_default();
-        Ok((p, name))
+    /// The directory `node` in layer `r`, opened beneath the layer root on first use and cached
+    /// in the node.
+    pub(crate) fn dir_fd(
+        &self,
+        node: &Node,
+        r: LayerRef,
+    ) -> std::result::Result<Arc<OwnedFd>, Errno> {
+        if let Some((_, fd)) = node.dirfds.lock().iter().find(|(l, _)| *l == r) {
+            return Ok(fd.clone());
+        }
+        let path = self.path_of(node).map_err(|e| e.errno)?;
+        let fd = Arc::new(self.layer(r).open_dir(&path)?);
+        let mut c = node.dirfds.lock();
+        if let Some((_, f)) = c.iter().find(|(l, _)| *l == r) {
+            return Ok(f.clone());
+        }
+        c.push((r, fd.clone()));
+        Ok(fd)
     }
 
-    /// Open the directory holding `node` in layer `r`, returning it with the node's name there
-    /// (for the root: the root dir itself and an empty name).
-    pub(crate) fn open_parent_in(&self, node: &Node, r: LayerRef) -> Result<(OwnedFd, OsString)> {
-        let (pp, name) = self.parent_path(node)?;
-        let fd = self.layer(r).open_dir(&pp).ctx("open parent dir")?;
-        Ok((fd, name))
+    /// The directory holding `node` in layer `r`, with the node's name there (for the root:
+    /// the root dir itself and an empty name).
+    pub(crate) fn open_parent_in(
+        &self,
+        node: &Node,
+        r: LayerRef,
+    ) -> Result<(Arc<OwnedFd>, OsString)> {
+        let (parent, name) = {
+            let st = node.st.lock();
+            (st.parent, st.name.clone())
+        };
+        if parent == 0 {
+            return Ok((self.dir_fd(node, r).ctx("open root dir")?, OsString::new()));
+        }
+        let p = self.node(parent)?;
+        Ok((self.dir_fd(&p, r).ctx("open parent dir")?, name))
     }
 
     /// Fresh attributes of a node from its top layer (through an open handle `fh` if the

@@ -40,11 +40,9 @@ impl Union {
             return Err(Error::new(Errno::ENAMETOOLONG, "lookup"));
         }
         let pst = parent.state();
-        let ppath = self.path_of(parent)?;
         let mut found: Option<Found> = None;
         if pst.upper {
-            let u = self.upper_layer()?;
-            let dir = match u.open_dir(&ppath) {
+            let dir = match self.dir_fd(parent, LayerRef::Upper) {
                 Ok(d) => Some(d),
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => None,
                 Err(e) => return Err(Error::new(e, "open upper dir")),
@@ -78,8 +76,7 @@ impl Union {
             }
         }
         for &li in &pst.lowers {
-            let l = &self.lowers[li];
-            let dir = match l.open_dir(&ppath) {
+            let dir = match self.dir_fd(parent, LayerRef::Lower(li)) {
                 Ok(d) => d,
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
                 Err(e) => return Err(Error::new(e, "open lower dir")),
@@ -170,10 +167,8 @@ impl Union {
         if pst.lowers.is_empty() {
             return Ok(false);
         }
-        let ppath = self.path_of(parent)?;
         for &li in &pst.lowers {
-            let l = &self.lowers[li];
-            let dir = match l.open_dir(&ppath) {
+            let dir = match self.dir_fd(parent, LayerRef::Lower(li)) {
                 Ok(d) => d,
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
                 Err(e) => return Err(Error::new(e, "open lower dir")),
@@ -225,6 +220,7 @@ impl Union {
             let mut st = node.st.lock();
             if st.unlinked {
                 *st = fresh.clone();
+                node.reset_dirfds();
             } else {
                 // Refresh from disk: the layers are the truth.
                 st.upper = fresh.upper;
@@ -295,6 +291,9 @@ pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
             st.name = n;
         } else {
             st.unlinked = true;
+            drop(st);
+            node.reset_dirfds();
+            return;
         }
     } else {
         st.aliases

@@ -52,12 +52,10 @@ impl Union {
     /// The merged entries of a directory node, without `.` and `..`.
     pub(crate) fn merged_entries(&self, node: &Node) -> Result<Vec<DirEntry>> {
         let st = node.state();
-        let path = self.path_of(node)?;
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut out = Vec::new();
         for r in st.dir_layers() {
-            let l = self.layer(r);
-            let fd = match l.open_dir(&path) {
+            let fd = match self.dir_fd(node, r) {
                 Ok(fd) => fd,
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) if r != LayerRef::Upper => continue,
                 Err(e) => return Err(Error::new(e, "readdir: open")),
@@ -69,8 +67,16 @@ impl Union {
                     .opaque_mark(fd.as_fd(), OsStr::new(""))
                     .ctx("readdir: xattr")?
                     == Some(b'x');
-            let dup = nix::unistd::dup(fd.as_fd()).ctx("readdir: dup")?;
-            let mut d = Dir::from_fd(dup).ctx("readdir: fdopendir")?;
+            // A new open file description: the cached fd's offset is shared by everyone.
+            let mut d = Dir::openat(
+                fd.as_fd(),
+                ".",
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .ctx("readdir: open")?;
             for e in d.iter() {
                 let e = e.ctx("readdir")?;
                 let b = e.file_name().to_bytes();
@@ -186,8 +192,7 @@ impl Union {
         if !st.upper {
             return Ok(());
         }
-        let path = self.path_of(&node)?;
-        let fd = self.upper_layer()?.open_dir(&path).ctx("fsyncdir: open")?;
+        let fd = self.dir_fd(&node, LayerRef::Upper).ctx("fsyncdir: open")?;
         nix::unistd::fsync(fd.as_fd()).ctx("fsyncdir")
     }
 }
