@@ -293,7 +293,6 @@ pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
             st.unlinked = true;
             drop(st);
             node.reset_dirfds();
-            return;
         }
     } else {
         st.aliases
