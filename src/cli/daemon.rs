@@ -166,7 +166,12 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     cfg.acl = SessionACL::All;
     cfg.n_threads = Some(c.spec.threads.unwrap_or(4).max(1));
     cfg.clone_fd = true;
-    let fs = UnionFs::new(union.clone());
+    let ttl = c
+        .spec
+        .ttl
+        .map(std::time::Duration::from_secs_f64)
+        .unwrap_or(crate::fuse::DEFAULT_TTL);
+    let fs = UnionFs::new(union.clone(), ttl);
     let session = match own_mount(c, &mo) {
         Ok(fd) => Session::from_fd(fs, fd, SessionACL::All, cfg),
         // Not allowed to mount(2) here (rootless outside a user namespace): fusermount3.

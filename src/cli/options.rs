@@ -31,6 +31,8 @@ pub struct MountSpec {
     pub kernel_flags: Vec<String>,
     /// FUSE worker threads.
     pub threads: Option<usize>,
+    /// Kernel entry/attribute cache lifetime in seconds.
+    pub ttl: Option<f64>,
     /// Debug logging.
     pub debug: bool,
     /// Options we accepted but ignore, or did not know (warned).
@@ -180,6 +182,15 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 )
             }
             "debug" => spec.debug = true,
+            "ttl" => {
+                let t: f64 = need(v)?
+                    .parse()
+                    .map_err(|_| format!("ttl: not a number of seconds: {}", v.unwrap_or("")))?;
+                if !(0.0..=86400.0).contains(&t) {
+                    return Err(format!("ttl: {t} is outside 0..86400 seconds"));
+                }
+                spec.ttl = Some(t);
+            }
             "nodev" | "nosuid" | "noexec" | "noatime" | "dev" | "suid" | "exec" | "atime"
             | "sync" | "async" | "dirsync" => spec.kernel_flags.push(k.to_string()),
             // Always on, or meaningless for us: accept silently.

@@ -8,28 +8,33 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::union::dir::NewKind;
 use crate::union::file::{SetAttr, SetTime};
 use crate::union::{Attr, Caller, Error, Union};
 
-/// Kernel cache lifetimes for entries and attributes. Every change to the layers goes through
-/// this daemon, and the kernel updates its cache from our replies, so a second is safe.
-const TTL: Duration = Duration::from_secs(1);
+/// Kernel cache lifetime for entries and attributes. Safe to make long: every change to the
+/// layers goes through this daemon, the kernel updates its cache from our replies (setattr,
+/// create, link, write) and invalidates what an operation may change (the parent's attributes
+/// after create/unlink/rename, the inode after link/unlink, the size after write); st_ino and
+/// the visible attributes are unchanged by copy-up, and copy-up restores the parent's times.
+/// Changing the layers behind a live mount is unsupported, as with kernel overlayfs.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
 /// fuser glue around a [`Union`].
 #[derive(Debug)]
 pub struct UnionFs {
     u: Arc<Union>,
+    ttl: Duration,
 }
 
 impl UnionFs {
-    /// Wrap a union.
-    pub fn new(u: Arc<Union>) -> UnionFs {
-        UnionFs { u }
+    /// Wrap a union; `ttl` is the kernel's entry and attribute cache lifetime.
+    pub fn new(u: Arc<Union>, ttl: Duration) -> UnionFs {
+        UnionFs { u, ttl }
     }
 }
 
@@ -106,7 +111,7 @@ fn caller(req: &Request) -> Caller {
 impl UnionFs {
     fn entry(&self, r: crate::union::Result<Attr>, reply: ReplyEntry) {
         match r {
-            Ok(a) => reply.entry(&TTL, &fattr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &fattr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -115,7 +120,12 @@ impl UnionFs {
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_CACHE_SYMLINKS,
+        );
         Ok(())
     }
 
@@ -133,7 +143,7 @@ impl Filesystem for UnionFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.u.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&TTL, &fattr(&a)),
+            Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -166,7 +176,7 @@ impl Filesystem for UnionFs {
             fh: fh.map(|f| f.0),
         };
         match self.u.setattr(ino.0, &a) {
-            Ok(a) => reply.attr(&TTL, &fattr(&a)),
+            Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -275,8 +285,9 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel's page cache stays valid across opens: all writes come through us.
         match self.u.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -381,6 +392,61 @@ impl Filesystem for UnionFs {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.u.readdir(fh.0, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let dot = e.name == "." || e.name == "..";
+            // Each real entry is a lookup (one kernel reference); "." and ".." are ignored by
+            // the kernel and take none.
+            let attr = if dot {
+                Attr {
+                    ino: e.ino,
+                    mode: e.kind,
+                    nlink: 1,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    size: 0,
+                    blocks: 0,
+                    blksize: 4096,
+                    atime: (0, 0),
+                    mtime: (0, 0),
+                    ctime: (0, 0),
+                }
+            } else {
+                match self.u.lookup(ino.0, &e.name) {
+                    Ok(a) => a,
+                    Err(_) => continue, // gone since the listing was taken
+                }
+            };
+            let full = reply.add(
+                INodeNo(attr.ino),
+                (i + 1) as u64,
+                &e.name,
+                &self.ttl,
+                &fattr(&attr),
+                Generation(0),
+            );
+            if full {
+                if !dot {
+                    self.u.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(
@@ -493,11 +559,11 @@ impl Filesystem for UnionFs {
                 let acc = flags & libc::O_ACCMODE;
                 let fh = self.u.add_handle(a.ino, fd, acc != libc::O_RDONLY, true);
                 reply.created(
-                    &TTL,
+                    &self.ttl,
                     &fattr(&a),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    FopenFlags::FOPEN_KEEP_CACHE,
                 )
             }
             Ok((_, None)) => reply.error(Errno::EIO),
