@@ -33,6 +33,12 @@ pub struct MountSpec {
     pub threads: Option<usize>,
     /// Kernel entry/attribute cache lifetime in seconds.
     pub ttl: Option<f64>,
+    /// uid mapping (`uidmapping=`, `squash_to_uid=`).
+    pub uid_map: crate::union::idmap::IdMap,
+    /// gid mapping (`gidmapping=`, `squash_to_gid=`).
+    pub gid_map: crate::union::idmap::IdMap,
+    /// No syncs.
+    pub volatile: bool,
     /// Debug logging.
     pub debug: bool,
     /// Options we accepted but ignore, or did not know (warned).
@@ -182,6 +188,35 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 )
             }
             "debug" => spec.debug = true,
+            "volatile" => spec.volatile = true,
+            "uidmapping" => {
+                let squash = spec.uid_map.squash;
+                spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
+                spec.uid_map.squash = squash;
+            }
+            "gidmapping" => {
+                let squash = spec.gid_map.squash;
+                spec.gid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
+                spec.gid_map.squash = squash;
+            }
+            "squash_to_uid" => {
+                spec.uid_map.squash = Some(
+                    need(v)?
+                        .parse()
+                        .map_err(|_| format!("squash_to_uid: not an id: {}", v.unwrap_or("")))?,
+                )
+            }
+            "squash_to_gid" => {
+                spec.gid_map.squash = Some(
+                    need(v)?
+                        .parse()
+                        .map_err(|_| format!("squash_to_gid: not an id: {}", v.unwrap_or("")))?,
+                )
+            }
+            "squash_to_root" => {
+                spec.uid_map.squash = Some(0);
+                spec.gid_map.squash = Some(0);
+            }
             "ttl" => {
                 let t: f64 = need(v)?
                     .parse()
@@ -209,7 +244,6 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             | "relatime"
             | "strictatime"
             | "lazytime"
-            | "volatile"
             | "redirect_dir"
             | "index"
             | "xino"

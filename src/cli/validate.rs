@@ -181,6 +181,9 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         userxattr: spec.userxattr,
         aufs_whiteouts: spec.aufs_whiteouts,
         quota: spec.quota.clone(),
+        uid_map: spec.uid_map.clone(),
+        gid_map: spec.gid_map.clone(),
+        volatile: spec.volatile,
     };
     Ok(Checked {
         opts,

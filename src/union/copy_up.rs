@@ -105,7 +105,9 @@ impl Union {
                     )
                     .ctx("copy-up: create")?;
                     copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64)?;
-                    nix::unistd::fsync(dst.as_fd()).ctx("copy-up: fsync")?;
+                    if !self.volatile {
+                        nix::unistd::fsync(dst.as_fd()).ctx("copy-up: fsync")?;
+                    }
                 }
                 libc::S_IFLNK => {
                     let target = nix::fcntl::readlinkat(src_dir, name).ctx("copy-up: readlink")?;

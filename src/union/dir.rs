@@ -91,6 +91,17 @@ impl Union {
 
     /// Give a new object its owner: the caller, with the group of a set-gid parent.
     fn set_owner(&self, dir: BorrowedFd<'_>, name: &OsStr, who: Caller) -> Result<()> {
+        // The caller's ids are view ids; unmapped ones own nothing on disk: the overflow id.
+        let who = Caller {
+            uid: self
+                .uid_map
+                .to_disk(who.uid)
+                .unwrap_or(super::idmap::OVERFLOW_ID),
+            gid: self
+                .gid_map
+                .to_disk(who.gid)
+                .unwrap_or(super::idmap::OVERFLOW_ID),
+        };
         let pst = nix::sys::stat::fstat(dir).ctx("stat parent")?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 {
             pst.st_gid

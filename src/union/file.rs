@@ -226,6 +226,9 @@ impl Union {
     /// fsync / fdatasync of an open file.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let f = self.handle(fh)?;
+        if self.volatile {
+            return Ok(());
+        }
         if datasync {
             nix::unistd::fdatasync(f.fd.as_fd()).ctx("fdatasync")
         } else {
@@ -285,6 +288,8 @@ impl Union {
 
     /// setattr: chown, chmod, truncate, utimens — copying up first, as the kernel does.
     pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Attr> {
+        let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
+        let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
         if node.st.lock().unlinked {
             return self.setattr_unlinked(&node, a);

@@ -6,6 +6,7 @@ pub mod charge;
 pub mod copy_up;
 pub mod dir;
 pub mod file;
+pub mod idmap;
 pub mod inode;
 pub mod namei;
 pub mod ondisk;
@@ -146,6 +147,12 @@ pub struct Options {
     pub aufs_whiteouts: bool,
     /// Project quota settings (limits recorded in the workdir apply even without them).
     pub quota: Option<charge::QuotaConfig>,
+    /// uid mapping between disk and view.
+    pub uid_map: idmap::IdMap,
+    /// gid mapping between disk and view.
+    pub gid_map: idmap::IdMap,
+    /// Skip every sync (copy-up fsync, fsync, fsyncdir), as fuse-overlayfs' `volatile`.
+    pub volatile: bool,
 }
 
 /// The identity of a caller, for ownership of new objects.
@@ -155,6 +162,26 @@ pub struct Caller {
     pub uid: u32,
     /// fsgid
     pub gid: u32,
+}
+
+impl Union {
+    /// Disk ids for view ids (EINVAL when unmapped, as chown(2)).
+    pub(crate) fn disk_ids(
+        &self,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(Option<u32>, Option<u32>)> {
+        let map = |m: &idmap::IdMap, v: Option<u32>| -> Result<Option<u32>> {
+            match v {
+                None => Ok(None),
+                Some(v) => m
+                    .to_disk(v)
+                    .map(Some)
+                    .ok_or(Error::new(Errno::EINVAL, "id not mapped")),
+            }
+        };
+        Ok((map(&self.uid_map, uid)?, map(&self.gid_map, gid)?))
+    }
 }
 
 /// A union filesystem instance.
@@ -174,6 +201,9 @@ pub struct Union {
     pub(crate) dirs: DashMap<u64, Arc<readdir::DirHandle>>,
     pub(crate) fh_seq: AtomicU64,
     pub(crate) quota: Option<Arc<crate::quota::Quota>>,
+    pub(crate) uid_map: idmap::IdMap,
+    pub(crate) gid_map: idmap::IdMap,
+    pub(crate) volatile: bool,
 }
 
 impl Union {
@@ -250,6 +280,9 @@ impl Union {
             dirs: DashMap::new(),
             fh_seq: AtomicU64::new(1),
             quota,
+            uid_map: opts.uid_map.clone(),
+            gid_map: opts.gid_map.clone(),
+            volatile: opts.volatile,
         };
         u.init_root()?;
         Ok(u)
@@ -412,6 +445,8 @@ impl Union {
     /// Merged-view attributes from the top object's stat.
     pub(crate) fn attr_for(&self, node: &Node, st: &NodeState, fs: &FileStat) -> Attr {
         let mut a = Attr::from_stat(fs, node.ino);
+        a.uid = self.uid_map.to_view(a.uid);
+        a.gid = self.gid_map.to_view(a.gid);
         if node.is_dir() && Self::is_merge_dir(st) {
             // As the kernel: counting subdirectories across layers is not worth it.
             a.nlink = 1;

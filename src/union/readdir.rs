@@ -189,7 +189,7 @@ impl Union {
     pub fn fsyncdir(&self, ino: u64) -> Result<()> {
         let node = self.node(ino)?;
         let st = node.state();
-        if !st.upper {
+        if !st.upper || self.volatile {
             return Ok(());
         }
         let fd = self.dir_fd(&node, LayerRef::Upper).ctx("fsyncdir: open")?;

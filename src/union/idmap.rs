@@ -1,0 +1,98 @@
+//! ID mapping between the files on disk and the merged view (fuse-overlayfs' `uidmapping=`,
+//! `gidmapping=`, `squash_to_uid=`, `squash_to_gid=`, as containers-storage passes them).
+//!
+//! `C:H:N` says: view (container) ids C..C+N are disk (host) ids H..H+N. Disk ids outside every
+//! range show as the overflow id 65534; view ids outside every range cannot be written (EINVAL,
+//! as chown(2) for an unmapped id). A squash id makes every object show as owned by it.
+
+/// The overflow id shown for unmapped owners.
+pub const OVERFLOW_ID: u32 = 65534;
+
+/// One direction-agnostic id map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdMap {
+    /// (view start, disk start, count)
+    pub ranges: Vec<(u32, u32, u32)>,
+    /// Show every object as owned by this id.
+    pub squash: Option<u32>,
+}
+
+impl IdMap {
+    /// Parse `[:]C:H:N[:C:H:N…]`.
+    pub fn parse(s: &str) -> Result<IdMap, String> {
+        let s = s.strip_prefix(':').unwrap_or(s);
+        let nums: Vec<u32> = s
+            .split(':')
+            .map(|x| {
+                x.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("invalid id mapping '{s}': '{x}' is not a number"))
+            })
+            .collect::<Result<_, _>>()?;
+        if nums.is_empty() || nums.len() % 3 != 0 {
+            return Err(format!(
+                "invalid id mapping '{s}': expected CONTAINER:HOST:COUNT triples"
+            ));
+        }
+        let ranges: Vec<(u32, u32, u32)> = nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect();
+        if ranges.iter().any(|r| r.2 == 0) {
+            return Err(format!("invalid id mapping '{s}': a range has count 0"));
+        }
+        Ok(IdMap {
+            ranges,
+            squash: None,
+        })
+    }
+
+    /// Is this the identity (nothing to do)?
+    pub fn is_identity(&self) -> bool {
+        self.ranges.is_empty() && self.squash.is_none()
+    }
+
+    /// The id the merged view shows for a disk id.
+    pub fn to_view(&self, disk: u32) -> u32 {
+        if let Some(s) = self.squash {
+            return s;
+        }
+        if self.ranges.is_empty() {
+            return disk;
+        }
+        for &(c, h, n) in &self.ranges {
+            if disk >= h && disk - h < n {
+                return c + (disk - h);
+            }
+        }
+        OVERFLOW_ID
+    }
+
+    /// The disk id for a view id (`None`: unmapped).
+    pub fn to_disk(&self, view: u32) -> Option<u32> {
+        if self.ranges.is_empty() {
+            return Some(view);
+        }
+        self.ranges
+            .iter()
+            .find(|&&(c, _, n)| view >= c && view - c < n)
+            .map(|&(c, h, _)| h + (view - c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_both_ways() {
+        let m = IdMap::parse(":0:1000:1:1:100000:65536").unwrap();
+        assert_eq!(m.to_view(1000), 0);
+        assert_eq!(m.to_view(100000), 1);
+        assert_eq!(m.to_view(100041), 42);
+        assert_eq!(m.to_view(5), OVERFLOW_ID);
+        assert_eq!(m.to_disk(0), Some(1000));
+        assert_eq!(m.to_disk(42), Some(100041));
+        assert_eq!(m.to_disk(70000), None);
+        assert!(IdMap::parse("1:2").is_err());
+        assert!(IdMap::parse("a:b:c").is_err());
+        assert!(IdMap::default().is_identity());
+    }
+}
