@@ -54,6 +54,7 @@ impl Union {
         if self.quota.is_some() {
             self.account_dir_growth(dst_dir.as_fd(), Some(&pstat));
         }
+        // Keep st_ino (the node id) across copy-up and remounts.
         if src_layer != LayerRef::Upper {
             self.inomap.set(new.st_ino, node.ino);
         }

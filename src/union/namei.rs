@@ -196,9 +196,16 @@ impl Union {
 
     /// Turn a lookup result into a node (existing or new) under (parent, name).
     pub(crate) fn node_for(&self, parent: u64, name: &OsStr, f: &Found) -> (Arc<Node>, Attr) {
-        let ino = self.ino_for(f.top, &f.stat);
         let kind = f.stat.st_mode & libc::S_IFMT;
         let is_dir = kind == libc::S_IFDIR;
+        let ino = if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
+            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
+            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
+            // or setattr, so each name needs its own node to copy up the right one.
+            per_name_ino(parent, name, f.stat.st_ino)
+        } else {
+            self.ino_for(f.top, &f.stat)
+        };
         let fresh = NodeState {
             parent,
             name: name.to_os_string(),
@@ -268,6 +275,21 @@ impl Union {
             .find(parent, name)?
             .map(|f| self.node_for(parent.ino, name, &f)))
     }
+}
+
+/// A stable node id for one name of a hard-linked lower file (top bit set: never a real inode
+/// number on the filesystems we serve; FNV-1a of parent, name and lower inode).
+fn per_name_ino(parent: u64, name: &OsStr, ino: u64) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    parent.to_le_bytes().into_iter().for_each(&mut eat);
+    ino.to_le_bytes().into_iter().for_each(&mut eat);
+    name.as_bytes().iter().copied().for_each(&mut eat);
+    h | (1 << 63)
 }
 
 /// `OsStr::from_bytes` under a name that reads well at call sites.
