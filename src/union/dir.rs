@@ -217,13 +217,15 @@ impl Union {
             fs.st_mode & libc::S_IFMT,
             st,
         );
-        node.nlookup.fetch_add(1, Ordering::AcqRel);
         let nst = node.state();
         Ok((self.attr_for(&node, &nst, &fs), fd))
     }
 
     fn insert_fresh(&self, ino: u64, kind: u32, st: NodeState) -> Arc<Node> {
-        let (node, created) = self.nodes.insert_or_get(Node::new(ino, kind, st.clone()));
+        // One kernel reference for the entry we are about to reply with.
+        let (node, created) = self
+            .nodes
+            .insert_or_get(Node::new(ino, kind, st.clone()), 1);
         if !created {
             *node.st.lock() = st;
             node.reset_dirfds();

@@ -136,21 +136,29 @@ impl NodeTable {
         self.map.get(&ino).map(|n| n.clone())
     }
 
-    /// Insert `node` unless a live node of the same id and type exists; returns the node in the
-    /// table. A node of another type under the same id (inode number reused) is replaced.
-    pub fn insert_or_get(&self, node: Node) -> (Arc<Node>, bool) {
+    /// Insert `node` unless a node of the same id and type exists, adding `refs` kernel
+    /// references under the table's shard lock (so a concurrent forget cannot drop the node
+    /// between finding and referencing it). Returns the node in the table and whether it is new.
+    /// A node of another type under the same id (an inode number reused while the kernel still
+    /// holds the old inode) is replaced, keeping the old reference count: the kernel will forget
+    /// those references under this id.
+    pub fn insert_or_get(&self, node: Node, refs: u64) -> (Arc<Node>, bool) {
         use dashmap::mapref::entry::Entry;
         match self.map.entry(node.ino) {
             Entry::Occupied(mut e) => {
                 if e.get().kind == node.kind {
+                    e.get().nlookup.fetch_add(refs, Ordering::AcqRel);
                     (e.get().clone(), false)
                 } else {
+                    let old = e.get().nlookup.load(Ordering::Acquire);
+                    node.nlookup.store(old + refs, Ordering::Release);
                     let n = Arc::new(node);
                     e.insert(n.clone());
                     (n, true)
                 }
             }
             Entry::Vacant(e) => {
+                node.nlookup.store(refs, Ordering::Release);
                 let n = Arc::new(node);
                 e.insert(n.clone());
                 (n, true)

@@ -311,9 +311,8 @@ impl Union {
                 }
             }
         }
-        let node = Node::new(ROOT_INO, libc::S_IFDIR, st);
-        node.nlookup.store(1, std::sync::atomic::Ordering::Relaxed);
-        self.nodes.insert_or_get(node);
+        self.nodes
+            .insert_or_get(Node::new(ROOT_INO, libc::S_IFDIR, st), 1);
         Ok(())
     }
 

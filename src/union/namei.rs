@@ -5,7 +5,6 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
 use nix::sys::stat::FileStat;
@@ -195,7 +194,13 @@ impl Union {
     }
 
     /// Turn a lookup result into a node (existing or new) under (parent, name).
-    pub(crate) fn node_for(&self, parent: u64, name: &OsStr, f: &Found) -> (Arc<Node>, Attr) {
+    pub(crate) fn node_for(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        f: &Found,
+        refs: u64,
+    ) -> (Arc<Node>, Attr) {
         let kind = f.stat.st_mode & libc::S_IFMT;
         let is_dir = kind == libc::S_IFDIR;
         let ino = if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
@@ -222,7 +227,7 @@ impl Union {
         };
         let (node, created) = self
             .nodes
-            .insert_or_get(Node::new(ino, kind, fresh.clone()));
+            .insert_or_get(Node::new(ino, kind, fresh.clone()), refs);
         if !created {
             let mut st = node.st.lock();
             if st.unlinked {
@@ -264,8 +269,7 @@ impl Union {
         let f = self
             .find(&p, name)?
             .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
-        let (node, attr) = self.node_for(parent, name, &f);
-        node.nlookup.fetch_add(1, Ordering::AcqRel);
+        let (_, attr) = self.node_for(parent, name, &f, 1);
         Ok(attr)
     }
 
@@ -273,7 +277,7 @@ impl Union {
     pub(crate) fn child(&self, parent: &Node, name: &OsStr) -> Result<Option<(Arc<Node>, Attr)>> {
         Ok(self
             .find(parent, name)?
-            .map(|f| self.node_for(parent.ino, name, &f)))
+            .map(|f| self.node_for(parent.ino, name, &f, 0)))
     }
 }
 
