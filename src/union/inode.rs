@@ -92,6 +92,9 @@ pub struct Node {
     /// Directories: open fds of this directory in each layer, opened once beneath the layer
     /// root and then used for every lookup, create and readdir in it (they follow renames).
     pub dirfds: Mutex<Vec<(LayerRef, Arc<OwnedFd>)>>,
+    /// Bumped whenever the node starts naming another directory (or none): an fd opened
+    /// under an older generation is not cached.
+    pub dirgen: AtomicU64,
 }
 
 impl Node {
@@ -105,6 +108,7 @@ impl Node {
             copy_lock: Mutex::new(()),
             io_lock: Mutex::new(None),
             dirfds: Mutex::new(Vec::new()),
+            dirgen: AtomicU64::new(0),
         }
     }
 
@@ -115,7 +119,9 @@ impl Node {
 
     /// Forget cached directory fds (the node now names another directory, or none).
     pub fn reset_dirfds(&self) {
-        self.dirfds.lock().clear();
+        let mut c = self.dirfds.lock();
+        self.dirgen.fetch_add(1, Ordering::AcqRel);
+        c.clear();
     }
 
     /// A copy of the current state.

@@ -397,9 +397,15 @@ impl Union {
         if let Some((_, fd)) = node.dirfds.lock().iter().find(|(l, _)| *l == r) {
             return Ok(fd.clone());
         }
+        let generation = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
         let path = self.path_of(node).map_err(|e| e.errno)?;
         let fd = Arc::new(self.layer(r).open_dir(&path)?);
         let mut c = node.dirfds.lock();
+        if node.dirgen.load(std::sync::atomic::Ordering::Acquire) != generation {
+            // The node was reset meanwhile: this fd may name the directory it used to be.
+            drop(c);
+            return Err(Errno::ESTALE);
+        }
         if let Some((_, f)) = c.iter().find(|(l, _)| *l == r) {
             return Ok(f.clone());
         }
