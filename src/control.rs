@@ -200,6 +200,7 @@ fn no_quota() -> String {
 
 fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
     let q: Option<&Arc<Quota>> = union.quota();
+    union.settle_allocations();
     match words.first().copied() {
         Some("quota-report") => match q {
             Some(q) if words.get(1) == Some(&"kv") => report_kv(&q.report(), q.now()),

@@ -203,6 +203,19 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
+    if union.quota().is_some() {
+        // Allocation can change after a write returned (writeback): settle it regularly.
+        let u = Arc::downgrade(&union);
+        let _ = std::thread::Builder::new()
+            .name("quota-settle".into())
+            .spawn(move || {
+                while let Some(u) = u.upgrade() {
+                    u.settle_allocations();
+                    drop(u);
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                }
+            });
+    }
     let _control = match crate::control::Control::start(&c.merged, union.clone()) {
         Ok(ctl) => Some(ctl),
         Err(e) => {

@@ -198,3 +198,63 @@ pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], mut off: i64) -> Result<us
     }
     Ok(done)
 }
+
+/// Byte ranges of `fd` that have space allocated (written, unwritten/preallocated, or delayed)
+/// and intersect [start, start + len), from FS_IOC_FIEMAP. Preallocation past EOF is included.
+pub fn allocated_ranges(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const EXTENT_LAST: u32 = 0x1;
+    const N: usize = 64;
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Extent {
+        logical: u64,
+        physical: u64,
+        length: u64,
+        reserved64: [u64; 2],
+        flags: u32,
+        reserved: [u32; 3],
+    }
+    #[repr(C)]
+    struct Fiemap {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped: u32,
+        count: u32,
+        reserved: u32,
+        extents: [Extent; N],
+    }
+    let end = start.saturating_add(len);
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: Fiemap is plain old data; all-zero is a valid request header.
+        let mut fm: Fiemap = unsafe { std::mem::zeroed() };
+        fm.start = pos;
+        fm.length = end - pos;
+        fm.count = N as u32;
+        // SAFETY: fd is live; fm is a properly sized, writable fiemap with N extent slots.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FIEMAP as _, &mut fm as *mut Fiemap) };
+        Errno::result(r)?;
+        if fm.mapped == 0 {
+            break;
+        }
+        let mut last = false;
+        for e in &fm.extents[..fm.mapped as usize] {
+            out.push((e.logical, e.logical + e.length));
+            pos = pos.max(e.logical + e.length);
+            if e.flags & EXTENT_LAST != 0 {
+                last = true;
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(out)
+}

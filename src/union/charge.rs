@@ -203,29 +203,100 @@ impl Union {
         }
     }
 
-    /// Reconcile the allocation of a directory that may have grown by one entry.
-    pub(crate) fn account_dir_growth(&self, dir: BorrowedFd<'_>, before: Option<&FileStat>) {
-        if let (Some(_), Some(b)) = (&self.quota, before)
-            && let Ok(a) = nix::sys::stat::fstat(dir)
-        {
-            self.account(alloc(&a) - alloc(b), 0);
+    /// Run a namespace operation that adds entries to the directories `dirs`: a block per
+    /// directory is reserved first (a directory may need one more block for the new entry, and
+    /// at the limit the operation is refused, as XFS refuses it), then settled with how much
+    /// the directories really grew.
+    pub(crate) fn dir_op<T>(
+        &self,
+        dirs: &[BorrowedFd<'_>],
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if self.quota.is_none() {
+            return op();
+        }
+        let before: Vec<i64> = dirs
+            .iter()
+            .map(|d| nix::sys::stat::fstat(*d).map(|s| alloc(&s)).unwrap_or(0))
+            .collect();
+        let res = self.reserve(0, 4096 * dirs.len() as u64)?;
+        let r = op();
+        let grown: i64 = dirs
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| {
+                nix::sys::stat::fstat(*d)
+                    .map(|s| alloc(&s) - b)
+                    .unwrap_or(0)
+            })
+            .sum();
+        res.settle(grown, 0);
+        r
+    }
+
+    /// Bring the allocation accounted for a node's upper file (`known`) up to date with its
+    /// current stat `st`: the filesystem may allocate after our write returned (ext4 extent
+    /// blocks at writeback), so each time we look we settle the drift. Unknown: take `st` as
+    /// what was accounted (the scan or copy-up that brought the file in counted it).
+    pub(crate) fn sync_known(&self, known: &mut Option<(i64, i64)>, st: &FileStat) {
+        if let Some((a, _)) = *known {
+            self.account(alloc(st) - a, 0);
+        }
+        *known = Some((alloc(st), st.st_size));
+    }
+
+    /// Settle the allocation drift of one node's upper file.
+    pub(crate) fn settle_node(&self, node: &super::Node) {
+        if self.quota.is_none() || node.is_dir() {
+            return;
+        }
+        let mut known = node.io_lock.lock();
+        if known.is_none() {
+            return;
+        }
+        let st = match self.upper_handle_of(node.ino, None) {
+            Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ok(),
+            None => self
+                .open_parent_in(node, super::LayerRef::Upper)
+                .ok()
+                .and_then(|(d, n)| crate::layer::stat_at(d.as_fd(), &n).ok()),
+        };
+        match st {
+            Some(st) if st.st_nlink > 0 => self.sync_known(&mut known, &st),
+            _ => {}
         }
     }
 
-    /// lstat of `name` in `dir`, only when a quota needs the before/after picture.
-    pub(crate) fn stat_if_quota_at(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &std::ffi::OsStr,
-    ) -> Option<FileStat> {
-        self.quota.as_ref()?;
-        crate::layer::stat_at(dir, name).ok()
+    /// Remember that a file's allocation may still change after a write (writeback).
+    pub(crate) fn mark_unsettled(&self, ino: u64) {
+        if self.quota.is_some() {
+            self.unsettled.insert(ino, std::time::Instant::now());
+        }
     }
 
-    /// fstat of a directory, only when a quota needs the before/after picture.
-    pub(crate) fn stat_if_quota(&self, fd: BorrowedFd<'_>) -> Option<FileStat> {
-        self.quota.as_ref()?;
-        nix::sys::stat::fstat(fd).ok()
+    /// Settle every recently written file (before reports, statfs, and every few seconds);
+    /// files written more than a minute ago are settled a last time and forgotten.
+    pub fn settle_allocations(&self) {
+        if self.quota.is_none() {
+            return;
+        }
+        let inos: Vec<(u64, std::time::Instant)> = self
+            .unsettled
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect();
+        for (ino, t) in inos {
+            match self.nodes.get(ino) {
+                Some(node) => self.settle_node(&node),
+                None => {
+                    self.unsettled.remove(&ino);
+                    continue;
+                }
+            }
+            if t.elapsed() > std::time::Duration::from_secs(60) {
+                self.unsettled.remove_if(&ino, |_, v| *v == t);
+            }
+        }
     }
 
     /// Write `data` at `off` through `fd` within the quota: reserve what the write can newly
@@ -292,8 +363,10 @@ impl Union {
         len: u64,
         run: &dyn Fn() -> Result<()>,
         allocates: bool,
+        known: &mut Option<(i64, i64)>,
     ) -> Result<()> {
         let before = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
+        self.sync_known(known, &before);
         let need = if allocates {
             let bs = block_size(&before);
             let holes = new_blocks(fd, before.st_size as u64, off, len, bs)?;
@@ -308,10 +381,11 @@ impl Union {
             bytes: need as i64,
             inodes: 0,
         };
-        run()?;
+        let ran = run();
         let after = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
         r.settle(alloc(&after) - alloc(&before), 0);
-        Ok(())
+        *known = Some((alloc(&after), after.st_size));
+        ran
     }
 
     /// Run `op` on the upper object `name` in `dir` and settle the change of its allocation.
@@ -362,7 +436,22 @@ fn new_blocks(fd: BorrowedFd<'_>, size: u64, off: u64, len: u64, bs: u64) -> Res
     let first = off / bs;
     let last = (off + len - 1) / bs;
     let mut out = vec![true; (last - first + 1) as usize];
-    // Walk the data extents that intersect the range.
+    // Exact where the filesystem tells its extents (preallocation past EOF included).
+    if let Ok(ranges) = crate::layer::sys::allocated_ranges(fd, first * bs, (last + 1 - first) * bs)
+    {
+        for (a, b) in ranges {
+            if b <= a {
+                continue;
+            }
+            for blk in (a / bs)..=((b - 1) / bs) {
+                if blk >= first && blk <= last {
+                    out[(blk - first) as usize] = false;
+                }
+            }
+        }
+        return Ok(out);
+    }
+    // Otherwise walk the data extents that intersect the range.
     let start = first * bs;
     let end = ((last + 1) * bs).min(size);
     let mut pos = start;

@@ -42,7 +42,10 @@ impl Union {
         // Charged in full before it starts: a copy-up that does not fit fails cleanly.
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
         let pstat = nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?;
-        let new = self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)?;
+        let work = self.work_fd()?;
+        let new = self.dir_op(&[work, dst_dir.as_fd()], || {
+            self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)
+        })?;
         // A copy-up is no change of the parent the user could see: restore its times, as the
         // kernel does (best effort).
         let _ = nix::sys::stat::futimens(
@@ -51,9 +54,6 @@ impl Union {
             &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
         );
         res.settle(super::charge::alloc(&new), 1);
-        if self.quota.is_some() {
-            self.account_dir_growth(dst_dir.as_fd(), Some(&pstat));
-        }
         // Keep st_ino (the node id) across copy-up and remounts.
         if src_layer != LayerRef::Upper {
             self.inomap.set(new.st_ino, node.ino);

@@ -44,7 +44,6 @@ impl Union {
     ) -> Result<(Arc<OwnedFd>, Option<OwnedFd>, bool)> {
         self.copy_up(parent)?;
         let dir = self.dir_fd(parent, LayerRef::Upper).ctx("open upper dir")?;
-        let pbefore = self.stat_if_quota(dir.as_fd());
         let over_whiteout = match layer::stat_at(dir.as_fd(), name) {
             Ok(st) if is_whiteout_stat(&st) => true,
             Ok(_) => return Err(Error::new(Errno::EEXIST, "create: exists in upper")),
@@ -52,13 +51,12 @@ impl Union {
             Err(e) => return Err(Error::new(e, "create: stat upper")),
         };
         if !over_whiteout {
-            let f = build(dir.as_fd(), name)?;
-            self.account_dir_growth(dir.as_fd(), pbefore.as_ref());
+            let f = self.dir_op(&[dir.as_fd()], || build(dir.as_fd(), name))?;
             return Ok((dir, f, false));
         }
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
-        let f = build(work, &tmp)?;
+        let f = self.dir_op(&[work], || build(work, &tmp))?;
         let res = (|| -> Result<()> {
             if is_dir {
                 self.names
@@ -83,7 +81,8 @@ impl Union {
                 Ok((dir, f, true))
             }
             Err(e) => {
-                remove_tmp(work, &tmp, is_dir);
+                let freed = remove_tmp(work, &tmp, is_dir);
+                self.account(-freed.0, -freed.1);
                 Err(e)
             }
         }
@@ -271,9 +270,14 @@ impl Union {
         let still_open = self.quota.is_some() && self.upper_handle_of(child.ino, None).is_some();
         if cst.upper {
             let before = layer::stat_at(dir.as_fd(), name).ctx("stat entry")?;
+            if self.quota.is_some() && !is_dir {
+                // Settle drift first, so what is released is what was accounted.
+                let mut known = child.io_lock.lock();
+                self.sync_known(&mut known, &before);
+            }
             if wh {
                 let tmp = self.tmp_name();
-                make_whiteout(work, &tmp).ctx("make whiteout")?;
+                self.dir_op(&[work], || make_whiteout(work, &tmp).ctx("make whiteout"))?;
                 if let Err(e) = nix::fcntl::renameat2(
                     work,
                     tmp.as_os_str(),
@@ -318,17 +322,21 @@ impl Union {
             }
         } else {
             let tmp = self.tmp_name();
-            make_whiteout(work, &tmp).ctx("make whiteout")?;
-            if let Err(e) = nix::fcntl::renameat2(
-                work,
-                tmp.as_os_str(),
-                dir.as_fd(),
-                name,
-                RenameFlags::RENAME_NOREPLACE,
-            ) {
-                let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
-                return Err(Error::new(e, "install whiteout"));
-            }
+            self.dir_op(&[work, dir.as_fd()], || {
+                make_whiteout(work, &tmp).ctx("make whiteout")?;
+                if let Err(e) = nix::fcntl::renameat2(
+                    work,
+                    tmp.as_os_str(),
+                    dir.as_fd(),
+                    name,
+                    RenameFlags::RENAME_NOREPLACE,
+                ) {
+                    let _ =
+                        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                    return Err(Error::new(e, "install whiteout"));
+                }
+                Ok(())
+            })?;
             self.account(0, 1);
         }
         Ok(())
@@ -465,6 +473,13 @@ impl Union {
             (Some(d), Some(_)) => self.upper_handle_of(d.ino, None).is_some(),
             _ => false,
         };
+        if let (Some(d), Some(t), Some(_)) = (&dst, &target, &self.quota)
+            && !d.is_dir()
+            && !is_whiteout_stat(t)
+        {
+            let mut known = d.io_lock.lock();
+            self.sync_known(&mut known, t);
+        }
         if let (Some(d), Some(t)) = (&dst, &target)
             && d.is_dir()
             && t.st_mode & libc::S_IFMT == libc::S_IFDIR
@@ -480,54 +495,58 @@ impl Union {
             let freed = remove_dir_contents(&sub);
             self.account(-freed.0, -freed.1);
         }
-        if target_is_wh && src.is_dir() {
-            // rename(2) cannot put a directory over a char device: exchange, then keep or drop
-            // the whiteout that lands at the old name.
-            nix::fcntl::renameat2(
-                sdir.as_fd(),
-                name,
-                ddir.as_fd(),
-                newname,
-                RenameFlags::RENAME_EXCHANGE,
-            )
-            .ctx("rename over whiteout")?;
-            if !old_wh {
-                nix::unistd::unlinkat(sdir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
-                    .ctx("drop whiteout")?;
-                self.account(0, -1);
-            }
-        } else if old_wh {
-            match nix::fcntl::renameat2(
-                sdir.as_fd(),
-                name,
-                ddir.as_fd(),
-                newname,
-                RenameFlags::RENAME_WHITEOUT,
-            ) {
-                Ok(()) => {}
-                Err(Errno::EINVAL) | Err(Errno::EPERM) => {
-                    nix::fcntl::renameat2(
-                        sdir.as_fd(),
-                        name,
-                        ddir.as_fd(),
-                        newname,
-                        RenameFlags::empty(),
-                    )
-                    .ctx("rename")?;
-                    make_whiteout(sdir.as_fd(), name).ctx("whiteout after rename")?;
+        // The target directory may need a block for the new name.
+        self.dir_op(&[ddir.as_fd()], || -> Result<()> {
+            if target_is_wh && src.is_dir() {
+                // rename(2) cannot put a directory over a char device: exchange, then keep or drop
+                // the whiteout that lands at the old name.
+                nix::fcntl::renameat2(
+                    sdir.as_fd(),
+                    name,
+                    ddir.as_fd(),
+                    newname,
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .ctx("rename over whiteout")?;
+                if !old_wh {
+                    nix::unistd::unlinkat(sdir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
+                        .ctx("drop whiteout")?;
+                    self.account(0, -1);
                 }
-                Err(e) => return Err(Error::new(e, "rename")),
+            } else if old_wh {
+                match nix::fcntl::renameat2(
+                    sdir.as_fd(),
+                    name,
+                    ddir.as_fd(),
+                    newname,
+                    RenameFlags::RENAME_WHITEOUT,
+                ) {
+                    Ok(()) => {}
+                    Err(Errno::EINVAL) | Err(Errno::EPERM) => {
+                        nix::fcntl::renameat2(
+                            sdir.as_fd(),
+                            name,
+                            ddir.as_fd(),
+                            newname,
+                            RenameFlags::empty(),
+                        )
+                        .ctx("rename")?;
+                        make_whiteout(sdir.as_fd(), name).ctx("whiteout after rename")?;
+                    }
+                    Err(e) => return Err(Error::new(e, "rename")),
+                }
+            } else {
+                nix::fcntl::renameat2(
+                    sdir.as_fd(),
+                    name,
+                    ddir.as_fd(),
+                    newname,
+                    RenameFlags::empty(),
+                )
+                .ctx("rename")?;
             }
-        } else {
-            nix::fcntl::renameat2(
-                sdir.as_fd(),
-                name,
-                ddir.as_fd(),
-                newname,
-                RenameFlags::empty(),
-            )
-            .ctx("rename")?;
-        }
+            Ok(())
+        })?;
         if !(target_is_wh && src.is_dir()) {
             if old_wh {
                 self.account(0, 1);

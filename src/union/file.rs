@@ -202,7 +202,10 @@ impl Union {
                 // One writer at a time per inode keeps the before/after accounting exact.
                 let node = self.node(f.ino)?;
                 let mut known = node.io_lock.lock();
-                self.quota_write(q, f.fd.as_fd(), off, data, &mut known)
+                let r = self.quota_write(q, f.fd.as_fd(), off, data, &mut known);
+                drop(known);
+                self.mark_unsettled(f.ino);
+                r
             }
             _ => pwrite_all(f.fd.as_fd(), data, off),
         }
@@ -217,9 +220,17 @@ impl Union {
             && f.in_upper
             && !self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
             && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
-            && st.st_nlink == 0
         {
-            self.account(-super::charge::alloc(&st), -1);
+            if let Some(node) = self.nodes.get(f.ino) {
+                let mut known = node.io_lock.lock();
+                self.sync_known(&mut known, &st);
+                if st.st_nlink == 0 {
+                    *known = None;
+                }
+            }
+            if st.st_nlink == 0 {
+                self.account(-super::charge::alloc(&st), -1);
+            }
         }
     }
 
@@ -229,11 +240,18 @@ impl Union {
         if self.volatile {
             return Ok(());
         }
-        if datasync {
+        let r = if datasync {
             nix::unistd::fdatasync(f.fd.as_fd()).ctx("fdatasync")
         } else {
             nix::unistd::fsync(f.fd.as_fd()).ctx("fsync")
+        };
+        // After a sync the allocation is final: settle it.
+        if let (Some(_), Some(node)) = (&self.quota, self.nodes.get(f.ino))
+            && f.in_upper
+        {
+            self.settle_node(&node);
         }
+        r
     }
 
     /// fallocate on an open file (space reserved against the quota first).
@@ -252,11 +270,15 @@ impl Union {
             Some(q) if f.in_upper && len > 0 => {
                 let node = self.node(f.ino)?;
                 let mut known = node.io_lock.lock();
-                *known = None;
                 let frees = libc::FALLOC_FL_PUNCH_HOLE
                     | libc::FALLOC_FL_COLLAPSE_RANGE
                     | libc::FALLOC_FL_ZERO_RANGE;
-                self.quota_fallocate(q, f.fd.as_fd(), off, len, &run, mode & frees == 0)
+                let allocates = mode & frees == 0;
+                let r =
+                    self.quota_fallocate(q, f.fd.as_fd(), off, len, &run, allocates, &mut known);
+                drop(known);
+                self.mark_unsettled(f.ino);
+                r
             }
             _ => run(),
         }
@@ -318,8 +340,13 @@ impl Union {
                 a.fh.and_then(|fh| self.handle(fh).ok())
                     .filter(|f| f.writable);
             let mut known = node.io_lock.lock();
-            *known = None;
-            let before = self.stat_if_quota_at(dir.as_fd(), &name);
+            let before = match &self.quota {
+                Some(_) => layer::stat_at(dir.as_fd(), &name).ok(),
+                None => None,
+            };
+            if let Some(b) = &before {
+                self.sync_known(&mut known, b);
+            }
             match via {
                 Some(f) => nix::unistd::ftruncate(f.fd.as_fd(), size as i64).ctx("ftruncate")?,
                 None => {
@@ -336,6 +363,9 @@ impl Union {
             // Growing is sparse (nothing allocated); shrinking frees blocks.
             if let (Some(b), Ok(a)) = (before, layer::stat_at(dir.as_fd(), &name)) {
                 self.account(super::charge::alloc(&a) - super::charge::alloc(&b), 0);
+                *known = Some((super::charge::alloc(&a), a.st_size));
+                drop(known);
+                self.mark_unsettled(node.ino);
             }
         }
         if a.atime.is_some() || a.mtime.is_some() {

@@ -204,6 +204,8 @@ pub struct Union {
     pub(crate) uid_map: idmap::IdMap,
     pub(crate) gid_map: idmap::IdMap,
     pub(crate) volatile: bool,
+    /// Files written recently whose allocation may still change (quota settling).
+    pub(crate) unsettled: DashMap<u64, std::time::Instant>,
 }
 
 impl Union {
@@ -283,6 +285,7 @@ impl Union {
             uid_map: opts.uid_map.clone(),
             gid_map: opts.gid_map.clone(),
             volatile: opts.volatile,
+            unsettled: DashMap::new(),
         };
         u.init_root()?;
         Ok(u)
@@ -511,6 +514,7 @@ impl Union {
     pub fn statfs(&self) -> Result<libc::statfs> {
         let l = self.upper.as_ref().unwrap_or(&self.lowers[0]);
         let mut s = layer::sys::statfs(l.root()).ctx("statfs")?;
+        self.settle_allocations();
         if let Some(q) = &self.quota {
             let (b, bf, ba, f, ff) = q.statfs(&s);
             s.f_blocks = b;
@@ -524,6 +528,7 @@ impl Union {
 
     /// Clean shutdown: record exact quota usage so the next mount need not rescan.
     pub fn shutdown(&self) {
+        self.settle_allocations();
         if let Some(q) = &self.quota {
             q.persist(true);
         }
