@@ -354,20 +354,21 @@ impl Union {
         res
     }
 
-    /// Reserve for an fallocate of [off, off+len) on `fd`, run it, settle.
+    /// fallocate(mode) of [off, off+len) on `fd`: reserve what it can newly allocate, run it,
+    /// settle with the real change.
     pub(crate) fn quota_fallocate(
         &self,
         q: &Quota,
         fd: BorrowedFd<'_>,
-        off: u64,
-        len: u64,
-        run: &dyn Fn() -> Result<()>,
-        allocates: bool,
+        (off, len, mode): (u64, u64, i32),
         known: &mut Option<(i64, i64)>,
     ) -> Result<()> {
         let before = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
         self.sync_known(known, &before);
-        let need = if allocates {
+        let frees = libc::FALLOC_FL_PUNCH_HOLE
+            | libc::FALLOC_FL_COLLAPSE_RANGE
+            | libc::FALLOC_FL_ZERO_RANGE;
+        let need = if mode & frees == 0 {
             let bs = block_size(&before);
             let holes = new_blocks(fd, before.st_size as u64, off, len, bs)?;
             holes.iter().filter(|&&h| h).count() as u64 * bs
@@ -381,7 +382,7 @@ impl Union {
             bytes: need as i64,
             inodes: 0,
         };
-        let ran = run();
+        let ran = fallocate(fd, off, len, mode);
         let after = nix::sys::stat::fstat(fd).map_err(|e| Error::new(e, "fstat"))?;
         r.settle(alloc(&after) - alloc(&before), 0);
         *known = Some((alloc(&after), after.st_size));
@@ -405,6 +406,17 @@ impl Union {
         }
         r
     }
+}
+
+/// fallocate(2).
+pub(crate) fn fallocate(fd: BorrowedFd<'_>, off: u64, len: u64, mode: i32) -> Result<()> {
+    nix::fcntl::fallocate(
+        fd,
+        nix::fcntl::FallocateFlags::from_bits_truncate(mode),
+        off as i64,
+        len as i64,
+    )
+    .map_err(|e| Error::new(e, "fallocate"))
 }
 
 fn block_size(st: &FileStat) -> u64 {

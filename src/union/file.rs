@@ -257,30 +257,16 @@ impl Union {
     /// fallocate on an open file (space reserved against the quota first).
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let f = self.handle(fh)?;
-        let run = || {
-            nix::fcntl::fallocate(
-                f.fd.as_fd(),
-                nix::fcntl::FallocateFlags::from_bits_truncate(mode),
-                off as i64,
-                len as i64,
-            )
-            .ctx("fallocate")
-        };
         match &self.quota {
             Some(q) if f.in_upper && len > 0 => {
                 let node = self.node(f.ino)?;
                 let mut known = node.io_lock.lock();
-                let frees = libc::FALLOC_FL_PUNCH_HOLE
-                    | libc::FALLOC_FL_COLLAPSE_RANGE
-                    | libc::FALLOC_FL_ZERO_RANGE;
-                let allocates = mode & frees == 0;
-                let r =
-                    self.quota_fallocate(q, f.fd.as_fd(), off, len, &run, allocates, &mut known);
+                let r = self.quota_fallocate(q, f.fd.as_fd(), (off, len, mode), &mut known);
                 drop(known);
                 self.mark_unsettled(f.ino);
                 r
             }
-            _ => run(),
+            _ => super::charge::fallocate(f.fd.as_fd(), off, len, mode),
         }
     }
 
