@@ -1,0 +1,582 @@
+//! The command-line contract: bad input is refused with exit code 2, one line on stderr and no
+//! change on disk; mount returns once the mount is live; every way of unmounting makes the daemon
+//! exit; the alternative invocation forms work; and a security property of open files.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn run_bin(args: &[&str]) -> (i32, String, String) {
+    let (st, out, err) = run_with_timeout(Command::new(bin()).args(args), Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (st.code().unwrap_or(-1), out, err)
+}
+
+#[test]
+fn version_exits_zero() {
+    let (code, out, err) = run_bin(&["--version"]);
+    assert_eq!(code, 0, "stderr: {err}");
+    assert!(
+        out.contains(env!("CARGO_PKG_VERSION")),
+        "--version should print the version: {out:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted for the duration of a test (a filesystem surely different from /var/tmp).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: &Path) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let (st, o, e) = run_with_timeout(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=16m", "unionfs-test"])
+                .arg(at),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(st.success(), "mount tmpfs: {o}{e}");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run_with_timeout(
+            Command::new("umount").arg("-l").arg(&self.0),
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// Set up dirs in a fresh tempdir, let `prepare` adjust them and return the arguments, run the
+/// binary, and check the bad-input contract.
+fn refused(name: &str, prepare: impl FnOnce(&Dirs) -> (Vec<String>, Option<Tmpfs>)) {
+    let dirs = Dirs::new(&[vec![file("f", "lower")], vec![dir("d")]], &[]);
+    let (args, tmpfs) = prepare(&dirs);
+    let before = snapshot(&dirs.root, &SnapOpts::exact());
+    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (code, out, err) = run_bin(&argv);
+    let after = snapshot(&dirs.root, &SnapOpts::exact());
+    let leftover_mount = is_mounted(&dirs.merged);
+    let daemons = daemon_pids(&dirs.root);
+    // Clean up before asserting, in case the binary mounted something after all.
+    if leftover_mount {
+        let _ = run_with_timeout(
+            Command::new("umount").arg("-l").arg(&dirs.merged),
+            Duration::from_secs(10),
+        );
+    }
+    for p in &daemons {
+        unsafe {
+            libc::kill(*p, libc::SIGKILL);
+        }
+    }
+    drop(tmpfs);
+    assert_eq!(
+        code,
+        2,
+        "{name}: `unionfs-rs {}` must exit 2; got {code}\nstdout: {out}\nstderr: {err}",
+        args.join(" ")
+    );
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert!(
+        lines.len() == 1 && !lines[0].trim().is_empty(),
+        "{name}: expected exactly one line on stderr, got {err:?}"
+    );
+    assert!(!leftover_mount, "{name}: something was mounted");
+    assert!(
+        daemons.is_empty(),
+        "{name}: daemon left running: {daemons:?}"
+    );
+    assert_same_tree(
+        &format!("{name}: nothing may change on disk"),
+        "before",
+        &before,
+        "after",
+        &after,
+    );
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+fn std_args(lowers: &str, upper: &Path, merged: &Path, work: &Path) -> Vec<String> {
+    vec![
+        "mount".into(),
+        lowers.into(),
+        s(upper),
+        s(merged),
+        "--workdir".into(),
+        s(work),
+    ]
+}
+
+#[test]
+fn bad_input_is_refused_without_side_effects() {
+    with_timeout(120, || {
+        refused("missing lower", |d| {
+            let l = format!("{}:{}", s(&d.root.join("nolower")), d.lowerdir_arg());
+            (std_args(&l, &d.upper, &d.merged, &d.work), None)
+        });
+        refused("missing upper", |d| {
+            (
+                std_args(
+                    &d.lowerdir_arg(),
+                    &d.root.join("noupper"),
+                    &d.merged,
+                    &d.work,
+                ),
+                None,
+            )
+        });
+        refused("missing merged", |d| {
+            (
+                std_args(
+                    &d.lowerdir_arg(),
+                    &d.upper,
+                    &d.root.join("nomerged"),
+                    &d.work,
+                ),
+                None,
+            )
+        });
+        refused("merged is a file", |d| {
+            let f = d.root.join("merged-file");
+            fs::write(&f, "x").unwrap();
+            (std_args(&d.lowerdir_arg(), &d.upper, &f, &d.work), None)
+        });
+        refused("upper inside a lower", |d| {
+            let u = d.lowers[0].join("u");
+            fs::create_dir(&u).unwrap();
+            (std_args(&d.lowerdir_arg(), &u, &d.merged, &d.work), None)
+        });
+        refused("merged inside upper", |d| {
+            let m = d.upper.join("m");
+            fs::create_dir(&m).unwrap();
+            (std_args(&d.lowerdir_arg(), &d.upper, &m, &d.work), None)
+        });
+        refused("workdir inside upper", |d| {
+            let w = d.upper.join("w");
+            fs::create_dir(&w).unwrap();
+            (std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &w), None)
+        });
+        refused("lower is upper", |d| {
+            let l = s(&d.upper);
+            (std_args(&l, &d.upper, &d.merged, &d.work), None)
+        });
+        refused("workdir on another filesystem", |d| {
+            let t = Tmpfs::new(&d.root.join("tmpfs"));
+            let w = t.0.join("work");
+            fs::create_dir(&w).unwrap();
+            assert_ne!(
+                lstat(&w).dev(),
+                lstat(&d.upper).dev(),
+                "test setup: tmpfs must differ"
+            );
+            (
+                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &w),
+                Some(t),
+            )
+        });
+        refused("workdir/work/incompat present", |d| {
+            fs::create_dir_all(d.work.join("work/incompat")).unwrap();
+            fs::write(d.work.join("work/incompat/x"), "").unwrap();
+            (
+                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work),
+                None,
+            )
+        });
+    });
+}
+
+/// Usage errors follow the same contract (exit 2, one line on stderr, nothing touched).
+#[test]
+fn usage_errors_are_one_line() {
+    with_timeout(60, || {
+        refused("no arguments", |_| (vec![], None));
+        refused("mount without directories", |_| {
+            (vec!["mount".into()], None)
+        });
+        refused("unknown option", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.push("--no-such-option".into());
+            (a, None)
+        });
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounting and unmounting
+// ---------------------------------------------------------------------------------------------
+
+fn simple_dirs() -> Dirs {
+    Dirs::new(
+        &[
+            vec![file("f", "top lower"), file_mode("private", "p", 0o600)],
+            vec![file("f", "bottom lower"), file("g", "g")],
+        ],
+        &[],
+    )
+}
+
+/// Run the mount command and check that the mount is live the moment it returns.
+fn mount_strict(dirs: &Dirs, args: &[String]) -> Mount {
+    let (st, out, err) = run_with_timeout(Command::new(bin()).args(args), MOUNT_CMD_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let live = is_fuse_mounted(&dirs.merged);
+    // Adopt whatever is there so that it is cleaned up.
+    let guard = Mount::adopt_existing(dirs);
+    assert!(
+        st.success(),
+        "`unionfs-rs {}` failed: {st}\n{out}{err}",
+        args.join(" ")
+    );
+    assert!(
+        live,
+        "mount command returned before the FUSE mount was live (mountinfo: {:?})",
+        mount_at(&dirs.merged)
+    );
+    guard
+}
+
+#[test]
+fn mount_is_live_on_return_and_umount_subcommand_stops_daemon() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let mut m = mount_strict(&dirs, &Mount::command_args(&dirs, &MountOpts::default()));
+        let info = mount_at(&dirs.merged).unwrap();
+        assert!(
+            info.fstype.starts_with("fuse"),
+            "fstype {} is not FUSE",
+            info.fstype
+        );
+        for opt in ["default_permissions", "allow_other"] {
+            assert!(
+                info.super_opts.split(',').any(|o| o == opt),
+                "mount must use {opt}: {}",
+                info.super_opts
+            );
+        }
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "top lower");
+        fs::write(m.path("new"), "via union").unwrap();
+        assert!(m.pid.is_some(), "daemon process not found");
+        m.unmount_with(Command::new(bin()).arg("umount").arg(&dirs.merged))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fs::read_to_string(dirs.upper.join("new")).unwrap(),
+            "via union"
+        );
+    });
+}
+
+#[test]
+fn fusermount_unmount_stops_daemon() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let mut m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.pid.is_some(), "daemon process not found");
+        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&dirs.merged))
+            .unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+#[test]
+fn plain_umount_stops_daemon() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let mut m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.pid.is_some(), "daemon process not found");
+        m.unmount_with(Command::new("umount").arg(&dirs.merged))
+            .unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+#[test]
+fn foreground_mode_blocks_until_unmounted() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        args.push("--foreground".into());
+        let log = dirs.root.join("fg.log");
+        let logf = fs::File::create(&log).unwrap();
+        let mut child = Command::new(bin())
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_fuse_mounted(&dirs.merged) {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "foreground mount exited early ({st}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "foreground mount never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let guard = Mount::adopt_existing(&dirs);
+        assert_eq!(fs::read_to_string(dirs.merged.join("g")).unwrap(), "g");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "--foreground must not return while mounted"
+        );
+        let (st, o, e) = run_with_timeout(
+            Command::new("fusermount3").arg("-u").arg(&dirs.merged),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(st.success(), "{o}{e}");
+        let deadline = Instant::now() + DAEMON_EXIT_TIMEOUT;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("foreground daemon did not exit after unmount");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "foreground daemon exit status {status}");
+        drop(guard);
+    });
+}
+
+#[test]
+fn read_only_union_form() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let opts = MountOpts {
+            readonly: true,
+            ..Default::default()
+        };
+        let m = Mount::start(&dirs, &opts).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "top lower");
+        assert_eq!(fs::read_to_string(m.path("g")).unwrap(), "g");
+        assert_eq!(
+            apply(&m.merged, &op_create("new")),
+            Err(libc::EROFS),
+            "read-only union must refuse writes"
+        );
+        assert_eq!(apply(&m.merged, &op_append("g", "x")), Err(libc::EROFS));
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        let upper = snapshot(&dirs.upper, &SnapOpts::exact());
+        assert_eq!(upper.nodes.len(), 1, "upper untouched: {upper:?}");
+    });
+}
+
+#[test]
+fn fuse_overlayfs_option_form() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let args = vec![
+            "-o".to_string(),
+            format!(
+                "lowerdir={},upperdir={},workdir={}",
+                dirs.lowerdir_arg(),
+                dirs.upper.display(),
+                dirs.work.display()
+            ),
+            s(&dirs.merged),
+        ];
+        let m = mount_strict(&dirs, &args);
+        // leftmost lower is on top
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "top lower");
+        fs::write(m.path("g"), "changed").unwrap();
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fs::read_to_string(dirs.upper.join("g")).unwrap(), "changed");
+    });
+}
+
+#[test]
+fn mount_fuse3_helper_form() {
+    // `mount.fuse3 SOURCE MERGED -t fuse.unionfs-rs -o OPTS` runs `unionfs-rs SOURCE MERGED -o
+    // OPTS,dev,suid` found on PATH. (`mount -t fuse.unionfs-rs` itself resets PATH, so the helper
+    // is called directly.)
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let bindir = dirs.root.join("bin");
+        fs::create_dir(&bindir).unwrap();
+        std::os::unix::fs::symlink(bin(), bindir.join("unionfs-rs")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bindir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            dirs.lowerdir_arg(),
+            dirs.upper.display(),
+            dirs.work.display()
+        );
+        let (st, out, err) = run_with_timeout(
+            Command::new("mount.fuse3")
+                .args(["unionfs-rs"])
+                .arg(&dirs.merged)
+                .args(["-t", "fuse.unionfs-rs", "-o", &opts])
+                .env("PATH", path),
+            MOUNT_CMD_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let m = Mount::adopt_existing(&dirs);
+        assert!(st.success(), "mount.fuse3 failed: {st}\n{out}{err}");
+        assert!(is_fuse_mounted(&dirs.merged));
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "top lower");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+#[test]
+fn other_users_go_through_kernel_permission_checks() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let as_nobody = |script: &str| -> bool {
+            let (st, _, _) = run_with_timeout(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(script)
+                    .current_dir("/")
+                    .uid(65534)
+                    .gid(65534),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            st.success()
+        };
+        let f = m.path("f");
+        let p = m.path("private");
+        assert!(
+            as_nobody(&format!("cat '{}' >/dev/null", f.display())),
+            "allow_other: nobody can read a 0644 file"
+        );
+        assert!(
+            !as_nobody(&format!("echo x >> '{}'", f.display())),
+            "default_permissions: nobody cannot write a root 0644 file"
+        );
+        assert!(
+            !as_nobody(&format!("cat '{}' >/dev/null", p.display())),
+            "default_permissions: nobody cannot read a root 0600 file"
+        );
+        assert!(
+            !as_nobody(&format!("touch '{}'", m.path("newfile").display())),
+            "nobody cannot create in a root 0755 dir"
+        );
+        assert_eq!(fs::read_to_string(&f).unwrap(), "top lower");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Open files follow their inode, not their old path
+// ---------------------------------------------------------------------------------------------
+
+/// Open d/f for writing, rename d → e, plant a symlink d → an outside directory, then write,
+/// fchmod and ftruncate through the open fd. Only e/f may change; nothing may appear outside.
+fn fd_survives_rename_and_symlink_swap(merged: &Path) {
+    let outside = test_tempdir();
+    fs::create_dir(merged.join("d")).unwrap();
+    fs::write(merged.join("d/f"), "original").unwrap();
+    let fh = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(merged.join("d/f"))
+        .unwrap();
+    fs::rename(merged.join("d"), merged.join("e")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), merged.join("d")).unwrap();
+    // An attacker would like these to land in outside/f.
+    use std::os::unix::fs::FileExt;
+    fh.write_all_at(b"PWNED", 0).unwrap();
+    fh.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    fh.set_len(3).unwrap();
+    fh.sync_all().unwrap();
+    drop(fh);
+    let outside_entries: Vec<_> = fs::read_dir(outside.path()).unwrap().collect();
+    assert!(
+        outside_entries.is_empty(),
+        "writes escaped through the symlink: {outside_entries:?}"
+    );
+    assert_eq!(fs::read(merged.join("e/f")).unwrap(), b"PWN");
+    assert_eq!(lstat(&merged.join("e/f")).mode() & 0o7777, 0o600);
+    assert_eq!(
+        fs::read_link(merged.join("d")).unwrap(),
+        outside.path(),
+        "the symlink itself is untouched"
+    );
+}
+
+/// Same with a lower file: open read-only, rename it (copy-up), plant a symlink at the old name,
+/// then fchmod through the old fd (copy-up by inode, not by old path).
+fn lower_fd_survives_rename_and_symlink_swap(merged: &Path) {
+    let outside = test_tempdir();
+    let target = outside.path().join("victim");
+    fs::write(&target, "victim").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+    let fh = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(merged.join("lowerfile"))
+        .unwrap();
+    fs::rename(merged.join("lowerfile"), merged.join("renamed")).unwrap();
+    std::os::unix::fs::symlink(&target, merged.join("lowerfile")).unwrap();
+    fh.set_permissions(fs::Permissions::from_mode(0o640))
+        .unwrap();
+    drop(fh);
+    assert_eq!(
+        lstat(&target).mode() & 0o7777,
+        0o644,
+        "victim's mode changed"
+    );
+    assert_eq!(fs::read_to_string(&target).unwrap(), "victim");
+    assert_eq!(lstat(&merged.join("renamed")).mode() & 0o7777, 0o640);
+    assert_eq!(
+        fs::read_to_string(merged.join("renamed")).unwrap(),
+        "lower data"
+    );
+}
+
+fn security_layers() -> Vec<Vec<Entry>> {
+    vec![vec![file("lowerfile", "lower data")]]
+}
+
+#[test]
+fn open_fd_follows_inode_not_path() {
+    with_timeout(60, || {
+        let dirs = Dirs::new(&security_layers(), &[]);
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        fd_survives_rename_and_symlink_swap(&m.merged);
+        lower_fd_survives_rename_and_symlink_swap(&m.merged);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fs::read(dirs.upper.join("e/f")).unwrap(), b"PWN");
+        assert!(lstat(&dirs.upper.join("d")).file_type().is_symlink());
+    });
+}
+
+/// The same scenario on kernel overlayfs, so the expectations above are known to be the
+/// reference behaviour.
+#[test]
+fn open_fd_follows_inode_not_path_on_kernel_overlayfs() {
+    with_timeout(60, || {
+        let dirs = Dirs::new(&security_layers(), &[]);
+        let k = OverlayMount::start(&dirs, &MountOpts::default()).unwrap();
+        fd_survives_rename_and_symlink_swap(&k.merged);
+        lower_fd_survives_rename_and_symlink_swap(&k.merged);
+        k.unmount().unwrap();
+    });
+}

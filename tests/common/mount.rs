@@ -1,0 +1,344 @@
+//! Mount guards: unionfs-rs (`Mount`) and kernel overlayfs (`OverlayMount`).
+
+use super::*;
+
+#[derive(Clone, Debug, Default)]
+pub struct MountOpts {
+    /// `--userxattr`
+    pub userxattr: bool,
+    /// Read-only union: `mount LOWERS MERGED` (upper/work unused).
+    pub readonly: bool,
+    /// Extra arguments appended to the command line.
+    pub extra: Vec<String>,
+}
+
+/// A live unionfs-rs mount. Drop unmounts (fusermount3 -u, then umount -l) and kills the daemon
+/// if it is still alive afterwards.
+pub struct Mount {
+    pub dirs: Dirs,
+    pub merged: PathBuf,
+    pub pid: Option<i32>,
+    pub log: PathBuf,
+    reg: usize,
+    mounted: bool,
+}
+
+pub(super) static MOUNT_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+impl Mount {
+    /// Build fresh dirs from the descriptions and mount them. Panics if mounting fails.
+    pub fn new(lowers: &[Vec<Entry>], upper: &[Entry]) -> Mount {
+        let dirs = Dirs::new(lowers, upper);
+        Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The arguments `unionfs-rs` is run with for `dirs` and `opts`.
+    pub fn command_args(dirs: &Dirs, opts: &MountOpts) -> Vec<String> {
+        let mut args = vec!["mount".to_string(), dirs.lowerdir_arg()];
+        if !opts.readonly {
+            args.push(dirs.upper.to_str().unwrap().to_string());
+        }
+        args.push(dirs.merged.to_str().unwrap().to_string());
+        if !opts.readonly {
+            args.push("--workdir".into());
+            args.push(dirs.work.to_str().unwrap().to_string());
+        }
+        if opts.userxattr {
+            args.push("--userxattr".into());
+        }
+        args.extend(opts.extra.iter().cloned());
+        args
+    }
+
+    /// Mount `dirs` with unionfs-rs (standard `mount` CLI form).
+    pub fn start(dirs: &Dirs, opts: &MountOpts) -> Result<Mount, String> {
+        Self::start_args(dirs, &Self::command_args(dirs, opts))
+    }
+
+    /// Mount by running `unionfs-rs ARGS` (any CLI form); `dirs.merged` must be the mount point.
+    pub fn start_args(dirs: &Dirs, args: &[String]) -> Result<Mount, String> {
+        let seq = MOUNT_SEQ.fetch_add(1, Ordering::SeqCst);
+        let log = dirs.root.join(format!("unionfs-mount-{seq}.log"));
+        let logf = fs::File::create(&log).map_err(|e| e.to_string())?;
+        let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(logf2)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin().display()))?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+                break st;
+            }
+            if start.elapsed() > MOUNT_CMD_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut m = Mount::adopt(dirs, log.clone());
+                m.cleanup();
+                return Err(format!(
+                    "`unionfs-rs {}` hung for more than {MOUNT_CMD_TIMEOUT:?}; log:\n{}",
+                    args.join(" "),
+                    tail(&log, 4000)
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        if !status.success() {
+            let mut m = Mount::adopt(dirs, log.clone());
+            m.cleanup();
+            return Err(format!(
+                "`unionfs-rs {}` failed with {status}; output:\n{}",
+                args.join(" "),
+                tail(&log, 4000)
+            ));
+        }
+        // The contract says the command returns once the mount is live; allow a little slack
+        // here (cli.rs checks the strict form).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_fuse_mounted(&dirs.merged) {
+            if Instant::now() > deadline {
+                let mut m = Mount::adopt(dirs, log.clone());
+                m.cleanup();
+                return Err(format!(
+                    "`unionfs-rs {}` exited 0 but no FUSE mount appeared at {}; output:\n{}",
+                    args.join(" "),
+                    dirs.merged.display(),
+                    tail(&log, 4000)
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mount::adopt(dirs, log))
+    }
+
+    /// Take charge of whatever is mounted at `dirs.merged` (mounted by other means), so that it
+    /// is unmounted and its daemon stopped on drop.
+    pub fn adopt_existing(dirs: &Dirs) -> Mount {
+        let mut m = Mount::adopt(dirs, dirs.root.join("no-log"));
+        m.mounted = is_mounted(&dirs.merged);
+        m
+    }
+
+    fn adopt(dirs: &Dirs, log: PathBuf) -> Mount {
+        let pid = daemon_pids(&dirs.merged).into_iter().next();
+        let reg = register(&dirs.merged, LiveKind::Fuse { pid });
+        Mount {
+            dirs: dirs.clone(),
+            merged: dirs.merged.clone(),
+            pid,
+            log,
+            reg,
+            mounted: true,
+        }
+    }
+
+    /// Path inside the merged view.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.merged.join(rel)
+    }
+
+    /// The daemon's output so far (stdout+stderr of the mount command and whatever the daemon
+    /// kept writing to them).
+    pub fn log_text(&self) -> String {
+        tail(&self.log, 8000)
+    }
+
+    /// Unmount with `fusermount3 -u` and wait for the daemon to exit. Errors (instead of falling
+    /// back to force) if either step does not happen; the guard still cleans up on drop.
+    pub fn unmount(mut self) -> Result<(), String> {
+        let r = self.unmount_with(Command::new("fusermount3").arg("-u").arg(&self.merged));
+        self.cleanup();
+        r
+    }
+
+    /// Unmount using the given command (e.g. `unionfs-rs umount M`, `umount M`) and check that the
+    /// mount disappears and the daemon exits by itself.
+    pub fn unmount_with(&mut self, cmd: &mut Command) -> Result<(), String> {
+        let (st, out, err) = run_with_timeout(cmd, Duration::from_secs(20))?;
+        if !st.success() {
+            return Err(format!("{cmd:?} failed: {st}\n{out}{err}"));
+        }
+        if is_fuse_mounted(&self.merged) {
+            return Err(format!(
+                "{cmd:?} succeeded but {} is still mounted",
+                self.merged.display()
+            ));
+        }
+        self.mounted = false;
+        match self.pid {
+            Some(pid) => {
+                if !wait_pid_gone(pid, DAEMON_EXIT_TIMEOUT) {
+                    return Err(format!(
+                        "daemon pid {pid} still alive {DAEMON_EXIT_TIMEOUT:?} after unmount"
+                    ));
+                }
+            }
+            None => {
+                let left = daemon_pids(&self.merged);
+                if !left.is_empty() {
+                    for p in &left {
+                        if !wait_pid_gone(*p, DAEMON_EXIT_TIMEOUT) {
+                            return Err(format!("daemon pid {p} still alive after unmount"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cleanup(&mut self) {
+        if self.mounted || is_fuse_mounted(&self.merged) {
+            let ok = run_with_timeout(
+                Command::new("fusermount3").arg("-u").arg(&self.merged),
+                Duration::from_secs(10),
+            )
+            .map(|(st, _, _)| st.success())
+            .unwrap_or(false);
+            if !ok && is_mounted(&self.merged) {
+                let _ = run_with_timeout(
+                    Command::new("umount").arg("-l").arg(&self.merged),
+                    Duration::from_secs(10),
+                );
+            }
+            self.mounted = false;
+        }
+        let mut pids: Vec<i32> = self.pid.into_iter().collect();
+        pids.extend(daemon_pids(&self.merged));
+        pids.sort();
+        pids.dedup();
+        for pid in pids {
+            if !wait_pid_gone(pid, Duration::from_secs(5)) {
+                eprintln!(
+                    "warning: unionfs-rs daemon {pid} for {} did not exit after unmount; killing",
+                    self.merged.display()
+                );
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                wait_pid_gone(pid, Duration::from_secs(5));
+            }
+        }
+        unregister(self.reg);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "--- unionfs-rs log for {} ---\n{}\n--- end of log ---",
+                self.merged.display(),
+                self.log_text()
+            );
+        }
+        self.cleanup();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel overlayfs mount guard
+// ---------------------------------------------------------------------------------------------
+
+/// A kernel overlayfs mount of `dirs` (the reference implementation). Options are pinned
+/// (index, redirect_dir, metacopy off; xino off) so the reference does not depend on module
+/// parameters.
+pub struct OverlayMount {
+    pub dirs: Dirs,
+    pub merged: PathBuf,
+    reg: usize,
+    mounted: bool,
+}
+
+impl OverlayMount {
+    pub fn new(lowers: &[Vec<Entry>], upper: &[Entry]) -> OverlayMount {
+        let dirs = Dirs::new(lowers, upper);
+        OverlayMount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn start(dirs: &Dirs, opts: &MountOpts) -> Result<OverlayMount, String> {
+        let mut o = format!("lowerdir={}", dirs.lowerdir_arg());
+        if !opts.readonly {
+            o += &format!(
+                ",upperdir={},workdir={}",
+                dirs.upper.display(),
+                dirs.work.display()
+            );
+        }
+        // redirect_dir: never create redirects ("off" still follows existing ones; userxattr
+        // mode requires "nofollow").
+        if opts.userxattr {
+            o += ",userxattr,redirect_dir=nofollow";
+        } else {
+            o += ",redirect_dir=off";
+        }
+        o += ",index=off,metacopy=off,xino=off";
+        let (st, out, err) = run_with_timeout(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &o])
+                .arg(&dirs.merged),
+            Duration::from_secs(20),
+        )?;
+        if !st.success() {
+            return Err(format!("kernel overlay mount failed ({st}): {out}{err}"));
+        }
+        let reg = register(&dirs.merged, LiveKind::Kernel);
+        Ok(OverlayMount {
+            dirs: dirs.clone(),
+            merged: dirs.merged.clone(),
+            reg,
+            mounted: true,
+        })
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.merged.join(rel)
+    }
+
+    pub fn unmount(mut self) -> Result<(), String> {
+        let r = run_with_timeout(
+            Command::new("umount").arg(&self.merged),
+            Duration::from_secs(20),
+        )
+        .and_then(|(st, o, e)| {
+            if st.success() {
+                Ok(())
+            } else {
+                Err(format!("umount failed: {o}{e}"))
+            }
+        });
+        if r.is_ok() {
+            self.mounted = false;
+        }
+        self.cleanup();
+        r
+    }
+
+    fn cleanup(&mut self) {
+        if self.mounted {
+            let ok = run_with_timeout(
+                Command::new("umount").arg(&self.merged),
+                Duration::from_secs(10),
+            )
+            .map(|(st, _, _)| st.success())
+            .unwrap_or(false);
+            if !ok {
+                let _ = run_with_timeout(
+                    Command::new("umount").arg("-l").arg(&self.merged),
+                    Duration::from_secs(10),
+                );
+            }
+            self.mounted = false;
+        }
+        unregister(self.reg);
+    }
+}
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}

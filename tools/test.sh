@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's test command (README): build, cargo test (unit, differential against kernel
+# overlayfs, cross-mount, CLI), pjdfstest and fsx against live unionfs-rs mounts.
+# Needs root, /dev/fuse, fuse3, attr, acl, and kernel overlayfs (for the reference side).
+# Every section runs even if an earlier one failed (except after a failed build); the exit code
+# is non-zero if any section failed.
+#
+# Environment: CARGO_TEST_ARGS (extra arguments after `cargo test`, e.g. a test name),
+#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, and those of the tools it calls.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+export PATH="$HOME/.cargo/bin:$PATH"
+export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
+
+results=()
+failed=0
+section() { printf '\n========== %s ==========\n' "$1"; }
+record() { # name, exit code, seconds
+    if [ "$2" -eq 0 ]; then
+        results+=("PASS  $1 ($3 s)")
+    else
+        results+=("FAIL  $1 ($3 s, exit $2)")
+        failed=$((failed + 1))
+    fi
+}
+run() { # name, command...
+    local name=$1 start rc
+    shift
+    section "$name"
+    start=$(date +%s)
+    "$@"
+    rc=$?
+    record "$name" "$rc" $(($(date +%s) - start))
+    return "$rc"
+}
+
+if run "cargo build" cargo build --bins; then
+    # shellcheck disable=SC2086
+    run "cargo test" cargo test --no-fail-fast ${CARGO_TEST_ARGS:-} -- --test-threads="${TEST_THREADS:-2}"
+    export UNIONFS_BIN="$PWD/target/debug/unionfs-rs"
+    if [ "${SKIP_PJDFSTEST:-0}" != 1 ]; then
+        run "pjdfstest" bash tools/pjdfstest.sh
+    fi
+    if [ "${SKIP_FSX:-0}" != 1 ]; then
+        run "fsx" bash tools/fsx.sh
+    fi
+fi
+
+section "summary"
+printf '%s\n' "${results[@]}"
+total=${#results[@]}
+echo "test.sh: $((total - failed)) passed, $failed failed"
+[ "$failed" -eq 0 ]
