@@ -389,9 +389,11 @@ impl Union {
         ran
     }
 
-    /// Run `op` on the upper object `name` in `dir` and settle the change of its allocation.
+    /// Run `op` on `node`'s upper object `name` in `dir` and settle the change of its
+    /// allocation (an xattr may take a block of its own).
     pub(crate) fn with_realloc<T>(
         &self,
+        node: &super::Node,
         dir: BorrowedFd<'_>,
         name: &std::ffi::OsStr,
         op: impl FnOnce() -> Result<T>,
@@ -399,10 +401,17 @@ impl Union {
         if self.quota.is_none() {
             return op();
         }
+        let mut known = node.io_lock.lock();
         let before = crate::layer::stat_at(dir, name).ok();
+        if let (Some(b), false) = (&before, node.is_dir()) {
+            self.sync_known(&mut known, b);
+        }
         let r = op();
         if let (Some(b), Ok(a)) = (before, crate::layer::stat_at(dir, name)) {
             self.account(alloc(&a) - alloc(&b), 0);
+            if !node.is_dir() {
+                *known = Some((alloc(&a), a.st_size));
+            }
         }
         r
     }

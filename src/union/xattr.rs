@@ -39,7 +39,7 @@ impl Union {
         let node = self.node(ino)?;
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
-        self.with_realloc(dir.as_fd(), &name, || {
+        self.with_realloc(&node, dir.as_fd(), &name, || {
             sys::set_xattr(dir.as_fd(), &name, &lname, value, flags).ctx("setxattr")
         })
     }
@@ -54,7 +54,7 @@ impl Union {
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
         let lname = self.names.to_layer(xname);
-        self.with_realloc(dir.as_fd(), &name, || {
+        self.with_realloc(&node, dir.as_fd(), &name, || {
             sys::remove_xattr(dir.as_fd(), &name, &lname).ctx("removexattr")
         })
     }
