@@ -89,19 +89,29 @@ fs_umount() {
     [ -n "$FS_ROOT" ] || return 0
     if [ "$FS_MOUNTED" = 1 ]; then
         if [ "$FS_KIND" = unionfs ]; then
-            fusermount3 -u "$FS_ROOT/merged" 2>/dev/null || umount -l "$FS_ROOT/merged" 2>/dev/null || true
+            # EBUSY right after a test can be a release still in flight: retry before going lazy.
+            local tries=0
+            until fusermount3 -u "$FS_ROOT/merged" 2>/dev/null; do
+                tries=$((tries + 1))
+                if [ "$tries" -ge 15 ]; then
+                    log "fusermount3 -u keeps failing; detaching lazily"
+                    umount -l "$FS_ROOT/merged" 2>/dev/null || true
+                    break
+                fi
+                sleep 0.2
+            done
         else
             umount "$FS_ROOT/merged" 2>/dev/null || umount -l "$FS_ROOT/merged" 2>/dev/null || true
         fi
         FS_MOUNTED=0
     fi
     local pids
-    for _ in $(seq 1 50); do
+    for _ in $(seq 1 150); do
         pids=$(_daemon_pids)
         [ -z "$pids" ] && return 0
         sleep 0.2
     done
-    log "daemon still running 10 s after unmount, killing: $pids"
+    log "daemon still running 30 s after unmount, killing: $pids ($(ps -o pid,stat,etime,args -p "${pids//$'\n'/,}" 2>/dev/null | tail -n +2))"
     # shellcheck disable=SC2086
     kill -9 $pids 2>/dev/null || true
     return 1

@@ -144,9 +144,10 @@ impl Union {
         if name.len() > 255 {
             return Err(Error::new(Errno::ENAMETOOLONG, "create"));
         }
-        if self.find(&p, name)?.is_some() {
-            return Err(Error::new(Errno::EEXIST, "create"));
-        }
+        // The kernel calls create/mkdir/mknod/symlink only after a lookup of `name` in this
+        // directory failed under the directory's lock (negative entries are never cached), so
+        // no visible entry can exist; an upper entry that is not a whiteout is still refused
+        // below (EEXIST), and O_EXCL/mkdir/mknod refuse a racing one.
         let perm = Mode::from_bits_truncate(mode & 0o7777);
         if let NewKind::Node { kind, rdev } = kind
             && kind == libc::S_IFCHR

@@ -197,6 +197,16 @@ impl Union {
     /// write(2) of `data` at `off` (within the quota, if one is set).
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<usize> {
         let f = self.handle(fh)?;
+        // A write drops security.capability on disk: keep the xattr cache honest.
+        if let Some(node) = self.nodes.get(f.ino) {
+            let has_cap = node.xattrs.lock().as_ref().is_some_and(|c| {
+                c.iter()
+                    .any(|(n, _)| n.as_encoded_bytes() == b"security.capability")
+            });
+            if has_cap {
+                node.invalidate_xattrs();
+            }
+        }
         match &self.quota {
             Some(q) if f.in_upper => {
                 // One writer at a time per inode keeps the before/after accounting exact.
@@ -299,6 +309,8 @@ impl Union {
         let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
         let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
+        // chmod rewrites ACL xattrs, chown drops security.capability: reload xattrs next time.
+        node.invalidate_xattrs();
         if node.st.lock().unlinked {
             return self.setattr_unlinked(&node, a);
         }

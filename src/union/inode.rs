@@ -95,7 +95,16 @@ pub struct Node {
     /// Bumped whenever the node starts naming another directory (or none): an fd opened
     /// under an older generation is not cached.
     pub dirgen: AtomicU64,
+    /// The node's xattrs as stored in its top layer (names and values), loaded on first use.
+    /// Every change goes through us (setxattr, removexattr, setattr, writes that drop
+    /// security.capability), and each of those drops it.
+    pub xattrs: Mutex<Option<XattrCache>>,
+    /// Bumped on every invalidation of `xattrs` (a load that raced with one is not kept).
+    pub xgen: AtomicU64,
 }
+
+/// Cached xattrs of a node: (layer name, value) pairs.
+pub type XattrCache = Arc<Vec<(std::ffi::OsString, Vec<u8>)>>;
 
 impl Node {
     /// A node with the given identity and state.
@@ -109,6 +118,8 @@ impl Node {
             io_lock: Mutex::new(None),
             dirfds: Mutex::new(Vec::new()),
             dirgen: AtomicU64::new(0),
+            xattrs: Mutex::new(None),
+            xgen: AtomicU64::new(0),
         }
     }
 
@@ -122,6 +133,13 @@ impl Node {
         let mut c = self.dirfds.lock();
         self.dirgen.fetch_add(1, Ordering::AcqRel);
         c.clear();
+    }
+
+    /// Forget the cached xattrs.
+    pub fn invalidate_xattrs(&self) {
+        let mut c = self.xattrs.lock();
+        self.xgen.fetch_add(1, Ordering::AcqRel);
+        *c = None;
     }
 
     /// A copy of the current state.
@@ -242,20 +260,23 @@ impl InoMap {
                 }
             }
         }
-        // Compact: rewrite live records only, then append from there.
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            let mut out = Vec::with_capacity(map.len() * 16);
-            for e in map.iter() {
-                out.extend_from_slice(&e.key().to_le_bytes());
-                out.extend_from_slice(&e.value().to_le_bytes());
+        // Compact when dead records dominate: rewrite live records only, then append.
+        let records = std::fs::metadata(path).map(|m| m.len() / 16).unwrap_or(0);
+        if records > 2 * map.len() as u64 + 1024 {
+            let tmp = path.with_extension("tmp");
+            {
+                let mut f = std::fs::File::create(&tmp)?;
+                let mut out = Vec::with_capacity(map.len() * 16);
+                for e in map.iter() {
+                    out.extend_from_slice(&e.key().to_le_bytes());
+                    out.extend_from_slice(&e.value().to_le_bytes());
+                }
+                f.write_all(&out)?;
+                f.sync_all()?;
             }
-            f.write_all(&out)?;
-            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
         }
-        std::fs::rename(&tmp, path)?;
-        let file = OpenOptions::new().append(true).open(path)?;
+        let file = OpenOptions::new().append(true).create(true).open(path)?;
         Ok(InoMap {
             map,
             file: Some(Mutex::new(file)),

@@ -5,32 +5,69 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
 
-use super::{Ctx, Error, LayerRef, Result, Union};
+use super::inode::XattrCache;
+use super::{Ctx, Error, LayerRef, Node, Result, Union};
 
 use crate::layer::sys;
 
 impl Union {
+    /// The node's xattrs in its top layer, from the node's cache (loaded on first use: `ls -l`
+    /// asks two or three absent xattrs per file, the kernel one per write).
+    fn xattrs_of(&self, node: &Node) -> Result<XattrCache> {
+        if let Some(c) = node.xattrs.lock().as_ref() {
+            return Ok(c.clone());
+        }
+        let generation = node.xgen.load(Ordering::Acquire);
+        let st = node.state();
+        let (dir, name) = self.open_parent_in(node, st.top())?;
+        let names = match sys::list_xattr(dir.as_fd(), &name) {
+            Ok(n) => n,
+            Err(Errno::ENOTSUP) => Vec::new(),
+            Err(e) => return Err(Error::new(e, "listxattr")),
+        };
+        let mut v = Vec::with_capacity(names.len());
+        for x in names {
+            match sys::get_xattr(dir.as_fd(), &name, &x) {
+                Ok(Some(val)) => v.push((x, val)),
+                Ok(None) => {}
+                Err(e) => return Err(Error::new(e, "getxattr")),
+            }
+        }
+        let c: XattrCache = Arc::new(v);
+        let mut slot = node.xattrs.lock();
+        if node.xgen.load(Ordering::Acquire) == generation {
+            *slot = Some(c.clone());
+        }
+        Ok(c)
+    }
+
     /// getxattr.
     pub fn getxattr(&self, ino: u64, xname: &OsStr) -> Result<Vec<u8>> {
-        let xname = self.names.to_layer(xname);
+        let lname = self.names.to_layer(xname);
         let node = self.node(ino)?;
-        let st = node.state();
-        let (dir, name) = self.open_parent_in(&node, st.top())?;
-        sys::get_xattr(dir.as_fd(), &name, &xname)
-            .ctx("getxattr")?
+        let all = self.xattrs_of(&node)?;
+        all.iter()
+            .find(|(n, _)| *n == lname)
+            .map(|(_, v)| v.clone())
             .ok_or(Error::new(Errno::ENODATA, "getxattr"))
     }
 
-    /// listxattr, private names removed.
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<OsString>> {
+    /// listxattr, private names removed; `trusted.*` only for root, as overlayfs lists them only
+    /// to CAP_SYS_ADMIN.
+    pub fn listxattr(&self, ino: u64, caller_uid: u32) -> Result<Vec<OsString>> {
         let node = self.node(ino)?;
-        let st = node.state();
-        let (dir, name) = self.open_parent_in(&node, st.top())?;
-        let v = sys::list_xattr(dir.as_fd(), &name).ctx("listxattr")?;
-        Ok(v.iter().filter_map(|x| self.names.to_merged(x)).collect())
+        let all = self.xattrs_of(&node)?;
+        Ok(all
+            .iter()
+            .filter_map(|(x, _)| self.names.to_merged(x))
+            .filter(|x| caller_uid == 0 || !x.as_bytes().starts_with(b"trusted."))
+            .collect())
     }
 
     /// setxattr (copies up).
@@ -39,9 +76,11 @@ impl Union {
         let node = self.node(ino)?;
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
-        self.with_realloc(&node, dir.as_fd(), &name, || {
+        let r = self.with_realloc(&node, dir.as_fd(), &name, || {
             sys::set_xattr(dir.as_fd(), &name, &lname, value, flags).ctx("setxattr")
-        })
+        });
+        node.invalidate_xattrs();
+        r
     }
 
     /// removexattr (copies up only if the attribute exists).
@@ -54,8 +93,10 @@ impl Union {
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
         let lname = self.names.to_layer(xname);
-        self.with_realloc(&node, dir.as_fd(), &name, || {
+        let r = self.with_realloc(&node, dir.as_fd(), &name, || {
             sys::remove_xattr(dir.as_fd(), &name, &lname).ctx("removexattr")
-        })
+        });
+        node.invalidate_xattrs();
+        r
     }
 }
