@@ -203,13 +203,15 @@ impl Union {
         }
     }
 
-    /// Run a namespace operation that adds entries to the directories `dirs`: a block per
-    /// directory is reserved first (a directory may need one more block for the new entry, and
-    /// at the limit the operation is refused, as XFS refuses it), then settled with how much
-    /// the directories really grew.
+    /// Run a namespace operation that adds entries to the directories `dirs`, and settle with
+    /// how much they really grew. A creation (`reserve`) first reserves a block per directory (a
+    /// directory may need one more block for the new entry; at the limit the creation is
+    /// refused, as XFS refuses it); removals and renames are never refused for quota — their
+    /// whiteouts and moved names are accounted as they land.
     pub(crate) fn dir_op<T>(
         &self,
         dirs: &[BorrowedFd<'_>],
+        reserve: bool,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         if self.quota.is_none() {
@@ -219,7 +221,7 @@ impl Union {
             .iter()
             .map(|d| nix::sys::stat::fstat(*d).map(|s| alloc(&s)).unwrap_or(0))
             .collect();
-        let res = self.reserve(0, 4096 * dirs.len() as u64)?;
+        let res = self.reserve(0, if reserve { 4096 * dirs.len() as u64 } else { 0 })?;
         let r = op();
         let grown: i64 = dirs
             .iter()

@@ -43,7 +43,7 @@ impl Union {
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
         let pstat = nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?;
         let work = self.work_fd()?;
-        let new = self.dir_op(&[work, dst_dir.as_fd()], || {
+        let new = self.dir_op(&[work, dst_dir.as_fd()], true, || {
             self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)
         })?;
         // A copy-up is no change of the parent the user could see: restore its times, as the

@@ -51,12 +51,12 @@ impl Union {
             Err(e) => return Err(Error::new(e, "create: stat upper")),
         };
         if !over_whiteout {
-            let f = self.dir_op(&[dir.as_fd()], || build(dir.as_fd(), name))?;
+            let f = self.dir_op(&[dir.as_fd()], true, || build(dir.as_fd(), name))?;
             return Ok((dir, f, false));
         }
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
-        let f = self.dir_op(&[work], || build(work, &tmp))?;
+        let f = self.dir_op(&[work], true, || build(work, &tmp))?;
         let res = (|| -> Result<()> {
             if is_dir {
                 self.names
@@ -278,7 +278,9 @@ impl Union {
             }
             if wh {
                 let tmp = self.tmp_name();
-                self.dir_op(&[work], || make_whiteout(work, &tmp).ctx("make whiteout"))?;
+                self.dir_op(&[work], false, || {
+                    make_whiteout(work, &tmp).ctx("make whiteout")
+                })?;
                 if let Err(e) = nix::fcntl::renameat2(
                     work,
                     tmp.as_os_str(),
@@ -323,7 +325,7 @@ impl Union {
             }
         } else {
             let tmp = self.tmp_name();
-            self.dir_op(&[work, dir.as_fd()], || {
+            self.dir_op(&[work, dir.as_fd()], false, || {
                 make_whiteout(work, &tmp).ctx("make whiteout")?;
                 if let Err(e) = nix::fcntl::renameat2(
                     work,
@@ -497,7 +499,7 @@ impl Union {
             self.account(-freed.0, -freed.1);
         }
         // The target directory may need a block for the new name.
-        self.dir_op(&[ddir.as_fd()], || -> Result<()> {
+        self.dir_op(&[ddir.as_fd()], false, || -> Result<()> {
             if target_is_wh && src.is_dir() {
                 // rename(2) cannot put a directory over a char device: exchange, then keep or drop
                 // the whiteout that lands at the old name.
