@@ -63,8 +63,38 @@ pub fn start(c: Checked) -> i32 {
         Ok(ForkResult::Child) => {
             drop(rd);
             let _ = nix::unistd::setsid();
+            // Descriptors inherited from the caller (a pipe podman reads, say) must not be
+            // held open for the daemon's life.
+            let keep: Vec<i32> = [
+                Some(std::os::fd::AsRawFd::as_raw_fd(&wr)),
+                c.lock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            close_inherited_fds(&keep);
             let r = serve(&c, Some(wr));
             std::process::exit(if r.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+/// Close every descriptor above stderr except `keep`.
+fn close_inherited_fds(keep: &[i32]) {
+    let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a descriptor we inherited and do not use; the read_dir handle
+            // above is already dropped (closing it too would be harmless).
+            unsafe {
+                libc::close(fd);
+            }
         }
     }
 }

@@ -38,6 +38,17 @@ fn within(a: &Path, b: &Path) -> bool {
     a.starts_with(b)
 }
 
+/// Are we in a user namespace other than the initial one (rootless containers)?
+pub fn in_user_namespace() -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(m) => {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            !(f.len() == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
+        }
+        Err(_) => false,
+    }
+}
+
 /// Validate a request.
 pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     for u in &spec.unknown {
@@ -174,6 +185,11 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         }
         None => None,
     };
+    if !spec.userxattr && in_user_namespace() {
+        // trusted.* cannot be written from a user namespace (rootless podman passes no
+        // userxattr): use user.overlay.*, as the kernel's userxattr and fuse-overlayfs do.
+        spec.userxattr = true;
+    }
     let opts = Options {
         lowers,
         upper,

@@ -317,15 +317,22 @@ impl Union {
         self.copy_up(&node)?;
         let st = node.state();
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
+        // The root has no name in a parent: it is `dir` itself.
+        let is_root = name.is_empty();
         if a.uid.is_some() || a.gid.is_some() {
-            nix::unistd::fchownat(
-                dir.as_fd(),
-                name.as_os_str(),
-                a.uid.map(Uid::from_raw),
-                a.gid.map(Gid::from_raw),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .ctx("chown")?;
+            let (uid, gid) = (a.uid.map(Uid::from_raw), a.gid.map(Gid::from_raw));
+            if is_root {
+                nix::unistd::fchown(dir.as_fd(), uid, gid).ctx("chown")?;
+            } else {
+                nix::unistd::fchownat(
+                    dir.as_fd(),
+                    name.as_os_str(),
+                    uid,
+                    gid,
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .ctx("chown")?;
+            }
         }
         if let Some(mode) = a.mode {
             layer::sys::chmod_at(dir.as_fd(), &name, mode & 0o7777).ctx("chmod")?;
@@ -367,14 +374,18 @@ impl Union {
             }
         }
         if a.atime.is_some() || a.mtime.is_some() {
-            nix::sys::stat::utimensat(
-                dir.as_fd(),
-                name.as_os_str(),
-                &ts(a.atime),
-                &ts(a.mtime),
-                UtimensatFlags::NoFollowSymlink,
-            )
-            .ctx("utimens")?;
+            if is_root {
+                nix::sys::stat::futimens(dir.as_fd(), &ts(a.atime), &ts(a.mtime)).ctx("utimens")?;
+            } else {
+                nix::sys::stat::utimensat(
+                    dir.as_fd(),
+                    name.as_os_str(),
+                    &ts(a.atime),
+                    &ts(a.mtime),
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .ctx("utimens")?;
+            }
         }
         let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;
         Ok(self.attr_for(&node, &st, &fs))

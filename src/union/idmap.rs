@@ -1,9 +1,12 @@
 //! ID mapping between the files on disk and the merged view (fuse-overlayfs' `uidmapping=`,
 //! `gidmapping=`, `squash_to_uid=`, `squash_to_gid=`, as containers-storage passes them).
 //!
-//! `C:H:N` says: view (container) ids C..C+N are disk (host) ids H..H+N. Disk ids outside every
-//! range show as the overflow id 65534; view ids outside every range cannot be written (EINVAL,
-//! as chown(2) for an unmapped id). A squash id makes every object show as owned by it.
+//! `A:B:N` says, as fuse-overlayfs reads it: ids A..A+N stored in the layers (the image's own
+//! ids) are shown as B..B+N through the mount (ids of the daemon's user namespace, where the
+//! container's processes' ids appear). Containers-storage passes e.g.
+//! `uidmapping=:0:1:1002:1002:0:1:…` for `--userns=keep-id`. Disk ids outside every range show
+//! as the overflow id 65534; view ids outside every range cannot be written (EINVAL, as chown(2)
+//! for an unmapped id). A squash id makes every object show as owned by it.
 
 /// The overflow id shown for unmapped owners.
 pub const OVERFLOW_ID: u32 = 65534;
@@ -18,7 +21,7 @@ pub struct IdMap {
 }
 
 impl IdMap {
-    /// Parse `[:]C:H:N[:C:H:N…]`.
+    /// Parse `[:]DISK:VIEW:N[:DISK:VIEW:N…]`.
     pub fn parse(s: &str) -> Result<IdMap, String> {
         let s = s.strip_prefix(':').unwrap_or(s);
         let nums: Vec<u32> = s
@@ -31,10 +34,11 @@ impl IdMap {
             .collect::<Result<_, _>>()?;
         if nums.is_empty() || nums.len() % 3 != 0 {
             return Err(format!(
-                "invalid id mapping '{s}': expected CONTAINER:HOST:COUNT triples"
+                "invalid id mapping '{s}': expected ID:MAPPED_ID:COUNT triples"
             ));
         }
-        let ranges: Vec<(u32, u32, u32)> = nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect();
+        // Stored as (view start, disk start, count).
+        let ranges: Vec<(u32, u32, u32)> = nums.chunks(3).map(|c| (c[1], c[0], c[2])).collect();
         if ranges.iter().any(|r| r.2 == 0) {
             return Err(format!("invalid id mapping '{s}': a range has count 0"));
         }
@@ -83,14 +87,20 @@ mod tests {
 
     #[test]
     fn maps_both_ways() {
-        let m = IdMap::parse(":0:1000:1:1:100000:65536").unwrap();
-        assert_eq!(m.to_view(1000), 0);
-        assert_eq!(m.to_view(100000), 1);
-        assert_eq!(m.to_view(100041), 42);
-        assert_eq!(m.to_view(5), OVERFLOW_ID);
-        assert_eq!(m.to_disk(0), Some(1000));
-        assert_eq!(m.to_disk(42), Some(100041));
-        assert_eq!(m.to_disk(70000), None);
+        // Disk ids 0.. show as 100000.. (fuse-overlayfs' reading of podman's option).
+        let m = IdMap::parse(":0:100000:65536").unwrap();
+        assert_eq!(m.to_view(5), 100005);
+        assert_eq!(m.to_disk(100000), Some(0));
+        assert_eq!(m.to_disk(5), None);
+        assert_eq!(m.to_view(70000), OVERFLOW_ID);
+        // keep-id for uid 1002: image root (disk 0) shows as 1 (container root in the
+        // daemon's namespace); the user's own id 1002 is disk 0's neighbour range.
+        let k = IdMap::parse(":0:1:1002:1002:0:1:1003:1003:64534").unwrap();
+        assert_eq!(k.to_view(0), 1);
+        assert_eq!(k.to_view(1002), 0);
+        assert_eq!(k.to_view(1003), 1003);
+        assert_eq!(k.to_disk(0), Some(1002));
+        assert_eq!(k.to_disk(1), Some(0));
         assert!(IdMap::parse("1:2").is_err());
         assert!(IdMap::parse("a:b:c").is_err());
         assert!(IdMap::default().is_identity());

@@ -38,6 +38,10 @@ impl Union {
         if name.len() > 255 {
             return Err(Error::new(Errno::ENAMETOOLONG, "lookup"));
         }
+        if self.names.is_aufs_meta(name) {
+            // `.wh.*` names are whiteout metadata in AUFS mode, in every layer.
+            return Ok(None);
+        }
         let pst = parent.state();
         let mut found: Option<Found> = None;
         if pst.upper {
@@ -53,12 +57,7 @@ impl Union {
                             return Ok(None);
                         }
                         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                        let opaque = is_dir
-                            && self
-                                .names
-                                .opaque_mark(dir.as_fd(), name)
-                                .ctx("opaque xattr")?
-                                == Some(b'y');
+                        let opaque = is_dir && self.lower_dir_opaque(&dir, name)?;
                         found = Some(Found {
                             top: LayerRef::Upper,
                             stat: st,
@@ -69,7 +68,12 @@ impl Union {
                             return Ok(found);
                         }
                     }
-                    Err(Errno::ENOENT) => {}
+                    Err(Errno::ENOENT) => {
+                        // containers-storage layers used as upper carry AUFS whiteouts too.
+                        if self.names.aufs_whiteout(dir.as_fd(), name) {
+                            return Ok(None);
+                        }
+                    }
                     Err(e) => return Err(Error::new(e, "stat upper")),
                 }
             }
@@ -80,9 +84,6 @@ impl Union {
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
                 Err(e) => return Err(Error::new(e, "open lower dir")),
             };
-            if self.names.is_aufs_meta(name) {
-                return Ok(found);
-            }
             if self.names.aufs_whiteout(dir.as_fd(), name) {
                 return Ok(found);
             }
@@ -130,6 +131,7 @@ impl Union {
         Ok(found)
     }
 
+    /// Is directory `name` in `parent` opaque (xattr `y`, or AUFS `.wh..wh..opq` inside)?
     fn lower_dir_opaque(&self, parent: &std::os::fd::OwnedFd, name: &OsStr) -> Result<bool> {
         if self
             .names

@@ -77,6 +77,9 @@ impl Union {
                 nix::sys::stat::Mode::empty(),
             )
             .ctx("readdir: open")?;
+            // AUFS mode: `.wh.NAME` hides NAME in the layers *below*; a NAME in this same layer
+            // stays visible whatever the listing order, so whiteouts are applied after the layer.
+            let mut hides: Vec<OsString> = Vec::new();
             for e in d.iter() {
                 let e = e.ctx("readdir")?;
                 let b = e.file_name().to_bytes();
@@ -84,14 +87,14 @@ impl Union {
                     continue;
                 }
                 let name = OsStr::from_bytes(b);
-                if is_lower && self.names.aufs {
-                    if let Some(hidden) = b.strip_prefix(super::ondisk::AUFS_WH_PREFIX) {
-                        // `.wh.NAME` hides NAME below; `.wh..wh..opq` and other meta are hidden.
-                        if !hidden.starts_with(b".wh.") {
-                            seen.insert(OsStr::from_bytes(hidden).to_os_string());
-                        }
-                        continue;
+                if self.names.aufs
+                    && let Some(hidden) = b.strip_prefix(super::ondisk::AUFS_WH_PREFIX)
+                {
+                    // `.wh..wh..opq` and other meta names are hidden too.
+                    if !hidden.starts_with(b".wh.") {
+                        hides.push(OsStr::from_bytes(hidden).to_os_string());
                     }
+                    continue;
                 }
                 if seen.contains(name) {
                     continue;
@@ -121,6 +124,7 @@ impl Union {
                     ino: e.ino(),
                 });
             }
+            seen.extend(hides);
         }
         Ok(out)
     }
