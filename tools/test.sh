@@ -6,7 +6,8 @@
 # is non-zero if any section failed.
 #
 # Environment: CARGO_TEST_ARGS (extra arguments after `cargo test`, e.g. a test name),
-#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, and those of the tools it calls.
+#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, SKIP_PODMAN=1, and those of the
+#   tools it calls.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -43,6 +44,9 @@ if run "cargo build" cargo build --bins; then
     fi
     if [ "${SKIP_FSX:-0}" != 1 ]; then
         run "fsx" bash tools/fsx.sh
+    fi
+    if [ "${SKIP_PODMAN:-0}" != 1 ]; then
+        run "podman e2e" bash tools/podman-e2e.sh "$UNIONFS_BIN"
     fi
 fi
 
