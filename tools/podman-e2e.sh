@@ -23,6 +23,9 @@
 #   squash         single-id mapping (`--uidmap 0:N:1`): podman passes squash_to_uid/gid=N;
 #                  owners, writes and appends equal vfs
 #   lifecycle      run -d / exec / stop / start / rm: no mount or daemon left after stop and rm
+#   size-limit     a unionfs-rs config file (`mount_program_options = size=20M`) gives every
+#                  container mount a quota: `df /` in the container shows 20 MiB, writing 40 MiB
+#                  fails with ENOSPC after ~20 MiB
 #   leftovers      after `podman rm -af`: no fuse mount under the test dir, no live daemon
 #
 # Usage: tools/podman-e2e.sh [/path/to/unionfs-rs]      (as root)
@@ -164,6 +167,8 @@ fi
 printf 'call %s uid=%s cwd=%s uid_map=%s\n' "\$(date +%T.%N)" "\$(id -u)" "\$PWD" \\
     "\$(tr -s ' ' < /proc/self/uid_map | tr '\n' ';')" >&3
 printf 'argv' >&3; printf ' [%s]' "\$@" >&3; printf '\n' >&3
+# size-limit scenario: a unionfs-rs config file giving every container mount a quota
+if [ -f $T/conf/size-limit.on ]; then export UNIONFS_RS_CONFIG=$T/conf/unionfs-size.conf; fi
 fifo=\$(mktemp -u $T/log/err.XXXXXX)
 mkfifo -m 600 "\$fifo"
 ( while IFS= read -r l; do echo "stderr \$l" >&3; echo "\$l" >&2; done < "\$fifo"
@@ -467,6 +472,20 @@ s_lifecycle() {
     nothing_left_for "$up"
 }
 
+s_size_limit() {
+    local out
+    echo "mount_program_options = size=20M" > "$T/conf/unionfs-size.conf"
+    chmod 644 "$T/conf/unionfs-size.conf"
+    touch "$T/conf/size-limit.on"
+    out=$(P run --pull never --rm localhost/base sh -c \
+        'df -k / | tail -n 1; dd if=/dev/zero of=/big bs=1M count=40 2>&1; echo "dd rc=$?"; ls -l /big') || true
+    rm -f "$T/conf/size-limit.on"
+    echo "$out"
+    want "df / in the container shows the 20 MiB limit" ' 20480 ' "$out"
+    want "writing past the limit fails with ENOSPC" 'No space left on device' "$out"
+    want "what fit was written" '^-.* 2[01][0-9]{6} ' "$out"
+}
+
 s_leftovers() {
     local m d
     P rm -af -t 0 >/dev/null
@@ -505,6 +524,7 @@ for M in $MODES; do
     [ "$M" = rootless ] && scenario keep-id s_keep_id
     scenario squash s_squash
     scenario lifecycle s_lifecycle
+    scenario size-limit s_size_limit
     scenario leftovers s_leftovers
     # How podman called the mount program in this mode (ids and layer names elided).
     say "$M: mount program calls (count, argv shape):"

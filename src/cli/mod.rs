@@ -1,6 +1,7 @@
 //! Command line: `mount`, `umount`, and the fuse-overlayfs / mount(8) helper form
 //! `unionfs-rs [SOURCE] MERGED -o lowerdir=…,upperdir=…,workdir=…`.
 
+pub mod config;
 pub mod daemon;
 pub mod options;
 pub mod quota;
@@ -158,7 +159,21 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
         "mount" | "umount" | "quota" | "help" | "--help" | "-h" | "--version" | "-V" | ""
     );
     if !is_cli {
-        return match options::parse_legacy(&args[1..]) {
+        // Config defaults first, then the caller's options (which win).
+        let cfg = match config::load() {
+            Ok(c) => c,
+            Err(e) => return fail(format!("config: {e}")),
+        };
+        let mut pre: Vec<OsString> = Vec::new();
+        for o in [&cfg.default_options, &cfg.mount_program_options]
+            .into_iter()
+            .flatten()
+        {
+            pre.push("-o".into());
+            pre.push(o.into());
+        }
+        pre.extend(args[1..].iter().cloned());
+        return match options::parse_legacy(&pre) {
             Ok(spec) => run_mount(spec),
             Err(e) => fail(e),
         };
@@ -208,6 +223,16 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                     spec.upper = Some(m.dirs[0].clone());
                     spec.merged = Some(m.dirs[1].clone());
                 }
+            }
+            // Config defaults first; the command line's own options override them.
+            let cfg = match config::load() {
+                Ok(c) => c,
+                Err(e) => return fail(format!("config: {e}")),
+            };
+            if let Some(d) = &cfg.default_options
+                && let Err(e) = options::apply_opts(&mut spec, d)
+            {
+                return fail(format!("config default_options: {e}"));
             }
             for (k, v) in [
                 ("size", &m.size),
