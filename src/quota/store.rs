@@ -50,11 +50,22 @@ pub fn save_state(path: &Path, s: &State, errno: Option<Errno>) -> std::io::Resu
     );
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = private_file(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+/// Create (truncate) a file only its owner can read: our bookkeeping, not user data.
+pub fn private_file(p: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
 }
 
 /// Read the state file; `Ok(None)` if there is none.

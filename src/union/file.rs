@@ -168,7 +168,20 @@ impl Union {
             nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(mode & 0o7777)).ctx("fchmod")?;
         }
         if let Some(size) = a.size {
+            let mut known = node.io_lock.lock();
+            let before = nix::sys::stat::fstat(fd).ctx("fstat")?;
+            if self.quota.is_some() {
+                self.sync_known(&mut known, &before);
+            }
             nix::unistd::ftruncate(fd, size as i64).ctx("ftruncate")?;
+            if self.quota.is_some() {
+                let after = nix::sys::stat::fstat(fd).ctx("fstat")?;
+                self.account(
+                    super::charge::alloc(&after) - super::charge::alloc(&before),
+                    0,
+                );
+                *known = Some((super::charge::alloc(&after), after.st_size));
+            }
         }
         if a.atime.is_some() || a.mtime.is_some() {
             nix::sys::stat::futimens(fd, &ts(a.atime), &ts(a.mtime)).ctx("futimens")?;

@@ -265,7 +265,7 @@ impl InoMap {
         if records > 2 * map.len() as u64 + 1024 {
             let tmp = path.with_extension("tmp");
             {
-                let mut f = std::fs::File::create(&tmp)?;
+                let mut f = crate::quota::store::private_file(&tmp)?;
                 let mut out = Vec::with_capacity(map.len() * 16);
                 for e in map.iter() {
                     out.extend_from_slice(&e.key().to_le_bytes());
@@ -276,7 +276,14 @@ impl InoMap {
             }
             std::fs::rename(&tmp, path)?;
         }
-        let file = OpenOptions::new().append(true).create(true).open(path)?;
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(path)?
+        };
         Ok(InoMap {
             map,
             file: Some(Mutex::new(file)),
