@@ -224,8 +224,9 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
         }
         Some("stats") => {
             let mut s = format!(
-                "{{\"mount\":{},\"nodes\":{},\"open_files\":{}",
+                "{{\"mount\":{},\"pid\":{},\"nodes\":{},\"open_files\":{}",
                 json_str(mount),
+                std::process::id(),
                 union.node_count(),
                 union.open_file_count()
             );

@@ -319,12 +319,51 @@ pub fn umount(merged: &Path) -> Result<(), String> {
     if !is_fuse_mount(&m) {
         return Err(format!("{} is not a unionfs-rs mount", m.display()));
     }
-    match nix::mount::umount(&m) {
+    // The daemon's pid, to wait until it has drained and recorded its state.
+    let pid = crate::control::request(&m, "stats")
+        .ok()
+        .and_then(|r| json_u64(&r, "pid"));
+    let r = unmount_now(&m);
+    if r.is_ok()
+        && let Some(pid) = pid
+    {
+        let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while proc_dir.exists() && !is_zombie(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    r
+}
+
+/// A field of a flat JSON object (our own control replies).
+fn json_u64(json: &str, key: &str) -> Option<u64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = json[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn is_zombie(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn unmount_now(m: &Path) -> Result<(), String> {
+    match nix::mount::umount(m) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EPERM) => {
             let st = std::process::Command::new("fusermount3")
                 .arg("-u")
-                .arg(&m)
+                .arg(m)
                 .status()
                 .map_err(|e| format!("fusermount3: {e}"))?;
             if st.success() {

@@ -39,6 +39,14 @@ enum Cmd {
         /// The merged directory.
         merged: PathBuf,
     },
+    /// Live statistics of a mount (from its control socket).
+    Stats {
+        /// Print the daemon's JSON object as is.
+        #[arg(long)]
+        json: bool,
+        /// The merged directory.
+        merged: PathBuf,
+    },
     /// Project quota of live mounts (xfs_quota's report and limit).
     Quota {
         #[command(subcommand)]
@@ -156,7 +164,7 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let is_cli = matches!(
         first,
-        "mount" | "umount" | "quota" | "help" | "--help" | "-h" | "--version" | "-V" | ""
+        "mount" | "umount" | "quota" | "stats" | "help" | "--help" | "-h" | "--version" | "-V" | ""
     );
     if !is_cli {
         // Config defaults first, then the caller's options (which win).
@@ -262,6 +270,29 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             Ok(()) => 0,
             Err(e) => fail(e),
         },
+        Cmd::Stats { json, merged } => {
+            let m = match merged.canonicalize() {
+                Ok(m) => m,
+                Err(e) => return fail(format!("{}: {e}", merged.display())),
+            };
+            match crate::control::request(&m, "stats") {
+                Ok(r) if r.starts_with("{\"error\"") => fail(r),
+                Ok(r) if json => {
+                    println!("{r}");
+                    0
+                }
+                Ok(r) => {
+                    // key: value lines from the flat JSON object.
+                    for kv in r.trim_matches(|c| c == '{' || c == '}').split(',') {
+                        if let Some((k, v)) = kv.split_once(':') {
+                            println!("{}: {}", k.trim_matches('"'), v.trim_matches('"'));
+                        }
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
         Cmd::Quota { cmd } => {
             let r = match cmd {
                 QuotaCmd::Report {
