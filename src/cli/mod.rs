@@ -73,24 +73,8 @@ enum QuotaCmd {
     },
     /// Change limits on a live mount (lowering below usage is allowed; growth is refused).
     Limit {
-        /// Block hard limit.
-        #[arg(long, value_name = "SIZE")]
-        bhard: Option<String>,
-        /// Block soft limit.
-        #[arg(long, value_name = "SIZE")]
-        bsoft: Option<String>,
-        /// Inode hard limit.
-        #[arg(long, value_name = "N")]
-        ihard: Option<String>,
-        /// Inode soft limit.
-        #[arg(long, value_name = "N")]
-        isoft: Option<String>,
-        /// Block grace period.
-        #[arg(long, value_name = "DURATION")]
-        bgrace: Option<String>,
-        /// Inode grace period.
-        #[arg(long, value_name = "DURATION")]
-        igrace: Option<String>,
+        #[command(flatten)]
+        limits: LimitFlags,
         /// Mount point.
         merged: PathBuf,
     },
@@ -127,7 +111,20 @@ struct MountArgs {
     /// Project quota: block hard limit (like `--storage-opt size=`), e.g. 10G.
     #[arg(long, value_name = "SIZE")]
     size: Option<String>,
-    /// Block hard limit (same as --size).
+    #[command(flatten)]
+    limits: LimitFlags,
+    /// Project id to record and report.
+    #[arg(long, value_name = "ID")]
+    project_id: Option<String>,
+    /// errno for refusals: enospc (XFS project quota, default) or edquot (ext4's convention).
+    #[arg(long, value_name = "ERRNO")]
+    quota_errno: Option<String>,
+}
+
+/// The limit flags shared by `mount` and `quota limit`.
+#[derive(Debug, clap::Args)]
+struct LimitFlags {
+    /// Block hard limit (same as --size on mount).
     #[arg(long, value_name = "SIZE")]
     bhard: Option<String>,
     /// Block soft limit (enforced after the grace period).
@@ -145,12 +142,23 @@ struct MountArgs {
     /// Inode grace period (default 7d).
     #[arg(long, value_name = "DURATION")]
     igrace: Option<String>,
-    /// Project id to record and report.
-    #[arg(long, value_name = "ID")]
-    project_id: Option<String>,
-    /// errno for refusals: enospc (XFS project quota, default) or edquot (ext4's convention).
-    #[arg(long, value_name = "ERRNO")]
-    quota_errno: Option<String>,
+}
+
+impl LimitFlags {
+    /// The flags given, as (option name, value).
+    fn given(self) -> Vec<(&'static str, String)> {
+        [
+            ("bhard", self.bhard),
+            ("bsoft", self.bsoft),
+            ("ihard", self.ihard),
+            ("isoft", self.isoft),
+            ("bgrace", self.bgrace),
+            ("igrace", self.igrace),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
 }
 
 /// Print one clear line and return the usage exit code.
@@ -242,20 +250,17 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             {
                 return fail(format!("config default_options: {e}"));
             }
-            for (k, v) in [
-                ("size", &m.size),
-                ("bhard", &m.bhard),
-                ("bsoft", &m.bsoft),
-                ("ihard", &m.ihard),
-                ("isoft", &m.isoft),
-                ("bgrace", &m.bgrace),
-                ("igrace", &m.igrace),
-                ("project_id", &m.project_id),
-                ("quota_errno", &m.quota_errno),
-            ] {
-                if let Some(v) = v
-                    && let Err(e) = spec.quota_args.set(k, v)
-                {
+            let mut quota_flags: Vec<(&str, String)> = [
+                ("size", m.size),
+                ("project_id", m.project_id),
+                ("quota_errno", m.quota_errno),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+            quota_flags.extend(m.limits.given());
+            for (k, v) in quota_flags {
+                if let Err(e) = spec.quota_args.set(k, &v) {
                     return fail(e);
                 }
             }
@@ -301,26 +306,12 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                     merged,
                     ..
                 } => quota::report(&merged, human, json),
-                QuotaCmd::Limit {
-                    bhard,
-                    bsoft,
-                    ihard,
-                    isoft,
-                    bgrace,
-                    igrace,
-                    merged,
-                } => {
-                    let args: Vec<String> = [
-                        ("bhard", bhard),
-                        ("bsoft", bsoft),
-                        ("ihard", ihard),
-                        ("isoft", isoft),
-                        ("bgrace", bgrace),
-                        ("igrace", igrace),
-                    ]
-                    .into_iter()
-                    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
-                    .collect();
+                QuotaCmd::Limit { limits, merged } => {
+                    let args: Vec<String> = limits
+                        .given()
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
                     quota::limit(&merged, &args)
                 }
             };

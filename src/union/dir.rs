@@ -277,23 +277,8 @@ impl Union {
                 self.sync_known(&mut known, &before);
             }
             if wh {
-                let tmp = self.tmp_name();
-                self.dir_op(&[work], false, || {
-                    make_whiteout(work, &tmp).ctx("make whiteout")
-                })?;
-                if let Err(e) = nix::fcntl::renameat2(
-                    work,
-                    tmp.as_os_str(),
-                    dir.as_fd(),
-                    name,
-                    RenameFlags::RENAME_EXCHANGE,
-                ) {
-                    let _ =
-                        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
-                    return Err(Error::new(e, "whiteout exchange"));
-                }
-                // The new whiteout is an inode; the old object went to the work dir.
-                self.account(0, 1);
+                // Swap a whiteout in; the old object lands in the work dir.
+                let tmp = self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_EXCHANGE)?;
                 if is_dir {
                     let freed = remove_tmp(work, &tmp, true);
                     self.account(-freed.0, -freed.1);
@@ -304,16 +289,7 @@ impl Union {
                 }
             } else {
                 if is_dir {
-                    let sub = nix::fcntl::openat(
-                        dir.as_fd(),
-                        name,
-                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .ctx("open dir to remove")?;
-                    // Only whiteouts can be left in a directory that is empty in the merged view.
-                    let freed = remove_dir_contents(&sub);
-                    self.account(-freed.0, -freed.1);
+                    self.clear_whiteouts(dir.as_fd(), name)?;
                 }
                 let f = if is_dir {
                     UnlinkatFlags::RemoveDir
@@ -324,24 +300,46 @@ impl Union {
                 self.account_unlinked(&before, still_open);
             }
         } else {
-            let tmp = self.tmp_name();
-            self.dir_op(&[work, dir.as_fd()], false, || {
-                make_whiteout(work, &tmp).ctx("make whiteout")?;
-                if let Err(e) = nix::fcntl::renameat2(
-                    work,
-                    tmp.as_os_str(),
-                    dir.as_fd(),
-                    name,
-                    RenameFlags::RENAME_NOREPLACE,
-                ) {
-                    let _ =
-                        nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
-                    return Err(Error::new(e, "install whiteout"));
-                }
-                Ok(())
-            })?;
-            self.account(0, 1);
+            self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_NOREPLACE)?;
         }
+        Ok(())
+    }
+
+    /// Build a whiteout in the work dir and rename it to `name` in `dir` with `flags`
+    /// (RENAME_EXCHANGE over an existing object, RENAME_NOREPLACE where there is none), so the
+    /// name never shows the lower entry. Returns the scratch name, which holds the old object
+    /// after an exchange. The whiteout is an inode of the project.
+    fn swap_in_whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<std::ffi::OsString> {
+        let work = self.work_fd()?;
+        let tmp = self.tmp_name();
+        self.dir_op(&[work, dir], false, || {
+            make_whiteout(work, &tmp).ctx("make whiteout")?;
+            nix::fcntl::renameat2(work, tmp.as_os_str(), dir, name, flags).map_err(|e| {
+                let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                Error::new(e, "swap in whiteout")
+            })
+        })?;
+        self.account(0, 1);
+        Ok(tmp)
+    }
+
+    /// Remove what is left inside upper directory `name` of `dir` — only whiteouts can be, in a
+    /// directory that is empty in the merged view — and account for it.
+    fn clear_whiteouts(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        let sub = nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open directory to clear")?;
+        let freed = remove_dir_contents(&sub);
+        self.account(-freed.0, -freed.1);
         Ok(())
     }
 
@@ -488,15 +486,7 @@ impl Union {
             && t.st_mode & libc::S_IFMT == libc::S_IFDIR
         {
             // Empty in the merged view: only whiteouts can be inside.
-            let sub = nix::fcntl::openat(
-                ddir.as_fd(),
-                newname,
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .ctx("open rename target")?;
-            let freed = remove_dir_contents(&sub);
-            self.account(-freed.0, -freed.1);
+            self.clear_whiteouts(ddir.as_fd(), newname)?;
         }
         // The target directory may need a block for the new name.
         self.dir_op(&[ddir.as_fd()], false, || -> Result<()> {
