@@ -438,16 +438,19 @@ impl Union {
     /// node was unlinked while open).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
-        let st = node.state();
-        if st.unlinked
-            && let Some(f) = self.upper_handle_of(ino, fh)
-        {
-            let fs = nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?;
-            return Ok(self.attr_for(&node, &st, &fs));
-        }
-        let (dir, name) = self.open_parent_in(&node, st.top())?;
-        let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;
-        Ok(self.attr_for(&node, &st, &fs))
+        let (unlinked, top) = {
+            let st = node.st.lock();
+            (st.unlinked, st.top())
+        };
+        // An unlinked but open file is reached through one of its handles.
+        let fs = match unlinked.then(|| self.upper_handle_of(ino, fh)).flatten() {
+            Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
+            None => {
+                let (dir, name) = self.open_parent_in(&node, top)?;
+                layer::stat_at(dir.as_fd(), &name).ctx("stat")?
+            }
+        };
+        Ok(self.attr_for(&node, &node.st.lock(), &fs))
     }
 
     /// Merged-view attributes from the top object's stat.

@@ -42,9 +42,13 @@ impl Union {
             // `.wh.*` names are whiteout metadata in AUFS mode, in every layer.
             return Ok(None);
         }
-        let pst = parent.state();
+        // Only what lookup needs, without cloning names (the hot path).
+        let (p_upper, p_lowers) = {
+            let st = parent.st.lock();
+            (st.upper, st.lowers.clone())
+        };
         let mut found: Option<Found> = None;
-        if pst.upper {
+        if p_upper {
             let dir = match self.dir_fd(parent, LayerRef::Upper) {
                 Ok(d) => Some(d),
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => None,
@@ -78,7 +82,7 @@ impl Union {
                 }
             }
         }
-        for &li in &pst.lowers {
+        for &li in &p_lowers {
             let dir = match self.dir_fd(parent, LayerRef::Lower(li)) {
                 Ok(d) => d,
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
@@ -260,8 +264,7 @@ impl Union {
                 }
             }
         }
-        let st = node.state();
-        let attr = self.attr_for(&node, &st, &f.stat);
+        let attr = self.attr_for(&node, &node.st.lock(), &f.stat);
         (node, attr)
     }
 
