@@ -35,6 +35,11 @@ run() { # name, command...
     return "$rc"
 }
 
+if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: the suite mounts filesystems and compares with kernel overlayfs: run it as root" >&2
+    exit 2
+fi
+run "setup" bash tools/setup-test-deps.sh || { echo "test.sh: setup failed" >&2; exit 1; }
 if run "cargo build" cargo build --bins; then
     # shellcheck disable=SC2086
     run "cargo test" cargo test --no-fail-fast ${CARGO_TEST_ARGS:-} -- --test-threads="${TEST_THREADS:-2}"
