@@ -106,10 +106,21 @@ fs_umount() {
         FS_MOUNTED=0
     fi
     local pids
-    for _ in $(seq 1 150); do
+    local i
+    for i in $(seq 1 150); do
         pids=$(_daemon_pids)
         [ -z "$pids" ] && return 0
         sleep 0.2
+        [ "$i" -lt 10 ] && continue
+        # Gone from our mount table but the daemon lives on: a copy of the mount is held in
+        # another mount namespace (e.g. a rootless podman started meanwhile). Ask it to stop.
+        if [ "$FS_KIND" = unionfs ] && ! grep -qF " $FS_ROOT/merged " /proc/self/mountinfo &&
+            [ "${_termed:-}" != "$pids" ]; then
+            log "mount gone here but daemon $pids still serving (mount copied into another namespace?): SIGTERM"
+            # shellcheck disable=SC2086
+            kill -TERM $pids 2>/dev/null || true
+            _termed=$pids
+        fi
     done
     log "daemon still running 30 s after unmount, killing: $pids ($(ps -o pid,stat,etime,args -p "${pids//$'\n'/,}" 2>/dev/null | tail -n +2))"
     # shellcheck disable=SC2086

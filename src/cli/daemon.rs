@@ -218,6 +218,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     };
     let mut unmounter = session.unmount_callable();
     let merged = c.merged.clone();
+    let sig_union = union.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -230,6 +231,15 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
                     log::warn!("unmount: {e}; detaching");
                     let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
                 }
+                // The session normally ends now. If a copy of the mount lives on in another
+                // mount namespace (one created while we were mounted), the connection stays up:
+                // stop anyway, after recording our state, as a stop signal asks.
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                log::warn!(
+                    "session still alive 5 s after {sig:?} (mount held elsewhere?): exiting"
+                );
+                sig_union.shutdown();
+                std::process::exit(0);
             }
         })
         .map_err(|e| e.to_string())?;
