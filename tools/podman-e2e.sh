@@ -89,7 +89,8 @@ if [[ " $MODES " == *" rootless "* ]]; then
     UHOME=$(getent passwd "$USR" | cut -d: -f6)
 fi
 
-T=$(mktemp -d /tmp/podman-e2e.XXXXXX)
+# Short: podman 4.3 refuses rootless runroots over 50 characters ($T/rootless/ufs/xdg/containers).
+T=$(mktemp -d /tmp/pe.XXXXXX)
 chmod 755 "$T"
 FUSE_MODE=$(stat -c %a /dev/fuse)
 
