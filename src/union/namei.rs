@@ -137,32 +137,26 @@ impl Union {
 
     /// Is directory `name` in `parent` opaque (xattr `y`, or AUFS `.wh..wh..opq` inside)?
     fn lower_dir_opaque(&self, parent: &std::os::fd::OwnedFd, name: &OsStr) -> Result<bool> {
-        if self
-            .names
-            .opaque_mark(parent.as_fd(), name)
-            .ctx("opaque xattr")?
-            == Some(b'y')
-        {
-            return Ok(true);
-        }
-        if self.names.aufs {
-            let d = nix::fcntl::openat(
-                parent.as_fd(),
-                name,
-                nix::fcntl::OFlag::O_RDONLY
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_NOFOLLOW
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
+        // The AUFS marker lives inside the directory: open it only in AUFS mode.
+        let sub = if self.names.aufs {
+            Some(
+                nix::fcntl::openat(
+                    parent.as_fd(),
+                    name,
+                    nix::fcntl::OFlag::O_RDONLY
+                        | nix::fcntl::OFlag::O_DIRECTORY
+                        | nix::fcntl::OFlag::O_NOFOLLOW
+                        | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .ctx("open directory")?,
             )
-            .ctx("open lower dir")?;
-            return Ok(layer::stat_at(
-                d.as_fd(),
-                OsStr::from_bytes_compat(super::ondisk::AUFS_OPAQUE),
-            )
-            .is_ok());
-        }
-        Ok(false)
+        } else {
+            None
+        };
+        self.names
+            .is_opaque(parent.as_fd(), name, sub.as_ref().map(|d| d.as_fd()))
+            .ctx("opaque mark")
     }
 
     /// Does a lower layer below `parent` hold a visible `name` (kernel ovl_lower_positive)?
@@ -299,18 +293,6 @@ fn per_name_ino(parent: u64, name: &OsStr, ino: u64) -> u64 {
     ino.to_le_bytes().into_iter().for_each(&mut eat);
     name.as_bytes().iter().copied().for_each(&mut eat);
     h | (1 << 63)
-}
-
-/// `OsStr::from_bytes` under a name that reads well at call sites.
-trait FromBytesCompat {
-    fn from_bytes_compat(b: &[u8]) -> &OsStr;
-}
-
-impl FromBytesCompat for OsStr {
-    fn from_bytes_compat(b: &[u8]) -> &OsStr {
-        use std::os::unix::ffi::OsStrExt;
-        OsStr::from_bytes(b)
-    }
 }
 
 /// Remove one (parent, name) from a node's names; mark it unlinked when none remain.

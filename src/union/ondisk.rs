@@ -99,20 +99,19 @@ impl Names {
         }
     }
 
-    /// Is the directory `name` (opened `dir_of_name` as its parent) opaque in a lower layer,
-    /// counting AUFS `.wh..wh..opq` when enabled? `sub` is an fd of the directory itself
-    /// (needed for the AUFS check).
+    /// Is directory `name` in `parent` opaque: `<prefix>opaque=y`, or (AUFS mode) a
+    /// `.wh..wh..opq` inside it — `dir` is an fd of the directory itself, for that check.
     pub fn is_opaque(
         &self,
         parent: BorrowedFd<'_>,
         name: &OsStr,
-        lower_dir: Option<BorrowedFd<'_>>,
+        dir: Option<BorrowedFd<'_>>,
     ) -> Result<bool, Errno> {
         if self.opaque_mark(parent, name)? == Some(b'y') {
             return Ok(true);
         }
         if self.aufs
-            && let Some(d) = lower_dir
+            && let Some(d) = dir
         {
             return Ok(crate::layer::stat_at(d, OsStr::from_bytes(AUFS_OPAQUE)).is_ok());
         }
