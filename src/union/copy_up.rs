@@ -75,7 +75,6 @@ impl Union {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         let kind = fs.st_mode & libc::S_IFMT;
-        let perm = fs.st_mode & 0o7777;
         let res = (|| -> Result<()> {
             match kind {
                 libc::S_IFDIR => {
@@ -128,7 +127,6 @@ impl Union {
             }
             copy_xattrs(self, src_dir, name, work, &tmp)?;
             copy_meta(work, &tmp, fs)?;
-            let _ = perm;
             nix::fcntl::renameat2(
                 work,
                 tmp.as_os_str(),
