@@ -506,37 +506,22 @@ impl Union {
                         .ctx("drop whiteout")?;
                     self.account(0, -1);
                 }
-            } else if old_wh {
-                match nix::fcntl::renameat2(
-                    sdir.as_fd(),
-                    name,
-                    ddir.as_fd(),
-                    newname,
-                    RenameFlags::RENAME_WHITEOUT,
-                ) {
-                    Ok(()) => {}
-                    Err(Errno::EINVAL) | Err(Errno::EPERM) => {
-                        nix::fcntl::renameat2(
-                            sdir.as_fd(),
-                            name,
-                            ddir.as_fd(),
-                            newname,
-                            RenameFlags::empty(),
-                        )
-                        .ctx("rename")?;
-                        make_whiteout(sdir.as_fd(), name).ctx("whiteout after rename")?;
-                    }
-                    Err(e) => return Err(Error::new(e, "rename")),
-                }
             } else {
-                nix::fcntl::renameat2(
-                    sdir.as_fd(),
-                    name,
-                    ddir.as_fd(),
-                    newname,
-                    RenameFlags::empty(),
-                )
-                .ctx("rename")?;
+                let mv =
+                    |flags| nix::fcntl::renameat2(sdir.as_fd(), name, ddir.as_fd(), newname, flags);
+                if !old_wh {
+                    mv(RenameFlags::empty()).ctx("rename")?;
+                } else {
+                    match mv(RenameFlags::RENAME_WHITEOUT) {
+                        Ok(()) => {}
+                        Err(Errno::EINVAL) | Err(Errno::EPERM) => {
+                            // No RENAME_WHITEOUT here: rename, then put the whiteout.
+                            mv(RenameFlags::empty()).ctx("rename")?;
+                            make_whiteout(sdir.as_fd(), name).ctx("whiteout after rename")?;
+                        }
+                        Err(e) => return Err(Error::new(e, "rename")),
+                    }
+                }
             }
             Ok(())
         })?;
