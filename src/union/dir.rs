@@ -447,15 +447,10 @@ impl Union {
                 .ctx("set opaque")?;
             src.st.lock().opaque = true;
         }
+        // The one rename this operation makes, in its variants.
+        let mv = |flags| nix::fcntl::renameat2(sdir.as_fd(), name, ddir.as_fd(), newname, flags);
         if exchange {
-            nix::fcntl::renameat2(
-                sdir.as_fd(),
-                name,
-                ddir.as_fd(),
-                newname,
-                RenameFlags::RENAME_EXCHANGE,
-            )
-            .ctx("rename exchange")?;
+            mv(RenameFlags::RENAME_EXCHANGE).ctx("rename exchange")?;
             if let Some(d) = &dst {
                 // Swap the two names.
                 move_name(d, newparent, newname, u64::MAX, OsStr::new(""));
@@ -493,22 +488,13 @@ impl Union {
             if target_is_wh && src.is_dir() {
                 // rename(2) cannot put a directory over a char device: exchange, then keep or drop
                 // the whiteout that lands at the old name.
-                nix::fcntl::renameat2(
-                    sdir.as_fd(),
-                    name,
-                    ddir.as_fd(),
-                    newname,
-                    RenameFlags::RENAME_EXCHANGE,
-                )
-                .ctx("rename over whiteout")?;
+                mv(RenameFlags::RENAME_EXCHANGE).ctx("rename over whiteout")?;
                 if !old_wh {
                     nix::unistd::unlinkat(sdir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
                         .ctx("drop whiteout")?;
                     self.account(0, -1);
                 }
             } else {
-                let mv =
-                    |flags| nix::fcntl::renameat2(sdir.as_fd(), name, ddir.as_fd(), newname, flags);
                 if !old_wh {
                     mv(RenameFlags::empty()).ctx("rename")?;
                 } else {
