@@ -161,5 +161,62 @@ fn quota_benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(core, benches, quota_benches);
+/// The page cache's own paths: a 128 KiB read served from cached pages (hit), one that must
+/// read the file (miss, readahead off so each iteration reads), and a 128 KiB write landing as
+/// dirty pages (the flusher writes them behind; the budget keeps dirty data bounded).
+fn cache_benches(c: &mut Criterion) {
+    use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+    use unionfs_rs::cache::{CacheConfig, PageCache, RaState};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("data");
+    fs::write(&path, vec![7u8; 64 << 20]).expect("write");
+    let open = || -> Arc<OwnedFd> {
+        Arc::new(OwnedFd::from(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open"),
+        ))
+    };
+    let mut g = c.benchmark_group("page_cache");
+    g.throughput(criterion::Throughput::Bytes(128 << 10));
+    let cache = PageCache::new(CacheConfig::default(), None).expect("cache");
+    let fd = open();
+    let ra = parking_lot::Mutex::new(RaState::default());
+    cache.read(1, &ra, &fd, 0, 128 << 10).expect("warm");
+    g.bench_function("read_128k_hit", |b| {
+        b.iter(|| cache.read(1, &ra, &fd, 0, 128 << 10).expect("read"))
+    });
+    let cold = PageCache::new(
+        CacheConfig {
+            size: 64 << 10,
+            readahead_kb: 0,
+            ..CacheConfig::default()
+        },
+        None,
+    )
+    .expect("cache");
+    let mut off = 0u64;
+    g.bench_function("read_128k_miss", |b| {
+        b.iter(|| {
+            // Walk the file so every read misses (the budget holds 16 pages).
+            off = (off + (128 << 10)) % (64 << 20);
+            cold.read(2, &ra, &fd, off, 128 << 10).expect("read")
+        })
+    });
+    let buf = vec![3u8; 128 << 10];
+    let mut woff = 0u64;
+    g.bench_function("write_128k_dirty", |b| {
+        b.iter(|| {
+            woff = (woff + (128 << 10)) % (64 << 20);
+            cache.write(3, &fd, woff, &buf).expect("write")
+        })
+    });
+    g.finish();
+    cache.sync_all().expect("sync");
+}
+
+criterion_group!(core, benches, quota_benches, cache_benches);
 criterion_main!(core);

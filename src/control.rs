@@ -194,6 +194,15 @@ fn serve_one(conn: UnixStream, union: &Union, mount: &str) -> std::io::Result<()
     w.write_all(b"\n")
 }
 
+/// Cache settings as `key=value` lines, with the thresholds they give.
+fn cache_kv(c: &crate::cache::CacheConfig) -> String {
+    let mut out: Vec<String> = c.pairs().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let (bg, th) = c.thresholds();
+    out.push(format!("bg_thresh_bytes={bg}"));
+    out.push(format!("dirty_thresh_bytes={th}"));
+    out.join("\n")
+}
+
 fn no_quota() -> String {
     "{\"error\":\"no quota is set on this mount\"}".into()
 }
@@ -230,6 +239,13 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 union.node_count(),
                 union.open_file_count()
             );
+            if let Some(c) = union.cache() {
+                for (k, v) in c.stats().fields {
+                    s.push_str(&format!(",\"{k}\":{v}"));
+                }
+            } else {
+                s.push_str(",\"cache_size\":0");
+            }
             if let Some(q) = q {
                 let r = q.report();
                 s.push_str(&format!(
@@ -246,7 +262,37 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             s.push('}');
             s
         }
-        _ => "{\"error\":\"unknown command (quota-report, quota-limit k=v…, stats)\"}".into(),
+        Some("cache-show") => match union.cache() {
+            Some(c) => cache_kv(&c.config()),
+            None => "{\"error\":\"this mount has no page cache (mounted with cache_size=0)\"}".into(),
+        },
+        Some("cache-set") => {
+            let me = nix::unistd::geteuid().as_raw();
+            if peer != 0 && peer != me {
+                return "{\"error\":\"only root or the mount's owner may change the cache\"}".into();
+            }
+            let Some(c) = union.cache() else {
+                return "{\"error\":\"this mount has no page cache (mounted with cache_size=0)\"}".into();
+            };
+            let mut cfg = c.config();
+            for kv in &words[1..] {
+                let Some((k, v)) = kv.split_once('=') else {
+                    return format!("{{\"error\":{}}}", json_str(&format!("expected KEY=VALUE, got {kv}")));
+                };
+                if let Err(e) = cfg.set(k, v) {
+                    return format!("{{\"error\":{}}}", json_str(&e));
+                }
+            }
+            match c.set_config(cfg) {
+                Ok(()) => cache_kv(&c.config()),
+                Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
+            }
+        }
+        Some("sync") => match union.sync_all() {
+            Ok(()) => String::new(),
+            Err(e) => format!("{{\"error\":{}}}", json_str(&e.to_string())),
+        },
+        _ => "{\"error\":\"unknown command (quota-report, quota-limit k=v…, stats, cache-show, cache-set k=v…, sync)\"}".into(),
     }
 }
 

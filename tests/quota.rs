@@ -403,9 +403,13 @@ fn describe_tree(dirs: &Dirs) -> String {
     )
 }
 
-/// The report's usage must be exactly what a fresh scan finds.
+/// The report's usage must be exactly what a fresh scan finds once cached data is stored.
 #[track_caller]
 fn assert_report_matches_scan(m: &Mount, what: &str) -> QReport {
+    // Cached writes are charged when accepted but reach upper only when written back: store
+    // them first, so the scan sees what the report counts.
+    let (code, out, err) = run_bin(&["sync", p2s(&m.merged)]);
+    assert_eq!(code, 0, "sync failed: {out}{err}");
     let r = report(m);
     let s = fresh_scan(&m.dirs);
     assert_eq!(
@@ -2725,6 +2729,8 @@ mod prop {
         let check = |m: &Mount, when: String| -> Result<(), TestCaseError> {
             let deadline = Instant::now() + Duration::from_secs(3);
             loop {
+                // Cached writes first (charged when accepted, on disk once written back).
+                let _ = run_bin(&["sync", p2s(&m.merged)]);
                 let r = report(m);
                 let s = fresh_scan(&dirs);
                 let u = unlinked_open_files(m);

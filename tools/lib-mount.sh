@@ -7,7 +7,8 @@
 #                      (the merged dir, or for native a plain directory)
 #   fs_umount          unmount (idempotent) and make sure the daemon is gone
 #
-# Environment: UNIONFS_BIN (default: <repo>/target/debug/unionfs-rs, built if missing).
+# Environment: UNIONFS_BIN (default: <repo>/target/debug/unionfs-rs, built if missing),
+#   UNIONFS_MOUNT_ARGS (extra arguments for `unionfs-rs mount`, e.g. "--cache-size 128K").
 
 FS_ROOT=""
 FS_TARGET=""
@@ -54,8 +55,9 @@ fs_mount() {
     unionfs)
         local bin
         bin=$(unionfs_bin)
+        # shellcheck disable=SC2086 # UNIONFS_MOUNT_ARGS is a list of extra arguments
         timeout 30 "$bin" mount "$FS_ROOT/lower" "$FS_ROOT/upper" "$FS_ROOT/merged" \
-            --workdir "$FS_ROOT/work" >"$FS_ROOT/daemon.log" 2>&1 || {
+            --workdir "$FS_ROOT/work" ${UNIONFS_MOUNT_ARGS:-} >"$FS_ROOT/daemon.log" 2>&1 || {
             log "mount failed:"
             cat "$FS_ROOT/daemon.log" >&2
             return 1

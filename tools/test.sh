@@ -6,8 +6,8 @@
 # is non-zero if any section failed.
 #
 # Environment: CARGO_TEST_ARGS (extra arguments after `cargo test`, e.g. a test name),
-#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, SKIP_PODMAN=1, and those of the
-#   tools it calls.
+#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, SKIP_PODMAN=1, FSX_OPS (default
+#   1000000 per fsx run), and those of the tools it calls.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -48,7 +48,12 @@ if run "cargo build" cargo build --bins; then
         run "pjdfstest" bash tools/pjdfstest.sh
     fi
     if [ "${SKIP_FSX:-0}" != 1 ]; then
-        run "fsx" bash tools/fsx.sh
+        # Data integrity through the page cache with a budget far below the file (eviction,
+        # write-back and throttling all the time), and with the cache off.
+        run "fsx (page cache 128K)" env UNIONFS_MOUNT_ARGS="--cache-size 128K" \
+            FSX_OPS="${FSX_OPS:-1000000}" FSX_TIMEOUT="${FSX_TIMEOUT:-2400}" bash tools/fsx.sh
+        run "fsx (cache off)" env UNIONFS_MOUNT_ARGS="--cache-size 0" \
+            FSX_OPS="${FSX_OPS:-1000000}" FSX_TIMEOUT="${FSX_TIMEOUT:-2400}" bash tools/fsx.sh
     fi
     if [ "${SKIP_PODMAN:-0}" != 1 ]; then
         run "podman e2e" bash tools/podman-e2e.sh "$UNIONFS_BIN"

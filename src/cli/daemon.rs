@@ -156,6 +156,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    union.attach();
     let mut cfg = Config::default();
     let fsname = c.spec.fsname.clone().unwrap_or_else(|| "unionfs-rs".into());
     let mut mo = vec![
@@ -223,7 +224,24 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         .name("signals".into())
         .spawn(move || {
             if let Ok(sig) = sigs.wait() {
-                log::info!("{sig:?}: unmounting {}", merged.display());
+                log::info!("{sig:?}: writing cached data, then unmounting {}", merged.display());
+                // A second signal during a long drain says how much is left.
+                let (u2, s2) = (sig_union.clone(), sigs);
+                let _ = std::thread::Builder::new()
+                    .name("signals-2".into())
+                    .spawn(move || {
+                        while let Ok(again) = s2.wait() {
+                            let left = u2.cache().map_or(0, |c| c.dirty_bytes());
+                            log::warn!(
+                                "{again:?} while stopping: {left} bytes of cached writes still to store (stopping when done; SIGKILL loses them)"
+                            );
+                        }
+                    });
+                if let Some(c) = sig_union.cache()
+                    && let Err(e) = c.sync_all()
+                {
+                    log::error!("write-back before unmount: {e}");
+                }
                 // Mounted by us: umount(2); through fusermount3: the session's unmounter.
                 if nix::mount::umount(&merged).is_err()
                     && let Err(e) = unmounter.unmount()
@@ -269,7 +287,11 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         drop(ready);
         detach_stdio();
     }
-    session.run().map_err(|e| e.to_string())
+    // run() consumes the session; fuser calls destroy (our shutdown) when it ends. Make sure
+    // everything cached is stored whichever way the session ended.
+    let r = session.run().map_err(|e| e.to_string());
+    union.shutdown();
+    r
 }
 
 /// mount(2) a FUSE filesystem of type `fuse.<subtype>` ourselves (fuser's own mount omits the

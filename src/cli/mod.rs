@@ -52,6 +52,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: QuotaCmd,
     },
+    /// Page cache settings of a live mount.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+    /// Write all cached data of a mount to its upper layer and sync it (what `sync` does for
+    /// a disk filesystem; FUSE's syncfs does not reach the daemon).
+    Sync {
+        /// The merged directory.
+        merged: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCmd {
+    /// Print the settings (key=value lines).
+    Show {
+        /// The merged directory.
+        merged: PathBuf,
+    },
+    /// Change settings: KEY=VALUE… (cache_size, readahead_kb, dirty_background_ratio,
+    /// dirty_ratio, dirty_background_bytes, dirty_bytes, dirty_expire_centisecs,
+    /// dirty_writeback_centisecs).
+    Set {
+        /// The merged directory.
+        merged: PathBuf,
+        /// KEY=VALUE settings.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +149,56 @@ struct MountArgs {
     /// errno for refusals: enospc (XFS project quota, default) or edquot (ext4's convention).
     #[arg(long, value_name = "ERRNO")]
     quota_errno: Option<String>,
+    #[command(flatten)]
+    cache: CacheFlags,
+}
+
+/// Page cache and write-back settings (the vm.* sysctls of the same names, over the cache
+/// budget instead of memory).
+#[derive(Debug, clap::Args)]
+struct CacheFlags {
+    /// Page cache budget (default 256M; 0 turns the cache off).
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
+    /// Largest readahead window in KiB (default 128; 0: no readahead).
+    #[arg(long, value_name = "KB")]
+    readahead_kb: Option<String>,
+    /// Background write-back starts above this % of the budget (default 10).
+    #[arg(long, value_name = "PCT")]
+    dirty_background_ratio: Option<String>,
+    /// Writers are paced above the midpoint and block at this % of the budget (default 20).
+    #[arg(long, value_name = "PCT")]
+    dirty_ratio: Option<String>,
+    /// Background threshold in bytes (overrides the ratio).
+    #[arg(long, value_name = "SIZE")]
+    dirty_background_bytes: Option<String>,
+    /// Dirty limit in bytes (overrides the ratio).
+    #[arg(long, value_name = "SIZE")]
+    dirty_bytes: Option<String>,
+    /// Dirty data older than this is written out (default 3000 = 30 s).
+    #[arg(long, value_name = "CS")]
+    dirty_expire_centisecs: Option<String>,
+    /// The flusher wakes this often (default 500 = 5 s; 0: only when needed).
+    #[arg(long, value_name = "CS")]
+    dirty_writeback_centisecs: Option<String>,
+}
+
+impl CacheFlags {
+    fn given(&self) -> Vec<(&'static str, String)> {
+        [
+            ("cache_size", &self.cache_size),
+            ("readahead_kb", &self.readahead_kb),
+            ("dirty_background_ratio", &self.dirty_background_ratio),
+            ("dirty_ratio", &self.dirty_ratio),
+            ("dirty_background_bytes", &self.dirty_background_bytes),
+            ("dirty_bytes", &self.dirty_bytes),
+            ("dirty_expire_centisecs", &self.dirty_expire_centisecs),
+            ("dirty_writeback_centisecs", &self.dirty_writeback_centisecs),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
 }
 
 /// The limit flags shared by `mount` and `quota limit`.
@@ -172,7 +252,18 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let is_cli = matches!(
         first,
-        "mount" | "umount" | "quota" | "stats" | "help" | "--help" | "-h" | "--version" | "-V" | ""
+        "mount"
+            | "umount"
+            | "quota"
+            | "stats"
+            | "cache"
+            | "sync"
+            | "help"
+            | "--help"
+            | "-h"
+            | "--version"
+            | "-V"
+            | ""
     );
     if !is_cli {
         // Config defaults first, then the caller's options (which win).
@@ -264,6 +355,11 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                     return fail(e);
                 }
             }
+            for (k, v) in m.cache.given() {
+                if let Err(e) = spec.cache.set(k, &v) {
+                    return fail(e);
+                }
+            }
             for o in &m.opts {
                 if let Err(e) = options::apply_opts(&mut spec, o) {
                     return fail(e);
@@ -298,6 +394,19 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        Cmd::Cache { cmd } => {
+            let (merged, line) = match cmd {
+                CacheCmd::Show { merged } => (merged, "cache-show".to_string()),
+                CacheCmd::Set { merged, settings } => {
+                    if let Some(bad) = settings.iter().find(|s| !s.contains('=')) {
+                        return fail(format!("cache set: expected KEY=VALUE, got {bad:?}"));
+                    }
+                    (merged, format!("cache-set {}", settings.join(" ")))
+                }
+            };
+            control_call(&merged, &line)
+        }
+        Cmd::Sync { merged } => control_call(&merged, "sync"),
         Cmd::Quota { cmd } => {
             let r = match cmd {
                 QuotaCmd::Report {
@@ -323,6 +432,29 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                 Err(e) => fail(e),
             }
         }
+    }
+}
+
+/// Send a control command and print its key=value reply (errors to stderr, exit 1).
+fn control_call(merged: &std::path::Path, line: &str) -> i32 {
+    let m = match merged.canonicalize() {
+        Ok(m) => m,
+        Err(e) => return fail(format!("{}: {e}", merged.display())),
+    };
+    match crate::control::request(&m, line) {
+        Ok(r) if r.starts_with("{\"error\"") => fail(
+            r.trim_start_matches("{\"error\":\"")
+                .trim_end_matches("\"}")
+                .replace("\\\"", "\"")
+                .replace("\\\\", "\\"),
+        ),
+        Ok(r) => {
+            if !r.is_empty() {
+                println!("{r}");
+            }
+            0
+        }
+        Err(e) => fail(e),
     }
 }
 

@@ -47,6 +47,8 @@ pub struct MountSpec {
     pub quota_args: QuotaArgs,
     /// The quota configuration built from `quota_args` (filled by validation).
     pub quota: Option<crate::union::charge::QuotaConfig>,
+    /// Page cache and write-back settings.
+    pub cache: crate::cache::CacheConfig,
 }
 
 /// Quota options as given (`--bhard 10G`, `-o size=10G,bsoft=…`).
@@ -167,6 +169,10 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
         if let Some(v) = v
             && spec.quota_args.set(k, v)?
         {
+            continue;
+        }
+        if crate::cache::writeback::KEYS.contains(&k.replace('-', "_").as_str()) {
+            spec.cache.set(k, &need(v)?)?;
             continue;
         }
         match k {

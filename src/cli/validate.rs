@@ -190,6 +190,12 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         // userxattr): use user.overlay.*, as the kernel's userxattr and fuse-overlayfs do.
         spec.userxattr = true;
     }
+    if spec.cache.size > 0 && spec.cache.size < 16 * crate::cache::PAGE as u64 {
+        return Err(format!(
+            "cache_size {} is too small: at least 64K, or 0 to turn the page cache off",
+            spec.cache.size
+        ));
+    }
     let opts = Options {
         lowers,
         upper,
@@ -200,6 +206,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         uid_map: spec.uid_map.clone(),
         gid_map: spec.gid_map.clone(),
         volatile: spec.volatile,
+        cache: Some(spec.cache),
     };
     Ok(Checked {
         opts,

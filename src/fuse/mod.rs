@@ -317,11 +317,11 @@ impl Filesystem for UnionFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.u.write(fh.0, offset, data) {
+        match self.u.write_flags(fh.0, offset, data, flags.0) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
@@ -335,8 +335,9 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing to do at close (no locks of our own; data is written through): ENOSYS tells
-        // the kernel to stop sending FLUSH at all, saving a round trip per close.
+        // Nothing to do at close (no locks of our own; cached data is written back by the
+        // flusher, fsync, sync and unmount, as a disk filesystem does): ENOSYS tells the
+        // kernel to stop sending FLUSH at all, saving a round trip per close.
         reply.error(Errno::ENOSYS)
     }
 
@@ -564,7 +565,9 @@ impl Filesystem for UnionFs {
         match r {
             Ok((a, Some(fd))) => {
                 let acc = flags & libc::O_ACCMODE;
-                let fh = self.u.add_handle(a.ino, fd, acc != libc::O_RDONLY, true);
+                let fh =
+                    self.u
+                        .add_handle_with(a.ino, fd, (acc != libc::O_RDONLY, true), flags, false);
                 reply.created(
                     &self.ttl,
                     &fattr(&a),

@@ -160,13 +160,11 @@ impl Union {
         let build = |d: BorrowedFd<'_>, n: &OsStr| -> Result<Option<OwnedFd>> {
             match kind {
                 NewKind::File { flags } => {
-                    let keep = OFlag::from_bits_truncate(flags)
-                        & (OFlag::O_ACCMODE
-                            | OFlag::O_APPEND
-                            | OFlag::O_SYNC
-                            | OFlag::O_DSYNC
-                            | OFlag::O_DIRECT
-                            | OFlag::O_NOATIME);
+                    let keep = super::file::backing_flags(
+                        OFlag::from_bits_truncate(flags),
+                        flags & libc::O_ACCMODE != libc::O_RDONLY,
+                        self.cache.is_some(),
+                    ) - OFlag::O_TRUNC;
                     let fd = nix::fcntl::openat(
                         d,
                         n,
@@ -212,11 +210,12 @@ impl Union {
             opaque: is_dir && over_wh,
             unlinked: false,
         };
-        let node = self.insert_fresh(
-            self.ino_for(LayerRef::Upper, &fs),
-            fs.st_mode & libc::S_IFMT,
-            st,
-        );
+        let ino = self.ino_for(LayerRef::Upper, &fs);
+        if let Some(c) = &self.cache {
+            // A reused inode number must not see the pages of the file it named before.
+            c.drop_file(ino);
+        }
+        let node = self.insert_fresh(ino, fs.st_mode & libc::S_IFMT, st);
         let nst = node.state();
         Ok((self.attr_for(&node, &nst, &fs), fd))
     }
@@ -268,7 +267,13 @@ impl Union {
         let wh = self.lower_positive(p, name)?;
         let dir = self.dir_fd(p, LayerRef::Upper).ctx("open upper dir")?;
         let work = self.work_fd()?;
-        let still_open = self.quota.is_some() && self.upper_handle_of(child.ino, None).is_some();
+        let still_open = (self.quota.is_some() || self.cache.is_some())
+            && self.upper_handle_of(child.ino, None).is_some();
+        // The last name of a file nobody holds open: its pages (dirty ones too) go after.
+        let drop_pages = self.cache.is_some()
+            && !is_dir
+            && !still_open
+            && (!cst.upper || layer::stat_at(dir.as_fd(), name).is_ok_and(|s| s.st_nlink <= 1));
         if cst.upper {
             let before = layer::stat_at(dir.as_fd(), name).ctx("stat entry")?;
             if self.quota.is_some() && !is_dir {
@@ -301,6 +306,9 @@ impl Union {
             }
         } else {
             self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_NOREPLACE)?;
+        }
+        if let (true, Some(c)) = (drop_pages, &self.cache) {
+            c.drop_file(child.ino);
         }
         Ok(())
     }
@@ -520,6 +528,14 @@ impl Union {
                 Some(t) => self.account_unlinked(t, target_open),
                 None => {}
             }
+        }
+        if let (Some(c), Some(d), Some(t), false) = (&self.cache, &dst, &target, exchange)
+            && !d.is_dir()
+            && (target_is_wh || t.st_nlink <= 1)
+            && self.upper_handle_of(d.ino, None).is_none()
+        {
+            // The replaced file is gone: so are its pages.
+            c.drop_file(d.ino);
         }
         if let Some(d) = &dst {
             drop_name(d, newparent, newname);

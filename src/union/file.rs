@@ -13,6 +13,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 
 use super::{Attr, Ctx, Error, LayerRef, Result, Union};
+use crate::cache::RaState;
 use crate::layer;
 
 /// An open file handle.
@@ -21,11 +22,57 @@ pub struct OpenFile {
     /// Node id.
     pub ino: u64,
     /// The backing file in its layer.
-    pub fd: OwnedFd,
+    pub fd: Arc<OwnedFd>,
     /// Opened for writing (so it is in upper).
     pub writable: bool,
     /// The backing file is the upper layer's (safe to change through).
     pub in_upper: bool,
+    /// Readahead state of this open file.
+    pub ra: parking_lot::Mutex<RaState>,
+    /// O_SYNC (Some(true)) or O_DSYNC (Some(false)): writes reach the disk before they return.
+    pub sync: Option<bool>,
+    /// O_DIRECT: writes go through the page cache to the file before they return.
+    pub direct: bool,
+    /// The page cache is bypassed for this handle (its backing fd could not be opened for
+    /// reading and writing).
+    pub nocache: bool,
+    /// The upper file, for reads through a handle opened on a lower file before a copy-up.
+    upper_fd: std::sync::OnceLock<Arc<OwnedFd>>,
+}
+
+/// Flags to open a backing file with. With the page cache, O_APPEND (the kernel passes the
+/// offset of an append), O_DIRECT (page buffers are not aligned), O_SYNC/O_DSYNC (done by
+/// [`Union::write_flags`]) and O_TRUNC (done through the cache) stay off, and a writable
+/// file is opened read-write so partial pages can be read in.
+pub(crate) fn backing_flags(f: OFlag, writable: bool, cached: bool) -> OFlag {
+    let keep = f
+        & (OFlag::O_ACCMODE
+            | OFlag::O_APPEND
+            | OFlag::O_SYNC
+            | OFlag::O_DSYNC
+            | OFlag::O_DIRECT
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOATIME
+            | OFlag::O_TRUNC);
+    if !cached {
+        return keep;
+    }
+    let mut k = keep
+        - (OFlag::O_APPEND | OFlag::O_DIRECT | OFlag::O_SYNC | OFlag::O_DSYNC | OFlag::O_TRUNC);
+    if writable {
+        k = (k - OFlag::O_ACCMODE) | OFlag::O_RDWR;
+    }
+    k
+}
+
+fn sync_of(flags: i32) -> Option<bool> {
+    if flags & libc::O_SYNC == libc::O_SYNC {
+        Some(true)
+    } else if flags & libc::O_DSYNC != 0 {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// pwrite all of `data` at `off` (a short count only after a later chunk fails).
@@ -93,50 +140,135 @@ impl Union {
         }
         let st = node.state();
         let (dir, name) = self.open_parent_in(&node, st.top())?;
-        let keep = f
-            & (OFlag::O_ACCMODE
-                | OFlag::O_APPEND
-                | OFlag::O_SYNC
-                | OFlag::O_DSYNC
-                | OFlag::O_DIRECT
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOATIME
-                | OFlag::O_TRUNC);
-        let fd = nix::fcntl::openat(
-            dir.as_fd(),
-            name.as_os_str(),
-            keep | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-            Mode::empty(),
-        )
-        .or_else(|e| {
-            if e == Errno::EPERM && keep.contains(OFlag::O_NOATIME) {
-                nix::fcntl::openat(
-                    dir.as_fd(),
-                    name.as_os_str(),
-                    (keep - OFlag::O_NOATIME) | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-            } else {
-                Err(e)
+        let cached = self.cache.is_some();
+        let open = |flags: OFlag| {
+            nix::fcntl::openat(
+                dir.as_fd(),
+                name.as_os_str(),
+                flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+                Mode::empty(),
+            )
+            .or_else(|e| {
+                if e == Errno::EPERM && flags.contains(OFlag::O_NOATIME) {
+                    nix::fcntl::openat(
+                        dir.as_fd(),
+                        name.as_os_str(),
+                        (flags - OFlag::O_NOATIME) | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                } else {
+                    Err(e)
+                }
+            })
+        };
+        let mut nocache = false;
+        let fd = match open(backing_flags(f, writable, cached)) {
+            Ok(fd) => fd,
+            // Not readable by us: serve this handle without the cache.
+            Err(Errno::EACCES) | Err(Errno::EPERM) if cached && writable => {
+                nocache = true;
+                open(backing_flags(f, writable, false)).ctx("open")?
             }
-        })
-        .ctx("open")?;
-        Ok(self.add_handle(ino, fd, writable, st.upper))
+            Err(e) => return Err(Error::new(e, "open")),
+        };
+        let fh = self.add_handle_with(ino, fd, (writable, st.upper), flags, nocache);
+        if cached && !nocache && f.contains(OFlag::O_TRUNC) {
+            // O_TRUNC through the cache, so pages and size follow.
+            let h = self.handle(fh)?;
+            self.setattr_size(&node, &h, 0)?;
+        }
+        Ok(fh)
     }
 
     /// Register an open backing fd; returns its handle id.
     pub fn add_handle(&self, ino: u64, fd: OwnedFd, writable: bool, in_upper: bool) -> u64 {
+        self.add_handle_with(ino, fd, (writable, in_upper), 0, false)
+    }
+
+    /// Register an open backing fd opened with `flags` (for O_SYNC/O_DSYNC/O_DIRECT).
+    pub fn add_handle_with(
+        &self,
+        ino: u64,
+        fd: OwnedFd,
+        (writable, in_upper): (bool, bool),
+        flags: i32,
+        nocache: bool,
+    ) -> u64 {
         let fh = self.fh_seq.fetch_add(1, Ordering::Relaxed);
         self.files.insert(
             fh,
             Arc::new(OpenFile {
                 ino,
-                fd,
+                fd: Arc::new(fd),
                 writable,
                 in_upper,
+                ra: parking_lot::Mutex::new(RaState::default()),
+                sync: sync_of(flags),
+                direct: flags & libc::O_DIRECT != 0,
+                nocache: nocache || self.cache.is_none(),
+                upper_fd: std::sync::OnceLock::new(),
             }),
         );
         fh
+    }
+
+    /// ftruncate of an open upper file to `size`, through the cache and within the quota.
+    fn setattr_size(&self, node: &super::Node, f: &OpenFile, size: u64) -> Result<()> {
+        let mut known = node.io_lock.lock();
+        let fd = f.fd.as_fd();
+        let before = nix::sys::stat::fstat(fd).ctx("fstat")?;
+        if self.quota.is_some() {
+            self.sync_known(&mut known, &before);
+        }
+        let trunc = || nix::unistd::ftruncate(fd, size as i64).ctx("ftruncate");
+        match &self.cache {
+            Some(c) => c.truncate_with(node.ino, size, trunc)?,
+            None => trunc()?,
+        }
+        if self.quota.is_some() {
+            let after = nix::sys::stat::fstat(fd).ctx("fstat")?;
+            self.account(
+                super::charge::alloc(&after) - super::charge::alloc(&before),
+                0,
+            );
+            *known = Some((super::charge::alloc(&after), after.st_size));
+            drop(known);
+            self.mark_unsettled(node.ino);
+        }
+        Ok(())
+    }
+
+    /// The fd to fill the cache from for a read through `f`: the upper file once the node
+    /// has been copied up, even if `f` was opened on a lower one.
+    fn read_fd(&self, f: &OpenFile) -> Arc<OwnedFd> {
+        if f.in_upper {
+            return f.fd.clone();
+        }
+        if let Some(fd) = f.upper_fd.get() {
+            return fd.clone();
+        }
+        let Some(node) = self.nodes.get(f.ino) else {
+            return f.fd.clone();
+        };
+        if !node.st.lock().upper {
+            return f.fd.clone();
+        }
+        let opened = self
+            .open_parent_in(&node, LayerRef::Upper)
+            .ok()
+            .and_then(|(dir, name)| {
+                nix::fcntl::openat(
+                    dir.as_fd(),
+                    name.as_os_str(),
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .ok()
+            });
+        match opened {
+            Some(fd) => f.upper_fd.get_or_init(|| Arc::new(fd)).clone(),
+            None => f.fd.clone(),
+        }
     }
 
     /// An open upper-layer handle of node `ino` (`fh` first if it is one): how an unlinked
@@ -168,23 +300,17 @@ impl Union {
             nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(mode & 0o7777)).ctx("fchmod")?;
         }
         if let Some(size) = a.size {
-            let mut known = node.io_lock.lock();
-            let before = nix::sys::stat::fstat(fd).ctx("fstat")?;
-            if self.quota.is_some() {
-                self.sync_known(&mut known, &before);
-            }
-            nix::unistd::ftruncate(fd, size as i64).ctx("ftruncate")?;
-            if self.quota.is_some() {
-                let after = nix::sys::stat::fstat(fd).ctx("fstat")?;
-                self.account(
-                    super::charge::alloc(&after) - super::charge::alloc(&before),
-                    0,
-                );
-                *known = Some((super::charge::alloc(&after), after.st_size));
-            }
+            self.setattr_size(node, &f, size)?;
+        }
+        if let (Some(c), true) = (&self.cache, a.atime.is_some() || a.mtime.is_some()) {
+            c.sync_file(node.ino)
+                .map_err(|e| Error::new(e, "write-back"))?;
         }
         if a.atime.is_some() || a.mtime.is_some() {
             nix::sys::stat::futimens(fd, &ts(a.atime), &ts(a.mtime)).ctx("futimens")?;
+            if let Some(c) = &self.cache {
+                c.times_set(node.ino);
+            }
         }
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
         Ok(self.attr_for(node, &node.state(), &fs))
@@ -201,6 +327,10 @@ impl Union {
     /// read(2): up to `size` bytes at `off`.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let f = self.handle(fh)?;
+        if let (Some(c), false) = (&self.cache, f.nocache) {
+            let fd = self.read_fd(&f);
+            return c.read(f.ino, &f.ra, &fd, off, size).ctx("read");
+        }
         let mut buf = vec![0u8; size as usize];
         let n = layer::sys::pread_full(f.fd.as_fd(), &mut buf, off as i64).ctx("read")?;
         buf.truncate(n);
@@ -209,6 +339,11 @@ impl Union {
 
     /// write(2) of `data` at `off` (within the quota, if one is set).
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<usize> {
+        self.write_flags(fh, off, data, 0)
+    }
+
+    /// write(2) with the caller's per-write flags (`O_SYNC`/`O_DSYNC` from RWF_*SYNC).
+    pub fn write_flags(&self, fh: u64, off: u64, data: &[u8], flags: i32) -> Result<usize> {
         let f = self.handle(fh)?;
         // A write drops security.capability on disk: keep the xattr cache honest.
         if let Some(node) = self.nodes.get(f.ino) {
@@ -220,7 +355,36 @@ impl Union {
                 node.invalidate_xattrs();
             }
         }
-        match &self.quota {
+        if let (Some(c), false, true) = (&self.cache, f.nocache, f.in_upper) {
+            if self.quota.is_some() {
+                // The flusher settles against what is known: know it before the first write.
+                let node = self.node(f.ino)?;
+                let mut known = node.io_lock.lock();
+                if known.is_none() {
+                    let st = nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?;
+                    *known = Some((super::charge::alloc(&st), st.st_size));
+                }
+            }
+            let n = c.write(f.ino, &f.fd, off, data).ctx("write")?;
+            let sync = sync_of(flags).or(f.sync);
+            if f.direct || sync.is_some() {
+                c.sync_file(f.ino).ctx("write-back")?;
+                if !self.volatile {
+                    match sync {
+                        Some(true) => nix::unistd::fsync(f.fd.as_fd()).ctx("fsync")?,
+                        Some(false) => nix::unistd::fdatasync(f.fd.as_fd()).ctx("fdatasync")?,
+                        None => {}
+                    }
+                }
+            }
+            return Ok(n);
+        }
+        if let Some(c) = &self.cache {
+            // A handle that bypasses the cache: what the cache holds of the range goes first.
+            c.invalidate(f.ino, off, data.len() as u64)
+                .ctx("write-back")?;
+        }
+        let r = match &self.quota {
             Some(q) if f.in_upper => {
                 // One writer at a time per inode keeps the before/after accounting exact.
                 let node = self.node(f.ino)?;
@@ -231,42 +395,65 @@ impl Union {
                 r
             }
             _ => pwrite_all(f.fd.as_fd(), data, off),
+        };
+        if let Some(c) = &self.cache
+            && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
+        {
+            c.set_size(f.ino, &st);
         }
+        r
     }
 
-    /// release(2): drop a handle. The last close of an unlinked upper file frees its space.
+    /// release(2): drop a handle. The last close of an unlinked upper file frees its space
+    /// (and its cached pages, dirty ones too: nothing can reach them any more).
     pub fn release(&self, fh: u64) {
         let Some((_, f)) = self.files.remove(&fh) else {
             return;
         };
-        if self.quota.is_some()
+        if (self.quota.is_some() || self.cache.is_some())
             && f.in_upper
             && !self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
             && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
+            && st.st_nlink == 0
         {
-            if let Some(node) = self.nodes.get(f.ino) {
-                let mut known = node.io_lock.lock();
-                self.sync_known(&mut known, &st);
-                if st.st_nlink == 0 {
-                    *known = None;
-                }
+            if let Some(c) = &self.cache {
+                c.drop_file(f.ino);
             }
-            if st.st_nlink == 0 {
+            if self.quota.is_some() {
+                if let Some(node) = self.nodes.get(f.ino) {
+                    *node.io_lock.lock() = None;
+                }
                 self.account(-super::charge::alloc(&st), -1);
             }
+        } else if self.quota.is_some()
+            && f.in_upper
+            && !self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
+            && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
+            && let Some(node) = self.nodes.get(f.ino)
+        {
+            let mut known = node.io_lock.lock();
+            self.sync_known(&mut known, &st);
         }
     }
 
-    /// fsync / fdatasync of an open file.
+    /// fsync / fdatasync of an open file: its dirty pages first, then the upper file.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let f = self.handle(fh)?;
+        if let Some(c) = &self.cache {
+            c.sync_file(f.ino).ctx("write-back")?;
+        }
         if self.volatile {
             return Ok(());
         }
-        let r = if datasync {
-            nix::unistd::fdatasync(f.fd.as_fd()).ctx("fdatasync")
+        let fd = if self.cache.is_some() {
+            self.read_fd(&f)
         } else {
-            nix::unistd::fsync(f.fd.as_fd()).ctx("fsync")
+            f.fd.clone()
+        };
+        let r = if datasync {
+            nix::unistd::fdatasync(fd.as_fd()).ctx("fdatasync")
+        } else {
+            nix::unistd::fsync(fd.as_fd()).ctx("fsync")
         };
         // After a sync the allocation is final: settle it.
         if let (Some(_), Some(node)) = (&self.quota, self.nodes.get(f.ino))
@@ -277,10 +464,30 @@ impl Union {
         r
     }
 
+    /// Write every dirty page of the mount to its file and sync the upper filesystem
+    /// (`unionfs-rs sync`; FUSE's SYNCFS does not reach this daemon through fuser 0.18).
+    pub fn sync_all(&self) -> Result<()> {
+        if let Some(c) = &self.cache {
+            c.sync_all().ctx("write-back")?;
+        }
+        if let (Some(up), false) = (&self.upper, self.volatile) {
+            nix::unistd::syncfs(up.root()).ctx("syncfs")?;
+        }
+        self.settle_allocations();
+        Ok(())
+    }
+
     /// fallocate on an open file (space reserved against the quota first).
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let f = self.handle(fh)?;
-        match &self.quota {
+        if let Some(c) = &self.cache {
+            // The file changes behind the cache: dirty pages out, affected clean pages gone.
+            let shifts =
+                mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
+            c.invalidate(f.ino, off, if shifts { 0 } else { len })
+                .ctx("write-back")?;
+        }
+        let r = match &self.quota {
             Some(q) if f.in_upper && len > 0 => {
                 let node = self.node(f.ino)?;
                 let mut known = node.io_lock.lock();
@@ -290,12 +497,22 @@ impl Union {
                 r
             }
             _ => super::charge::fallocate(f.fd.as_fd(), off, len, mode),
+        };
+        if let Some(c) = &self.cache
+            && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
+        {
+            c.set_size(f.ino, &st);
         }
+        r
     }
 
     /// lseek SEEK_DATA / SEEK_HOLE on an open file.
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let f = self.handle(fh)?;
+        if let Some(c) = &self.cache {
+            // Holes and data as the file will be: write what is cached first.
+            c.sync_file(f.ino).ctx("write-back")?;
+        }
         let w = match whence {
             libc::SEEK_DATA => nix::unistd::Whence::SeekData,
             libc::SEEK_HOLE => nix::unistd::Whence::SeekHole,
@@ -303,7 +520,12 @@ impl Union {
             libc::SEEK_END => nix::unistd::Whence::SeekEnd,
             _ => return Err(Error::new(Errno::EINVAL, "lseek whence")),
         };
-        nix::unistd::lseek(f.fd.as_fd(), off, w).ctx("lseek")
+        let fd = if self.cache.is_some() {
+            self.read_fd(&f)
+        } else {
+            f.fd.clone()
+        };
+        nix::unistd::lseek(fd.as_fd(), off, w).ctx("lseek")
     }
 
     /// readlink(2).
@@ -365,18 +587,27 @@ impl Union {
             if let Some(b) = &before {
                 self.sync_known(&mut known, b);
             }
-            match via {
-                Some(f) => nix::unistd::ftruncate(f.fd.as_fd(), size as i64).ctx("ftruncate")?,
-                None => {
-                    let fd = nix::fcntl::openat(
-                        dir.as_fd(),
-                        name.as_os_str(),
-                        OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-                        Mode::empty(),
-                    )
-                    .ctx("truncate: open")?;
-                    nix::unistd::ftruncate(fd.as_fd(), size as i64).ctx("truncate")?;
+            let trunc = || -> Result<()> {
+                match &via {
+                    Some(f) => nix::unistd::ftruncate(f.fd.as_fd(), size as i64).ctx("ftruncate"),
+                    None => {
+                        let fd = nix::fcntl::openat(
+                            dir.as_fd(),
+                            name.as_os_str(),
+                            OFlag::O_WRONLY
+                                | OFlag::O_NOFOLLOW
+                                | OFlag::O_CLOEXEC
+                                | OFlag::O_NONBLOCK,
+                            Mode::empty(),
+                        )
+                        .ctx("truncate: open")?;
+                        nix::unistd::ftruncate(fd.as_fd(), size as i64).ctx("truncate")
+                    }
                 }
+            };
+            match &self.cache {
+                Some(c) => c.truncate_with(node.ino, size, trunc)?,
+                None => trunc()?,
             }
             // Growing is sparse (nothing allocated); shrinking frees blocks.
             if let (Some(b), Ok(a)) = (before, layer::stat_at(dir.as_fd(), &name)) {
@@ -385,6 +616,11 @@ impl Union {
                 drop(known);
                 self.mark_unsettled(node.ino);
             }
+        }
+        let set_times = a.atime.is_some() || a.mtime.is_some();
+        if let (Some(c), true) = (&self.cache, set_times) {
+            // Pending write times land first, so the times set here are the last word.
+            c.sync_file(node.ino).ctx("write-back")?;
         }
         if a.atime.is_some() || a.mtime.is_some() {
             if is_root {
@@ -398,6 +634,9 @@ impl Union {
                     UtimensatFlags::NoFollowSymlink,
                 )
                 .ctx("utimens")?;
+            }
+            if let Some(c) = &self.cache {
+                c.times_set(node.ino);
             }
         }
         let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;

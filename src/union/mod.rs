@@ -153,6 +153,8 @@ pub struct Options {
     pub gid_map: idmap::IdMap,
     /// Skip every sync (copy-up fsync, fsync, fsyncdir), as fuse-overlayfs' `volatile`.
     pub volatile: bool,
+    /// Page cache settings (None or size 0: file data goes straight to the layer files).
+    pub cache: Option<crate::cache::CacheConfig>,
 }
 
 /// The identity of a caller, for ownership of new objects.
@@ -206,6 +208,10 @@ pub struct Union {
     pub(crate) volatile: bool,
     /// Files written recently whose allocation may still change (quota settling).
     pub(crate) unsettled: DashMap<u64, std::time::Instant>,
+    /// The page cache for file data.
+    pub(crate) cache: Option<Arc<crate::cache::PageCache>>,
+    /// Held through a shutdown, so a second caller waits for the first to finish.
+    shutdown_lock: parking_lot::Mutex<()>,
 }
 
 impl Union {
@@ -269,6 +275,10 @@ impl Union {
             devs.push(u.dev);
         }
         let xino = devs.windows(2).any(|w| w[0] != w[1]);
+        let cache = match opts.cache {
+            Some(c) if c.size > 0 => Some(crate::cache::PageCache::new(c, quota.clone())?),
+            _ => None,
+        };
         let u = Union {
             upper,
             lowers,
@@ -286,6 +296,8 @@ impl Union {
             gid_map: opts.gid_map.clone(),
             volatile: opts.volatile,
             unsettled: DashMap::new(),
+            cache,
+            shutdown_lock: parking_lot::Mutex::new(()),
         };
         u.init_root()?;
         Ok(u)
@@ -456,6 +468,15 @@ impl Union {
     /// Merged-view attributes from the top object's stat.
     pub(crate) fn attr_for(&self, node: &Node, st: &NodeState, fs: &FileStat) -> Attr {
         let mut a = Attr::from_stat(fs, node.ino);
+        if node.kind == libc::S_IFREG
+            && let Some((size, mtime)) = self.cache.as_ref().and_then(|c| c.attr_override(node.ino))
+        {
+            // Written data not yet on disk: its size and time are already the file's.
+            a.size = size;
+            a.blocks = a.blocks.max(size.div_ceil(4096) * 8);
+            a.mtime = mtime;
+            a.ctime = a.ctime.max(mtime);
+        }
         a.uid = self.uid_map.to_view(a.uid);
         a.gid = self.gid_map.to_view(a.gid);
         if node.is_dir() && Self::is_merge_dir(st) {
@@ -529,11 +550,61 @@ impl Union {
         Ok(s)
     }
 
-    /// Clean shutdown: record exact quota usage so the next mount need not rescan.
+    /// The page cache, if the mount has one.
+    pub fn cache(&self) -> Option<&Arc<crate::cache::PageCache>> {
+        self.cache.as_ref()
+    }
+
+    /// Let the page cache's flusher settle quota through this union (call once the union
+    /// is shared).
+    pub fn attach(self: &Arc<Self>) {
+        if let Some(c) = &self.cache {
+            let w: std::sync::Weak<dyn crate::cache::WritebackSink> =
+                Arc::downgrade(self) as std::sync::Weak<Union>;
+            c.set_sink(w);
+        }
+    }
+
+    /// Clean shutdown: write all cached data and sync upper, then record exact quota usage
+    /// so the next mount need not rescan. Later writes go straight through to the files. A
+    /// second caller waits for the first to finish.
     pub fn shutdown(&self) {
+        let _once = self.shutdown_lock.lock();
+        if let Some(c) = &self.cache {
+            let dirty = c.dirty_bytes();
+            if dirty > 0 {
+                log::info!("writing {dirty} bytes of cached data to upper");
+            }
+            if let Err(e) = c.close() {
+                log::error!(
+                    "write-back at shutdown failed ({e}): {} bytes of written data could not be stored",
+                    c.dirty_bytes()
+                );
+            }
+        }
+        if let (Some(up), false) = (&self.upper, self.volatile)
+            && let Err(e) = nix::unistd::syncfs(up.root())
+        {
+            log::warn!("syncfs of upper: {e}");
+        }
         self.settle_allocations();
         if let Some(q) = &self.quota {
             q.persist(true);
+        }
+    }
+}
+
+impl crate::cache::WritebackSink for Union {
+    fn written(&self, ino: u64, fd: std::os::fd::BorrowedFd<'_>) {
+        if self.quota.is_none() {
+            return;
+        }
+        // An unlinked file still open counts too (until its last close releases it).
+        if let Some(node) = self.nodes.get(ino)
+            && let Ok(st) = nix::sys::stat::fstat(fd)
+        {
+            let mut known = node.io_lock.lock();
+            self.sync_known(&mut known, &st);
         }
     }
 }

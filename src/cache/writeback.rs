@@ -1,0 +1,272 @@
+//! Dirty limits and writer pacing, mirroring the kernel's mm/page-writeback.c
+//! (`domain_dirty_limits`, `dirty_freerun_ceiling`, `pos_ratio_polynom`, `balance_dirty_pages`)
+//! with the cache budget in place of available memory.
+
+use std::time::Duration;
+
+/// The longest single pause of a throttled writer (the kernel's MAX_PAUSE, HZ/5).
+pub const MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// Cache and write-back settings; what the vm.* sysctls of the same names mean, over the
+/// cache budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Page memory budget in bytes (0: no cache).
+    pub size: u64,
+    /// Largest readahead window in KiB (read_ahead_kb; 0: no readahead).
+    pub readahead_kb: u64,
+    /// Background write-back starts above this % of the budget.
+    pub dirty_background_ratio: u64,
+    /// Writers block above this % of the budget.
+    pub dirty_ratio: u64,
+    /// Absolute background threshold in bytes (overrides the ratio when non-zero).
+    pub dirty_background_bytes: u64,
+    /// Absolute dirty limit in bytes (overrides the ratio when non-zero).
+    pub dirty_bytes: u64,
+    /// Dirty data older than this (centiseconds) is written at the next flusher wake-up.
+    pub dirty_expire_centisecs: u64,
+    /// The flusher wakes this often (centiseconds; 0: only when needed).
+    pub dirty_writeback_centisecs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            size: 256 << 20,
+            readahead_kb: 128,
+            dirty_background_ratio: 10,
+            dirty_ratio: 20,
+            dirty_background_bytes: 0,
+            dirty_bytes: 0,
+            dirty_expire_centisecs: 3000,
+            dirty_writeback_centisecs: 500,
+        }
+    }
+}
+
+/// The settings' names, as `-o` options, CLI flags (with dashes) and live `cache set` keys.
+pub const KEYS: &[&str] = &[
+    "cache_size",
+    "readahead_kb",
+    "dirty_background_ratio",
+    "dirty_ratio",
+    "dirty_background_bytes",
+    "dirty_bytes",
+    "dirty_expire_centisecs",
+    "dirty_writeback_centisecs",
+];
+
+impl CacheConfig {
+    /// (bg_thresh, dirty_thresh) in bytes, as `domain_dirty_limits` computes them: the
+    /// `*_bytes` settings win over the ratios; a background threshold at or above the limit
+    /// becomes half the limit.
+    pub fn thresholds(&self) -> (u64, u64) {
+        let thresh = if self.dirty_bytes > 0 {
+            self.dirty_bytes
+        } else {
+            self.size / 100 * self.dirty_ratio + self.size % 100 * self.dirty_ratio / 100
+        };
+        let mut bg = if self.dirty_background_bytes > 0 {
+            self.dirty_background_bytes
+        } else {
+            self.size / 100 * self.dirty_background_ratio
+                + self.size % 100 * self.dirty_background_ratio / 100
+        };
+        if bg >= thresh {
+            bg = thresh / 2;
+        }
+        (bg, thresh)
+    }
+
+    /// Set one setting by name (`cache_size=64M`, `dirty-ratio=30`). Setting a ratio clears
+    /// the matching `*_bytes`, and the reverse, as writing the sysctls does.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let key = key.replace('-', "_");
+        let num = |v: &str| -> Result<u64, String> {
+            v.parse::<u64>()
+                .map_err(|_| format!("{key}: expected a number, got {v:?}"))
+        };
+        let ratio = |v: &str| -> Result<u64, String> {
+            let n = num(v)?;
+            if n > 100 {
+                return Err(format!("{key}: a percentage is at most 100, got {n}"));
+            }
+            Ok(n)
+        };
+        let size = |v: &str| crate::quota::parse_size(v).map_err(|e| format!("{key}: {e}"));
+        match key.as_str() {
+            "cache_size" => self.size = size(value)?,
+            "readahead_kb" => self.readahead_kb = num(value)?,
+            "dirty_background_ratio" => {
+                self.dirty_background_ratio = ratio(value)?;
+                self.dirty_background_bytes = 0;
+            }
+            "dirty_ratio" => {
+                let r = ratio(value)?;
+                if r == 0 {
+                    return Err("dirty_ratio: must be at least 1".into());
+                }
+                self.dirty_ratio = r;
+                self.dirty_bytes = 0;
+            }
+            "dirty_background_bytes" => {
+                self.dirty_background_bytes = size(value)?;
+                if self.dirty_background_bytes == 0 && self.dirty_background_ratio == 0 {
+                    return Err("dirty_background_bytes: 0 needs dirty_background_ratio".into());
+                }
+            }
+            "dirty_bytes" => {
+                let b = size(value)?;
+                if b > 0 && b < 2 * super::PAGE as u64 {
+                    return Err(format!(
+                        "dirty_bytes: at least two pages ({} bytes)",
+                        2 * super::PAGE
+                    ));
+                }
+                self.dirty_bytes = b;
+            }
+            "dirty_expire_centisecs" => self.dirty_expire_centisecs = num(value)?,
+            "dirty_writeback_centisecs" => self.dirty_writeback_centisecs = num(value)?,
+            _ => {
+                return Err(format!(
+                    "unknown cache setting {key:?} (known: {})",
+                    KEYS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings as `key=value` pairs, in [`KEYS`] order.
+    pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("cache_size", self.size),
+            ("readahead_kb", self.readahead_kb),
+            ("dirty_background_ratio", self.dirty_background_ratio),
+            ("dirty_ratio", self.dirty_ratio),
+            ("dirty_background_bytes", self.dirty_background_bytes),
+            ("dirty_bytes", self.dirty_bytes),
+            ("dirty_expire_centisecs", self.dirty_expire_centisecs),
+            ("dirty_writeback_centisecs", self.dirty_writeback_centisecs),
+        ]
+    }
+}
+
+/// `dirty_freerun_ceiling`: below this writers are never throttled.
+pub fn freerun(bg: u64, thresh: u64) -> u64 {
+    (bg + thresh) / 2
+}
+
+/// `pos_ratio_polynom`: 1 + ((setpoint − dirty)/(limit − setpoint))³ clamped to [0, 2], with
+/// setpoint halfway between the freerun ceiling and the limit. 2 at freerun, 1 at the
+/// setpoint, 0 at the limit.
+pub fn pos_ratio(dirty: u64, bg: u64, thresh: u64) -> f64 {
+    let limit = thresh as f64;
+    let fr = freerun(bg, thresh) as f64;
+    let setpoint = (fr + limit) / 2.0;
+    if limit <= setpoint {
+        return if (dirty as f64) < limit { 2.0 } else { 0.0 };
+    }
+    let x = (setpoint - dirty as f64) / (limit - setpoint);
+    (1.0 + x * x * x).clamp(0.0, 2.0)
+}
+
+/// How long a writer that just dirtied `bytes` pauses with `dirty` bytes dirty, given the
+/// measured write-back bandwidth `bw` (bytes/s): none below freerun, `bytes / (bw·pos_ratio)`
+/// above it (capped at [`MAX_PAUSE`]), `None` at the limit (wait for the flusher).
+pub fn pause(bytes: u64, dirty: u64, bg: u64, thresh: u64, bw: u64) -> Option<Duration> {
+    if dirty <= freerun(bg, thresh) {
+        return Some(Duration::ZERO);
+    }
+    let r = pos_ratio(dirty, bg, thresh);
+    if r <= 0.0 {
+        return None;
+    }
+    let rate = bw.max(1 << 20) as f64 * r;
+    let secs = bytes as f64 / rate;
+    Some(Duration::from_secs_f64(secs).min(MAX_PAUSE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_like_the_sysctls() {
+        let c = CacheConfig {
+            size: 1000 << 20,
+            ..CacheConfig::default()
+        };
+        assert_eq!(c.thresholds(), (100 << 20, 200 << 20));
+        // bytes override ratios.
+        let c2 = CacheConfig {
+            dirty_bytes: 50 << 20,
+            dirty_background_bytes: 10 << 20,
+            ..c
+        };
+        assert_eq!(c2.thresholds(), (10 << 20, 50 << 20));
+        // bg ≥ limit → half the limit.
+        let c3 = CacheConfig {
+            dirty_background_ratio: 30,
+            dirty_ratio: 20,
+            ..c
+        };
+        assert_eq!(c3.thresholds(), (100 << 20, 200 << 20));
+        let c4 = CacheConfig {
+            dirty_background_ratio: 50,
+            dirty_ratio: 20,
+            ..c
+        };
+        assert_eq!(c4.thresholds().0, c4.thresholds().1 / 2);
+    }
+
+    #[test]
+    fn throttle_curve() {
+        let (bg, th) = (100u64 << 20, 200u64 << 20);
+        let fr = freerun(bg, th);
+        let sp = (fr + th) / 2;
+        assert!((pos_ratio(fr, bg, th) - 2.0).abs() < 1e-9);
+        assert!((pos_ratio(sp, bg, th) - 1.0).abs() < 1e-9);
+        assert!(pos_ratio(th, bg, th).abs() < 1e-9);
+        assert_eq!(pos_ratio(th + 4096, bg, th), 0.0);
+        assert_eq!(pos_ratio(0, bg, th), 2.0);
+        // Monotonic decreasing between freerun and the limit.
+        let mut last = 2.0;
+        for d in (fr..=th).step_by(1 << 20) {
+            let r = pos_ratio(d, bg, th);
+            assert!(r <= last + 1e-12, "d={d}");
+            last = r;
+        }
+    }
+
+    #[test]
+    fn pauses() {
+        let (bg, th) = (100u64 << 20, 200u64 << 20);
+        let bw = 100 << 20;
+        assert_eq!(pause(1 << 20, bg, bg, th, bw), Some(Duration::ZERO));
+        let sp = (freerun(bg, th) + th) / 2;
+        // At the setpoint a writer runs at the write-back bandwidth: 1 MiB takes 10 ms.
+        let p = pause(1 << 20, sp, bg, th, bw).expect("pause");
+        assert!((p.as_secs_f64() - 0.01).abs() < 1e-3, "{p:?}");
+        assert_eq!(pause(1 << 20, th, bg, th, bw), None);
+        // Never longer than MAX_PAUSE.
+        assert_eq!(pause(1 << 30, th - 1, bg, th, bw), Some(MAX_PAUSE));
+    }
+
+    #[test]
+    fn settings_by_name() {
+        let mut c = CacheConfig::default();
+        c.set("dirty-ratio", "30").expect("set");
+        assert_eq!(c.dirty_ratio, 30);
+        c.set("dirty_bytes", "64M").expect("set");
+        assert_eq!(c.thresholds().1, 64 << 20);
+        c.set("dirty_ratio", "25").expect("set");
+        assert_eq!(c.dirty_bytes, 0);
+        assert!(c.set("dirty_ratio", "101").is_err());
+        assert!(c.set("dirty_ratio", "0").is_err());
+        assert!(c.set("cache_size", "lots").is_err());
+        assert!(c.set("nonsense", "1").is_err());
+        c.set("cache_size", "1G").expect("set");
+        assert_eq!(c.size, 1 << 30);
+    }
+}

@@ -1,0 +1,622 @@
+//! The page cache (DESIGN.md section 4) on real mounts: dirty data stays under the limit while
+//! a writer outruns the flusher, the flusher starts above bg_thresh (or when pages expire) and
+//! not before, reads see every earlier write through any handle (mmap included), truncate and
+//! unlink drop pages, fsync'd data survives SIGKILL of the daemon, SIGTERM and unmount drain
+//! everything, settings change on a live mount, and bad settings are refused.
+//!
+//! Every test mounts for real (the common harness's `Mount` guard unmounts on drop) and runs its
+//! body under `with_timeout`.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const TIMEOUT: u64 = 180;
+
+fn mount_with(args: &[&str]) -> Mount {
+    let dirs = Dirs::new(&[vec![]], &[]);
+    Mount::start(
+        &dirs,
+        &MountOpts {
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            ..MountOpts::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn mount_lower(lower: Vec<Entry>, args: &[&str]) -> Mount {
+    let dirs = Dirs::new(&[lower], &[]);
+    Mount::start(
+        &dirs,
+        &MountOpts {
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            ..MountOpts::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `unionfs-rs stats --json` as numbers (the `mount` string is left out).
+fn stats(merged: &Path) -> HashMap<String, u64> {
+    let out = Command::new(bin())
+        .args(["stats", "--json"])
+        .arg(merged)
+        .output()
+        .expect("run stats");
+    assert!(
+        out.status.success(),
+        "stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut m = HashMap::new();
+    for kv in text
+        .trim()
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+    {
+        if let Some((k, v)) = kv.split_once(':')
+            && let Ok(n) = v.trim().parse::<u64>()
+        {
+            m.insert(k.trim().trim_matches('"').to_string(), n);
+        }
+    }
+    m
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin()).args(args).output().expect("run cli");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64 * 2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+/// Ask the kernel to drop its own cached pages of `f`, so the next read reaches the daemon.
+fn drop_kernel_cache(f: &File) {
+    // SAFETY: fadvise on an open fd; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "fadvise");
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+#[test]
+fn writer_outrunning_the_flusher_stays_under_the_dirty_limit() {
+    with_timeout(TIMEOUT, || {
+        // 8 MiB budget: bg 0.8 MiB, limit 1.6 MiB. No expiry, so only the thresholds act.
+        let m = mount_with(&["--cache-size", "8M", "--dirty-expire-centisecs", "1000000"]);
+        let s0 = stats(&m.merged);
+        let (bg, thresh) = (s0["bg_thresh_bytes"], s0["dirty_thresh_bytes"]);
+        assert_eq!(thresh, 8 * MIB / 100 * 20 + 8 * MIB % 100 * 20 / 100);
+
+        // Below bg_thresh: the data stays in the cache, the flusher does not run.
+        let small = pattern((bg / 2) as usize, 1);
+        fs::write(m.path("small"), &small).expect("write small");
+        std::thread::sleep(Duration::from_millis(1500));
+        let s1 = stats(&m.merged);
+        assert_eq!(s1["written_back_bytes"], 0, "{s1:?}");
+        assert_eq!(s1["flusher_runs"], 0, "{s1:?}");
+        assert!(s1["dirty_bytes"] >= small.len() as u64, "{s1:?}");
+        assert_eq!(
+            fs::metadata(m.dirs.upper.join("small"))
+                .expect("upper")
+                .len(),
+            0,
+            "data below bg_thresh reached upper early"
+        );
+        assert_eq!(
+            fs::metadata(m.path("small")).expect("merged").len(),
+            small.len() as u64
+        );
+        assert_eq!(fs::read(m.path("small")).expect("read back"), small);
+
+        // A writer far faster than the flusher: sample dirty_bytes while it runs.
+        let stop = Arc::new(AtomicBool::new(false));
+        let merged = m.merged.clone();
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let s = stats(&merged);
+                    samples.push((s["dirty_bytes"], s["dirty_thresh_bytes"]));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                samples
+            })
+        };
+        let big = pattern((48 * MIB) as usize, 7);
+        let mut f = File::create(m.path("big")).expect("create");
+        for c in big.chunks(256 << 10) {
+            f.write_all(c).expect("write");
+        }
+        drop(f);
+        stop.store(true, Ordering::Relaxed);
+        let samples = sampler.join().expect("sampler");
+        assert!(samples.len() >= 5, "too few samples: {}", samples.len());
+        for (d, t) in &samples {
+            assert!(d <= t, "dirty_bytes {d} above dirty_thresh_bytes {t}");
+        }
+        let s2 = stats(&m.merged);
+        assert!(s2["written_back_bytes"] > 0, "{s2:?}");
+        assert!(s2["flusher_runs"] > 0, "{s2:?}");
+        assert!(s2["throttle_events"] > 0, "{s2:?}");
+        assert!(s2["cache_bytes"] <= s2["cache_size"], "{s2:?}");
+        // Everything arrives, in order.
+        let (ok, _, err) = cli(&["sync", m.merged.to_str().expect("path")]);
+        assert!(ok, "sync: {err}");
+        assert_eq!(stats(&m.merged)["dirty_bytes"], 0);
+        assert!(fs::read(m.dirs.upper.join("big")).expect("upper") == big);
+        assert!(fs::read(m.dirs.upper.join("small")).expect("upper") == small);
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn expired_data_is_written_without_crossing_bg_thresh() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_with(&[
+            "--dirty-expire-centisecs",
+            "50",
+            "--dirty-writeback-centisecs",
+            "20",
+        ]);
+        let data = pattern(100_000, 3);
+        fs::write(m.path("f"), &data).expect("write");
+        assert!(
+            wait_until(Duration::from_secs(10), || fs::read(m.dirs.upper.join("f"))
+                .is_ok_and(|d| d == data)),
+            "expired data never reached upper"
+        );
+        let s = stats(&m.merged);
+        assert!(s["flusher_runs"] >= 1, "{s:?}");
+        assert_eq!(s["dirty_bytes"], 0, "{s:?}");
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn reads_see_every_write_through_any_handle_and_mmap() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_lower(vec![file("lower.txt", &"L".repeat(20_000))], &[]);
+        // Another handle, opened before the write, reads what was written.
+        let p = m.path("f");
+        fs::write(&p, pattern(50_000, 1)).expect("write");
+        let r = File::open(&p).expect("open r");
+        let w = OpenOptions::new().write(true).open(&p).expect("open w");
+        w.write_all_at(b"NEW DATA", 10_000).expect("pwrite");
+        drop_kernel_cache(&r);
+        let mut buf = [0u8; 8];
+        r.read_exact_at(&mut buf, 10_000).expect("pread");
+        assert_eq!(&buf, b"NEW DATA");
+
+        // Copy-up under a reader opened on the lower file.
+        let lp = m.path("lower.txt");
+        let lr = File::open(&lp).expect("open lower");
+        let mut first = vec![0u8; 100];
+        lr.read_exact_at(&mut first, 0).expect("read lower");
+        let lw = OpenOptions::new()
+            .write(true)
+            .open(&lp)
+            .expect("open for write");
+        lw.write_all_at(b"xyz", 15_000).expect("write lower file");
+        drop_kernel_cache(&lr);
+        let mut got = [0u8; 3];
+        lr.read_exact_at(&mut got, 15_000)
+            .expect("read after copy-up");
+        assert_eq!(&got, b"xyz");
+
+        // mmap: a shared writable mapping's stores reach read(2) on another handle.
+        let mp = m.path("mapped");
+        fs::write(&mp, vec![0u8; 8192]).expect("create");
+        let mf = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mp)
+            .expect("open");
+        // SAFETY: maps 8192 bytes of a file that is 8192 bytes long; unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mf.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        // SAFETY: addr points at 8192 mapped, writable bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(b"mapped!".as_ptr(), (addr as *mut u8).add(5000), 7);
+            assert_eq!(libc::msync(addr, 8192, libc::MS_SYNC), 0);
+            libc::munmap(addr, 8192);
+        }
+        let other = File::open(&mp).expect("open other");
+        drop_kernel_cache(&other);
+        let mut got = [0u8; 7];
+        other.read_exact_at(&mut got, 5000).expect("read");
+        assert_eq!(&got, b"mapped!");
+        // And a write(2) is seen by a fresh mapping.
+        mf.write_all_at(b"written", 100).expect("pwrite");
+        // SAFETY: a read-only mapping of the file's first 8192 bytes.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                other.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        // SAFETY: reading 7 mapped bytes, then unmapping.
+        let seen = unsafe {
+            let s = std::slice::from_raw_parts((addr as *const u8).add(100), 7).to_vec();
+            libc::munmap(addr, 8192);
+            s
+        };
+        assert_eq!(&seen, b"written");
+        drop((r, w, lr, lw, mf, other));
+        let (ok, _, err) = cli(&["sync", m.merged.to_str().expect("path")]);
+        assert!(ok, "sync: {err}");
+        let up = fs::read(m.dirs.upper.join("lower.txt")).expect("upper copy");
+        assert_eq!(&up[15_000..15_003], b"xyz");
+        assert_eq!(up.len(), 20_000);
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn truncate_and_unlink_drop_pages() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_with(&[]);
+        let p = m.path("t");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .expect("create");
+        f.write_all_at(&[0xAA; 10_000], 0).expect("write");
+        f.set_len(5_000).expect("truncate down");
+        f.set_len(10_000).expect("extend");
+        drop_kernel_cache(&f);
+        let mut buf = vec![0u8; 10_000];
+        f.read_exact_at(&mut buf, 0).expect("read");
+        assert!(buf[..5_000].iter().all(|&b| b == 0xAA));
+        assert!(
+            buf[5_000..].iter().all(|&b| b == 0),
+            "stale bytes past a truncate"
+        );
+        assert_eq!(fs::metadata(&p).expect("stat").len(), 10_000);
+        drop(f);
+
+        // Unlink a file with dirty pages, create one under the same name (upper may reuse
+        // the inode number): it must start empty.
+        for round in 0..20 {
+            let q = m.path("reuse");
+            fs::write(&q, pattern(30_000, round)).expect("write");
+            fs::remove_file(&q).expect("unlink");
+            let mut g = File::create(&q).expect("recreate");
+            g.write_all(b"fresh").expect("write fresh");
+            drop(g);
+            let g = File::open(&q).expect("open");
+            drop_kernel_cache(&g);
+            let mut s = String::new();
+            (&g).read_to_string(&mut s).expect("read");
+            assert_eq!(s, "fresh", "round {round}");
+            fs::remove_file(&q).expect("unlink");
+        }
+        let (ok, _, err) = cli(&["sync", m.merged.to_str().expect("path")]);
+        assert!(ok, "sync: {err}");
+        let s = stats(&m.merged);
+        assert_eq!(s["dirty_bytes"], 0, "{s:?}");
+        assert!(!m.dirs.upper.join("reuse").exists());
+        assert_eq!(
+            fs::metadata(m.dirs.upper.join("t")).expect("upper").len(),
+            10_000
+        );
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn fsynced_data_survives_kill_9() {
+    with_timeout(TIMEOUT, || {
+        // Nothing is written back on its own: only fsync moves data.
+        let m = mount_with(&[
+            "--dirty-expire-centisecs",
+            "1000000",
+            "--dirty-writeback-centisecs",
+            "0",
+        ]);
+        let synced = pattern(3 * MIB as usize, 5);
+        let f = File::create(m.path("synced")).expect("create");
+        (&f).write_all(&synced).expect("write");
+        f.sync_all().expect("fsync");
+        let g = File::create(m.path("datasynced")).expect("create");
+        (&g).write_all(b"datasync me").expect("write");
+        g.sync_data().expect("fdatasync");
+        fs::write(m.path("unsynced"), b"maybe").expect("write");
+        let pid = m.pid.expect("daemon pid");
+        // SAFETY: kill(2) of the daemon process we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+        drop((f, g));
+        assert!(fs::read(m.dirs.upper.join("synced")).expect("upper") == synced);
+        assert_eq!(
+            fs::read(m.dirs.upper.join("datasynced")).expect("upper"),
+            b"datasync me"
+        );
+        drop(m);
+    })
+}
+
+/// Write `n` MiB that the flusher will not touch on its own; return (mount, data).
+fn mount_with_dirty(n: u64) -> (Mount, Vec<u8>) {
+    let m = mount_with(&[
+        "--cache-size",
+        "512M",
+        "--dirty-ratio",
+        "50",
+        "--dirty-background-ratio",
+        "40",
+        "--dirty-expire-centisecs",
+        "1000000",
+        "--dirty-writeback-centisecs",
+        "0",
+    ]);
+    let data = pattern((n * MIB) as usize, 9);
+    fs::write(m.path("pending"), &data).expect("write");
+    let s = stats(&m.merged);
+    assert!(s["dirty_bytes"] >= n * MIB - MIB, "{s:?}");
+    assert!(
+        fs::metadata(m.dirs.upper.join("pending"))
+            .expect("upper")
+            .len()
+            < n * MIB,
+        "written back before the test could stop the daemon"
+    );
+    (m, data)
+}
+
+#[test]
+fn sigterm_drains_dirty_data_then_exits() {
+    with_timeout(TIMEOUT, || {
+        let (m, data) = mount_with_dirty(64);
+        let pid = m.pid.expect("pid");
+        // SAFETY: signal the daemon we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        // A second signal mid-drain must not cut it short.
+        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        assert!(
+            wait_pid_gone(pid, Duration::from_secs(60)),
+            "daemon did not exit"
+        );
+        assert!(!is_fuse_mounted(&m.merged), "still mounted after SIGTERM");
+        assert!(fs::read(m.dirs.upper.join("pending")).expect("upper") == data);
+        drop(m);
+    })
+}
+
+#[test]
+fn unmount_drains_dirty_data() {
+    with_timeout(TIMEOUT, || {
+        let (mut m, data) = mount_with_dirty(64);
+        let merged = m.merged.clone();
+        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&merged))
+            .expect("fusermount3 -u");
+        assert!(fs::read(m.dirs.upper.join("pending")).expect("upper") == data);
+        drop(m);
+
+        let (mut m, data) = mount_with_dirty(16);
+        let merged = m.merged.to_str().expect("path").to_string();
+        m.unmount_with(Command::new(bin()).args(["umount", &merged]))
+            .expect("unionfs-rs umount");
+        assert!(fs::read(m.dirs.upper.join("pending")).expect("upper") == data);
+    })
+}
+
+#[test]
+fn sequential_reads_read_ahead_and_random_reads_do_not() {
+    with_timeout(TIMEOUT, || {
+        let big = pattern((32 * MIB) as usize, 2);
+        let m = mount_lower(
+            vec![
+                file_bytes("seq", big.clone()),
+                file_bytes("rand", big.clone()),
+            ],
+            &["--readahead-kb", "512"],
+        );
+        assert_eq!(fs::read(m.path("seq")).expect("read"), big);
+        let s = stats(&m.merged);
+        assert!(s["readahead_pages"] > 1000, "{s:?}");
+        assert!(
+            s["readahead_used_pages"] * 10 >= s["readahead_pages"] * 9,
+            "sequential readahead mostly wasted: {s:?}"
+        );
+        // Random 4 KiB reads with the kernel's own readahead off.
+        let f = File::open(m.path("rand")).expect("open");
+        // SAFETY: fadvise on an open fd.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let mut x: u64 = 12345;
+        let mut buf = [0u8; 4096];
+        for _ in 0..400 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = (x >> 33) % (32 * MIB / 4096) * 4096;
+            f.read_exact_at(&mut buf, off).expect("pread");
+            assert_eq!(&buf[..], &big[off as usize..off as usize + 4096]);
+        }
+        drop(f);
+        let s2 = stats(&m.merged);
+        let extra = s2["readahead_pages"] - s["readahead_pages"];
+        assert!(extra < 400, "random reads read ahead {extra} pages: {s2:?}");
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn settings_change_on_a_live_mount() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_with(&["-o", "cache_size=64M,dirty_ratio=10"]);
+        let merged = m.merged.to_str().expect("path");
+        let s = stats(&m.merged);
+        assert_eq!(s["cache_size"], 64 * MIB);
+        assert_eq!(
+            s["dirty_thresh_bytes"],
+            64 * MIB / 100 * 10 + 64 * MIB % 100 * 10 / 100
+        );
+        let (ok, out, err) = cli(&[
+            "cache",
+            "set",
+            merged,
+            "dirty_bytes=8M",
+            "readahead_kb=1024",
+        ]);
+        assert!(ok, "{err}");
+        assert!(out.contains("dirty_thresh_bytes=8388608"), "{out}");
+        let s = stats(&m.merged);
+        assert_eq!(s["dirty_thresh_bytes"], 8 * MIB);
+        let (ok, out, _) = cli(&["cache", "show", merged]);
+        assert!(ok && out.contains("readahead_kb=1024"), "{out}");
+        // Bad settings: refused with a clear message, nothing changed.
+        for bad in [
+            "dirty_ratio=150",
+            "nonsense=1",
+            "cache_size=0",
+            "dirty_ratio",
+        ] {
+            let (ok, _, err) = cli(&["cache", "set", merged, bad]);
+            assert!(!ok, "{bad} accepted");
+            assert!(!err.trim().is_empty(), "no message for {bad}");
+        }
+        assert_eq!(stats(&m.merged)["dirty_thresh_bytes"], 8 * MIB);
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn cache_size_zero_turns_the_cache_off() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_with(&["--cache-size", "0"]);
+        let data = pattern(1 << 20, 4);
+        fs::write(m.path("f"), &data).expect("write");
+        // Straight to upper.
+        assert!(fs::read(m.dirs.upper.join("f")).expect("upper") == data);
+        assert!(fs::read(m.path("f")).expect("read") == data);
+        let s = stats(&m.merged);
+        assert_eq!(s["cache_size"], 0);
+        assert!(!s.contains_key("dirty_bytes"));
+        let (ok, _, err) = cli(&["cache", "show", m.merged.to_str().expect("path")]);
+        assert!(!ok && err.contains("no page cache"), "{err}");
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn bad_cache_options_are_refused() {
+    with_timeout(TIMEOUT, || {
+        for args in [
+            vec!["--cache-size", "10"],
+            vec!["--cache-size", "lots"],
+            vec!["--dirty-ratio", "101"],
+            vec!["-o", "dirty_background_ratio=x"],
+        ] {
+            let dirs = Dirs::new(&[vec![]], &[]);
+            let mut a = Mount::command_args(&dirs, &MountOpts::default());
+            a.extend(args.iter().map(|s| s.to_string()));
+            let out = Command::new(bin()).args(&a).output().expect("run");
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.starts_with("unionfs-rs: "), "{args:?}: {err}");
+            assert!(!is_fuse_mounted(&dirs.merged));
+        }
+    })
+}
+
+#[test]
+fn quota_is_charged_when_a_write_is_accepted() {
+    with_timeout(TIMEOUT, || {
+        // Writes stay in the cache (no write-back on its own), yet the quota refuses at the
+        // limit right away, and usage shows the cached data.
+        let m = mount_with(&[
+            "--size",
+            "2M",
+            "--dirty-expire-centisecs",
+            "1000000",
+            "--dirty-writeback-centisecs",
+            "0",
+        ]);
+        let mut f = File::create(m.path("f")).expect("create");
+        let chunk = vec![1u8; 256 << 10];
+        let mut written = 0u64;
+        let err = loop {
+            match f.write(&chunk) {
+                Ok(n) => written += n as u64,
+                Err(e) => break e,
+            }
+            assert!(written <= 2 * MIB, "wrote past the limit: {written}");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(written >= 2 * MIB - 64 * 1024, "stopped early at {written}");
+        let report = cli(&[
+            "quota",
+            "report",
+            "--json",
+            m.merged.to_str().expect("path"),
+        ]);
+        assert!(report.0, "{}", report.2);
+        drop(f);
+        let (ok, _, e) = cli(&["sync", m.merged.to_str().expect("path")]);
+        assert!(ok, "{e}");
+        assert_eq!(
+            fs::metadata(m.dirs.upper.join("f")).expect("upper").len(),
+            written
+        );
+        // Overwriting in place needs no new space even at the limit.
+        let g = OpenOptions::new()
+            .write(true)
+            .open(m.path("f"))
+            .expect("open");
+        g.write_all_at(&[2u8; 100_000], 0)
+            .expect("overwrite at the limit");
+        drop(g);
+        m.unmount().expect("unmount");
+    })
+}
