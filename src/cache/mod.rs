@@ -1515,7 +1515,10 @@ mod tests {
         assert_eq!(&disk[10_000..20_000], &vec![0u8; 10_000][..]);
         assert_eq!(&disk[20_000..], b"past eof");
         assert_eq!(c.dirty_bytes(), 0);
-        assert!(c.attr_override(5).is_none());
+        // Still shown as written (and now stamped on the file too).
+        assert_eq!(c.attr_override(5).map(|a| a.0), Some(20_008));
+        let st = nix::sys::stat::fstat(fd.as_fd()).expect("fstat");
+        assert_eq!(Some((st.st_mtime, st.st_mtime_nsec)), c.attr_override(5).map(|a| a.1));
     }
 
     #[test]
