@@ -206,6 +206,15 @@ fn cache_benches(c: &mut Criterion) {
             cold.read(2, &ra, &fd, off, 128 << 10).expect("read")
         })
     });
+    // The same reads without the cache, for comparison.
+    let mut poff = 0u64;
+    g.bench_function("pread_128k_no_cache", |b| {
+        b.iter(|| {
+            poff = (poff + (128 << 10)) % (64 << 20);
+            let mut v = vec![0u8; 128 << 10];
+            nix::sys::uio::pread(&*fd, &mut v, poff as i64).expect("pread")
+        })
+    });
     let buf = vec![3u8; 128 << 10];
     let mut woff = 0u64;
     g.bench_function("write_128k_dirty", |b| {

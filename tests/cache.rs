@@ -125,6 +125,7 @@ fn writer_outrunning_the_flusher_stays_under_the_dirty_limit() {
         let s1 = stats(&m.merged);
         assert_eq!(s1["written_back_bytes"], 0, "{s1:?}");
         assert_eq!(s1["flusher_runs"], 0, "{s1:?}");
+        assert_eq!(s1["bg_thresh_crossings"], 0, "{s1:?}");
         assert!(s1["dirty_bytes"] >= small.len() as u64, "{s1:?}");
         assert_eq!(
             fs::metadata(m.dirs.upper.join("small"))
@@ -154,12 +155,22 @@ fn writer_outrunning_the_flusher_stays_under_the_dirty_limit() {
                 samples
             })
         };
-        let big = pattern((48 * MIB) as usize, 7);
-        let mut f = File::create(m.path("big")).expect("create");
-        for c in big.chunks(256 << 10) {
-            f.write_all(c).expect("write");
+        // Four writers against one flusher.
+        let big = Arc::new(pattern((24 * MIB) as usize, 7));
+        let writers: Vec<_> = (0..4)
+            .map(|k| {
+                let (big, p) = (big.clone(), m.path(&format!("big{k}")));
+                std::thread::spawn(move || {
+                    let mut f = File::create(p).expect("create");
+                    for c in big.chunks(256 << 10) {
+                        f.write_all(c).expect("write");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("writer");
         }
-        drop(f);
         stop.store(true, Ordering::Relaxed);
         let samples = sampler.join().expect("sampler");
         assert!(samples.len() >= 5, "too few samples: {}", samples.len());
@@ -170,12 +181,16 @@ fn writer_outrunning_the_flusher_stays_under_the_dirty_limit() {
         assert!(s2["written_back_bytes"] > 0, "{s2:?}");
         assert!(s2["flusher_runs"] > 0, "{s2:?}");
         assert!(s2["throttle_events"] > 0, "{s2:?}");
+        assert!(s2["dirty_limit_waits"] > 0, "{s2:?}");
+        assert!(s2["bg_thresh_crossings"] >= 1, "{s2:?}");
         assert!(s2["cache_bytes"] <= s2["cache_size"], "{s2:?}");
         // Everything arrives, in order.
         let (ok, _, err) = cli(&["sync", m.merged.to_str().expect("path")]);
         assert!(ok, "sync: {err}");
         assert_eq!(stats(&m.merged)["dirty_bytes"], 0);
-        assert!(fs::read(m.dirs.upper.join("big")).expect("upper") == big);
+        for k in 0..4 {
+            assert!(fs::read(m.dirs.upper.join(format!("big{k}"))).expect("upper") == *big);
+        }
         assert!(fs::read(m.dirs.upper.join("small")).expect("upper") == small);
         m.unmount().expect("unmount");
     })

@@ -41,6 +41,8 @@ const WB_BATCH: usize = 256;
 const WB_CHUNK: u64 = 1024;
 /// Readahead worker threads.
 const RA_WORKERS: usize = 4;
+/// Evicted page buffers kept for reuse (4 MiB).
+const POOL_PAGES: usize = 1024;
 
 /// A backing file descriptor shared between handles, jobs and the flusher.
 pub type Fd = Arc<OwnedFd>;
@@ -131,6 +133,8 @@ struct Counters {
     flusher_runs: AtomicU64,
     written_back: AtomicU64,
     evicted: AtomicU64,
+    bg_crossings: AtomicU64,
+    limit_waits: AtomicU64,
 }
 
 /// A snapshot of the cache's figures (`unionfs-rs stats`).
@@ -186,7 +190,11 @@ pub struct PageCache {
     quota: Option<Arc<Quota>>,
     sink: RwLock<Option<Weak<dyn WritebackSink>>>,
     ra_tx: Mutex<Option<mpsc::Sender<RaJob>>>,
+    /// Page buffers freed by eviction, reused by the next reads.
+    pool: Mutex<Vec<Arc<PageBuf>>>,
     closing: AtomicBool,
+    /// Dirty data was above bg_thresh at the last look (to count crossings).
+    above_bg: AtomicBool,
     token: AtomicU64,
     stats: Counters,
 }
@@ -220,9 +228,21 @@ fn past_end(st: &nix::sys::stat::FileStat) -> bool {
     (st.st_blocks.max(0) as u64) * 512 > (st.st_size.max(0) as u64).div_ceil(P) * P
 }
 
-/// Read `n` pages from `start` (zero past EOF), straight into fresh page buffers.
-fn read_pages(fd: &Fd, start: u64, n: usize) -> Result<Vec<Arc<PageBuf>>, Errno> {
-    let mut pages: Vec<Arc<PageBuf>> = (0..n).map(|_| Arc::new([0u8; PAGE])).collect();
+/// Read `n` pages from `start` (zero past EOF) into page buffers from `pool` (or fresh ones).
+fn read_pages(
+    pool: &Mutex<Vec<Arc<PageBuf>>>,
+    fd: &Fd,
+    start: u64,
+    n: usize,
+) -> Result<Vec<Arc<PageBuf>>, Errno> {
+    let mut pages: Vec<Arc<PageBuf>> = {
+        let mut p = pool.lock();
+        let k = p.len().saturating_sub(n);
+        p.split_off(k)
+    };
+    while pages.len() < n {
+        pages.push(Arc::new([0u8; PAGE]));
+    }
     let mut done = 0usize;
     let total = n * PAGE;
     while done < total {
@@ -241,6 +261,13 @@ fn read_pages(fd: &Fd, start: u64, n: usize) -> Result<Vec<Arc<PageBuf>>, Errno>
             Ok(k) => done += k,
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e),
+        }
+    }
+    // Past EOF: zeros (a recycled buffer holds old data).
+    for (k, p) in pages.iter_mut().enumerate().skip(done / PAGE) {
+        if let Some(buf) = Arc::get_mut(p) {
+            let from = if k == done / PAGE { done % PAGE } else { 0 };
+            buf[from..].fill(0);
         }
     }
     Ok(pages)
@@ -279,7 +306,9 @@ impl PageCache {
             quota,
             sink: RwLock::new(None),
             ra_tx: Mutex::new(Some(tx)),
+            pool: Mutex::new(Vec::new()),
             closing: AtomicBool::new(false),
+            above_bg: AtomicBool::new(false),
             token: AtomicU64::new(1),
             stats: Counters::default(),
         });
@@ -394,17 +423,28 @@ impl PageCache {
                 };
                 let mut st = f.st.lock();
                 let mut freed = 0u64;
+                let mut reuse = Vec::new();
                 for &(_, idx) in &victims[i..j] {
                     if let Some(Slot::Ready(p)) = st.pages.get(&idx)
                         && !p.dirty
                         && !p.writeback
                     {
-                        st.pages.remove(&idx);
+                        if let Some(Slot::Ready(p)) = st.pages.remove(&idx)
+                            && Arc::strong_count(&p.data) == 1
+                        {
+                            reuse.push(p.data);
+                        }
                         freed += 1;
                     }
                 }
                 let empty = st.pages.is_empty() && st.ndirty == 0 && !st.mtime_pending;
                 drop(st);
+                if !reuse.is_empty() {
+                    // Evicted buffers serve the next reads (no allocator round trip, no zeroing).
+                    let mut pool = self.pool.lock();
+                    let room = POOL_PAGES.saturating_sub(pool.len());
+                    pool.extend(reuse.into_iter().take(room));
+                }
                 self.bytes.fetch_sub(freed * P, Ordering::AcqRel);
                 self.stats.evicted.fetch_add(freed, Ordering::Relaxed);
                 if empty {
@@ -501,7 +541,7 @@ impl PageCache {
                     }
                     let read = MutexGuard::unlocked(&mut st, || {
                         let room = self.make_room(n * P);
-                        read_pages(fd, idx, n as usize).map(|p| (p, room))
+                        read_pages(&self.pool, fd, idx, n as usize).map(|p| (p, room))
                     });
                     let (pages, room) = match read {
                         Ok(x) => x,
@@ -666,7 +706,7 @@ impl PageCache {
                 while j < job.pages.len() && job.pages[j] == job.pages[j - 1] + 1 {
                     j += 1;
                 }
-                match read_pages(&job.fd, job.pages[i], j - i) {
+                match read_pages(&self.pool, &job.fd, job.pages[i], j - i) {
                     Ok(ps) => loaded.extend(job.pages[i..j].iter().copied().zip(ps)),
                     Err(e) => log::debug!("readahead of node {}: {e}", f.ino),
                 }
@@ -819,7 +859,7 @@ impl PageCache {
                 && !matches!(st.pages.get(&idx), Some(Slot::Ready(_)))
                 && !rmw.iter().any(|(i, _)| *i == idx)
             {
-                match read_pages(fd, idx, 1) {
+                match read_pages(&self.pool, fd, idx, 1) {
                     Ok(mut v) => rmw.push((idx, v.remove(0))),
                     Err(e) => {
                         if let Some(q) = &self.quota {
@@ -920,7 +960,10 @@ impl PageCache {
                 }
                 continue;
             }
-            let t0 = *waited.get_or_insert_with(Instant::now);
+            let t0 = *waited.get_or_insert_with(|| {
+                self.stats.limit_waits.fetch_add(1, Ordering::Relaxed);
+                Instant::now()
+            });
             let err = self.flush_error.load(Ordering::Acquire);
             if err != 0 && t0.elapsed() > Duration::from_secs(2) {
                 // The flusher cannot write (a full or failing disk): do not wait forever.
@@ -950,7 +993,12 @@ impl PageCache {
         let (bg, thresh) = self.cfg.read().thresholds();
         let d = self.dirty.load(Ordering::Acquire);
         if d > bg {
+            if !self.above_bg.swap(true, Ordering::AcqRel) {
+                self.stats.bg_crossings.fetch_add(1, Ordering::Relaxed);
+            }
             self.kick_flusher();
+        } else {
+            self.above_bg.store(false, Ordering::Release);
         }
         if bytes == 0 || self.closing.load(Ordering::Acquire) {
             return;
@@ -1344,6 +1392,8 @@ impl PageCache {
                 ("bg_thresh_bytes", bg),
                 ("dirty_thresh_bytes", thresh),
                 ("throttle_events", l(&s.throttle_events)),
+                ("bg_thresh_crossings", l(&s.bg_crossings)),
+                ("dirty_limit_waits", l(&s.limit_waits)),
                 ("throttle_ms", l(&s.throttle_us) / 1000),
                 ("flusher_runs", l(&s.flusher_runs)),
                 ("writeback_bandwidth", self.bw.load(Ordering::Relaxed)),
@@ -1518,7 +1568,10 @@ mod tests {
         // Still shown as written (and now stamped on the file too).
         assert_eq!(c.attr_override(5).map(|a| a.0), Some(20_008));
         let st = nix::sys::stat::fstat(fd.as_fd()).expect("fstat");
-        assert_eq!(Some((st.st_mtime, st.st_mtime_nsec)), c.attr_override(5).map(|a| a.1));
+        assert_eq!(
+            Some((st.st_mtime, st.st_mtime_nsec)),
+            c.attr_override(5).map(|a| a.1)
+        );
     }
 
     #[test]

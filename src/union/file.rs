@@ -420,8 +420,11 @@ impl Union {
                 c.drop_file(f.ino);
             }
             if self.quota.is_some() {
+                // Settle drift first, so what is released is what was accounted.
                 if let Some(node) = self.nodes.get(f.ino) {
-                    *node.io_lock.lock() = None;
+                    let mut known = node.io_lock.lock();
+                    self.sync_known(&mut known, &st);
+                    *known = None;
                 }
                 self.account(-super::charge::alloc(&st), -1);
             }
