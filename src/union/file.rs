@@ -325,7 +325,7 @@ impl Union {
     }
 
     /// read(2): up to `size` bytes at `off`.
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<crate::cache::ReadData> {
         let f = self.handle(fh)?;
         if let (Some(c), false) = (&self.cache, f.nocache) {
             let fd = self.read_fd(&f);
@@ -334,7 +334,7 @@ impl Union {
         let mut buf = vec![0u8; size as usize];
         let n = layer::sys::pread_full(f.fd.as_fd(), &mut buf, off as i64).ctx("read")?;
         buf.truncate(n);
-        Ok(buf)
+        Ok(crate::cache::ReadData::Owned(buf))
     }
 
     /// write(2) of `data` at `off` (within the quota, if one is set).
