@@ -112,6 +112,10 @@ fn tune_malloc(cache_size: u64) {
         unsafe {
             libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
             libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            // One arena: pages are allocated by one thread and freed by another, and with an
+            // arena per thread each would keep its own share of freed pages — up to the budget
+            // several times over (measured: 340 MiB RSS for a 256 MiB budget, 277 with one).
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
     #[cfg(not(target_env = "gnu"))]
