@@ -635,3 +635,89 @@ fn quota_is_charged_when_a_write_is_accepted() {
         m.unmount().expect("unmount");
     })
 }
+
+/// A small ext4 filesystem on a loop device, unmounted on drop.
+struct LoopFs {
+    mnt: std::path::PathBuf,
+}
+
+impl LoopFs {
+    fn new(root: &Path, size_mib: u64) -> LoopFs {
+        let img = root.join("fs.img");
+        let mnt = root.join("fs");
+        fs::create_dir_all(&mnt).expect("mkdir");
+        File::create(&img)
+            .and_then(|f| f.set_len(size_mib * MIB))
+            .expect("image");
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .status()
+            .expect("mkfs.ext4")
+            .success();
+        assert!(ok, "mkfs.ext4 failed");
+        let ok = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "loop mount failed");
+        LoopFs { mnt }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+#[test]
+fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(&[vec![]], &[]);
+        let lfs = LoopFs::new(&dirs.root, 64);
+        let mut d = dirs.clone();
+        d.upper = lfs.mnt.join("upper");
+        d.work = lfs.mnt.join("work");
+        fs::create_dir_all(&d.upper).expect("mkdir");
+        fs::create_dir_all(&d.work).expect("mkdir");
+        let m = Mount::start(
+            &d,
+            &MountOpts {
+                extra: vec!["--cache-size".into(), "16M".into()],
+                ..MountOpts::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let data = pattern((128 * MIB) as usize, 6);
+        let mut f = File::create(m.path("fill")).expect("create");
+        let mut acked = 0usize;
+        let err = loop {
+            match f.write(&data[acked..(acked + MIB as usize).min(data.len())]) {
+                Ok(0) => panic!("write returned 0"),
+                Ok(n) => acked += n,
+                Err(e) => break e,
+            }
+            assert!(acked < data.len(), "128 MiB fit on a 64 MiB filesystem?");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(
+            acked > 20 * MIB as usize,
+            "only {acked} bytes before ENOSPC"
+        );
+        drop(f);
+        let upper = d.upper.clone();
+        m.unmount().expect("unmount");
+        let on_disk = fs::read(upper.join("fill")).expect("upper");
+        assert_eq!(
+            on_disk.len(),
+            acked,
+            "acknowledged bytes missing after unmount"
+        );
+        assert!(on_disk == data[..acked], "content differs");
+        drop(lfs);
+    })
+}

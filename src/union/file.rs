@@ -355,7 +355,9 @@ impl Union {
                 node.invalidate_xattrs();
             }
         }
-        if let (Some(c), false, true) = (&self.cache, f.nocache, f.in_upper) {
+        if let (Some(c), false, true) = (&self.cache, f.nocache, f.in_upper)
+            && !self.upper_nearly_full(c, data.len() as u64)
+        {
             if self.quota.is_some() {
                 // The flusher settles against what is known: know it before the first write.
                 let node = self.node(f.ino)?;
@@ -380,7 +382,9 @@ impl Union {
             return Ok(n);
         }
         if let Some(c) = &self.cache {
-            // A handle that bypasses the cache: what the cache holds of the range goes first.
+            // A handle that bypasses the cache, or upper's filesystem is nearly full (so a
+            // full disk fails this write, not a later write-back): what the cache holds of the
+            // file goes first.
             c.invalidate(f.ino, off, data.len() as u64)
                 .ctx("write-back")?;
         }
@@ -402,6 +406,30 @@ impl Union {
             c.set_size(f.ino, &st);
         }
         r
+    }
+
+    /// Would accepting `len` more bytes into the cache leave too little room on upper's
+    /// filesystem for everything dirty to be written back? (Free space is read at most every
+    /// 100 ms; the margin is the dirty limit plus 16 MiB.)
+    fn upper_nearly_full(&self, c: &crate::cache::PageCache, len: u64) -> bool {
+        let Some(up) = &self.upper else {
+            return false;
+        };
+        let mut cached = self.upper_free.lock();
+        let now = std::time::Instant::now();
+        let free = match *cached {
+            Some((t, free)) if now.duration_since(t) < std::time::Duration::from_millis(100) => {
+                free
+            }
+            _ => {
+                let free = layer::sys::statfs(up.root())
+                    .map(|s| s.f_bavail as u64 * s.f_bsize as u64)
+                    .unwrap_or(u64::MAX);
+                *cached = Some((now, free));
+                free
+            }
+        };
+        free < c.config().thresholds().1 + len + (16 << 20)
     }
 
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space

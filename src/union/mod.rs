@@ -212,6 +212,8 @@ pub struct Union {
     pub(crate) cache: Option<Arc<crate::cache::PageCache>>,
     /// Held through a shutdown, so a second caller waits for the first to finish.
     shutdown_lock: parking_lot::Mutex<()>,
+    /// Free bytes of upper's filesystem, and when they were read (write-back safety margin).
+    pub(crate) upper_free: parking_lot::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Union {
@@ -298,6 +300,7 @@ impl Union {
             unsettled: DashMap::new(),
             cache,
             shutdown_lock: parking_lot::Mutex::new(()),
+            upper_free: parking_lot::Mutex::new(None),
         };
         u.init_root()?;
         Ok(u)
