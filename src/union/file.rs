@@ -423,7 +423,7 @@ impl Union {
             }
             _ => {
                 let free = layer::sys::statfs(up.root())
-                    .map(|s| s.f_bavail as u64 * s.f_bsize as u64)
+                    .map(|s| s.f_bavail * s.f_bsize as u64)
                     .unwrap_or(u64::MAX);
                 *cached = Some((now, free));
                 free
