@@ -383,10 +383,35 @@ pub fn umount(merged: &Path) -> Result<(), String> {
     if r.is_ok()
         && let Some(pid) = pid
     {
+        // Wait while it writes cached data back, saying so every few seconds; give up only
+        // when it makes no progress for a minute.
+        use std::time::{Duration, Instant};
         let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while proc_dir.exists() && !is_zombie(pid) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut progress_at = Instant::now();
+        let mut noted_at = Instant::now();
+        let mut last_dirty: Option<u64> = None;
+        while proc_dir.exists() && !is_zombie(pid) {
+            std::thread::sleep(Duration::from_millis(20));
+            if noted_at.elapsed() >= Duration::from_secs(5) {
+                noted_at = Instant::now();
+                let dirty = crate::control::request(&m, "stats")
+                    .ok()
+                    .and_then(|r| json_u64(&r, "dirty_bytes"));
+                if let Some(d) = dirty {
+                    if last_dirty.is_none_or(|l| d < l) {
+                        progress_at = Instant::now();
+                    }
+                    last_dirty = Some(d);
+                    eprintln!(
+                        "unionfs-rs: waiting for the daemon (pid {pid}) to write {d} bytes of cached data"
+                    );
+                }
+            }
+            if progress_at.elapsed() >= Duration::from_secs(60) {
+                return Err(format!(
+                    "unmounted, but the daemon (pid {pid}) has made no progress for 60 s and is still running"
+                ));
+            }
         }
     }
     r
