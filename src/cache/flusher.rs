@@ -1,0 +1,590 @@
+//! The dirty path: writes landing as dirty pages (with the quota charged at accept), the
+//! writer throttling of balance_dirty_pages ([`super::writeback`] has the thresholds and the
+//! curve), and the flusher that writes dirty pages back to the upper file.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use super::{
+    CachedFile, Fd, FileState, P, PAGE, Page, PageCache, PageData, Signal, Slot, WB_BATCH,
+    WB_CHUNK, now, read::read_pages, writeback,
+};
+
+pub(super) fn flusher_main(weak: Weak<PageCache>, sig: Arc<Signal>) {
+    let mut last_periodic = Instant::now();
+    loop {
+        let interval = match weak.upgrade() {
+            Some(c) => c.cfg.read().dirty_writeback_centisecs,
+            None => return,
+        };
+        let period = if interval == 0 {
+            None
+        } else {
+            Some(Duration::from_millis(interval * 10))
+        };
+        {
+            let mut g = sig.m.lock();
+            if !g.kick && !g.stop {
+                let wait = period
+                    .map(|p| p.saturating_sub(last_periodic.elapsed()))
+                    .unwrap_or(Duration::from_secs(1));
+                sig.cv.wait_for(&mut g, wait.max(Duration::from_millis(1)));
+            }
+            if g.stop {
+                return;
+            }
+            g.kick = false;
+        }
+        let Some(c) = weak.upgrade() else { return };
+        let periodic = period.is_some_and(|p| last_periodic.elapsed() >= p);
+        if periodic {
+            last_periodic = Instant::now();
+        }
+        c.flush_pass(periodic);
+    }
+}
+
+/// pwritev all of `parts` (in order) at `off`.
+pub(super) fn pwritev_all(fd: &Fd, parts: &[&[u8]], off: u64) -> Result<(), Errno> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // Skip what is written, cut into the part where the last call stopped.
+        let mut skip = done;
+        let slices: Vec<std::io::IoSlice<'_>> = parts
+            .iter()
+            .filter_map(|p| {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    None
+                } else {
+                    let s = std::io::IoSlice::new(&p[skip..]);
+                    skip = 0;
+                    Some(s)
+                }
+            })
+            .collect();
+        match nix::sys::uio::pwritev(fd.as_fd(), &slices, (off + done as u64) as i64) {
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl PageCache {
+    /// write(2) of `data` at `off` of node `ino` (an upper file; `fd` open for reading and
+    /// writing): the data lands in the cache as dirty pages. Returns the bytes accepted (short
+    /// only at the quota limit). Writers are paced, and block at the dirty limit.
+    pub fn write(&self, ino: u64, fd: &Fd, off: u64, data: &[u8]) -> Result<usize, Errno> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let f = self.file(ino, fd)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let (_, thresh) = self.cfg.read().thresholds();
+            let chunk_cap = ((thresh / 4) / P * P).clamp(P, 1 << 20);
+            // Chunks end on page boundaries (all but the last).
+            let len = ((data.len() - done) as u64).min(chunk_cap - pos % P) as usize;
+            let span = ((pos + len as u64 - 1) / P - pos / P + 1) * P;
+            self.reserve_dirty(span)?;
+            if !self.make_room(span) {
+                // Everything cached is dirty or in flight: the dirty limit keeps this short.
+                log::debug!("page cache over budget while writing node {ino}");
+            }
+            let r = self.apply(&f, fd, pos, &data[done..done + len]);
+            let newly = r.as_ref().map(|x| x.1).unwrap_or(0);
+            self.dirty.fetch_sub(span - newly * P, Ordering::AcqRel);
+            match r {
+                Ok((n, newly)) => {
+                    done += n;
+                    self.balance_dirty_pages(newly * P);
+                    if n < len {
+                        break;
+                    }
+                }
+                Err(e) if done == 0 => return Err(e),
+                Err(e) => {
+                    log::warn!("write of node {ino} stopped short at {done} bytes: {e}");
+                    break;
+                }
+            }
+        }
+        if self.closing.load(Ordering::Acquire) {
+            // Stopping: nothing may stay behind in the cache.
+            self.sync_file(ino)?;
+        }
+        Ok(done)
+    }
+
+    /// Dirty the pages of one chunk. Returns (bytes accepted, pages newly dirty).
+    pub(super) fn apply(
+        &self,
+        f: &CachedFile,
+        fd: &Fd,
+        off: u64,
+        data: &[u8],
+    ) -> Result<(usize, u64), Errno> {
+        let mut st = f.st.lock();
+        let first = off / P;
+        let mut end = off + data.len() as u64;
+        // Pages being read in must land first.
+        while st
+            .pages
+            .range(first..=(end - 1) / P)
+            .any(|(_, s)| matches!(s, Slot::Loading(_)))
+        {
+            f.cv.wait(&mut st);
+        }
+        let mut charged: Vec<u64> = Vec::new();
+        if let Some(q) = &self.quota {
+            let last = (end - 1) / P;
+            let cand: Vec<u64> = (first..=last)
+                .filter(|i| !matches!(st.pages.get(i), Some(Slot::Ready(p)) if p.dirty))
+                .collect();
+            if !cand.is_empty() {
+                let disk_end = st.disk_size.div_ceil(P);
+                let mut allocated: Vec<(u64, u64)> = Vec::new();
+                if cand[0] < disk_end || st.prealloc {
+                    allocated = crate::layer::sys::allocated_ranges(
+                        fd.as_fd(),
+                        first * P,
+                        (last + 1 - first) * P,
+                    )
+                    .unwrap_or_else(|_| vec![(0, st.disk_size)]);
+                }
+                charged = cand
+                    .into_iter()
+                    .filter(|&i| {
+                        let (a, b) = (i * P, i * P + P);
+                        !allocated.iter().any(|&(s, e)| s < b && e > a)
+                    })
+                    .collect();
+                if !charged.is_empty() && q.reserve_bytes(charged.len() as u64 * P).is_err() {
+                    // Near the limit: accept what fits, as a full disk does (a short write).
+                    let fit = (q.available_bytes() / P) as usize;
+                    let cut = charged.get(fit).copied().unwrap_or(u64::MAX);
+                    let cut_at = cut.saturating_mul(P);
+                    if cut_at <= off {
+                        return Err(q.errno());
+                    }
+                    end = end.min(cut_at);
+                    charged.truncate(fit);
+                    q.reserve_bytes(charged.len() as u64 * P)?;
+                }
+            }
+        }
+        let last = (end - 1) / P;
+        // Partial pages that exist on disk but not here: read them first (read-modify-write).
+        let mut rmw: Vec<(u64, PageData)> = Vec::new();
+        for idx in [first, last] {
+            let ps = idx * P;
+            let partial = off > ps || end < ps + P;
+            if partial
+                && ps < st.disk_size
+                && !matches!(st.pages.get(&idx), Some(Slot::Ready(_)))
+                && !rmw.iter().any(|(i, _)| *i == idx)
+            {
+                match read_pages(fd, idx, 1) {
+                    Ok(mut v) => rmw.push((idx, v.remove(0))),
+                    Err(e) => {
+                        if let Some(q) = &self.quota {
+                            q.adjust_bytes(-((charged.len() as u64 * P) as i64));
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        let mut newly = 0u64;
+        let mut added = 0u64;
+        for idx in first..=last {
+            let ps = idx * P;
+            let from = (off.max(ps) - ps) as usize;
+            let to = (end.min(ps + P) - ps) as usize;
+            let src = &data[(ps + from as u64 - off) as usize..(ps + to as u64 - off) as usize];
+            let charge = charged.binary_search(&idx).is_ok();
+            match st.pages.get_mut(&idx) {
+                Some(Slot::Ready(p)) => {
+                    p.data.make_mut()[from..to].copy_from_slice(src);
+                    if !p.dirty {
+                        p.dirty = true;
+                        newly += 1;
+                    }
+                    p.wseq = seq;
+                    p.ra = false;
+                    p.charged |= charge;
+                }
+                _ => {
+                    let buf = match rmw.iter().position(|(i, _)| *i == idx) {
+                        Some(k) => {
+                            let mut b = rmw.swap_remove(k).1;
+                            b.make_mut()[from..to].copy_from_slice(src);
+                            b
+                        }
+                        // A whole page: its bytes are the data, nothing to zero first.
+                        None if src.len() == PAGE => PageData {
+                            buf: Arc::new(src.to_vec()),
+                            off: 0,
+                        },
+                        None => {
+                            let mut b = PageData::zeroed();
+                            b.make_mut()[from..to].copy_from_slice(src);
+                            b
+                        }
+                    };
+                    st.pages.insert(
+                        idx,
+                        Slot::Ready(Page {
+                            data: buf,
+                            dirty: true,
+                            wseq: seq,
+                            ra: false,
+                            marker: false,
+                            charged: charge,
+                            writeback: false,
+                        }),
+                    );
+                    newly += 1;
+                    added += 1;
+                }
+            }
+        }
+        self.finish_apply(&mut st, f, fd, newly, added, off, end);
+        Ok(((end - off) as usize, newly))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_apply(
+        &self,
+        st: &mut FileState,
+        f: &CachedFile,
+        fd: &Fd,
+        newly: u64,
+        added: u64,
+        off: u64,
+        end: u64,
+    ) {
+        if end > off {
+            st.size = st.size.max(end);
+            st.mtime = Some(now());
+            st.mtime_pending = true;
+        }
+        st.wb_fd = Some(fd.clone());
+        let was_clean = st.ndirty == 0;
+        st.ndirty += newly;
+        self.bytes.fetch_add(added * P, Ordering::AcqRel);
+        if was_clean && st.ndirty > 0 {
+            self.dirty_files.lock().insert(f.ino, Instant::now());
+        }
+    }
+
+    /// Take room for `need` more dirty bytes, waiting (throttled) while that would pass
+    /// dirty_thresh.
+    pub(super) fn reserve_dirty(&self, need: u64) -> Result<(), Errno> {
+        let mut waited: Option<Instant> = None;
+        loop {
+            let (_, thresh) = self.cfg.read().thresholds();
+            let cur = self.dirty.load(Ordering::Acquire);
+            if cur + need <= thresh || cur == 0 || self.closing.load(Ordering::Acquire) {
+                if self
+                    .dirty
+                    .compare_exchange(cur, cur + need, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    break;
+                }
+                continue;
+            }
+            let t0 = *waited.get_or_insert_with(|| {
+                self.stats.limit_waits.fetch_add(1, Ordering::Relaxed);
+                Instant::now()
+            });
+            let err = self.flush_error.load(Ordering::Acquire);
+            if err != 0 && t0.elapsed() > Duration::from_secs(2) {
+                // The flusher cannot write (a full or failing disk): do not wait forever.
+                self.note_throttle(t0);
+                return Err(Errno::from_raw(err));
+            }
+            self.kick_flusher();
+            let mut g = self.throttle.0.lock();
+            self.throttle.1.wait_for(&mut g, Duration::from_millis(50));
+        }
+        if let Some(t0) = waited {
+            self.note_throttle(t0);
+        }
+        Ok(())
+    }
+
+    pub(super) fn note_throttle(&self, t0: Instant) {
+        self.stats.throttle_events.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .throttle_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// balance_dirty_pages after dirtying `bytes`: wake the flusher above bg_thresh, pace the
+    /// writer between freerun and the limit.
+    pub(super) fn balance_dirty_pages(&self, bytes: u64) {
+        let (bg, thresh) = self.cfg.read().thresholds();
+        let d = self.dirty.load(Ordering::Acquire);
+        if d > bg {
+            if !self.above_bg.swap(true, Ordering::AcqRel) {
+                self.stats.bg_crossings.fetch_add(1, Ordering::Relaxed);
+            }
+            self.kick_flusher();
+        } else {
+            self.above_bg.store(false, Ordering::Release);
+        }
+        if bytes == 0 || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let bw = self.bw.load(Ordering::Relaxed);
+        match writeback::pause(bytes, d, bg, thresh, bw) {
+            Some(p) if p.is_zero() => {}
+            Some(p) => {
+                let t0 = Instant::now();
+                let mut g = self.throttle.0.lock();
+                // Sleep the pause out (woken early only to re-check time).
+                let deadline = t0 + p;
+                while Instant::now() < deadline {
+                    self.throttle.1.wait_until(&mut g, deadline);
+                }
+                drop(g);
+                self.note_throttle(t0);
+            }
+            None => {
+                // At the limit: reserve_dirty of the next chunk waits for the flusher.
+            }
+        }
+    }
+
+    pub(super) fn kick_flusher(&self) {
+        let mut g = self.flusher.m.lock();
+        if !g.kick {
+            g.kick = true;
+            self.flusher.cv.notify_all();
+        }
+    }
+
+    /// Write dirty pages of `f` (at most `max_pages`) to its upper file. Returns pages written.
+    pub(super) fn writeback_file(&self, f: &CachedFile, max_pages: u64) -> Result<u64, Errno> {
+        let _wb = f.wb.lock();
+        let mut total = 0u64;
+        while total < max_pages {
+            let mut st = f.st.lock();
+            let Some(fd) = st.wb_fd.clone() else {
+                break;
+            };
+            if st.ndirty == 0 {
+                self.finish_clean(f, &mut st, &fd);
+                break;
+            }
+            let want = (max_pages - total).min(WB_BATCH as u64) as usize;
+            let mut batch: Vec<(u64, PageData, u64)> = Vec::with_capacity(want);
+            for (&i, s) in st.pages.iter_mut() {
+                if let Slot::Ready(p) = s
+                    && p.dirty
+                    && !p.writeback
+                {
+                    p.writeback = true;
+                    batch.push((i, p.data.clone(), p.wseq));
+                    if batch.len() == want {
+                        break;
+                    }
+                }
+            }
+            let size = st.size;
+            drop(st);
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len() as u64;
+            self.writeback.fetch_add(n * P, Ordering::AcqRel);
+            let t0 = Instant::now();
+            let mut res = Ok(());
+            let mut written_end = 0u64;
+            let mut i = 0;
+            while i < batch.len() && res.is_ok() {
+                let mut j = i + 1;
+                while j < batch.len() && batch[j].0 == batch[j - 1].0 + 1 {
+                    j += 1;
+                }
+                let start = batch[i].0 * P;
+                let len = (((j - i) * PAGE) as u64).min(size.saturating_sub(start)) as usize;
+                if len > 0 {
+                    // One pwritev of the run's pages, the last one cut at the file's end.
+                    let parts: Vec<&[u8]> = batch[i..j]
+                        .iter()
+                        .enumerate()
+                        .map(|(k, (_, d, _))| &d.bytes()[..(len - (k * PAGE).min(len)).min(PAGE)])
+                        .filter(|b| !b.is_empty())
+                        .collect();
+                    res = pwritev_all(&fd, &parts, start);
+                    written_end = written_end.max(start + len as u64);
+                }
+                i = j;
+            }
+            self.writeback.fetch_sub(n * P, Ordering::AcqRel);
+            let mut st = f.st.lock();
+            let mut cleaned = 0u64;
+            let mut released = 0u64;
+            let mut lru_add = Vec::new();
+            for (idx, _, wseq) in &batch {
+                if let Some(Slot::Ready(p)) = st.pages.get_mut(idx) {
+                    p.writeback = false;
+                    if res.is_ok() {
+                        if std::mem::take(&mut p.charged) {
+                            released += P;
+                        }
+                        if p.wseq == *wseq {
+                            p.dirty = false;
+                            cleaned += 1;
+                            lru_add.push(*idx);
+                        }
+                    }
+                }
+            }
+            st.ndirty -= cleaned;
+            self.dirty.fetch_sub(cleaned * P, Ordering::AcqRel);
+            match res {
+                Ok(()) => {
+                    st.disk_size = st.disk_size.max(written_end);
+                    if st.ndirty == 0 {
+                        self.finish_clean(f, &mut st, &fd);
+                    }
+                }
+                Err(e) => st.error = Some(e),
+            }
+            drop(st);
+            f.cv.notify_all();
+            if !lru_add.is_empty() {
+                let mut lru = self.lru.lock();
+                for i in lru_add {
+                    lru.put((f.ino, i), ());
+                }
+            }
+            if let Some(q) = &self.quota {
+                // Settle the file's real allocation first, then hand the charge back.
+                if let Some(s) = self.sink.read().as_ref().and_then(|w| w.upgrade()) {
+                    s.written(f.ino, fd.as_fd());
+                }
+                q.adjust_bytes(-(released as i64));
+            }
+            self.throttle.1.notify_all();
+            match res {
+                Ok(()) => {
+                    self.flush_error.store(0, Ordering::Release);
+                    let bytes = n * P;
+                    self.stats.written_back.fetch_add(bytes, Ordering::Relaxed);
+                    let el = t0.elapsed().as_secs_f64().max(1e-6);
+                    let cur = (bytes as f64 / el) as u64;
+                    let old = self.bw.load(Ordering::Relaxed);
+                    self.bw
+                        .store((old / 5 * 4 + cur / 5).max(1 << 20), Ordering::Relaxed);
+                    total += n;
+                }
+                Err(e) => {
+                    self.flush_error.store(e as i32, Ordering::Release);
+                    log::warn!("write-back of node {}: {e}", f.ino);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The file's last dirty page is on disk: stamp the time of its last write and let go of
+    /// the write-back fd.
+    pub(super) fn finish_clean(&self, f: &CachedFile, st: &mut FileState, fd: &Fd) {
+        if let (Some((s, ns)), true) = (st.mtime, std::mem::take(&mut st.mtime_pending)) {
+            let omit = nix::sys::time::TimeSpec::new(0, libc::UTIME_OMIT);
+            let t = nix::sys::time::TimeSpec::new(s, ns);
+            if let Err(e) = nix::sys::stat::futimens(fd.as_fd(), &omit, &t) {
+                log::debug!("mtime of node {}: {e}", f.ino);
+            }
+        }
+        st.wb_fd = None;
+        self.dirty_files.lock().remove(&f.ino);
+    }
+
+    /// Write every dirty page of `ino` to its file; returns (and clears) a write-back error.
+    pub fn sync_file(&self, ino: u64) -> Result<(), Errno> {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return Ok(());
+        };
+        let r = self.writeback_file(&f, u64::MAX);
+        let pending = f.st.lock().error.take();
+        r?;
+        pending.map_or(Ok(()), Err)
+    }
+
+    /// Write every dirty page of every file. Returns the first error.
+    pub fn sync_all(&self) -> Result<(), Errno> {
+        let mut first = Ok(());
+        let inos: Vec<u64> = self.dirty_files.lock().keys().copied().collect();
+        for ino in inos {
+            if let Err(e) = self.sync_file(ino)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// One flusher pass: background write-back while above bg_thresh, and (on the periodic
+    /// wake-up) files whose dirty data has expired.
+    pub(super) fn flush_pass(&self, periodic: bool) {
+        let mut ran = false;
+        loop {
+            let (bg, _) = self.cfg.read().thresholds();
+            if self.dirty.load(Ordering::Acquire) <= bg {
+                break;
+            }
+            let oldest = {
+                let d = self.dirty_files.lock();
+                d.iter().min_by_key(|(_, t)| **t).map(|(i, _)| *i)
+            };
+            let Some(ino) = oldest else { break };
+            let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+                self.dirty_files.lock().remove(&ino);
+                continue;
+            };
+            match self.writeback_file(&f, WB_CHUNK) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => ran = true,
+            }
+        }
+        if periodic {
+            let expire = Duration::from_millis(self.cfg.read().dirty_expire_centisecs * 10);
+            let old: Vec<u64> = self
+                .dirty_files
+                .lock()
+                .iter()
+                .filter(|(_, t)| t.elapsed() >= expire)
+                .map(|(i, _)| *i)
+                .collect();
+            for ino in old {
+                if let Some(f) = self.files.get(&ino).map(|f| f.clone())
+                    && self.writeback_file(&f, u64::MAX).is_ok()
+                {
+                    ran = true;
+                }
+            }
+        }
+        if ran {
+            self.stats.flusher_runs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
