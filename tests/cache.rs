@@ -25,15 +25,7 @@ const MIB: u64 = 1 << 20;
 const TIMEOUT: u64 = 180;
 
 fn mount_with(args: &[&str]) -> Mount {
-    let dirs = Dirs::new(&[vec![]], &[]);
-    Mount::start(
-        &dirs,
-        &MountOpts {
-            extra: args.iter().map(|s| s.to_string()).collect(),
-            ..MountOpts::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    mount_lower(vec![], args)
 }
 
 fn mount_lower(lower: Vec<Entry>, args: &[&str]) -> Mount {
