@@ -547,23 +547,35 @@ impl PageCache {
     /// wake-up) files whose dirty data has expired.
     pub(super) fn flush_pass(&self, periodic: bool) {
         let mut ran = false;
-        loop {
-            let (bg, _) = self.cfg.read().thresholds();
-            if self.dirty.load(Ordering::Acquire) <= bg {
-                break;
+        let over_bg = || self.dirty.load(Ordering::Acquire) > self.cfg.read().thresholds().0;
+        // Oldest files first, a chunk each, round after round while above bg_thresh; a file
+        // that cannot be written (its error waits for fsync) does not hold up the others.
+        while over_bg() {
+            let mut order: Vec<(u64, Instant)> = self
+                .dirty_files
+                .lock()
+                .iter()
+                .map(|(i, t)| (*i, *t))
+                .collect();
+            order.sort_by_key(|e| e.1);
+            let mut progress = false;
+            for (ino, _) in order {
+                if !over_bg() {
+                    break;
+                }
+                let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+                    self.dirty_files.lock().remove(&ino);
+                    continue;
+                };
+                if let Ok(n) = self.writeback_file(&f, WB_CHUNK)
+                    && n > 0
+                {
+                    progress = true;
+                    ran = true;
+                }
             }
-            let oldest = {
-                let d = self.dirty_files.lock();
-                d.iter().min_by_key(|(_, t)| **t).map(|(i, _)| *i)
-            };
-            let Some(ino) = oldest else { break };
-            let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
-                self.dirty_files.lock().remove(&ino);
-                continue;
-            };
-            match self.writeback_file(&f, WB_CHUNK) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => ran = true,
+            if !progress {
+                break;
             }
         }
         if periodic {
