@@ -62,7 +62,11 @@ impl PageCache {
         let max_ra = self.cfg.read().readahead_kb * 1024 / P;
         // Pages to copy out once the file's lock is released.
         let mut segs: Vec<(PageData, usize, usize)> = Vec::with_capacity(32);
-        let mut touched: Vec<u64> = Vec::new();
+        // LRU updates once the file's lock is released: (page, true) moves it to the hot end
+        // (a second use), (page, false) to the cold end (used once: a miss, or readahead
+        // consumed), as the kernel's inactive list treats pages until they are used again. A
+        // stream so recycles a few buffers at the cold end instead of sweeping the budget.
+        let mut touched: Vec<(u64, bool)> = Vec::new();
         let (mut hits, mut ra_used) = (0u64, 0u64);
         let mut st = f.st.lock();
         let mut end = (off + size as u64).min(st.size);
@@ -80,12 +84,12 @@ impl PageCache {
                     let to = (end.min(ps + P) - ps) as usize;
                     segs.push((p.data.clone(), from, to));
                     hits += 1;
-                    if p.ra {
-                        p.ra = false;
+                    let first_use = std::mem::take(&mut p.ra);
+                    if first_use {
                         ra_used += 1;
                     }
                     if !p.dirty {
-                        touched.push(idx);
+                        touched.push((idx, !first_use));
                     }
                     if std::mem::take(&mut p.marker) {
                         self.async_readahead(&f, &mut st, ra, fd, idx, last - idx + 1, max_ra);
@@ -178,7 +182,7 @@ impl PageCache {
                                 }),
                             );
                             self.bytes.fetch_add(P, Ordering::AcqRel);
-                            touched.push(pi);
+                            touched.push((pi, false));
                         } else {
                             st.pages.remove(&pi);
                         }
@@ -197,8 +201,11 @@ impl PageCache {
         self.stats.ra_used.fetch_add(ra_used, Ordering::Relaxed);
         if !touched.is_empty() {
             let mut lru = self.lru.lock();
-            for i in touched {
+            for (i, hot) in touched {
                 lru.put((ino, i), ());
+                if !hot {
+                    lru.demote(&(ino, i));
+                }
             }
         }
         Ok(assemble(segs))
