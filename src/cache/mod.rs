@@ -816,6 +816,37 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_read_once_does_not_push_out_pages_in_use() {
+        let (_d, hot) = tmpfile(&[1u8; 8 * PAGE]);
+        let (_e, stream) = tmpfile(&vec![2u8; 512 * PAGE]);
+        let c = PageCache::new(
+            CacheConfig {
+                readahead_kb: 0,
+                ..cfg(64 * P)
+            },
+            None,
+        )
+        .expect("cache");
+        let ra = Mutex::new(RaState::default());
+        // Used twice: hot.
+        for _ in 0..2 {
+            c.read(1, &ra, &hot, 0, 8 * PAGE as u32).expect("read");
+        }
+        let ra2 = Mutex::new(RaState::default());
+        for off in (0..512 * P).step_by(8 * PAGE) {
+            c.read(2, &ra2, &stream, off, 8 * PAGE as u32).expect("read");
+        }
+        assert!(c.stats().get("cache_bytes").expect("bytes") <= 64 * P);
+        let misses = c.stats().get("cache_misses").expect("misses");
+        c.read(1, &ra, &hot, 0, 8 * PAGE as u32).expect("read");
+        assert_eq!(
+            c.stats().get("cache_misses"),
+            Some(misses),
+            "the hot file was evicted by a one-pass stream"
+        );
+    }
+
+    #[test]
     fn dirty_data_never_passes_the_limit() {
         let (_d, fd) = tmpfile(b"");
         // 1 MiB budget: bg 100 KiB, limit 200 KiB (ratios 10/20).
