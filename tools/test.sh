@@ -60,6 +60,7 @@ if run "cargo build" cargo build --bins; then
         # Installed once here, not by both runs at the same time.
         command -v fsx >/dev/null || cargo install fsx --version 0.3.2 --locked ||
             cargo install fsx --version 0.3.2
+        map_count=$(cat /proc/sys/vm/max_map_count)
         fsx_logs=$(mktemp -d /var/tmp/fsx-logs.XXXXXX)
         section "fsx (page cache 128K, cache off: in parallel)"
         start=$(date +%s)
@@ -72,6 +73,7 @@ if run "cargo build" cargo build --bins; then
             record "fsx ($n)" "$(cat "$fsx_logs/$n.rc")" $(($(date +%s) - start))
         done
         rm -rf "$fsx_logs"
+        sysctl -q -w vm.max_map_count="$map_count" || true
     fi
     if [ "${SKIP_PODMAN:-0}" != 1 ]; then
         run "podman e2e" bash tools/podman-e2e.sh "$UNIONFS_BIN"
