@@ -834,7 +834,8 @@ mod tests {
         }
         let ra2 = Mutex::new(RaState::default());
         for off in (0..512 * P).step_by(8 * PAGE) {
-            c.read(2, &ra2, &stream, off, 8 * PAGE as u32).expect("read");
+            c.read(2, &ra2, &stream, off, 8 * PAGE as u32)
+                .expect("read");
         }
         assert!(c.stats().get("cache_bytes").expect("bytes") <= 64 * P);
         let misses = c.stats().get("cache_misses").expect("misses");
