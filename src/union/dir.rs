@@ -269,13 +269,16 @@ impl Union {
         let work = self.work_fd()?;
         let still_open = (self.quota.is_some() || self.cache.is_some())
             && self.upper_handle_of(child.ino, None).is_some();
+        let before = match cst.upper {
+            true => Some(layer::stat_at(dir.as_fd(), name).ctx("stat entry")?),
+            false => None,
+        };
         // The last name of a file nobody holds open: its pages (dirty ones too) go after.
         let drop_pages = self.cache.is_some()
             && !is_dir
             && !still_open
-            && (!cst.upper || layer::stat_at(dir.as_fd(), name).is_ok_and(|s| s.st_nlink <= 1));
-        if cst.upper {
-            let before = layer::stat_at(dir.as_fd(), name).ctx("stat entry")?;
+            && before.as_ref().is_none_or(|s| s.st_nlink <= 1);
+        if let Some(before) = before {
             if self.quota.is_some() && !is_dir {
                 // Settle drift first, so what is released is what was accounted.
                 let mut known = child.io_lock.lock();

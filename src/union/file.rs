@@ -438,30 +438,30 @@ impl Union {
         let Some((_, f)) = self.files.remove(&fh) else {
             return;
         };
-        if (self.quota.is_some() || self.cache.is_some())
-            && f.in_upper
-            && !self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
-            && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
-            && st.st_nlink == 0
+        if (self.quota.is_none() && self.cache.is_none())
+            || !f.in_upper
+            || self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
         {
+            return;
+        }
+        let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd()) else {
+            return;
+        };
+        let node = self.nodes.get(f.ino);
+        if st.st_nlink == 0 {
             if let Some(c) = &self.cache {
                 c.drop_file(f.ino);
             }
             if self.quota.is_some() {
                 // Settle drift first, so what is released is what was accounted.
-                if let Some(node) = self.nodes.get(f.ino) {
+                if let Some(node) = &node {
                     let mut known = node.io_lock.lock();
                     self.sync_known(&mut known, &st);
                     *known = None;
                 }
                 self.account(-super::charge::alloc(&st), -1);
             }
-        } else if self.quota.is_some()
-            && f.in_upper
-            && !self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
-            && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
-            && let Some(node) = self.nodes.get(f.ino)
-        {
+        } else if let (Some(_), Some(node)) = (&self.quota, &node) {
             let mut known = node.io_lock.lock();
             self.sync_known(&mut known, &st);
         }
