@@ -16,6 +16,8 @@ export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 
 results=()
 failed=0
+stage_logs=$(mktemp -d /var/tmp/test-stages.XXXXXX)
+declare -A stage_log=()
 section() { printf '\n========== %s ==========\n' "$1"; }
 record() { # name, exit code, seconds
     if [ "$2" -eq 0 ]; then
@@ -30,10 +32,20 @@ run() { # name, command...
     shift
     section "$name"
     start=$(date +%s)
-    "$@"
-    rc=$?
+    stage_log[$name]="$stage_logs/${#stage_log[@]}.log"
+    "$@" 2>&1 | tee "${stage_log[$name]}"
+    rc=${PIPESTATUS[0]}
     record "$name" "$rc" $(($(date +%s) - start))
     return "$rc"
+}
+# What made a stage fail, short enough to sit right above the summary (CI shows the tail).
+why() { # name, log file
+    [ -s "$2" ] || return 0
+    printf -- '--- %s: lines that name a failure ---\n' "$1"
+    grep -a -E 'FAIL|panicked|^failures:|^    [a-z_:]+$|^test .* FAILED|error(\[|:)|differs|mismatch|timed out|not ok|BAD|Operation failed' "$2" |
+        grep -a -v -E '^PASS|passed, 0 failed' | tail -n 25
+    printf -- '--- %s: last lines ---\n' "$1"
+    tail -n 8 "$2"
 }
 
 if [ "$(id -u)" != 0 ]; then
@@ -72,6 +84,8 @@ if run "cargo build" cargo build --bins; then
             printf -- '--- fsx %s ---\n' "$n"
             cat "$fsx_logs/$n.log"
             record "fsx ($n)" "$(cat "$fsx_logs/$n.rc")" $(($(date +%s) - start))
+            cp "$fsx_logs/$n.log" "$stage_logs/fsx-$n.log"
+            stage_log["fsx ($n)"]="$stage_logs/fsx-$n.log"
         done
         rm -rf "$fsx_logs"
         sysctl -q -w vm.max_map_count="$map_count" || true
@@ -81,6 +95,19 @@ if run "cargo build" cargo build --bins; then
     fi
 fi
 
+if [ "$failed" -gt 0 ]; then
+    section "why (failed stages)"
+    for r in "${results[@]}"; do
+        case "$r" in
+        FAIL*)
+            n=${r#FAIL  }
+            n=${n% (*}
+            why "$n" "${stage_log[$n]:-}"
+            ;;
+        esac
+    done
+fi
+rm -rf "$stage_logs"
 section "summary"
 printf '%s\n' "${results[@]}"
 total=${#results[@]}
