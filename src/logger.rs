@@ -15,7 +15,8 @@ impl Log for Stderr {
     fn log(&self, r: &Record<'_>) {
         if self.enabled(r.metadata()) {
             eprintln!(
-                "unionfs-rs[{}] {}: {}",
+                "{} unionfs-rs[{}] {}: {}",
+                utc_now(),
                 std::process::id(),
                 r.level(),
                 r.args()
@@ -26,12 +27,36 @@ impl Log for Stderr {
     fn flush(&self) {}
 }
 
-/// Install the logger: debug with `debug`, info in the foreground, warnings otherwise.
-/// `UNIONFS_LOG=debug|info|warn|error` overrides.
-pub fn init(debug: bool, foreground: bool) {
+/// `YYYY-MM-DDTHH:MM:SSZ` for now (civil-from-days, proleptic Gregorian).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Install the logger: debug with `debug`, info in the foreground or into a log file,
+/// warnings otherwise. `UNIONFS_LOG=debug|info|warn|error` overrides.
+pub fn init(debug: bool, verbose: bool) {
     let mut level = if debug {
         Level::Debug
-    } else if foreground {
+    } else if verbose {
         Level::Info
     } else {
         Level::Warn
@@ -50,5 +75,18 @@ pub fn init(debug: bool, foreground: bool) {
         log::set_max_level(max);
     } else {
         log::set_max_level(LevelFilter::Warn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_now_is_a_plausible_timestamp() {
+        let t = super::utc_now();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
+            "{t}"
+        );
     }
 }

@@ -190,6 +190,24 @@ fn bad_input_is_refused_without_side_effects() {
                 Some(t),
             )
         });
+        refused("log file inside the upper dir", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["--log-file".into(), s(&d.upper.join("daemon.log"))]);
+            (a, None)
+        });
+        refused("log file under the mount point", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend([
+                "-o".into(),
+                format!("log_file={}", s(&d.merged.join("x.log"))),
+            ]);
+            (a, None)
+        });
+        refused("log file in a missing directory", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["--log-file".into(), s(&d.root.join("nodir/daemon.log"))]);
+            (a, None)
+        });
         refused("workdir/work/incompat present", |d| {
             fs::create_dir_all(d.work.join("work/incompat")).unwrap();
             fs::write(d.work.join("work/incompat/x"), "").unwrap();
@@ -278,6 +296,50 @@ fn mount_is_live_on_return_and_umount_subcommand_stops_daemon() {
             fs::read_to_string(dirs.upper.join("new")).unwrap(),
             "via union"
         );
+    });
+}
+
+/// `--log-file`: the background daemon's log (which otherwise goes nowhere) lands in the file,
+/// with timestamps, from mount to the drain on SIGTERM; the caller's stderr stays quiet.
+#[test]
+fn log_file_receives_the_daemon_log() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let log = dirs.root.join("daemon.log");
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        args.extend(["--log-file".into(), s(&log)]);
+        let (st, out, err) = run_with_timeout(Command::new(bin()).args(&args), MOUNT_CMD_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let m = Mount::adopt_existing(&dirs);
+        assert!(st.success(), "mount failed: {out}{err}");
+        assert!(err.is_empty(), "nothing on the caller's stderr: {err:?}");
+        fs::write(m.path("new"), "x").unwrap();
+        let pid = m.pid.expect("daemon pid");
+        // SAFETY: signalling the daemon this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        assert!(
+            wait_pid_gone(pid, Duration::from_secs(20)),
+            "daemon did not exit on SIGTERM"
+        );
+        let text = fs::read_to_string(&log).unwrap();
+        let merged = s(&fs::canonicalize(&dirs.merged).unwrap());
+        assert!(
+            text.lines()
+                .any(|l| l.contains(" INFO: mounted ") && l.ends_with(&merged)),
+            "log: {text:?}"
+        );
+        assert!(
+            text.lines().any(|l| l.contains("SIGTERM")),
+            "the stop is logged: {text:?}"
+        );
+        let first = text.lines().next().unwrap_or("");
+        assert!(
+            first.len() > 20 && first.as_bytes()[4] == b'-' && first.as_bytes()[19] == b'Z',
+            "timestamped: {first:?}"
+        );
+        assert_eq!(fs::read_to_string(dirs.upper.join("new")).unwrap(), "x");
     });
 }
 

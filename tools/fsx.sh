@@ -142,5 +142,9 @@ if [ "$kind" != native ]; then
     fi
 fi
 
+if [ "$failures" -gt 0 ] && [ -s "$FS_ROOT/daemon.log" ]; then
+    log "daemon log (last lines):"
+    tail -n 20 "$FS_ROOT/daemon.log" >&2
+fi
 echo "fsx: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -57,9 +57,10 @@ fs_mount() {
         bin=$(unionfs_bin)
         # shellcheck disable=SC2086 # UNIONFS_MOUNT_ARGS is a list of extra arguments
         timeout 30 "$bin" mount "$FS_ROOT/lower" "$FS_ROOT/upper" "$FS_ROOT/merged" \
-            --workdir "$FS_ROOT/work" ${UNIONFS_MOUNT_ARGS:-} >"$FS_ROOT/daemon.log" 2>&1 || {
+            --workdir "$FS_ROOT/work" --log-file "$FS_ROOT/daemon.log" ${UNIONFS_MOUNT_ARGS:-} \
+            >"$FS_ROOT/mount.out" 2>&1 || {
             log "mount failed:"
-            cat "$FS_ROOT/daemon.log" >&2
+            cat "$FS_ROOT/mount.out" >&2
             return 1
         }
         FS_MOUNTED=1

@@ -23,7 +23,7 @@ pub fn start(c: Checked) -> i32 {
     {
         return fail(format!("create workdir {}: {e}", w.display()));
     }
-    crate::logger::init(c.spec.debug, c.spec.foreground);
+    crate::logger::init(c.spec.debug, c.spec.foreground || c.log.is_some());
     if c.spec.foreground {
         return match serve(&c, None) {
             Ok(()) => 0,
@@ -68,6 +68,7 @@ pub fn start(c: Checked) -> i32 {
             let keep: Vec<i32> = [
                 Some(std::os::fd::AsRawFd::as_raw_fd(&wr)),
                 c.lock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+                c.log.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             ]
             .into_iter()
             .flatten()
@@ -122,19 +123,26 @@ fn tune_malloc(cache_size: u64) {
     let _ = cache_size;
 }
 
-/// Point stdin/stdout/stderr at /dev/null so a caller reading our stderr sees EOF.
-fn detach_stdio() {
+/// Point stdin/stdout at /dev/null, and stderr at the log file or /dev/null, so a caller
+/// reading our stderr sees EOF.
+fn detach_stdio(log: Option<&std::fs::File>) {
+    use std::os::fd::AsRawFd;
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
     {
-        use std::os::fd::AsRawFd;
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors; null stays open for the call.
             unsafe {
                 libc::dup2(null.as_raw_fd(), fd);
             }
+        }
+    }
+    if let Some(f) = log {
+        // SAFETY: dup2 of an open descriptor onto stderr.
+        unsafe {
+            libc::dup2(f.as_raw_fd(), 2);
         }
     }
 }
@@ -305,12 +313,18 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             None
         }
     };
-    log::info!("mounted {}", c.merged.display());
     report(&ready, "ok\n");
     if ready.is_some() {
         drop(ready);
-        detach_stdio();
+        detach_stdio(c.log.as_ref());
+    } else if let Some(f) = &c.log {
+        // Foreground with a log file: the log goes there too once the mount is live.
+        // SAFETY: dup2 of an open descriptor onto stderr.
+        unsafe {
+            libc::dup2(std::os::fd::AsRawFd::as_raw_fd(f), 2);
+        }
     }
+    log::info!("mounted {}", c.merged.display());
     // run() consumes the session; fuser calls destroy (our shutdown) when it ends. Make sure
     // everything cached is stored whichever way the session ended.
     let r = session.run().map_err(|e| e.to_string());

@@ -135,6 +135,9 @@ struct MountArgs {
     /// Debug logging.
     #[arg(short, long)]
     debug: bool,
+    /// Append the daemon's log (warnings, write-back errors, stop progress) to this file.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
     /// Mount options, comma separated (same as the -o form).
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
@@ -322,6 +325,7 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                 aufs_whiteouts: m.aufs_whiteouts,
                 threads: m.threads,
                 debug: m.debug,
+                log_file: m.log_file,
                 ..MountSpec::default()
             };
             match m.dirs.len() {

@@ -41,6 +41,8 @@ pub struct MountSpec {
     pub volatile: bool,
     /// Debug logging.
     pub debug: bool,
+    /// Where the daemon logs once the mount is live (default: nowhere in the background).
+    pub log_file: Option<PathBuf>,
     /// Options we accepted but ignore, or did not know (warned).
     pub unknown: Vec<String>,
     /// Project quota settings.
@@ -194,6 +196,7 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 )
             }
             "debug" => spec.debug = true,
+            "log_file" | "logfile" => spec.log_file = Some(PathBuf::from(need(v)?)),
             "volatile" => spec.volatile = true,
             "uidmapping" => {
                 let squash = spec.uid_map.squash;

@@ -22,6 +22,38 @@ pub struct Checked {
     pub create_workdir: Option<PathBuf>,
     /// Exclusive lock on the upper dir, held for the daemon's life.
     pub lock: Option<File>,
+    /// The log file, opened for appending.
+    pub log: Option<File>,
+}
+
+/// Open the log file for appending. It must not live in a layer or under the mount point (the
+/// daemon would write through its own mount, or into the union's data).
+fn open_log(p: &Path, roots: &[&Path]) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = p
+        .file_name()
+        .ok_or_else(|| format!("log file {}: not a file name", p.display()))?;
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = parent
+        .canonicalize()
+        .map_err(|e| format!("log file {}: {}: {e}", p.display(), parent.display()))?;
+    if let Some(r) = roots.iter().find(|r| within(&dir, r)) {
+        return Err(format!(
+            "log file {}: inside {} (a layer or the mount point); put it elsewhere",
+            p.display(),
+            r.display()
+        ));
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(dir.join(name))
+        .map_err(|e| format!("log file {}: {e}", p.display()))
 }
 
 fn existing_dir(p: &Path, what: &str) -> Result<PathBuf, String> {
@@ -196,6 +228,16 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
             spec.cache.size
         ));
     }
+    let log = match &spec.log_file {
+        Some(p) => {
+            let mut roots: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+            roots.extend(upper.as_deref());
+            roots.extend(workdir.as_deref());
+            roots.push(&merged);
+            Some(open_log(p, &roots)?)
+        }
+        None => None,
+    };
     let opts = Options {
         lowers,
         upper,
@@ -214,5 +256,6 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         spec,
         create_workdir,
         lock,
+        log,
     })
 }

@@ -61,6 +61,16 @@ impl Mount {
         let log = dirs.root.join(format!("unionfs-mount-{seq}.log"));
         let logf = fs::File::create(&log).map_err(|e| e.to_string())?;
         let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
+        // The background daemon's own log goes to the same file (shown when a test fails).
+        let mut args = args.to_vec();
+        if args.first().map(String::as_str) == Some("mount")
+            && !args
+                .iter()
+                .any(|a| a == "--log-file" || a.contains("log_file="))
+        {
+            args.extend(["--log-file".into(), log.to_str().unwrap().to_string()]);
+        }
+        let args = &args[..];
         let mut child = Command::new(bin())
             .args(args)
             .stdin(Stdio::null())
