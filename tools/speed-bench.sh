@@ -39,11 +39,11 @@ command -v fuse-overlayfs >/dev/null || {
 cargo build --release --bin unionfs-rs
 bin=$root/target/release/unionfs-rs
 mkdir -p "$bench_dir"
-before=$(ls -1 "$bench_dir/results" 2>/dev/null | sort | tail -n 1 || true)
+before=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | sort | tail -n 1 || true)
 python3 "$harness" "${quick[@]}" "${runs[@]}" --bench-dir "$bench_dir" --targets "$peers" \
     --target "unionfs-rs|$bin mount {lowers} {upper} {merged} --workdir {work}|fusermount3 -u {merged}" \
     "${extra[@]}"
-latest=$(ls -1 "$bench_dir/results" | sort | tail -n 1)
+latest=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" | sort | tail -n 1)
 if [ -z "$latest" ] || [ "$latest" = "$before" ] || [ ! -s "$bench_dir/results/$latest/table.md" ]; then
     echo "speed-bench: the harness left no new table in $bench_dir/results" >&2
     exit 1
