@@ -36,9 +36,11 @@ pub(super) fn assemble(segs: Vec<(PageData, usize, usize)>) -> ReadData {
 
 /// Read `n` pages from `start` (zero past EOF) into one buffer; returns the pages.
 pub(super) fn read_pages(fd: &Fd, start: u64, n: usize) -> Result<Vec<PageData>, Errno> {
-    let mut buf = vec![0u8; n * PAGE];
-    crate::layer::sys::pread_full(fd.as_fd(), &mut buf, (start * P) as i64)?;
-    let buf = Arc::new(buf);
+    let buf = Arc::new(crate::layer::sys::pread_vec(
+        fd.as_fd(),
+        n * PAGE,
+        (start * P) as i64,
+    )?);
     Ok((0..n)
         .map(|k| PageData {
             buf: buf.clone(),

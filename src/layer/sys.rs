@@ -199,6 +199,33 @@ pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], mut off: i64) -> Result<us
     Ok(done)
 }
 
+/// `len` bytes of `fd` at `off` in a new buffer, read straight into fresh memory (no zeroing
+/// pass first); what lies past EOF reads as zeros. Retries EINTR and short reads.
+pub fn pread_vec(fd: BorrowedFd<'_>, len: usize, mut off: i64) -> Result<Vec<u8>, Errno> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: the kernel writes at most spare.len() bytes into the vector's unused
+        // capacity, which is valid for writes; nothing is read from it before it is written.
+        let r = unsafe { libc::pread(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), off) };
+        match r {
+            0 => break,
+            n if n > 0 => {
+                let n = n as usize;
+                // SAFETY: pread initialised the first n bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                off += n as i64;
+            }
+            _ => match Errno::last() {
+                Errno::EINTR => continue,
+                e => return Err(e),
+            },
+        }
+    }
+    buf.resize(len, 0);
+    Ok(buf)
+}
+
 /// Byte ranges of `fd` that have space allocated (written, unwritten/preallocated, or delayed)
 /// and intersect [start, start + len), from FS_IOC_FIEMAP. Preallocation past EOF is included.
 pub fn allocated_ranges(
@@ -257,4 +284,26 @@ pub fn allocated_ranges(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn pread_vec_reads_and_zero_fills_past_eof() {
+        let dir = std::env::temp_dir().join(format!("pread-vec-{}", std::process::id()));
+        let mut f = std::fs::File::create(&dir).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        f.write_all(&data).unwrap();
+        let f = std::fs::File::open(&dir).unwrap();
+        let v = super::pread_vec(f.as_fd(), 8192, 4096).unwrap();
+        assert_eq!(v.len(), 8192);
+        assert_eq!(&v[..10_000 - 4096], &data[4096..]);
+        assert!(v[10_000 - 4096..].iter().all(|&b| b == 0));
+        let past = super::pread_vec(f.as_fd(), 4096, 20_000).unwrap();
+        assert!(past.len() == 4096 && past.iter().all(|&b| b == 0));
+        std::fs::remove_file(&dir).unwrap();
+    }
 }
