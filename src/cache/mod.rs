@@ -181,6 +181,7 @@ struct Counters {
     misses: AtomicU64,
     ra_pages: AtomicU64,
     ra_used: AtomicU64,
+    dropped_behind: AtomicU64,
     throttle_events: AtomicU64,
     throttle_us: AtomicU64,
     flusher_runs: AtomicU64,
@@ -630,6 +631,7 @@ impl PageCache {
                 ("evicted_pages", l(&s.evicted)),
                 ("readahead_pages", l(&s.ra_pages)),
                 ("readahead_used_pages", l(&s.ra_used)),
+                ("drop_behind_pages", l(&s.dropped_behind)),
                 ("dirty_bytes", l(&self.dirty)),
                 ("writeback_bytes", l(&self.writeback)),
                 ("written_back_bytes", l(&s.written_back)),
@@ -672,6 +674,47 @@ mod tests {
             size,
             ..CacheConfig::default()
         }
+    }
+
+    /// Drop-behind: a sequential stream's synchronous misses are returned but not kept;
+    /// random reads and readahead windows are kept.
+    #[test]
+    fn drop_behind_keeps_random_reads_and_readahead_but_not_streams() {
+        let data: Vec<u8> = (0..256 * PAGE).map(|i| (i % 253) as u8).collect();
+        let (_d, fd) = tmpfile(&data);
+        let mut config = cfg(16 << 20);
+        config.readahead_kb = 128;
+        let c = PageCache::new(config, None).expect("cache");
+        let ra = Mutex::new(RaState {
+            drop_behind: true,
+            ..RaState::default()
+        });
+        // A stream of 128 KiB requests, each as large as the window: all synchronous.
+        for k in 0..8u64 {
+            let off = k * 32 * P;
+            let got = c.read(1, &ra, &fd, off, 32 * PAGE as u32).expect("read");
+            assert_eq!(&got[..], &data[off as usize..off as usize + 32 * PAGE]);
+        }
+        let s = c.stats();
+        assert_eq!(s.get("cache_misses"), Some(256));
+        assert_eq!(s.get("drop_behind_pages"), Some(256));
+        assert_eq!(s.get("cache_bytes"), Some(0));
+        // Random single pages far apart are kept (a second read hits).
+        let ra2 = Mutex::new(RaState {
+            drop_behind: true,
+            ..RaState::default()
+        });
+        let _ = c.read(2, &ra2, &fd, 200 * P, 100).expect("read");
+        let _ = c.read(2, &ra2, &fd, 100 * P, 100).expect("read");
+        let _ = c.read(2, &ra2, &fd, 150 * P, 100).expect("read");
+        assert_eq!(c.stats().get("cache_bytes"), Some(3 * P));
+        let got = c.read(2, &ra2, &fd, 100 * P + 7, 50).expect("read");
+        assert_eq!(&got[..], &data[100 * PAGE + 7..100 * PAGE + 57]);
+        assert_eq!(c.stats().get("cache_hits"), Some(1));
+        // Without drop-behind the stream is kept.
+        let ra3 = Mutex::new(RaState::default());
+        let _ = c.read(3, &ra3, &fd, 0, 32 * PAGE as u32).expect("read");
+        assert!(c.stats().get("cache_bytes").unwrap_or(0) >= 32 * P + 3 * P);
     }
 
     #[test]

@@ -119,7 +119,11 @@ impl PageCache {
                             })
                         })
                         .count() as u64;
-                    let win = ra.lock().sync(idx, req, max_ra, contig);
+                    let (win, drop_behind) = {
+                        let mut ra = ra.lock();
+                        let w = ra.sync(idx, req, max_ra, contig);
+                        (w, ra.drop_behind && w.is_some())
+                    };
                     let mut n = 0u64;
                     while idx + n <= last && Slot::missing(st.pages.get(&(idx + n))) {
                         n += 1;
@@ -136,7 +140,7 @@ impl PageCache {
                         self.queue_readahead(&f, &mut st, fd, idx + n..w.end(), marker);
                     }
                     let read = MutexGuard::unlocked(&mut st, || {
-                        let room = self.make_room(n * P);
+                        let room = !drop_behind && self.make_room(n * P);
                         read_pages(fd, idx, n as usize).map(|p| (p, room))
                     });
                     let (pages, room) = match read {
@@ -153,6 +157,9 @@ impl PageCache {
                         }
                     };
                     self.stats.misses.fetch_add(n, Ordering::Relaxed);
+                    if drop_behind {
+                        self.stats.dropped_behind.fetch_add(n, Ordering::Relaxed);
+                    }
                     let marker_in_run = win
                         .map(|w| w.marker())
                         .filter(|m| (idx..idx + n).contains(m));

@@ -41,6 +41,11 @@ pub struct RaState {
     pub async_size: u64,
     /// The last page the previous read touched (`prev_pos >> PAGE_SHIFT`), if any.
     pub prev: Option<u64>,
+    /// Drop-behind: pages a sequential stream reads synchronously are handed to the reader and
+    /// not kept (set for handles whose reads land in the kernel's page cache, which keeps them
+    /// for re-reads; our copy would only cost a pass over cold memory). Readahead windows are
+    /// still cached: that is where the reader finds them.
+    pub drop_behind: bool,
 }
 
 /// `get_init_ra_size`: the first window for a request of `req` pages, `max` pages at most.

@@ -202,7 +202,11 @@ impl Union {
                 fd: Arc::new(fd),
                 writable,
                 in_upper,
-                ra: parking_lot::Mutex::new(RaState::default()),
+                ra: parking_lot::Mutex::new(RaState {
+                    // The kernel caches what buffered handles read (FOPEN_KEEP_CACHE).
+                    drop_behind: flags & libc::O_DIRECT == 0,
+                    ..RaState::default()
+                }),
                 sync: sync_of(flags),
                 direct: flags & libc::O_DIRECT != 0,
                 nocache: nocache || self.cache.is_none(),
