@@ -13,6 +13,10 @@ use super::{
     CachedFile, Fd, FileState, P, PAGE, Page, PageCache, PageData, RaJob, RaState, ReadData, Slot,
 };
 
+/// Pages the kernel's FUSE readahead keeps ahead of a buffered reader (the FUSE bdi's default
+/// `read_ahead_kb`, 128 KiB, which this daemon does not change).
+pub(super) const KERNEL_RA_PAGES: u64 = 32;
+
 /// The reply for a read made of these page pieces: a slice of one buffer when they are
 /// consecutive pieces of it, else a copy.
 pub(super) fn assemble(segs: Vec<(PageData, usize, usize)>) -> ReadData {
@@ -61,7 +65,12 @@ impl PageCache {
         size: u32,
     ) -> Result<ReadData, Errno> {
         let f = self.file(ino, fd)?;
-        let max_ra = self.cfg.read().readahead_kb * 1024 / P;
+        let mut max_ra = self.cfg.read().readahead_kb * 1024 / P;
+        if ra.lock().drop_behind && max_ra <= KERNEL_RA_PAGES {
+            // The kernel's FUSE readahead already keeps this much in flight for a buffered
+            // reader; a window of ours no larger would read the same pages a second time.
+            max_ra = 0;
+        }
         // Pages to copy out once the file's lock is released.
         let mut segs: Vec<(PageData, usize, usize)> = Vec::with_capacity(32);
         // LRU updates once the file's lock is released: (page, true) moves it to the hot end
@@ -121,8 +130,8 @@ impl PageCache {
                         .count() as u64;
                     let (win, drop_behind) = {
                         let mut ra = ra.lock();
-                        let w = ra.sync(idx, req, max_ra, contig);
-                        (w, ra.drop_behind && w.is_some())
+                        let stream = ra.drop_behind && ra.sequential(idx);
+                        (ra.sync(idx, req, max_ra, contig), stream)
                     };
                     let mut n = 0u64;
                     while idx + n <= last && Slot::missing(st.pages.get(&(idx + n))) {

@@ -154,6 +154,11 @@ impl RaState {
         Some(self.readit(index, max))
     }
 
+    /// Does a read from `index` continue this file's stream (or start one at the beginning)?
+    pub fn sequential(&self, index: u64) -> bool {
+        index == 0 || self.prev.is_some_and(|p| index >= p && index - p <= 1)
+    }
+
     /// Remember where the last read ended (for the sequential test of the next miss).
     pub fn touched(&mut self, last: u64) {
         self.prev = Some(last);
