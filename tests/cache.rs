@@ -510,6 +510,58 @@ fn sequential_reads_read_ahead_and_random_reads_do_not() {
     })
 }
 
+/// At the default readahead (no larger than the kernel's FUSE window) a buffered sequential read
+/// leaves nothing of ours behind (drop-behind, no duplicate readahead), while random reads are
+/// cached: reading the same random pages again through a fresh kernel cache hits.
+#[test]
+fn sequential_stream_drops_behind_random_reads_stay() {
+    with_timeout(TIMEOUT, || {
+        let big = pattern((16 * MIB) as usize, 3);
+        let m = mount_lower(
+            vec![
+                file_bytes("seq", big.clone()),
+                file_bytes("rand", big.clone()),
+            ],
+            &[],
+        );
+        assert_eq!(fs::read(m.path("seq")).expect("read"), big);
+        let s = stats(&m.merged);
+        assert_eq!(s["readahead_pages"], 0, "{s:?}");
+        assert!(s["drop_behind_pages"] >= 4096, "{s:?}");
+        assert!(
+            s["cache_bytes"] < MIB,
+            "a stream stays out of the cache: {s:?}"
+        );
+        // Pages far apart (never within drop-behind's stream slack of the previous read).
+        let offs: Vec<u64> = (1..=64u64).map(|k| (k * 1031 % 4096) * 4096).collect();
+        let read_random = || {
+            let f = File::open(m.path("rand")).expect("open");
+            // SAFETY: fadvise on an open fd (random access, and drop the kernel's pages).
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+                libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+            let mut buf = [0u8; 4096];
+            for &off in &offs {
+                f.read_exact_at(&mut buf, off).expect("pread");
+                assert_eq!(&buf[..], &big[off as usize..off as usize + 4096]);
+            }
+            // SAFETY: as above.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        };
+        read_random();
+        let s1 = stats(&m.merged);
+        read_random();
+        let s2 = stats(&m.merged);
+        let hits = s2["cache_hits"] - s1["cache_hits"];
+        assert!(
+            hits >= 60,
+            "random pages read again must hit: {hits} ({s2:?})"
+        );
+        m.unmount().expect("unmount");
+    })
+}
+
 #[test]
 fn settings_change_on_a_live_mount() {
     with_timeout(TIMEOUT, || {

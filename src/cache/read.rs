@@ -130,7 +130,7 @@ impl PageCache {
                         .count() as u64;
                     let (win, drop_behind) = {
                         let mut ra = ra.lock();
-                        let stream = ra.drop_behind && ra.sequential(idx);
+                        let stream = ra.drop_behind && ra.streaming(idx, 4 * KERNEL_RA_PAGES);
                         (ra.sync(idx, req, max_ra, contig), stream)
                     };
                     let mut n = 0u64;

@@ -154,9 +154,11 @@ impl RaState {
         Some(self.readit(index, max))
     }
 
-    /// Does a read from `index` continue this file's stream (or start one at the beginning)?
-    pub fn sequential(&self, index: u64) -> bool {
-        index == 0 || self.prev.is_some_and(|p| index >= p && index - p <= 1)
+    /// Does a read from `index` continue this file's stream (or start one at the beginning),
+    /// allowing `slack` pages either way: FUSE delivers the kernel's concurrent readahead
+    /// requests of one stream slightly out of order.
+    pub fn streaming(&self, index: u64, slack: u64) -> bool {
+        index == 0 || self.prev.is_some_and(|p| index.abs_diff(p) <= slack)
     }
 
     /// Remember where the last read ended (for the sequential test of the next miss).
