@@ -5,6 +5,7 @@
 # `speed-table` markers.
 #
 # Usage: tools/speed-bench.sh [--quick] [--runs N] [--no-readme] [-- extra harness arguments]
+#        tools/speed-bench.sh --from RESULTS_DIR/table.md   (only rewrite the README section)
 # Environment: BENCH_DIR (default /var/tmp/ub-bench: the generated layer set is reused while it
 #   matches), HARNESS (default ../shared/bench/unionbench.sh), PEERS (default
 #   overlay,fuse-overlayfs; add unionfs-fuse,mergerfs if installed).
@@ -18,17 +19,24 @@ peers=${PEERS:-overlay,fuse-overlayfs}
 quick=()
 runs=()
 readme=1
+from=
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --quick) quick=(--quick); shift ;;
     --runs) runs=(--runs "$2"); shift 2 ;;
     --no-readme) readme=0; shift ;;
+    --from) from=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "speed-bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+fo_version=$(fuse-overlayfs --version 2>/dev/null | grep -m1 '^fuse-overlayfs' || echo "fuse-overlayfs")
+if [ -n "$from" ]; then
+    [ -s "$from" ] || { echo "speed-bench: no table at $from" >&2; exit 2; }
+    table=$from
+else
 [ "$(id -u)" = 0 ] || { echo "speed-bench: run as root (mounts, drop_caches)" >&2; exit 2; }
 [ -f "$harness" ] || { echo "speed-bench: harness not found at $harness (set HARNESS)" >&2; exit 2; }
 command -v fuse-overlayfs >/dev/null || {
@@ -40,7 +48,7 @@ cargo build --release --bin unionfs-rs
 bin=$root/target/release/unionfs-rs
 mkdir -p "$bench_dir"
 before=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | sort | tail -n 1 || true)
-python3 "$harness" "${quick[@]}" "${runs[@]}" --bench-dir "$bench_dir" --targets "$peers" \
+python3 "$harness" "${quick[@]}" "${runs[@]}" --bench-dir "$bench_dir" --targets "$peers,unionfs-rs" \
     --target "unionfs-rs|$bin mount {lowers} {upper} {merged} --workdir {work}|fusermount3 -u {merged}" \
     "${extra[@]}"
 latest=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" | sort | tail -n 1)
@@ -50,6 +58,13 @@ if [ -z "$latest" ] || [ "$latest" = "$before" ] || [ ! -s "$bench_dir/results/$
 fi
 table=$bench_dir/results/$latest/table.md
 echo "speed-bench: table in $table"
+git describe --always --dirty >"$bench_dir/results/$latest/unionfs-rs.commit"
+fi
+commit=$(cat "$(dirname "$table")/unionfs-rs.commit" 2>/dev/null || echo "unrecorded commit")
+if ! head -n 6 "$table" | grep -q '| unionfs-rs'; then
+    echo "speed-bench: the table has no unionfs-rs column (did its mount fail? see the harness log above)" >&2
+    exit 1
+fi
 [ "$readme" = 1 ] || exit 0
 
 # The README gets the header line, the main table and the RSS/noise lines (not the appendix).
@@ -58,9 +73,11 @@ trap 'rm -f "$section"' EXIT
 {
     echo "<!-- speed-table:begin (written by tools/speed-bench.sh; edit there, not here) -->"
     echo
-    echo "Measured $(date -u +%Y-%m-%d) on $(nproc) vCPUs, kernel $(uname -r), unionfs-rs $(git rev-parse --short HEAD), $(fuse-overlayfs --version 2>/dev/null | head -n 1)."
+    echo "Measured $(date -u -r "$table" +%Y-%m-%d) on $(nproc) vCPUs, kernel $(uname -r), unionfs-rs $commit, $fo_version."
     echo
-    awk '/^appendix/ {exit} {print}' "$table"
+    # Pipes inside cells ("(1.00|0.87)", "find|wc") would split them: escape them.
+    awk '/^appendix/ {exit} {print}' "$table" |
+        sed -E '/^\|[-| ]+\|$/! { /^\|/ { :a; s/([^ \\])\|([^ ])/\1\\|\2/; ta; }; }'
     echo
     echo "<!-- speed-table:end -->"
 } >"$section"
