@@ -314,6 +314,16 @@ fn log_file_receives_the_daemon_log() {
         assert!(st.success(), "mount failed: {out}{err}");
         assert!(err.is_empty(), "nothing on the caller's stderr: {err:?}");
         fs::write(m.path("new"), "x").unwrap();
+        // A shell's `read` asks TCGETS of every file: ENOTTY, and nothing logged for it.
+        {
+            use std::os::fd::AsRawFd;
+            let f = fs::File::open(m.path("new")).unwrap();
+            let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+            // SAFETY: TCGETS writes at most one termios into `t`.
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, t.as_mut_ptr()) };
+            let e = std::io::Error::last_os_error().raw_os_error();
+            assert_eq!((r, e), (-1, Some(libc::ENOTTY)), "TCGETS on a file");
+        }
         let pid = m.pid.expect("daemon pid");
         // SAFETY: signalling the daemon this test started.
         unsafe {
@@ -333,6 +343,10 @@ fn log_file_receives_the_daemon_log() {
         assert!(
             text.lines().any(|l| l.contains("SIGTERM")),
             "the stop is logged: {text:?}"
+        );
+        assert!(
+            !text.contains("Not Implemented"),
+            "no warning per ioctl: {text:?}"
         );
         let first = text.lines().next().unwrap_or("");
         assert!(
