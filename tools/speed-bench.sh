@@ -9,7 +9,8 @@
 # Environment: BENCH_DIR (default /var/tmp/ub-bench: the generated layer set is reused while it
 #   matches), HARNESS (default ../shared/bench/unionbench.sh), PEERS (default
 #   overlay,fuse-overlayfs; add unionfs-fuse,mergerfs if installed).
-# Needs root, fuse3, fuse-overlayfs. Takes ~10 min with --quick --runs 3, ~40 min in full.
+# Needs root, fuse3, fuse-overlayfs. `--quick --runs 3` took ~5 min here; a full run (5 rounds,
+# full sizes) takes several times that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --no-readme) readme=0; shift ;;
     --from) from=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "speed-bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -58,7 +59,7 @@ if [ -z "$latest" ] || [ "$latest" = "$before" ] || [ ! -s "$bench_dir/results/$
 fi
 table=$bench_dir/results/$latest/table.md
 echo "speed-bench: table in $table"
-git describe --always --dirty >"$bench_dir/results/$latest/unionfs-rs.commit"
+{ git describe --always --dirty 2>/dev/null || echo "unknown commit"; } >"$bench_dir/results/$latest/unionfs-rs.commit"
 fi
 commit=$(cat "$(dirname "$table")/unionfs-rs.commit" 2>/dev/null || echo "unrecorded commit")
 if ! head -n 6 "$table" | grep -q '| unionfs-rs'; then
