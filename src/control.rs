@@ -284,7 +284,14 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 }
             }
             match c.set_config(cfg) {
-                Ok(()) => cache_kv(&c.config()),
+                Ok(()) => {
+                    if words[1..].iter().any(|kv| kv.starts_with("kernel_readahead_kb=")) {
+                        if let Err(e) = union.apply_kernel_readahead(Path::new(mount)) {
+                            return format!("{{\"error\":{}}}", json_str(&e));
+                        }
+                    }
+                    cache_kv(&c.config())
+                }
                 Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
             }
         }

@@ -18,6 +18,7 @@
 //! file's state is held while another file's is taken (eviction takes them one at a time).
 
 mod flusher;
+pub mod kernel_ra;
 mod read;
 pub mod readahead;
 pub mod writeback;
@@ -245,6 +246,8 @@ pub struct PageCache {
     sink: RwLock<Option<Weak<dyn WritebackSink>>>,
     ra_tx: Mutex<Option<mpsc::Sender<RaJob>>>,
     closing: AtomicBool,
+    /// The kernel's readahead on the mount (KiB): ours runs only beyond it for buffered readers.
+    kernel_ra_kb: AtomicU64,
     /// Dirty data was above bg_thresh at the last look (to count crossings).
     above_bg: AtomicBool,
     token: AtomicU64,
@@ -301,6 +304,7 @@ impl PageCache {
             sink: RwLock::new(None),
             ra_tx: Mutex::new(Some(tx)),
             closing: AtomicBool::new(false),
+            kernel_ra_kb: AtomicU64::new(read::KERNEL_RA_DEFAULT_KB),
             above_bg: AtomicBool::new(false),
             token: AtomicU64::new(1),
             stats: Counters::default(),
@@ -618,6 +622,11 @@ impl PageCache {
     }
 
     /// The current figures.
+    /// Record the kernel's readahead on the mount (after [`kernel_ra::apply`]).
+    pub fn set_kernel_readahead_kb(&self, kb: u64) {
+        self.kernel_ra_kb.store(kb, Ordering::Relaxed);
+    }
+
     pub fn stats(&self) -> CacheStats {
         let (bg, thresh) = self.cfg.read().thresholds();
         let s = &self.stats;
@@ -631,6 +640,7 @@ impl PageCache {
                 ("evicted_pages", l(&s.evicted)),
                 ("readahead_pages", l(&s.ra_pages)),
                 ("readahead_used_pages", l(&s.ra_used)),
+                ("kernel_readahead_kb", l(&self.kernel_ra_kb)),
                 ("drop_behind_pages", l(&s.dropped_behind)),
                 ("dirty_bytes", l(&self.dirty)),
                 ("writeback_bytes", l(&self.writeback)),

@@ -13,9 +13,15 @@ use super::{
     CachedFile, Fd, FileState, P, PAGE, Page, PageCache, PageData, RaJob, RaState, ReadData, Slot,
 };
 
-/// Pages the kernel's FUSE readahead keeps ahead of a buffered reader (the FUSE bdi's default
-/// `read_ahead_kb`, 128 KiB, which this daemon does not change).
-pub(super) const KERNEL_RA_PAGES: u64 = 32;
+/// The kernel's default readahead on a FUSE mount (its bdi's `read_ahead_kb`) until the daemon
+/// sets it (`kernel_ra.rs`).
+pub(super) const KERNEL_RA_DEFAULT_KB: u64 = 128;
+
+/// Slack (pages) within which a read still continues a stream, for drop-behind.
+const STREAM_SLACK: u64 = 128;
+
+/// A request at least this large (128 KiB, what the kernel's readahead sends) is a stream's.
+const STREAM_REQ_PAGES: u64 = 32;
 
 /// The reply for a read made of these page pieces: a slice of one buffer when they are
 /// consecutive pieces of it, else a copy.
@@ -66,7 +72,8 @@ impl PageCache {
     ) -> Result<ReadData, Errno> {
         let f = self.file(ino, fd)?;
         let mut max_ra = self.cfg.read().readahead_kb * 1024 / P;
-        if ra.lock().drop_behind && max_ra <= KERNEL_RA_PAGES {
+        let kernel_ra = self.kernel_ra_kb.load(Ordering::Relaxed) * 1024 / P;
+        if ra.lock().drop_behind && max_ra <= kernel_ra {
             // The kernel's FUSE readahead already keeps this much in flight for a buffered
             // reader; a window of ours no larger would read the same pages a second time.
             max_ra = 0;
@@ -130,7 +137,14 @@ impl PageCache {
                         .count() as u64;
                     let (win, drop_behind) = {
                         let mut ra = ra.lock();
-                        let stream = ra.drop_behind && ra.streaming(idx, 4 * KERNEL_RA_PAGES);
+                        // A stream: a read next to the last one, or a request as large as the
+                        // kernel's readahead makes them (its requests of one window arrive out
+                        // of order, up to the whole window apart; random reads are small). Not
+                        // while we read ahead ourselves: our windows are placed after the
+                        // stream's pages in the cache, and would read dropped ones again.
+                        let stream = ra.drop_behind
+                            && max_ra == 0
+                            && (req >= STREAM_REQ_PAGES || ra.streaming(idx, STREAM_SLACK));
                         (ra.sync(idx, req, max_ra, contig), stream)
                     };
                     let mut n = 0u64;

@@ -15,6 +15,9 @@ pub struct CacheConfig {
     pub size: u64,
     /// Largest readahead window in KiB (read_ahead_kb; 0: no readahead).
     pub readahead_kb: u64,
+    /// The kernel's readahead for this FUSE mount (its bdi's read_ahead_kb), set when root
+    /// may; 0: as the devices holding the layers read ahead (what kernel overlayfs gets).
+    pub kernel_readahead_kb: u64,
     /// Background write-back starts above this % of the budget.
     pub dirty_background_ratio: u64,
     /// Writers block above this % of the budget.
@@ -34,6 +37,7 @@ impl Default for CacheConfig {
         CacheConfig {
             size: 256 << 20,
             readahead_kb: 128,
+            kernel_readahead_kb: 0,
             dirty_background_ratio: 10,
             dirty_ratio: 20,
             dirty_background_bytes: 0,
@@ -48,6 +52,7 @@ impl Default for CacheConfig {
 pub const KEYS: &[&str] = &[
     "cache_size",
     "readahead_kb",
+    "kernel_readahead_kb",
     "dirty_background_ratio",
     "dirty_ratio",
     "dirty_background_bytes",
@@ -97,6 +102,7 @@ impl CacheConfig {
         match key.as_str() {
             "cache_size" => self.size = size(value)?,
             "readahead_kb" => self.readahead_kb = num(value)?,
+            "kernel_readahead_kb" => self.kernel_readahead_kb = num(value)?,
             "dirty_background_ratio" => {
                 self.dirty_background_ratio = ratio(value)?;
                 self.dirty_background_bytes = 0;
@@ -142,6 +148,7 @@ impl CacheConfig {
         vec![
             ("cache_size", self.size),
             ("readahead_kb", self.readahead_kb),
+            ("kernel_readahead_kb", self.kernel_readahead_kb),
             ("dirty_background_ratio", self.dirty_background_ratio),
             ("dirty_ratio", self.dirty_ratio),
             ("dirty_background_bytes", self.dirty_background_bytes),

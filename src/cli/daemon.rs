@@ -313,6 +313,11 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             None
         }
     };
+    // Mounted: the kernel's readahead on it (mountinfo and sysfs only, no FUSE request).
+    match union.apply_kernel_readahead(&c.merged) {
+        Ok(kb) => log::info!("kernel readahead on {}: {kb} KiB", c.merged.display()),
+        Err(e) => log::info!("kernel readahead left as it was: {e}"),
+    }
     report(&ready, "ok\n");
     if ready.is_some() {
         drop(ready);

@@ -166,6 +166,9 @@ struct CacheFlags {
     /// Largest readahead window in KiB (default 128; 0: no readahead).
     #[arg(long, value_name = "KB")]
     readahead_kb: Option<String>,
+    /// The kernel's readahead on this mount in KiB (as root; default 0: as the layers' disks).
+    #[arg(long, value_name = "KB")]
+    kernel_readahead_kb: Option<String>,
     /// Background write-back starts above this % of the budget (default 10).
     #[arg(long, value_name = "PCT")]
     dirty_background_ratio: Option<String>,
@@ -191,6 +194,7 @@ impl CacheFlags {
         [
             ("cache_size", &self.cache_size),
             ("readahead_kb", &self.readahead_kb),
+            ("kernel_readahead_kb", &self.kernel_readahead_kb),
             ("dirty_background_ratio", &self.dirty_background_ratio),
             ("dirty_ratio", &self.dirty_ratio),
             ("dirty_background_bytes", &self.dirty_background_bytes),

@@ -210,6 +210,8 @@ pub struct Union {
     pub(crate) unsettled: DashMap<u64, std::time::Instant>,
     /// The page cache for file data.
     pub(crate) cache: Option<Arc<crate::cache::PageCache>>,
+    /// `kernel_readahead_kb` as configured (it applies with the page cache off too).
+    kernel_ra_configured: u64,
     /// Held through a shutdown, so a second caller waits for the first to finish.
     shutdown_lock: parking_lot::Mutex<()>,
     /// Free bytes of upper's filesystem, and when they were read (write-back safety margin).
@@ -299,6 +301,7 @@ impl Union {
             volatile: opts.volatile,
             unsettled: DashMap::new(),
             cache,
+            kernel_ra_configured: opts.cache.map_or(0, |c| c.kernel_readahead_kb),
             shutdown_lock: parking_lot::Mutex::new(()),
             upper_free: parking_lot::Mutex::new(None),
         };
@@ -554,6 +557,29 @@ impl Union {
     }
 
     /// The page cache, if the mount has one.
+    /// Set the kernel's readahead on the mount at `merged` (`cache::kernel_ra`) from the cache
+    /// settings, and tell the cache. Errors (rootless: sysfs is read-only) leave the kernel's.
+    pub fn apply_kernel_readahead(
+        &self,
+        merged: &std::path::Path,
+    ) -> std::result::Result<u64, String> {
+        let configured = self.cache.as_ref().map_or_else(
+            || self.kernel_ra_configured,
+            |c| c.config().kernel_readahead_kb,
+        );
+        let devs: Vec<u64> = self
+            .upper
+            .iter()
+            .chain(self.lowers.iter())
+            .map(|l| l.dev)
+            .collect();
+        let kb = crate::cache::kernel_ra::apply(merged, &devs, configured)?;
+        if let Some(c) = &self.cache {
+            c.set_kernel_readahead_kb(kb);
+        }
+        Ok(kb)
+    }
+
     pub fn cache(&self) -> Option<&Arc<crate::cache::PageCache>> {
         self.cache.as_ref()
     }
