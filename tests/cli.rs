@@ -357,6 +357,59 @@ fn log_file_receives_the_daemon_log() {
     });
 }
 
+/// Container engines unmount a layer and mount it again at once (podman diff, commit): the new
+/// mount waits for the old daemon to let go of the upper dir instead of failing. A second live
+/// mount of the same upper is still refused, with a clear error.
+#[test]
+fn remount_right_after_unmount_and_upper_in_use() {
+    with_timeout(120, || {
+        let dirs = simple_dirs();
+        let args = Mount::command_args(&dirs, &MountOpts::default());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        for i in 0..15 {
+            // No guard between the rounds: it would wait for the daemon to exit.
+            let (code, _, err) = run_bin(&argv);
+            if code != 0 {
+                drop(Mount::adopt_existing(&dirs));
+                panic!("mount {i} right after an unmount: {err}");
+            }
+            fs::write(dirs.merged.join(format!("f{i}")), "x").unwrap();
+            let (st, _, err) = run_with_timeout(
+                Command::new("fusermount3").arg("-u").arg(&dirs.merged),
+                Duration::from_secs(20),
+            )
+            .unwrap();
+            assert!(st.success(), "fusermount3 -u: {err}");
+        }
+        for i in 0..15 {
+            assert_eq!(
+                fs::read_to_string(dirs.upper.join(format!("f{i}"))).unwrap(),
+                "x"
+            );
+        }
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let other = dirs.root.join("merged2");
+        fs::create_dir(&other).unwrap();
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        let at = args
+            .iter()
+            .position(|a| Path::new(a) == dirs.merged)
+            .unwrap();
+        args[at] = s(&other);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_bin(&argv);
+        if is_mounted(&other) {
+            let _ = Command::new("umount").arg("-l").arg(&other).status();
+        }
+        assert_eq!(
+            code, 2,
+            "a second mount of a live upper must be refused: {err}"
+        );
+        assert!(err.contains("already in use"), "{err}");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
 #[test]
 fn fusermount_unmount_stops_daemon() {
     with_timeout(60, || {

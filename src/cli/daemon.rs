@@ -314,10 +314,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         }
     };
     // Mounted: the kernel's readahead on it (mountinfo and sysfs only, no FUSE request).
-    match union.apply_kernel_readahead(&c.merged) {
-        Ok(kb) => log::info!("kernel readahead on {}: {kb} KiB", c.merged.display()),
-        Err(e) => log::info!("kernel readahead left as it was: {e}"),
-    }
+    let kernel_ra = union.apply_kernel_readahead(&c.merged);
     report(&ready, "ok\n");
     if ready.is_some() {
         drop(ready);
@@ -330,6 +327,10 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         }
     }
     log::info!("mounted {}", c.merged.display());
+    match kernel_ra {
+        Ok(kb) => log::info!("kernel readahead on {}: {kb} KiB", c.merged.display()),
+        Err(e) => log::info!("kernel readahead left as it was: {e}"),
+    }
     // run() consumes the session; fuser calls destroy (our shutdown) when it ends. Make sure
     // everything cached is stored whichever way the session ended.
     let r = session.run().map_err(|e| e.to_string());

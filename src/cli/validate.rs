@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use super::options::MountSpec;
 use crate::union::Options;
 
+/// How long a mount waits for the previous daemon of the same upper to finish exiting.
+const UPPER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A request that passed every check.
 #[derive(Debug)]
 pub struct Checked {
@@ -205,13 +208,23 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     let lock = match &upper {
         Some(u) => {
             let f = File::open(u).map_err(|e| format!("upper {}: {e}", u.display()))?;
-            // SAFETY: f is an open descriptor for the whole call.
-            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if r != 0 {
-                return Err(format!(
-                    "upper {} is already in use by another unionfs-rs mount",
-                    u.display()
-                ));
+            // A daemon whose mount was just unmounted still holds the lock while it stores
+            // what it cached and exits; container engines mount the same layer again right
+            // after (podman diff, commit). Wait for it a little before calling it a conflict.
+            let deadline = std::time::Instant::now() + UPPER_LOCK_WAIT;
+            loop {
+                // SAFETY: f is an open descriptor for the whole call.
+                let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+                if r == 0 {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "upper {} is already in use by another unionfs-rs mount",
+                        u.display()
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Some(f)
         }
