@@ -621,12 +621,12 @@ impl PageCache {
         r
     }
 
-    /// The current figures.
     /// Record the kernel's readahead on the mount (after [`kernel_ra::apply`]).
     pub fn set_kernel_readahead_kb(&self, kb: u64) {
         self.kernel_ra_kb.store(kb, Ordering::Relaxed);
     }
 
+    /// The current figures.
     pub fn stats(&self) -> CacheStats {
         let (bg, thresh) = self.cfg.read().thresholds();
         let s = &self.stats;

@@ -73,7 +73,9 @@ impl PageCache {
         let f = self.file(ino, fd)?;
         let mut max_ra = self.cfg.read().readahead_kb * 1024 / P;
         let kernel_ra = self.kernel_ra_kb.load(Ordering::Relaxed) * 1024 / P;
-        if ra.lock().drop_behind && max_ra <= kernel_ra {
+        // Set at open, never changed.
+        let buffered = ra.lock().drop_behind;
+        if buffered && max_ra <= kernel_ra {
             // The kernel's FUSE readahead already keeps this much in flight for a buffered
             // reader; a window of ours no larger would read the same pages a second time.
             max_ra = 0;
@@ -142,7 +144,7 @@ impl PageCache {
                         // of order, up to the whole window apart; random reads are small). Not
                         // while we read ahead ourselves: our windows are placed after the
                         // stream's pages in the cache, and would read dropped ones again.
-                        let stream = ra.drop_behind
+                        let stream = buffered
                             && max_ra == 0
                             && (req >= STREAM_REQ_PAGES || ra.streaming(idx, STREAM_SLACK));
                         (ra.sync(idx, req, max_ra, contig), stream)

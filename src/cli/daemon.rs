@@ -140,10 +140,15 @@ fn detach_stdio(log: Option<&std::fs::File>) {
         }
     }
     if let Some(f) = log {
-        // SAFETY: dup2 of an open descriptor onto stderr.
-        unsafe {
-            libc::dup2(f.as_raw_fd(), 2);
-        }
+        stderr_to(f);
+    }
+}
+
+/// Point stderr at `f` (the log file).
+fn stderr_to(f: &std::fs::File) {
+    // SAFETY: dup2 of an open descriptor onto stderr.
+    unsafe {
+        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(f), 2);
     }
 }
 
@@ -321,10 +326,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         detach_stdio(c.log.as_ref());
     } else if let Some(f) = &c.log {
         // Foreground with a log file: the log goes there too once the mount is live.
-        // SAFETY: dup2 of an open descriptor onto stderr.
-        unsafe {
-            libc::dup2(std::os::fd::AsRawFd::as_raw_fd(f), 2);
-        }
+        stderr_to(f);
     }
     log::info!("mounted {}", c.merged.display());
     match kernel_ra {

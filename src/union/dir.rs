@@ -269,9 +269,10 @@ impl Union {
         let work = self.work_fd()?;
         let still_open = (self.quota.is_some() || self.cache.is_some())
             && self.upper_handle_of(child.ino, None).is_some();
-        let before = match cst.upper {
-            true => Some(layer::stat_at(dir.as_fd(), name).ctx("stat entry")?),
-            false => None,
+        let before = if cst.upper {
+            Some(layer::stat_at(dir.as_fd(), name).ctx("stat entry")?)
+        } else {
+            None
         };
         // The last name of a file nobody holds open: its pages (dirty ones too) go after.
         let drop_pages = self.cache.is_some()
