@@ -414,6 +414,7 @@ impl Filesystem for UnionFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
+        let mut added = false;
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == "." || e.name == "..";
             // Each real entry is a lookup (one kernel reference); "." and ".." are ignored by
@@ -436,7 +437,11 @@ impl Filesystem for UnionFs {
             } else {
                 match self.u.lookup(ino.0, &e.name) {
                     Ok(a) => a,
-                    Err(_) => continue, // gone since the listing was taken
+                    Err(err) if err.errno == nix::errno::Errno::ENOENT => continue, // gone since listed
+                    // Never drop an entry silently (the kernel may cache this listing): end the
+                    // batch before it, so the kernel asks again from here, or report the error.
+                    Err(err) if !added => return reply.error(errno(err)),
+                    Err(_) => break,
                 }
             };
             let full = reply.add(
@@ -453,6 +458,7 @@ impl Filesystem for UnionFs {
                 }
                 break;
             }
+            added = true;
         }
         reply.ok()
     }

@@ -26,13 +26,13 @@ pub struct DirEntry {
     pub ino: u64,
 }
 
-/// An open directory: a snapshot of the listing taken at opendir / rewind.
+/// An open directory: a snapshot of the listing taken at its first read and at every rewind.
 #[derive(Debug)]
 pub struct DirHandle {
     /// Node id of the directory.
     pub ino: u64,
-    /// Entries, `.` and `..` first.
-    pub entries: Mutex<Arc<Vec<DirEntry>>>,
+    /// Entries, `.` and `..` first; `None` until listed.
+    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
 fn dtype_kind(t: Option<Type>) -> u32 {
@@ -152,8 +152,7 @@ impl Union {
         if !node.is_dir() {
             return Err(Error::new(Errno::ENOTDIR, "opendir"));
         }
-        // Listed on the first readdir (offset 0), so opendir costs no layer I/O.
-        let entries = Arc::new(Vec::new());
+        // Listed on the first readdir, so opendir costs no layer I/O.
         let fh = self
             .fh_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -161,7 +160,7 @@ impl Union {
             fh,
             Arc::new(DirHandle {
                 ino,
-                entries: Mutex::new(entries),
+                entries: Mutex::new(None),
             }),
         );
         Ok(fh)
@@ -169,19 +168,28 @@ impl Union {
 
     /// Entries of an open directory from `offset` on (offset = index of the next entry). At
     /// offset 0 the snapshot is refreshed (rewinddir sees changes, as POSIX asks).
+    ///
+    /// The first read of a handle may come at any offset: the kernel serves the start of a
+    /// listing from its own cache (FOPEN_CACHE_DIR) and asks us only from where its cache ends
+    /// or lost a page, and seekdir() to a cookie from an earlier open does the same. The
+    /// listing is taken then; offsets are indices into it, and an unchanged directory lists
+    /// in the same order every time (upper, then each lower, in getdents order).
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         let h = self
             .dirs
             .get(&fh)
             .map(|h| h.clone())
             .ok_or(Error::new(Errno::EBADF, "readdir handle"))?;
-        if offset == 0 {
-            let node = self.node(h.ino)?;
-            let fresh = self.listing(&node)?;
-            *h.entries.lock() = fresh;
+        let mut entries = h.entries.lock();
+        match &*entries {
+            Some(e) if offset != 0 => Ok(e.clone()),
+            _ => {
+                let node = self.node(h.ino)?;
+                let fresh = self.listing(&node)?;
+                *entries = Some(fresh.clone());
+                Ok(fresh)
+            }
         }
-        let entries = h.entries.lock().clone();
-        Ok(entries)
     }
 
     /// releasedir.

@@ -1,0 +1,146 @@
+//! Directory listings resumed at an offset, on unionfs-rs and on kernel overlayfs.
+//!
+//! The kernel keeps FUSE directory listings in its own cache and asks the daemon only from where
+//! that cache ends or lost a page, so the first READDIR a handle sees may come at any offset.
+//! seekdir() to a cookie from an earlier open does the same. A handle that had no listing yet
+//! used to answer such a read with nothing: `find` silently missed files after memory pressure
+//! dropped cached listing pages.
+
+mod common;
+
+use common::*;
+use std::ffi::CStr;
+use std::fs;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+
+const TIMEOUT: u64 = 60;
+
+/// (name, cookie of the next entry) of every entry `getdents64` returns on `fd` until the end,
+/// reading `buf_size` bytes at a time.
+fn getdents_all(fd: RawFd, buf_size: usize) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; buf_size];
+    loop {
+        // SAFETY: getdents64 writes at most buf.len() bytes into buf, which lives across the call.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+        if n == 0 {
+            return out;
+        }
+        let mut at = 0usize;
+        while at < n as usize {
+            // struct linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen, u8 d_type, char d_name[].
+            let d_off = i64::from_ne_bytes(buf[at + 8..at + 16].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(buf[at + 16..at + 18].try_into().unwrap()) as usize;
+            let name = CStr::from_bytes_until_nul(&buf[at + 19..at + reclen])
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            out.push((name, d_off));
+            at += reclen;
+        }
+    }
+}
+
+fn open_dir(p: &Path) -> fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+/// Drop the kernel's cached listing of the directory open as `f` (its page cache pages).
+fn drop_cached_listing(f: &fs::File) {
+    // SAFETY: fadvise on an open fd; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "fadvise DONTNEED on a directory");
+}
+
+fn layers() -> Vec<Vec<Entry>> {
+    // Names long enough that one listing takes several FUSE replies; half in each layer, some
+    // shadowed, some whited out.
+    let name = |i: usize| format!("d/entry-with-a-long-name-to-fill-pages-{i:04}");
+    let mut top = vec![dir("d")];
+    let mut bottom = vec![dir("d")];
+    for i in 0..600 {
+        if i % 2 == 0 {
+            top.push(file(&name(i), "top"));
+        }
+        // Every odd name, and every third even one (shadowed by the top layer).
+        if i % 3 == 0 || i % 2 == 1 {
+            bottom.push(file(&name(i), "bottom"));
+        }
+    }
+    for i in (1..600).step_by(14) {
+        top.push(whiteout(&name(i)));
+    }
+    vec![top, bottom]
+}
+
+/// List `dir` fully, then, on fresh opens, resume at cookies from that listing, with the
+/// kernel's cached listing kept and dropped. Every resumed read must return exactly the rest.
+fn resume_at_cookies(dir: &Path, what: &str) {
+    let full = {
+        let f = open_dir(dir);
+        getdents_all(f.as_raw_fd(), 4096)
+    };
+    let names: Vec<&str> = full.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.len() > 300,
+        "{what}: listing too short: {}",
+        names.len()
+    );
+    for k in [1, full.len() / 3, full.len() / 2, full.len() - 2] {
+        for drop_cache in [false, true] {
+            let f = open_dir(dir);
+            if drop_cache {
+                drop_cached_listing(&f);
+            }
+            let cookie = full[k - 1].1;
+            // SAFETY: lseek on an open fd.
+            let r = unsafe { libc::lseek(f.as_raw_fd(), cookie, libc::SEEK_SET) };
+            assert_eq!(r, cookie, "{what}: lseek to cookie {cookie}");
+            let rest = getdents_all(f.as_raw_fd(), 1024);
+            let rest: Vec<&str> = rest.iter().map(|(n, _)| n.as_str()).collect();
+            if rest != names[k..] {
+                let first = rest.iter().zip(&names[k..]).position(|(a, b)| a != b);
+                panic!(
+                    "{what}: resumed after entry {k} of {} (cached listing dropped: \
+                     {drop_cache}): got {} entries, expected {}; first difference at {first:?}",
+                    names.len(),
+                    rest.len(),
+                    names.len() - k
+                );
+            }
+        }
+    }
+    // A full listing after all that is still complete.
+    let f = open_dir(dir);
+    drop_cached_listing(&f);
+    let again: Vec<String> = getdents_all(f.as_raw_fd(), 2048)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(again, names, "{what}: full listing after resumed reads");
+}
+
+#[test]
+fn listing_resumed_at_a_cookie_returns_the_rest() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::new(&layers(), &[]);
+        resume_at_cookies(&m.path("d"), "unionfs-rs");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+#[test]
+fn listing_resumed_at_a_cookie_returns_the_rest_on_kernel_overlayfs() {
+    with_timeout(TIMEOUT, || {
+        let m = OverlayMount::new(&layers(), &[]);
+        resume_at_cookies(&m.path("d"), "kernel overlayfs");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
