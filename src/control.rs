@@ -239,6 +239,11 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 union.node_count(),
                 union.open_file_count()
             );
+            let (pt, pt_opens, pt_fallbacks) = union.passthrough_stats();
+            s.push_str(&format!(
+                ",\"passthrough\":{},\"passthrough_opens\":{pt_opens},\"passthrough_fallbacks\":{pt_fallbacks}",
+                u8::from(pt)
+            ));
             if let Some(c) = union.cache() {
                 for (k, v) in c.stats().fields {
                     s.push_str(&format!(",\"{k}\":{v}"));

@@ -28,44 +28,27 @@ fn mount_with(args: &[&str]) -> Mount {
     mount_lower(vec![], args)
 }
 
+/// A mount whose file I/O all goes through the daemon's page cache (as root, upper files
+/// would otherwise be read and written by the kernel itself: tests/passthrough.rs).
 fn mount_lower(lower: Vec<Entry>, args: &[&str]) -> Mount {
     let dirs = Dirs::new(&[lower], &[]);
     Mount::start(
         &dirs,
         &MountOpts {
-            extra: args.iter().map(|s| s.to_string()).collect(),
+            extra: ["--passthrough", "off"]
+                .iter()
+                .chain(args)
+                .map(|s| s.to_string())
+                .collect(),
             ..MountOpts::default()
         },
     )
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `unionfs-rs stats --json` as numbers (the `mount` string is left out).
+/// `unionfs-rs stats --json` as numbers.
 fn stats(merged: &Path) -> HashMap<String, u64> {
-    let out = Command::new(bin())
-        .args(["stats", "--json"])
-        .arg(merged)
-        .output()
-        .expect("run stats");
-    assert!(
-        out.status.success(),
-        "stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut m = HashMap::new();
-    for kv in text
-        .trim()
-        .trim_matches(|c| c == '{' || c == '}')
-        .split(',')
-    {
-        if let Some((k, v)) = kv.split_once(':')
-            && let Ok(n) = v.trim().parse::<u64>()
-        {
-            m.insert(k.trim().trim_matches('"').to_string(), n);
-        }
-    }
-    m
+    daemon_stats(merged)
 }
 
 fn cli(args: &[&str]) -> (bool, String, String) {
@@ -800,7 +783,12 @@ fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
         let m = Mount::start(
             &d,
             &MountOpts {
-                extra: vec!["--cache-size".into(), "16M".into()],
+                extra: vec![
+                    "--cache-size".into(),
+                    "16M".into(),
+                    "--passthrough".into(),
+                    "off".into(),
+                ],
                 ..MountOpts::default()
             },
         )

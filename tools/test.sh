@@ -7,8 +7,8 @@
 #
 # Environment: CARGO_TEST_ARGS (extra arguments after `cargo test`, e.g. a test name),
 #   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, SKIP_PODMAN=1, FSX_OPS (default
-#   1000000 per fsx run, ~18 min for both side by side here; see tools/fsx.sh), and those of the
-#   tools it calls.
+#   1000000 per fsx run through the daemon, a fifth of that with passthrough; ~18 min side by
+#   side here; see tools/fsx.sh), and those of the tools it calls.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -62,25 +62,33 @@ if run "cargo build" cargo build --bins; then
     fi
     if [ "${SKIP_FSX:-0}" != 1 ]; then
         # Data integrity through the page cache with a budget far below the file (eviction,
-        # write-back and throttling all the time), and with the cache off. The two runs are
-        # independent mounts and mostly wait on each other's CPU-light FUSE round trips: run
-        # them side by side, then report each.
-        fsx_run() { # name, cache size
-            env UNIONFS_MOUNT_ARGS="--cache-size $2" FSX_OPS="${FSX_OPS:-1000000}" \
+        # write-back and throttling all the time), with the cache off, and (as root) with the
+        # kernel doing the file I/O itself by FUSE passthrough (our opens, truncates, copy-up
+        # and attribute paths around it; a fifth of the operations, its I/O is the kernel's).
+        # The runs are independent mounts and mostly wait on each other's CPU-light FUSE round
+        # trips: run them side by side, then report each.
+        fsx_run() { # name, mount arguments, operations
+            env UNIONFS_MOUNT_ARGS="$2" FSX_OPS="$3" \
                 FSX_TIMEOUT="${FSX_TIMEOUT:-3600}" bash tools/fsx.sh >"$fsx_logs/$1.log" 2>&1
             echo $? >"$fsx_logs/$1.rc"
         }
-        # Installed once here, not by both runs at the same time.
+        # Installed once here, not by every run at the same time.
         command -v fsx >/dev/null || cargo install fsx --version 0.3.2 --locked ||
             cargo install fsx --version 0.3.2
         map_count=$(cat /proc/sys/vm/max_map_count)
         fsx_logs=$(mktemp -d /var/tmp/fsx-logs.XXXXXX)
-        section "fsx (page cache 128K, cache off: in parallel)"
+        fsx_ops=${FSX_OPS:-1000000}
+        section "fsx (page cache 128K, cache off, passthrough: in parallel)"
         start=$(date +%s)
-        fsx_run cache128k 128K &
-        fsx_run nocache 0 &
+        fsx_run cache128k "--cache-size 128K --passthrough off" "$fsx_ops" &
+        fsx_run nocache "--cache-size 0 --passthrough off" "$fsx_ops" &
+        fsx_names="cache128k nocache"
+        if [ "$(id -u)" = 0 ]; then
+            fsx_run passthrough "" $((fsx_ops / 5)) &
+            fsx_names="$fsx_names passthrough"
+        fi
         wait
-        for n in cache128k nocache; do
+        for n in $fsx_names; do
             printf -- '--- fsx %s ---\n' "$n"
             cat "$fsx_logs/$n.log"
             record "fsx ($n)" "$(cat "$fsx_logs/$n.rc")" $(($(date +%s) - start))

@@ -546,6 +546,26 @@ impl PageCache {
         f.cv.notify_all();
     }
 
+    /// Hand `ino` over to I/O that bypasses the cache (FUSE passthrough): forget its pages and
+    /// state if nothing of it is waiting to be written. Returns false, changing nothing, if
+    /// something is (dirty pages, a time not yet stamped, an error not yet reported).
+    pub fn hand_over(&self, ino: u64) -> bool {
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return true;
+        };
+        {
+            let st = f.st.lock();
+            if st.ndirty > 0 || st.mtime_pending || st.error.is_some() {
+                return false;
+            }
+        }
+        if self.dirty_files.lock().contains_key(&ino) {
+            return false;
+        }
+        self.drop_file(ino);
+        true
+    }
+
     /// Before `ino`'s file is changed behind the cache (fallocate, a write that bypasses
     /// it): write its dirty pages, then forget its clean ones in `[off, off + len)` (len 0:
     /// to the end).

@@ -138,6 +138,9 @@ struct MountArgs {
     /// Append the daemon's log (warnings, write-back errors, stop progress) to this file.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// FUSE passthrough where it is safe: auto (default; used as root) or off.
+    #[arg(long, value_name = "auto|off")]
+    passthrough: Option<String>,
     /// Mount options, comma separated (same as the -o form).
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
@@ -367,6 +370,11 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                 if let Err(e) = spec.cache.set(k, &v) {
                     return fail(e);
                 }
+            }
+            if let Some(p) = &m.passthrough
+                && let Err(e) = options::apply_opts(&mut spec, &format!("passthrough={p}"))
+            {
+                return fail(e);
             }
             for o in &m.opts {
                 if let Err(e) = options::apply_opts(&mut spec, o) {

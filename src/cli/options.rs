@@ -51,6 +51,8 @@ pub struct MountSpec {
     pub quota: Option<crate::union::charge::QuotaConfig>,
     /// Page cache and write-back settings.
     pub cache: crate::cache::CacheConfig,
+    /// `passthrough=off`: every file's I/O goes through the daemon.
+    pub no_passthrough: bool,
 }
 
 /// Quota options as given (`--bhard 10G`, `-o size=10G,bsoft=…`).
@@ -198,6 +200,14 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             "debug" => spec.debug = true,
             "log_file" | "logfile" => spec.log_file = Some(PathBuf::from(need(v)?)),
             "volatile" => spec.volatile = true,
+            "passthrough" => {
+                spec.no_passthrough = match v.unwrap_or("auto") {
+                    "auto" | "on" => false,
+                    "off" => true,
+                    other => return Err(format!("passthrough: {other} is not auto or off")),
+                }
+            }
+            "nopassthrough" => spec.no_passthrough = true,
             "uidmapping" => {
                 let squash = spec.uid_map.squash;
                 spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;

@@ -262,6 +262,10 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         gid_map: spec.gid_map.clone(),
         volatile: spec.volatile,
         cache: Some(spec.cache),
+        // Registering backing files needs CAP_SYS_ADMIN in the initial user namespace.
+        passthrough: !spec.no_passthrough
+            && nix::unistd::geteuid().is_root()
+            && !in_user_namespace(),
     };
     Ok(Checked {
         opts,

@@ -1,19 +1,23 @@
 //! The FUSE adapter: fuser requests → union operations → replies. No policy lives here.
 
 use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::union::dir::NewKind;
+use crate::union::file::Opened;
 use crate::union::file::{SetAttr, SetTime};
+use crate::union::inode::Backing;
 use crate::union::{Attr, Caller, Error, Union};
 
 /// Kernel cache lifetime for entries and attributes. Safe to make long: every change to the
@@ -41,6 +45,23 @@ impl UnionFs {
 fn errno(e: Error) -> Errno {
     log::debug!("{e}");
     Errno::from_i32(e.errno as i32)
+}
+
+/// The backing file an open answers with in passthrough mode.
+fn backing_id(o: &Opened) -> Option<&BackingId> {
+    o.direct
+        .as_ref()
+        .and_then(|b| b.downcast_ref::<BackingId>())
+}
+
+/// FOPEN_KEEP_CACHE unless the file changed behind the kernel's pages of it: every write
+/// otherwise comes through us, so they stay valid across opens.
+fn keep_cache(o: &Opened) -> FopenFlags {
+    if o.keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
 }
 
 fn systime((s, ns): (i64, i64)) -> SystemTime {
@@ -126,6 +147,16 @@ impl Filesystem for UnionFs {
                 | InitFlags::FUSE_READDIRPLUS_AUTO
                 | InitFlags::FUSE_CACHE_SYMLINKS,
         );
+        if self.u.passthrough_wanted() {
+            // Depth 1: backing files must not be on a stacked filesystem themselves, and
+            // kernel overlayfs can still be stacked on this mount (the kernel's limit is 2).
+            let on = config.set_max_stack_depth(1).is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+            self.u.set_passthrough(on);
+            if !on {
+                log::info!("passthrough: not offered by the kernel; all I/O through the daemon");
+            }
+        }
         Ok(())
     }
 
@@ -285,9 +316,15 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // The kernel's page cache stays valid across opens: all writes come through us.
-        match self.u.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
+            Ok(Arc::new(reply.open_backing(fd)?))
+        };
+        let r = self.u.open_with(ino.0, flags.0, Some(&register));
+        match r {
+            Ok(o) => match backing_id(&o) {
+                Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
+                None => reply.opened(FileHandle(o.fh), keep_cache(&o)),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -589,17 +626,25 @@ impl Filesystem for UnionFs {
             .create_node(parent.0, name, NewKind::File { flags }, mode, caller(req));
         match r {
             Ok((a, Some(fd))) => {
-                let acc = flags & libc::O_ACCMODE;
-                let fh =
-                    self.u
-                        .add_handle_with(a.ino, fd, (acc != libc::O_RDONLY, true), flags, false);
-                reply.created(
-                    &self.ttl,
-                    &fattr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                )
+                let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
+                    Ok(Arc::new(reply.open_backing(fd)?))
+                };
+                let o = match self.u.open_created(a.ino, fd, flags, Some(&register)) {
+                    Ok(o) => o,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                let (ttl, attr, fh) = (&self.ttl, &fattr(&a), FileHandle(o.fh));
+                match backing_id(&o) {
+                    Some(id) => reply.created_passthrough(
+                        ttl,
+                        attr,
+                        Generation(0),
+                        fh,
+                        FopenFlags::empty(),
+                        id,
+                    ),
+                    None => reply.created(ttl, attr, Generation(0), fh, keep_cache(&o)),
+                }
             }
             Ok((_, None)) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),

@@ -2,7 +2,7 @@
 //! or truncating copies up first; a read-only open reads the layer that holds the file.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -12,6 +12,7 @@ use nix::sys::stat::{Mode, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 
+use super::inode::{Backing, KernelIo, Node};
 use super::{Attr, Ctx, Error, LayerRef, Result, Union};
 use crate::cache::RaState;
 use crate::layer;
@@ -38,6 +39,23 @@ pub struct OpenFile {
     pub nocache: bool,
     /// The upper file, for reads through a handle opened on a lower file before a copy-up.
     upper_fd: std::sync::OnceLock<Arc<OwnedFd>>,
+    /// Opened in passthrough mode: the kernel reads and writes the backing file itself.
+    pub passthrough: bool,
+}
+
+/// Registers a backing file with the kernel for FUSE passthrough (the adapter's
+/// `FUSE_DEV_IOC_BACKING_OPEN`).
+pub type RegisterBacking<'a> = &'a dyn Fn(BorrowedFd<'_>) -> std::io::Result<Backing>;
+
+/// What an open returns.
+#[derive(Debug)]
+pub struct Opened {
+    /// Handle id.
+    pub fh: u64,
+    /// Passthrough mode: the backing file registration to answer with.
+    pub direct: Option<Backing>,
+    /// The kernel's cached pages of the file are still valid (FOPEN_KEEP_CACHE).
+    pub keep_cache: bool,
 }
 
 /// Flags to open a backing file with. With the page cache, O_APPEND (the kernel passes the
@@ -125,21 +143,224 @@ fn ts(t: Option<SetTime>) -> TimeSpec {
     }
 }
 
+fn is_writable(f: OFlag) -> bool {
+    let acc = f & OFlag::O_ACCMODE;
+    acc == OFlag::O_WRONLY || acc == OFlag::O_RDWR || f.contains(OFlag::O_TRUNC)
+}
+
 impl Union {
+    /// Offer FUSE passthrough at INIT? (Asked for, and the daemon may register backing files:
+    /// root in the initial user namespace.)
+    pub fn passthrough_wanted(&self) -> bool {
+        self.passthrough_wanted
+    }
+
+    /// The kernel's answer at INIT.
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Release);
+    }
+
+    /// Passthrough is in use on this mount.
+    pub fn passthrough_active(&self) -> bool {
+        self.passthrough.load(Ordering::Acquire)
+    }
+
+    /// (passthrough in use, opens answered in passthrough mode, registrations that failed).
+    pub fn passthrough_stats(&self) -> (bool, u64, u64) {
+        (
+            self.passthrough_active(),
+            self.direct_opens.load(Ordering::Relaxed),
+            self.direct_fallbacks.load(Ordering::Relaxed),
+        )
+    }
+
     /// open(2) of an existing file; `flags` as the kernel passes them. Returns a handle id.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        Ok(self.open_with(ino, flags, None)?.fh)
+    }
+
+    /// open(2) of an existing file, in passthrough mode where that is safe (`register` given,
+    /// see [`Union::try_direct`]), else through the daemon.
+    pub fn open_with(
+        &self,
+        ino: u64,
+        flags: i32,
+        register: Option<RegisterBacking<'_>>,
+    ) -> Result<Opened> {
         let node = self.node(ino)?;
         if node.is_dir() {
             return Err(Error::new(Errno::EISDIR, "open of a directory"));
         }
         let f = OFlag::from_bits_truncate(flags);
-        let acc = f & OFlag::O_ACCMODE;
-        let writable = acc == OFlag::O_WRONLY || acc == OFlag::O_RDWR || f.contains(OFlag::O_TRUNC);
+        let writable = is_writable(f);
         if writable {
             self.copy_up(&node)?;
         }
+        let mut k = node.kio.lock();
+        if let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
+            return Ok(o);
+        }
+        let keep_cache = self.enter_daemon_mode(&node, &mut k);
+        let fh = self.open_daemon(&node, f, flags, writable)?;
+        k.daemon += 1;
+        Ok(Opened {
+            fh,
+            direct: None,
+            keep_cache,
+        })
+    }
+
+    /// The handle of a file just created with `fd` (create_node), in passthrough mode where
+    /// that is safe.
+    pub fn open_created(
+        &self,
+        ino: u64,
+        fd: OwnedFd,
+        flags: i32,
+        register: Option<RegisterBacking<'_>>,
+    ) -> Result<Opened> {
+        let node = self.node(ino)?;
+        let mut k = node.kio.lock();
+        if let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
+            return Ok(o);
+        }
+        let keep_cache = self.enter_daemon_mode(&node, &mut k);
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.add_handle_with(ino, fd, (writable, true), flags, false);
+        k.daemon += 1;
+        Ok(Opened {
+            fh,
+            direct: None,
+            keep_cache,
+        })
+    }
+
+    /// A daemon-mode open of a node that may have been in passthrough mode: if it was written
+    /// that way, the kernel's pages of the FUSE inode and ours are stale. Returns whether the
+    /// kernel may keep its pages.
+    fn enter_daemon_mode(&self, node: &Node, k: &mut KernelIo) -> bool {
+        if !std::mem::take(&mut k.changed_directly) {
+            return true;
+        }
+        if let Some(c) = &self.cache {
+            // Nothing of it can be dirty: no daemon handle was open since.
+            c.drop_file(node.ino);
+        }
+        false
+    }
+
+    /// Open in passthrough mode if that is safe; `Ok(None)`: open through the daemon.
+    ///
+    /// Safe means no write through this open can need the daemon: a file in upper when no
+    /// quota is kept (the kernel's writes need no accounting), or any file of a read-only
+    /// union. A lower file of a writable union never is: a later open for writing copies it
+    /// up, and the kernel could neither give that open the upper file (all passthrough opens
+    /// of an inode share one backing file) nor let it go through the daemon while the lower
+    /// one is open in passthrough mode. Once a node has passthrough opens, every open of it
+    /// is one (the kernel's rule), with the same registered backing file.
+    fn try_direct(
+        &self,
+        node: &Node,
+        k: &mut KernelIo,
+        flags: i32,
+        register: Option<RegisterBacking<'_>>,
+    ) -> Result<Option<Opened>> {
+        let Some(register) = register else {
+            return Ok(None);
+        };
+        if k.daemon > 0 || node.kind != libc::S_IFREG || !self.passthrough_active() {
+            return Ok(None);
+        }
+        let f = OFlag::from_bits_truncate(flags);
+        let writable = is_writable(f);
         let st = node.state();
-        let (dir, name) = self.open_parent_in(&node, st.top())?;
+        let in_upper = st.upper;
+        let (backing, fd) = match &k.backing {
+            Some(b) if k.direct > 0 => b.clone(),
+            _ => {
+                let safe = !st.unlinked
+                    && if in_upper {
+                        self.quota.is_none()
+                    } else {
+                        self.upper.is_none()
+                    };
+                if !safe {
+                    return Ok(None);
+                }
+                // Our cached pages of the file would go stale, and unwritten data must reach
+                // the file first: wait for the flusher instead.
+                if let Some(c) = &self.cache
+                    && !c.hand_over(node.ino)
+                {
+                    return Ok(None);
+                }
+                let (dir, name) = self.open_parent_in(node, st.top())?;
+                let acc = if in_upper {
+                    OFlag::O_RDWR
+                } else {
+                    OFlag::O_RDONLY
+                };
+                let fd = match nix::fcntl::openat(
+                    dir.as_fd(),
+                    name.as_os_str(),
+                    acc | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    // An immutable or append-only file: the daemon applies the rules.
+                    Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
+                    Err(e) => return Err(Error::new(e, "open backing file")),
+                };
+                match register(fd.as_fd()) {
+                    Ok(b) => (b, Arc::new(fd)),
+                    Err(e) => {
+                        if self.direct_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
+                            log::warn!(
+                                "passthrough: registering a backing file failed ({e}); \
+                                 such opens go through the daemon"
+                            );
+                        }
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        drop(st);
+        if writable && f.contains(OFlag::O_TRUNC) {
+            nix::unistd::ftruncate(fd.as_fd(), 0).ctx("open: truncate")?;
+        }
+        let fh = self.fh_seq.fetch_add(1, Ordering::Relaxed);
+        self.files.insert(
+            fh,
+            Arc::new(OpenFile {
+                ino: node.ino,
+                fd: fd.clone(),
+                writable,
+                in_upper,
+                ra: parking_lot::Mutex::new(RaState::default()),
+                sync: sync_of(flags),
+                direct: flags & libc::O_DIRECT != 0,
+                passthrough: true,
+                nocache: true,
+                upper_fd: std::sync::OnceLock::new(),
+            }),
+        );
+        k.direct += 1;
+        k.backing = Some((backing.clone(), fd));
+        k.changed_directly |= writable;
+        self.direct_opens.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Opened {
+            fh,
+            direct: Some(backing),
+            keep_cache: false,
+        }))
+    }
+
+    /// Open `node` through the daemon (and the page cache).
+    fn open_daemon(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
+        let ino = node.ino;
+        let st = node.state();
+        let (dir, name) = self.open_parent_in(node, st.top())?;
         let cached = self.cache.is_some();
         let open = |flags: OFlag| {
             nix::fcntl::openat(
@@ -172,10 +393,14 @@ impl Union {
             Err(e) => return Err(Error::new(e, "open")),
         };
         let fh = self.add_handle_with(ino, fd, (writable, st.upper), flags, nocache);
+        drop(st);
         if cached && !nocache && f.contains(OFlag::O_TRUNC) {
             // O_TRUNC through the cache, so pages and size follow.
             let h = self.handle(fh)?;
-            self.setattr_size(&node, &h, 0)?;
+            if let Err(e) = self.setattr_size(node, &h, 0) {
+                self.files.remove(&fh);
+                return Err(e);
+            }
         }
         Ok(fh)
     }
@@ -211,6 +436,7 @@ impl Union {
                 direct: flags & libc::O_DIRECT != 0,
                 nocache: nocache || self.cache.is_none(),
                 upper_fd: std::sync::OnceLock::new(),
+                passthrough: false,
             }),
         );
         fh
@@ -442,6 +668,18 @@ impl Union {
         let Some((_, f)) = self.files.remove(&fh) else {
             return;
         };
+        if let Some(node) = self.nodes.get(f.ino) {
+            let mut k = node.kio.lock();
+            if f.passthrough {
+                k.direct = k.direct.saturating_sub(1);
+                if k.direct == 0 {
+                    // The kernel has let go of it before sending RELEASE.
+                    k.backing = None;
+                }
+            } else {
+                k.daemon = k.daemon.saturating_sub(1);
+            }
+        }
         if (self.quota.is_none() && self.cache.is_none())
             || !f.in_upper
             || self.files.iter().any(|e| e.ino == f.ino && e.in_upper)

@@ -101,6 +101,30 @@ pub struct Node {
     pub xattrs: Mutex<Option<XattrCache>>,
     /// Bumped on every invalidation of `xattrs` (a load that raced with one is not kept).
     pub xgen: AtomicU64,
+    /// Regular files: who does the I/O of the node's open files (FUSE passthrough or us).
+    pub kio: Mutex<KernelIo>,
+}
+
+/// The kernel's registration of a backing file for FUSE passthrough, opaque here (it is the
+/// FUSE adapter's type). Dropping the last clone unregisters it.
+pub type Backing = Arc<dyn std::any::Any + Send + Sync>;
+
+/// Who serves the I/O of a node's open files. The kernel (6.9+) requires that while any open
+/// file of an inode is in passthrough mode, every open of it is, with the same backing file;
+/// an inode with files open through the daemon cannot get a passthrough open. So a node is in
+/// one mode at a time: `direct` opens (the kernel reads and writes the backing file itself) or
+/// `daemon` opens (through us and the page cache), never both.
+#[derive(Debug, Default)]
+pub struct KernelIo {
+    /// Open handles served by the daemon.
+    pub daemon: u32,
+    /// Open handles in passthrough mode.
+    pub direct: u32,
+    /// While `direct` > 0: the registered backing file and our fd of it.
+    pub backing: Option<(Backing, Arc<OwnedFd>)>,
+    /// A writable direct open happened since the daemon last served the file: the kernel's
+    /// cached pages of the FUSE inode (and any of ours) may be stale.
+    pub changed_directly: bool,
 }
 
 /// Cached xattrs of a node: (layer name, value) pairs.
@@ -120,6 +144,7 @@ impl Node {
             dirgen: AtomicU64::new(0),
             xattrs: Mutex::new(None),
             xgen: AtomicU64::new(0),
+            kio: Mutex::new(KernelIo::default()),
         }
     }
 

@@ -155,6 +155,8 @@ pub struct Options {
     pub volatile: bool,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
+    /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
+    pub passthrough: bool,
 }
 
 /// The identity of a caller, for ownership of new objects.
@@ -216,6 +218,14 @@ pub struct Union {
     shutdown_lock: parking_lot::Mutex<()>,
     /// Free bytes of upper's filesystem, and when they were read (write-back safety margin).
     pub(crate) upper_free: parking_lot::Mutex<Option<(std::time::Instant, u64)>>,
+    /// Passthrough was asked for (and the process may register backing files).
+    pub(crate) passthrough_wanted: bool,
+    /// The kernel agreed to passthrough at FUSE INIT.
+    pub(crate) passthrough: std::sync::atomic::AtomicBool,
+    /// Opens answered in passthrough mode, and their fallbacks to the daemon after a failed
+    /// registration.
+    pub(crate) direct_opens: AtomicU64,
+    pub(crate) direct_fallbacks: AtomicU64,
 }
 
 impl Union {
@@ -304,6 +314,10 @@ impl Union {
             kernel_ra_configured: opts.cache.map_or(0, |c| c.kernel_readahead_kb),
             shutdown_lock: parking_lot::Mutex::new(()),
             upper_free: parking_lot::Mutex::new(None),
+            passthrough_wanted: opts.passthrough,
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+            direct_opens: AtomicU64::new(0),
+            direct_fallbacks: AtomicU64::new(0),
         };
         u.init_root()?;
         Ok(u)

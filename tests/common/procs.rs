@@ -203,3 +203,31 @@ pub(super) fn tail(path: &Path, max: usize) -> String {
         s
     }
 }
+
+/// `unionfs-rs stats --json MERGED` as numbers (the `mount` string is left out).
+pub fn daemon_stats(merged: &Path) -> HashMap<String, u64> {
+    let out = Command::new(bin())
+        .args(["stats", "--json"])
+        .arg(merged)
+        .output()
+        .expect("run stats");
+    assert!(
+        out.status.success(),
+        "stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut m = HashMap::new();
+    for kv in text
+        .trim()
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+    {
+        if let Some((k, v)) = kv.split_once(':')
+            && let Ok(n) = v.trim().parse::<u64>()
+        {
+            m.insert(k.trim().trim_matches('"').to_string(), n);
+        }
+    }
+    m
+}

@@ -1,0 +1,263 @@
+//! FUSE passthrough (DESIGN.md section 5): as root, files in upper (no quota) and every file of a
+//! read-only union are read and written by the kernel itself; lower files of a writable union,
+//! quota mounts and `--passthrough off` go through the daemon. The kernel refuses (EIO) an open
+//! that mixes the two modes on one inode, so these tests open files every way that could mix
+//! them: a lower file open for reading while another open copies it up, readers and writers of
+//! one file at once, mmap, and a handover from the page cache.
+
+mod common;
+
+use common::*;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+const TIMEOUT: u64 = 120;
+
+fn mount(lower: Vec<Entry>, args: &[&str]) -> Mount {
+    let dirs = Dirs::new(&[lower], &[]);
+    Mount::start(
+        &dirs,
+        &MountOpts {
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            ..MountOpts::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn opens(m: &Path) -> u64 {
+    daemon_stats(m)["passthrough_opens"]
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn upper_files_are_passthrough_and_lower_files_are_not() {
+    if !is_root() {
+        eprintln!("skipped: passthrough needs root");
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        let m = mount(vec![file("low", "lower data")], &[]);
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s["passthrough"], 1, "passthrough not in use as root: {s:?}");
+        let before = opens(&m.merged);
+        // A lower file open for reading goes through the daemon.
+        assert_eq!(fs::read_to_string(m.path("low")).unwrap(), "lower data");
+        assert_eq!(
+            opens(&m.merged),
+            before,
+            "a lower file was opened in passthrough mode"
+        );
+        // A new file: created, written, read back, appended, truncated, all by the kernel.
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(m.path("new"), &data).unwrap();
+        assert_eq!(fs::read(m.path("new")).unwrap(), data);
+        let mut f = OpenOptions::new().append(true).open(m.path("new")).unwrap();
+        f.write_all(b"tail").unwrap();
+        drop(f);
+        assert_eq!(fs::metadata(m.path("new")).unwrap().len(), 3_000_004);
+        let f = OpenOptions::new().write(true).open(m.path("new")).unwrap();
+        f.set_len(10).unwrap();
+        drop(f);
+        assert_eq!(fs::read(m.path("new")).unwrap(), &data[..10]);
+        assert!(
+            opens(&m.merged) >= before + 5,
+            "upper files did not use passthrough"
+        );
+        // What the kernel wrote is in upper.
+        assert_eq!(fs::read(m.dirs.upper.join("new")).unwrap(), &data[..10]);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// A lower file open for reading (through the daemon) while it is opened for writing (copy-up):
+/// the writer must not get EIO, and the reader sees the written data (kernel overlayfs does
+/// too). Once both are closed the file is in upper and its opens become passthrough, readers
+/// and writers at once.
+#[test]
+fn modes_never_mix_on_one_file() {
+    if !is_root() {
+        eprintln!("skipped: passthrough needs root");
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        let m = mount(vec![file("f", "0123456789")], &[]);
+        let mut reader = File::open(m.path("f")).unwrap();
+        let mut buf = [0u8; 4];
+        reader.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"0123");
+        let writer = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+        writer.write_all_at(b"abcdefghij", 0).unwrap();
+        writer.sync_all().unwrap();
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "efghij", "reader opened before the copy-up");
+        drop(reader);
+        drop(writer);
+        let before = opens(&m.merged);
+        // Now in upper: two readers and a writer at once, all passthrough.
+        let r1 = File::open(m.path("f")).unwrap();
+        let w = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("f"))
+            .unwrap();
+        let r2 = File::open(m.path("f")).unwrap();
+        assert_eq!(opens(&m.merged), before + 3);
+        w.write_all_at(b"XY", 4).unwrap();
+        let mut got = [0u8; 10];
+        r1.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got, b"abcdXYghij");
+        r2.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got, b"abcdXYghij");
+        // mmap of a passthrough file sees the same bytes, and its writes reach readers.
+        // SAFETY: a shared mapping of 10 bytes of an open file, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                10,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&w),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        // SAFETY: p maps 10 bytes.
+        let map = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, 10) };
+        assert_eq!(map, b"abcdXYghij");
+        map[0] = b'M';
+        // SAFETY: p/10 is the mapping made above.
+        unsafe {
+            libc::msync(p, 10, libc::MS_SYNC);
+            libc::munmap(p, 10);
+        }
+        r1.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got, b"MbcdXYghij");
+        drop((r1, r2, w));
+        assert_eq!(
+            fs::read(m.dirs.upper.join("f")).unwrap(),
+            b"MbcdXYghij",
+            "upper file"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// Data written through the page cache (a file opened while a daemon-mode handle was open)
+/// stays with the daemon until it is written back; then later opens are passthrough and see it.
+#[test]
+fn page_cache_hands_a_file_over_only_when_written_back() {
+    if !is_root() {
+        eprintln!("skipped: passthrough needs root");
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        let m = mount(
+            vec![file("f", "lower")],
+            &[
+                "--dirty-expire-centisecs",
+                "100000",
+                "--dirty-writeback-centisecs",
+                "0",
+            ],
+        );
+        let keep = File::open(m.path("f")).unwrap(); // daemon mode (lower file)
+        let mut w = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+        w.write_all(b"cached write").unwrap();
+        drop(w);
+        drop(keep);
+        assert!(
+            daemon_stats(&m.merged)["dirty_bytes"] > 0,
+            "write was not cached"
+        );
+        let before = opens(&m.merged);
+        // Dirty pages: the next open stays with the daemon, and reads them.
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "cached write");
+        assert_eq!(opens(&m.merged), before, "dirty file handed to the kernel");
+        // Written back: now passthrough, same bytes.
+        let (ok, _, err) = run_with_timeout(
+            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+            std::time::Duration::from_secs(30),
+        )
+        .map(|(st, o, e)| (st.success(), o, e))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(ok, "unionfs-rs sync: {err}");
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("f"))
+            .unwrap();
+        assert_eq!(
+            opens(&m.merged),
+            before + 1,
+            "written-back file not handed over"
+        );
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "cached write");
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(b"DIRECT").unwrap();
+        drop(f);
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "DIRECT write");
+        assert_eq!(fs::metadata(m.path("f")).unwrap().len(), 12);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+#[test]
+fn quota_and_passthrough_off_keep_io_in_the_daemon() {
+    if !is_root() {
+        eprintln!("skipped: passthrough needs root");
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        for args in [&["--size", "100M"][..], &["--passthrough", "off"][..]] {
+            let m = mount(vec![], args);
+            fs::write(m.path("new"), vec![7u8; 1 << 20]).unwrap();
+            assert_eq!(fs::read(m.path("new")).unwrap(), vec![7u8; 1 << 20]);
+            let s = daemon_stats(&m.merged);
+            assert_eq!(s["passthrough_opens"], 0, "{args:?}: {s:?}");
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}
+
+#[test]
+fn read_only_union_reads_lower_files_by_passthrough() {
+    if !is_root() {
+        eprintln!("skipped: passthrough needs root");
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let m = mount_readonly(vec![file_bytes("big", data.clone()), file("small", "s")]);
+        assert_eq!(fs::read(m.path("big")).unwrap(), data);
+        assert_eq!(fs::read_to_string(m.path("small")).unwrap(), "s");
+        assert_eq!(opens(&m.merged), 2);
+        let e = OpenOptions::new()
+            .write(true)
+            .open(m.path("small"))
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+fn mount_readonly(lower: Vec<Entry>) -> Mount {
+    let dirs = Dirs::new(&[lower], &[]);
+    Mount::start(
+        &dirs,
+        &MountOpts {
+            readonly: true,
+            ..MountOpts::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
