@@ -916,3 +916,173 @@ impl Union {
         Ok(self.attr_for(&node, &st, &fs))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The passthrough mode rules of [`Union::try_direct`], with a stand-in for the kernel's
+    //! backing file registration (the rules must hold whatever the adapter does with it).
+
+    use super::*;
+    use crate::union::{Options, ROOT_INO};
+    use std::ffi::OsStr;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        u: Union,
+    }
+
+    /// A union of one lower (holding `low`) and an upper (holding `up`), or a read-only one.
+    fn fixture(writable: bool, quota: bool) -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        for d in ["l", "u", "w"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        std::fs::write(root.join("l/low"), b"lower").expect("write");
+        std::fs::write(root.join("u/up"), b"upper").expect("write");
+        let u = Union::new(&Options {
+            lowers: vec![root.join("l")],
+            upper: writable.then(|| root.join("u")),
+            workdir: writable.then(|| root.join("w")),
+            quota: quota.then(|| crate::union::charge::QuotaConfig {
+                limits: Some(crate::quota::Limits {
+                    bhard: 1 << 30,
+                    ..crate::quota::Limits::default()
+                }),
+                edquot: false,
+            }),
+            passthrough: true,
+            ..Options::default()
+        })
+        .expect("union");
+        u.set_passthrough(true);
+        Fixture { _tmp: tmp, u }
+    }
+
+    fn ino(u: &Union, name: &str) -> u64 {
+        u.lookup(ROOT_INO, OsStr::new(name)).expect("lookup").ino
+    }
+
+    /// Opens `ino` with `flags` offering registration; returns (handle, passthrough?).
+    fn open(u: &Union, ino: u64, flags: i32, registered: &AtomicUsize) -> (u64, bool) {
+        let reg = |_: BorrowedFd<'_>| -> std::io::Result<Backing> {
+            registered.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(()))
+        };
+        let o = u.open_with(ino, flags, Some(&reg)).expect("open");
+        (o.fh, o.direct.is_some())
+    }
+
+    #[test]
+    fn upper_files_are_direct_and_share_one_backing() {
+        let f = fixture(true, false);
+        let n = AtomicUsize::new(0);
+        let up = ino(&f.u, "up");
+        let (a, da) = open(&f.u, up, libc::O_RDONLY, &n);
+        let (b, db) = open(&f.u, up, libc::O_RDWR, &n);
+        assert!(da && db, "upper file opens must be passthrough");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "one registration for both opens"
+        );
+        f.u.release(a);
+        f.u.release(b);
+        // All closed: the registration is dropped, the next open registers again.
+        let (c, dc) = open(&f.u, up, libc::O_RDONLY, &n);
+        assert!(dc);
+        assert_eq!(n.load(Ordering::SeqCst), 2);
+        f.u.release(c);
+    }
+
+    #[test]
+    fn lower_files_of_a_writable_union_stay_with_the_daemon() {
+        let f = fixture(true, false);
+        let n = AtomicUsize::new(0);
+        let low = ino(&f.u, "low");
+        let (r, dr) = open(&f.u, low, libc::O_RDONLY, &n);
+        assert!(!dr, "a lower file must not be opened in passthrough mode");
+        // A write open while the daemon-mode reader is open: copied up, still the daemon's.
+        let (w, dw) = open(&f.u, low, libc::O_WRONLY, &n);
+        assert!(!dw, "modes must not mix on one inode");
+        f.u.release(r);
+        // The writer is still open: new opens keep to the daemon.
+        let (r2, dr2) = open(&f.u, low, libc::O_RDONLY, &n);
+        assert!(!dr2);
+        f.u.release(w);
+        f.u.release(r2);
+        // Now in upper and nothing open: passthrough.
+        let (r3, dr3) = open(&f.u, low, libc::O_RDONLY, &n);
+        assert!(
+            dr3,
+            "a copied-up file with no open handle should be passthrough"
+        );
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        f.u.release(r3);
+    }
+
+    #[test]
+    fn quota_keeps_upper_files_with_the_daemon() {
+        let f = fixture(true, true);
+        let n = AtomicUsize::new(0);
+        let (h, d) = open(&f.u, ino(&f.u, "up"), libc::O_RDWR, &n);
+        assert!(
+            !d,
+            "with a quota every write must be accounted by the daemon"
+        );
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        f.u.release(h);
+    }
+
+    #[test]
+    fn read_only_union_reads_lower_files_directly() {
+        let f = fixture(false, false);
+        let n = AtomicUsize::new(0);
+        let (h, d) = open(&f.u, ino(&f.u, "low"), libc::O_RDONLY, &n);
+        assert!(d);
+        f.u.release(h);
+    }
+
+    #[test]
+    fn failed_registration_falls_back_and_later_opens_follow() {
+        let f = fixture(true, false);
+        let up = ino(&f.u, "up");
+        let fail = |_: BorrowedFd<'_>| -> std::io::Result<Backing> {
+            Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+        };
+        let o =
+            f.u.open_with(up, libc::O_RDONLY, Some(&fail))
+                .expect("open");
+        assert!(o.direct.is_none(), "a refused registration must fall back");
+        assert_eq!(f.u.passthrough_stats().2, 1);
+        // A daemon-mode open exists: the next open must not be passthrough.
+        let n = AtomicUsize::new(0);
+        let (h, d) = open(&f.u, up, libc::O_RDONLY, &n);
+        assert!(!d);
+        f.u.release(o.fh);
+        f.u.release(h);
+    }
+
+    #[test]
+    fn daemon_open_after_direct_writes_drops_the_kernels_pages() {
+        let f = fixture(true, false);
+        let n = AtomicUsize::new(0);
+        let up = ino(&f.u, "up");
+        let (w, dw) = open(&f.u, up, libc::O_RDWR, &n);
+        assert!(dw);
+        f.u.release(w);
+        // Passthrough switched off (as after a failed registration): a daemon-mode open that
+        // follows direct writes must not let the kernel keep its pages.
+        f.u.set_passthrough(false);
+        let o = f.u.open_with(up, libc::O_RDONLY, None).expect("open");
+        assert!(!o.keep_cache);
+        let o2 = f.u.open_with(up, libc::O_RDONLY, None).expect("open");
+        assert!(
+            o2.keep_cache,
+            "only the first daemon open after direct writes"
+        );
+        f.u.release(o.fh);
+        f.u.release(o2.fh);
+    }
+}
