@@ -241,8 +241,9 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             );
             let (pt, pt_opens, pt_fallbacks) = union.passthrough_stats();
             s.push_str(&format!(
-                ",\"passthrough\":{},\"passthrough_opens\":{pt_opens},\"passthrough_fallbacks\":{pt_fallbacks}",
-                u8::from(pt)
+                ",\"passthrough\":{},\"passthrough_opens\":{pt_opens},\"passthrough_fallbacks\":{pt_fallbacks},\"kernel_writeback_cache\":{}",
+                u8::from(pt),
+                u8::from(union.writeback_cache_on())
             ));
             if let Some(c) = union.cache() {
                 for (k, v) in c.stats().fields {

@@ -64,7 +64,8 @@ if run "cargo build" cargo build --bins; then
         # Data integrity through the page cache with a budget far below the file (eviction,
         # write-back and throttling all the time), with the cache off, and (as root) with the
         # kernel doing the file I/O itself by FUSE passthrough (our opens, truncates, copy-up
-        # and attribute paths around it; a fifth of the operations, its I/O is the kernel's).
+        # and attribute paths around it; a fifth of the operations, its I/O is the kernel's),
+        # and with the kernel's write-back cache above ours (as rootless mounts run; a fifth).
         # The runs are independent mounts and mostly wait on each other's CPU-light FUSE round
         # trips: run them side by side, then report each.
         fsx_run() { # name, mount arguments, operations
@@ -78,7 +79,7 @@ if run "cargo build" cargo build --bins; then
         map_count=$(cat /proc/sys/vm/max_map_count)
         fsx_logs=$(mktemp -d /var/tmp/fsx-logs.XXXXXX)
         fsx_ops=${FSX_OPS:-1000000}
-        section "fsx (page cache 128K, cache off, passthrough: in parallel)"
+        section "fsx (page cache 128K, cache off, passthrough, kernel write-back: in parallel)"
         start=$(date +%s)
         fsx_run cache128k "--cache-size 128K --passthrough off" "$fsx_ops" &
         fsx_run nocache "--cache-size 0 --passthrough off" "$fsx_ops" &
@@ -87,6 +88,9 @@ if run "cargo build" cargo build --bins; then
             fsx_run passthrough "" $((fsx_ops / 5)) &
             fsx_names="$fsx_names passthrough"
         fi
+        fsx_run writeback "--cache-size 128K --passthrough off --writeback-cache on" \
+            $((fsx_ops / 5)) &
+        fsx_names="$fsx_names writeback"
         wait
         for n in $fsx_names; do
             printf -- '--- fsx %s ---\n' "$n"

@@ -141,6 +141,10 @@ struct MountArgs {
     /// FUSE passthrough where it is safe: auto (default; used as root) or off.
     #[arg(long, value_name = "auto|off")]
     passthrough: Option<String>,
+    /// The kernel's FUSE write-back cache: auto (default; on when passthrough cannot be used,
+    /// i.e. rootless), on or off. Never with a quota.
+    #[arg(long, value_name = "auto|on|off")]
+    writeback_cache: Option<String>,
     /// Mount options, comma separated (same as the -o form).
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
@@ -376,6 +380,11 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             {
                 return fail(e);
             }
+            if let Some(w) = &m.writeback_cache
+                && let Err(e) = options::apply_opts(&mut spec, &format!("writeback_cache={w}"))
+            {
+                return fail(e);
+            }
             for o in &m.opts {
                 if let Err(e) = options::apply_opts(&mut spec, o) {
                     return fail(e);
@@ -422,7 +431,19 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             };
             control_call(&merged, &line)
         }
-        Cmd::Sync { merged } => control_call(&merged, "sync"),
+        Cmd::Sync { merged } => {
+            // First what the kernel holds (its write-back cache, when on): syncfs writes it
+            // to the daemon, which then stores everything it caches.
+            match std::fs::File::open(&merged) {
+                Ok(f) => {
+                    if let Err(e) = nix::unistd::syncfs(&f) {
+                        return fail(format!("syncfs {}: {e}", merged.display()));
+                    }
+                }
+                Err(e) => return fail(format!("{}: {e}", merged.display())),
+            }
+            control_call(&merged, "sync")
+        }
         Cmd::Quota { cmd } => {
             let r = match cmd {
                 QuotaCmd::Report {

@@ -53,6 +53,8 @@ pub struct MountSpec {
     pub cache: crate::cache::CacheConfig,
     /// `passthrough=off`: every file's I/O goes through the daemon.
     pub no_passthrough: bool,
+    /// `writeback_cache=on|off` (None: auto, on where passthrough cannot be used).
+    pub writeback_cache: Option<bool>,
 }
 
 /// Quota options as given (`--bhard 10G`, `-o size=10G,bsoft=…`).
@@ -208,6 +210,17 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 }
             }
             "nopassthrough" => spec.no_passthrough = true,
+            "writeback_cache" | "writeback" => {
+                spec.writeback_cache = match v.unwrap_or("on") {
+                    "auto" => None,
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    other => {
+                        return Err(format!("writeback_cache: {other} is not auto, on or off"));
+                    }
+                }
+            }
+            "nowriteback_cache" | "nowriteback" => spec.writeback_cache = Some(false),
             "uidmapping" => {
                 let squash = spec.uid_map.squash;
                 spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;

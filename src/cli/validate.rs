@@ -251,6 +251,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         }
         None => None,
     };
+    let privileged = nix::unistd::geteuid().is_root() && !in_user_namespace();
     let opts = Options {
         lowers,
         upper,
@@ -263,9 +264,9 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         volatile: spec.volatile,
         cache: Some(spec.cache),
         // Registering backing files needs CAP_SYS_ADMIN in the initial user namespace.
-        passthrough: !spec.no_passthrough
-            && nix::unistd::geteuid().is_root()
-            && !in_user_namespace(),
+        passthrough: !spec.no_passthrough && privileged,
+        // Auto: where passthrough is impossible (the kernel excludes the two).
+        writeback_cache: spec.writeback_cache.unwrap_or(!privileged),
     };
     Ok(Checked {
         opts,

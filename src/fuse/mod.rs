@@ -147,7 +147,18 @@ impl Filesystem for UnionFs {
                 | InitFlags::FUSE_READDIRPLUS_AUTO
                 | InitFlags::FUSE_CACHE_SYMLINKS,
         );
-        if self.u.passthrough_wanted() {
+        if self.u.writeback_cache_on() {
+            // The kernel keeps written pages and writes them to us later (and never offers
+            // passthrough along with it). Off with a quota: see Union::writeback_cache.
+            let on = config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+            self.u.set_writeback_cache(on);
+            if !on {
+                log::info!("kernel write-back cache: not offered by the kernel");
+            }
+        }
+        if self.u.passthrough_wanted() && !self.u.writeback_cache_on() {
             // Depth 1: backing files must not be on a stacked filesystem themselves, and
             // kernel overlayfs can still be stacked on this mount (the kernel's limit is 2).
             let on = config.set_max_stack_depth(1).is_ok()

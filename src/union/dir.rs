@@ -160,10 +160,9 @@ impl Union {
         let build = |d: BorrowedFd<'_>, n: &OsStr| -> Result<Option<OwnedFd>> {
             match kind {
                 NewKind::File { flags } => {
-                    let keep = super::file::backing_flags(
+                    let keep = self.daemon_flags(
                         OFlag::from_bits_truncate(flags),
                         flags & libc::O_ACCMODE != libc::O_RDONLY,
-                        self.cache.is_some(),
                     ) - OFlag::O_TRUNC;
                     let fd = nix::fcntl::openat(
                         d,
@@ -226,8 +225,10 @@ impl Union {
             .nodes
             .insert_or_get(Node::new(ino, kind, st.clone()), 1);
         if !created {
+            // The inode number of a removed object, reused by the new one.
             *node.st.lock() = st;
             node.reset_dirfds();
+            node.invalidate_xattrs();
         }
         node
     }

@@ -165,6 +165,30 @@ impl Union {
         self.passthrough.load(Ordering::Acquire)
     }
 
+    /// Ask for the kernel's write-back cache at INIT?
+    pub fn writeback_cache_on(&self) -> bool {
+        self.writeback_cache.load(Ordering::Acquire)
+    }
+
+    /// The kernel's answer at INIT.
+    pub fn set_writeback_cache(&self, on: bool) {
+        self.writeback_cache.store(on, Ordering::Release);
+    }
+
+    /// Flags of a daemon-mode backing file: [`backing_flags`], and with the kernel's write-back
+    /// cache no O_APPEND (the kernel places appends itself) and read access to writable files
+    /// (it reads partly written pages in through whichever handle it holds).
+    pub(crate) fn daemon_flags(&self, f: OFlag, writable: bool) -> OFlag {
+        let mut k = backing_flags(f, writable, self.cache.is_some());
+        if self.writeback_cache_on() {
+            k -= OFlag::O_APPEND;
+            if writable {
+                k = (k - OFlag::O_ACCMODE) | OFlag::O_RDWR;
+            }
+        }
+        k
+    }
+
     /// (passthrough in use, opens answered in passthrough mode, registrations that failed).
     pub fn passthrough_stats(&self) -> (bool, u64, u64) {
         (
@@ -383,7 +407,7 @@ impl Union {
             })
         };
         let mut nocache = false;
-        let fd = match open(backing_flags(f, writable, cached)) {
+        let fd = match open(self.daemon_flags(f, writable)) {
             Ok(fd) => fd,
             // Not readable by us: serve this handle without the cache.
             Err(Errno::EACCES) | Err(Errno::EPERM) if cached && writable => {

@@ -157,6 +157,8 @@ pub struct Options {
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
     pub passthrough: bool,
+    /// Ask for the kernel's FUSE write-back cache (never kept with a quota).
+    pub writeback_cache: bool,
 }
 
 /// The identity of a caller, for ownership of new objects.
@@ -226,6 +228,9 @@ pub struct Union {
     /// registration.
     pub(crate) direct_opens: AtomicU64,
     pub(crate) direct_fallbacks: AtomicU64,
+    /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
+    /// reads pages through write-only handles and places appends itself.
+    pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
 }
 
 impl Union {
@@ -318,7 +323,16 @@ impl Union {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             direct_opens: AtomicU64::new(0),
             direct_fallbacks: AtomicU64::new(0),
+            writeback_cache: std::sync::atomic::AtomicBool::new(false),
         };
+        // With a quota, the kernel would acknowledge writes the quota must refuse.
+        u.writeback_cache.store(
+            opts.writeback_cache && u.quota.is_none(),
+            std::sync::atomic::Ordering::Release,
+        );
+        if opts.writeback_cache && u.quota.is_some() {
+            log::info!("kernel write-back cache stays off: a quota is kept on this mount");
+        }
         u.init_root()?;
         Ok(u)
     }

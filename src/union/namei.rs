@@ -233,6 +233,7 @@ impl Union {
             if st.unlinked {
                 *st = fresh.clone();
                 node.reset_dirfds();
+                node.invalidate_xattrs();
             } else {
                 // Refresh from disk: the layers are the truth.
                 st.upper = fresh.upper;

@@ -1,0 +1,216 @@
+//! The kernel's FUSE write-back cache (`--writeback-cache`, on by default where passthrough is
+//! impossible, i.e. rootless): the kernel keeps written pages and writes them to the daemon
+//! later, reads partly written pages in through write-only handles, and places appends itself.
+//! These tests turn it on as root (with passthrough off, which the kernel excludes anyway) and
+//! check what it changes: appends from several descriptors, partial-page writes through
+//! O_WRONLY, mmap, truncate, and that kernel-held data reaches upper on unmount, SIGTERM,
+//! `unionfs-rs sync` and fsync; and that a quota keeps it off.
+
+mod common;
+
+use common::*;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Duration;
+
+const TIMEOUT: u64 = 120;
+
+fn mount(lower: Vec<Entry>, args: &[&str]) -> Mount {
+    let dirs = Dirs::new(&[lower], &[]);
+    let mut extra: Vec<String> = ["--passthrough", "off", "--writeback-cache", "on"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    extra.extend(args.iter().map(|s| s.to_string()));
+    Mount::start(
+        &dirs,
+        &MountOpts {
+            extra,
+            ..MountOpts::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn assert_on(m: &Mount) {
+    let s = daemon_stats(&m.merged);
+    assert_eq!(
+        s["kernel_writeback_cache"], 1,
+        "write-back cache not on: {s:?}"
+    );
+}
+
+#[test]
+fn appends_partial_pages_mmap_and_truncate() {
+    with_timeout(TIMEOUT, || {
+        appends_partial_pages_mmap_and_truncate_with(&[]);
+    });
+}
+
+/// The same with the daemon's page cache off: the backing files themselves must then be
+/// opened readable and without O_APPEND.
+#[test]
+fn appends_partial_pages_mmap_and_truncate_without_page_cache() {
+    with_timeout(TIMEOUT, || {
+        appends_partial_pages_mmap_and_truncate_with(&["--cache-size", "0"]);
+    });
+}
+
+fn appends_partial_pages_mmap_and_truncate_with(args: &[&str]) {
+    {
+        let base: Vec<u8> = (0..8192u32).map(|i| (i % 249) as u8).collect();
+        let m = mount(vec![file_bytes("eight", base.clone())], args);
+        assert_on(&m);
+        // Appends through two descriptors interleave in order (the kernel places them).
+        let mut a = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.path("log"))
+            .unwrap();
+        let mut b = OpenOptions::new().append(true).open(m.path("log")).unwrap();
+        a.write_all(b"one\n").unwrap();
+        b.write_all(b"two\n").unwrap();
+        a.write_all(b"three\n").unwrap();
+        drop((a, b));
+        assert_eq!(
+            fs::read_to_string(m.path("log")).unwrap(),
+            "one\ntwo\nthree\n"
+        );
+        // A write-only handle writing part of a page of a lower file: the kernel reads the
+        // rest of the page in through it (after the copy-up).
+        let w = OpenOptions::new()
+            .write(true)
+            .open(m.path("eight"))
+            .unwrap();
+        w.write_all_at(b"XYZ", 5000).unwrap();
+        drop(w);
+        let mut want = base.clone();
+        want[5000..5003].copy_from_slice(b"XYZ");
+        assert_eq!(fs::read(m.path("eight")).unwrap(), want);
+        // mmap writes, then truncate: size and contents as written.
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("eight"))
+            .unwrap();
+        // SAFETY: a shared mapping of the file's 8192 bytes, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        // SAFETY: p maps 8192 bytes.
+        let map = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, 8192) };
+        map[100] = b'M';
+        want[100] = b'M';
+        // SAFETY: the mapping made above.
+        unsafe {
+            libc::munmap(p, 8192);
+        }
+        f.set_len(6000).unwrap();
+        drop(f);
+        want.truncate(6000);
+        assert_eq!(fs::read(m.path("eight")).unwrap(), want);
+        assert_eq!(fs::metadata(m.path("eight")).unwrap().len(), 6000);
+        let mut m = m;
+        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&m.dirs.merged))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fs::read(m.dirs.upper.join("eight")).unwrap(), want);
+        assert_eq!(
+            fs::read_to_string(m.dirs.upper.join("log")).unwrap(),
+            "one\ntwo\nthree\n"
+        );
+    }
+}
+
+/// Data the kernel still holds when the mount goes away reaches upper: on unmount, on SIGTERM,
+/// and with `unionfs-rs sync` or fsync while mounted.
+#[test]
+fn kernel_held_data_reaches_upper() {
+    with_timeout(TIMEOUT, || {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+        // Unmount right after writing.
+        let mut m = mount(vec![], &[]);
+        fs::write(m.path("u"), &data).unwrap();
+        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&m.dirs.merged))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fs::read(m.dirs.upper.join("u")).unwrap(),
+            data,
+            "after unmount"
+        );
+        // SIGTERM right after writing.
+        let m = mount(vec![], &[]);
+        fs::write(m.path("t"), &data).unwrap();
+        let pid = m.pid.expect("daemon pid");
+        // SAFETY: kill(2) of the daemon this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let t0 = std::time::Instant::now();
+        while is_fuse_mounted(&m.dirs.merged) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            fs::read(m.dirs.upper.join("t")).unwrap(),
+            data,
+            "after SIGTERM"
+        );
+        drop(m);
+        // `unionfs-rs sync` and fsync while mounted.
+        let m = mount(vec![], &[]);
+        fs::write(m.path("s"), &data).unwrap();
+        let (st, out, err) = run_with_timeout(
+            Command::new(bin()).arg("sync").arg(&m.merged),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(st.success(), "sync: {out}{err}");
+        assert_eq!(
+            fs::read(m.dirs.upper.join("s")).unwrap(),
+            data,
+            "after sync"
+        );
+        let mut f = File::create(m.path("f")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(
+            fs::read(m.dirs.upper.join("f")).unwrap(),
+            data,
+            "after fsync"
+        );
+        drop(f);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// With a quota the kernel must not acknowledge writes the quota may refuse: the write-back
+/// cache stays off and a write past the limit fails in write(2).
+#[test]
+fn quota_keeps_the_kernel_write_back_cache_off() {
+    with_timeout(TIMEOUT, || {
+        let m = mount(vec![], &["--size", "1M"]);
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s["kernel_writeback_cache"], 0, "{s:?}");
+        let mut f = File::create(m.path("big")).unwrap();
+        let chunk = vec![1u8; 64 << 10];
+        let mut refused = None;
+        for _ in 0..64 {
+            if let Err(e) = f.write_all(&chunk) {
+                refused = Some(e);
+                break;
+            }
+        }
+        let e = refused.expect("4 MiB written under a 1 MiB quota");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        drop(f);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
