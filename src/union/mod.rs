@@ -662,6 +662,11 @@ impl crate::cache::WritebackSink for Union {
         {
             let mut known = node.io_lock.lock();
             self.sync_known(&mut known, &st);
+            drop(known);
+            // The filesystem may still allocate for what was just written (ext4 places
+            // delayed blocks, and an extent tree block, at its own write-back): settle again
+            // after the next sync and for a while.
+            self.mark_unsettled(ino);
         }
     }
 }
