@@ -31,19 +31,9 @@ fn mount_with(args: &[&str]) -> Mount {
 /// A mount whose file I/O all goes through the daemon's page cache (as root, upper files
 /// would otherwise be read and written by the kernel itself: tests/passthrough.rs).
 fn mount_lower(lower: Vec<Entry>, args: &[&str]) -> Mount {
-    let dirs = Dirs::new(&[lower], &[]);
-    Mount::start(
-        &dirs,
-        &MountOpts {
-            extra: ["--passthrough", "off"]
-                .iter()
-                .chain(args)
-                .map(|s| s.to_string())
-                .collect(),
-            ..MountOpts::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    let mut all = vec!["--passthrough", "off"];
+    all.extend_from_slice(args);
+    Mount::with_args(lower, &all)
 }
 
 /// `unionfs-rs stats --json` as numbers.

@@ -15,18 +15,6 @@ use std::path::Path;
 
 const TIMEOUT: u64 = 120;
 
-fn mount(lower: Vec<Entry>, args: &[&str]) -> Mount {
-    let dirs = Dirs::new(&[lower], &[]);
-    Mount::start(
-        &dirs,
-        &MountOpts {
-            extra: args.iter().map(|s| s.to_string()).collect(),
-            ..MountOpts::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn opens(m: &Path) -> u64 {
     daemon_stats(m)["passthrough_opens"]
 }
@@ -37,6 +25,7 @@ fn opens(m: &Path) -> u64 {
 fn can_test_passthrough() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: passthrough needs root");
         return false;
     }
     let probe = test_tempdir();
@@ -45,7 +34,7 @@ fn can_test_passthrough() -> bool {
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     let fs = st.filesystem_type().0 as i64;
     if fs == OVERLAYFS_SUPER_MAGIC || fs == FUSE_SUPER_MAGIC {
-        eprintln!("test directories are on a stacked filesystem ({fs:#x}): no passthrough");
+        eprintln!("skipped: test directories are on a stacked filesystem ({fs:#x})");
         return false;
     }
     true
@@ -54,11 +43,10 @@ fn can_test_passthrough() -> bool {
 #[test]
 fn upper_files_are_passthrough_and_lower_files_are_not() {
     if !can_test_passthrough() {
-        eprintln!("skipped: passthrough needs root and unstacked test directories");
         return;
     }
     with_timeout(TIMEOUT, || {
-        let m = mount(vec![file("low", "lower data")], &[]);
+        let m = Mount::with_args(vec![file("low", "lower data")], &[]);
         let s = daemon_stats(&m.merged);
         assert_eq!(s["passthrough"], 1, "passthrough not in use as root: {s:?}");
         let before = opens(&m.merged);
@@ -98,11 +86,10 @@ fn upper_files_are_passthrough_and_lower_files_are_not() {
 #[test]
 fn modes_never_mix_on_one_file() {
     if !can_test_passthrough() {
-        eprintln!("skipped: passthrough needs root and unstacked test directories");
         return;
     }
     with_timeout(TIMEOUT, || {
-        let m = mount(vec![file("f", "0123456789")], &[]);
+        let m = Mount::with_args(vec![file("f", "0123456789")], &[]);
         let mut reader = File::open(m.path("f")).unwrap();
         let mut buf = [0u8; 4];
         reader.read_exact(&mut buf).unwrap();
@@ -132,27 +119,11 @@ fn modes_never_mix_on_one_file() {
         r2.read_exact_at(&mut got, 0).unwrap();
         assert_eq!(&got, b"abcdXYghij");
         // mmap of a passthrough file sees the same bytes, and its writes reach readers.
-        // SAFETY: a shared mapping of 10 bytes of an open file, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                10,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&w),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap");
-        // SAFETY: p maps 10 bytes.
-        let map = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, 10) };
-        assert_eq!(map, b"abcdXYghij");
-        map[0] = b'M';
-        // SAFETY: p/10 is the mapping made above.
-        unsafe {
-            libc::msync(p, 10, libc::MS_SYNC);
-            libc::munmap(p, 10);
-        }
+        let mut map = SharedMap::new(&w, 10);
+        assert_eq!(map.bytes(), b"abcdXYghij");
+        map.bytes()[0] = b'M';
+        let _ = map.sync();
+        drop(map);
         r1.read_exact_at(&mut got, 0).unwrap();
         assert_eq!(&got, b"MbcdXYghij");
         drop((r1, r2, w));
@@ -170,11 +141,10 @@ fn modes_never_mix_on_one_file() {
 #[test]
 fn page_cache_hands_a_file_over_only_when_written_back() {
     if !can_test_passthrough() {
-        eprintln!("skipped: passthrough needs root and unstacked test directories");
         return;
     }
     with_timeout(TIMEOUT, || {
-        let m = mount(
+        let m = Mount::with_args(
             vec![file("f", "lower")],
             &[
                 "--dirty-expire-centisecs",
@@ -229,12 +199,11 @@ fn page_cache_hands_a_file_over_only_when_written_back() {
 #[test]
 fn quota_and_passthrough_off_keep_io_in_the_daemon() {
     if !can_test_passthrough() {
-        eprintln!("skipped: passthrough needs root and unstacked test directories");
         return;
     }
     with_timeout(TIMEOUT, || {
         for args in [&["--size", "100M"][..], &["--passthrough", "off"][..]] {
-            let m = mount(vec![], args);
+            let m = Mount::with_args(vec![], args);
             fs::write(m.path("new"), vec![7u8; 1 << 20]).unwrap();
             assert_eq!(fs::read(m.path("new")).unwrap(), vec![7u8; 1 << 20]);
             let s = daemon_stats(&m.merged);
@@ -247,7 +216,6 @@ fn quota_and_passthrough_off_keep_io_in_the_daemon() {
 #[test]
 fn read_only_union_reads_lower_files_by_passthrough() {
     if !can_test_passthrough() {
-        eprintln!("skipped: passthrough needs root and unstacked test directories");
         return;
     }
     with_timeout(TIMEOUT, || {

@@ -11,7 +11,6 @@ mod common;
 use common::*;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
@@ -19,20 +18,9 @@ use std::time::Duration;
 const TIMEOUT: u64 = 120;
 
 fn mount(lower: Vec<Entry>, args: &[&str]) -> Mount {
-    let dirs = Dirs::new(&[lower], &[]);
-    let mut extra: Vec<String> = ["--passthrough", "off", "--writeback-cache", "on"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    extra.extend(args.iter().map(|s| s.to_string()));
-    Mount::start(
-        &dirs,
-        &MountOpts {
-            extra,
-            ..MountOpts::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    let mut all = vec!["--passthrough", "off", "--writeback-cache", "on"];
+    all.extend_from_slice(args);
+    Mount::with_args(lower, &all)
 }
 
 fn assert_on(m: &Mount) {
@@ -96,26 +84,10 @@ fn appends_partial_pages_mmap_and_truncate_with(args: &[&str]) {
             .write(true)
             .open(m.path("eight"))
             .unwrap();
-        // SAFETY: a shared mapping of the file's 8192 bytes, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                8192,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap");
-        // SAFETY: p maps 8192 bytes.
-        let map = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, 8192) };
-        map[100] = b'M';
+        let mut map = SharedMap::new(&f, 8192);
+        map.bytes()[100] = b'M';
         want[100] = b'M';
-        // SAFETY: the mapping made above.
-        unsafe {
-            libc::munmap(p, 8192);
-        }
+        drop(map);
         f.set_len(6000).unwrap();
         drop(f);
         want.truncate(6000);

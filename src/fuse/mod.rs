@@ -15,8 +15,7 @@ use fuser::{
 };
 
 use crate::union::dir::NewKind;
-use crate::union::file::Opened;
-use crate::union::file::{SetAttr, SetTime};
+use crate::union::file::{Opened, SetAttr, SetTime};
 use crate::union::inode::Backing;
 use crate::union::{Attr, Caller, Error, Union};
 

@@ -32,6 +32,17 @@ impl Mount {
         Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// One lower layer built from `lower`, an empty upper, and `args` added to the mount
+    /// command. Panics if mounting fails.
+    pub fn with_args(lower: Vec<Entry>, args: &[&str]) -> Mount {
+        let dirs = Dirs::new(&[lower], &[]);
+        let opts = MountOpts {
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            ..MountOpts::default()
+        };
+        Mount::start(&dirs, &opts).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The arguments `unionfs-rs` is run with for `dirs` and `opts`.
     pub fn command_args(dirs: &Dirs, opts: &MountOpts) -> Vec<String> {
         let mut args = vec!["mount".to_string(), dirs.lowerdir_arg()];
@@ -350,5 +361,60 @@ impl OverlayMount {
 impl Drop for OverlayMount {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// A shared, writable mapping of the first `len` bytes of an open file, unmapped on drop.
+pub struct SharedMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl SharedMap {
+    pub fn new(f: &fs::File, len: usize) -> SharedMap {
+        // SAFETY: a fresh shared mapping of an open descriptor; Drop unmaps it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            io::Error::last_os_error()
+        );
+        SharedMap { ptr, len }
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr maps len writable bytes for the life of self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len) }
+    }
+
+    /// msync(MS_SYNC); returns its errno, 0 on success.
+    #[must_use = "the errno of msync"]
+    pub fn sync(&self) -> i32 {
+        // SAFETY: the mapping made in new().
+        if unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) } == 0 {
+            0
+        } else {
+            io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new(), unmapped once.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
     }
 }
