@@ -11,8 +11,9 @@ Workloads (each on a fresh mount, kernel caches dropped first):
   peak RSS     the daemon's VmHWM after the sustained write                          MiB
 
 Targets: cache (256 MiB budget, readahead 128 KiB), cache-ra1m (readahead 1 MiB), cache-ra0
-(readahead off) and nocache (--cache-size 0). Run as root. Prints a Markdown table of medians
-and the ratio of each cached target to nocache.
+(readahead off) and nocache (--cache-size 0), all with --passthrough off (as root the kernel
+would otherwise read and write upper files itself, past the cache). Run as root. Prints a
+Markdown table of medians and the ratio of each cached target to nocache.
 
 Usage: tools/cache-bench.py [--rounds N] [--bin PATH] [--dir DIR] [--only w1,w2]
 """
@@ -57,7 +58,7 @@ class Mount:
             os.makedirs(d)
         os.makedirs(self.merged, exist_ok=True)
         sh(binary, "mount", os.path.join(root, "lower"), self.upper, self.merged,
-           "--workdir", self.work, *extra)
+           "--workdir", self.work, "--passthrough", "off", *extra)
         out = subprocess.run([binary, "stats", self.merged], capture_output=True, text=True,
                              check=True).stdout
         self.pid = int(re.search(r"^pid: (\d+)", out, re.M).group(1))
