@@ -131,7 +131,7 @@ fn caller(req: &Request) -> Caller {
 impl UnionFs {
     fn entry(&self, r: crate::union::Result<Attr>, reply: ReplyEntry) {
         match r {
-            Ok(a) => reply.entry(&self.ttl, &fattr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &fattr(&a), Generation(a.generation)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -469,6 +469,7 @@ impl Filesystem for UnionFs {
             let attr = if dot {
                 Attr {
                     ino: e.ino,
+                    generation: 0,
                     mode: e.kind,
                     nlink: 1,
                     uid: 0,
@@ -497,7 +498,7 @@ impl Filesystem for UnionFs {
                 &e.name,
                 &self.ttl,
                 &fattr(&attr),
-                Generation(0),
+                Generation(attr.generation),
             );
             if full {
                 if !dot {
@@ -648,12 +649,12 @@ impl Filesystem for UnionFs {
                     Some(id) => reply.created_passthrough(
                         ttl,
                         attr,
-                        Generation(0),
+                        Generation(a.generation),
                         fh,
                         FopenFlags::empty(),
                         id,
                     ),
-                    None => reply.created(ttl, attr, Generation(0), fh, keep_cache(&o)),
+                    None => reply.created(ttl, attr, Generation(a.generation), fh, keep_cache(&o)),
                 }
             }
             Ok((_, None)) => reply.error(Errno::EIO),

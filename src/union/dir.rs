@@ -226,6 +226,7 @@ impl Union {
             .insert_or_get(Node::new(ino, kind, st.clone()), 1);
         if !created {
             // The inode number of a removed object, reused by the new one.
+            self.nodes.renew(&node);
             *node.st.lock() = st;
             node.reset_dirfds();
             node.invalidate_xattrs();
@@ -262,7 +263,9 @@ impl Union {
     }
 
     /// Remove `name` from upper, leaving a whiteout when a lower entry would show through.
-    fn remove_entry(&self, p: &Node, name: &OsStr, child: &Node, is_dir: bool) -> Result<()> {
+    /// Returns whether the object itself is gone (a directory, or a file's last link), not
+    /// just one of its names.
+    fn remove_entry(&self, p: &Node, name: &OsStr, child: &Node, is_dir: bool) -> Result<bool> {
         self.copy_up(p)?;
         let cst = child.state();
         let wh = self.lower_positive(p, name)?;
@@ -315,7 +318,9 @@ impl Union {
         if let (true, Some(c)) = (drop_pages, &self.cache) {
             c.drop_file(child.ino);
         }
-        Ok(())
+        // A lower object is out of the merged view for good (whiteout); a hard-linked lower
+        // name has a node of its own.
+        Ok(is_dir || before.is_none_or(|s| s.st_nlink <= 1))
     }
 
     /// Build a whiteout in the work dir and rename it to `name` in `dir` with `flags`
@@ -365,7 +370,9 @@ impl Union {
         if child.is_dir() {
             return Err(Error::new(Errno::EISDIR, "unlink of a directory"));
         }
-        self.remove_entry(&p, name, &child, false)?;
+        if self.remove_entry(&p, name, &child, false)? {
+            self.nodes.renew(&child);
+        }
         drop_name(&child, parent, name);
         Ok(())
     }
@@ -382,7 +389,9 @@ impl Union {
         if !self.merged_entries(&child)?.is_empty() {
             return Err(Error::new(Errno::ENOTEMPTY, "rmdir"));
         }
-        self.remove_entry(&p, name, &child, true)?;
+        if self.remove_entry(&p, name, &child, true)? {
+            self.nodes.renew(&child);
+        }
         drop_name(&child, parent, name);
         Ok(())
     }
@@ -543,6 +552,10 @@ impl Union {
             c.drop_file(d.ino);
         }
         if let Some(d) = &dst {
+            if d.is_dir() || target_is_wh || target.as_ref().is_none_or(|t| t.st_nlink <= 1) {
+                // The replaced object is gone.
+                self.nodes.renew(d);
+            }
             drop_name(d, newparent, newname);
         }
         move_name(&src, parent, name, newparent, newname);

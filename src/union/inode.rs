@@ -80,6 +80,13 @@ pub struct Node {
     pub ino: u64,
     /// File type bits (S_IFMT).
     pub kind: u32,
+    /// The FUSE generation sent with this node id in entry replies. Inode numbers are reused
+    /// (ext4 hands a removed directory's number to the next mkdir at once) while the kernel may
+    /// still hold the old inode (an O_PATH fd, a cwd): the same id with the same generation
+    /// would make it reuse that inode — for a removed directory one marked dead, where every
+    /// create fails with ENOENT. A node that names a new object gets a new generation, so the
+    /// kernel retires the old inode instead (fuse_stale_inode).
+    pub generation: AtomicU64,
     /// Kernel lookup count.
     pub nlookup: AtomicU64,
     /// Mutable state.
@@ -136,6 +143,7 @@ impl Node {
         Node {
             ino,
             kind,
+            generation: AtomicU64::new(0),
             nlookup: AtomicU64::new(0),
             st: Mutex::new(st),
             copy_lock: Mutex::new(()),
@@ -177,6 +185,8 @@ impl Node {
 #[derive(Debug, Default)]
 pub struct NodeTable {
     map: DashMap<u64, Arc<Node>>,
+    /// Last generation handed out.
+    last_gen: AtomicU64,
 }
 
 impl NodeTable {
@@ -193,6 +203,10 @@ impl NodeTable {
     /// those references under this id.
     pub fn insert_or_get(&self, node: Node, refs: u64) -> (Arc<Node>, bool) {
         use dashmap::mapref::entry::Entry;
+        if node.ino != ROOT_INO {
+            // The kernel knows the root under generation 0.
+            node.generation.store(self.next_gen(), Ordering::Release);
+        }
         match self.map.entry(node.ino) {
             Entry::Occupied(mut e) => {
                 if e.get().kind == node.kind {
@@ -212,6 +226,18 @@ impl NodeTable {
                 e.insert(n.clone());
                 (n, true)
             }
+        }
+    }
+
+    fn next_gen(&self) -> u64 {
+        self.last_gen.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// `node` now names another object than the one the kernel may still hold under its id
+    /// (or its object is gone for good): entry replies carry a new generation from now on.
+    pub fn renew(&self, node: &Node) {
+        if node.ino != ROOT_INO {
+            node.generation.store(self.next_gen(), Ordering::Release);
         }
     }
 
@@ -338,5 +364,58 @@ impl InoMap {
                 log::warn!("inomap {:?}: {e}", self.path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> NodeState {
+        NodeState {
+            parent: ROOT_INO,
+            name: "x".into(),
+            aliases: Vec::new(),
+            upper: true,
+            lower: None,
+            lowers: Vec::new(),
+            opaque: false,
+            unlinked: false,
+        }
+    }
+
+    fn generation(n: &Node) -> u64 {
+        n.generation.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn a_node_keeps_its_generation_until_renewed() {
+        let t = NodeTable::default();
+        let (a, created) = t.insert_or_get(Node::new(7, libc::S_IFDIR, state()), 1);
+        assert!(created);
+        let g = generation(&a);
+        assert_ne!(g, 0, "only the root is known under generation 0");
+        // Looked up again: the same object, the same generation.
+        let (b, created) = t.insert_or_get(Node::new(7, libc::S_IFDIR, state()), 1);
+        assert!(!created && Arc::ptr_eq(&a, &b));
+        assert_eq!(generation(&b), g);
+        assert_eq!(b.nlookup.load(Ordering::Acquire), 2);
+        // Its object gone, the id names another one.
+        t.renew(&b);
+        assert_ne!(generation(&b), g);
+        // Another type under the id: a new node with a new generation, references kept.
+        let (c, created) = t.insert_or_get(Node::new(7, libc::S_IFREG, state()), 1);
+        assert!(created);
+        assert!(generation(&c) != g && generation(&c) != generation(&b));
+        assert_eq!(c.nlookup.load(Ordering::Acquire), 3);
+        // Forgotten and found again: new too.
+        t.forget(7, 3);
+        assert!(t.get(7).is_none());
+        let (d, _) = t.insert_or_get(Node::new(7, libc::S_IFREG, state()), 1);
+        assert!(generation(&d) > generation(&c));
+        // The root stays at 0.
+        let (r, _) = t.insert_or_get(Node::new(ROOT_INO, libc::S_IFDIR, state()), 1);
+        t.renew(&r);
+        assert_eq!(generation(&r), 0);
     }
 }

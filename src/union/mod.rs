@@ -83,6 +83,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct Attr {
     /// Stable inode number (= node id).
     pub ino: u64,
+    /// FUSE generation of the node id (see `Node::generation`); 0 outside entry replies.
+    pub generation: u64,
     /// st_mode (type and permission bits).
     pub mode: u32,
     /// Link count.
@@ -112,6 +114,7 @@ impl Attr {
     pub fn from_stat(st: &FileStat, ino: u64) -> Attr {
         Attr {
             ino,
+            generation: 0,
             mode: st.st_mode,
             nlink: st.st_nlink,
             uid: st.st_uid,
@@ -502,6 +505,7 @@ impl Union {
     /// Merged-view attributes from the top object's stat.
     pub(crate) fn attr_for(&self, node: &Node, st: &NodeState, fs: &FileStat) -> Attr {
         let mut a = Attr::from_stat(fs, node.ino);
+        a.generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
         if node.kind == libc::S_IFREG
             && let Some((size, mtime)) = self.cache.as_ref().and_then(|c| c.attr_override(node.ino))
         {

@@ -1,0 +1,136 @@
+//! Inode numbers reused while the kernel still holds the old inode, on unionfs-rs and kernel
+//! overlayfs.
+//!
+//! ext4 hands a removed directory's inode number to the next mkdir at once. The FUSE node id is
+//! the inode number, so when the kernel still holds the removed directory's inode (an O_PATH fd,
+//! a process's cwd) and the new directory came back under the same id and generation, the kernel
+//! reused that inode — marked dead by rmdir — and every create in the new directory failed with
+//! ENOENT (pjdfstest saw it once under load; here it failed on every iteration). A node that
+//! names a new object now gets a new generation; a file that keeps another hard link keeps its
+//! generation, or the kernel would turn its open files bad (EIO).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+const TIMEOUT: u64 = 60;
+
+/// An O_PATH fd: holds the kernel's inode (and dentry) without opening the file.
+fn hold(p: &Path) -> OwnedFd {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(p)
+        .unwrap_or_else(|e| panic!("O_PATH open {}: {e}", p.display()))
+        .into()
+}
+
+/// Remove directories and files while holding them, create new ones (which may get the old
+/// inode numbers) and use them. Returns how many new objects reused a held one's number.
+fn new_objects_after_removed_held_ones(root: &Path, what: &str) -> usize {
+    let mut reused = 0;
+    for i in 0..200 {
+        let d = root.join(format!("d{i}"));
+        fs::create_dir(&d).unwrap_or_else(|e| panic!("{what}: mkdir {}: {e}", d.display()));
+        let old = lstat(&d).ino();
+        let held = hold(&d);
+        fs::remove_dir(&d).unwrap_or_else(|e| panic!("{what}: rmdir {}: {e}", d.display()));
+        let e = root.join(format!("e{i}"));
+        fs::create_dir(&e).unwrap_or_else(|e| panic!("{what}: mkdir e{i}: {e}"));
+        reused += usize::from(lstat(&e).ino() == old);
+        let f = e.join("x");
+        fs::write(&f, "in the new dir").unwrap_or_else(|err| {
+            panic!(
+                "{what}: create in a new directory (iteration {i}, inode number reused: {}): {err}",
+                lstat(&e).ino() == old
+            )
+        });
+        fs::create_dir(e.join("sub")).unwrap_or_else(|err| panic!("{what}: mkdir in e{i}: {err}"));
+        assert_eq!(lstat(&e).nlink(), 3, "{what}: e{i}'s link count");
+        drop(held);
+
+        // The same with a file: the new one is a file of its own.
+        let g = root.join(format!("f{i}"));
+        fs::write(&g, "old").unwrap_or_else(|err| panic!("{what}: create f{i}: {err}"));
+        let old = lstat(&g).ino();
+        let held = hold(&g);
+        fs::remove_file(&g).unwrap_or_else(|err| panic!("{what}: unlink f{i}: {err}"));
+        let h = root.join(format!("g{i}"));
+        fs::write(&h, "new file").unwrap_or_else(|err| panic!("{what}: create g{i}: {err}"));
+        reused += usize::from(lstat(&h).ino() == old);
+        let m = lstat(&h);
+        assert_eq!(
+            (m.nlink(), m.len()),
+            (1, 8),
+            "{what}: g{i}'s links and size"
+        );
+        assert_eq!(fs::read_to_string(&h).unwrap(), "new file", "{what}: g{i}");
+        drop(held);
+    }
+    reused
+}
+
+/// A file open under one name, that name removed: the object lives on under its other hard
+/// link, which the daemon has not seen yet. The open file and the other name stay one inode.
+fn open_file_survives_its_name(root: &Path, what: &str) {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join("a"))
+        .unwrap_or_else(|e| panic!("{what}: open a: {e}"));
+    fs::remove_file(root.join("a")).unwrap_or_else(|e| panic!("{what}: unlink a: {e}"));
+    // First lookup of b after a's removal.
+    let b = lstat(&root.join("b"));
+    assert_eq!(b.nlink(), 1, "{what}: b's link count");
+    f.write_all(b"written through a").unwrap();
+    f.flush().unwrap();
+    let meta = f
+        .metadata()
+        .unwrap_or_else(|e| panic!("{what}: fstat of the open file: {e}"));
+    assert_eq!(
+        (meta.ino(), meta.nlink()),
+        (b.ino(), 1),
+        "{what}: the open file is b"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("b")).unwrap(),
+        "written through a",
+        "{what}: b shows what was written through a"
+    );
+    fs::write(root.join("b"), "and back").unwrap();
+    let mut s = String::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_string(&mut s)
+        .unwrap_or_else(|e| panic!("{what}: read through a: {e}"));
+    assert_eq!(s, "and back", "{what}: a shows what was written to b");
+}
+
+fn upper() -> Vec<Entry> {
+    vec![file("a", "linked"), hardlink("b", "a")]
+}
+
+#[test]
+fn new_objects_under_reused_inode_numbers_work() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::new(&[vec![file("lower", "l")]], &upper());
+        let reused = new_objects_after_removed_held_ones(&m.merged, "unionfs-rs");
+        eprintln!("unionfs-rs: {reused} of 400 new objects reused a held one's inode number");
+        open_file_survives_its_name(&m.merged, "unionfs-rs");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+#[test]
+fn new_objects_under_reused_inode_numbers_work_on_kernel_overlayfs() {
+    with_timeout(TIMEOUT, || {
+        let m = OverlayMount::new(&[vec![file("lower", "l")]], &upper());
+        new_objects_after_removed_held_ones(&m.path(""), "kernel overlayfs");
+        open_file_survives_its_name(&m.path(""), "kernel overlayfs");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
