@@ -309,16 +309,39 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
     }
 }
 
+/// Is `p` on a FUSE mount?
+fn is_fuse(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
+}
+
 /// Send one command to the daemon serving `merged`; returns its reply.
 pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
     let path = socket_path(merged);
-    let mut s = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "{}: no unionfs-rs daemon answers on {} ({e})",
-            merged.display(),
-            path.display()
-        )
-    })?;
+    // A daemon opens its socket just after reporting the mount ready: on a FUSE mount, give a
+    // missing or not yet listening socket a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut s = loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && std::time::Instant::now() < deadline
+                    && is_fuse(merged) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{}: no unionfs-rs daemon answers on {} ({e})",
+                    merged.display(),
+                    path.display()
+                ));
+            }
+        }
+    };
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     s.write_all(cmd.as_bytes())

@@ -11,3 +11,22 @@ pub mod layer;
 pub mod logger;
 pub mod quota;
 pub mod union;
+
+/// A concurrent map sharded for this machine's CPUs. `DashMap::new` asks
+/// `std::thread::available_parallelism`, which reads /proc/self/cgroup and the cgroup's CPU
+/// quota files (~14 syscalls) on every mount; the CPUs we may run on are one syscall away.
+pub(crate) fn new_map<K: Eq + std::hash::Hash, V>() -> dashmap::DashMap<K, V> {
+    let mut set = std::mem::MaybeUninit::<libc::cpu_set_t>::zeroed();
+    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `set`, a
+    // zeroed cpu_set_t that lives across the call; CPU_COUNT only reads it.
+    let cpus = unsafe {
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set.as_mut_ptr()) == 0
+        {
+            libc::CPU_COUNT(set.assume_init_ref()) as usize
+        } else {
+            4
+        }
+    };
+    // dashmap's own rule (4 shards per CPU), as a power of two.
+    dashmap::DashMap::with_shard_amount((cpus.max(1) * 4).next_power_of_two())
+}

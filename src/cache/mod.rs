@@ -218,6 +218,53 @@ struct Signal {
     cv: Condvar,
 }
 
+/// The readahead workers, started at the first job (a mount that never reads sequentially, or
+/// only through passthrough, never pays for their threads; nor does mount start-up).
+struct RaPool {
+    /// None once the cache is closed.
+    tx: Option<mpsc::Sender<RaJob>>,
+    /// Until the workers are started.
+    rx: Option<mpsc::Receiver<RaJob>>,
+    /// The cache itself, for the workers.
+    me: Weak<PageCache>,
+}
+
+impl RaPool {
+    /// Queue `job`, starting the workers first if need be. Gives the job back if it cannot run.
+    fn send(&mut self, job: RaJob) -> Result<(), RaJob> {
+        let Some(tx) = &self.tx else {
+            return Err(job);
+        };
+        if let Some(rx) = self.rx.take() {
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..RA_WORKERS {
+                let weak = self.me.clone();
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("readahead-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let job = rx.lock().recv();
+                            let Ok(job) = job else { return };
+                            let Some(c) = weak.upgrade() else { return };
+                            c.run_ra_job(job);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("readahead worker: {e}");
+                    if i == 0 {
+                        // No worker at all: no readahead.
+                        self.tx = None;
+                        return Err(job);
+                    }
+                    break;
+                }
+            }
+        }
+        tx.send(job).map_err(|e| e.0)
+    }
+}
+
 struct RaJob {
     file: Arc<CachedFile>,
     fd: Fd,
@@ -244,7 +291,7 @@ pub struct PageCache {
     flush_error: AtomicI32,
     quota: Option<Arc<Quota>>,
     sink: RwLock<Option<Weak<dyn WritebackSink>>>,
-    ra_tx: Mutex<Option<mpsc::Sender<RaJob>>>,
+    ra: Mutex<RaPool>,
     closing: AtomicBool,
     /// The kernel's readahead on the mount (KiB): ours runs only beyond it for buffered readers.
     kernel_ra_kb: AtomicU64,
@@ -285,12 +332,12 @@ fn past_end(st: &nix::sys::stat::FileStat) -> bool {
 
 impl PageCache {
     /// A cache with `cfg` (size > 0); `quota` is charged for accepted writes. Starts the
-    /// flusher and the readahead workers.
+    /// flusher (the readahead workers start at the first readahead).
     pub fn new(cfg: CacheConfig, quota: Option<Arc<Quota>>) -> std::io::Result<Arc<PageCache>> {
         let (tx, rx) = mpsc::channel::<RaJob>();
-        let c = Arc::new(PageCache {
+        let c = Arc::new_cyclic(|me| PageCache {
             cfg: RwLock::new(cfg),
-            files: dashmap::DashMap::new(),
+            files: crate::new_map(),
             lru: Mutex::new(LruCache::unbounded()),
             bytes: AtomicU64::new(0),
             dirty: AtomicU64::new(0),
@@ -302,7 +349,11 @@ impl PageCache {
             flush_error: AtomicI32::new(0),
             quota,
             sink: RwLock::new(None),
-            ra_tx: Mutex::new(Some(tx)),
+            ra: Mutex::new(RaPool {
+                tx: Some(tx),
+                rx: Some(rx),
+                me: me.clone(),
+            }),
             closing: AtomicBool::new(false),
             kernel_ra_kb: AtomicU64::new(read::KERNEL_RA_DEFAULT_KB),
             above_bg: AtomicBool::new(false),
@@ -314,21 +365,6 @@ impl PageCache {
         std::thread::Builder::new()
             .name("flusher".into())
             .spawn(move || flusher::flusher_main(weak, sig))?;
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..RA_WORKERS {
-            let weak = Arc::downgrade(&c);
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("readahead-{i}"))
-                .spawn(move || {
-                    loop {
-                        let job = rx.lock().recv();
-                        let Ok(job) = job else { return };
-                        let Some(c) = weak.upgrade() else { return };
-                        c.run_ra_job(job);
-                    }
-                })?;
-        }
         Ok(c)
     }
 
@@ -637,7 +673,7 @@ impl PageCache {
     pub fn close(&self) -> Result<(), Errno> {
         self.closing.store(true, Ordering::Release);
         let r = self.sync_all();
-        *self.ra_tx.lock() = None;
+        self.ra.lock().tx = None;
         r
     }
 

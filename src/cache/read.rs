@@ -294,10 +294,7 @@ impl PageCache {
             token,
             marker,
         };
-        let sent = match &*self.ra_tx.lock() {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
-            None => Err(job),
-        };
+        let sent = self.ra.lock().send(job);
         if let Err(job) = sent {
             for i in &job.pages {
                 st.pages.remove(i);

@@ -255,6 +255,17 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         }
     };
     let mut unmounter = session.unmount_callable();
+    // The mount is live (INIT answered): tell the caller now. What follows (the signal thread,
+    // the control socket, the kernel's readahead) is not needed to use the mount: a signal
+    // stays pending until the thread waits for it, and clients wait a moment for the socket.
+    report(&ready, "ok\n");
+    if ready.is_some() {
+        drop(ready);
+        detach_stdio(c.log.as_ref());
+    } else if let Some(f) = &c.log {
+        // Foreground with a log file: the log goes there too once the mount is live.
+        stderr_to(f);
+    }
     let merged = c.merged.clone();
     let sig_union = union.clone();
     std::thread::Builder::new()
@@ -318,16 +329,9 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             None
         }
     };
-    // Mounted: the kernel's readahead on it (mountinfo and sysfs only, no FUSE request).
+    // Mounted and reported: the kernel's readahead on it (mountinfo and sysfs only, no FUSE
+    // request; the caller need not wait for it: until it is set, reads get the kernel's 128K).
     let kernel_ra = union.apply_kernel_readahead(&c.merged);
-    report(&ready, "ok\n");
-    if ready.is_some() {
-        drop(ready);
-        detach_stdio(c.log.as_ref());
-    } else if let Some(f) = &c.log {
-        // Foreground with a log file: the log goes there too once the mount is live.
-        stderr_to(f);
-    }
     log::info!("mounted {}", c.merged.display());
     match kernel_ra {
         Ok(kb) => log::info!("kernel readahead on {}: {kb} KiB", c.merged.display()),

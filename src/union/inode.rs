@@ -182,11 +182,20 @@ impl Node {
 }
 
 /// The sharded node table.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeTable {
     map: DashMap<u64, Arc<Node>>,
     /// Last generation handed out.
     last_gen: AtomicU64,
+}
+
+impl Default for NodeTable {
+    fn default() -> NodeTable {
+        NodeTable {
+            map: crate::new_map(),
+            last_gen: AtomicU64::new(0),
+        }
+    }
 }
 
 impl NodeTable {
@@ -289,7 +298,7 @@ impl InoMap {
     /// An in-memory map only (read-only mounts).
     pub fn memory() -> InoMap {
         InoMap {
-            map: DashMap::new(),
+            map: crate::new_map(),
             file: None,
             path: None,
         }
@@ -297,7 +306,7 @@ impl InoMap {
 
     /// Load (and keep appending to) the map file at `path`.
     pub fn open(path: &Path) -> std::io::Result<InoMap> {
-        let map = DashMap::new();
+        let map = crate::new_map();
         if let Ok(mut f) = std::fs::File::open(path) {
             let mut buf = Vec::new();
             f.read_to_end(&mut buf)?;
