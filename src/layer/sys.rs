@@ -172,6 +172,18 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<(), Errno> {
     Errno::result(r).map(drop)
 }
 
+/// sync_file_range(2) of `len` bytes at `off` with `flags` (SYNC_FILE_RANGE_*).
+pub fn sync_file_range(
+    fd: BorrowedFd<'_>,
+    off: i64,
+    len: i64,
+    flags: libc::c_uint,
+) -> Result<(), Errno> {
+    // SAFETY: fd live; the call takes only integers.
+    let r = unsafe { libc::sync_file_range(fd.as_raw_fd(), off, len, flags) };
+    Errno::result(r).map(drop)
+}
+
 /// statfs of the filesystem holding `fd`.
 pub fn statfs(fd: BorrowedFd<'_>) -> Result<libc::statfs, Errno> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();

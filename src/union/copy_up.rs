@@ -104,7 +104,7 @@ impl Union {
                         Mode::from_bits_truncate(0o600),
                     )
                     .ctx("copy-up: create")?;
-                    copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64)?;
+                    copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64, !self.volatile)?;
                     if !self.volatile {
                         nix::unistd::fsync(dst.as_fd()).ctx("copy-up: fsync")?;
                     }
@@ -205,8 +205,15 @@ fn copy_xattrs(
 }
 
 /// Copy file data keeping holes: reflink if possible, else copy_file_range (or read/write)
-/// over each data extent found with SEEK_DATA/SEEK_HOLE, then set the size.
-pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> Result<()> {
+/// over each data extent found with SEEK_DATA/SEEK_HOLE, then set the size. With `durable`
+/// (an fsync follows), the copy starts writing each chunk to disk as soon as it is copied, so
+/// the disk works while the rest is copied and the fsync waits only for the tail.
+pub(crate) fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    size: u64,
+    durable: bool,
+) -> Result<()> {
     if size == 0 {
         return Ok(());
     }
@@ -229,11 +236,42 @@ pub(crate) fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> 
             Ok(h) => h.min(end),
             Err(_) => end,
         };
-        copy_range(src, dst, data, (hole - data) as u64)?;
+        if durable {
+            let mut at = data;
+            while at < hole {
+                let n = (hole - at).min(WRITE_BEHIND_CHUNK);
+                copy_range(src, dst, at, n as u64)?;
+                write_behind(dst, at, n);
+                at += n;
+            }
+        } else {
+            copy_range(src, dst, data, (hole - data) as u64)?;
+        }
         off = hole;
     }
     nix::unistd::ftruncate(dst, end).ctx("copy-up: set size")?;
     Ok(())
+}
+
+/// Chunk of a durable copy handed to the disk at once.
+const WRITE_BEHIND_CHUNK: i64 = 8 << 20;
+
+/// Start writing `len` bytes at `off` of `dst` to disk, after waiting for the chunk two
+/// before it (so at most ~two chunks are in flight and dirty memory stays bounded). Only a
+/// hint: the fsync that follows is what makes the copy durable, so errors are left to it.
+fn write_behind(dst: BorrowedFd<'_>, off: i64, len: i64) {
+    let _ = sys::sync_file_range(dst, off, len, libc::SYNC_FILE_RANGE_WRITE);
+    let before = off - 2 * WRITE_BEHIND_CHUNK;
+    if before >= 0 {
+        let _ = sys::sync_file_range(
+            dst,
+            before,
+            WRITE_BEHIND_CHUNK,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        );
+    }
 }
 
 fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: u64) -> Result<()> {
