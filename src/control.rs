@@ -292,7 +292,7 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             match c.set_config(cfg) {
                 Ok(()) => {
                     if words[1..].iter().any(|kv| kv.starts_with("kernel_readahead_kb=")) {
-                        if let Err(e) = union.apply_kernel_readahead(Path::new(mount)) {
+                        if let Err(e) = union.apply_kernel_readahead() {
                             return format!("{{\"error\":{}}}", json_str(&e));
                         }
                     }

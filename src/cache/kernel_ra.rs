@@ -10,13 +10,20 @@
 
 use std::path::Path;
 
-/// `MAJ:MIN` of the mount at `mountpoint` (the last one stacked there), from mountinfo.
-fn mount_dev(mountpoint: &Path) -> Option<String> {
+/// `MAJ:MIN` of the FUSE mount at `mountpoint` (the last one stacked there), from mountinfo.
+/// Resolved once, right after mounting: later, another mount may be stacked on the same path.
+pub fn mount_dev(mountpoint: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.to_str()?;
     info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        (f.len() > 4 && unescape(f[4]) == want).then(|| f[2].to_string())
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL…] - FSTYPE SOURCE SUPEROPTS
+        let fstype = f
+            .iter()
+            .position(|x| *x == "-")
+            .and_then(|i| f.get(i + 1))?;
+        let fuse = *fstype == "fuse" || fstype.starts_with("fuse.");
+        (fuse && f.len() > 4 && unescape(f[4]) == want).then(|| f[2].to_string())
     })
 }
 
@@ -58,10 +65,10 @@ pub fn device_readahead_kb(st_dev: u64) -> Option<u64> {
     })
 }
 
-/// Set the kernel's readahead for the FUSE mount at `merged` to `configured` KiB, or (0) to the
-/// largest readahead of the disks holding `layer_devs`. Returns the value now in effect.
-pub fn apply(merged: &Path, layer_devs: &[u64], configured: u64) -> Result<u64, String> {
-    let dev = mount_dev(merged).ok_or_else(|| format!("{} not in mountinfo", merged.display()))?;
+/// Set the kernel's readahead for the FUSE mount with device `dev` (`MAJ:MIN`, from
+/// [`mount_dev`]) to `configured` KiB, or (0) to the largest readahead of the disks holding
+/// `layer_devs`. Returns the value now in effect.
+pub fn apply(dev: &str, layer_devs: &[u64], configured: u64) -> Result<u64, String> {
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     let current = read_kb(&path).ok_or_else(|| format!("cannot read {path}"))?;
     let target = if configured > 0 {

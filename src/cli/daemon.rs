@@ -255,17 +255,6 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         }
     };
     let mut unmounter = session.unmount_callable();
-    // The mount is live (INIT answered): tell the caller now. What follows (the signal thread,
-    // the control socket, the kernel's readahead) is not needed to use the mount: a signal
-    // stays pending until the thread waits for it, and clients wait a moment for the socket.
-    report(&ready, "ok\n");
-    if ready.is_some() {
-        drop(ready);
-        detach_stdio(c.log.as_ref());
-    } else if let Some(f) = &c.log {
-        // Foreground with a log file: the log goes there too once the mount is live.
-        stderr_to(f);
-    }
     let merged = c.merged.clone();
     let sig_union = union.clone();
     std::thread::Builder::new()
@@ -309,6 +298,19 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
+    // Which device our mount is, before anything can be mounted over it.
+    union.note_mount_device(&c.merged);
+    // The mount is live (INIT answered) and stops cleanly on a signal: tell the caller now.
+    // What follows (the control socket, the kernel's readahead) is not needed to use the
+    // mount: clients wait a moment for the socket.
+    report(&ready, "ok\n");
+    if ready.is_some() {
+        drop(ready);
+        detach_stdio(c.log.as_ref());
+    } else if let Some(f) = &c.log {
+        // Foreground with a log file: the log goes there too once the mount is live.
+        stderr_to(f);
+    }
     if union.quota().is_some() {
         // Allocation can change after a write returned (writeback): settle it regularly.
         let u = Arc::downgrade(&union);
@@ -331,7 +333,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     };
     // Mounted and reported: the kernel's readahead on it (mountinfo and sysfs only, no FUSE
     // request; the caller need not wait for it: until it is set, reads get the kernel's 128K).
-    let kernel_ra = union.apply_kernel_readahead(&c.merged);
+    let kernel_ra = union.apply_kernel_readahead();
     log::info!("mounted {}", c.merged.display());
     match kernel_ra {
         Ok(kb) => log::info!("kernel readahead on {}: {kb} KiB", c.merged.display()),

@@ -241,7 +241,7 @@ pub(crate) fn copy_data(
             while at < hole {
                 let n = (hole - at).min(WRITE_BEHIND_CHUNK);
                 copy_range(src, dst, at, n as u64)?;
-                write_behind(dst, at, n);
+                write_behind(dst, at, n)?;
                 at += n;
             }
         } else {
@@ -256,22 +256,31 @@ pub(crate) fn copy_data(
 /// Chunk of a durable copy handed to the disk at once.
 const WRITE_BEHIND_CHUNK: i64 = 8 << 20;
 
-/// Start writing `len` bytes at `off` of `dst` to disk, after waiting for the chunk two
-/// before it (so at most ~two chunks are in flight and dirty memory stays bounded). Only a
-/// hint: the fsync that follows is what makes the copy durable, so errors are left to it.
-fn write_behind(dst: BorrowedFd<'_>, off: i64, len: i64) {
-    let _ = sys::sync_file_range(dst, off, len, libc::SYNC_FILE_RANGE_WRITE);
+/// Start writing `len` bytes at `off` of `dst` to disk, after waiting for what lies two
+/// chunks before it (so about two chunks are in flight and dirty memory stays bounded). A
+/// wait consumes the file's write-back error (the fsync after would not see it), so an error
+/// there fails the copy; a filesystem without sync_file_range just gets no write-behind.
+fn write_behind(dst: BorrowedFd<'_>, off: i64, len: i64) -> Result<()> {
+    let unsupported = |e: &Errno| matches!(e, Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP);
+    match sys::sync_file_range(dst, off, len, libc::SYNC_FILE_RANGE_WRITE) {
+        Err(e) if unsupported(&e) => return Ok(()),
+        _ => {}
+    }
     let before = off - 2 * WRITE_BEHIND_CHUNK;
     if before >= 0 {
-        let _ = sys::sync_file_range(
+        match sys::sync_file_range(
             dst,
             before,
             WRITE_BEHIND_CHUNK,
             libc::SYNC_FILE_RANGE_WAIT_BEFORE
                 | libc::SYNC_FILE_RANGE_WRITE
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        );
+        ) {
+            Err(e) if !unsupported(&e) => return Err(Error::new(e, "copy-up: write data")),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: u64) -> Result<()> {

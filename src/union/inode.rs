@@ -212,10 +212,6 @@ impl NodeTable {
     /// those references under this id.
     pub fn insert_or_get(&self, node: Node, refs: u64) -> (Arc<Node>, bool) {
         use dashmap::mapref::entry::Entry;
-        if node.ino != ROOT_INO {
-            // The kernel knows the root under generation 0.
-            node.generation.store(self.next_gen(), Ordering::Release);
-        }
         match self.map.entry(node.ino) {
             Entry::Occupied(mut e) => {
                 if e.get().kind == node.kind {
@@ -224,6 +220,7 @@ impl NodeTable {
                 } else {
                     let old = e.get().nlookup.load(Ordering::Acquire);
                     node.nlookup.store(old + refs, Ordering::Release);
+                    self.renew(&node);
                     let n = Arc::new(node);
                     e.insert(n.clone());
                     (n, true)
@@ -231,6 +228,7 @@ impl NodeTable {
             }
             Entry::Vacant(e) => {
                 node.nlookup.store(refs, Ordering::Release);
+                self.renew(&node);
                 let n = Arc::new(node);
                 e.insert(n.clone());
                 (n, true)
@@ -244,6 +242,8 @@ impl NodeTable {
 
     /// `node` now names another object than the one the kernel may still hold under its id
     /// (or its object is gone for good): entry replies carry a new generation from now on.
+    /// (Taken only for new objects: the kernel keeps 32 bits of it.) The kernel knows the root
+    /// under generation 0.
     pub fn renew(&self, node: &Node) {
         if node.ino != ROOT_INO {
             node.generation.store(self.next_gen(), Ordering::Release);

@@ -219,6 +219,8 @@ pub struct Union {
     pub(crate) cache: Option<Arc<crate::cache::PageCache>>,
     /// `kernel_readahead_kb` as configured (it applies with the page cache off too).
     kernel_ra_configured: u64,
+    /// `MAJ:MIN` of our FUSE mount (its bdi), recorded once mounted.
+    mount_dev: std::sync::OnceLock<String>,
     /// Held through a shutdown, so a second caller waits for the first to finish.
     shutdown_lock: parking_lot::Mutex<()>,
     /// Free bytes of upper's filesystem, and when they were read (write-back safety margin).
@@ -320,6 +322,7 @@ impl Union {
             unsettled: crate::new_map(),
             cache,
             kernel_ra_configured: opts.cache.map_or(0, |c| c.kernel_readahead_kb),
+            mount_dev: std::sync::OnceLock::new(),
             shutdown_lock: parking_lot::Mutex::new(()),
             upper_free: parking_lot::Mutex::new(None),
             passthrough_wanted: opts.passthrough,
@@ -588,13 +591,21 @@ impl Union {
         Ok(s)
     }
 
-    /// The page cache, if the mount has one.
-    /// Set the kernel's readahead on the mount at `merged` (`cache::kernel_ra`) from the cache
-    /// settings, and tell the cache. Errors (rootless: sysfs is read-only) leave the kernel's.
-    pub fn apply_kernel_readahead(
-        &self,
-        merged: &std::path::Path,
-    ) -> std::result::Result<u64, String> {
+    /// Record the device of our FUSE mount at `merged` (right after mounting, before anything
+    /// else can be mounted over it).
+    pub fn note_mount_device(&self, merged: &std::path::Path) {
+        if let Some(dev) = crate::cache::kernel_ra::mount_dev(merged) {
+            let _ = self.mount_dev.set(dev);
+        }
+    }
+
+    /// Set the kernel's readahead on our mount (see `cache::kernel_ra`); returns the value in
+    /// effect.
+    pub fn apply_kernel_readahead(&self) -> std::result::Result<u64, String> {
+        let dev = self
+            .mount_dev
+            .get()
+            .ok_or("the mount's device was not found in mountinfo")?;
         let configured = self.cache.as_ref().map_or_else(
             || self.kernel_ra_configured,
             |c| c.config().kernel_readahead_kb,
@@ -605,13 +616,14 @@ impl Union {
             .chain(self.lowers.iter())
             .map(|l| l.dev)
             .collect();
-        let kb = crate::cache::kernel_ra::apply(merged, &devs, configured)?;
+        let kb = crate::cache::kernel_ra::apply(dev, &devs, configured)?;
         if let Some(c) = &self.cache {
             c.set_kernel_readahead_kb(kb);
         }
         Ok(kb)
     }
 
+    /// The page cache, if the mount has one.
     pub fn cache(&self) -> Option<&Arc<crate::cache::PageCache>> {
         self.cache.as_ref()
     }
