@@ -71,6 +71,24 @@ fn new_objects_after_removed_held_ones(root: &Path, what: &str) -> usize {
         );
         assert_eq!(fs::read_to_string(&h).unwrap(), "new file", "{what}: g{i}");
         drop(held);
+
+        // A directory replaced by rename(2) while held, then a new one made.
+        let t = root.join(format!("t{i}"));
+        let s = root.join(format!("s{i}"));
+        fs::create_dir(&t).unwrap_or_else(|err| panic!("{what}: mkdir t{i}: {err}"));
+        fs::create_dir(&s).unwrap_or_else(|err| panic!("{what}: mkdir s{i}: {err}"));
+        let old = lstat(&t).ino();
+        let held = hold(&t);
+        fs::rename(&s, &t).unwrap_or_else(|err| panic!("{what}: rename s{i} over t{i}: {err}"));
+        fs::write(t.join("x"), "in the renamed dir")
+            .unwrap_or_else(|err| panic!("{what}: create in the renamed directory: {err}"));
+        let n = root.join(format!("n{i}"));
+        fs::create_dir(&n).unwrap_or_else(|err| panic!("{what}: mkdir n{i}: {err}"));
+        reused += usize::from(lstat(&n).ino() == old);
+        fs::write(n.join("x"), "in the new dir").unwrap_or_else(|err| {
+            panic!("{what}: create in a directory made after a rename over a held one: {err}")
+        });
+        drop(held);
     }
     reused
 }
@@ -119,7 +137,7 @@ fn new_objects_under_reused_inode_numbers_work() {
     with_timeout(TIMEOUT, || {
         let m = Mount::new(&[vec![file("lower", "l")]], &upper());
         let reused = new_objects_after_removed_held_ones(&m.merged, "unionfs-rs");
-        eprintln!("unionfs-rs: {reused} of 400 new objects reused a held one's inode number");
+        eprintln!("unionfs-rs: {reused} of 600 new objects reused a held one's inode number");
         open_file_survives_its_name(&m.merged, "unionfs-rs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
