@@ -144,3 +144,75 @@ fn listing_resumed_at_a_cookie_returns_the_rest_on_kernel_overlayfs() {
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+/// `readdirplus=off|on|auto`: the same names and attributes whichever way the kernel lists;
+/// with `off` a listing makes no lookup (no node per entry in the daemon), with `on` it does.
+#[test]
+fn readdirplus_modes_list_the_same_and_only_plus_looks_entries_up() {
+    with_timeout(TIMEOUT, || {
+        let files: Vec<Entry> = std::iter::once(dir("d"))
+            .chain((0..300).map(|i| file(&format!("d/f{i:03}"), "x")))
+            .collect();
+        let mut listings = Vec::new();
+        for mode in ["off", "on", "auto"] {
+            let m = Mount::with_args(files.clone(), &["-o", &format!("readdirplus={mode}")]);
+            let before = daemon_stats(&m.merged)["nodes"];
+            let mut names: Vec<String> = fs::read_dir(m.path("d"))
+                .unwrap_or_else(|e| panic!("{mode}: read_dir: {e}"))
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            let after = daemon_stats(&m.merged)["nodes"];
+            match mode {
+                "off" => assert!(
+                    after <= before + 1,
+                    "off: listing 300 names made {} nodes",
+                    after - before
+                ),
+                "on" => assert!(
+                    after >= before + 300,
+                    "on: listing 300 names made only {} nodes",
+                    after - before
+                ),
+                _ => assert!(
+                    after > before,
+                    "auto: the first batch comes with attributes"
+                ),
+            }
+            for n in &names {
+                let md = lstat(&m.path(&format!("d/{n}")));
+                assert_eq!((md.len(), md.is_file()), (1, true), "{mode}: {n}");
+            }
+            listings.push(names);
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(listings[0].len(), 300);
+        assert!(
+            listings.iter().all(|l| *l == listings[0]),
+            "listings differ"
+        );
+    });
+}
+
+#[test]
+fn readdirplus_option_rejects_unknown_values() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(&[vec![file("a", "x")]], &[]);
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        args.push("--readdirplus".into());
+        args.push("sometimes".into());
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .output()
+            .expect("run unionfs-rs");
+        assert!(
+            !out.status.success(),
+            "a bad readdirplus value was accepted"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("readdirplus: sometimes is not auto, on or off"),
+            "unexpected error: {err}"
+        );
+    });
+}

@@ -239,7 +239,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         .ttl
         .map(std::time::Duration::from_secs_f64)
         .unwrap_or(crate::fuse::DEFAULT_TTL);
-    let fs = UnionFs::new(union.clone(), ttl);
+    let fs = UnionFs::new(union.clone(), ttl).with_readdirplus(c.spec.readdirplus);
     let session = match own_mount(c, &mo) {
         Ok(fd) => Session::from_fd(fs, fd, SessionACL::All, cfg),
         // Not allowed to mount(2) here (rootless outside a user namespace): fusermount3.

@@ -145,6 +145,11 @@ struct MountArgs {
     /// i.e. rootless), on or off. Never with a quota.
     #[arg(long, value_name = "auto|on|off")]
     writeback_cache: Option<String>,
+    /// Directory listings with attributes (FUSE readdirplus): auto (default: the first batch of
+    /// each listing, and later ones after lookups in the directory), on (every batch) or off
+    /// (names only: faster `find`, slower `ls -l`).
+    #[arg(long, value_name = "auto|on|off")]
+    readdirplus: Option<String>,
     /// Mount options, comma separated (same as the -o form).
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
@@ -382,6 +387,11 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             }
             if let Some(w) = &m.writeback_cache
                 && let Err(e) = options::apply_opts(&mut spec, &format!("writeback_cache={w}"))
+            {
+                return fail(e);
+            }
+            if let Some(r) = &m.readdirplus
+                && let Err(e) = options::apply_opts(&mut spec, &format!("readdirplus={r}"))
             {
                 return fail(e);
             }

@@ -55,6 +55,8 @@ pub struct MountSpec {
     pub no_passthrough: bool,
     /// `writeback_cache=on|off` (None: auto, on where passthrough cannot be used).
     pub writeback_cache: Option<bool>,
+    /// `readdirplus=auto|on|off`: directory listings with attributes.
+    pub readdirplus: crate::fuse::Readdirplus,
 }
 
 /// Quota options as given (`--bhard 10G`, `-o size=10G,bsoft=…`).
@@ -221,6 +223,15 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 }
             }
             "nowriteback_cache" | "nowriteback" => spec.writeback_cache = Some(false),
+            "readdirplus" => {
+                spec.readdirplus = match v.unwrap_or("on") {
+                    "auto" => crate::fuse::Readdirplus::Auto,
+                    "on" => crate::fuse::Readdirplus::On,
+                    "off" => crate::fuse::Readdirplus::Off,
+                    other => return Err(format!("readdirplus: {other} is not auto, on or off")),
+                }
+            }
+            "noreaddirplus" => spec.readdirplus = crate::fuse::Readdirplus::Off,
             "uidmapping" => {
                 let squash = spec.uid_map.squash;
                 spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;

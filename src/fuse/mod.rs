@@ -32,12 +32,38 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 pub struct UnionFs {
     u: Arc<Union>,
     ttl: Duration,
+    readdirplus: Readdirplus,
+}
+
+/// When the kernel asks for directory listings with attributes (READDIRPLUS). Each entry of
+/// such a listing is a lookup here and an inode in the kernel: `ls -l` then needs no LOOKUP per
+/// file, while `find`, which needs only names, pays for attributes it never reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Readdirplus {
+    /// The kernel's heuristic (FUSE_READDIRPLUS_AUTO): the first batch of a listing, and later
+    /// ones once lookups happened in the directory.
+    #[default]
+    Auto,
+    /// Every batch.
+    On,
+    /// Names only (READDIR).
+    Off,
 }
 
 impl UnionFs {
     /// Wrap a union; `ttl` is the kernel's entry and attribute cache lifetime.
     pub fn new(u: Arc<Union>, ttl: Duration) -> UnionFs {
-        UnionFs { u, ttl }
+        UnionFs {
+            u,
+            ttl,
+            readdirplus: Readdirplus::Auto,
+        }
+    }
+
+    /// Set when listings come with attributes.
+    pub fn with_readdirplus(mut self, r: Readdirplus) -> UnionFs {
+        self.readdirplus = r;
+        self
     }
 }
 
@@ -140,11 +166,13 @@ impl UnionFs {
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        let rdp = match self.readdirplus {
+            Readdirplus::Auto => InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            Readdirplus::On => InitFlags::FUSE_DO_READDIRPLUS,
+            Readdirplus::Off => InitFlags::empty(),
+        };
         let _ = config.add_capabilities(
-            InitFlags::FUSE_PARALLEL_DIROPS
-                | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS | rdp | InitFlags::FUSE_CACHE_SYMLINKS,
         );
         if self.u.writeback_cache_on() {
             // The kernel keeps written pages and writes them to us later (and never offers
