@@ -236,16 +236,20 @@ pub(crate) fn copy_data(
             Ok(h) => h.min(end),
             Err(_) => end,
         };
-        if durable {
-            let mut at = data;
-            while at < hole {
-                let n = (hole - at).min(WRITE_BEHIND_CHUNK);
-                copy_range(src, dst, at, n as u64)?;
-                write_behind(dst, at, n)?;
-                at += n;
-            }
+        // A durable copy goes in chunks, each handed to the disk once copied.
+        let chunk = if durable {
+            WRITE_BEHIND_CHUNK
         } else {
-            copy_range(src, dst, data, (hole - data) as u64)?;
+            i64::MAX
+        };
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(chunk);
+            copy_range(src, dst, at, n as u64)?;
+            if durable {
+                write_behind(dst, at, n)?;
+            }
+            at += n;
         }
         off = hole;
     }

@@ -262,6 +262,15 @@ impl Union {
         Ok(self.attr_for(&node, &st, &fs))
     }
 
+    /// (`parent`, `name`) no longer names `node`. If the object itself is `gone`, entry replies
+    /// under its id name another object from now on (a new FUSE generation).
+    fn name_removed(&self, node: &Node, parent: u64, name: &OsStr, gone: bool) {
+        if gone {
+            self.nodes.renew(node);
+        }
+        drop_name(node, parent, name);
+    }
+
     /// Remove `name` from upper, leaving a whiteout when a lower entry would show through.
     /// Returns whether the object itself is gone (a directory, or a file's last link), not
     /// just one of its names.
@@ -370,10 +379,8 @@ impl Union {
         if child.is_dir() {
             return Err(Error::new(Errno::EISDIR, "unlink of a directory"));
         }
-        if self.remove_entry(&p, name, &child, false)? {
-            self.nodes.renew(&child);
-        }
-        drop_name(&child, parent, name);
+        let gone = self.remove_entry(&p, name, &child, false)?;
+        self.name_removed(&child, parent, name, gone);
         Ok(())
     }
 
@@ -389,10 +396,8 @@ impl Union {
         if !self.merged_entries(&child)?.is_empty() {
             return Err(Error::new(Errno::ENOTEMPTY, "rmdir"));
         }
-        if self.remove_entry(&p, name, &child, true)? {
-            self.nodes.renew(&child);
-        }
-        drop_name(&child, parent, name);
+        let gone = self.remove_entry(&p, name, &child, true)?;
+        self.name_removed(&child, parent, name, gone);
         Ok(())
     }
 
@@ -552,11 +557,9 @@ impl Union {
             c.drop_file(d.ino);
         }
         if let Some(d) = &dst {
-            if d.is_dir() || target_is_wh || target.as_ref().is_none_or(|t| t.st_nlink <= 1) {
-                // The replaced object is gone.
-                self.nodes.renew(d);
-            }
-            drop_name(d, newparent, newname);
+            let gone =
+                d.is_dir() || target_is_wh || target.as_ref().is_none_or(|t| t.st_nlink <= 1);
+            self.name_removed(d, newparent, newname, gone);
         }
         move_name(&src, parent, name, newparent, newname);
         Ok(())
