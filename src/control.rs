@@ -245,6 +245,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 u8::from(pt),
                 u8::from(union.writeback_cache_on())
             ));
+            let (deferred, pending) = union.commit_stats();
+            s.push_str(&format!(
+                ",\"copyup_deferred_commits\":{deferred},\"copyup_pending_commits\":{pending}"
+            ));
             if let Some(c) = union.cache() {
                 for (k, v) in c.stats().fields {
                     s.push_str(&format!(",\"{k}\":{v}"));

@@ -948,3 +948,56 @@ fn cases_from_env(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+#[test]
+fn operations_right_after_a_copy_up() {
+    // A copy-up made by an open for writing or a setattr commits in the background (the
+    // fsync and the rename into upper run after the reply): whatever comes next — a rename,
+    // unlink, hard link, another setattr, a lookup from another directory — must find the
+    // same tree and leave the same upper as kernel overlayfs's synchronous copy-up.
+    let big = "0123456789abcdef".repeat(64 * 1024); // 1 MiB: a copy that takes a moment
+    Differential::new("operations_right_after_a_copy_up")
+        .lower(vec![
+            file("a", "chmod then rename"),
+            file("b", "append then unlink"),
+            file("c", "utimes then link"),
+            file("d/x", "truncate then move"),
+            dir("e"),
+            file("f", "two appends"),
+            file("g", "write then rename over"),
+            file("h", "replaced"),
+            file("i", "chown then xattr then chmod"),
+            file("big", &big),
+            file("k", "append then read through another name"),
+        ])
+        .ok(op_chmod("a", 0o600))
+        .ok(op_rename("a", "a2"))
+        .data(op_read("a2"), "chmod then rename")
+        .ok(op_append("b", "+"))
+        .ok(op_unlink("b"))
+        .ok(op_readdir(""))
+        .ok(op_utimes("c", 1_000_000, 5))
+        .ok(op_link("c", "c2"))
+        .data(op_read("c2"), "utimes then link")
+        .ok(op_truncate("d/x", 3))
+        .ok(op_rename("d/x", "e/y"))
+        .data(op_read("e/y"), "tru")
+        .ok(op_readdir("d"))
+        .ok(op_append("f", "1"))
+        .ok(op_append("f", "2"))
+        .data(op_read("f"), "two appends12")
+        .ok(op_write("g", 0, "W"))
+        .ok(op_rename("g", "h"))
+        .data(op_read("h"), "Write then rename over")
+        .ok(op_chown("i", 1000, 1000))
+        .ok(op_setxattr("i", "user.k", "v"))
+        .ok(op_chmod("i", 0o604))
+        .ok(op_append("big", "!"))
+        .ok(op_rename("big", "e/big"))
+        .ok(op_append("k", "."))
+        .ok(op_link("k", "e/k"))
+        .data(op_read("e/k"), "append then read through another name.")
+        .ok(op_unlink("k"))
+        .ok(op_readdir("e"))
+        .run();
+}

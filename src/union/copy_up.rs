@@ -2,7 +2,7 @@
 //! data (reflink, then copy_file_range, then read/write; holes kept), owner, mode, xattrs and
 //! times, then rename it into place. Parents first. A crash leaves the old view or the new one.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
@@ -15,11 +15,28 @@ use super::{Ctx, Error, LayerRef, Node, Result, Union};
 use crate::layer::{self, sys};
 
 impl Union {
-    /// Make sure `node` exists in the upper layer (copying it and its parents up).
+    /// Make sure `node` exists in the upper layer under its name (copying it and its parents
+    /// up, or waiting for a pending commit of an earlier copy-up).
     pub fn copy_up(&self, node: &Node) -> Result<()> {
         if node.st.lock().upper {
+            self.commits.wait_node(node.ino);
             return Ok(());
         }
+        self.copy_up_as(node, false).map(|_| ())
+    }
+
+    /// Copy `node` up for an operation on the file itself (open for writing, setattr): a
+    /// regular file's commit may be deferred (see `commit.rs`). The returned guard keeps the
+    /// copy this thread's until dropped, which hands it to the committer: hold it through
+    /// the operation.
+    pub(crate) fn copy_up_for_use(&self, node: &Node) -> Result<Option<super::commit::Staged>> {
+        if node.st.lock().upper {
+            return Ok(None);
+        }
+        self.copy_up_as(node, true)
+    }
+
+    fn copy_up_as(&self, node: &Node, defer: bool) -> Result<Option<super::commit::Staged>> {
         self.upper_layer()?;
         // Parents first (the root always has an upper when the union is writable).
         let parent = node.st.lock().parent;
@@ -30,7 +47,10 @@ impl Union {
         let _g = node.copy_lock.lock();
         let st = node.state();
         if st.upper {
-            return Ok(());
+            if !defer {
+                self.commits.wait_node(node.ino);
+            }
+            return Ok(None);
         }
         if st.unlinked {
             return Err(Error::new(Errno::ENOENT, "copy-up of removed file"));
@@ -43,8 +63,24 @@ impl Union {
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
         let pstat = nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?;
         let work = self.work_fd()?;
-        let new = self.dir_op(&[work, dst_dir.as_fd()], true, || {
-            self.copy_object(src_dir.as_fd(), &name, &fs, dst_dir.as_fd(), &name)
+        // Deferred commit: a regular file with one name (hard-linked files keep the
+        // synchronous path), when the committer can take it.
+        let tx = (defer && fs.st_mode & libc::S_IFMT == libc::S_IFREG && fs.st_nlink == 1)
+            .then(|| self.can_stage())
+            .flatten();
+        let deferred = tx.is_some();
+        // The work dir grows here; upper's directory when the copy is renamed into it (now or
+        // by the commit), measured there: a commit running meanwhile into the same directory
+        // is not counted twice.
+        let (new, tmp) = self.dir_op(&[work], true, || {
+            self.copy_object(
+                src_dir.as_fd(),
+                &name,
+                &fs,
+                dst_dir.as_fd(),
+                &name,
+                deferred,
+            )
         })?;
         // A copy-up is no change of the parent the user could see: restore its times, as the
         // kernel does (best effort).
@@ -58,12 +94,21 @@ impl Union {
         if src_layer != LayerRef::Upper {
             self.inomap.set(new.st_ino, node.ino);
         }
+        // Pending before it is upper: whoever sees it upper also finds the commit to wait for.
+        let staged = match (tx, tmp) {
+            (Some(tx), Some(tmp)) => {
+                let parent = node.st.lock().parent;
+                Some(self.stage(tx, node.ino, parent, &name, tmp, dst_dir.clone()))
+            }
+            _ => None,
+        };
         node.st.lock().upper = true;
-        Ok(())
+        Ok(staged)
     }
 
     /// Copy the object `name` (stat `fs`) from `src_dir` to `dst_dir/dst_name` through the work
-    /// dir. Returns the new upper object's stat.
+    /// dir. Returns the new upper object's stat. `deferred` (regular files): stop before the
+    /// fsync and the rename, and return the copy's scratch name in the work dir too.
     fn copy_object(
         &self,
         src_dir: BorrowedFd<'_>,
@@ -71,7 +116,8 @@ impl Union {
         fs: &FileStat,
         dst_dir: BorrowedFd<'_>,
         dst_name: &OsStr,
-    ) -> Result<FileStat> {
+        deferred: bool,
+    ) -> Result<(FileStat, Option<OsString>)> {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         let kind = fs.st_mode & libc::S_IFMT;
@@ -104,8 +150,10 @@ impl Union {
                         Mode::from_bits_truncate(0o600),
                     )
                     .ctx("copy-up: create")?;
-                    copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64, !self.volatile)?;
-                    if !self.volatile {
+                    // Write-behind only when this thread waits for the fsync anyway.
+                    let durable = !self.volatile && !deferred;
+                    copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64, durable)?;
+                    if !self.volatile && !deferred {
                         nix::unistd::fsync(dst.as_fd()).ctx("copy-up: fsync")?;
                     }
                 }
@@ -127,21 +175,33 @@ impl Union {
             }
             copy_xattrs(self, src_dir, name, work, &tmp)?;
             copy_meta(work, &tmp, fs)?;
-            nix::fcntl::renameat2(
-                work,
-                tmp.as_os_str(),
-                dst_dir,
-                dst_name,
-                RenameFlags::RENAME_NOREPLACE,
-            )
-            .ctx("copy-up: rename into upper")?;
+            if deferred {
+                return Ok(());
+            }
+            self.dir_op(&[dst_dir], true, || {
+                nix::fcntl::renameat2(
+                    work,
+                    tmp.as_os_str(),
+                    dst_dir,
+                    dst_name,
+                    RenameFlags::RENAME_NOREPLACE,
+                )
+                .ctx("copy-up: rename into upper")
+            })?;
             Ok(())
         })();
         if let Err(e) = res {
             remove_tmp(work, &tmp, kind == libc::S_IFDIR);
             return Err(e);
         }
-        layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")
+        if deferred {
+            let st = layer::stat_at(work, &tmp).ctx("copy-up: stat copy")?;
+            return Ok((st, Some(tmp)));
+        }
+        Ok((
+            layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")?,
+            None,
+        ))
     }
 }
 
@@ -371,6 +431,11 @@ pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> (i
 /// Remove everything inside an (already detached) directory, never following symlinks.
 /// Returns what was freed (bytes, inodes).
 pub(crate) fn remove_dir_contents(dir: &OwnedFd) -> (i64, i64) {
+    remove_dir_contents_except(dir, &[])
+}
+
+/// [`remove_dir_contents`], keeping the top-level entries named in `keep`.
+pub(crate) fn remove_dir_contents_except(dir: &OwnedFd, keep: &[&str]) -> (i64, i64) {
     let Ok(dup) = nix::unistd::dup(dir.as_fd()) else {
         return (0, 0);
     };
@@ -382,7 +447,7 @@ pub(crate) fn remove_dir_contents(dir: &OwnedFd) -> (i64, i64) {
         .filter_map(|e| e.ok())
         .filter(|e| {
             let b = e.file_name().to_bytes();
-            b != b"." && b != b".."
+            b != b"." && b != b".." && !keep.iter().any(|k| k.as_bytes() == b)
         })
         .map(|e| {
             use std::os::unix::ffi::OsStrExt;

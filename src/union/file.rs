@@ -217,10 +217,15 @@ impl Union {
         }
         let f = OFlag::from_bits_truncate(flags);
         let writable = is_writable(f);
-        if writable {
-            self.copy_up(&node)?;
-        }
+        // The kernel-I/O state first: a copy staged here (commit deferred) is opened under
+        // its scratch name by this thread only, and another open of the file, which would
+        // wait for the commit, must not hold this lock meanwhile.
         let mut k = node.kio.lock();
+        let _staged = if writable {
+            self.copy_up_for_use(&node)?
+        } else {
+            None
+        };
         if let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
             return Ok(o);
         }
@@ -736,6 +741,12 @@ impl Union {
     /// fsync / fdatasync of an open file: its dirty pages first, then the upper file.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let f = self.handle(fh)?;
+        // A synced file has its name: a copy-up commit of it finishes first, and its fsync
+        // error is this fsync's.
+        self.commits.wait_node(f.ino);
+        if let Some(e) = self.commits.take_error(f.ino) {
+            return Err(Error::new(e, "fsync of copied-up file"));
+        }
         if let Some(c) = &self.cache {
             c.sync_file(f.ino).ctx("write-back")?;
         }
@@ -764,6 +775,7 @@ impl Union {
     /// Write every dirty page of the mount to its file and sync the upper filesystem
     /// (`unionfs-rs sync`; FUSE's SYNCFS does not reach this daemon through fuser 0.18).
     pub fn sync_all(&self) -> Result<()> {
+        self.commits.wait_all();
         if let Some(c) = &self.cache {
             c.sync_all().ctx("write-back")?;
         }
@@ -846,7 +858,8 @@ impl Union {
         if node.st.lock().unlinked {
             return self.setattr_unlinked(&node, a);
         }
-        self.copy_up(&node)?;
+        // Held to the end: the change is made to the copy, then its commit is queued.
+        let _staged = self.copy_up_for_use(&node)?;
         let st = node.state();
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
         // The root has no name in a parent: it is `dir` itself.

@@ -3,6 +3,7 @@
 //! plain integers and byte strings and turns [`Error`] into an errno.
 
 pub mod charge;
+pub mod commit;
 pub mod copy_up;
 pub mod dir;
 pub mod file;
@@ -199,7 +200,7 @@ pub struct Union {
     pub(crate) upper: Option<Layer>,
     pub(crate) lowers: Vec<Layer>,
     /// `workdir/work`: scratch space for atomic creation, on upper's filesystem.
-    pub(crate) work: Option<OwnedFd>,
+    pub(crate) work: Option<Arc<OwnedFd>>,
     pub(crate) names: ondisk::Names,
     pub(crate) nodes: inode::NodeTable,
     pub(crate) inomap: inode::InoMap,
@@ -236,6 +237,8 @@ pub struct Union {
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
+    /// Copy-ups whose commit into upper runs in the background (`commit.rs`).
+    pub(crate) commits: commit::Commits,
 }
 
 impl Union {
@@ -274,6 +277,17 @@ impl Union {
                 let work = workdir
                     .open_dir(&[OsString::from("work")])
                     .map_err(|e| layer::io_err(e, "open workdir/work"))?;
+                // Scratch left by an earlier daemon that did not stop cleanly (a copy-up
+                // whose commit was pending, a half-built object): nothing there is in the
+                // union's view, and kernel overlayfs empties work/ at mount too (except
+                // `incompat`, checked before: an upper that must not be mounted).
+                let (bytes, n) = copy_up::remove_dir_contents_except(&work, &["incompat"]);
+                if n > 0 {
+                    log::warn!(
+                        "removed {n} leftover objects ({bytes} bytes) from {}/work",
+                        wd.display()
+                    );
+                }
                 let inomap = inode::InoMap::open(&wd.join("unionfs").join("inomap"))?;
                 if let Some(up) = &upper {
                     quota = charge::open_quota(
@@ -284,7 +298,7 @@ impl Union {
                         progress,
                     )?;
                 }
-                (Some(work), inomap)
+                (Some(Arc::new(work)), inomap)
             }
             (Some(_), None) => {
                 return Err(std::io::Error::new(
@@ -330,6 +344,7 @@ impl Union {
             direct_opens: AtomicU64::new(0),
             direct_fallbacks: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
+            commits: commit::Commits::default(),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
         u.writeback_cache.store(
@@ -409,6 +424,13 @@ impl Union {
             .ok_or(Error::new(Errno::EROFS, "read-only union"))
     }
 
+    /// The work dir as a shared fd.
+    pub(crate) fn work_arc(&self) -> Result<Arc<OwnedFd>> {
+        self.work
+            .clone()
+            .ok_or(Error::new(Errno::EROFS, "read-only union"))
+    }
+
     /// A node by id.
     pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
         self.nodes
@@ -475,6 +497,14 @@ impl Union {
         node: &Node,
         r: LayerRef,
     ) -> Result<(Arc<OwnedFd>, OsString)> {
+        if r == LayerRef::Upper && node.kind == libc::S_IFREG {
+            // A copy whose commit is pending: its stager finds it in the work dir, everyone
+            // else waits for its upper name.
+            if let Some(tmp) = self.commits.staged_name(node.ino) {
+                return Ok((self.work_arc()?, tmp));
+            }
+            self.commits.wait_node(node.ino);
+        }
         let (parent, name) = {
             let st = node.st.lock();
             (st.parent, st.name.clone())
@@ -497,10 +527,9 @@ impl Union {
         // An unlinked but open file is reached through one of its handles.
         let fs = match unlinked.then(|| self.upper_handle_of(ino, fh)).flatten() {
             Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
-            None => {
-                let (dir, name) = self.open_parent_in(&node, top)?;
-                layer::stat_at(dir.as_fd(), &name).ctx("stat")?
-            }
+            None => self.read_in(&node, top, |dir, name| {
+                layer::stat_at(dir, name).ctx("stat")
+            })?,
         };
         Ok(self.attr_for(&node, &node.st.lock(), &fs))
     }
@@ -631,6 +660,7 @@ impl Union {
     /// Let the page cache's flusher settle quota through this union (call once the union
     /// is shared).
     pub fn attach(self: &Arc<Self>) {
+        let _ = self.commits.owner.set(Arc::downgrade(self));
         if let Some(c) = &self.cache {
             let w: std::sync::Weak<dyn crate::cache::WritebackSink> =
                 Arc::downgrade(self) as std::sync::Weak<Union>;
@@ -643,6 +673,11 @@ impl Union {
     /// second caller waits for the first to finish.
     pub fn shutdown(&self) {
         let _once = self.shutdown_lock.lock();
+        let pending = self.commits.pending_count();
+        if pending > 0 {
+            log::info!("waiting for {pending} copy-up commits");
+        }
+        self.commits.wait_all();
         if let Some(c) = &self.cache {
             let dirty = c.dirty_bytes();
             if dirty > 0 {

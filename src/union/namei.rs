@@ -42,6 +42,8 @@ impl Union {
             // `.wh.*` names are whiteout metadata in AUFS mode, in every layer.
             return Ok(None);
         }
+        // A copy-up of this name not yet committed is not in upper yet.
+        self.commits.wait_name(parent.ino, name);
         // Only what lookup needs, without cloning names (the hot path).
         let (p_upper, p_lowers) = {
             let st = parent.st.lock();

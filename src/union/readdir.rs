@@ -204,6 +204,8 @@ impl Union {
         if !st.upper || self.volatile {
             return Ok(());
         }
+        // Its entries include copies whose commit is pending.
+        self.commits.wait_all();
         let fd = self.dir_fd(&node, LayerRef::Upper).ctx("fsyncdir: open")?;
         nix::unistd::fsync(fd.as_fd()).ctx("fsyncdir")
     }

@@ -25,20 +25,22 @@ impl Union {
         }
         let generation = node.xgen.load(Ordering::Acquire);
         let st = node.state();
-        let (dir, name) = self.open_parent_in(node, st.top())?;
-        let names = match sys::list_xattr(dir.as_fd(), &name) {
-            Ok(n) => n,
-            Err(Errno::ENOTSUP) => Vec::new(),
-            Err(e) => return Err(Error::new(e, "listxattr")),
-        };
-        let mut v = Vec::with_capacity(names.len());
-        for x in names {
-            match sys::get_xattr(dir.as_fd(), &name, &x) {
-                Ok(Some(val)) => v.push((x, val)),
-                Ok(None) => {}
-                Err(e) => return Err(Error::new(e, "getxattr")),
+        let v = self.read_in(node, st.top(), |dir, name| {
+            let names = match sys::list_xattr(dir, name) {
+                Ok(n) => n,
+                Err(Errno::ENOTSUP) => Vec::new(),
+                Err(e) => return Err(Error::new(e, "listxattr")),
+            };
+            let mut v = Vec::with_capacity(names.len());
+            for x in names {
+                match sys::get_xattr(dir, name, &x) {
+                    Ok(Some(val)) => v.push((x, val)),
+                    Ok(None) => {}
+                    Err(e) => return Err(Error::new(e, "getxattr")),
+                }
             }
-        }
+            Ok(v)
+        })?;
         let c: XattrCache = Arc::new(v);
         let mut slot = node.xattrs.lock();
         if node.xgen.load(Ordering::Acquire) == generation {

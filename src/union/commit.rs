@@ -1,0 +1,364 @@
+//! Deferred copy-up commit.
+//!
+//! A copy-up must not put a file at its upper name before its data is on disk: after a crash
+//! an empty or partial upper file would hide the lower one (ext4 allocates delayed data after
+//! the rename's journal commit). So the copy is fsync'd before the rename into upper, which
+//! costs the caller the disk's flush (kernel overlayfs pays it too).
+//!
+//! For a copy-up made by an open for writing or a setattr (chmod, chown, utimes, truncate),
+//! the daemon answers first and commits after: the copy is complete in the work dir (data,
+//! xattrs, owner, mode, times) and the operation itself runs on it there; a background thread
+//! then fsyncs it and renames it into upper. The crash contract is the same as a synchronous
+//! copy-up's: a crash before the commit leaves the lower file in view (with no upper object
+//! at all), after it the complete copy. What is lost in that window is what the operation and
+//! later writes did to the file without an fsync, which a crash may always lose.
+//!
+//! While a commit is pending its file has no name in upper, so nothing may look for it
+//! there: `open_parent_in` (every by-name use of a node's upper object) and `find` (every
+//! lookup of a name) wait for the commit of that node or name, `fsync` and `sync` wait too,
+//! and the unmount drains them all. Only I/O through handles already open on the copy runs
+//! on. The thread that made the copy (the "stager") is the exception: until it hands the
+//! commit to the committer (when its request is done) it uses the copy in the work dir under
+//! its scratch name; nobody else can, and the committer cannot rename it meanwhile.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak, mpsc};
+use std::thread::ThreadId;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, RenameFlags};
+use nix::sys::stat::Mode;
+use nix::sys::time::TimeSpec;
+use parking_lot::{Condvar, Mutex};
+
+use super::Union;
+
+/// Most commits pending at once; beyond it copy-ups commit synchronously (bounds the work
+/// the unmount must wait for and what a crash can undo).
+const MAX_PENDING: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Copied; its stager still works on it under the scratch name.
+    Staged,
+    /// Handed to the committer.
+    Queued,
+    /// Renamed into upper (or given up): the node is reached by its name again.
+    Done,
+}
+
+/// One pending commit: the copy `tmp` in the work dir becomes `dst_dir/name`.
+#[derive(Debug)]
+pub(crate) struct Commit {
+    ino: u64,
+    parent: u64,
+    name: OsString,
+    tmp: OsString,
+    dst_dir: Arc<OwnedFd>,
+    stager: ThreadId,
+    phase: Mutex<Phase>,
+    cv: Condvar,
+}
+
+impl Commit {
+    fn wait(&self) {
+        let mut p = self.phase.lock();
+        while *p != Phase::Done {
+            self.cv.wait(&mut p);
+        }
+    }
+
+    fn staged_here(&self) -> bool {
+        self.stager == std::thread::current().id() && *self.phase.lock() == Phase::Staged
+    }
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    by_ino: HashMap<u64, Arc<Commit>>,
+    by_name: HashMap<(u64, OsString), Arc<Commit>>,
+}
+
+/// The pending commits of a union and its committer thread.
+#[derive(Debug, Default)]
+pub(crate) struct Commits {
+    /// Number of pending commits (the fast path: 0, nothing to look up).
+    count: AtomicUsize,
+    pending: Mutex<Pending>,
+    /// Signalled whenever a commit finishes.
+    idle: Condvar,
+    /// Errors of background fsyncs, by node, for the file's next fsync.
+    errors: Mutex<HashMap<u64, Errno>>,
+    /// The committer, started with the first commit.
+    tx: OnceLock<Mutex<mpsc::Sender<Arc<Commit>>>>,
+    /// The union, for the committer (set by `Union::attach`; none: commits are synchronous).
+    pub(crate) owner: OnceLock<Weak<Union>>,
+    /// Commits made in the background (stats).
+    pub(crate) done: std::sync::atomic::AtomicU64,
+}
+
+impl Commits {
+    pub(crate) fn pending_count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// The commit of node `ino` if one is pending.
+    fn of(&self, ino: u64) -> Option<Arc<Commit>> {
+        if self.pending_count() == 0 {
+            return None;
+        }
+        self.pending.lock().by_ino.get(&ino).cloned()
+    }
+
+    /// Is the upper object of `ino` the stager's copy in the work dir? Then its scratch name.
+    pub(crate) fn staged_name(&self, ino: u64) -> Option<OsString> {
+        self.of(ino)
+            .filter(|c| c.staged_here())
+            .map(|c| c.tmp.clone())
+    }
+
+    /// The scratch name of `ino`'s copy while its commit is pending.
+    pub(crate) fn pending_name(&self, ino: u64) -> Option<OsString> {
+        self.of(ino).map(|c| c.tmp.clone())
+    }
+
+    /// Wait until node `ino` has its upper name (unless this thread is its stager).
+    pub(crate) fn wait_node(&self, ino: u64) {
+        if let Some(c) = self.of(ino)
+            && !c.staged_here()
+        {
+            c.wait();
+        }
+    }
+
+    /// Wait until no commit is pending for `name` in directory `parent`.
+    pub(crate) fn wait_name(&self, parent: u64, name: &OsStr) {
+        if self.pending_count() == 0 {
+            return;
+        }
+        let c = self
+            .pending
+            .lock()
+            .by_name
+            .get(&(parent, name.to_os_string()))
+            .cloned();
+        if let Some(c) = c
+            && !c.staged_here()
+        {
+            c.wait();
+        }
+    }
+
+    /// Wait until every pending commit is done (sync, fsyncdir, unmount). A commit staged by
+    /// this thread would never finish while it waits: it is not waited for.
+    pub(crate) fn wait_all(&self) {
+        let mut p = self.pending.lock();
+        while self.pending_count() > 0 {
+            if p.by_ino.values().all(|c| c.staged_here()) {
+                return;
+            }
+            self.idle.wait(&mut p);
+        }
+    }
+
+    /// The background fsync error of `ino`, once.
+    pub(crate) fn take_error(&self, ino: u64) -> Option<Errno> {
+        if self.errors.lock().is_empty() {
+            return None;
+        }
+        self.errors.lock().remove(&ino)
+    }
+
+    fn finish(&self, c: &Commit) {
+        {
+            let mut p = self.pending.lock();
+            p.by_ino.remove(&c.ino);
+            p.by_name.remove(&(c.parent, c.name.clone()));
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            // Every time: a waiter that skips its own staged commit waits for the others only.
+            self.idle.notify_all();
+        }
+        *c.phase.lock() = Phase::Done;
+        c.cv.notify_all();
+    }
+
+    /// The sender to the committer thread, started on first use.
+    fn sender(&self) -> Option<mpsc::Sender<Arc<Commit>>> {
+        if let Some(tx) = self.tx.get() {
+            return Some(tx.lock().clone());
+        }
+        let owner = self.owner.get()?.clone();
+        let (tx, rx) = mpsc::channel::<Arc<Commit>>();
+        let spawned = std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                for c in rx {
+                    match owner.upgrade() {
+                        Some(u) => u.commit_now(&c),
+                        None => break,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the commit thread ({e}): copy-ups commit synchronously");
+            return None;
+        }
+        // A racing first caller may have set it: use whichever won (the loser's thread ends
+        // when its sender is dropped here).
+        let tx = self.tx.get_or_init(|| Mutex::new(tx));
+        Some(tx.lock().clone())
+    }
+}
+
+/// A commit staged by the current request; dropping it hands the commit to the committer.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    commit: Arc<Commit>,
+    tx: mpsc::Sender<Arc<Commit>>,
+    owner: Weak<Union>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        *self.commit.phase.lock() = Phase::Queued;
+        if let Err(mpsc::SendError(c)) = self.tx.send(self.commit.clone()) {
+            // No committer any more: commit here.
+            if let Some(u) = self.owner.upgrade() {
+                u.commit_now(&c);
+            }
+        }
+    }
+}
+
+impl Union {
+    /// Run the read-only `f` on `node`'s object in layer `r` (its directory and name there).
+    /// A copy whose commit is pending is read in the work dir, without waiting for the
+    /// commit; a read that races the commit's rename finds it gone there (ENOENT) and is
+    /// run again by the upper name. Scratch names are never reused.
+    pub(crate) fn read_in<T>(
+        &self,
+        node: &super::Node,
+        r: super::LayerRef,
+        f: impl Fn(std::os::fd::BorrowedFd<'_>, &OsStr) -> super::Result<T>,
+    ) -> super::Result<T> {
+        if r == super::LayerRef::Upper
+            && node.kind == libc::S_IFREG
+            && let Some(tmp) = self.commits.pending_name(node.ino)
+        {
+            match f(self.work_fd()?, &tmp) {
+                Err(e) if e.errno == Errno::ENOENT => {}
+                done => return done,
+            }
+        }
+        let (dir, name) = self.open_parent_in(node, r)?;
+        f(dir.as_fd(), &name)
+    }
+
+    /// Copy-ups committed in the background so far, and those pending now.
+    pub fn commit_stats(&self) -> (u64, usize) {
+        (
+            self.commits.done.load(Ordering::Relaxed),
+            self.commits.pending_count(),
+        )
+    }
+
+    /// Can a copy-up of a regular file be committed in the background right now? Then the
+    /// sender to use.
+    pub(crate) fn can_stage(&self) -> Option<mpsc::Sender<Arc<Commit>>> {
+        if self.volatile || self.commits.pending_count() >= MAX_PENDING {
+            return None;
+        }
+        self.commits.sender()
+    }
+
+    /// Register the copy `tmp` (in the work dir) of node `ino` as the future `dst_dir/name`,
+    /// staged by this thread.
+    pub(crate) fn stage(
+        &self,
+        tx: mpsc::Sender<Arc<Commit>>,
+        ino: u64,
+        parent: u64,
+        name: &OsStr,
+        tmp: OsString,
+        dst_dir: Arc<OwnedFd>,
+    ) -> Staged {
+        let commit = Arc::new(Commit {
+            ino,
+            parent,
+            name: name.to_os_string(),
+            tmp,
+            dst_dir,
+            stager: std::thread::current().id(),
+            phase: Mutex::new(Phase::Staged),
+            cv: Condvar::new(),
+        });
+        {
+            let mut p = self.commits.pending.lock();
+            p.by_ino.insert(ino, commit.clone());
+            p.by_name
+                .insert((parent, name.to_os_string()), commit.clone());
+            self.commits.count.fetch_add(1, Ordering::AcqRel);
+        }
+        Staged {
+            commit,
+            tx,
+            owner: self.commits.owner.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Commit `c`: fsync the copy, rename it into upper (keeping the parent's times, as a
+    /// copy-up does), then let waiters go on.
+    fn commit_now(&self, c: &Commit) {
+        if let Err(e) = self.commit_inner(c) {
+            log::error!(
+                "copy-up commit of {:?} failed: {e}; the copy stays in the work dir as {:?}",
+                c.name,
+                c.tmp
+            );
+        }
+        self.commits
+            .done
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.commits.finish(c);
+    }
+
+    fn commit_inner(&self, c: &Commit) -> std::result::Result<(), Errno> {
+        let work = self.work_fd().map_err(|e| e.errno)?;
+        let fd = nix::fcntl::openat(
+            work,
+            c.tmp.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        if let Err(e) = nix::unistd::fsync(fd.as_fd()) {
+            // Still put it in place: the data the user wrote is there and nowhere else. The
+            // file's next fsync reports the error, as the kernel reports a write-back error.
+            log::error!("copy-up commit of {:?}: fsync: {e}", c.name);
+            self.commits.errors.lock().insert(c.ino, e);
+        }
+        drop(fd);
+        let dst = c.dst_dir.as_fd();
+        let pstat = nix::sys::stat::fstat(dst)?;
+        // Only upper's directory grows (the work dir was charged when the copy was made).
+        self.dir_op(&[dst], false, || {
+            nix::fcntl::renameat2(
+                work,
+                c.tmp.as_os_str(),
+                dst,
+                c.name.as_os_str(),
+                RenameFlags::RENAME_NOREPLACE,
+            )
+            .map_err(|e| super::Error::new(e, "copy-up commit: rename"))
+        })
+        .map_err(|e| e.errno)?;
+        let _ = nix::sys::stat::futimens(
+            dst,
+            &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
+            &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,260 @@
+//! Deferred copy-up commits (src/union/commit.rs) on real mounts: a copy-up made by an open for
+//! writing or a setattr is answered before its fsync and rename into upper; the file is right
+//! through every path meanwhile, fsync and `unionfs-rs sync` wait for the commit, the unmount
+//! drains it, a killed daemon leaves the old file or the whole new one (never a partial upper
+//! file) and the next mount clears its scratch. The operation sequences themselves are
+//! compared with kernel overlayfs in tests/differential.rs (operations_right_after_a_copy_up).
+
+mod common;
+
+use common::*;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+const TIMEOUT: u64 = 120;
+const MIB: usize = 1 << 20;
+
+/// Deterministic bytes that differ at every offset's low byte and per seed.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn append(p: &Path, data: &[u8]) {
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {} for append: {e}", p.display()));
+    f.write_all(data).expect("append");
+}
+
+fn work_entries(m: &Mount) -> Vec<String> {
+    match fs::read_dir(m.dirs.work.join("work")) {
+        Ok(rd) => rd
+            .map(|e| {
+                e.expect("work entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn copy_up_for_writing_commits_in_the_background() {
+    with_timeout(TIMEOUT, || {
+        let big = pattern(64 * MIB, 7);
+        let m = Mount::with_args(
+            vec![
+                file_bytes("big", big.clone()),
+                file_mode("small", "0123456789", 0o640),
+                file("d/nested", "deep"),
+            ],
+            &[],
+        );
+        // Written right after the open that copied it up: all of it is there at once, through
+        // the open file and by name (stat, a new open, a listing), before any sync.
+        append(&m.path("big"), b"tail");
+        let mut want = big.clone();
+        want.extend_from_slice(b"tail");
+        assert_eq!(lstat(&m.path("big")).len(), want.len() as u64);
+        assert!(fs::read(m.path("big")).expect("read back") == want);
+        fs::set_permissions(m.path("small"), fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(lstat(&m.path("small")).mode() & 0o777, 0o600);
+        append(&m.path("d/nested"), b"er");
+        let names: Vec<String> = fs::read_dir(&m.merged)
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.iter().filter(|n| *n == "big").count(), 1, "{names:?}");
+
+        // `unionfs-rs sync` waits for every commit: then upper has the files, work is empty.
+        let (st, _, err) = run_with_timeout(
+            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+            Duration::from_secs(60),
+        )
+        .expect("run sync");
+        assert!(st.success(), "sync: {err}");
+        let s = daemon_stats(&m.merged);
+        assert!(
+            s.get("copyup_deferred_commits").copied().unwrap_or(0) >= 3,
+            "commits were not deferred: {s:?}"
+        );
+        assert_eq!(s.get("copyup_pending_commits"), Some(&0), "{s:?}");
+        assert!(fs::read(m.dirs.upper.join("big")).expect("upper big") == want);
+        assert_eq!(
+            fs::metadata(m.dirs.upper.join("small"))
+                .expect("upper small")
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::read(m.dirs.upper.join("d/nested")).expect("upper nested"),
+            b"deeper"
+        );
+        assert!(work_entries(&m).is_empty(), "work: {:?}", work_entries(&m));
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn fsync_and_unmount_wait_for_the_commit() {
+    with_timeout(TIMEOUT, || {
+        let a = pattern(32 * MIB, 1);
+        let b = pattern(32 * MIB, 2);
+        let m = Mount::with_args(
+            vec![file_bytes("a", a.clone()), file_bytes("b", b.clone())],
+            &[],
+        );
+        // fsync(2) of the copied-up file returns only once it has its upper name.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(m.path("a"))
+            .expect("open a");
+        f.write_all(b"synced").expect("write a");
+        f.sync_all().expect("fsync a");
+        let up = fs::read(m.dirs.upper.join("a")).expect("upper a after fsync");
+        assert_eq!(up.len(), a.len() + 6);
+        assert_eq!(&up[a.len()..], b"synced");
+        drop(f);
+        // No sync at all: the unmount drains the commit before the daemon exits.
+        append(&m.path("b"), b"unsynced");
+        let upper = m.dirs.upper.clone();
+        let dirs = m.dirs.clone();
+        m.unmount().expect("unmount");
+        let up = fs::read(upper.join("b")).expect("upper b after unmount");
+        assert_eq!(up.len(), b.len() + 8);
+        assert!(up[..b.len()] == b[..]);
+        assert!(
+            fs::read_dir(dirs.work.join("work")).map_or(true, |mut d| d.next().is_none()),
+            "work dir not empty after unmount"
+        );
+    })
+}
+
+#[test]
+fn killed_daemon_leaves_the_old_file_or_the_whole_copy() {
+    with_timeout(TIMEOUT, || {
+        let big = pattern(96 * MIB, 9);
+        for round in 0..3 {
+            let m = Mount::with_args(vec![file_bytes("big", big.clone())], &[]);
+            append(&m.path("big"), b"x");
+            // Killed at once: most likely while the commit's fsync runs.
+            let pid = m.pid.expect("daemon pid");
+            // SAFETY: kill(2) of the daemon process this test started.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+            assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+            let dirs = m.dirs.clone();
+            drop(m);
+            // Upper holds no copy, or the complete one: never a partial file hiding the lower.
+            match fs::read(dirs.upper.join("big")) {
+                Ok(up) => {
+                    assert_eq!(up.len(), big.len() + 1, "round {round}: partial upper file");
+                    assert!(
+                        up[..big.len()] == big[..],
+                        "round {round}: upper data differs"
+                    );
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "round {round}");
+                    eprintln!("round {round}: killed before the commit");
+                }
+            }
+            // The next mount clears the scratch and shows one of the two files.
+            let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+            let seen = fs::read(m.path("big")).expect("read after remount");
+            assert!(
+                seen == big || (seen.len() == big.len() + 1 && seen[..big.len()] == big[..]),
+                "round {round}: merged file is neither the old nor the new one (len {})",
+                seen.len()
+            );
+            assert!(
+                work_entries(&m).is_empty(),
+                "round {round}: work {:?}",
+                work_entries(&m)
+            );
+            m.unmount().expect("unmount");
+        }
+    })
+}
+
+#[test]
+fn concurrent_users_of_a_file_being_copied_up() {
+    // Four threads go through the same lower files at the same time: one appends (an open for
+    // writing: copy-up), one chmods (setattr: copy-up), one reads through new opens, one
+    // stats and lists xattrs. Whoever comes second to a file meets a copy whose commit is
+    // pending. Nothing may fail or hang, and every file ends right.
+    // Both with FUSE passthrough (as root) and through the daemon's page cache.
+    with_timeout(TIMEOUT, || {
+        concurrent_round(&[]);
+        concurrent_round(&["--passthrough", "off"]);
+    })
+}
+
+fn concurrent_round(args: &[&str]) {
+    {
+        const N: usize = 150;
+        let lower: Vec<Entry> = (0..N)
+            .map(|i| file_bytes(&format!("f{i}"), pattern(256 * 1024, i as u8)))
+            .collect();
+        let m = Mount::with_args(lower, args);
+        let root = m.merged.clone();
+        let work = |k: usize| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    let p = root.join(format!("f{i}"));
+                    match k {
+                        0 => append(&p, b"+"),
+                        1 => fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+                            .unwrap_or_else(|e| panic!("chmod f{i}: {e}")),
+                        2 => {
+                            let d = fs::read(&p).unwrap_or_else(|e| panic!("read f{i}: {e}"));
+                            assert!(d.len() == 256 * 1024 || d.len() == 256 * 1024 + 1);
+                        }
+                        _ => {
+                            lstat(&p);
+                            xattr_names(&p);
+                        }
+                    }
+                }
+            })
+        };
+        let threads: Vec<_> = (0..4).map(work).collect();
+        for t in threads {
+            t.join().expect("worker thread");
+        }
+        for i in 0..N {
+            let p = m.path(&format!("f{i}"));
+            let d = fs::read(&p).expect("read");
+            let mut want = pattern(256 * 1024, i as u8);
+            want.push(b'+');
+            assert!(d == want, "f{i} content");
+            assert_eq!(lstat(&p).mode() & 0o777, 0o600, "f{i} mode");
+        }
+        m.unmount().expect("unmount");
+    }
+}
+
+/// llistxattr(2) of `p` (names only; the count is what matters here).
+fn xattr_names(p: &Path) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: llistxattr(2) into a buffer of the length given.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        n >= 0,
+        "llistxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    n as usize
+}
