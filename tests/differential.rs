@@ -1001,3 +1001,48 @@ fn operations_right_after_a_copy_up() {
         .ok(op_readdir("e"))
         .run();
 }
+
+/// security.capability granting CAP_NET_RAW (13), effective: VFS_CAP_REVISION_2 layout.
+fn cap_net_raw() -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&(0x0200_0000u32 | 1).to_le_bytes()); // revision 2, effective
+    v.extend_from_slice(&(1u32 << 13).to_le_bytes()); // permitted[0]
+    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable[0]
+    v.extend_from_slice(&0u32.to_le_bytes()); // permitted[1]
+    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable[1]
+    v
+}
+
+#[test]
+fn copy_up_keeps_file_capabilities() {
+    // A copy-up by chmod, utimes or setxattr keeps the lower file's security.capability, as the
+    // kernel's does (the copy gets its owner first: a chown afterwards would drop the
+    // capability). A write drops it in both (file_remove_privs), so does a chown.
+    let capped = |p: &str| Entry::Xattr {
+        path: p.into(),
+        name: "security.capability".into(),
+        value: cap_net_raw(),
+    };
+    Differential::new("copy_up_keeps_file_capabilities")
+        .lower(vec![
+            file_mode("chmod", "x", 0o755),
+            capped("chmod"),
+            file_mode("touch", "x", 0o755),
+            capped("touch"),
+            file_mode("xattr", "x", 0o755),
+            capped("xattr"),
+            file_mode("write", "x", 0o755),
+            capped("write"),
+            file_mode("chown", "x", 0o755),
+            capped("chown"),
+            file_mode("rename", "x", 0o755),
+            capped("rename"),
+        ])
+        .ok(op_chmod("chmod", 0o750))
+        .ok(op_utimes("touch", 1_000_000, 0))
+        .ok(op_setxattr("xattr", "user.x", "1"))
+        .ok(op_append("write", "y"))
+        .ok(op_chown("chown", 1000, 1000))
+        .ok(op_rename("rename", "renamed"))
+        .run();
+}

@@ -153,8 +153,25 @@ impl Union {
                     // Write-behind only when this thread waits for the fsync anyway.
                     let durable = !self.volatile && !deferred;
                     copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64, durable)?;
-                    if !self.volatile && !deferred {
-                        nix::unistd::fsync(dst.as_fd()).ctx("copy-up: fsync")?;
+                    // Metadata through the open files (no path lookups), in copy_meta's order.
+                    let (s, d) = (src.as_fd(), dst.as_fd());
+                    nix::unistd::fchown(
+                        d,
+                        Some(Uid::from_raw(fs.st_uid)),
+                        Some(Gid::from_raw(fs.st_gid)),
+                    )
+                    .ctx("copy-up: chown")?;
+                    copy_xattrs(self, s, OsStr::new(""), d, OsStr::new(""))?;
+                    nix::sys::stat::fchmod(d, Mode::from_bits_truncate(fs.st_mode & 0o7777))
+                        .ctx("copy-up: chmod")?;
+                    nix::sys::stat::futimens(
+                        d,
+                        &TimeSpec::new(fs.st_atime, fs.st_atime_nsec),
+                        &TimeSpec::new(fs.st_mtime, fs.st_mtime_nsec),
+                    )
+                    .ctx("copy-up: utimes")?;
+                    if durable {
+                        nix::unistd::fsync(d).ctx("copy-up: fsync")?;
                     }
                 }
                 libc::S_IFLNK => {
@@ -173,8 +190,9 @@ impl Union {
                     .ctx("copy-up: mknod")?;
                 }
             }
-            copy_xattrs(self, src_dir, name, work, &tmp)?;
-            copy_meta(work, &tmp, fs)?;
+            if kind != libc::S_IFREG {
+                copy_meta(self, src_dir, name, work, &tmp, fs)?;
+            }
             if deferred {
                 return Ok(());
             }
@@ -205,8 +223,17 @@ impl Union {
     }
 }
 
-/// Owner, mode and times of `name` in `dir` from `fs` (owner first: chown clears set-id bits).
-pub(crate) fn copy_meta(dir: BorrowedFd<'_>, name: &OsStr, fs: &FileStat) -> Result<()> {
+/// Owner, xattrs (of `src_dir/name`), mode and times of `dir/name` from `fs`. Owner first:
+/// chown clears set-id bits and drops security.capability, so the xattrs (file capabilities
+/// included, which kernel overlayfs keeps on copy-up) and the mode come after it.
+pub(crate) fn copy_meta(
+    u: &Union,
+    src_dir: BorrowedFd<'_>,
+    src_name: &OsStr,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    fs: &FileStat,
+) -> Result<()> {
     nix::unistd::fchownat(
         dir,
         name,
@@ -215,6 +242,7 @@ pub(crate) fn copy_meta(dir: BorrowedFd<'_>, name: &OsStr, fs: &FileStat) -> Res
         AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .ctx("copy-up: chown")?;
+    copy_xattrs(u, src_dir, src_name, dir, name)?;
     if fs.st_mode & libc::S_IFMT != libc::S_IFLNK {
         sys::chmod_at(dir, name, fs.st_mode & 0o7777).ctx("copy-up: chmod")?;
     }
