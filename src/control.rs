@@ -245,9 +245,9 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 u8::from(pt),
                 u8::from(union.writeback_cache_on())
             ));
-            let (deferred, pending) = union.commit_stats();
+            let (deferred, pending, failed) = union.commit_stats();
             s.push_str(&format!(
-                ",\"copyup_deferred_commits\":{deferred},\"copyup_pending_commits\":{pending}"
+                ",\"copyup_deferred_commits\":{deferred},\"copyup_pending_commits\":{pending},\"copyup_failed_commits\":{failed}"
             ));
             if let Some(c) = union.cache() {
                 for (k, v) in c.stats().fields {

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -139,6 +139,9 @@ fn fsync_and_unmount_wait_for_the_commit() {
     })
 }
 
+/// A killed daemon (not a crash: the kernel keeps what was written, so this does not test the
+/// fsync before the rename) leaves a state the next mount serves: upper has no copy or the
+/// whole one, the merged file is the old or the new one, and the scratch is cleared.
 #[test]
 fn killed_daemon_leaves_the_old_file_or_the_whole_copy() {
     with_timeout(TIMEOUT, || {
@@ -231,6 +234,12 @@ fn concurrent_round(args: &[&str]) {
         for t in threads {
             t.join().expect("worker thread");
         }
+        let s = daemon_stats(&m.merged);
+        assert!(
+            s.get("copyup_deferred_commits").copied().unwrap_or(0) > 0,
+            "no commit was deferred: {s:?}"
+        );
+        assert_eq!(s.get("copyup_failed_commits"), Some(&0), "{s:?}");
         for i in 0..N {
             let p = m.path(&format!("f{i}"));
             let d = fs::read(&p).expect("read");
@@ -257,4 +266,100 @@ fn xattr_names(p: &Path) -> usize {
         std::io::Error::last_os_error()
     );
     n as usize
+}
+
+#[test]
+fn unlink_and_rename_racing_a_copy_up() {
+    // One thread opens lower files for writing (copy-up, commit deferred) while another
+    // unlinks or renames over the same names. Every operation succeeds or fails as it may
+    // (ENOENT once the name is gone), nothing hangs, and the end state is exactly what the
+    // removals and renames say: no file shows through, upper holds only what it should.
+    with_timeout(TIMEOUT, || {
+        const N: usize = 120;
+        let mut lower: Vec<Entry> = (0..N)
+            .map(|i| file_bytes(&format!("u{i}"), pattern(128 * 1024, i as u8)))
+            .collect();
+        lower.extend((0..N).map(|i| file_bytes(&format!("r{i}"), pattern(128 * 1024, 1))));
+        let m = Mount::with_args(lower, &[]);
+        let root = m.merged.clone();
+        let writer = {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    for name in [format!("u{i}"), format!("r{i}")] {
+                        match OpenOptions::new().append(true).open(root.join(&name)) {
+                            Ok(mut f) => {
+                                // The name may go at any time; the open file stays writable.
+                                f.write_all(b"w")
+                                    .unwrap_or_else(|e| panic!("write {name}: {e}"))
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => panic!("open {name}: {e}"),
+                        }
+                    }
+                }
+            })
+        };
+        let remover = {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    fs::remove_file(root.join(format!("u{i}")))
+                        .unwrap_or_else(|e| panic!("unlink u{i}: {e}"));
+                    fs::write(root.join("new"), b"replacement").expect("create new");
+                    fs::rename(root.join("new"), root.join(format!("r{i}")))
+                        .unwrap_or_else(|e| panic!("rename over r{i}: {e}"));
+                }
+            })
+        };
+        writer.join().expect("writer");
+        remover.join().expect("remover");
+        let (st, _, err) = run_with_timeout(
+            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+            Duration::from_secs(60),
+        )
+        .expect("run sync");
+        assert!(st.success(), "sync: {err}");
+        for i in 0..N {
+            assert!(
+                fs::symlink_metadata(m.path(&format!("u{i}"))).is_err(),
+                "u{i} still shows"
+            );
+            // The writer may have opened the replacement (then it appended to it).
+            let r = fs::read(m.path(&format!("r{i}"))).expect("read r");
+            assert!(r == b"replacement" || r == b"replacementw", "r{i}: {r:?}");
+            let up = m.dirs.upper.join(format!("u{i}"));
+            let md = fs::symlink_metadata(&up).expect("whiteout in upper");
+            assert!(
+                std::os::unix::fs::FileTypeExt::is_char_device(&md.file_type()),
+                "upper u{i} is not a whiteout"
+            );
+        }
+        assert!(work_entries(&m).is_empty(), "work: {:?}", work_entries(&m));
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn synchronous_writes_do_not_defer_the_commit() {
+    // O_SYNC / O_DSYNC writes are durable when they return, so is the name they are under:
+    // such an open copies up synchronously, and the file is in upper at once.
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(vec![file("s", "sync"), file("d", "dsync")], &[]);
+        for (name, flag) in [("s", libc::O_SYNC), ("d", libc::O_DSYNC)] {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .custom_flags(flag)
+                .open(m.path(name))
+                .expect("open");
+            f.write_all(b"!").expect("write");
+            assert!(
+                m.dirs.upper.join(name).exists(),
+                "{name} not in upper after the write"
+            );
+        }
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s.get("copyup_deferred_commits"), Some(&0), "{s:?}");
+        m.unmount().expect("unmount");
+    })
 }

@@ -258,10 +258,13 @@ impl Union {
         }
         let st = match self.upper_handle_of(node.ino, None) {
             Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ok(),
+            // A stat: a copy whose commit is pending is read where it is, without waiting
+            // (with io_lock held, writers would wait for the commit's fsync too).
             None => self
-                .open_parent_in(node, super::LayerRef::Upper)
-                .ok()
-                .and_then(|(d, n)| crate::layer::stat_at(d.as_fd(), &n).ok()),
+                .read_in(node, super::LayerRef::Upper, |d, n| {
+                    crate::layer::stat_at(d, n).map_err(|e| super::Error::new(e, "stat"))
+                })
+                .ok(),
         };
         match st {
             Some(st) if st.st_nlink > 0 => self.sync_known(&mut known, &st),

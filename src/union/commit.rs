@@ -36,9 +36,14 @@ use parking_lot::{Condvar, Mutex};
 
 use super::Union;
 
-/// Most commits pending at once; beyond it copy-ups commit synchronously (bounds the work
-/// the unmount must wait for and what a crash can undo).
-const MAX_PENDING: usize = 4096;
+/// Most commits and file bytes pending at once; beyond them copy-ups commit synchronously
+/// (bounds what the unmount must wait for — a remount waits 10 s for the upper lock — and
+/// what a crash can undo).
+const MAX_PENDING: usize = 1024;
+const MAX_PENDING_BYTES: u64 = 1 << 30;
+
+/// Most commits the committer takes at once.
+const BATCH: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -58,6 +63,8 @@ pub(crate) struct Commit {
     name: OsString,
     tmp: OsString,
     dst_dir: Arc<OwnedFd>,
+    /// File size when staged (the pending-bytes bound).
+    size: u64,
     stager: ThreadId,
     phase: Mutex<Phase>,
     cv: Condvar,
@@ -87,17 +94,20 @@ struct Pending {
 pub(crate) struct Commits {
     /// Number of pending commits (the fast path: 0, nothing to look up).
     count: AtomicUsize,
+    /// Their file bytes.
+    bytes: std::sync::atomic::AtomicU64,
     pending: Mutex<Pending>,
     /// Signalled whenever a commit finishes.
     idle: Condvar,
-    /// Errors of background fsyncs, by node, for the file's next fsync.
+    /// Errors of failed commits, by node, for the file's next fsync.
     errors: Mutex<HashMap<u64, Errno>>,
     /// The committer, started with the first commit.
     tx: OnceLock<Mutex<mpsc::Sender<Arc<Commit>>>>,
     /// The union, for the committer (set by `Union::attach`; none: commits are synchronous).
     pub(crate) owner: OnceLock<Weak<Union>>,
-    /// Commits made in the background (stats).
+    /// Commits made in the background (stats), and those that failed.
     pub(crate) done: std::sync::atomic::AtomicU64,
+    pub(crate) failed: std::sync::atomic::AtomicU64,
 }
 
 impl Commits {
@@ -152,14 +162,27 @@ impl Commits {
         }
     }
 
-    /// Wait until every pending commit is done (sync, fsyncdir, unmount). A commit staged by
-    /// this thread would never finish while it waits: it is not waited for.
+    /// Wait until every pending commit is done (sync, unmount). A commit staged by this
+    /// thread would never finish while it waits: it is not waited for.
     pub(crate) fn wait_all(&self) {
+        self.wait_where(|_| true)
+    }
+
+    /// Wait until no commit into directory `parent` is pending (its fsyncdir).
+    pub(crate) fn wait_parent(&self, parent: u64) {
+        self.wait_where(|c| c.parent == parent)
+    }
+
+    fn wait_where(&self, of_interest: impl Fn(&Commit) -> bool) {
+        if self.pending_count() == 0 {
+            return;
+        }
         let mut p = self.pending.lock();
-        while self.pending_count() > 0 {
-            if p.by_ino.values().all(|c| c.staged_here()) {
-                return;
-            }
+        while p
+            .by_ino
+            .values()
+            .any(|c| of_interest(c) && !c.staged_here())
+        {
             self.idle.wait(&mut p);
         }
     }
@@ -178,6 +201,7 @@ impl Commits {
             p.by_ino.remove(&c.ino);
             p.by_name.remove(&(c.parent, c.name.clone()));
             self.count.fetch_sub(1, Ordering::AcqRel);
+            self.bytes.fetch_sub(c.size, Ordering::AcqRel);
             // Every time: a waiter that skips its own staged commit waits for the others only.
             self.idle.notify_all();
         }
@@ -195,9 +219,17 @@ impl Commits {
         let spawned = std::thread::Builder::new()
             .name("commit".into())
             .spawn(move || {
-                for c in rx {
+                while let Ok(first) = rx.recv() {
+                    // What else is queued goes in the same batch (see `commit_batch`).
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
                     match owner.upgrade() {
-                        Some(u) => u.commit_now(&c),
+                        Some(u) => u.commit_batch(&batch),
                         None => break,
                     }
                 }
@@ -257,33 +289,36 @@ impl Union {
         f(dir.as_fd(), &name)
     }
 
-    /// Copy-ups committed in the background so far, and those pending now.
-    pub fn commit_stats(&self) -> (u64, usize) {
+    /// Copy-ups committed in the background so far, those pending now, and those that failed.
+    pub fn commit_stats(&self) -> (u64, usize, u64) {
         (
             self.commits.done.load(Ordering::Relaxed),
             self.commits.pending_count(),
+            self.commits.failed.load(Ordering::Relaxed),
         )
     }
 
     /// Can a copy-up of a regular file be committed in the background right now? Then the
     /// sender to use.
-    pub(crate) fn can_stage(&self) -> Option<mpsc::Sender<Arc<Commit>>> {
-        if self.volatile || self.commits.pending_count() >= MAX_PENDING {
+    pub(crate) fn can_stage(&self, size: u64) -> Option<mpsc::Sender<Arc<Commit>>> {
+        if self.volatile
+            || self.commits.pending_count() >= MAX_PENDING
+            || self.commits.bytes.load(Ordering::Acquire) + size > MAX_PENDING_BYTES
+        {
             return None;
         }
         self.commits.sender()
     }
 
-    /// Register the copy `tmp` (in the work dir) of node `ino` as the future `dst_dir/name`,
-    /// staged by this thread.
+    /// Register the copy `tmp` (in the work dir, `size` bytes) of node `ino` as the future
+    /// `dst_dir/name` in directory node `parent`, staged by this thread.
     pub(crate) fn stage(
         &self,
         tx: mpsc::Sender<Arc<Commit>>,
         ino: u64,
-        parent: u64,
-        name: &OsStr,
+        (parent, name, dst_dir): (u64, &OsStr, Arc<OwnedFd>),
         tmp: OsString,
-        dst_dir: Arc<OwnedFd>,
+        size: u64,
     ) -> Staged {
         let commit = Arc::new(Commit {
             ino,
@@ -291,6 +326,7 @@ impl Union {
             name: name.to_os_string(),
             tmp,
             dst_dir,
+            size,
             stager: std::thread::current().id(),
             phase: Mutex::new(Phase::Staged),
             cv: Condvar::new(),
@@ -301,6 +337,7 @@ impl Union {
             p.by_name
                 .insert((parent, name.to_os_string()), commit.clone());
             self.commits.count.fetch_add(1, Ordering::AcqRel);
+            self.commits.bytes.fetch_add(size, Ordering::AcqRel);
         }
         Staged {
             commit,
@@ -311,18 +348,88 @@ impl Union {
 
     /// Commit `c`: fsync the copy, rename it into upper (keeping the parent's times, as a
     /// copy-up does), then let waiters go on.
-    fn commit_now(&self, c: &Commit) {
-        if let Err(e) = self.commit_inner(c) {
-            log::error!(
-                "copy-up commit of {:?} failed: {e}; the copy stays in the work dir as {:?}",
-                c.name,
-                c.tmp
-            );
+    /// Commit several: start writing every copy's data first, so the disk takes them all at
+    /// once and each fsync after mostly finds its data written and its metadata in a journal
+    /// commit an earlier one made (one flush for the batch instead of one per file).
+    fn commit_batch(&self, batch: &[Arc<Commit>]) {
+        if batch.len() > 1
+            && let Ok(work) = self.work_fd()
+        {
+            for c in batch {
+                if let Ok(fd) = nix::fcntl::openat(
+                    work,
+                    c.tmp.as_os_str(),
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    // Best effort: the fsync in commit_inner is what counts.
+                    let _ = crate::layer::sys::sync_file_range(
+                        fd.as_fd(),
+                        0,
+                        0,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
+            }
         }
-        self.commits
-            .done
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for c in batch {
+            self.commit_now(c);
+        }
+    }
+
+    fn commit_now(&self, c: &Commit) {
+        match self.commit_inner(c) {
+            Ok(()) => {
+                self.commits.done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.commit_failed(c, e),
+        }
         self.commits.finish(c);
+    }
+
+    /// A commit that cannot be made: the copy is dropped and the node is the lower file again
+    /// (what a crash at that point would show), and the file's next fsync reports the error.
+    /// Without an upper object to put it in, what was written to the copy is lost: say so.
+    /// EEXIST: a rename replaced the file meanwhile (its open handles keep the copy).
+    fn commit_failed(&self, c: &Commit, e: Errno) {
+        self.commits.failed.fetch_add(1, Ordering::Relaxed);
+        if e != Errno::EEXIST {
+            log::error!(
+                "copy-up of {:?} could not be committed ({e}): it is the lower file again, and \
+                 what was written to it since the copy-up is lost",
+                c.name
+            );
+            self.commits.errors.lock().insert(c.ino, e);
+        }
+        let Ok(work) = self.work_fd() else {
+            return;
+        };
+        let st = crate::layer::stat_at(work, &c.tmp).ok();
+        if let Some(st) = &st {
+            // Its inode number is free for another object once the copy is gone.
+            self.inomap.set(st.st_ino, 0);
+        }
+        if nix::unistd::unlinkat(
+            work,
+            c.tmp.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+        .is_err()
+        {
+            return;
+        }
+        if let Some(node) = self.nodes.get(c.ino) {
+            let mut s = node.st.lock();
+            if e != Errno::EEXIST && !s.unlinked {
+                s.upper = false;
+            }
+        }
+        // An open handle on the copy releases its charge at its last close; else release now.
+        if let Some(st) = st
+            && self.upper_handle_of(c.ino, None).is_none()
+        {
+            self.account(-super::charge::alloc(&st), -1);
+        }
     }
 
     fn commit_inner(&self, c: &Commit) -> std::result::Result<(), Errno> {
@@ -333,12 +440,8 @@ impl Union {
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
-        if let Err(e) = nix::unistd::fsync(fd.as_fd()) {
-            // Still put it in place: the data the user wrote is there and nowhere else. The
-            // file's next fsync reports the error, as the kernel reports a write-back error.
-            log::error!("copy-up commit of {:?}: fsync: {e}", c.name);
-            self.commits.errors.lock().insert(c.ino, e);
-        }
+        // A copy not known to be on disk must not replace the lower file (the crash contract).
+        nix::unistd::fsync(fd.as_fd())?;
         drop(fd);
         let dst = c.dst_dir.as_fd();
         let pstat = nix::sys::stat::fstat(dst)?;

@@ -66,7 +66,7 @@ impl Union {
         // Deferred commit: a regular file with one name (hard-linked files keep the
         // synchronous path), when the committer can take it.
         let tx = (defer && fs.st_mode & libc::S_IFMT == libc::S_IFREG && fs.st_nlink == 1)
-            .then(|| self.can_stage())
+            .then(|| self.can_stage(fs.st_size.max(0) as u64))
             .flatten();
         let deferred = tx.is_some();
         // The work dir grows here; upper's directory when the copy is renamed into it (now or
@@ -83,12 +83,14 @@ impl Union {
             )
         })?;
         // A copy-up is no change of the parent the user could see: restore its times, as the
-        // kernel does (best effort).
-        let _ = nix::sys::stat::futimens(
-            dst_dir.as_fd(),
-            &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
-            &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
-        );
+        // kernel does (best effort; a deferred commit does it when it renames).
+        if !deferred {
+            let _ = nix::sys::stat::futimens(
+                dst_dir.as_fd(),
+                &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
+                &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
+            );
+        }
         res.settle(super::charge::alloc(&new), 1);
         // Keep st_ino (the node id) across copy-up and remounts.
         if src_layer != LayerRef::Upper {
@@ -98,7 +100,9 @@ impl Union {
         let staged = match (tx, tmp) {
             (Some(tx), Some(tmp)) => {
                 let parent = node.st.lock().parent;
-                Some(self.stage(tx, node.ino, parent, &name, tmp, dst_dir.clone()))
+                let size = new.st_size.max(0) as u64;
+                let target = (parent, name.as_os_str(), dst_dir.clone());
+                Some(self.stage(tx, node.ino, target, tmp, size))
             }
             _ => None,
         };
@@ -152,7 +156,7 @@ impl Union {
                     .ctx("copy-up: create")?;
                     // Write-behind only when this thread waits for the fsync anyway.
                     let durable = !self.volatile && !deferred;
-                    copy_data(src.as_fd(), dst.as_fd(), fs.st_size as u64, durable)?;
+                    copy_data(src.as_fd(), dst.as_fd(), fs, durable, &self.reflink)?;
                     // Metadata through the open files (no path lookups), in copy_meta's order.
                     let (s, d) = (src.as_fd(), dst.as_fd());
                     nix::unistd::fchown(
@@ -296,22 +300,36 @@ fn copy_xattrs(
 /// over each data extent found with SEEK_DATA/SEEK_HOLE, then set the size. With `durable`
 /// (an fsync follows), the copy starts writing each chunk to disk as soon as it is copied, so
 /// the disk works while the rest is copied and the fsync waits only for the tail.
+///
+/// `reflink` says whether FICLONE is worth trying (cleared once upper's filesystem refuses it).
+/// A source with as many blocks as bytes has no holes: it is copied in one range without
+/// looking for them.
 pub(crate) fn copy_data(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
-    size: u64,
+    fs: &FileStat,
     durable: bool,
+    reflink: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let size = fs.st_size.max(0) as u64;
     if size == 0 {
         return Ok(());
     }
-    if sys::ficlone(dst, src).is_ok() {
-        return Ok(());
+    if reflink.load(Relaxed) {
+        match sys::ficlone(dst, src) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EOPNOTSUPP) | Err(Errno::ENOTTY) => reflink.store(false, Relaxed),
+            // EXDEV (lower on another filesystem), EINVAL (e.g. a btrfs NOCOW file): per file.
+            Err(_) => {}
+        }
     }
-    let mut off: i64 = 0;
     let end = size as i64;
+    let dense = fs.st_blocks.saturating_mul(512) >= fs.st_size;
+    let mut off: i64 = 0;
     while off < end {
         let data = match nix::unistd::lseek(src, off, Whence::SeekData) {
+            _ if dense => off,
             Ok(d) => d,
             Err(Errno::ENXIO) => break, // only a hole remains
             Err(Errno::EINVAL) => off,  // no SEEK_DATA support: treat all as data
@@ -320,9 +338,13 @@ pub(crate) fn copy_data(
         if data >= end {
             break;
         }
-        let hole = match nix::unistd::lseek(src, data, Whence::SeekHole) {
-            Ok(h) => h.min(end),
-            Err(_) => end,
+        let hole = if dense {
+            end
+        } else {
+            match nix::unistd::lseek(src, data, Whence::SeekHole) {
+                Ok(h) => h.min(end),
+                Err(_) => end,
+            }
         };
         // A durable copy goes in chunks, each handed to the disk once copied.
         let chunk = if durable {
@@ -341,7 +363,10 @@ pub(crate) fn copy_data(
         }
         off = hole;
     }
-    nix::unistd::ftruncate(dst, end).ctx("copy-up: set size")?;
+    if !dense {
+        // Holes at the end were not written.
+        nix::unistd::ftruncate(dst, end).ctx("copy-up: set size")?;
+    }
     Ok(())
 }
 
@@ -459,11 +484,49 @@ pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> (i
 /// Remove everything inside an (already detached) directory, never following symlinks.
 /// Returns what was freed (bytes, inodes).
 pub(crate) fn remove_dir_contents(dir: &OwnedFd) -> (i64, i64) {
-    remove_dir_contents_except(dir, &[])
+    remove_dir_contents_where(dir, |_| true)
 }
 
-/// [`remove_dir_contents`], keeping the top-level entries named in `keep`.
-pub(crate) fn remove_dir_contents_except(dir: &OwnedFd, keep: &[&str]) -> (i64, i64) {
+/// Scratch objects in the work dir that nobody can be using: those of a daemon that is gone
+/// (our names are `#PID.N`, PID in hex) and the kernel's (`#HEX`). Another live mount sharing
+/// the work dir keeps its own (its commits may be pending). Returns what was freed.
+pub(crate) fn clean_work(work: &OwnedFd) -> (i64, i64) {
+    use std::os::unix::ffi::OsStrExt;
+    remove_dir_contents_where(work, |name| {
+        let b = name.as_bytes();
+        if b.first() != Some(&b'#') {
+            return false;
+        }
+        let s = String::from_utf8_lossy(&b[1..]);
+        match s.split_once('.') {
+            Some((pid, _)) => match i32::from_str_radix(pid, 16) {
+                // A live process with that pid may hold its scratch.
+                Ok(pid) if pid > 0 => !process_alive(pid),
+                _ => false,
+            },
+            None => true,
+        }
+    })
+}
+
+/// Is process `pid` running? A zombie (a killed daemon not yet reaped) is not.
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/stat")) {
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => match stat.iter().rposition(|&b| b == b')') {
+            Some(i) => !matches!(stat.get(i + 2), Some(b'Z') | Some(b'X')),
+            None => true,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // No /proc to ask: kill(2) with no signal (a zombie counts as alive there).
+        Err(_) => {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) != Err(Errno::ESRCH)
+        }
+    }
+}
+
+/// [`remove_dir_contents`] of the top-level entries `remove` picks.
+fn remove_dir_contents_where(dir: &OwnedFd, remove: impl Fn(&OsStr) -> bool) -> (i64, i64) {
     let Ok(dup) = nix::unistd::dup(dir.as_fd()) else {
         return (0, 0);
     };
@@ -474,8 +537,9 @@ pub(crate) fn remove_dir_contents_except(dir: &OwnedFd, keep: &[&str]) -> (i64, 
         .iter()
         .filter_map(|e| e.ok())
         .filter(|e| {
+            use std::os::unix::ffi::OsStrExt;
             let b = e.file_name().to_bytes();
-            b != b"." && b != b".." && !keep.iter().any(|k| k.as_bytes() == b)
+            b != b"." && b != b".." && remove(OsStr::from_bytes(b))
         })
         .map(|e| {
             use std::os::unix::ffi::OsStrExt;

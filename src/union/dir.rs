@@ -276,6 +276,10 @@ impl Union {
     /// just one of its names.
     fn remove_entry(&self, p: &Node, name: &OsStr, child: &Node, is_dir: bool) -> Result<bool> {
         self.copy_up(p)?;
+        // No copy-up of the child may start meanwhile, and one whose commit is pending ends
+        // first: what is in upper under `name` stays what we look at.
+        let _no_copy_up = child.copy_lock.lock();
+        self.commits.wait_node(child.ino);
         let cst = child.state();
         let wh = self.lower_positive(p, name)?;
         let dir = self.dir_fd(p, LayerRef::Upper).ctx("open upper dir")?;
@@ -462,6 +466,11 @@ impl Union {
         self.copy_up(&src)?;
         if exchange && let Some(d) = &dst {
             self.copy_up(d)?;
+        }
+        // The same for the target: no copy-up of it starts meanwhile, a pending commit ends.
+        let _no_copy_up = dst.as_ref().map(|d| d.copy_lock.lock());
+        if let Some(d) = &dst {
+            self.commits.wait_node(d.ino);
         }
         let old_wh = !exchange && self.lower_positive(&p, name)?;
         let sdir = self.dir_fd(&p, LayerRef::Upper).ctx("open upper dir")?;

@@ -221,10 +221,14 @@ impl Union {
         // its scratch name by this thread only, and another open of the file, which would
         // wait for the commit, must not hold this lock meanwhile.
         let mut k = node.kio.lock();
-        let _staged = if writable {
-            self.copy_up_for_use(&node)?
-        } else {
+        let _staged = if !writable {
             None
+        } else if f.intersects(OFlag::O_SYNC | OFlag::O_DSYNC) {
+            // Synchronous writes are durable when they return, name included: no deferral.
+            self.copy_up(&node)?;
+            None
+        } else {
+            self.copy_up_for_use(&node)?
         };
         if let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
             return Ok(o);
@@ -628,6 +632,10 @@ impl Union {
             }
             let n = c.write(f.ino, &f.fd, off, data).ctx("write")?;
             let sync = sync_of(flags).or(f.sync);
+            if sync.is_some() {
+                // Durable includes the name: a pending copy-up commit first.
+                self.commits.wait_node(f.ino);
+            }
             if f.direct || sync.is_some() {
                 c.sync_file(f.ino).ctx("write-back")?;
                 if !self.volatile {
@@ -663,6 +671,10 @@ impl Union {
             && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
         {
             c.set_size(f.ino, &st);
+        }
+        if sync_of(flags).or(f.sync).is_some() {
+            // Durable includes the name: a pending copy-up commit first.
+            self.commits.wait_node(f.ino);
         }
         r
     }

@@ -237,6 +237,10 @@ pub struct Union {
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
+    /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
+    pub(crate) reflink: std::sync::atomic::AtomicBool,
+    /// Our pid, for scratch names.
+    pid: u32,
     /// Copy-ups whose commit into upper runs in the background (`commit.rs`).
     pub(crate) commits: commit::Commits,
 }
@@ -279,9 +283,8 @@ impl Union {
                     .map_err(|e| layer::io_err(e, "open workdir/work"))?;
                 // Scratch left by an earlier daemon that did not stop cleanly (a copy-up
                 // whose commit was pending, a half-built object): nothing there is in the
-                // union's view, and kernel overlayfs empties work/ at mount too (except
-                // `incompat`, checked before: an upper that must not be mounted).
-                let (bytes, n) = copy_up::remove_dir_contents_except(&work, &["incompat"]);
+                // union's view, and kernel overlayfs empties work/ at mount too.
+                let (bytes, n) = copy_up::clean_work(&work);
                 if n > 0 {
                     log::warn!(
                         "removed {n} leftover objects ({bytes} bytes) from {}/work",
@@ -344,6 +347,8 @@ impl Union {
             direct_opens: AtomicU64::new(0),
             direct_fallbacks: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
+            reflink: std::sync::atomic::AtomicBool::new(true),
+            pid: std::process::id(),
             commits: commit::Commits::default(),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
@@ -585,7 +590,7 @@ impl Union {
         let n = self
             .tmp_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        OsString::from(format!("#{:x}.{n}", std::process::id()))
+        OsString::from(format!("#{:x}.{n}", self.pid))
     }
 
     /// Number of live nodes (for stats and tests).

@@ -237,8 +237,11 @@ impl Union {
                 node.reset_dirfds();
                 node.invalidate_xattrs();
             } else {
-                // Refresh from disk: the layers are the truth.
-                st.upper = fresh.upper;
+                // Refresh from disk: the layers are the truth. Except that a file we copied up
+                // stays in upper (only its removal, which marks it unlinked, undoes that): a
+                // lookup that looked at upper just before a copy-up put it there (or while its
+                // commit is pending) must not send the next open to the lower file.
+                st.upper = fresh.upper || (st.upper && !is_dir);
                 if fresh.lower.is_some() || !fresh.upper {
                     st.lower = fresh.lower;
                 }

@@ -205,7 +205,7 @@ impl Union {
             return Ok(());
         }
         // Its entries include copies whose commit is pending.
-        self.commits.wait_all();
+        self.commits.wait_parent(ino);
         let fd = self.dir_fd(&node, LayerRef::Upper).ctx("fsyncdir: open")?;
         nix::unistd::fsync(fd.as_fd()).ctx("fsyncdir")
     }
