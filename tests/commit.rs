@@ -196,8 +196,9 @@ fn concurrent_users_of_a_file_being_copied_up() {
     // pending. Nothing may fail or hang, and every file ends right.
     // Both with FUSE passthrough (as root) and through the daemon's page cache.
     with_timeout(TIMEOUT, || {
-        concurrent_round(&[]);
-        concurrent_round(&["--passthrough", "off"]);
+        // Each commit waits 5 ms first: the others meet it pending.
+        concurrent_round(&["-o", "commit_delay_ms=5"]);
+        concurrent_round(&["--passthrough", "off", "-o", "commit_delay_ms=5"]);
     })
 }
 
@@ -280,7 +281,7 @@ fn unlink_and_rename_racing_a_copy_up() {
             .map(|i| file_bytes(&format!("u{i}"), pattern(128 * 1024, i as u8)))
             .collect();
         lower.extend((0..N).map(|i| file_bytes(&format!("r{i}"), pattern(128 * 1024, 1))));
-        let m = Mount::with_args(lower, &[]);
+        let m = Mount::with_args(lower, &["-o", "commit_delay_ms=5"]);
         let root = m.merged.clone();
         let writer = {
             let root = root.clone();

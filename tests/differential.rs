@@ -957,6 +957,7 @@ fn operations_right_after_a_copy_up() {
     // same tree and leave the same upper as kernel overlayfs's synchronous copy-up.
     let big = "0123456789abcdef".repeat(64 * 1024); // 1 MiB: a copy that takes a moment
     Differential::new("operations_right_after_a_copy_up")
+        .candidate_args(&["-o", "commit_delay_ms=30"])
         .lower(vec![
             file("a", "chmod then rename"),
             file("b", "append then unlink"),
@@ -1044,5 +1045,63 @@ fn copy_up_keeps_file_capabilities() {
         .ok(op_append("write", "y"))
         .ok(op_chown("chown", 1000, 1000))
         .ok(op_rename("rename", "renamed"))
+        .run();
+}
+
+#[test]
+fn renames_of_lower_files_and_what_follows() {
+    // A rename of a lower file is answered before its copy-up is committed (the commit puts
+    // the copy at the old name, then moves it leaving a whiteout): listings of both
+    // directories, the old and the new name, and every operation after must already see the
+    // rename done, and the upper must end as the kernel's.
+    Differential::new("renames_of_lower_files_and_what_follows")
+        // Every commit waits 30 ms first: what follows each rename meets it pending.
+        .candidate_args(&["-o", "commit_delay_ms=30"])
+        .lower(vec![
+            file("src/a", "a"),
+            file("src/b", "b"),
+            file("src/c", "c"),
+            file("src/d", "d"),
+            file("only/x", "alone in its dir"),
+            file("chain1", "moved three times"),
+            dir("dst"),
+            file("e", "e"),
+            file("f", "f"),
+            file("g", "g"),
+            file("keep/y", "renamed at the end"),
+        ])
+        .ok(op_rename("src/a", "dst/a"))
+        .ok(op_readdir("src"))
+        .ok(op_readdir("dst"))
+        .data(op_read("dst/a"), "a")
+        .err(op_read("src/a"), libc::ENOENT)
+        .ok(op_rename("src/b", "dst/b2"))
+        .ok(op_create("src/b"))
+        .ok(op_readdir("src"))
+        .ok(op_rename("only/x", "x"))
+        .ok(op_rmdir("only"))
+        .ok(op_readdir(""))
+        .ok(op_rename("chain1", "chain2"))
+        .ok(op_rename("chain2", "dst/chain3"))
+        .ok(op_rename("dst/chain3", "chain4"))
+        .data(op_read("chain4"), "moved three times")
+        .ok(op_rename("src/c", "c-moved"))
+        .ok(op_unlink("c-moved"))
+        .ok(op_rename("src/d", "d-moved"))
+        .ok(op_append("d-moved", "+"))
+        .data(op_read("d-moved"), "d+")
+        .ok(op_rename("e", "dst/e"))
+        .ok(op_rename("f", "dst/e"))
+        .data(op_read("dst/e"), "f")
+        .ok(op_rename("g", "g2"))
+        .ok(op_link("g2", "g3"))
+        .ok(op_chmod("g3", 0o600))
+        .ok(op_readdir("dst"))
+        .ok(op_readdir(""))
+        // Last: a rename inside a directory the kernel knows (its attributes cached until the
+        // rename invalidates them): the snapshot's stat of it meets the commit pending, and
+        // must show the rename's times, not the lower directory's.
+        .ok(op_readdir("keep"))
+        .ok(op_rename("keep/y", "keep/z"))
         .run();
 }

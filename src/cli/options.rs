@@ -39,6 +39,12 @@ pub struct MountSpec {
     pub gid_map: crate::union::idmap::IdMap,
     /// No syncs.
     pub volatile: bool,
+    /// `copyup_commit=defer|sync`: copy-ups for writing, setattr and rename commit in the
+    /// background (default) or before the reply.
+    pub sync_commit: bool,
+    /// `commit_delay_ms=N` (testing aid): each background copy-up commit waits N ms first,
+    /// so tests can observe the pending state.
+    pub commit_delay_ms: u64,
     /// Debug logging.
     pub debug: bool,
     /// Where the daemon logs once the mount is live (default: nowhere in the background).
@@ -204,6 +210,18 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             "debug" => spec.debug = true,
             "log_file" | "logfile" => spec.log_file = Some(PathBuf::from(need(v)?)),
             "volatile" => spec.volatile = true,
+            "copyup_commit" => {
+                spec.sync_commit = match need(v)?.as_str() {
+                    "defer" => false,
+                    "sync" => true,
+                    other => return Err(format!("copyup_commit: {other} is not defer or sync")),
+                }
+            }
+            "commit_delay_ms" => {
+                spec.commit_delay_ms = need(v)?
+                    .parse()
+                    .map_err(|_| format!("commit_delay_ms: not a number: {}", v.unwrap_or("")))?
+            }
             "passthrough" => {
                 spec.no_passthrough = match v.unwrap_or("auto") {
                     "auto" | "on" => false,

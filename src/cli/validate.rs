@@ -262,6 +262,8 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         uid_map: spec.uid_map.clone(),
         gid_map: spec.gid_map.clone(),
         volatile: spec.volatile,
+        sync_commit: spec.sync_commit,
+        commit_delay_ms: spec.commit_delay_ms,
         cache: Some(spec.cache),
         // Registering backing files needs CAP_SYS_ADMIN in the initial user namespace.
         passthrough: !spec.no_passthrough && privileged,

@@ -13,6 +13,12 @@
 //! at all), after it the complete copy. What is lost in that window is what the operation and
 //! later writes did to the file without an fsync, which a crash may always lose.
 //!
+//! A rename of a lower file (`mv`) defers the same way: the copy is staged, the rename is
+//! answered, and the commit puts the copy at the old name and then renames it to the new one
+//! with a whiteout at the old name (RENAME_WHITEOUT): a crash leaves the old name (lower file,
+//! or the copy there) or the new one, as the synchronous path does. While such a commit is
+//! pending both names wait, and so does reading either directory.
+//!
 //! While a commit is pending its file has no name in upper, so nothing may look for it
 //! there: `open_parent_in` (every by-name use of a node's upper object) and `find` (every
 //! lookup of a name) wait for the commit of that node or name, `fsync` and `sync` wait too,
@@ -55,7 +61,18 @@ enum Phase {
     Done,
 }
 
-/// One pending commit: the copy `tmp` in the work dir becomes `dst_dir/name`.
+/// Where a deferred rename moves the copy after putting it at its old name.
+#[derive(Debug)]
+pub(crate) struct Move {
+    pub(crate) newparent: u64,
+    pub(crate) newname: OsString,
+    pub(crate) new_dir: Arc<OwnedFd>,
+    /// A lower object stays at the old name: leave a whiteout there.
+    pub(crate) whiteout: bool,
+}
+
+/// One pending commit: the copy `tmp` in the work dir becomes `dst_dir/name` (then moves, for
+/// a deferred rename).
 #[derive(Debug)]
 pub(crate) struct Commit {
     ino: u64,
@@ -66,6 +83,7 @@ pub(crate) struct Commit {
     /// File size when staged (the pending-bytes bound).
     size: u64,
     stager: ThreadId,
+    moving: OnceLock<Move>,
     phase: Mutex<Phase>,
     cv: Condvar,
 }
@@ -76,6 +94,13 @@ impl Commit {
         while *p != Phase::Done {
             self.cv.wait(&mut p);
         }
+    }
+
+    /// Does this commit change what directory `dir` lists?
+    fn lists_in(&self, dir: u64) -> bool {
+        self.moving
+            .get()
+            .is_some_and(|m| self.parent == dir || m.newparent == dir)
     }
 
     fn staged_here(&self) -> bool {
@@ -165,26 +190,35 @@ impl Commits {
     /// Wait until every pending commit is done (sync, unmount). A commit staged by this
     /// thread would never finish while it waits: it is not waited for.
     pub(crate) fn wait_all(&self) {
-        self.wait_where(|_| true)
+        self.wait_where(|_| true);
     }
 
     /// Wait until no commit into directory `parent` is pending (its fsyncdir).
     pub(crate) fn wait_parent(&self, parent: u64) {
-        self.wait_where(|c| c.parent == parent)
+        self.wait_where(|c| c.parent == parent || c.lists_in(parent));
     }
 
-    fn wait_where(&self, of_interest: impl Fn(&Commit) -> bool) {
+    /// Wait until no deferred rename from or into directory `dir` is pending (before reading
+    /// it or its attributes: its entries and times are not on disk yet). Whether it waited.
+    pub(crate) fn wait_dir(&self, dir: u64) -> bool {
+        self.wait_where(|c| c.lists_in(dir))
+    }
+
+    fn wait_where(&self, of_interest: impl Fn(&Commit) -> bool) -> bool {
         if self.pending_count() == 0 {
-            return;
+            return false;
         }
         let mut p = self.pending.lock();
+        let mut waited = false;
         while p
             .by_ino
             .values()
             .any(|c| of_interest(c) && !c.staged_here())
         {
+            waited = true;
             self.idle.wait(&mut p);
         }
+        waited
     }
 
     /// The background fsync error of `ino`, once.
@@ -200,6 +234,9 @@ impl Commits {
             let mut p = self.pending.lock();
             p.by_ino.remove(&c.ino);
             p.by_name.remove(&(c.parent, c.name.clone()));
+            if let Some(m) = c.moving.get() {
+                p.by_name.remove(&(m.newparent, m.newname.clone()));
+            }
             self.count.fetch_sub(1, Ordering::AcqRel);
             self.bytes.fetch_sub(c.size, Ordering::AcqRel);
             // Every time: a waiter that skips its own staged commit waits for the others only.
@@ -253,6 +290,21 @@ pub(crate) struct Staged {
     owner: Weak<Union>,
 }
 
+impl Staged {
+    /// Make this commit a deferred rename: after putting the copy at its old name, it moves
+    /// to `m`. Called before the guard drops (the committer has not seen it yet).
+    pub(crate) fn moving_to(&self, u: &Union, m: Move) {
+        let key = (m.newparent, m.newname.clone());
+        if self.commit.moving.set(m).is_ok() {
+            u.commits
+                .pending
+                .lock()
+                .by_name
+                .insert(key, self.commit.clone());
+        }
+    }
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         *self.commit.phase.lock() = Phase::Queued;
@@ -302,6 +354,7 @@ impl Union {
     /// sender to use.
     pub(crate) fn can_stage(&self, size: u64) -> Option<mpsc::Sender<Arc<Commit>>> {
         if self.volatile
+            || self.sync_commit
             || self.commits.pending_count() >= MAX_PENDING
             || self.commits.bytes.load(Ordering::Acquire) + size > MAX_PENDING_BYTES
         {
@@ -328,6 +381,7 @@ impl Union {
             dst_dir,
             size,
             stager: std::thread::current().id(),
+            moving: OnceLock::new(),
             phase: Mutex::new(Phase::Staged),
             cv: Condvar::new(),
         });
@@ -419,6 +473,10 @@ impl Union {
             return;
         }
         if let Some(node) = self.nodes.get(c.ino) {
+            if let Some(m) = c.moving.get() {
+                // The rename did not happen after all: the file keeps its old name.
+                super::namei::move_name(&node, m.newparent, &m.newname, c.parent, &c.name);
+            }
             let mut s = node.st.lock();
             if e != Errno::EEXIST && !s.unlinked {
                 s.upper = false;
@@ -433,6 +491,9 @@ impl Union {
     }
 
     fn commit_inner(&self, c: &Commit) -> std::result::Result<(), Errno> {
+        if !self.commit_delay.is_zero() {
+            std::thread::sleep(self.commit_delay);
+        }
         let work = self.work_fd().map_err(|e| e.errno)?;
         let fd = nix::fcntl::openat(
             work,
@@ -457,11 +518,54 @@ impl Union {
             .map_err(|e| super::Error::new(e, "copy-up commit: rename"))
         })
         .map_err(|e| e.errno)?;
-        let _ = nix::sys::stat::futimens(
-            dst,
-            &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
-            &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
-        );
+        let Some(m) = c.moving.get() else {
+            let _ = nix::sys::stat::futimens(
+                dst,
+                &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
+                &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
+            );
+            return Ok(());
+        };
+        // A deferred rename: the copy is in upper at its old name (the old view, should we
+        // crash now); move it, leaving a whiteout (the new view, in one step).
+        if let Err(e) = self.commit_move(c, m) {
+            log::error!(
+                "rename of {:?} to {:?} could not be completed ({e}): the file stays under \
+                 its old name",
+                c.name,
+                m.newname
+            );
+            self.commits.failed.fetch_add(1, Ordering::Relaxed);
+            self.commits.errors.lock().insert(c.ino, e);
+            if let Some(node) = self.nodes.get(c.ino) {
+                super::namei::move_name(&node, m.newparent, &m.newname, c.parent, &c.name);
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_move(&self, c: &Commit, m: &Move) -> std::result::Result<(), Errno> {
+        let (src, dst) = (c.dst_dir.as_fd(), m.new_dir.as_fd());
+        self.dir_op(&[dst], false, || {
+            let mv = |flags| {
+                nix::fcntl::renameat2(src, c.name.as_os_str(), dst, m.newname.as_os_str(), flags)
+            };
+            let r = if m.whiteout {
+                match mv(RenameFlags::RENAME_WHITEOUT | RenameFlags::RENAME_NOREPLACE) {
+                    // No RENAME_WHITEOUT here: rename, then put the whiteout.
+                    Err(Errno::EINVAL) | Err(Errno::EPERM) => mv(RenameFlags::RENAME_NOREPLACE)
+                        .and_then(|()| super::ondisk::make_whiteout(src, &c.name)),
+                    r => r,
+                }
+            } else {
+                mv(RenameFlags::RENAME_NOREPLACE)
+            };
+            r.map_err(|e| super::Error::new(e, "rename"))
+        })
+        .map_err(|e| e.errno)?;
+        if m.whiteout {
+            self.account(0, 1);
+        }
         Ok(())
     }
 }

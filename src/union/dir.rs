@@ -336,6 +336,48 @@ impl Union {
         Ok(is_dir || before.is_none_or(|s| s.st_nlink <= 1))
     }
 
+    /// Rename a lower regular file to a free name with its copy-up committed in the background
+    /// (see `commit.rs`): stage the copy, record the move, answer. `Ok(false)`: not possible
+    /// here (not a lower-only file, something in upper at the new name, the committer busy),
+    /// and if the file was copied up meanwhile it was synchronously: go on as usual.
+    fn rename_deferred(
+        &self,
+        p: &Node,
+        name: &OsStr,
+        src: &Node,
+        np: &Node,
+        newname: &OsStr,
+    ) -> Result<bool> {
+        if src.kind != libc::S_IFREG || src.st.lock().upper {
+            return Ok(false);
+        }
+        let ddir = self.dir_fd(np, LayerRef::Upper).ctx("open upper dir")?;
+        match layer::stat_at(ddir.as_fd(), newname) {
+            Err(Errno::ENOENT) => {}
+            // A whiteout (or anything) there: the synchronous path handles it.
+            Ok(_) => return Ok(false),
+            Err(e) => return Err(Error::new(e, "stat rename target")),
+        }
+        let whiteout = self.lower_positive(p, name)?;
+        let Some(staged) = self.copy_up_for_use(src)? else {
+            return Ok(false);
+        };
+        staged.moving_to(
+            self,
+            super::commit::Move {
+                newparent: np.ino,
+                newname: newname.to_os_string(),
+                new_dir: ddir,
+                whiteout,
+            },
+        );
+        // Under its new name before the commit is queued: whoever waits for it then finds
+        // the node where the commit puts the file.
+        move_name(src, p.ino, name, np.ino, newname);
+        drop(staged);
+        Ok(true)
+    }
+
     /// Build a whiteout in the work dir and rename it to `name` in `dir` with `flags`
     /// (RENAME_EXCHANGE over an existing object, RENAME_NOREPLACE where there is none), so the
     /// name never shows the lower entry. Returns the scratch name, which holds the old object
@@ -463,6 +505,9 @@ impl Union {
         }
         self.copy_up(&p)?;
         self.copy_up(&np)?;
+        if !exchange && dst.is_none() && self.rename_deferred(&p, name, &src, &np, newname)? {
+            return Ok(());
+        }
         self.copy_up(&src)?;
         if exchange && let Some(d) = &dst {
             self.copy_up(d)?;

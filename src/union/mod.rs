@@ -157,6 +157,10 @@ pub struct Options {
     pub gid_map: idmap::IdMap,
     /// Skip every sync (copy-up fsync, fsync, fsyncdir), as fuse-overlayfs' `volatile`.
     pub volatile: bool,
+    /// Commit every copy-up before replying (no background commits, `commit.rs`).
+    pub sync_commit: bool,
+    /// Testing aid: each background commit waits this long first.
+    pub commit_delay_ms: u64,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
@@ -237,6 +241,10 @@ pub struct Union {
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
+    /// Copy-ups commit before the reply (`copyup_commit=sync`).
+    pub(crate) sync_commit: bool,
+    /// Testing aid: background commits wait this long first.
+    pub(crate) commit_delay: std::time::Duration,
     /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
     pub(crate) reflink: std::sync::atomic::AtomicBool,
     /// Our pid, for scratch names.
@@ -348,6 +356,8 @@ impl Union {
             direct_fallbacks: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
             reflink: std::sync::atomic::AtomicBool::new(true),
+            sync_commit: opts.sync_commit,
+            commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
         };
@@ -525,6 +535,10 @@ impl Union {
     /// node was unlinked while open).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
+        if node.is_dir() {
+            // A deferred rename from or into it changes its times when it is committed.
+            self.commits.wait_dir(ino);
+        }
         let (unlinked, top) = {
             let st = node.st.lock();
             (st.unlinked, st.top())

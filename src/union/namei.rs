@@ -274,7 +274,11 @@ impl Union {
         let f = self
             .find(&p, name)?
             .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
-        let (_, attr) = self.node_for(parent, name, &f, 1);
+        let (node, attr) = self.node_for(parent, name, &f, 1);
+        if node.is_dir() && self.commits.wait_dir(node.ino) {
+            // A deferred rename from or into it was pending: its times are new now.
+            return self.getattr(node.ino, None);
+        }
         Ok(attr)
     }
 

@@ -51,6 +51,8 @@ fn dtype_kind(t: Option<Type>) -> u32 {
 impl Union {
     /// The merged entries of a directory node, without `.` and `..`.
     pub(crate) fn merged_entries(&self, node: &Node) -> Result<Vec<DirEntry>> {
+        // A deferred rename from or into it is not on disk yet.
+        self.commits.wait_dir(node.ino);
         let st = node.state();
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut out = Vec::new();

@@ -83,6 +83,8 @@ pub struct Differential {
     /// Operations applied with kernel overlayfs to both dir sets before the comparison (to test
     /// unionfs-rs continuing on an upper layer written by the kernel).
     pub kernel_prepare: Vec<Op>,
+    /// Extra arguments for the unionfs-rs mount (not the kernel's).
+    pub candidate_args: Vec<String>,
 }
 
 impl Differential {
@@ -98,7 +100,13 @@ impl Differential {
             merged_checks: Vec::new(),
             compare_upper: true,
             kernel_prepare: Vec::new(),
+            candidate_args: Vec::new(),
         }
+    }
+    /// Mount unionfs-rs with these extra arguments.
+    pub fn candidate_args(mut self, args: &[&str]) -> Self {
+        self.candidate_args = args.iter().map(|s| s.to_string()).collect();
+        self
     }
     /// Before the comparison, apply `ops` through kernel overlayfs to both dir sets (mount,
     /// apply, unmount), so the compared steps start from a kernel-written upper layer.
@@ -202,7 +210,11 @@ impl Differential {
             }
         }
         let km = OverlayMount::start(&kd, &opts).unwrap_or_else(|e| panic!("{e}"));
-        let um = AnyMount::start_candidate(&ud, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let uopts = MountOpts {
+            extra: self.candidate_args.clone(),
+            ..opts.clone()
+        };
+        let um = AnyMount::start_candidate(&ud, &uopts).unwrap_or_else(|e| panic!("{e}"));
 
         let mut problems = Vec::new();
         let mut log = Vec::new();
