@@ -1069,6 +1069,7 @@ fn renames_of_lower_files_and_what_follows() {
             file("f", "f"),
             file("g", "g"),
             file("keep/y", "renamed at the end"),
+            file("h1", "moved, then its new directory touched"),
         ])
         .ok(op_rename("src/a", "dst/a"))
         .ok(op_readdir("src"))
@@ -1098,6 +1099,10 @@ fn renames_of_lower_files_and_what_follows() {
         .ok(op_chmod("g3", 0o600))
         .ok(op_readdir("dst"))
         .ok(op_readdir(""))
+        // Times set on a directory right after a rename into it stay (the commit does not
+        // set them again).
+        .ok(op_rename("h1", "dst/h1"))
+        .ok(op_utimes("dst", 1_000_000, 0))
         // Last: a rename inside a directory the kernel knows (its attributes cached until the
         // rename invalidates them): the snapshot's stat of it meets the commit pending, and
         // must show the rename's times, not the lower directory's.

@@ -82,6 +82,8 @@ pub(crate) struct Commit {
     dst_dir: Arc<OwnedFd>,
     /// File size when staged (the pending-bytes bound).
     size: u64,
+    /// Order of staging: a waiter waits only for commits staged before it began.
+    seq: u64,
     stager: ThreadId,
     moving: OnceLock<Move>,
     phase: Mutex<Phase>,
@@ -121,6 +123,8 @@ pub(crate) struct Commits {
     count: AtomicUsize,
     /// Their file bytes.
     bytes: std::sync::atomic::AtomicU64,
+    /// Sequence number of the next commit staged.
+    next_seq: std::sync::atomic::AtomicU64,
     pending: Mutex<Pending>,
     /// Signalled whenever a commit finishes.
     idle: Condvar,
@@ -187,10 +191,18 @@ impl Commits {
         }
     }
 
-    /// Wait until every pending commit is done (sync, unmount). A commit staged by this
-    /// thread would never finish while it waits: it is not waited for.
+    /// Wait until every commit staged before is done (sync). A commit staged by this thread
+    /// would never finish while it waits: it is not waited for.
     pub(crate) fn wait_all(&self) {
         self.wait_where(|_| true);
+    }
+
+    /// Wait until no commit is pending at all (the unmount: the daemon exits after).
+    pub(crate) fn drain(&self) {
+        let mut p = self.pending.lock();
+        while p.by_ino.values().any(|c| !c.staged_here()) {
+            self.idle.wait(&mut p);
+        }
     }
 
     /// Wait until no commit into directory `parent` is pending (its fsyncdir).
@@ -209,11 +221,14 @@ impl Commits {
             return false;
         }
         let mut p = self.pending.lock();
+        // Commits staged from now on are not waited for: a stream of them (mv into a
+        // directory) must not hold a reader of that directory for the whole stream.
+        let before = self.next_seq.load(Ordering::Acquire);
         let mut waited = false;
         while p
             .by_ino
             .values()
-            .any(|c| of_interest(c) && !c.staged_here())
+            .any(|c| c.seq < before && of_interest(c) && !c.staged_here())
         {
             waited = true;
             self.idle.wait(&mut p);
@@ -380,6 +395,7 @@ impl Union {
             tmp,
             dst_dir,
             size,
+            seq: self.commits.next_seq.fetch_add(1, Ordering::AcqRel),
             stager: std::thread::current().id(),
             moving: OnceLock::new(),
             phase: Mutex::new(Phase::Staged),
@@ -433,9 +449,11 @@ impl Union {
 
     fn commit_now(&self, c: &Commit) {
         match self.commit_inner(c) {
-            Ok(()) => {
+            Ok(true) => {
                 self.commits.done.fetch_add(1, Ordering::Relaxed);
             }
+            // In upper, but its rename could not be completed (counted as failed).
+            Ok(false) => {}
             Err(e) => self.commit_failed(c, e),
         }
         self.commits.finish(c);
@@ -490,7 +508,9 @@ impl Union {
         }
     }
 
-    fn commit_inner(&self, c: &Commit) -> std::result::Result<(), Errno> {
+    /// Ok(false): a deferred rename's copy is in upper under its old name, but the move
+    /// failed.
+    fn commit_inner(&self, c: &Commit) -> std::result::Result<bool, Errno> {
         if !self.commit_delay.is_zero() {
             std::thread::sleep(self.commit_delay);
         }
@@ -524,7 +544,7 @@ impl Union {
                 &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
                 &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
             );
-            return Ok(());
+            return Ok(true);
         };
         // A deferred rename: the copy is in upper at its old name (the old view, should we
         // crash now); move it, leaving a whiteout (the new view, in one step).
@@ -540,8 +560,9 @@ impl Union {
             if let Some(node) = self.nodes.get(c.ino) {
                 super::namei::move_name(&node, m.newparent, &m.newname, c.parent, &c.name);
             }
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn commit_move(&self, c: &Commit, m: &Move) -> std::result::Result<(), Errno> {
@@ -552,9 +573,20 @@ impl Union {
             };
             let r = if m.whiteout {
                 match mv(RenameFlags::RENAME_WHITEOUT | RenameFlags::RENAME_NOREPLACE) {
-                    // No RENAME_WHITEOUT here: rename, then put the whiteout.
+                    // No RENAME_WHITEOUT here: rename, then put the whiteout; without one the
+                    // lower file would show at the old name again: move back, and fail.
                     Err(Errno::EINVAL) | Err(Errno::EPERM) => mv(RenameFlags::RENAME_NOREPLACE)
-                        .and_then(|()| super::ondisk::make_whiteout(src, &c.name)),
+                        .and_then(|()| {
+                            super::ondisk::make_whiteout(src, &c.name).inspect_err(|_| {
+                                let _ = nix::fcntl::renameat2(
+                                    dst,
+                                    m.newname.as_os_str(),
+                                    src,
+                                    c.name.as_os_str(),
+                                    RenameFlags::RENAME_NOREPLACE,
+                                );
+                            })
+                        }),
                     r => r,
                 }
             } else {

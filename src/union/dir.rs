@@ -348,8 +348,16 @@ impl Union {
         np: &Node,
         newname: &OsStr,
     ) -> Result<bool> {
-        if src.kind != libc::S_IFREG || src.st.lock().upper {
-            return Ok(false);
+        {
+            let st = src.st.lock();
+            // The commit moves the node's own (parent, name): only when that is this one.
+            if src.kind != libc::S_IFREG
+                || st.upper
+                || st.parent != p.ino
+                || st.name.as_os_str() != name
+            {
+                return Ok(false);
+            }
         }
         let ddir = self.dir_fd(np, LayerRef::Upper).ctx("open upper dir")?;
         match layer::stat_at(ddir.as_fd(), newname) {

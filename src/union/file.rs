@@ -870,6 +870,10 @@ impl Union {
         if node.st.lock().unlinked {
             return self.setattr_unlinked(&node, a);
         }
+        if node.is_dir() {
+            // A deferred rename from or into it would set its times again when committed.
+            self.commits.wait_dir(ino);
+        }
         // Held to the end: the change is made to the copy, then its commit is queued.
         let _staged = self.copy_up_for_use(&node)?;
         let st = node.state();

@@ -696,7 +696,7 @@ impl Union {
         if pending > 0 {
             log::info!("waiting for {pending} copy-up commits");
         }
-        self.commits.wait_all();
+        self.commits.drain();
         if let Some(c) = &self.cache {
             let dirty = c.dirty_bytes();
             if dirty > 0 {
