@@ -1019,26 +1019,21 @@ fn copy_up_keeps_file_capabilities() {
     // A copy-up by chmod, utimes or setxattr keeps the lower file's security.capability, as the
     // kernel's does (the copy gets its owner first: a chown afterwards would drop the
     // capability). A write drops it in both (file_remove_privs), so does a chown.
-    let capped = |p: &str| Entry::Xattr {
-        path: p.into(),
-        name: "security.capability".into(),
-        value: cap_net_raw(),
-    };
+    let lower = ["chmod", "touch", "xattr", "write", "chown", "rename"]
+        .iter()
+        .flat_map(|p| {
+            [
+                file_mode(p, "x", 0o755),
+                Entry::Xattr {
+                    path: (*p).into(),
+                    name: "security.capability".into(),
+                    value: cap_net_raw(),
+                },
+            ]
+        })
+        .collect();
     Differential::new("copy_up_keeps_file_capabilities")
-        .lower(vec![
-            file_mode("chmod", "x", 0o755),
-            capped("chmod"),
-            file_mode("touch", "x", 0o755),
-            capped("touch"),
-            file_mode("xattr", "x", 0o755),
-            capped("xattr"),
-            file_mode("write", "x", 0o755),
-            capped("write"),
-            file_mode("chown", "x", 0o755),
-            capped("chown"),
-            file_mode("rename", "x", 0o755),
-            capped("rename"),
-        ])
+        .lower(lower)
         .ok(op_chmod("chmod", 0o750))
         .ok(op_utimes("touch", 1_000_000, 0))
         .ok(op_setxattr("xattr", "user.x", "1"))
