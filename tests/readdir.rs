@@ -5,6 +5,9 @@
 //! seekdir() to a cookie from an earlier open does the same. A handle that had no listing yet
 //! used to answer such a read with nothing: `find` silently missed files after memory pressure
 //! dropped cached listing pages.
+//!
+//! The daemon keeps no directory handles (opendir answers ENOSYS): offsets carry the listing's
+//! generation, so a reader continues in the listing it started while the directory changes.
 
 mod common;
 
@@ -215,4 +218,80 @@ fn readdirplus_option_rejects_unknown_values() {
             "unexpected error: {err}"
         );
     });
+}
+
+/// One `getdents64` call of `buf_size` bytes on `fd`: the names it returned (empty at the end).
+fn getdents_once(fd: RawFd, buf_size: usize) -> Vec<String> {
+    let mut buf = vec![0u8; buf_size];
+    // SAFETY: getdents64 writes at most buf.len() bytes into buf, which lives across the call.
+    let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+    assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < n as usize {
+        let reclen = u16::from_ne_bytes(buf[at + 16..at + 18].try_into().unwrap()) as usize;
+        let name = CStr::from_bytes_until_nul(&buf[at + 19..at + reclen])
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        out.push(name);
+        at += reclen;
+    }
+    out
+}
+
+#[test]
+fn a_listing_read_while_the_directory_changes_lists_every_other_entry_once() {
+    // No open directory handles in the daemon (opendir answers ENOSYS): each READDIR names the
+    // listing it continues through its offset. A reader that lists a directory in small pieces
+    // while others create and remove names in it, and drops the kernel's cached listing
+    // between pieces (so the daemon is asked from the middle), must see every entry that
+    // stayed exactly once; created or removed ones may or may not appear.
+    with_timeout(TIMEOUT, || {
+        let m = Mount::new(&layers(), &[]);
+        let d = m.path("d");
+        let stayed: Vec<String> = fs::read_dir(&d)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(stayed.len() > 300, "listing too short: {}", stayed.len());
+        // Removed as the reader goes, each one it has already seen: a listing taken afresh
+        // would then start one entry later at the reader's index and skip one.
+        let mut removed: Vec<String> = Vec::new();
+        let f = open_dir(&d);
+        let mut seen: Vec<String> = Vec::new();
+        let mut round = 0;
+        loop {
+            let batch = getdents_once(f.as_raw_fd(), 1024);
+            if batch.is_empty() {
+                break;
+            }
+            seen.extend(batch);
+            fs::write(d.join(format!("new-{round}")), "x").expect("create");
+            if round > 0 {
+                fs::remove_file(d.join(format!("new-{}", round - 1))).expect("unlink");
+            }
+            if let Some(r) = seen
+                .iter()
+                .find(|n| stayed.contains(n) && !removed.contains(n))
+                .cloned()
+            {
+                fs::remove_file(d.join(&r)).expect("unlink an original");
+                removed.push(r);
+            }
+            drop_cached_listing(&f);
+            round += 1;
+        }
+        assert!(round > 5, "the listing came in {round} pieces only");
+        for name in stayed.iter().filter(|n| !removed.contains(n)) {
+            let n = seen.iter().filter(|s| *s == name).count();
+            assert_eq!(n, 1, "{name} listed {n} times ({round} pieces)");
+        }
+        let mut dup = seen.clone();
+        dup.sort();
+        dup.dedup();
+        assert_eq!(dup.len(), seen.len(), "some entry listed twice");
+        drop(f);
+        m.unmount().expect("unmount");
+    })
 }

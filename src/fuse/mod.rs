@@ -17,6 +17,7 @@ use fuser::{
 use crate::union::dir::NewKind;
 use crate::union::file::{Opened, SetAttr, SetTime};
 use crate::union::inode::Backing;
+use crate::union::readdir::dir_offset;
 use crate::union::{Attr, Caller, Error, Union};
 
 /// Kernel cache lifetime for entries and attributes. Safe to make long: every change to the
@@ -444,30 +445,28 @@ impl Filesystem for UnionFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // The kernel may cache listings: every change to a directory goes through us and the
-        // kernel drops a directory's cached listing when it changes it.
-        match self.u.opendir(ino.0) {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(errno(e)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
+        // directory read) and opens directories as if we had answered FOPEN_KEEP_CACHE |
+        // FOPEN_CACHE_DIR, which is what we answered: it may cache listings, since every
+        // change to a directory goes through us and the kernel drops a directory's cached
+        // listing when it changes it. readdir then works from (directory, offset) alone.
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.u.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(e.ino), (i + 1) as u64, kind_of(e.kind), &e.name) {
+        match self.u.readdir(ino.0, offset) {
+            Ok((entries, start, generation)) => {
+                for (i, e) in entries.iter().enumerate().skip(start) {
+                    let next = dir_offset(generation, i + 1);
+                    if reply.add(INodeNo(e.ino), next, kind_of(e.kind), &e.name) {
                         break;
                     }
                 }
@@ -481,16 +480,16 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.u.readdir(fh.0, offset) {
+        let (entries, start, generation) = match self.u.readdir(ino.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
         let mut added = false;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, e) in entries.iter().enumerate().skip(start) {
             let dot = e.name == "." || e.name == "..";
             // Each real entry is a lookup (one kernel reference); "." and ".." are ignored by
             // the kernel and take none.
@@ -522,7 +521,7 @@ impl Filesystem for UnionFs {
             };
             let full = reply.add(
                 INodeNo(attr.ino),
-                (i + 1) as u64,
+                dir_offset(generation, i + 1),
                 &e.name,
                 &self.ttl,
                 &fattr(&attr),
@@ -543,11 +542,11 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.u.releasedir(fh.0);
+        // Not sent once opendir answered ENOSYS.
         reply.ok()
     }
 

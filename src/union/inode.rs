@@ -102,6 +102,9 @@ pub struct Node {
     /// Bumped whenever the node starts naming another directory (or none): an fd opened
     /// under an older generation is not cached.
     pub dirgen: AtomicU64,
+    /// Directories: the last few listings handed to readers, by generation (readdir offsets
+    /// name them: `readdir.rs`).
+    pub listings: Mutex<Vec<(u64, Arc<Vec<super::readdir::DirEntry>>)>>,
     /// The node's xattrs as stored in its top layer (names and values), loaded on first use.
     /// Every change goes through us (setxattr, removexattr, setattr, writes that drop
     /// security.capability), and each of those drops it.
@@ -150,6 +153,7 @@ impl Node {
             io_lock: Mutex::new(None),
             dirfds: Mutex::new(Vec::new()),
             dirgen: AtomicU64::new(0),
+            listings: Mutex::new(Vec::new()),
             xattrs: Mutex::new(None),
             xgen: AtomicU64::new(0),
             kio: Mutex::new(KernelIo::default()),

@@ -212,7 +212,8 @@ pub struct Union {
     pub(crate) xino: bool,
     pub(crate) tmp_seq: AtomicU64,
     pub(crate) files: DashMap<u64, Arc<file::OpenFile>>,
-    pub(crate) dirs: DashMap<u64, Arc<readdir::DirHandle>>,
+    /// Generations of directory listings (readdir offsets).
+    pub(crate) list_seq: AtomicU64,
     pub(crate) fh_seq: AtomicU64,
     pub(crate) quota: Option<Arc<crate::quota::Quota>>,
     pub(crate) uid_map: idmap::IdMap,
@@ -338,7 +339,7 @@ impl Union {
             xino,
             tmp_seq: AtomicU64::new(0),
             files: crate::new_map(),
-            dirs: crate::new_map(),
+            list_seq: AtomicU64::new(0),
             fh_seq: AtomicU64::new(1),
             quota,
             uid_map: opts.uid_map.clone(),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
-use parking_lot::Mutex;
 
 use super::{Ctx, Error, LayerRef, Node, Result, Union};
 use crate::layer;
@@ -26,13 +25,12 @@ pub struct DirEntry {
     pub ino: u64,
 }
 
-/// An open directory: a snapshot of the listing taken at its first read and at every rewind.
-#[derive(Debug)]
-pub struct DirHandle {
-    /// Node id of the directory.
-    pub ino: u64,
-    /// Entries, `.` and `..` first; `None` until listed.
-    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+/// Listings a directory node keeps for readers in progress.
+const KEPT_LISTINGS: usize = 4;
+
+/// The offset of the entry after index `next - 1` of listing `generation`.
+pub fn dir_offset(generation: u64, next: usize) -> u64 {
+    (generation << 32) | next as u64
 }
 
 fn dtype_kind(t: Option<Type>) -> u32 {
@@ -148,55 +146,46 @@ impl Union {
         Ok(Arc::new(v))
     }
 
-    /// opendir: snapshot the listing; returns a handle id.
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
+    /// readdir of directory node `ino` from `offset`, without an open handle (opendir is
+    /// answered ENOSYS: the kernel then opens directories without asking us, and caches their
+    /// listings, FOPEN_CACHE_DIR, as it would for ours). Returns the listing, the index of the
+    /// first entry to send and the listing's generation, which [`dir_offset`] puts in every
+    /// entry's offset: a reader continues in the listing it started, whatever changed since.
+    ///
+    /// Offset 0 takes a fresh listing (rewinddir sees changes, as POSIX asks). A later offset
+    /// names its listing; one no longer kept (evicted, or a cookie from long ago: seekdir) is
+    /// taken afresh and read from the same index. A node keeps its last few listings; a reader
+    /// that reaches the end lets its listing go.
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, usize, u64)> {
         let node = self.node(ino)?;
         if !node.is_dir() {
-            return Err(Error::new(Errno::ENOTDIR, "opendir"));
+            return Err(Error::new(Errno::ENOTDIR, "readdir"));
         }
-        // Listed on the first readdir, so opendir costs no layer I/O.
-        let fh = self
-            .fh_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.dirs.insert(
-            fh,
-            Arc::new(DirHandle {
-                ino,
-                entries: Mutex::new(None),
-            }),
-        );
-        Ok(fh)
-    }
-
-    /// Entries of an open directory from `offset` on (offset = index of the next entry). At
-    /// offset 0 the snapshot is refreshed (rewinddir sees changes, as POSIX asks).
-    ///
-    /// The first read of a handle may come at any offset: the kernel serves the start of a
-    /// listing from its own cache (FOPEN_CACHE_DIR) and asks us only from where its cache ends
-    /// or lost a page, and seekdir() to a cookie from an earlier open does the same. The
-    /// listing is taken then; offsets are indices into it, and an unchanged directory lists
-    /// in the same order every time (upper, then each lower, in getdents order).
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let h = self
-            .dirs
-            .get(&fh)
-            .map(|h| h.clone())
-            .ok_or(Error::new(Errno::EBADF, "readdir handle"))?;
-        let mut entries = h.entries.lock();
-        match &*entries {
-            Some(e) if offset != 0 => Ok(e.clone()),
-            _ => {
-                let node = self.node(h.ino)?;
-                let fresh = self.listing(&node)?;
-                *entries = Some(fresh.clone());
-                Ok(fresh)
+        let (generation, index) = (offset >> 32, (offset & 0xffff_ffff) as usize);
+        if offset != 0 {
+            let mut kept = node.listings.lock();
+            if let Some(pos) = kept.iter().position(|(g, _)| *g == generation) {
+                let l = kept[pos].1.clone();
+                if index >= l.len() {
+                    // The reader is at the end: it needs this listing no more.
+                    kept.remove(pos);
+                }
+                return Ok((l, index, generation));
             }
         }
-    }
-
-    /// releasedir.
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.remove(&fh);
+        let fresh = self.listing(&node)?;
+        // 30 bits of generation keep offsets positive (telldir's long); 0 is never one.
+        let generation = (self
+            .list_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % ((1 << 30) - 1))
+            + 1;
+        let mut kept = node.listings.lock();
+        if kept.len() >= KEPT_LISTINGS {
+            kept.remove(0);
+        }
+        kept.push((generation, fresh.clone()));
+        Ok((fresh, index, generation))
     }
 
     /// fsyncdir: sync the upper directory if there is one.
