@@ -170,6 +170,8 @@ impl Node {
         let mut c = self.dirfds.lock();
         self.dirgen.fetch_add(1, Ordering::AcqRel);
         c.clear();
+        // Listings of the directory it used to be.
+        self.listings.lock().clear();
     }
 
     /// Forget the cached xattrs.

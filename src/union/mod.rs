@@ -214,6 +214,9 @@ pub struct Union {
     pub(crate) files: DashMap<u64, Arc<file::OpenFile>>,
     /// Generations of directory listings (readdir offsets).
     pub(crate) list_seq: AtomicU64,
+    /// Listings kept by directory nodes, oldest first (node, generation, entries), and their
+    /// entries in all (the budget: `readdir.rs`).
+    pub(crate) kept_listings: parking_lot::Mutex<readdir::KeptListings>,
     pub(crate) fh_seq: AtomicU64,
     pub(crate) quota: Option<Arc<crate::quota::Quota>>,
     pub(crate) uid_map: idmap::IdMap,
@@ -340,6 +343,7 @@ impl Union {
             tmp_seq: AtomicU64::new(0),
             files: crate::new_map(),
             list_seq: AtomicU64::new(0),
+            kept_listings: parking_lot::Mutex::new(Default::default()),
             fh_seq: AtomicU64::new(1),
             quota,
             uid_map: opts.uid_map.clone(),

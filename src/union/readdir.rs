@@ -25,12 +25,33 @@ pub struct DirEntry {
     pub ino: u64,
 }
 
-/// Listings a directory node keeps for readers in progress.
-const KEPT_LISTINGS: usize = 4;
+/// Listings a directory node keeps for readers (the least recently used goes first).
+const KEPT_LISTINGS: usize = 8;
+
+/// Listings kept by directory nodes, oldest first (node, generation, entries), and their
+/// entries in all.
+pub type KeptListings = (std::collections::VecDeque<(u64, u64, usize)>, usize);
+
+/// Entries of all kept listings together, at most (~100 bytes each); the oldest listings go
+/// first (`Union::kept_listings`).
+const KEPT_ENTRIES: usize = 64 * 1024;
+
+/// Bits of a readdir offset that hold the index; the generation sits above them. Offsets stay
+/// below 2^31: a 32-bit process's getdents (compat d_off) gets EOVERFLOW for larger ones.
+const INDEX_BITS: u32 = 21;
+/// Generations are 1..=GENERATIONS (0: none, the offset is a plain index).
+const GENERATIONS: u64 = (1 << (31 - INDEX_BITS)) - 1;
+
+/// Marks a plain index (an entry past 2^21 in its listing: no room for the generation, read
+/// from a fresh listing; such offsets do not fit a 32-bit d_off).
+const PLAIN: u64 = 1 << 31;
 
 /// The offset of the entry after index `next - 1` of listing `generation`.
 pub fn dir_offset(generation: u64, next: usize) -> u64 {
-    (generation << 32) | next as u64
+    if next as u64 >= 1 << INDEX_BITS {
+        return PLAIN | next as u64;
+    }
+    (generation << INDEX_BITS) | next as u64
 }
 
 fn dtype_kind(t: Option<Type>) -> u32 {
@@ -154,38 +175,72 @@ impl Union {
     ///
     /// Offset 0 takes a fresh listing (rewinddir sees changes, as POSIX asks). A later offset
     /// names its listing; one no longer kept (evicted, or a cookie from long ago: seekdir) is
-    /// taken afresh and read from the same index. A node keeps its last few listings; a reader
-    /// that reaches the end lets its listing go.
+    /// taken afresh and read from the same index. A listing read to the end stays: the
+    /// kernel's cached copy of it carries its offsets, and a reader served from that cache
+    /// comes back with them when the cache loses a page. A node keeps its last eight listings
+    /// (least recently used out first), all nodes together at most 64k entries (oldest out).
+    ///
+    /// Offsets stay below 2^31 (21 bits of index, 10 of generation) for 32-bit callers.
     pub fn readdir(&self, ino: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, usize, u64)> {
         let node = self.node(ino)?;
         if !node.is_dir() {
             return Err(Error::new(Errno::ENOTDIR, "readdir"));
         }
-        let (generation, index) = (offset >> 32, (offset & 0xffff_ffff) as usize);
-        if offset != 0 {
+        let (generation, index) = if offset & PLAIN != 0 {
+            (0, (offset & !PLAIN) as usize)
+        } else {
+            (
+                offset >> INDEX_BITS,
+                (offset & ((1 << INDEX_BITS) - 1)) as usize,
+            )
+        };
+        if offset != 0 && generation != 0 {
             let mut kept = node.listings.lock();
             if let Some(pos) = kept.iter().position(|(g, _)| *g == generation) {
-                let l = kept[pos].1.clone();
-                if index >= l.len() {
-                    // The reader is at the end: it needs this listing no more.
-                    kept.remove(pos);
-                }
+                let used = kept.remove(pos);
+                let l = used.1.clone();
+                kept.push(used);
                 return Ok((l, index, generation));
             }
         }
         let fresh = self.listing(&node)?;
-        // 30 bits of generation keep offsets positive (telldir's long); 0 is never one.
+        if offset != 0 && index >= fresh.len() {
+            // An unknown listing's reader at or past the end: nothing to keep for it.
+            return Ok((fresh, index, 0));
+        }
+        // Generations wrap: a reused one names another listing only after the node dropped
+        // the old one, and reading on in another listing is what an unknown one gets anyway.
         let generation = (self
             .list_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            % ((1 << 30) - 1))
+            % GENERATIONS)
             + 1;
-        let mut kept = node.listings.lock();
-        if kept.len() >= KEPT_LISTINGS {
-            kept.remove(0);
+        {
+            let mut kept = node.listings.lock();
+            if kept.len() >= KEPT_LISTINGS {
+                kept.remove(0);
+            }
+            kept.push((generation, fresh.clone()));
         }
-        kept.push((generation, fresh.clone()));
+        self.keep_listing(ino, generation, fresh.len());
         Ok((fresh, index, generation))
+    }
+
+    /// Count a listing kept for node `ino` against the budget of all nodes, dropping the
+    /// oldest kept listings beyond it.
+    fn keep_listing(&self, ino: u64, generation: u64, len: usize) {
+        let mut q = self.kept_listings.lock();
+        q.0.push_back((ino, generation, len));
+        q.1 += len;
+        while q.1 > KEPT_ENTRIES && q.0.len() > 1 {
+            let Some((i, g, n)) = q.0.pop_front() else {
+                break;
+            };
+            q.1 -= n;
+            if let Some(node) = self.nodes.get(i) {
+                node.listings.lock().retain(|(k, _)| *k != g);
+            }
+        }
     }
 
     /// fsyncdir: sync the upper directory if there is one.
@@ -199,5 +254,27 @@ impl Union {
         self.commits.wait_parent(ino);
         let fd = self.dir_fd(&node, LayerRef::Upper).ctx("fsyncdir: open")?;
         nix::unistd::fsync(fd.as_fd()).ctx("fsyncdir")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_fit_31_bits_and_name_their_listing() {
+        for g in [1, 2, GENERATIONS] {
+            for next in [1usize, 2, 1000, (1 << INDEX_BITS) - 1] {
+                let o = dir_offset(g, next);
+                assert!(o < 1 << 31, "offset {o:#x} of ({g}, {next})");
+                assert_eq!(
+                    (o >> INDEX_BITS, (o & ((1 << INDEX_BITS) - 1)) as usize),
+                    (g, next)
+                );
+            }
+        }
+        let o = dir_offset(5, 1 << INDEX_BITS);
+        assert_eq!(o & PLAIN, PLAIN);
+        assert_eq!((o & !PLAIN) as usize, 1 << INDEX_BITS);
     }
 }
