@@ -447,10 +447,10 @@ impl Filesystem for UnionFs {
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
-        // directory read) and opens directories as if we had answered FOPEN_KEEP_CACHE |
-        // FOPEN_CACHE_DIR, which is what we answered: it may cache listings, since every
-        // change to a directory goes through us and the kernel drops a directory's cached
-        // listing when it changes it. readdir then works from (directory, offset) alone.
+        // directory read) and opens directories itself with FOPEN_KEEP_CACHE |
+        // FOPEN_CACHE_DIR (what we used to answer): it may cache listings, since every change
+        // to a directory goes through us and the kernel drops a directory's cached listing
+        // when it changes it. readdir then works from (directory, offset) alone.
         reply.error(Errno::ENOSYS)
     }
 

@@ -238,9 +238,6 @@ impl Commits {
 
     /// The background fsync error of `ino`, once.
     pub(crate) fn take_error(&self, ino: u64) -> Option<Errno> {
-        if self.errors.lock().is_empty() {
-            return None;
-        }
         self.errors.lock().remove(&ino)
     }
 
@@ -416,39 +413,43 @@ impl Union {
         }
     }
 
-    /// Commit `c`: fsync the copy, rename it into upper (keeping the parent's times, as a
-    /// copy-up does), then let waiters go on.
     /// Commit several: start writing every copy's data first, so the disk takes them all at
     /// once and each fsync after mostly finds its data written and its metadata in a journal
     /// commit an earlier one made (one flush for the batch instead of one per file).
     fn commit_batch(&self, batch: &[Arc<Commit>]) {
-        if batch.len() > 1
-            && let Ok(work) = self.work_fd()
-        {
-            for c in batch {
-                if let Ok(fd) = nix::fcntl::openat(
-                    work,
-                    c.tmp.as_os_str(),
-                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                ) {
-                    // Best effort: the fsync in commit_inner is what counts.
-                    let _ = crate::layer::sys::sync_file_range(
-                        fd.as_fd(),
-                        0,
-                        0,
-                        libc::SYNC_FILE_RANGE_WRITE,
-                    );
-                }
-            }
+        if batch.len() == 1 {
+            return self.commit_now(&batch[0]);
         }
-        for c in batch {
-            self.commit_now(c);
+        let fds: Vec<_> = batch.iter().map(|c| self.open_copy(c)).collect();
+        for fd in fds.iter().flatten() {
+            // Best effort: the fsync in commit_inner is what counts.
+            let _ =
+                crate::layer::sys::sync_file_range(fd.as_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+        for (c, fd) in batch.iter().zip(fds) {
+            self.commit_with(c, fd);
         }
     }
 
+    /// The copy of `c` in the work dir, open for its fsync.
+    fn open_copy(&self, c: &Commit) -> std::result::Result<OwnedFd, Errno> {
+        nix::fcntl::openat(
+            self.work_fd().map_err(|e| e.errno)?,
+            c.tmp.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    }
+
+    /// Commit `c`: fsync the copy, rename it into upper (keeping the parent's times, as a
+    /// copy-up does), then let waiters go on.
     fn commit_now(&self, c: &Commit) {
-        match self.commit_inner(c) {
+        self.commit_with(c, self.open_copy(c))
+    }
+
+    /// [`Union::commit_now`] with the copy already opened (or the error opening it).
+    fn commit_with(&self, c: &Commit, fd: std::result::Result<OwnedFd, Errno>) {
+        match self.commit_inner(c, fd) {
             Ok(true) => {
                 self.commits.done.fetch_add(1, Ordering::Relaxed);
             }
@@ -510,17 +511,16 @@ impl Union {
 
     /// Ok(false): a deferred rename's copy is in upper under its old name, but the move
     /// failed.
-    fn commit_inner(&self, c: &Commit) -> std::result::Result<bool, Errno> {
+    fn commit_inner(
+        &self,
+        c: &Commit,
+        fd: std::result::Result<OwnedFd, Errno>,
+    ) -> std::result::Result<bool, Errno> {
         if !self.commit_delay.is_zero() {
             std::thread::sleep(self.commit_delay);
         }
         let work = self.work_fd().map_err(|e| e.errno)?;
-        let fd = nix::fcntl::openat(
-            work,
-            c.tmp.as_os_str(),
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
+        let fd = fd?;
         // A copy not known to be on disk must not replace the lower file (the crash contract).
         nix::unistd::fsync(fd.as_fd())?;
         drop(fd);

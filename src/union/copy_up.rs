@@ -61,7 +61,6 @@ impl Union {
         let fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
         // Charged in full before it starts: a copy-up that does not fit fails cleanly.
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
-        let pstat = nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?;
         let work = self.work_fd()?;
         // Deferred commit: a regular file with one name (hard-linked files keep the
         // synchronous path), when the committer can take it.
@@ -69,6 +68,12 @@ impl Union {
             .then(|| self.can_stage(fs.st_size.max(0) as u64))
             .flatten();
         let deferred = tx.is_some();
+        // The parent's times, to restore after the rename into it (a deferred commit takes
+        // its own when it renames).
+        let pstat = match deferred {
+            true => None,
+            false => Some(nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?),
+        };
         // The work dir grows here; upper's directory when the copy is renamed into it (now or
         // by the commit), measured there: a commit running meanwhile into the same directory
         // is not counted twice.
@@ -84,7 +89,7 @@ impl Union {
         })?;
         // A copy-up is no change of the parent the user could see: restore its times, as the
         // kernel does (best effort; a deferred commit does it when it renames).
-        if !deferred {
+        if let Some(pstat) = pstat {
             let _ = nix::sys::stat::futimens(
                 dst_dir.as_fd(),
                 &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),

@@ -608,6 +608,10 @@ impl Union {
     /// write(2) with the caller's per-write flags (`O_SYNC`/`O_DSYNC` from RWF_*SYNC).
     pub fn write_flags(&self, fh: u64, off: u64, data: &[u8], flags: i32) -> Result<usize> {
         let f = self.handle(fh)?;
+        if sync_of(flags).or(f.sync).is_some() {
+            // Durable includes the name: a pending copy-up commit first.
+            self.commits.wait_node(f.ino);
+        }
         // A write drops security.capability on disk: keep the xattr cache honest.
         if let Some(node) = self.nodes.get(f.ino) {
             let has_cap = node.xattrs.lock().as_ref().is_some_and(|c| {
@@ -632,10 +636,6 @@ impl Union {
             }
             let n = c.write(f.ino, &f.fd, off, data).ctx("write")?;
             let sync = sync_of(flags).or(f.sync);
-            if sync.is_some() {
-                // Durable includes the name: a pending copy-up commit first.
-                self.commits.wait_node(f.ino);
-            }
             if f.direct || sync.is_some() {
                 c.sync_file(f.ino).ctx("write-back")?;
                 if !self.volatile {
@@ -671,10 +671,6 @@ impl Union {
             && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
         {
             c.set_size(f.ino, &st);
-        }
-        if sync_of(flags).or(f.sync).is_some() {
-            // Durable includes the name: a pending copy-up commit first.
-            self.commits.wait_node(f.ino);
         }
         r
     }
