@@ -677,7 +677,9 @@ impl Union {
 
     /// Would accepting `len` more bytes into the cache leave too little room on upper's
     /// filesystem for everything dirty to be written back? (Free space is read at most every
-    /// 100 ms; the margin is the dirty limit plus 16 MiB.)
+    /// 100 ms, and what is accepted meanwhile counts as used: the flusher writes while the
+    /// figure ages, so a fast writer would otherwise fill the disk under a stale one. The
+    /// margin is the dirty limit plus 16 MiB.)
     fn upper_nearly_full(&self, c: &crate::cache::PageCache, len: u64) -> bool {
         let Some(up) = &self.upper else {
             return false;
@@ -696,7 +698,11 @@ impl Union {
                 free
             }
         };
-        free < c.config().thresholds().1 + len + (16 << 20)
+        let full = free < c.config().thresholds().1 + len + (16 << 20);
+        if !full && let Some((_, f)) = cached.as_mut() {
+            *f = f.saturating_sub(len);
+        }
+        full
     }
 
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
