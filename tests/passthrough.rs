@@ -136,6 +136,61 @@ fn modes_never_mix_on_one_file() {
     });
 }
 
+/// A lower file read through the daemon (the kernel caches its pages), closed, then opened for
+/// appending: that open copies it up and stays with the daemon, so the kernel's pages of it
+/// survive (a passthrough open would drop them all); they must show the appended byte, and the
+/// next open, the file being in upper with nothing open, is passthrough again and sees it too.
+#[test]
+fn a_copy_up_of_a_file_just_read_keeps_the_kernels_pages_and_stays_right() {
+    if !can_test_passthrough() {
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        let data: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
+        let m = Mount::with_args(
+            vec![Entry::File {
+                path: "big".into(),
+                data: data.clone(),
+                mode: 0o644,
+            }],
+            &[],
+        );
+        assert_eq!(fs::read(m.path("big")).unwrap(), data);
+        let before = opens(&m.merged);
+        let mut f = OpenOptions::new().append(true).open(m.path("big")).unwrap();
+        f.write_all(b"!").unwrap();
+        // Written back, so the next open may hand the file over to the kernel.
+        f.sync_all().unwrap();
+        drop(f);
+        assert_eq!(
+            opens(&m.merged),
+            before,
+            "the copy-up open of a file the kernel caches was passthrough"
+        );
+        let mut want = data;
+        want.push(b'!');
+        // Served from the kernel's kept pages and the daemon's tail.
+        assert_eq!(fs::read(m.path("big")).unwrap(), want);
+        assert_eq!(
+            opens(&m.merged),
+            before + 1,
+            "the next open of the upper file was not passthrough"
+        );
+        // A passthrough writer now, then a reader: what the kernel wrote is seen.
+        let f = OpenOptions::new().write(true).open(m.path("big")).unwrap();
+        f.write_all_at(b"XYZ", 1_000_000).unwrap();
+        drop(f);
+        want[1_000_000..1_000_003].copy_from_slice(b"XYZ");
+        assert_eq!(fs::read(m.path("big")).unwrap(), want);
+        assert_eq!(
+            fs::read(m.dirs.upper.join("big")).unwrap(),
+            want,
+            "upper file"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
 /// Data written through the page cache (a file opened while a daemon-mode handle was open)
 /// stays with the daemon until it is written back; then later opens are passthrough and see it.
 #[test]

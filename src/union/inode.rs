@@ -135,6 +135,9 @@ pub struct KernelIo {
     /// A writable direct open happened since the daemon last served the file: the kernel's
     /// cached pages of the FUSE inode (and any of ours) may be stale.
     pub changed_directly: bool,
+    /// The daemon served the file with FOPEN_KEEP_CACHE since its last passthrough open: the
+    /// kernel may hold cached pages of the FUSE inode, which the next passthrough open drops.
+    pub kernel_pages: bool,
 }
 
 /// Cached xattrs of a node: (layer name, value) pairs.
