@@ -1043,6 +1043,39 @@ fn copy_up_keeps_file_capabilities() {
         .run();
 }
 
+/// Names hard-linked in a lower layer copied up, renamed and written while their commits are
+/// pending: each name is copied alone (the link breaks as with the kernel without index=on),
+/// the other names keep the lower content.
+#[test]
+fn hard_linked_lower_names_with_pending_commits() {
+    Differential::new("hard_linked_lower_names_with_pending_commits")
+        .candidate_args(&["-o", "commit_delay_ms=30"])
+        .lower(vec![
+            file("d/h1", "three names"),
+            hardlink("d/h2", "d/h1"),
+            hardlink("e/h3", "d/h1"),
+            dir("moved"),
+            file("p1", "two names"),
+            hardlink("p2", "p1"),
+        ])
+        .ok(op_rename("d/h1", "moved/h1"))
+        .ok(op_append("d/h2", "+2"))
+        .ok(op_readdir("d"))
+        .ok(op_readdir("moved"))
+        .data(op_read("moved/h1"), "three names")
+        .data(op_read("d/h2"), "three names+2")
+        .data(op_read("e/h3"), "three names")
+        .ok(op_rename("e/h3", "moved/h3"))
+        .ok(op_append("moved/h3", "+3"))
+        .data(op_read("moved/h3"), "three names+3")
+        .ok(op_chmod("p1", 0o600))
+        .ok(op_rename("p2", "p3"))
+        .data(op_read("p3"), "two names")
+        .ok(op_unlink("p1"))
+        .ok(op_readdir(""))
+        .run();
+}
+
 #[test]
 fn renames_of_lower_files_and_what_follows() {
     // A rename of a lower file is answered before its copy-up is committed (the commit puts

@@ -62,9 +62,10 @@ impl Union {
         // Charged in full before it starts: a copy-up that does not fit fails cleanly.
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
         let work = self.work_fd()?;
-        // Deferred commit: a regular file with one name (hard-linked files keep the
-        // synchronous path), when the committer can take it.
-        let tx = (defer && fs.st_mode & libc::S_IFMT == libc::S_IFREG && fs.st_nlink == 1)
+        // Deferred commit: a regular file, when the committer can take it. A name of a file
+        // hard-linked in a lower layer has a node of its own (namei.rs), and its copy breaks
+        // the link as the kernel's does: it commits like any other.
+        let tx = (defer && fs.st_mode & libc::S_IFMT == libc::S_IFREG)
             .then(|| self.can_stage(fs.st_size.max(0) as u64))
             .flatten();
         let deferred = tx.is_some();
