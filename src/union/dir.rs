@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, RenameFlags};
 use nix::sys::stat::{Mode, SFlag};
+use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::copy_up::{remove_dir_contents, remove_tmp};
@@ -370,6 +371,16 @@ impl Union {
         let Some(staged) = self.copy_up_for_use(src)? else {
             return Ok(false);
         };
+        // Both directories change now, as with the rename itself: their times say so before
+        // the commit moves the file (which sets them once more), so their attributes need not
+        // wait for it. Before the commit is queued, which must not restore older times over
+        // these. (Times only: a failure here does not fail the rename.)
+        let now = TimeSpec::new(0, libc::UTIME_NOW);
+        let omit = TimeSpec::new(0, libc::UTIME_OMIT);
+        if let Ok(sdir) = self.dir_fd(p, LayerRef::Upper) {
+            let _ = nix::sys::stat::futimens(sdir.as_fd(), &omit, &now);
+        }
+        let _ = nix::sys::stat::futimens(ddir.as_fd(), &omit, &now);
         staged.moving_to(
             self,
             super::commit::Move {

@@ -540,10 +540,8 @@ impl Union {
     /// node was unlinked while open).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
-        if node.is_dir() {
-            // A deferred rename from or into it changes its times when it is committed.
-            self.commits.wait_dir(ino);
-        }
+        // (A directory a deferred rename moves a file from or into has its new times
+        // already: rename_deferred sets them.)
         let (unlinked, top) = {
             let st = node.st.lock();
             (st.unlinked, st.top())

@@ -274,12 +274,7 @@ impl Union {
         let f = self
             .find(&p, name)?
             .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
-        let (node, attr) = self.node_for(parent, name, &f, 1);
-        if node.is_dir() && self.commits.wait_dir(node.ino) {
-            // A deferred rename from or into it was pending: its times are new now. (The
-            // kernel reference is taken: answer in any case.)
-            return Ok(self.getattr(node.ino, None).unwrap_or(attr));
-        }
+        let (_, attr) = self.node_for(parent, name, &f, 1);
         Ok(attr)
     }
 
