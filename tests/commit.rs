@@ -364,3 +364,52 @@ fn synchronous_writes_do_not_defer_the_commit() {
         m.unmount().expect("unmount");
     })
 }
+
+/// A deferred rename whose move cannot be committed (here: a file put at the new name in upper
+/// behind the daemon's back while the commit waits) leaves the file under its old name, and
+/// the kernel, which was told of the rename, is made to forget both names: the new name then
+/// shows what upper has there, the old name the moved file, and its fsync reports the failure.
+#[test]
+fn a_rename_that_cannot_be_committed_is_undone_in_the_kernel_too() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(
+            vec![file("a", "lower a"), dir("dst")],
+            &["-o", "commit_delay_ms=400"],
+        );
+        // The kernel learns the rename and caches the new name's entry (and, from the stat,
+        // its attributes; an open would wait for the commit).
+        fs::rename(m.path("a"), m.path("dst/b")).expect("rename");
+        assert_eq!(fs::metadata(m.path("dst/b")).expect("stat b").len(), 7);
+        // Behind the daemon, before the commit: something takes the new name in upper.
+        fs::create_dir_all(m.dirs.upper.join("dst")).expect("upper dst");
+        fs::write(m.dirs.upper.join("dst/b"), "put there").expect("write upper b");
+        let (st, _, err) = run_with_timeout(
+            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+            Duration::from_secs(60),
+        )
+        .expect("run sync");
+        assert!(st.success(), "sync: {err}");
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s.get("copyup_failed_commits"), Some(&1), "{s:?}");
+        // The kernel forgets from a thread of the daemon's: give it a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = fs::read_to_string(m.path("dst/b")).unwrap_or_default();
+            if b == "put there" || std::time::Instant::now() > deadline {
+                assert_eq!(b, "put there", "the new name still shows the moved file");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            fs::read_to_string(m.path("a")).expect("old name"),
+            "lower a",
+            "the file is back under its old name"
+        );
+        assert_eq!(
+            fs::read_to_string(m.dirs.upper.join("a")).expect("upper a"),
+            "lower a"
+        );
+        m.unmount().expect("unmount");
+    })
+}

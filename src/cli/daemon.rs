@@ -254,6 +254,15 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             return Err(m);
         }
     };
+    let notifier = session.notifier();
+    union.set_forgetter(std::sync::Arc::new(
+        move |f: &crate::union::Forget| match f {
+            crate::union::Forget::Entry(parent, name) => {
+                notifier.inval_entry(fuser::INodeNo(*parent), name)
+            }
+            crate::union::Forget::Inode(ino) => notifier.inval_inode(fuser::INodeNo(*ino), 0, 0),
+        },
+    ));
     let mut unmounter = session.unmount_callable();
     let merged = c.merged.clone();
     let sig_union = union.clone();

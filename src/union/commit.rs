@@ -501,6 +501,19 @@ impl Union {
                 s.upper = false;
             }
         }
+        if e != Errno::EEXIST {
+            // Our pages, and the kernel's attributes and pages, of the file are of the lost
+            // copy; a rename the kernel was told of did not happen.
+            if let Some(cache) = &self.cache {
+                cache.drop_file(c.ino);
+            }
+            let mut forget = vec![super::Forget::Inode(c.ino)];
+            if let Some(m) = c.moving.get() {
+                forget.push(super::Forget::Entry(m.newparent, m.newname.clone()));
+                forget.push(super::Forget::Entry(c.parent, c.name.clone()));
+            }
+            self.kernel_forget(forget);
+        }
         // An open handle on the copy releases its charge at its last close; else release now.
         if let Some(st) = st
             && self.upper_handle_of(c.ino, None).is_none()
@@ -560,6 +573,12 @@ impl Union {
             if let Some(node) = self.nodes.get(c.ino) {
                 super::namei::move_name(&node, m.newparent, &m.newname, c.parent, &c.name);
             }
+            // The kernel was told the file has its new name: it must look both names up again.
+            self.kernel_forget(vec![
+                super::Forget::Entry(m.newparent, m.newname.clone()),
+                super::Forget::Entry(c.parent, c.name.clone()),
+                super::Forget::Inode(c.ino),
+            ]);
             return Ok(false);
         }
         Ok(true)

@@ -198,6 +198,25 @@ impl Union {
     }
 }
 
+/// Something the kernel caches that the daemon changed on its own (a background commit that
+/// failed), to be forgotten: a name in a directory, or an inode's attributes and pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forget {
+    Entry(u64, OsString),
+    Inode(u64),
+}
+
+/// Sends [`Forget`]s to the kernel (the FUSE adapter's notifier).
+pub type Forgetter = Arc<dyn Fn(&Forget) -> std::io::Result<()> + Send + Sync>;
+
+struct KernelForget(Forgetter);
+
+impl fmt::Debug for KernelForget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelForget")
+    }
+}
+
 /// A union filesystem instance.
 #[derive(Debug)]
 pub struct Union {
@@ -247,6 +266,9 @@ pub struct Union {
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
     /// Copy-ups commit before the reply (`copyup_commit=sync`).
     pub(crate) sync_commit: bool,
+    /// Tells the kernel to forget cached entries and inodes (FUSE notifications), once the
+    /// session is up.
+    kernel_forget: std::sync::OnceLock<KernelForget>,
     /// Testing aid: background commits wait this long first.
     pub(crate) commit_delay: std::time::Duration,
     /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
@@ -362,6 +384,7 @@ impl Union {
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
             reflink: std::sync::atomic::AtomicBool::new(true),
             sync_commit: opts.sync_commit,
+            kernel_forget: std::sync::OnceLock::new(),
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
@@ -600,6 +623,32 @@ impl Union {
         };
         let v = (base & ((1u64 << 56) - 1)) | (tag << 56);
         if v == ROOT_INO { u64::MAX - 1 } else { v }
+    }
+
+    /// Install what tells the kernel to forget (once the FUSE session exists).
+    pub fn set_forgetter(&self, f: Forgetter) {
+        let _ = self.kernel_forget.set(KernelForget(f));
+    }
+
+    /// Have the kernel forget `what`, from a thread of its own: a notification about a
+    /// directory waits for the kernel's lock of it, which a request waiting for us may hold.
+    pub(crate) fn kernel_forget(&self, what: Vec<Forget>) {
+        let Some(KernelForget(f)) = self.kernel_forget.get() else {
+            return;
+        };
+        let f = f.clone();
+        let spawned = std::thread::Builder::new()
+            .name("forget".into())
+            .spawn(move || {
+                for w in &what {
+                    if let Err(e) = f(w) {
+                        log::warn!("kernel cache invalidation of {w:?}: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("kernel cache invalidation: no thread ({e})");
+        }
     }
 
     /// A fresh scratch name in the work directory.
