@@ -413,3 +413,119 @@ fn a_rename_that_cannot_be_committed_is_undone_in_the_kernel_too() {
         m.unmount().expect("unmount");
     })
 }
+
+/// A deferred rename answers with both directories' times set, and its commit keeps them: the
+/// times stat showed right after the rename are the ones on disk once it is committed (kernel
+/// overlayfs sets them once, at the rename).
+#[test]
+fn a_deferred_rename_keeps_the_directory_times_it_showed() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(
+            vec![file("src/a", "a"), dir("dst")],
+            &["-o", "commit_delay_ms=300"],
+        );
+        fs::rename(m.path("src/a"), m.path("dst/a")).expect("rename");
+        let shown: Vec<(i64, i64)> = ["src", "dst"]
+            .iter()
+            .map(|d| {
+                let md = fs::metadata(m.path(d)).expect("stat dir");
+                (md.mtime(), md.mtime_nsec())
+            })
+            .collect();
+        let (st, _, err) = run_with_timeout(
+            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+            Duration::from_secs(60),
+        )
+        .expect("run sync");
+        assert!(st.success(), "sync: {err}");
+        for (d, want) in ["src", "dst"].iter().zip(&shown) {
+            let md = fs::metadata(m.dirs.upper.join(d)).expect("stat upper dir");
+            assert_eq!(
+                (md.mtime(), md.mtime_nsec()),
+                *want,
+                "{d}: mtime on disk after the commit differs from the one shown after the rename"
+            );
+        }
+        assert_eq!(
+            fs::read_to_string(m.dirs.upper.join("dst/a")).expect("moved"),
+            "a"
+        );
+        m.unmount().expect("unmount");
+    })
+}
+
+/// Undoes `chattr +i` on drop.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(p: &Path) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Immutable(p.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A copy-up for writing whose commit fails (upper's directory made immutable behind the
+/// daemon: the rename into it fails): the file is the lower one again for everyone, the
+/// handle opened on the lost copy gets EIO (its writes would reach the caches of what is now
+/// the lower file), and its fsync reports the failure.
+#[test]
+fn a_failed_copy_up_commit_reverts_to_the_lower_file() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(
+            vec![file("d/f", "lower content")],
+            &["--passthrough", "off", "-o", "commit_delay_ms=300"],
+        );
+        fs::create_dir(m.path("d/keep")).expect("mkdir (copies d up)");
+        let h = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("d/f"))
+            .expect("open for writing");
+        use std::os::unix::fs::FileExt;
+        h.write_all_at(b"XX", 0).expect("write to the copy");
+        let Some(imm) = Immutable::set(&m.dirs.upper.join("d")) else {
+            eprintln!("skipped: chattr +i not possible here");
+            drop(h);
+            m.unmount().expect("unmount");
+            return;
+        };
+        let (st, _, err) = run_with_timeout(
+            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+            Duration::from_secs(60),
+        )
+        .expect("run sync");
+        drop(imm);
+        assert!(st.success(), "sync: {err}");
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s.get("copyup_failed_commits"), Some(&1), "{s:?}");
+        let e = h.write_all_at(b"YY", 0).expect_err("write to a lost copy");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        assert!(h.sync_all().is_err(), "fsync of a lost copy succeeded");
+        // The kernel forgets the file's pages from a thread of the daemon's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = fs::read_to_string(m.path("d/f")).expect("read");
+            if now == "lower content" || std::time::Instant::now() > deadline {
+                assert_eq!(now, "lower content", "not the lower file again");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!m.dirs.upper.join("d/f").exists(), "a copy reached upper");
+        drop(h);
+        m.unmount().expect("unmount");
+    })
+}

@@ -169,7 +169,7 @@ fn a_copy_up_of_a_file_just_read_keeps_the_kernels_pages_and_stays_right() {
         );
         let mut want = data;
         want.push(b'!');
-        // Served from the kernel's kept pages and the daemon's tail.
+        // Passthrough now (the kernel drops its pages and reads the upper file itself).
         assert_eq!(fs::read(m.path("big")).unwrap(), want);
         assert_eq!(
             opens(&m.merged),

@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak, mpsc};
 use std::thread::ThreadId;
@@ -210,8 +210,9 @@ impl Commits {
         self.wait_where(|c| c.parent == parent || c.lists_in(parent));
     }
 
-    /// Wait until no deferred rename from or into directory `dir` is pending (before reading
-    /// it or its attributes: its entries and times are not on disk yet). Whether it waited.
+    /// Wait until no deferred rename from or into directory `dir` is pending (before listing
+    /// it or setting its attributes: its entries are not on disk yet, and the commit restores
+    /// its times). Whether it waited.
     pub(crate) fn wait_dir(&self, dir: u64) -> bool {
         self.wait_where(|c| c.lists_in(dir))
     }
@@ -463,17 +464,47 @@ impl Union {
     /// A commit that cannot be made: the copy is dropped and the node is the lower file again
     /// (what a crash at that point would show), and the file's next fsync reports the error.
     /// Without an upper object to put it in, what was written to the copy is lost: say so.
-    /// EEXIST: a rename replaced the file meanwhile (its open handles keep the copy).
+    /// EEXIST on a plain commit: a rename replaced the file meanwhile (its open handles keep
+    /// the copy). A deferred rename's old name is taken by nothing of ours (everything that
+    /// names it waits for the commit): there EEXIST is a failure like any other.
     fn commit_failed(&self, c: &Commit, e: Errno) {
         self.commits.failed.fetch_add(1, Ordering::Relaxed);
-        if e != Errno::EEXIST {
-            log::error!(
-                "copy-up of {:?} could not be committed ({e}): it is the lower file again, and \
-                 what was written to it since the copy-up is lost",
-                c.name
-            );
-            self.commits.errors.lock().insert(c.ino, e);
+        let benign = e == Errno::EEXIST && c.moving.get().is_none();
+        if benign {
+            self.drop_failed_copy(c, false);
+            return;
         }
+        log::error!(
+            "copy-up of {:?} could not be committed ({e}): it is the lower file again, and \
+             what was written to it since the copy-up is lost",
+            c.name
+        );
+        self.commits.errors.lock().insert(c.ino, e);
+        // Handles open on the copy: it is gone, their reads and writes fail from now on (they
+        // would reach the caches of the file, which is the lower one again).
+        for f in self.files.iter() {
+            if f.ino == c.ino && f.in_upper {
+                f.lost.store(true, Ordering::Release);
+            }
+        }
+        if let Some(cache) = &self.cache {
+            cache.drop_file(c.ino);
+        }
+        self.drop_failed_copy(c, true);
+        // The kernel's attributes and pages of the file are of the lost copy, and a rename it
+        // was told of did not happen (after the node is reverted: what it looks up again is
+        // the lower file).
+        let mut forget = vec![super::Forget::Inode(c.ino)];
+        if let Some(m) = c.moving.get() {
+            forget.push(super::Forget::Entry(m.newparent, m.newname.clone()));
+            forget.push(super::Forget::Entry(c.parent, c.name.clone()));
+        }
+        self.kernel_forget(forget);
+    }
+
+    /// Remove the copy of a failed commit and revert the node (`revert`: to the lower file;
+    /// else only a rename's name goes back).
+    fn drop_failed_copy(&self, c: &Commit, revert: bool) {
         let Ok(work) = self.work_fd() else {
             return;
         };
@@ -497,22 +528,9 @@ impl Union {
                 super::namei::move_name(&node, m.newparent, &m.newname, c.parent, &c.name);
             }
             let mut s = node.st.lock();
-            if e != Errno::EEXIST && !s.unlinked {
+            if revert && !s.unlinked {
                 s.upper = false;
             }
-        }
-        if e != Errno::EEXIST {
-            // Our pages, and the kernel's attributes and pages, of the file are of the lost
-            // copy; a rename the kernel was told of did not happen.
-            if let Some(cache) = &self.cache {
-                cache.drop_file(c.ino);
-            }
-            let mut forget = vec![super::Forget::Inode(c.ino)];
-            if let Some(m) = c.moving.get() {
-                forget.push(super::Forget::Entry(m.newparent, m.newname.clone()));
-                forget.push(super::Forget::Entry(c.parent, c.name.clone()));
-            }
-            self.kernel_forget(forget);
         }
         // An open handle on the copy releases its charge at its last close; else release now.
         if let Some(st) = st
@@ -538,6 +556,8 @@ impl Union {
         nix::unistd::fsync(fd.as_fd())?;
         drop(fd);
         let dst = c.dst_dir.as_fd();
+        // The parent's times, read and restored with no other such change in between.
+        let _times = self.dir_times.lock();
         let pstat = nix::sys::stat::fstat(dst)?;
         // Only upper's directory grows (the work dir was charged when the copy was made).
         self.dir_op(&[dst], false, || {
@@ -551,12 +571,10 @@ impl Union {
             .map_err(|e| super::Error::new(e, "copy-up commit: rename"))
         })
         .map_err(|e| e.errno)?;
+        // The copy-up is no change the user could see (for a rename: the directory's times
+        // are the rename's already, set when it was answered).
+        restore_mtime(dst, &pstat);
         let Some(m) = c.moving.get() else {
-            let _ = nix::sys::stat::futimens(
-                dst,
-                &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
-                &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
-            );
             return Ok(true);
         };
         // A deferred rename: the copy is in upper at its old name (the old view, should we
@@ -584,8 +602,11 @@ impl Union {
         Ok(true)
     }
 
+    /// The move of a deferred rename (with `dir_times` held): both directories keep the
+    /// times the rename set when it was answered, as with a rename done at once.
     fn commit_move(&self, c: &Commit, m: &Move) -> std::result::Result<(), Errno> {
         let (src, dst) = (c.dst_dir.as_fd(), m.new_dir.as_fd());
+        let (sstat, dstat) = (nix::sys::stat::fstat(src)?, nix::sys::stat::fstat(dst)?);
         self.dir_op(&[dst], false, || {
             let mv = |flags| {
                 nix::fcntl::renameat2(src, c.name.as_os_str(), dst, m.newname.as_os_str(), flags)
@@ -614,9 +635,20 @@ impl Union {
             r.map_err(|e| super::Error::new(e, "rename"))
         })
         .map_err(|e| e.errno)?;
+        restore_mtime(src, &sstat);
+        restore_mtime(dst, &dstat);
         if m.whiteout {
             self.account(0, 1);
         }
         Ok(())
     }
+}
+
+/// Set directory `dir`'s mtime back to `st`'s (best effort; atime untouched).
+fn restore_mtime(dir: BorrowedFd<'_>, st: &nix::sys::stat::FileStat) {
+    let _ = nix::sys::stat::futimens(
+        dir,
+        &TimeSpec::new(0, libc::UTIME_OMIT),
+        &TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+    );
 }

@@ -69,12 +69,6 @@ impl Union {
             .then(|| self.can_stage(fs.st_size.max(0) as u64))
             .flatten();
         let deferred = tx.is_some();
-        // The parent's times, to restore after the rename into it (a deferred commit takes
-        // its own when it renames).
-        let pstat = match deferred {
-            true => None,
-            false => Some(nix::sys::stat::fstat(dst_dir.as_fd()).ctx("copy-up: stat parent")?),
-        };
         // The work dir grows here; upper's directory when the copy is renamed into it (now or
         // by the commit), measured there: a commit running meanwhile into the same directory
         // is not counted twice.
@@ -88,15 +82,6 @@ impl Union {
                 deferred,
             )
         })?;
-        // A copy-up is no change of the parent the user could see: restore its times, as the
-        // kernel does (best effort; a deferred commit does it when it renames).
-        if let Some(pstat) = pstat {
-            let _ = nix::sys::stat::futimens(
-                dst_dir.as_fd(),
-                &TimeSpec::new(pstat.st_atime, pstat.st_atime_nsec),
-                &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
-            );
-        }
         res.settle(super::charge::alloc(&new), 1);
         // Keep st_ino (the node id) across copy-up and remounts.
         if src_layer != LayerRef::Upper {
@@ -206,6 +191,11 @@ impl Union {
             if deferred {
                 return Ok(());
             }
+            // A copy-up is no change of the parent the user could see: its times are read
+            // just before the rename into it and restored after, as the kernel does (best
+            // effort; a deferred commit does the same when it renames).
+            let _times = self.dir_times.lock();
+            let pstat = nix::sys::stat::fstat(dst_dir).ctx("copy-up: stat parent")?;
             self.dir_op(&[dst_dir], true, || {
                 nix::fcntl::renameat2(
                     work,
@@ -216,6 +206,11 @@ impl Union {
                 )
                 .ctx("copy-up: rename into upper")
             })?;
+            let _ = nix::sys::stat::futimens(
+                dst_dir,
+                &TimeSpec::new(0, libc::UTIME_OMIT),
+                &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
+            );
             Ok(())
         })();
         if let Err(e) = res {

@@ -371,16 +371,20 @@ impl Union {
         let Some(staged) = self.copy_up_for_use(src)? else {
             return Ok(false);
         };
-        // Both directories change now, as with the rename itself: their times say so before
-        // the commit moves the file (which sets them once more), so their attributes need not
-        // wait for it. Before the commit is queued, which must not restore older times over
-        // these. (Times only: a failure here does not fail the rename.)
+        // Both directories change now, as with the rename itself: their times say so at once,
+        // and the commit keeps them (it restores them after each of its renames), so their
+        // attributes need not wait for it. (Times only: a failure here does not fail the
+        // rename.)
         let now = TimeSpec::new(0, libc::UTIME_NOW);
         let omit = TimeSpec::new(0, libc::UTIME_OMIT);
-        if let Ok(sdir) = self.dir_fd(p, LayerRef::Upper) {
-            let _ = nix::sys::stat::futimens(sdir.as_fd(), &omit, &now);
+        let sdir = self.dir_fd(p, LayerRef::Upper);
+        {
+            let _times = self.dir_times.lock();
+            if let Ok(sdir) = &sdir {
+                let _ = nix::sys::stat::futimens(sdir.as_fd(), &omit, &now);
+            }
+            let _ = nix::sys::stat::futimens(ddir.as_fd(), &omit, &now);
         }
-        let _ = nix::sys::stat::futimens(ddir.as_fd(), &omit, &now);
         staged.moving_to(
             self,
             super::commit::Move {

@@ -37,10 +37,28 @@ pub struct OpenFile {
     /// The page cache is bypassed for this handle (its backing fd could not be opened for
     /// reading and writing).
     pub nocache: bool,
+    /// Opened on a copy whose commit failed: the copy is gone (unlinked) and the file is the
+    /// lower one again. Reads and writes through it fail with EIO, as on a disk that failed:
+    /// whatever they did would reach the kernel's pages of the file, which are the lower
+    /// file's now, or be lost.
+    pub lost: std::sync::atomic::AtomicBool,
     /// The upper file, for reads through a handle opened on a lower file before a copy-up.
     upper_fd: std::sync::OnceLock<Arc<OwnedFd>>,
     /// Opened in passthrough mode: the kernel reads and writes the backing file itself.
     pub passthrough: bool,
+}
+
+impl OpenFile {
+    /// EIO once the copy this handle was opened on could not be committed (see `lost`).
+    fn check_lost(&self) -> Result<()> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(Error::new(
+                Errno::EIO,
+                "the copy-up this file was opened on could not be committed",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Registers a backing file with the kernel for FUSE passthrough (the adapter's
@@ -385,6 +403,7 @@ impl Union {
                 passthrough: true,
                 nocache: true,
                 upper_fd: std::sync::OnceLock::new(),
+                lost: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         k.direct += 1;
@@ -480,6 +499,7 @@ impl Union {
                 direct: flags & libc::O_DIRECT != 0,
                 nocache: nocache || self.cache.is_none(),
                 upper_fd: std::sync::OnceLock::new(),
+                lost: std::sync::atomic::AtomicBool::new(false),
                 passthrough: false,
             }),
         );
@@ -601,6 +621,7 @@ impl Union {
     /// read(2): up to `size` bytes at `off`.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<crate::cache::ReadData> {
         let f = self.handle(fh)?;
+        f.check_lost()?;
         if let (Some(c), false) = (&self.cache, f.nocache) {
             let fd = self.read_fd(&f);
             return c.read(f.ino, &f.ra, &fd, off, size).ctx("read");
@@ -619,6 +640,7 @@ impl Union {
     /// write(2) with the caller's per-write flags (`O_SYNC`/`O_DSYNC` from RWF_*SYNC).
     pub fn write_flags(&self, fh: u64, off: u64, data: &[u8], flags: i32) -> Result<usize> {
         let f = self.handle(fh)?;
+        f.check_lost()?;
         if sync_of(flags).or(f.sync).is_some() {
             // Durable includes the name: a pending copy-up commit first.
             self.commits.wait_node(f.ino);
@@ -814,6 +836,7 @@ impl Union {
     /// fallocate on an open file (space reserved against the quota first).
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let f = self.handle(fh)?;
+        f.check_lost()?;
         if let Some(c) = &self.cache {
             // The file changes behind the cache: dirty pages out, affected clean pages gone.
             let shifts =

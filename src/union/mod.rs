@@ -269,6 +269,9 @@ pub struct Union {
     /// Tells the kernel to forget cached entries and inodes (FUSE notifications), once the
     /// session is up.
     kernel_forget: std::sync::OnceLock<KernelForget>,
+    /// Held from reading an upper directory's times to restoring them around a rename into
+    /// it (copy-up, commit), and while a deferred rename sets them: neither undoes the other.
+    pub(crate) dir_times: parking_lot::Mutex<()>,
     /// Testing aid: background commits wait this long first.
     pub(crate) commit_delay: std::time::Duration,
     /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
@@ -385,6 +388,7 @@ impl Union {
             reflink: std::sync::atomic::AtomicBool::new(true),
             sync_commit: opts.sync_commit,
             kernel_forget: std::sync::OnceLock::new(),
+            dir_times: parking_lot::Mutex::new(()),
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
