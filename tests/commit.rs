@@ -32,6 +32,30 @@ fn append(p: &Path, data: &[u8]) {
     f.write_all(data).expect("append");
 }
 
+/// `unionfs-rs sync` on the mount: every pending commit is done when it returns.
+fn sync_mount(m: &Mount) {
+    let (st, _, err) = run_with_timeout(
+        std::process::Command::new(bin()).arg("sync").arg(&m.merged),
+        Duration::from_secs(60),
+    )
+    .expect("run sync");
+    assert!(st.success(), "sync: {err}");
+}
+
+/// Read `p` until it holds `want` (the daemon has the kernel forget from a thread of its own),
+/// for at most 10 s.
+fn eventually_reads(p: &Path, want: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = fs::read_to_string(p).unwrap_or_default();
+        if now == want || std::time::Instant::now() > deadline {
+            assert_eq!(now, want, "{what}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn work_entries(m: &Mount) -> Vec<String> {
     match fs::read_dir(m.dirs.work.join("work")) {
         Ok(rd) => rd
@@ -75,12 +99,7 @@ fn copy_up_for_writing_commits_in_the_background() {
         assert_eq!(names.iter().filter(|n| *n == "big").count(), 1, "{names:?}");
 
         // `unionfs-rs sync` waits for every commit: then upper has the files, work is empty.
-        let (st, _, err) = run_with_timeout(
-            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
-            Duration::from_secs(60),
-        )
-        .expect("run sync");
-        assert!(st.success(), "sync: {err}");
+        sync_mount(&m);
         let s = daemon_stats(&m.merged);
         assert!(
             s.get("copyup_deferred_commits").copied().unwrap_or(0) >= 3,
@@ -315,12 +334,7 @@ fn unlink_and_rename_racing_a_copy_up() {
         };
         writer.join().expect("writer");
         remover.join().expect("remover");
-        let (st, _, err) = run_with_timeout(
-            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
-            Duration::from_secs(60),
-        )
-        .expect("run sync");
-        assert!(st.success(), "sync: {err}");
+        sync_mount(&m);
         for i in 0..N {
             assert!(
                 fs::symlink_metadata(m.path(&format!("u{i}"))).is_err(),
@@ -383,24 +397,14 @@ fn a_rename_that_cannot_be_committed_is_undone_in_the_kernel_too() {
         // Behind the daemon, before the commit: something takes the new name in upper.
         fs::create_dir_all(m.dirs.upper.join("dst")).expect("upper dst");
         fs::write(m.dirs.upper.join("dst/b"), "put there").expect("write upper b");
-        let (st, _, err) = run_with_timeout(
-            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
-            Duration::from_secs(60),
-        )
-        .expect("run sync");
-        assert!(st.success(), "sync: {err}");
+        sync_mount(&m);
         let s = daemon_stats(&m.merged);
         assert_eq!(s.get("copyup_failed_commits"), Some(&1), "{s:?}");
-        // The kernel forgets from a thread of the daemon's: give it a moment.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let b = fs::read_to_string(m.path("dst/b")).unwrap_or_default();
-            if b == "put there" || std::time::Instant::now() > deadline {
-                assert_eq!(b, "put there", "the new name still shows the moved file");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_reads(
+            &m.path("dst/b"),
+            "put there",
+            "the new name still shows the moved file",
+        );
         assert_eq!(
             fs::read_to_string(m.path("a")).expect("old name"),
             "lower a",
@@ -432,12 +436,7 @@ fn a_deferred_rename_keeps_the_directory_times_it_showed() {
                 (md.mtime(), md.mtime_nsec())
             })
             .collect();
-        let (st, _, err) = run_with_timeout(
-            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
-            Duration::from_secs(60),
-        )
-        .expect("run sync");
-        assert!(st.success(), "sync: {err}");
+        sync_mount(&m);
         for (d, want) in ["src", "dst"].iter().zip(&shown) {
             let md = fs::metadata(m.dirs.upper.join(d)).expect("stat upper dir");
             assert_eq!(
@@ -502,28 +501,14 @@ fn a_failed_copy_up_commit_reverts_to_the_lower_file() {
             m.unmount().expect("unmount");
             return;
         };
-        let (st, _, err) = run_with_timeout(
-            std::process::Command::new(bin()).arg("sync").arg(&m.merged),
-            Duration::from_secs(60),
-        )
-        .expect("run sync");
+        sync_mount(&m);
         drop(imm);
-        assert!(st.success(), "sync: {err}");
         let s = daemon_stats(&m.merged);
         assert_eq!(s.get("copyup_failed_commits"), Some(&1), "{s:?}");
         let e = h.write_all_at(b"YY", 0).expect_err("write to a lost copy");
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
         assert!(h.sync_all().is_err(), "fsync of a lost copy succeeded");
-        // The kernel forgets the file's pages from a thread of the daemon's.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = fs::read_to_string(m.path("d/f")).expect("read");
-            if now == "lower content" || std::time::Instant::now() > deadline {
-                assert_eq!(now, "lower content", "not the lower file again");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_reads(&m.path("d/f"), "lower content", "not the lower file again");
         assert!(!m.dirs.upper.join("d/f").exists(), "a copy reached upper");
         drop(h);
         m.unmount().expect("unmount");
