@@ -645,7 +645,7 @@ impl Union {
 }
 
 /// Set directory `dir`'s mtime back to `st`'s (best effort; atime untouched).
-fn restore_mtime(dir: BorrowedFd<'_>, st: &nix::sys::stat::FileStat) {
+pub(crate) fn restore_mtime(dir: BorrowedFd<'_>, st: &nix::sys::stat::FileStat) {
     let _ = nix::sys::stat::futimens(
         dir,
         &TimeSpec::new(0, libc::UTIME_OMIT),

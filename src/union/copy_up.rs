@@ -206,11 +206,7 @@ impl Union {
                 )
                 .ctx("copy-up: rename into upper")
             })?;
-            let _ = nix::sys::stat::futimens(
-                dst_dir,
-                &TimeSpec::new(0, libc::UTIME_OMIT),
-                &TimeSpec::new(pstat.st_mtime, pstat.st_mtime_nsec),
-            );
+            super::commit::restore_mtime(dst_dir, &pstat);
             Ok(())
         })();
         if let Err(e) = res {

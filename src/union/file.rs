@@ -239,7 +239,7 @@ impl Union {
         // its scratch name by this thread only, and another open of the file, which would
         // wait for the commit, must not hold this lock meanwhile.
         let mut k = node.kio.lock();
-        let was_lower = writable && !node.state().upper;
+        let was_lower = writable && !node.st.lock().upper;
         let _staged = if !writable {
             None
         } else if f.intersects(OFlag::O_SYNC | OFlag::O_DSYNC) {
