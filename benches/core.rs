@@ -128,6 +128,7 @@ fn quota_benches(c: &mut Criterion) {
                     flags: libc::O_WRONLY,
                 },
                 0o644,
+                0,
                 who,
             )
             .expect("create");

@@ -532,6 +532,110 @@ fn fuse_overlayfs_option_form() {
     });
 }
 
+/// With `uidmapping=`/`gidmapping=` the named users and groups of POSIX ACLs go through the
+/// mapping like owners: shown mapped, checked by the kernel in mapped ids, stored unmapped, and
+/// an id with no disk id refused.
+#[test]
+fn acl_ids_follow_the_id_mapping() {
+    with_timeout(60, || {
+        let u = u32::MAX;
+        let dirs = Dirs::new(
+            &[vec![
+                file_mode("f", "secret", 0o600),
+                Entry::Xattr {
+                    path: "f".into(),
+                    name: "system.posix_acl_access".into(),
+                    value: acl_bytes(&[
+                        (1, 6, u),
+                        (2, 4, 1000),
+                        (4, 0, u),
+                        (0x10, 4, u),
+                        (0x20, 0, u),
+                    ]),
+                },
+                file_mode("g", "g", 0o644),
+            ]],
+            &[],
+        );
+        let args = vec![
+            "-o".to_string(),
+            format!(
+                "lowerdir={},upperdir={},workdir={},uidmapping=0:100000:65536,gidmapping=0:100000:65536",
+                dirs.lowerdir_arg(),
+                dirs.upper.display(),
+                dirs.work.display()
+            ),
+            s(&dirs.merged),
+        ];
+        let m = mount_strict(&dirs, &args);
+        let get = |p: &str| {
+            apply(
+                &m.merged,
+                &Op::GetXattr {
+                    path: p.into(),
+                    name: "system.posix_acl_access".into(),
+                },
+            )
+        };
+        let shown = acl_bytes(&[
+            (1, 6, u),
+            (2, 4, 101000),
+            (4, 0, u),
+            (0x10, 4, u),
+            (0x20, 0, u),
+        ]);
+        assert_eq!(get("f"), Ok(shown));
+        assert_eq!(
+            apply(&m.merged, &as_user(101000, 0o022, op_read("f"))),
+            Ok(b"secret".to_vec())
+        );
+        assert_eq!(
+            apply(&m.merged, &as_user(1000, 0o022, op_read("f"))),
+            Err(libc::EACCES)
+        );
+        let set = |entries: &[(u16, u16, u32)]| {
+            apply(
+                &m.merged,
+                &Op::SetXattr {
+                    path: "g".into(),
+                    name: "system.posix_acl_access".into(),
+                    value: acl_bytes(entries),
+                },
+            )
+        };
+        let g_acl = [
+            (1, 6, u),
+            (2, 6, 101005),
+            (4, 4, u),
+            (0x10, 6, u),
+            (0x20, 4, u),
+        ];
+        assert_eq!(set(&g_acl), Ok(Vec::new()));
+        assert_eq!(
+            apply(&m.merged, &as_user(101005, 0o022, op_append("g", "+"))),
+            Ok(Vec::new())
+        );
+        // The kernel refuses ids outside the mount's namespace itself; ids it passes that the
+        // mapping cannot store are ours to refuse.
+        assert_eq!(
+            set(&[(1, 6, u), (2, 6, 5), (4, 4, u), (0x10, 6, u), (0x20, 4, u)]),
+            Err(libc::EINVAL)
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            lgetxattr(&dirs.upper.join("g"), "system.posix_acl_access"),
+            Ok(acl_bytes(&[
+                (1, 6, u),
+                (2, 6, 1005),
+                (4, 4, u),
+                (0x10, 6, u),
+                (0x20, 4, u)
+            ]))
+        );
+        assert_eq!(fs::read_to_string(dirs.upper.join("g")).unwrap(), "g+");
+    });
+}
+
 #[test]
 fn mount_fuse3_helper_form() {
     // `mount.fuse3 SOURCE MERGED -t fuse.unionfs-rs -o OPTS` runs `unionfs-rs SOURCE MERGED -o

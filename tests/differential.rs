@@ -1138,3 +1138,134 @@ fn renames_of_lower_files_and_what_follows() {
         .ok(op_rename("keep/y", "keep/z"))
         .run();
 }
+
+fn acl_entry(path: &str, name: &str, entries: &[(u16, u16, u32)]) -> Entry {
+    Entry::Xattr {
+        path: path.into(),
+        name: name.into(),
+        value: acl_bytes(entries),
+    }
+}
+
+const NOBODY: u32 = 65534;
+const ACL_ACCESS: &str = "system.posix_acl_access";
+const ACL_DEFAULT: &str = "system.posix_acl_default";
+
+/// u::rwx, u:nobody:rwx, g::r-x, m::rwx, o::r-x (as `setfacl -m u:nobody:rwx` on a 755 dir).
+fn nobody_rwx() -> Vec<(u16, u16, u32)> {
+    let u = u32::MAX;
+    vec![
+        (1, 7, u),
+        (2, 7, NOBODY),
+        (4, 5, u),
+        (0x10, 7, u),
+        (0x20, 5, u),
+    ]
+}
+
+/// POSIX ACLs as kernel overlayfs has them: enforced in permission checks (an entry granting a
+/// user what the mode's other bits deny, and one denying what they grant), a parent's default
+/// ACL giving new objects their ACL and mode instead of the umask (in upper directly and built
+/// in the work dir over a whiteout), the umask where there is none, and ACLs set or changed
+/// (chmod rewrites the mask) through the mount taking effect at once.
+#[test]
+fn posix_acls_are_enforced_and_inherited() {
+    let u = u32::MAX;
+    let nobody = |umask: u32, op: Op| as_user(NOBODY, umask, op);
+    let create = |p: &str, mode: u32| Op::Create {
+        path: p.into(),
+        mode,
+    };
+    let mkdir = |p: &str, mode: u32| Op::Mkdir {
+        path: p.into(),
+        mode,
+    };
+    let get = |p: &str, name: &str| Op::GetXattr {
+        path: p.into(),
+        name: name.into(),
+    };
+    Differential::new("posix_acls_are_enforced_and_inherited")
+        .lower(vec![
+            // 0640 by its ACL: nobody reads through a named entry only.
+            file_mode("granted", "secret", 0o600),
+            acl_entry(
+                "granted",
+                ACL_ACCESS,
+                &[
+                    (1, 6, u),
+                    (2, 4, NOBODY),
+                    (4, 0, u),
+                    (0x10, 4, u),
+                    (0x20, 0, u),
+                ],
+            ),
+            // 0644 by its ACL: readable by others, but not by nobody.
+            file_mode("denied", "open to others", 0o644),
+            acl_entry(
+                "denied",
+                ACL_ACCESS,
+                &[
+                    (1, 6, u),
+                    (2, 0, NOBODY),
+                    (4, 4, u),
+                    (0x10, 4, u),
+                    (0x20, 4, u),
+                ],
+            ),
+            dir("d"),
+            acl_entry("d", ACL_ACCESS, &nobody_rwx()),
+            acl_entry("d", ACL_DEFAULT, &nobody_rwx()),
+            file("wd/x", "to be replaced"),
+            acl_entry("wd", ACL_DEFAULT, &nobody_rwx()),
+            file_mode("plain", "p", 0o644),
+        ])
+        .data(nobody(0o022, op_read("granted")), "secret")
+        .err(nobody(0o022, op_read("denied")), libc::EACCES)
+        .err(nobody(0o022, op_append("denied", "x")), libc::EACCES)
+        .data(op_read("denied"), "open to others")
+        // New objects under a default ACL: the umask does not apply.
+        .ok(nobody(0o022, create("d/by_nobody", 0o666)))
+        .ok(as_user(0, 0o077, create("d/t", 0o666)))
+        .ok(as_user(0, 0o022, mkdir("d/s", 0o777)))
+        .ok(get("d/t", ACL_ACCESS))
+        .ok(get("d/s", ACL_DEFAULT))
+        .ok(nobody(0o022, op_append("d/t", "written by nobody")))
+        // Built in the work dir and swapped with a whiteout: nothing inherited there.
+        .ok(op_unlink("wd/x"))
+        .ok(as_user(0, 0o022, create("wd/x", 0o666)))
+        .ok(as_user(0, 0o022, mkdir("wd/s2", 0o777)))
+        .ok(get("wd/x", ACL_ACCESS))
+        // No default ACL: the umask.
+        .ok(as_user(0, 0o077, create("u077", 0o666)))
+        .ok(as_user(0, 0o022, mkdir("u022", 0o777)))
+        .ok(as_user(
+            0,
+            0o027,
+            Op::Mknod {
+                path: "fifo".into(),
+                mode: libc::S_IFIFO | 0o666,
+                major: 0,
+                minor: 0,
+            },
+        ))
+        .err(get("u077", ACL_ACCESS), libc::ENODATA)
+        // Set through the mount (copy-up), then narrowed by chmod (the mask follows).
+        .err(nobody(0o022, op_append("plain", "x")), libc::EACCES)
+        .ok(Op::SetXattr {
+            path: "plain".into(),
+            name: ACL_ACCESS.into(),
+            value: acl_bytes(&[
+                (1, 6, u),
+                (2, 6, NOBODY),
+                (4, 4, u),
+                (0x10, 6, u),
+                (0x20, 4, u),
+            ]),
+        })
+        .ok(nobody(0o022, op_append("plain", "+nobody")))
+        .ok(op_chmod("plain", 0o600))
+        .err(nobody(0o022, op_append("plain", "x")), libc::EACCES)
+        .ok(get("plain", ACL_ACCESS))
+        .data(op_read("plain"), "p+nobody")
+        .run();
+}

@@ -175,6 +175,17 @@ impl Filesystem for UnionFs {
         let _ = config.add_capabilities(
             InitFlags::FUSE_PARALLEL_DIROPS | rdp | InitFlags::FUSE_CACHE_SYMLINKS,
         );
+        // POSIX ACLs checked by the kernel as on kernel overlayfs (it asks us for
+        // system.posix_acl_* and caches them), with the umask left to us: a default ACL
+        // replaces it (Union::new_object_acls).
+        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        let acl_on = config.add_capabilities(acl).is_ok();
+        self.u.set_posix_acl(acl_on);
+        if !acl_on {
+            log::info!(
+                "POSIX ACLs: not offered by the kernel; permission checks use the mode only"
+            );
+        }
         if self.u.writeback_cache_on() {
             // The kernel keeps written pages and writes them to us later (and never offers
             // passthrough along with it). Off with a quota: see Union::writeback_cache.
@@ -265,7 +276,7 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -273,7 +284,9 @@ impl Filesystem for UnionFs {
             kind: mode & libc::S_IFMT,
             rdev: rdev as u64,
         };
-        let r = self.u.create_node(parent.0, name, kind, mode, caller(req));
+        let r = self
+            .u
+            .create_node(parent.0, name, kind, mode, umask, caller(req));
         self.entry(r.map(|(a, _)| a), reply)
     }
 
@@ -283,12 +296,12 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let r = self
             .u
-            .create_node(parent.0, name, NewKind::Dir, mode, caller(req));
+            .create_node(parent.0, name, NewKind::Dir, mode, umask, caller(req));
         self.entry(r.map(|(a, _)| a), reply)
     }
 
@@ -319,6 +332,7 @@ impl Filesystem for UnionFs {
             link_name,
             NewKind::Symlink(target.as_os_str()),
             0o777,
+            0,
             caller(req),
         );
         self.entry(r.map(|(a, _)| a), reply)
@@ -655,13 +669,18 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .u
-            .create_node(parent.0, name, NewKind::File { flags }, mode, caller(req));
+        let r = self.u.create_node(
+            parent.0,
+            name,
+            NewKind::File { flags },
+            mode,
+            umask,
+            caller(req),
+        );
         match r {
             Ok((a, Some(fd))) => {
                 let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {

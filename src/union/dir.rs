@@ -129,13 +129,16 @@ impl Union {
     }
 
     /// Create `name` in `parent` (create, mkdir, mknod, symlink). Takes one kernel reference
-    /// on the new node. Returns its attributes and, for `File`, the open fd.
+    /// on the new node. Returns its attributes and, for `File`, the open fd. `umask` is the
+    /// caller's: applied here when the kernel leaves it to us (POSIX ACLs on) and the parent
+    /// has no default ACL.
     pub fn create_node(
         &self,
         parent: u64,
         name: &OsStr,
         kind: NewKind<'_>,
         mode: u32,
+        umask: u32,
         who: Caller,
     ) -> Result<(Attr, Option<OwnedFd>)> {
         let p = self.node(parent)?;
@@ -149,6 +152,12 @@ impl Union {
         // directory failed under the directory's lock (negative entries are never cached), so
         // no visible entry can exist; an upper entry that is not a whiteout is still refused
         // below (EEXIST), and O_EXCL/mkdir/mknod refuse a racing one.
+        let is_dir = matches!(kind, NewKind::Dir);
+        // The mode and ACLs the parent's default ACL (or the umask) gives the new object.
+        let (mode, acls) = match kind {
+            NewKind::Symlink(_) => (mode, Vec::new()),
+            _ => self.new_object_acls(&p, mode, umask, is_dir)?,
+        };
         let perm = Mode::from_bits_truncate(mode & 0o7777);
         if let NewKind::Node { kind, rdev } = kind
             && kind == libc::S_IFCHR
@@ -157,9 +166,8 @@ impl Union {
             // 0/0 is the whiteout format; the kernel refuses it too.
             return Err(Error::new(Errno::EPERM, "mknod 0/0"));
         }
-        let is_dir = matches!(kind, NewKind::Dir);
         let build = |d: BorrowedFd<'_>, n: &OsStr| -> Result<Option<OwnedFd>> {
-            match kind {
+            let made: Option<OwnedFd> = match kind {
                 NewKind::File { flags } => {
                     let keep = self.daemon_flags(
                         OFlag::from_bits_truncate(flags),
@@ -175,22 +183,36 @@ impl Union {
                         perm,
                     )
                     .ctx("create")?;
-                    Ok(Some(fd))
+                    Some(fd)
                 }
                 NewKind::Dir => {
                     nix::sys::stat::mkdirat(d, n, perm).ctx("mkdir")?;
-                    Ok(None)
+                    None
                 }
                 NewKind::Node { kind, rdev } => {
                     nix::sys::stat::mknodat(d, n, SFlag::from_bits_truncate(kind), perm, rdev)
                         .ctx("mknod")?;
-                    Ok(None)
+                    None
                 }
                 NewKind::Symlink(target) => {
                     nix::unistd::symlinkat(target, d, n).ctx("symlink")?;
-                    Ok(None)
+                    None
+                }
+            };
+            // Before the object can be seen under its name (it may be built in the work dir,
+            // where nothing is inherited; in upper the filesystem inherited the same already).
+            for (x, v) in &acls {
+                if let Err(e) = layer::sys::set_xattr(d, n, OsStr::new(x), v, 0) {
+                    let f = if is_dir {
+                        UnlinkatFlags::RemoveDir
+                    } else {
+                        UnlinkatFlags::NoRemoveDir
+                    };
+                    let _ = nix::unistd::unlinkat(d, n, f);
+                    return Err(Error::new(e, "create: set ACL"));
                 }
             }
+            Ok(made)
         };
         // One inode, and a block for a directory, before the filesystem is asked.
         let res = self.reserve(1, if is_dir { 4096 } else { 0 })?;

@@ -2,6 +2,7 @@
 //! directories, merged readdir, and every namespace operation. The FUSE adapter calls these with
 //! plain integers and byte strings and turns [`Error`] into an errno.
 
+pub mod acl;
 pub mod charge;
 pub mod commit;
 pub mod copy_up;
@@ -264,6 +265,9 @@ pub struct Union {
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
+    /// The kernel enforces POSIX ACLs on the mount and leaves the umask to us (FUSE_POSIX_ACL
+    /// and FUSE_DONT_MASK agreed at INIT): new objects get their mode and ACLs here (`acl.rs`).
+    pub(crate) posix_acl: std::sync::atomic::AtomicBool,
     /// Copy-ups commit before the reply (`copyup_commit=sync`).
     pub(crate) sync_commit: bool,
     /// Tells the kernel to forget cached entries and inodes (FUSE notifications), once the
@@ -385,6 +389,7 @@ impl Union {
             direct_opens: AtomicU64::new(0),
             direct_fallbacks: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
+            posix_acl: std::sync::atomic::AtomicBool::new(false),
             reflink: std::sync::atomic::AtomicBool::new(true),
             sync_commit: opts.sync_commit,
             kernel_forget: std::sync::OnceLock::new(),

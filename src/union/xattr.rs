@@ -12,14 +12,14 @@ use std::sync::atomic::Ordering;
 use nix::errno::Errno;
 
 use super::inode::XattrCache;
-use super::{Ctx, Error, LayerRef, Node, Result, Union};
+use super::{Ctx, Error, LayerRef, Node, Result, Union, acl};
 
 use crate::layer::sys;
 
 impl Union {
     /// The node's xattrs in its top layer, from the node's cache (loaded on first use: `ls -l`
     /// asks two or three absent xattrs per file, the kernel one per write).
-    fn xattrs_of(&self, node: &Node) -> Result<XattrCache> {
+    pub(crate) fn xattrs_of(&self, node: &Node) -> Result<XattrCache> {
         if let Some(c) = node.xattrs.lock().as_ref() {
             return Ok(c.clone());
         }
@@ -54,10 +54,17 @@ impl Union {
         let lname = self.names.to_layer(xname);
         let node = self.node(ino)?;
         let all = self.xattrs_of(&node)?;
-        all.iter()
+        let v = all
+            .iter()
             .find(|(n, _)| *n == lname)
-            .map(|(_, v)| v.clone())
-            .ok_or(Error::new(Errno::ENODATA, "getxattr"))
+            .map(|(_, v)| v)
+            .ok_or(Error::new(Errno::ENODATA, "getxattr"))?;
+        if acl::is_acl_name(lname.as_bytes()) {
+            // Its users and groups as the mount shows owners.
+            return acl::to_view(v, &self.uid_map, &self.gid_map)
+                .map_err(|e| Error::new(e, "getxattr: ACL"));
+        }
+        Ok(v.clone())
     }
 
     /// listxattr, private names removed; `trusted.*` only for root, as overlayfs lists them only
@@ -75,6 +82,14 @@ impl Union {
     /// setxattr (copies up).
     pub fn setxattr(&self, ino: u64, xname: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let lname = self.names.to_layer(xname);
+        let mapped;
+        let value = if acl::is_acl_name(lname.as_bytes()) {
+            mapped = acl::to_disk(value, &self.uid_map, &self.gid_map)
+                .map_err(|e| Error::new(e, "setxattr: ACL"))?;
+            &mapped[..]
+        } else {
+            value
+        };
         let node = self.node(ino)?;
         self.copy_up(&node)?;
         let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;

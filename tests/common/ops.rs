@@ -106,6 +106,15 @@ pub enum Op {
     Readlink {
         path: String,
     },
+    /// Run `op` with fsuid `uid`, fsgid `gid`, no supplementary groups and umask `umask`, on a
+    /// thread of its own (Linux keeps ids per thread; `unshare(CLONE_FS)` gives the thread
+    /// its own umask), so permission checks are the kernel's for that user.
+    AsUser {
+        uid: u32,
+        gid: u32,
+        umask: u32,
+        op: Box<Op>,
+    },
 }
 
 /// Ok(data for read-like ops, empty otherwise) or the errno.
@@ -352,6 +361,52 @@ pub fn apply(root: &Path, op: &Op) -> Outcome {
         Op::Readlink { path } => fs::read_link(p(path))
             .map(|t| t.as_os_str().as_bytes().to_vec())
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
+        Op::AsUser {
+            uid,
+            gid,
+            umask,
+            op,
+        } => std::thread::scope(|s| {
+            s.spawn(|| {
+                // Raw syscalls: glibc's wrappers would change every thread of the process.
+                // SAFETY: plain syscalls on this thread's own credentials and fs struct.
+                unsafe {
+                    if libc::unshare(libc::CLONE_FS) != 0
+                        || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>())
+                            != 0
+                    {
+                        return Err(errno());
+                    }
+                    libc::umask(*umask as libc::mode_t);
+                    libc::syscall(libc::SYS_setfsgid, *gid);
+                    libc::syscall(libc::SYS_setfsuid, *uid);
+                }
+                apply(root, op)
+            })
+            .join()
+            .unwrap_or(Err(libc::EIO))
+        }),
+    }
+}
+
+/// Binary form of an ACL from (tag, perm, id) entries (ids of base entries are ignored).
+pub fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// `op` as user `uid` (group the same id) with umask `umask`.
+pub fn as_user(uid: u32, umask: u32, op: Op) -> Op {
+    Op::AsUser {
+        uid,
+        gid: uid,
+        umask,
+        op: Box::new(op),
     }
 }
 

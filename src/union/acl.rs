@@ -1,0 +1,262 @@
+//! POSIX ACLs in their xattr form (`system.posix_acl_access` / `system.posix_acl_default`,
+//! version 2: a 4-byte header, then 8-byte entries tag/perm/id, little-endian).
+//!
+//! The kernel enforces ACLs on the mount itself (FUSE_POSIX_ACL); the daemon's part is what
+//! the kernel leaves to a FUSE filesystem: giving a new object the ACL and mode its parent's
+//! default ACL calls for (posix_acl_create in fs/posix_acl.c, which kernel overlayfs applies on
+//! the merged parent and writes to upper, ovl_create_or_link), applying the umask only where
+//! there is no default ACL, and showing ACL entries' ids through the mount's id mapping.
+
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
+
+use nix::errno::Errno;
+
+use super::idmap::IdMap;
+use super::{Node, Union};
+
+/// `system.posix_acl_access`.
+pub const ACCESS: &str = "system.posix_acl_access";
+/// `system.posix_acl_default`.
+pub const DEFAULT: &str = "system.posix_acl_default";
+
+const VERSION: u32 = 2;
+const USER_OBJ: u16 = 0x01;
+const USER: u16 = 0x02;
+const GROUP_OBJ: u16 = 0x04;
+const GROUP: u16 = 0x08;
+const MASK: u16 = 0x10;
+const OTHER: u16 = 0x20;
+
+/// One ACL entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub tag: u16,
+    pub perm: u16,
+    pub id: u32,
+}
+
+/// Parse the xattr form. EINVAL for anything that is not a version-2 ACL.
+pub fn parse(v: &[u8]) -> Result<Vec<Entry>, Errno> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+    let u16_at = |i: usize| u16::from_le_bytes([v[i], v[i + 1]]);
+    if u32_at(0) != VERSION {
+        return Err(Errno::EINVAL);
+    }
+    Ok((4..v.len())
+        .step_by(8)
+        .map(|i| Entry {
+            tag: u16_at(i),
+            perm: u16_at(i + 2),
+            id: u32_at(i + 4),
+        })
+        .collect())
+}
+
+/// The xattr form of `acl`.
+pub fn encode(acl: &[Entry]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + 8 * acl.len());
+    v.extend_from_slice(&VERSION.to_le_bytes());
+    for e in acl {
+        v.extend_from_slice(&e.tag.to_le_bytes());
+        v.extend_from_slice(&e.perm.to_le_bytes());
+        v.extend_from_slice(&e.id.to_le_bytes());
+    }
+    v
+}
+
+/// Is `name` one of the two ACL xattrs?
+pub fn is_acl_name(name: &[u8]) -> bool {
+    name == ACCESS.as_bytes() || name == DEFAULT.as_bytes()
+}
+
+/// The access ACL and mode of an object created with `mode` under a default ACL `default`
+/// (posix_acl_create_masq): the owner, other and mask (group if no mask) entries lose what the
+/// mode lacks, and the mode's permission bits lose what those entries lack. Returns the new
+/// mode and the access ACL, `None` when the ACL says no more than the mode does.
+pub fn create_masq(default: &[Entry], mode: u32) -> Result<(u32, Option<Vec<Entry>>), Errno> {
+    let mut acl = default.to_vec();
+    let mut m = mode & 0o777;
+    let mut extended = false;
+    let (mut group_obj, mut mask) = (None, None);
+    for (i, e) in acl.iter_mut().enumerate() {
+        match e.tag {
+            USER_OBJ => {
+                e.perm &= ((m >> 6) & 7) as u16;
+                m &= (u32::from(e.perm) << 6) | !0o700;
+            }
+            USER | GROUP => extended = true,
+            GROUP_OBJ => group_obj = Some(i),
+            OTHER => {
+                e.perm &= (m & 7) as u16;
+                m &= u32::from(e.perm) | !0o007;
+            }
+            MASK => {
+                mask = Some(i);
+                extended = true;
+            }
+            _ => return Err(Errno::EIO),
+        }
+    }
+    let g = mask.or(group_obj).ok_or(Errno::EIO)?;
+    acl[g].perm &= ((m >> 3) & 7) as u16;
+    m &= (u32::from(acl[g].perm) << 3) | !0o070;
+    let mode = (mode & !0o777) | (m & 0o777);
+    Ok((mode, extended.then_some(acl)))
+}
+
+/// Map the ids of an ACL's named user and group entries with `f` (None: not representable).
+fn map_ids(
+    v: &[u8],
+    uid: impl Fn(u32) -> Option<u32>,
+    gid: impl Fn(u32) -> Option<u32>,
+) -> Result<Vec<u8>, Errno> {
+    let mut acl = parse(v)?;
+    for e in &mut acl {
+        e.id = match e.tag {
+            USER => uid(e.id).ok_or(Errno::EINVAL)?,
+            GROUP => gid(e.id).ok_or(Errno::EINVAL)?,
+            _ => continue,
+        };
+    }
+    Ok(encode(&acl))
+}
+
+/// An ACL as stored (ids on disk) in the ids the mount shows.
+pub fn to_view(v: &[u8], uids: &IdMap, gids: &IdMap) -> Result<Vec<u8>, Errno> {
+    if uids.is_identity() && gids.is_identity() {
+        return Ok(v.to_vec());
+    }
+    map_ids(v, |u| Some(uids.to_view(u)), |g| Some(gids.to_view(g)))
+}
+
+/// An ACL given in the mount's ids as it is stored; EINVAL for an id with no disk id.
+pub fn to_disk(v: &[u8], uids: &IdMap, gids: &IdMap) -> Result<Vec<u8>, Errno> {
+    if uids.is_identity() && gids.is_identity() {
+        return Ok(v.to_vec());
+    }
+    map_ids(v, |u| uids.to_disk(u), |g| gids.to_disk(g))
+}
+
+/// ACL xattrs (name, value) to give a new object.
+pub(crate) type NewAcls = Vec<(&'static str, Vec<u8>)>;
+
+impl Union {
+    /// The kernel enforces ACLs on the mount and leaves the umask to us (its answer at INIT).
+    pub fn set_posix_acl(&self, on: bool) {
+        self.posix_acl.store(on, Ordering::Release);
+    }
+
+    /// Are ACLs on (see [`Union::set_posix_acl`])?
+    pub fn posix_acl_on(&self) -> bool {
+        self.posix_acl.load(Ordering::Acquire)
+    }
+
+    /// The mode of a new object under `parent` created with `mode` by a caller with `umask`,
+    /// and the ACL xattrs to give it: the parent's default ACL decides if there is one
+    /// (posix_acl_create: the umask does not apply), else the umask does. With ACLs off the
+    /// kernel has applied the umask already.
+    pub(crate) fn new_object_acls(
+        &self,
+        parent: &Node,
+        mode: u32,
+        umask: u32,
+        is_dir: bool,
+    ) -> super::Result<(u32, NewAcls)> {
+        if !self.posix_acl_on() {
+            return Ok((mode, Vec::new()));
+        }
+        let all = self.xattrs_of(parent)?;
+        let Some((_, dv)) = all.iter().find(|(n, _)| n.as_bytes() == DEFAULT.as_bytes()) else {
+            return Ok((mode & !(umask & 0o777), Vec::new()));
+        };
+        let default = parse(dv).map_err(|e| super::Error::new(e, "parent's default ACL"))?;
+        let (mode, access) = create_masq(&default, mode)
+            .map_err(|e| super::Error::new(e, "parent's default ACL"))?;
+        let mut set = Vec::new();
+        if let Some(a) = access {
+            set.push((ACCESS, encode(&a)));
+        }
+        if is_dir {
+            set.push((DEFAULT, dv.clone()));
+        }
+        Ok((mode, set))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(tag: u16, perm: u16, id: u32) -> Entry {
+        Entry { tag, perm, id }
+    }
+    const U: u32 = u32::MAX;
+
+    #[test]
+    fn round_trip() {
+        let acl = vec![
+            e(USER_OBJ, 7, U),
+            e(USER, 5, 1000),
+            e(GROUP_OBJ, 5, U),
+            e(MASK, 7, U),
+            e(OTHER, 0, U),
+        ];
+        assert_eq!(parse(&encode(&acl)).unwrap(), acl);
+        assert_eq!(parse(&[2, 0, 0, 0, 1]), Err(Errno::EINVAL));
+        assert_eq!(parse(&[1, 0, 0, 0]), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn masq_as_the_kernel() {
+        // setfacl -d -m u:nobody:rwx on a 755 dir: default u::rwx,u:65534:rwx,g::r-x,m::rwx,o::r-x.
+        let d = vec![
+            e(USER_OBJ, 7, U),
+            e(USER, 7, 65534),
+            e(GROUP_OBJ, 5, U),
+            e(MASK, 7, U),
+            e(OTHER, 5, U),
+        ];
+        // open(O_CREAT, 0666) (umask ignored): mode 0664, mask rw-.
+        let (mode, acl) = create_masq(&d, libc::S_IFREG | 0o666).unwrap();
+        assert_eq!(mode, libc::S_IFREG | 0o664);
+        let acl = acl.unwrap();
+        assert_eq!(acl[0].perm, 6);
+        assert_eq!(
+            acl[1].perm, 7,
+            "named entries keep their perms (the mask limits them)"
+        );
+        assert_eq!(acl[3].perm, 6);
+        assert_eq!(acl[4].perm, 4);
+        // mkdir 0777 with the set-gid bit kept.
+        let (mode, _) = create_masq(&d, libc::S_IFDIR | 0o2777).unwrap();
+        assert_eq!(mode, libc::S_IFDIR | 0o2775);
+        // A default ACL of base entries only: no access ACL, mode limited by it.
+        let base = vec![e(USER_OBJ, 6, U), e(GROUP_OBJ, 4, U), e(OTHER, 0, U)];
+        assert_eq!(create_masq(&base, 0o777).unwrap(), (0o640, None));
+        assert_eq!(create_masq(&[e(USER_OBJ, 7, U)], 0o777), Err(Errno::EIO));
+    }
+
+    #[test]
+    fn ids_follow_the_mapping() {
+        let uids = IdMap::parse("100000:0:65536").unwrap();
+        let gids = IdMap::parse("200000:0:65536").unwrap();
+        let disk = encode(&[
+            e(USER_OBJ, 7, U),
+            e(USER, 5, 101000),
+            e(GROUP, 5, 201000),
+            e(MASK, 7, U),
+            e(OTHER, 0, U),
+            e(GROUP_OBJ, 5, U),
+        ]);
+        let view = to_view(&disk, &uids, &gids).unwrap();
+        let v = parse(&view).unwrap();
+        assert_eq!((v[1].id, v[2].id, v[0].id), (1000, 1000, U));
+        assert_eq!(to_disk(&view, &uids, &gids).unwrap(), disk);
+        let unmapped = encode(&[e(USER, 5, 70000)]);
+        assert_eq!(to_disk(&unmapped, &uids, &gids), Err(Errno::EINVAL));
+    }
+}
