@@ -1218,6 +1218,13 @@ fn posix_acls_are_enforced_and_inherited() {
             file("wd/x", "to be replaced"),
             acl_entry("wd", ACL_DEFAULT, &nobody_rwx()),
             file_mode("plain", "p", 0o644),
+            // Set-gid files in a group nobody is not in, owned by nobody / root.
+            file_mode("sgid", "s", 0o755),
+            chown("sgid", NOBODY, 1000),
+            chmod_entry("sgid", 0o2775),
+            file_mode("sgid_root", "s", 0o755),
+            chown("sgid_root", 0, 1000),
+            chmod_entry("sgid_root", 0o2775),
         ])
         .data(nobody(0o022, op_read("granted")), "secret")
         .err(nobody(0o022, op_read("denied")), libc::EACCES)
@@ -1267,5 +1274,48 @@ fn posix_acls_are_enforced_and_inherited() {
         .err(nobody(0o022, op_append("plain", "x")), libc::EACCES)
         .ok(get("plain", ACL_ACCESS))
         .data(op_read("plain"), "p+nobody")
+        // An access ACL set by a caller outside the file's group without CAP_FSETID clears
+        // the set-gid bit (CVE-2016-7097); root keeps it.
+        .ok(nobody(
+            0o022,
+            Op::SetXattr {
+                path: "sgid".into(),
+                name: ACL_ACCESS.into(),
+                value: acl_bytes(&[
+                    (1, 7, u),
+                    (2, 7, 1234),
+                    (4, 5, u),
+                    (0x10, 7, u),
+                    (0x20, 5, u),
+                ]),
+            },
+        ))
+        .ok(Op::SetXattr {
+            path: "sgid_root".into(),
+            name: ACL_ACCESS.into(),
+            value: acl_bytes(&[
+                (1, 7, u),
+                (2, 7, 1234),
+                (4, 5, u),
+                (0x10, 7, u),
+                (0x20, 5, u),
+            ]),
+        })
+        .check_merged(|k, u| {
+            for m in [k, u] {
+                assert_eq!(
+                    lstat(&m.join("sgid")).mode() & 0o7777,
+                    0o775,
+                    "{}",
+                    m.display()
+                );
+                assert_eq!(
+                    lstat(&m.join("sgid_root")).mode() & 0o7777,
+                    0o2775,
+                    "{}",
+                    m.display()
+                );
+            }
+        })
         .run();
 }

@@ -164,6 +164,45 @@ impl UnionFs {
     }
 }
 
+impl UnionFs {
+    /// Setting an access ACL on a set-gid file clears the bit unless the caller is in the
+    /// file's group or has CAP_FSETID (the kernel does so for local filesystems and overlayfs,
+    /// CVE-2016-7097; FUSE reports it only with FUSE_SETXATTR_EXT, which fuser cannot parse).
+    fn kill_sgid_after_acl(&self, req: &Request, ino: u64) -> crate::union::Result<()> {
+        let a = self.u.getattr(ino, None)?;
+        if a.mode & libc::S_ISGID == 0 || in_group_or_capable(req, a.gid) {
+            return Ok(());
+        }
+        let clear = SetAttr {
+            mode: Some(a.mode & 0o7777 & !libc::S_ISGID),
+            ..SetAttr::default()
+        };
+        self.u.setattr(ino, &clear).map(drop)
+    }
+}
+
+/// Is the caller of `req` in group `gid` (its fsgid or a supplementary group) or holding
+/// CAP_FSETID? Read from /proc (FUSE passes the caller's thread id); unreadable: only the
+/// fsgid and root count.
+fn in_group_or_capable(req: &Request, gid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return req.uid() == 0;
+    };
+    status.lines().any(|l| {
+        if let Some(groups) = l.strip_prefix("Groups:") {
+            groups.split_whitespace().any(|g| g.parse() == Ok(gid))
+        } else if let Some(caps) = l.strip_prefix("CapEff:") {
+            u64::from_str_radix(caps.trim(), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0)
+        } else {
+            false
+        }
+    })
+}
+
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
@@ -615,7 +654,7 @@ impl Filesystem for UnionFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -623,7 +662,13 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.u.setxattr(ino.0, name, value, flags) {
+        let r = self.u.setxattr(ino.0, name, value, flags).and_then(|()| {
+            if self.u.posix_acl_on() && name == crate::union::acl::ACCESS {
+                self.kill_sgid_after_acl(req, ino.0)?;
+            }
+            Ok(())
+        });
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
