@@ -258,6 +258,9 @@ impl Union {
         }
         let st = match self.upper_handle_of(node.ino, None) {
             Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ok(),
+            // Removed and not open: its space went with its last name, and that name is a
+            // whiteout or another object by now, whose stat says nothing about this node.
+            None if node.st.lock().unlinked => None,
             // A stat: a copy whose commit is pending is read where it is, without waiting
             // (with io_lock held, writers would wait for the commit's fsync too).
             None => self

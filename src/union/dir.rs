@@ -320,10 +320,12 @@ impl Union {
             && !still_open
             && before.as_ref().is_none_or(|s| s.st_nlink <= 1);
         if let Some(before) = before {
-            if self.quota.is_some() && !is_dir {
-                // Settle drift first, so what is released is what was accounted.
-                let mut known = child.io_lock.lock();
-                self.sync_known(&mut known, &before);
+            // Settle drift first, so what is released is what was accounted. The node's
+            // allocation stays locked until the name is gone: a settle meanwhile would stat
+            // the whiteout that takes its place.
+            let mut known = (self.quota.is_some() && !is_dir).then(|| child.io_lock.lock());
+            if let Some(k) = known.as_deref_mut() {
+                self.sync_known(k, &before);
             }
             if wh {
                 // Swap a whiteout in; the old object lands in the work dir.
@@ -347,6 +349,13 @@ impl Union {
                 };
                 nix::unistd::unlinkat(dir.as_fd(), name, f).ctx("unlink")?;
                 self.account_unlinked(&before, still_open);
+            }
+            // Released with its last name: nothing of it is accounted any more.
+            if let Some(k) = known.as_deref_mut()
+                && !still_open
+                && before.st_nlink <= 1
+            {
+                *k = None;
             }
         } else {
             self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_NOREPLACE)?;
