@@ -2958,3 +2958,54 @@ fn fixed_operation_sequences_keep_the_report_equal_to_a_fresh_scan() {
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     })
 }
+
+/// Truncates while the flusher writes the same file back: write-back settles the file's
+/// allocation under the node's allocation lock, which a truncate holds while it waits for the
+/// file's write-back lock; the two must never wait for each other (they once could: ABBA).
+#[test]
+fn truncates_racing_background_write_back_never_deadlock() {
+    use std::sync::atomic::Ordering::Relaxed;
+    with_timeout(120, || {
+        let m = new_mount(
+            &[],
+            &[
+                "--size",
+                "1G",
+                "--dirty-background-bytes",
+                "64K",
+                "--dirty-writeback-centisecs",
+                "1",
+            ],
+        );
+        let p = m.path("f");
+        fs::write(&p, b"").expect("create");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let rounds = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = OpenOptions::new().write(true).open(&p).expect("open");
+                let buf = vec![0x5au8; 256 << 10];
+                while !stop.load(Relaxed) {
+                    for i in 0..8u64 {
+                        f.write_all_at(&buf, i * buf.len() as u64).expect("write");
+                    }
+                }
+            });
+            s.spawn(|| {
+                let f = OpenOptions::new().write(true).open(&p).expect("open");
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(5) {
+                    f.set_len(4096).expect("truncate");
+                    rounds.fetch_add(1, Relaxed);
+                }
+                stop.store(true, Relaxed);
+            });
+        });
+        assert!(rounds.load(Relaxed) > 10, "the truncates ran");
+        // Still answering, and the quota agrees with the file.
+        run_bin(&["sync", p2s(&m.merged)]);
+        let r = report(&m);
+        let s = fresh_scan(&m.dirs);
+        assert_eq!((r.blocks.used, r.inodes.used), s);
+    })
+}

@@ -379,7 +379,7 @@ impl PageCache {
 
     /// Write dirty pages of `f` (at most `max_pages`) to its upper file. Returns pages written.
     pub(super) fn writeback_file(&self, f: &CachedFile, max_pages: u64) -> Result<u64, Errno> {
-        let _wb = f.wb.lock();
+        let mut wb = f.wb.lock();
         let mut total = 0u64;
         while total < max_pages {
             let mut st = f.st.lock();
@@ -475,11 +475,15 @@ impl PageCache {
                 }
             }
             if let Some(q) = &self.quota {
-                // Settle the file's real allocation first, then hand the charge back.
-                if let Some(s) = self.sink.read().as_ref().and_then(|w| w.upgrade()) {
-                    s.written(f.ino, fd.as_fd());
-                }
-                q.adjust_bytes(-(released as i64));
+                // Settle the file's real allocation first, then hand the charge back. Not
+                // under the write-back lock: the settle takes the node's allocation lock,
+                // which a truncate holds while it waits for the write-back lock.
+                parking_lot::MutexGuard::unlocked(&mut wb, || {
+                    if let Some(s) = self.sink.read().as_ref().and_then(|w| w.upgrade()) {
+                        s.written(f.ino, fd.as_fd());
+                    }
+                    q.adjust_bytes(-(released as i64));
+                });
             }
             self.throttle.1.notify_all();
             match res {
