@@ -3009,3 +3009,22 @@ fn truncates_racing_background_write_back_never_deadlock() {
         assert_eq!((r.blocks.used, r.inodes.used), s);
     })
 }
+
+/// A file written through the page cache and closed, whose inode the kernel then forgets
+/// (memory pressure; here drop_caches) before its pages are written back: the allocation
+/// write-back makes is still accounted (the node, which holds what is accounted for the file,
+/// stays until that is settled).
+#[test]
+fn files_the_kernel_forgets_before_write_back_stay_accounted() {
+    with_timeout(TIMEOUT, || {
+        let m = new_mount(&[], &["--size", "1G", "--dirty-expire-centisecs", "100"]);
+        for i in 0..20 {
+            fs::write(m.path(&format!("f{i}")), pattern(0, 40960 + i * 4096, 1)).expect("write");
+        }
+        // Dentries and inodes only: the kernel sends FORGET for every unused node.
+        fs::write("/proc/sys/vm/drop_caches", "2").expect("drop_caches");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_report_matches_scan(&m, "after the kernel forgot the written files");
+    })
+}
+

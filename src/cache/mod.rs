@@ -582,6 +582,12 @@ impl PageCache {
         f.cv.notify_all();
     }
 
+    /// Does the cache hold dirty pages of `ino` (or a change not yet written)?
+    pub fn is_dirty(&self, ino: u64) -> bool {
+        self.dirty_files.lock().contains_key(&ino)
+            || self.files.get(&ino).is_some_and(|f| f.st.lock().ndirty > 0)
+    }
+
     /// Hand `ino` over to I/O that bypasses the cache (FUSE passthrough): forget its pages and
     /// state if nothing of it is waiting to be written. Returns false, changing nothing, if
     /// something is (dirty pages, a time not yet stamped, an error not yet reported).

@@ -301,8 +301,12 @@ impl Union {
                     continue;
                 }
             }
-            if t.elapsed() > std::time::Duration::from_secs(60) {
-                self.unsettled.remove_if(&ino, |_, v| *v == t);
+            if t.elapsed() > std::time::Duration::from_secs(60)
+                && self.unsettled.remove_if(&ino, |_, v| *v == t).is_some()
+                && !self.cache.as_ref().is_some_and(|c| c.is_dirty(ino))
+            {
+                // Settled for good: a node the kernel forgot meanwhile can go now.
+                self.nodes.remove_unreferenced(ino);
             }
         }
     }

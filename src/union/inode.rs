@@ -261,22 +261,35 @@ impl NodeTable {
 
     /// Drop `n` kernel references; remove the node when none remain.
     pub fn forget(&self, ino: u64, n: u64) {
+        self.forget_unless(ino, n, |_| false)
+    }
+
+    /// Drop `n` kernel references to `ino`; with none left the node goes, unless `keep` says
+    /// it must stay (it then stays with no reference until [`Nodes::remove_unreferenced`]).
+    pub fn forget_unless(&self, ino: u64, n: u64, keep: impl Fn(&Node) -> bool) {
         if ino == ROOT_INO {
             return;
         }
-        let remove = match self.map.get(&ino) {
-            Some(node) => {
-                let prev = node
-                    .nlookup
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                        Some(v.saturating_sub(n))
-                    })
-                    .unwrap_or(0);
-                prev <= n
-            }
-            None => false,
+        let Some(node) = self.map.get(&ino).map(|n| n.clone()) else {
+            return;
         };
-        if remove {
+        let prev = node
+            .nlookup
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        // `keep` is asked with no lock of the table held. A node it keeps gains no new
+        // reason to stay meanwhile: that takes an open, so a lookup (a reference) first.
+        if prev <= n && !keep(&node) {
+            self.remove_unreferenced(ino);
+        }
+    }
+
+    /// Remove `ino`'s node if the kernel holds no reference to it (one kept by
+    /// [`Nodes::forget_unless`]).
+    pub fn remove_unreferenced(&self, ino: u64) {
+        if ino != ROOT_INO {
             self.map
                 .remove_if(&ino, |_, node| node.nlookup.load(Ordering::Acquire) == 0);
         }

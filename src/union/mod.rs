@@ -680,7 +680,15 @@ impl Union {
 
     /// Drop kernel references.
     pub fn forget(&self, ino: u64, n: u64) {
-        self.nodes.forget(ino, n);
+        // With a quota, a file whose allocation may still change (dirty pages in the cache,
+        // or written recently: the filesystem allocates at its own write-back) keeps its node,
+        // which holds what is accounted for it, until that is settled (settle_allocations).
+        self.nodes.forget_unless(ino, n, |node| {
+            self.quota.is_some()
+                && !node.is_dir()
+                && (self.unsettled.contains_key(&node.ino)
+                    || self.cache.as_ref().is_some_and(|c| c.is_dirty(node.ino)))
+        });
     }
 
     /// statfs of the upper filesystem (or the top lower for a read-only union); with a quota,
