@@ -3028,3 +3028,22 @@ fn files_the_kernel_forgets_before_write_back_stay_accounted() {
     })
 }
 
+/// Unlinks racing the last close of the same file (the kernel sends RELEASE asynchronously):
+/// the file's space and inode are freed exactly once, by whichever comes second.
+#[test]
+fn unlink_racing_last_close_frees_once() {
+    with_timeout(TIMEOUT, || {
+        let m = new_mount(&[], &["--size", "1G"]);
+        let data = pattern(0, 64 * KIB, 3);
+        for i in 0..300 {
+            let p = m.path(&format!("r{}", i % 7));
+            fs::write(&p, &data).expect("write");
+            let f = File::open(&p).expect("open");
+            std::thread::scope(|s| {
+                s.spawn(move || drop(f));
+                fs::remove_file(&p).expect("unlink");
+            });
+        }
+        assert_report_matches_scan(&m, "after unlinks racing closes");
+    })
+}

@@ -307,6 +307,10 @@ impl Union {
         let wh = self.lower_positive(p, name)?;
         let dir = self.dir_fd(p, LayerRef::Upper).ctx("open upper dir")?;
         let work = self.work_fd()?;
+        // The node's allocation stays locked from here until the name is gone: a last close
+        // meanwhile waits (so exactly one of us frees the object), and a settle would stat
+        // the whiteout that takes the name's place.
+        let mut known = (self.quota.is_some() && !is_dir).then(|| child.io_lock.lock());
         let still_open = (self.quota.is_some() || self.cache.is_some())
             && self.upper_handle_of(child.ino, None).is_some();
         let before = if cst.upper {
@@ -320,10 +324,7 @@ impl Union {
             && !still_open
             && before.as_ref().is_none_or(|s| s.st_nlink <= 1);
         if let Some(before) = before {
-            // Settle drift first, so what is released is what was accounted. The node's
-            // allocation stays locked until the name is gone: a settle meanwhile would stat
-            // the whiteout that takes its place.
-            let mut known = (self.quota.is_some() && !is_dir).then(|| child.io_lock.lock());
+            // Settle drift first, so what is released is what was accounted.
             if let Some(k) = known.as_deref_mut() {
                 self.sync_known(k, &before);
             }

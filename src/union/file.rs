@@ -741,10 +741,23 @@ impl Union {
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
     /// (and its cached pages, dirty ones too: nothing can reach them any more).
     pub fn release(&self, fh: u64) {
+        let Some(ino) = self.files.get(&fh).map(|f| f.ino) else {
+            return;
+        };
+        let node = self.nodes.get(ino);
+        // With a quota, the handle goes and the last close is accounted under the node's
+        // allocation lock, which an unlink holds from its "still open?" to its own
+        // accounting: the object's release is counted by exactly one of the two.
+        let mut known = match (&self.quota, &node) {
+            (Some(_), Some(n)) => Some(n.io_lock.lock()),
+            _ => None,
+        };
         let Some((_, f)) = self.files.remove(&fh) else {
             return;
         };
-        if let Some(node) = self.nodes.get(f.ino) {
+        self.last_close(&f, known.as_deref_mut());
+        drop(known);
+        if let Some(node) = &node {
             let mut k = node.kio.lock();
             if f.passthrough {
                 k.direct = k.direct.saturating_sub(1);
@@ -756,6 +769,12 @@ impl Union {
                 k.daemon = k.daemon.saturating_sub(1);
             }
         }
+    }
+
+    /// After handle `f` went: if it was the last one of an upper file, settle what is
+    /// accounted for it (`known`: the node's, locked) and, for an unlinked file, free its
+    /// space, inode and cached pages.
+    fn last_close(&self, f: &OpenFile, known: Option<&mut Option<(i64, i64)>>) {
         if (self.quota.is_none() && self.cache.is_none())
             || !f.in_upper
             || self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
@@ -765,23 +784,20 @@ impl Union {
         let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd()) else {
             return;
         };
-        let node = self.nodes.get(f.ino);
         if st.st_nlink == 0 {
             if let Some(c) = &self.cache {
                 c.drop_file(f.ino);
             }
             if self.quota.is_some() {
                 // Settle drift first, so what is released is what was accounted.
-                if let Some(node) = &node {
-                    let mut known = node.io_lock.lock();
-                    self.sync_known(&mut known, &st);
+                if let Some(known) = known {
+                    self.sync_known(known, &st);
                     *known = None;
                 }
                 self.account(-super::charge::alloc(&st), -1);
             }
-        } else if let (Some(_), Some(node)) = (&self.quota, &node) {
-            let mut known = node.io_lock.lock();
-            self.sync_known(&mut known, &st);
+        } else if let (Some(_), Some(known)) = (&self.quota, known) {
+            self.sync_known(known, &st);
         }
     }
 
