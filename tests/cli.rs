@@ -554,6 +554,19 @@ fn acl_ids_follow_the_id_mapping() {
                     ]),
                 },
                 file_mode("g", "g", 0o644),
+                // A named user no range maps.
+                file_mode("h", "h", 0o600),
+                Entry::Xattr {
+                    path: "h".into(),
+                    name: "system.posix_acl_access".into(),
+                    value: acl_bytes(&[
+                        (1, 6, u),
+                        (2, 6, 70000),
+                        (4, 0, u),
+                        (0x10, 6, u),
+                        (0x20, 0, u),
+                    ]),
+                },
             ]],
             &[],
         );
@@ -591,6 +604,20 @@ fn acl_ids_follow_the_id_mapping() {
         );
         assert_eq!(
             apply(&m.merged, &as_user(1000, 0o022, op_read("f"))),
+            Err(libc::EACCES)
+        );
+        // Its entry is not shown as the overflow id: that would let nobody in.
+        assert_eq!(
+            get("h"),
+            Ok(acl_bytes(&[
+                (1, 6, u),
+                (4, 0, u),
+                (0x10, 6, u),
+                (0x20, 0, u)
+            ]))
+        );
+        assert_eq!(
+            apply(&m.merged, &as_user(65534, 0o022, op_read("h"))),
             Err(libc::EACCES)
         );
         let set = |entries: &[(u16, u16, u32)]| {

@@ -1216,7 +1216,13 @@ fn posix_acls_are_enforced_and_inherited() {
             acl_entry("d", ACL_ACCESS, &nobody_rwx()),
             acl_entry("d", ACL_DEFAULT, &nobody_rwx()),
             file("wd/x", "to be replaced"),
+            dir("wd/olddir"),
             acl_entry("wd", ACL_DEFAULT, &nobody_rwx()),
+            // A set-gid directory: new directories in it are set-gid, over a whiteout too.
+            dir_mode("sg", 0o2775),
+            chown("sg", 0, 1000),
+            chmod_entry("sg", 0o2775),
+            dir("sg/old"),
             file_mode("plain", "p", 0o644),
             // Set-gid files in a group nobody is not in, owned by nobody / root.
             file_mode("sgid", "s", 0o755),
@@ -1242,6 +1248,12 @@ fn posix_acls_are_enforced_and_inherited() {
         .ok(as_user(0, 0o022, create("wd/x", 0o666)))
         .ok(as_user(0, 0o022, mkdir("wd/s2", 0o777)))
         .ok(get("wd/x", ACL_ACCESS))
+        .ok(op_rmdir("wd/olddir"))
+        .ok(as_user(0, 0o022, mkdir("wd/olddir", 0o777)))
+        .ok(get("wd/olddir", ACL_DEFAULT))
+        .ok(op_rmdir("sg/old"))
+        .ok(as_user(0, 0o022, mkdir("sg/old", 0o777)))
+        .ok(as_user(0, 0o022, mkdir("sg/new", 0o777)))
         // No default ACL: the umask.
         .ok(as_user(0, 0o077, create("u077", 0o666)))
         .ok(as_user(0, 0o022, mkdir("u022", 0o777)))
@@ -1315,6 +1327,14 @@ fn posix_acls_are_enforced_and_inherited() {
                     "{}",
                     m.display()
                 );
+                for d in ["sg/old", "sg/new"] {
+                    assert_eq!(
+                        lstat(&m.join(d)).mode() & 0o7777,
+                        0o2755,
+                        "{}/{d}",
+                        m.display()
+                    );
+                }
             }
         })
         .run();

@@ -108,29 +108,42 @@ pub fn create_masq(default: &[Entry], mode: u32) -> Result<(u32, Option<Vec<Entr
     Ok((mode, extended.then_some(acl)))
 }
 
-/// Map the ids of an ACL's named user and group entries with `f` (None: not representable).
+/// Map the ids of an ACL's named user and group entries with `uid` / `gid`; an id they cannot
+/// map (None) drops its entry (`drop_unmapped`) or fails the whole ACL with EINVAL.
 fn map_ids(
     v: &[u8],
     uid: impl Fn(u32) -> Option<u32>,
     gid: impl Fn(u32) -> Option<u32>,
+    drop_unmapped: bool,
 ) -> Result<Vec<u8>, Errno> {
     let mut acl = parse(v)?;
-    for e in &mut acl {
-        e.id = match e.tag {
-            USER => uid(e.id).ok_or(Errno::EINVAL)?,
-            GROUP => gid(e.id).ok_or(Errno::EINVAL)?,
-            _ => continue,
+    let mut out = Vec::with_capacity(acl.len());
+    for mut e in acl.drain(..) {
+        let mapped = match e.tag {
+            USER => uid(e.id),
+            GROUP => gid(e.id),
+            _ => Some(e.id),
         };
+        match mapped {
+            Some(id) => {
+                e.id = id;
+                out.push(e);
+            }
+            None if drop_unmapped => {}
+            None => return Err(Errno::EINVAL),
+        }
     }
-    Ok(encode(&acl))
+    Ok(encode(&out))
 }
 
-/// An ACL as stored (ids on disk) in the ids the mount shows.
+/// An ACL as stored (ids on disk) in the ids the mount shows. Entries naming a disk id the
+/// mapping does not cover are left out: shown as the overflow id, as owners are, they would
+/// grant that user (nobody) what they grant, while no process of the view can be their id.
 pub fn to_view(v: &[u8], uids: &IdMap, gids: &IdMap) -> Result<Vec<u8>, Errno> {
     if uids.is_identity() && gids.is_identity() {
         return Ok(v.to_vec());
     }
-    map_ids(v, |u| Some(uids.to_view(u)), |g| Some(gids.to_view(g)))
+    map_ids(v, |u| uids.view_of(u), |g| gids.view_of(g), true)
 }
 
 /// An ACL given in the mount's ids as it is stored; EINVAL for an id with no disk id.
@@ -138,7 +151,7 @@ pub fn to_disk(v: &[u8], uids: &IdMap, gids: &IdMap) -> Result<Vec<u8>, Errno> {
     if uids.is_identity() && gids.is_identity() {
         return Ok(v.to_vec());
     }
-    map_ids(v, |u| uids.to_disk(u), |g| gids.to_disk(g))
+    map_ids(v, |u| uids.to_disk(u), |g| gids.to_disk(g), false)
 }
 
 /// ACL xattrs (name, value) to give a new object.
@@ -174,6 +187,10 @@ impl Union {
             return Ok((mode & !(umask & 0o777), Vec::new()));
         };
         let default = parse(dv).map_err(|e| super::Error::new(e, "parent's default ACL"))?;
+        if default.is_empty() {
+            // No entries: no default ACL (posix_acl_from_xattr gives none).
+            return Ok((mode & !(umask & 0o777), Vec::new()));
+        }
         let (mode, access) = create_masq(&default, mode)
             .map_err(|e| super::Error::new(e, "parent's default ACL"))?;
         let mut set = Vec::new();
@@ -258,5 +275,18 @@ mod tests {
         assert_eq!(to_disk(&view, &uids, &gids).unwrap(), disk);
         let unmapped = encode(&[e(USER, 5, 70000)]);
         assert_eq!(to_disk(&unmapped, &uids, &gids), Err(Errno::EINVAL));
+        // A disk id no range covers: the entry is not shown (as 65534 it would grant nobody).
+        let base = [
+            e(USER_OBJ, 6, U),
+            e(GROUP_OBJ, 4, U),
+            e(MASK, 6, U),
+            e(OTHER, 0, U),
+        ];
+        let mut with = base.to_vec();
+        with.insert(1, e(USER, 6, 70000));
+        assert_eq!(
+            to_view(&encode(&with), &uids, &gids).unwrap(),
+            encode(&base)
+        );
     }
 }

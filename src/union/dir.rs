@@ -108,7 +108,16 @@ impl Union {
         } else {
             who.gid
         };
-        let before = layer::stat_at(dir, name).ctx("stat new")?;
+        let mut before = layer::stat_at(dir, name).ctx("stat new")?;
+        // A directory under a set-gid one is set-gid too (inode_init_owner); one built in the
+        // work dir (over a whiteout) inherited nothing.
+        if pst.st_mode & libc::S_ISGID != 0
+            && before.st_mode & libc::S_IFMT == libc::S_IFDIR
+            && before.st_mode & libc::S_ISGID == 0
+        {
+            before.st_mode |= libc::S_ISGID;
+            layer::sys::chmod_at(dir, name, before.st_mode & 0o7777).ctx("chmod new")?;
+        }
         if before.st_uid == who.uid && before.st_gid == gid {
             return Ok(());
         }

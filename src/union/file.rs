@@ -917,14 +917,23 @@ impl Union {
         let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
         let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
-        // chmod rewrites ACL xattrs, chown drops security.capability: reload xattrs next time.
+        // chmod rewrites ACL xattrs, chown drops security.capability: reload xattrs next time
+        // — also after the change, so a load that ran meanwhile (a getfacl during the
+        // copy-up) cannot keep the old ACL for the kernel's next permission check.
         node.invalidate_xattrs();
+        let r = self.setattr_node(&node, a);
+        node.invalidate_xattrs();
+        r
+    }
+
+    fn setattr_node(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Attr> {
+        let node = node.clone();
         if node.st.lock().unlinked {
             return self.setattr_unlinked(&node, a);
         }
         if node.is_dir() {
             // A deferred rename from or into it would set its times again when committed.
-            self.commits.wait_dir(ino);
+            self.commits.wait_dir(node.ino);
         }
         // Held to the end: the change is made to the copy, then its commit is queued.
         let _staged = self.copy_up_for_use(&node)?;

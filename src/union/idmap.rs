@@ -53,6 +53,20 @@ impl IdMap {
         self.ranges.is_empty() && self.squash.is_none()
     }
 
+    /// The view id of a disk id; `None` if no range maps it (shown as the overflow id).
+    pub fn view_of(&self, disk: u32) -> Option<u32> {
+        if let Some(s) = self.squash {
+            return Some(s);
+        }
+        if self.ranges.is_empty() {
+            return Some(disk);
+        }
+        self.ranges
+            .iter()
+            .find(|&&(_, h, n)| disk >= h && disk - h < n)
+            .map(|&(c, h, _)| c + (disk - h))
+    }
+
     /// The id the merged view shows for a disk id.
     pub fn to_view(&self, disk: u32) -> u32 {
         if let Some(s) = self.squash {
