@@ -262,6 +262,9 @@ impl Union {
             *node.st.lock() = st;
             node.reset_dirfds();
             node.invalidate_xattrs();
+            // Nothing is accounted for the new object yet (the old one's figure is stale).
+            *node.io_lock.lock() = None;
+            node.freed.store(false, Ordering::Release);
         }
         node
     }
@@ -366,6 +369,7 @@ impl Union {
                 && before.st_nlink <= 1
             {
                 *k = None;
+                child.freed.store(true, Ordering::Release);
             }
         } else {
             self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_NOREPLACE)?;
@@ -610,16 +614,21 @@ impl Union {
             Err(e) => return Err(Error::new(e, "stat rename target")),
         };
         let target_is_wh = target.as_ref().is_some_and(is_whiteout_stat);
+        // The replaced file's allocation stays locked from "still open?" until its name is
+        // gone, as in an unlink: its last close waits, so exactly one of us frees it, and no
+        // settle stats the moved file under the replaced one's node.
+        let mut dst_known = match (&dst, &target, &self.quota) {
+            (Some(d), Some(t), Some(_)) if !d.is_dir() && !is_whiteout_stat(t) => {
+                Some(d.io_lock.lock())
+            }
+            _ => None,
+        };
         let target_open = match (&dst, &self.quota) {
             (Some(d), Some(_)) => self.upper_handle_of(d.ino, None).is_some(),
             _ => false,
         };
-        if let (Some(d), Some(t), Some(_)) = (&dst, &target, &self.quota)
-            && !d.is_dir()
-            && !is_whiteout_stat(t)
-        {
-            let mut known = d.io_lock.lock();
-            self.sync_known(&mut known, t);
+        if let (Some(known), Some(t)) = (dst_known.as_deref_mut(), &target) {
+            self.sync_known(known, t);
         }
         if let (Some(d), Some(t)) = (&dst, &target)
             && d.is_dir()
@@ -679,6 +688,17 @@ impl Union {
                 d.is_dir() || target_is_wh || target.as_ref().is_none_or(|t| t.st_nlink <= 1);
             self.name_removed(d, newparent, newname, gone);
         }
+        if let (Some(known), Some(t)) = (dst_known.as_deref_mut(), &target)
+            && t.st_nlink <= 1
+            && !target_open
+        {
+            // Freed with its last name: nothing of it is accounted any more.
+            *known = None;
+            if let Some(d) = &dst {
+                d.freed.store(true, Ordering::Release);
+            }
+        }
+        drop(dst_known);
         move_name(&src, parent, name, newparent, newname);
         Ok(())
     }

@@ -666,6 +666,10 @@ impl Union {
                     let st = nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?;
                     *known = Some((super::charge::alloc(&st), st.st_size));
                 }
+                drop(known);
+                // Unsettled from now on: a FORGET right after write-back (before it settles)
+                // must not take the node, which holds what is accounted.
+                self.mark_unsettled(f.ino);
             }
             let n = c.write(f.ino, &f.fd, off, data).ctx("write")?;
             let sync = sync_of(flags).or(f.sync);
@@ -755,7 +759,7 @@ impl Union {
         let Some((_, f)) = self.files.remove(&fh) else {
             return;
         };
-        self.last_close(&f, known.as_deref_mut());
+        self.last_close(&f, node.as_deref(), known.as_deref_mut());
         drop(known);
         if let Some(node) = &node {
             let mut k = node.kio.lock();
@@ -774,7 +778,12 @@ impl Union {
     /// After handle `f` went: if it was the last one of an upper file, settle what is
     /// accounted for it (`known`: the node's, locked) and, for an unlinked file, free its
     /// space, inode and cached pages.
-    fn last_close(&self, f: &OpenFile, known: Option<&mut Option<(i64, i64)>>) {
+    fn last_close(
+        &self,
+        f: &OpenFile,
+        node: Option<&Node>,
+        known: Option<&mut Option<(i64, i64)>>,
+    ) {
         if (self.quota.is_none() && self.cache.is_none())
             || !f.in_upper
             || self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
@@ -788,7 +797,9 @@ impl Union {
             if let Some(c) = &self.cache {
                 c.drop_file(f.ino);
             }
-            if self.quota.is_some() {
+            // An unlink that found no handle registered yet freed it already.
+            let freed = node.is_some_and(|n| n.freed.load(Ordering::Acquire));
+            if self.quota.is_some() && !freed {
                 // Settle drift first, so what is released is what was accounted.
                 if let Some(known) = known {
                     self.sync_known(known, &st);

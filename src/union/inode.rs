@@ -96,6 +96,10 @@ pub struct Node {
     /// Serialises size-changing I/O when a quota needs exact before/after accounting, and
     /// holds the upper file's (allocation, size) as last seen, saving an fstat per write.
     pub io_lock: Mutex<Option<(i64, i64)>>,
+    /// With a quota: the upper object was freed (space and inode released) when its last name
+    /// went, while a handle opened just before was not yet registered; that handle's last
+    /// close must not free it again. Changed under `io_lock`.
+    pub freed: std::sync::atomic::AtomicBool,
     /// Directories: open fds of this directory in each layer, opened once beneath the layer
     /// root and then used for every lookup, create and readdir in it (they follow renames).
     pub dirfds: Mutex<Vec<(LayerRef, Arc<OwnedFd>)>>,
@@ -154,6 +158,7 @@ impl Node {
             st: Mutex::new(st),
             copy_lock: Mutex::new(()),
             io_lock: Mutex::new(None),
+            freed: std::sync::atomic::AtomicBool::new(false),
             dirfds: Mutex::new(Vec::new()),
             dirgen: AtomicU64::new(0),
             listings: Mutex::new(Vec::new()),

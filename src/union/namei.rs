@@ -234,8 +234,13 @@ impl Union {
             let mut st = node.st.lock();
             if st.unlinked {
                 *st = fresh.clone();
+                drop(st);
                 node.reset_dirfds();
                 node.invalidate_xattrs();
+                // A new object under the inode number: nothing is accounted for it yet.
+                *node.io_lock.lock() = None;
+                node.freed
+                    .store(false, std::sync::atomic::Ordering::Release);
             } else {
                 // Refresh from disk: the layers are the truth. Except that a file we copied up
                 // stays in upper (only its removal, which marks it unlinked, undoes that): a
