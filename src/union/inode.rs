@@ -275,15 +275,20 @@ impl NodeTable {
         if ino == ROOT_INO {
             return;
         }
-        let Some(node) = self.map.get(&ino).map(|n| n.clone()) else {
-            return;
+        // Counted down under the table's guard (a node of another type may replace this one
+        // and take over its count: insert_or_get).
+        let (node, prev) = {
+            let Some(g) = self.map.get(&ino) else {
+                return;
+            };
+            let prev = g
+                .nlookup
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v.saturating_sub(n))
+                })
+                .unwrap_or(0);
+            (g.clone(), prev)
         };
-        let prev = node
-            .nlookup
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(v.saturating_sub(n))
-            })
-            .unwrap_or(0);
         // `keep` is asked with no lock of the table held. A node it keeps gains no new
         // reason to stay meanwhile: that takes an open, so a lookup (a reference) first.
         if prev <= n && !keep(&node) {
