@@ -69,18 +69,7 @@ impl IdMap {
 
     /// The id the merged view shows for a disk id.
     pub fn to_view(&self, disk: u32) -> u32 {
-        if let Some(s) = self.squash {
-            return s;
-        }
-        if self.ranges.is_empty() {
-            return disk;
-        }
-        for &(c, h, n) in &self.ranges {
-            if disk >= h && disk - h < n {
-                return c + (disk - h);
-            }
-        }
-        OVERFLOW_ID
+        self.view_of(disk).unwrap_or(OVERFLOW_ID)
     }
 
     /// The disk id for a view id (`None`: unmapped).
