@@ -119,7 +119,11 @@ fn quota_benches(c: &mut Criterion) {
             ..Options::default()
         })
         .expect("union");
-        let who = Caller { uid: 0, gid: 0 };
+        let who = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        };
         let (a, fd) = u
             .create_node(
                 ROOT_INO,

@@ -152,6 +152,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -162,55 +163,6 @@ impl UnionFs {
             Err(e) => reply.error(errno(e)),
         }
     }
-}
-
-impl UnionFs {
-    /// Setting an access ACL on a set-gid file clears the bit unless the caller is in the
-    /// file's group or has CAP_FSETID (the kernel does so for local filesystems and overlayfs,
-    /// CVE-2016-7097; FUSE reports it only with FUSE_SETXATTR_EXT, which fuser cannot parse).
-    fn kill_sgid_for_acl(&self, req: &Request, ino: u64) -> crate::union::Result<()> {
-        let a = self.u.getattr(ino, None)?;
-        if a.mode & libc::S_ISGID == 0 || in_group_or_capable(req, a.gid) {
-            return Ok(());
-        }
-        let clear = SetAttr {
-            mode: Some(a.mode & 0o7777 & !libc::S_ISGID),
-            ..SetAttr::default()
-        };
-        self.u.setattr(ino, &clear).map(drop)
-    }
-}
-
-/// Is the caller of `req` in group `gid` (its fsgid or a supplementary group) or holding
-/// CAP_FSETID in the daemon's user namespace? Read from /proc (FUSE passes the caller's
-/// thread id); unreadable: only the fsgid counts. Capabilities held in a user namespace of
-/// the caller's own (`unshare -Ur`) do not count: the file's ids are not mapped there.
-fn in_group_or_capable(req: &Request, gid: u32) -> bool {
-    const CAP_FSETID: u32 = 4;
-    if req.gid() == gid {
-        return true;
-    }
-    let proc = format!("/proc/{}", req.pid());
-    let Ok(status) = std::fs::read_to_string(format!("{proc}/status")) else {
-        return false;
-    };
-    let same_userns = match (
-        std::fs::read_link(format!("{proc}/ns/user")),
-        std::fs::read_link("/proc/self/ns/user"),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    status.lines().any(|l| {
-        if let Some(groups) = l.strip_prefix("Groups:") {
-            groups.split_whitespace().any(|g| g.parse() == Ok(gid))
-        } else if let Some(caps) = l.strip_prefix("CapEff:") {
-            same_userns
-                && u64::from_str_radix(caps.trim(), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0)
-        } else {
-            false
-        }
-    })
 }
 
 impl Filesystem for UnionFs {
@@ -672,14 +624,7 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = if self.u.posix_acl_on() && name == crate::union::acl::ACCESS {
-            // As ovl_set_or_remove_acl: the bit goes first.
-            self.kill_sgid_for_acl(req, ino.0)
-                .and_then(|()| self.u.setxattr(ino.0, name, value, flags))
-        } else {
-            self.u.setxattr(ino.0, name, value, flags)
-        };
-        match r {
+        match self.u.setxattr(ino.0, name, value, flags, caller(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }

@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
 
+use super::file::SetAttr;
 use super::idmap::IdMap;
-use super::{Node, Union};
+use super::{Caller, Node, Union};
 
 /// `system.posix_acl_access`.
 pub const ACCESS: &str = "system.posix_acl_access";
@@ -168,6 +169,21 @@ impl Union {
         self.posix_acl.load(Ordering::Acquire)
     }
 
+    /// Setting an access ACL on a set-gid file clears the bit unless the caller is in the
+    /// file's group or has CAP_FSETID (the kernel does so for local filesystems and overlayfs,
+    /// CVE-2016-7097; FUSE reports it only with FUSE_SETXATTR_EXT, which fuser cannot parse).
+    pub(crate) fn kill_sgid_for_acl(&self, ino: u64, who: Caller) -> super::Result<()> {
+        let a = self.getattr(ino, None)?;
+        if a.mode & libc::S_ISGID == 0 || in_group_or_capable(who, a.gid) {
+            return Ok(());
+        }
+        let clear = SetAttr {
+            mode: Some(a.mode & 0o7777 & !libc::S_ISGID),
+            ..SetAttr::default()
+        };
+        self.setattr(ino, &clear).map(drop)
+    }
+
     /// The mode of a new object under `parent` created with `mode` by a caller with `umask`,
     /// and the ACL xattrs to give it: the parent's default ACL decides if there is one
     /// (posix_acl_create: the umask does not apply), else the umask does. With ACLs off the
@@ -202,6 +218,38 @@ impl Union {
         }
         Ok((mode, set))
     }
+}
+
+/// Is `who` in group `gid` (its fsgid or a supplementary group) or holding CAP_FSETID in the
+/// daemon's user namespace? Read from /proc/PID (the caller's thread); unreadable: only the
+/// fsgid counts. Capabilities held in a user namespace of the caller's own (`unshare -Ur`) do
+/// not count: the file's ids are not mapped there.
+fn in_group_or_capable(who: Caller, gid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    if who.gid == gid {
+        return true;
+    }
+    let proc = format!("/proc/{}", who.pid);
+    let Ok(status) = std::fs::read_to_string(format!("{proc}/status")) else {
+        return false;
+    };
+    let same_userns = match (
+        std::fs::read_link(format!("{proc}/ns/user")),
+        std::fs::read_link("/proc/self/ns/user"),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    status.lines().any(|l| {
+        if let Some(groups) = l.strip_prefix("Groups:") {
+            groups.split_whitespace().any(|g| g.parse() == Ok(gid))
+        } else if let Some(caps) = l.strip_prefix("CapEff:") {
+            same_userns
+                && u64::from_str_radix(caps.trim(), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0)
+        } else {
+            false
+        }
+    })
 }
 
 #[cfg(test)]

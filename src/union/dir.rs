@@ -101,6 +101,7 @@ impl Union {
                 .gid_map
                 .to_disk(who.gid)
                 .unwrap_or(super::idmap::OVERFLOW_ID),
+            pid: who.pid,
         };
         let pst = nix::sys::stat::fstat(dir).ctx("stat parent")?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 {

@@ -170,13 +170,15 @@ pub struct Options {
     pub writeback_cache: bool,
 }
 
-/// The identity of a caller, for ownership of new objects.
+/// The identity of a caller, for ownership of new objects and the set-gid rule of ACLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     /// fsuid
     pub uid: u32,
     /// fsgid
     pub gid: u32,
+    /// Thread id (FUSE passes it; 0: unknown), to read supplementary groups and capabilities.
+    pub pid: u32,
 }
 
 impl Union {

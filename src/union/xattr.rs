@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use nix::errno::Errno;
 
 use super::inode::XattrCache;
-use super::{Ctx, Error, LayerRef, Node, Result, Union, acl};
+use super::{Caller, Ctx, Error, LayerRef, Node, Result, Union, acl};
 
 use crate::layer::sys;
 
@@ -79,8 +79,20 @@ impl Union {
             .collect())
     }
 
-    /// setxattr (copies up).
-    pub fn setxattr(&self, ino: u64, xname: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    /// setxattr (copies up). An access ACL set by `who` may clear the set-gid bit first
+    /// ([`Union::kill_sgid_for_acl`]).
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        xname: &OsStr,
+        value: &[u8],
+        flags: i32,
+        who: Caller,
+    ) -> Result<()> {
+        if self.posix_acl_on() && xname == acl::ACCESS {
+            // As ovl_set_or_remove_acl: the bit goes first.
+            self.kill_sgid_for_acl(ino, who)?;
+        }
         let lname = self.names.to_layer(xname);
         let mapped;
         let value = if acl::is_acl_name(lname.as_bytes()) {
