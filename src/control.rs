@@ -245,6 +245,11 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 u8::from(pt),
                 u8::from(union.writeback_cache_on())
             ));
+            s.push_str(&format!(
+                ",\"uring_threads\":{},\"uring_requests\":{}",
+                union.uring_threads.load(std::sync::atomic::Ordering::Relaxed),
+                union.uring_requests.load(std::sync::atomic::Ordering::Relaxed)
+            ));
             let (deferred, pending, failed) = union.commit_stats();
             s.push_str(&format!(
                 ",\"copyup_deferred_commits\":{deferred},\"copyup_pending_commits\":{pending},\"copyup_failed_commits\":{failed}"

@@ -53,6 +53,16 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 run "setup" bash tools/setup-test-deps.sh || { echo "test.sh: setup failed" >&2; exit 1; }
+# FUSE over io_uring is off unless root switches the fuse module's enable_uring on (then every
+# root mount uses it by default). The stages below run as on a machine where it is off; the
+# io_uring stages at the end run them again with it on. The switch is put back at exit.
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_was=
+if [ -w "$uring_param" ]; then
+    uring_was=$(cat "$uring_param")
+    trap 'echo "$uring_was" >"$uring_param"' EXIT
+    echo N >"$uring_param"
+fi
 if run "cargo build" cargo build --bins; then
     # shellcheck disable=SC2086
     run "cargo test" cargo test --no-fail-fast ${CARGO_TEST_ARGS:-} -- --test-threads="${TEST_THREADS:-2}"
@@ -104,6 +114,29 @@ if run "cargo build" cargo build --bins; then
     fi
     if [ "${SKIP_PODMAN:-0}" != 1 ]; then
         run "podman e2e" bash tools/podman-e2e.sh "$UNIONFS_BIN"
+    fi
+    if [ -n "$uring_was" ] && [ "${SKIP_URING:-0}" != 1 ]; then
+        # Everything again with requests through io_uring (root mounts use it by default once
+        # the switch is on): the integration tests (the differential ones against kernel
+        # overlayfs among them), pjdfstest, fsx through the page cache and by passthrough, and
+        # podman (rootful; rootless mounts stay on /dev/fuse, see README).
+        echo Y >"$uring_param"
+        # shellcheck disable=SC2086
+        run "cargo test (io_uring)" cargo test --no-fail-fast --tests ${CARGO_TEST_ARGS:-} \
+            -- --test-threads="${TEST_THREADS:-2}"
+        if [ "${SKIP_PJDFSTEST:-0}" != 1 ]; then
+            run "pjdfstest (io_uring)" bash tools/pjdfstest.sh
+        fi
+        if [ "${SKIP_FSX:-0}" != 1 ]; then
+            map_count=$(cat /proc/sys/vm/max_map_count)
+            run "fsx (io_uring, page cache 128K)" env UNIONFS_MOUNT_ARGS="--cache-size 128K --passthrough off" \
+                FSX_OPS=$((${FSX_OPS:-1000000} / 5)) FSX_TIMEOUT="${FSX_TIMEOUT:-3600}" bash tools/fsx.sh
+            sysctl -q -w vm.max_map_count="$map_count" || true
+        fi
+        if [ "${SKIP_PODMAN:-0}" != 1 ]; then
+            run "podman e2e (io_uring)" bash tools/podman-e2e.sh "$UNIONFS_BIN"
+        fi
+        echo N >"$uring_param"
     fi
 fi
 

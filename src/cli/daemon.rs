@@ -232,14 +232,20 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     });
     cfg.mount_options = mo.clone();
     cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(c.spec.threads.unwrap_or(4).max(1));
+    let threads = c.spec.threads.unwrap_or(4).max(1);
+    cfg.n_threads = Some(threads);
     cfg.clone_fd = true;
     let ttl = c
         .spec
         .ttl
         .map(std::time::Duration::from_secs_f64)
         .unwrap_or(crate::fuse::DEFAULT_TTL);
-    let fs = UnionFs::new(union.clone(), ttl).with_readdirplus(c.spec.readdirplus);
+    let mut fs = UnionFs::new(union.clone(), ttl).with_readdirplus(c.spec.readdirplus);
+    let ring = (c.spec.uring != crate::fuse::Uring::Off)
+        .then(|| crate::fuse::RingSetup::new(c.spec.uring, c.spec.uring_test_fail));
+    if let Some(r) = &ring {
+        fs = fs.with_ring(r.clone());
+    }
     let session = match own_mount(c, &mo) {
         Ok(fd) => Session::from_fd(fs, fd, SessionACL::All, cfg),
         // Not allowed to mount(2) here (rootless outside a user namespace): fusermount3.
@@ -254,6 +260,15 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
             return Err(m);
         }
     };
+    if let Some(r) = ring.as_ref().filter(|r| r.offered()) {
+        // INIT is answered (the session's handshake): the kernel holds requests until every
+        // CPU's queue has an entry. Threads per CPU so that there are about as many as
+        // /dev/fuse workers.
+        use std::os::fd::AsFd;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_cpu = threads.div_ceil(cpus);
+        let _ = r.start(union.clone(), session.as_fd(), ttl, per_cpu);
+    }
     let notifier = session.notifier();
     union.set_forgetter(std::sync::Arc::new(
         move |f: &crate::union::Forget| match f {
@@ -344,6 +359,16 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     // request; the caller need not wait for it: until it is set, reads get the kernel's 128K).
     let kernel_ra = union.apply_kernel_readahead();
     log::info!("mounted {}", c.merged.display());
+    match union
+        .uring_threads
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => match ring.as_ref().and_then(|r| r.why_not()) {
+            Some(why) => log::info!("requests through /dev/fuse (not io_uring: {why})"),
+            None => log::info!("requests through /dev/fuse"),
+        },
+        n => log::info!("requests through io_uring ({n} threads, pinned per CPU)"),
+    }
     match kernel_ra {
         Ok(kb) => log::info!("kernel readahead on {}: {kb} KiB", c.merged.display()),
         Err(e) => log::info!("kernel readahead left as it was: {e}"),

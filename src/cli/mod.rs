@@ -150,6 +150,11 @@ struct MountArgs {
     /// (names only: faster `find`, slower `ls -l`).
     #[arg(long, value_name = "auto|on|off")]
     readdirplus: Option<String>,
+    /// FUSE requests through io_uring, served on the caller's CPU: auto (default: where the
+    /// kernel offers it, i.e. after `echo Y > /sys/module/fuse/parameters/enable_uring`, and
+    /// the daemon runs as root), on (wherever offered) or off.
+    #[arg(long, value_name = "auto|on|off")]
+    uring: Option<String>,
     /// Mount options, comma separated (same as the -o form).
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
@@ -392,6 +397,11 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             }
             if let Some(r) = &m.readdirplus
                 && let Err(e) = options::apply_opts(&mut spec, &format!("readdirplus={r}"))
+            {
+                return fail(e);
+            }
+            if let Some(r) = &m.uring
+                && let Err(e) = options::apply_opts(&mut spec, &format!("uring={r}"))
             {
                 return fail(e);
             }

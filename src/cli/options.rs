@@ -63,6 +63,10 @@ pub struct MountSpec {
     pub writeback_cache: Option<bool>,
     /// `readdirplus=auto|on|off`: directory listings with attributes.
     pub readdirplus: crate::fuse::Readdirplus,
+    /// `uring=auto|on|off`: requests through io_uring.
+    pub uring: crate::fuse::Uring,
+    /// Testing aid `uring_test_fail`: the ring's setup fails after INIT offered it.
+    pub uring_test_fail: bool,
 }
 
 /// Quota options as given (`--bhard 10G`, `-o size=10G,bsoft=…`).
@@ -250,6 +254,16 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 }
             }
             "noreaddirplus" => spec.readdirplus = crate::fuse::Readdirplus::Off,
+            "uring" => {
+                spec.uring = match v.unwrap_or("on") {
+                    "auto" => crate::fuse::Uring::Auto,
+                    "on" => crate::fuse::Uring::On,
+                    "off" => crate::fuse::Uring::Off,
+                    other => return Err(format!("uring: {other} is not auto, on or off")),
+                }
+            }
+            "nouring" => spec.uring = crate::fuse::Uring::Off,
+            "uring_test_fail" => spec.uring_test_fail = true,
             "uidmapping" => {
                 let squash = spec.uid_map.squash;
                 spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;

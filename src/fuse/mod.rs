@@ -15,10 +15,13 @@ use fuser::{
 };
 
 use crate::union::dir::NewKind;
-use crate::union::file::{Opened, SetAttr, SetTime};
+use crate::union::file::{Opened, RegisterBacking, SetAttr, SetTime};
 use crate::union::inode::Backing;
 use crate::union::readdir::dir_offset;
 use crate::union::{Attr, Caller, Error, Union};
+
+pub mod ring;
+pub mod wire;
 
 /// Kernel cache lifetime for entries and attributes. Safe to make long: every change to the
 /// layers goes through this daemon, the kernel updates its cache from our replies (setattr,
@@ -34,6 +37,62 @@ pub struct UnionFs {
     u: Arc<Union>,
     ttl: Duration,
     readdirplus: Readdirplus,
+    ring: Option<RingSetup>,
+}
+
+/// Whether requests come through io_uring (see [`ring`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Uring {
+    /// Where the kernel offers it and the daemon may commit replies at idle policy (root): the
+    /// case where it is faster than /dev/fuse on an idle machine too.
+    #[default]
+    Auto,
+    /// Wherever the kernel offers it.
+    On,
+    /// Never.
+    Off,
+}
+
+/// FUSE over io_uring: offered at INIT, started once INIT is answered (see [`ring`]).
+#[derive(Debug, Clone, Default)]
+pub struct RingSetup {
+    mode: Uring,
+    /// Testing aid: the setup after INIT fails (as a thread or ring that cannot be created).
+    fail_for_test: bool,
+    state: Arc<ring::RingState>,
+}
+
+impl RingSetup {
+    /// Set up for `mode` (not Off); `fail_for_test`: see `uring_test_fail` (README).
+    pub fn new(mode: Uring, fail_for_test: bool) -> RingSetup {
+        RingSetup {
+            mode,
+            fail_for_test,
+            state: Arc::default(),
+        }
+    }
+
+    /// Whether INIT offered it (false: not asked, not offered, or it failed).
+    pub fn offered(&self) -> bool {
+        !self.state.failed()
+    }
+
+    /// Why requests do not come through io_uring, if they do not.
+    pub fn why_not(&self) -> Option<&str> {
+        self.state.why_not()
+    }
+
+    /// Serve the connection of `dev` through io_uring, `per_cpu` threads per CPU; on an
+    /// error the kernel goes on through /dev/fuse.
+    pub fn start(
+        &self,
+        u: Arc<Union>,
+        dev: BorrowedFd<'_>,
+        ttl: Duration,
+        per_cpu: usize,
+    ) -> std::io::Result<()> {
+        ring::start(u, dev, ttl, per_cpu, self.fail_for_test, self.state.clone())
+    }
 }
 
 /// When the kernel asks for directory listings with attributes (READDIRPLUS). Each entry of
@@ -58,7 +117,20 @@ impl UnionFs {
             u,
             ttl,
             readdirplus: Readdirplus::Auto,
+            ring: None,
         }
+    }
+
+    /// Serve requests through io_uring where the kernel offers it.
+    pub fn with_ring(mut self, r: RingSetup) -> UnionFs {
+        self.ring = Some(r);
+        self
+    }
+
+    /// Whether opens through /dev/fuse may register passthrough backing files: not while the
+    /// ring may take over, which registers its own (an inode's opens share one).
+    fn may_register(&self) -> bool {
+        self.ring.as_ref().is_none_or(|r| r.state.failed())
     }
 
     /// Set when listings come with attributes.
@@ -196,6 +268,30 @@ impl Filesystem for UnionFs {
             self.u.set_writeback_cache(on);
             if !on {
                 log::info!("kernel write-back cache: not offered by the kernel");
+            }
+        }
+        if let Some(r) = &self.ring {
+            // Offered only where we can set io_uring up: from now on the kernel holds requests
+            // until the ring is complete (started once INIT is answered, see ring::start).
+            let offered = config
+                .capabilities()
+                .contains(InitFlags::FUSE_OVER_IO_URING);
+            let hand_over = ring::can_hand_over();
+            r.state.set_hand_over(hand_over);
+            let why_not = if !offered {
+                Some("not offered by the kernel (fuse module parameter enable_uring off?)")
+            } else if r.mode == Uring::Auto && !hand_over {
+                Some("no CAP_SYS_NICE to commit replies at idle policy (uring=on uses it anyway)")
+            } else if !ring::usable() {
+                Some("io_uring cannot be set up here")
+            } else {
+                None
+            };
+            match why_not {
+                None => {
+                    let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+                }
+                Some(why) => r.state.fail_because(why.into()),
             }
         }
         if self.u.passthrough_wanted() && !self.u.writeback_cache_on() {
@@ -373,7 +469,8 @@ impl Filesystem for UnionFs {
         let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
             Ok(Arc::new(reply.open_backing(fd)?))
         };
-        let r = self.u.open_with(ino.0, flags.0, Some(&register));
+        let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
+        let r = self.u.open_with(ino.0, flags.0, register);
         match r {
             Ok(o) => match backing_id(&o) {
                 Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
@@ -477,16 +574,10 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.u.readdir(ino.0, offset) {
-            Ok((entries, start, generation)) => {
-                for (i, e) in entries.iter().enumerate().skip(start) {
-                    let next = dir_offset(generation, i + 1);
-                    if reply.add(INodeNo(e.ino), next, kind_of(e.kind), &e.name) {
-                        break;
-                    }
-                }
-                reply.ok()
-            }
+        match readdir_batch(&self.u, ino.0, offset, |ino, next, kind, name| {
+            !reply.add(INodeNo(ino), next, kind_of(kind), name)
+        }) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -499,58 +590,21 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (entries, start, generation) = match self.u.readdir(ino.0, offset) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let mut added = false;
-        for (i, e) in entries.iter().enumerate().skip(start) {
-            let dot = e.name == "." || e.name == "..";
-            // Each real entry is a lookup (one kernel reference); "." and ".." are ignored by
-            // the kernel and take none.
-            let attr = if dot {
-                Attr {
-                    ino: e.ino,
-                    generation: 0,
-                    mode: e.kind,
-                    nlink: 1,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    size: 0,
-                    blocks: 0,
-                    blksize: 4096,
-                    atime: (0, 0),
-                    mtime: (0, 0),
-                    ctime: (0, 0),
-                }
-            } else {
-                match self.u.lookup(ino.0, &e.name) {
-                    Ok(a) => a,
-                    Err(err) if err.errno == nix::errno::Errno::ENOENT => continue, // gone since listed
-                    // Never drop an entry silently (the kernel may cache this listing): end the
-                    // batch before it, so the kernel asks again from here, or report the error.
-                    Err(err) if !added => return reply.error(errno(err)),
-                    Err(_) => break,
-                }
-            };
-            let full = reply.add(
+        let ttl = self.ttl;
+        let r = readdirplus_batch(&self.u, ino.0, offset, |attr, next, name| {
+            !reply.add(
                 INodeNo(attr.ino),
-                dir_offset(generation, i + 1),
-                &e.name,
-                &self.ttl,
-                &fattr(&attr),
+                next,
+                name,
+                &ttl,
+                &fattr(attr),
                 Generation(attr.generation),
-            );
-            if full {
-                if !dot {
-                    self.u.forget(attr.ino, 1);
-                }
-                break;
-            }
-            added = true;
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        reply.ok()
     }
 
     fn releasedir(
@@ -638,16 +692,8 @@ impl Filesystem for UnionFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        use std::os::unix::ffi::OsStrExt;
         match self.u.listxattr(ino.0, req.uid()) {
-            Ok(names) => {
-                let mut buf = Vec::new();
-                for n in names {
-                    buf.extend_from_slice(n.as_bytes());
-                    buf.push(0);
-                }
-                xattr_reply(&buf, size, reply)
-            }
+            Ok(names) => xattr_reply(&xattr_list(&names), size, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -674,23 +720,22 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self.u.create_node(
+        let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
+            Ok(Arc::new(reply.open_backing(fd)?))
+        };
+        let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
+        let r = create_open(
+            &self.u,
             parent.0,
             name,
-            NewKind::File { flags },
             mode,
             umask,
+            flags,
             caller(req),
+            register,
         );
         match r {
-            Ok((a, Some(fd))) => {
-                let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
-                    Ok(Arc::new(reply.open_backing(fd)?))
-                };
-                let o = match self.u.open_created(a.ino, fd, flags, Some(&register)) {
-                    Ok(o) => o,
-                    Err(e) => return reply.error(errno(e)),
-                };
+            Ok((a, o)) => {
                 let (ttl, attr, fh) = (&self.ttl, &fattr(&a), FileHandle(o.fh));
                 match backing_id(&o) {
                     Some(id) => reply.created_passthrough(
@@ -704,7 +749,6 @@ impl Filesystem for UnionFs {
                     None => reply.created(ttl, attr, Generation(a.generation), fh, keep_cache(&o)),
                 }
             }
-            Ok((_, None)) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -749,4 +793,101 @@ fn xattr_reply(v: &[u8], size: u32, reply: ReplyXattr) {
     } else {
         reply.data(v)
     }
+}
+
+/// The entries of one READDIR batch from `offset`, handed to `add(ino, next offset, mode,
+/// name)` until it answers false (reply full).
+pub(crate) fn readdir_batch(
+    u: &Union,
+    ino: u64,
+    offset: u64,
+    mut add: impl FnMut(u64, u64, u32, &OsStr) -> bool,
+) -> crate::union::Result<()> {
+    let (entries, start, generation) = u.readdir(ino, offset)?;
+    for (i, e) in entries.iter().enumerate().skip(start) {
+        if !add(e.ino, dir_offset(generation, i + 1), e.kind, &e.name) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The entries of one READDIRPLUS batch from `offset` with their attributes, handed to
+/// `add(attr, next offset, name)` until it answers false (reply full). Each entry handed over
+/// but "." and ".." is a lookup (one kernel reference); the one that did not fit is forgotten.
+pub(crate) fn readdirplus_batch(
+    u: &Union,
+    ino: u64,
+    offset: u64,
+    mut add: impl FnMut(&Attr, u64, &OsStr) -> bool,
+) -> crate::union::Result<()> {
+    let (entries, start, generation) = u.readdir(ino, offset)?;
+    let mut added = false;
+    for (i, e) in entries.iter().enumerate().skip(start) {
+        let dot = e.name == "." || e.name == "..";
+        // "." and ".." are ignored by the kernel and take no reference.
+        let attr = if dot {
+            Attr {
+                ino: e.ino,
+                generation: 0,
+                mode: e.kind,
+                nlink: 1,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                size: 0,
+                blocks: 0,
+                blksize: 4096,
+                atime: (0, 0),
+                mtime: (0, 0),
+                ctime: (0, 0),
+            }
+        } else {
+            match u.lookup(ino, &e.name) {
+                Ok(a) => a,
+                Err(err) if err.errno == nix::errno::Errno::ENOENT => continue, // gone since listed
+                // Never drop an entry silently (the kernel may cache this listing): end the
+                // batch before it, so the kernel asks again from here, or report the error.
+                Err(err) if !added => return Err(err),
+                Err(_) => break,
+            }
+        };
+        if !add(&attr, dir_offset(generation, i + 1), &e.name) {
+            if !dot {
+                u.forget(attr.ino, 1);
+            }
+            break;
+        }
+        added = true;
+    }
+    Ok(())
+}
+
+/// CREATE: the new file and its open handle.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn create_open(
+    u: &Union,
+    parent: u64,
+    name: &OsStr,
+    mode: u32,
+    umask: u32,
+    flags: i32,
+    who: Caller,
+    register: Option<RegisterBacking<'_>>,
+) -> crate::union::Result<(Attr, Opened)> {
+    let (a, fd) = u.create_node(parent, name, NewKind::File { flags }, mode, umask, who)?;
+    let fd = fd.ok_or_else(|| Error::new(nix::errno::Errno::EIO, "create: no file"))?;
+    let o = u.open_created(a.ino, fd, flags, register)?;
+    Ok((a, o))
+}
+
+/// LISTXATTR's answer: the names, each NUL-terminated.
+pub(crate) fn xattr_list(names: &[std::ffi::OsString]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = Vec::new();
+    for n in names {
+        buf.extend_from_slice(n.as_bytes());
+        buf.push(0);
+    }
+    buf
 }

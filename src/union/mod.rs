@@ -264,6 +264,10 @@ pub struct Union {
     /// registration.
     pub(crate) direct_opens: AtomicU64,
     pub(crate) direct_fallbacks: AtomicU64,
+    /// FUSE over io_uring: serving threads (0: requests come through /dev/fuse only) and the
+    /// requests they served. Kept here for `stats`; the transport is the FUSE adapter's.
+    pub uring_threads: std::sync::atomic::AtomicUsize,
+    pub uring_requests: AtomicU64,
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
@@ -390,6 +394,8 @@ impl Union {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             direct_opens: AtomicU64::new(0),
             direct_fallbacks: AtomicU64::new(0),
+            uring_threads: Default::default(),
+            uring_requests: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
             posix_acl: std::sync::atomic::AtomicBool::new(false),
             reflink: std::sync::atomic::AtomicBool::new(true),

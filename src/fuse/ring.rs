@@ -1,0 +1,804 @@
+//! FUSE over io_uring (kernel 6.14+, `CONFIG_FUSE_IO_URING`, enabled by root with
+//! `echo Y > /sys/module/fuse/parameters/enable_uring`).
+//!
+//! Why: on /dev/fuse every request wakes whichever daemon thread has waited longest, usually on
+//! another CPU than the caller, and the answer wakes the caller back across CPUs. On this
+//! 2-vCPU VM that cross-CPU round trip is most of the cost of a metadata operation (`ls -lR`
+//! of the speed benchmark's tree: 3.5 s with the two free, 1.75 s with daemon and caller pinned
+//! to one CPU). With io_uring the kernel queues a request on the queue of the CPU the caller
+//! runs on, and we serve each queue from threads pinned to that CPU: the caller sleeps, the
+//! daemon thread runs on the same CPU, answers, and the caller runs again, without waking
+//! another CPU.
+//!
+//! The kernel keeps using /dev/fuse (fuser's loop) for FORGET, INTERRUPT and everything before
+//! the ring is complete (every possible CPU's queue has an entry). Each entry is one request at
+//! a time: a header buffer (request header, operation header, entry info) and a payload buffer
+//! (names, data). The thread handles the request with the same union operations as the fuser
+//! adapter, writes the reply into the same buffers and commits it, which fetches the next.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::wire::{self, Arg, InHeader, Names, Out, Short};
+use crate::union::dir::NewKind;
+use crate::union::file::{Opened, SetAttr, SetTime};
+use crate::union::inode::Backing;
+use crate::union::{Caller, Union};
+
+/// enum fuse_uring_cmd.
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// struct fuse_uring_req_header: in_out[128], op_in[128], struct fuse_uring_ent_in_out.
+const HEADER_LEN: usize = 128 + 128 + 32;
+const OP_IN: usize = 128;
+const ENT_IN_OUT: usize = 256;
+/// Payload buffer of each entry: the kernel wants room for the largest request or reply,
+/// max_write or max_pages pages (1 MiB both, set at INIT).
+const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Ring state, shared with the fuser adapter (which must not register passthrough backing
+/// files while the ring may take over: an inode's opens must all use one backing file, and
+/// the ring registers its own).
+#[derive(Debug, Default)]
+pub struct RingState {
+    failed: AtomicBool,
+    hand_over: AtomicBool,
+    why_not: std::sync::OnceLock<String>,
+}
+
+impl RingState {
+    /// The ring will not serve requests (not offered, or setup failed): /dev/fuse serves
+    /// everything.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+    pub(crate) fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+    /// Not used, and why (logged once the mount is live).
+    pub(crate) fn fail_because(&self, why: String) {
+        let _ = self.why_not.set(why);
+        self.fail();
+    }
+    /// Why the ring is not used, if it is not.
+    pub fn why_not(&self) -> Option<&str> {
+        self.why_not.get().map(String::as_str)
+    }
+    /// Whether the threads commit at idle policy (decided at INIT).
+    pub(crate) fn hand_over(&self) -> bool {
+        self.hand_over.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_hand_over(&self, on: bool) {
+        self.hand_over.store(on, Ordering::Release);
+    }
+}
+
+/// A passthrough backing file registered through the ring's /dev/fuse fd; unregistered when
+/// the last open of the file using it is gone.
+#[derive(Debug)]
+pub struct RingBacking {
+    id: u32,
+    dev: Arc<OwnedFd>,
+}
+
+nix::ioctl_write_ptr!(fuse_backing_close, 229, 2, u32);
+
+impl Drop for RingBacking {
+    fn drop(&mut self) {
+        // SAFETY: FUSE_DEV_IOC_BACKING_CLOSE reads one u32 (the id) from the pointer, which
+        // points to our field for the duration of the call; the fd is our /dev/fuse fd.
+        let r = unsafe { fuse_backing_close(self.dev.as_raw_fd(), &self.id) };
+        if let Err(e) = r {
+            log::debug!("passthrough: unregistering backing file {}: {e}", self.id);
+        }
+    }
+}
+
+/// What the ring's request handlers need.
+struct Served {
+    u: Arc<Union>,
+    ttl: Duration,
+    dev: Arc<OwnedFd>,
+    /// Commit replies at idle policy (see `run`).
+    hand_over: bool,
+}
+
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+fn new_ring(entries: u32) -> std::io::Result<Ring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(entries)
+}
+
+/// Whether io_uring with 128-byte entries can be set up here. Asked before offering the kernel
+/// FUSE over io_uring at INIT: once offered, the kernel holds every request until each CPU's
+/// queue has an entry or a registration fails.
+pub fn usable() -> bool {
+    new_ring(2).is_ok()
+}
+
+/// Start serving the connection of `dev` (a /dev/fuse fd of the mount, after INIT) through
+/// io_uring, with `per_cpu` threads for each CPU's queue. An error means nothing is
+/// registered and the kernel has been told to go on through /dev/fuse.
+pub fn start(
+    u: Arc<Union>,
+    dev: BorrowedFd<'_>,
+    ttl: Duration,
+    per_cpu: usize,
+    fail_for_test: bool,
+    state: Arc<RingState>,
+) -> std::io::Result<()> {
+    let hand_over = state.hand_over();
+    let mut control = new_ring(2)?;
+    let union = u.clone();
+    let r = dev.try_clone_to_owned().and_then(|fd| {
+        let served = Arc::new(Served {
+            u,
+            ttl,
+            dev: Arc::new(fd),
+            hand_over,
+        });
+        let plan = plan(per_cpu)?;
+        if fail_for_test {
+            return Err(std::io::Error::other(
+                "failing on purpose (uring_test_fail)",
+            ));
+        }
+        // Every ring first, so that a failure comes before any registration.
+        let rings = plan
+            .iter()
+            .map(|(_, qids)| new_ring(8.max(2 * qids.len().next_power_of_two() as u32)))
+            .collect::<std::io::Result<Vec<Ring>>>()?;
+        let n = plan.len();
+        for ((cpu, qids), ring) in plan.into_iter().zip(rings) {
+            spawn(served.clone(), ring, cpu, qids, state.clone())?;
+        }
+        Ok(n)
+    });
+    match r {
+        Ok(n) => {
+            log::debug!("FUSE over io_uring: {n} threads");
+            union.uring_threads.store(n, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            state.fail_because(e.to_string());
+            abandon(dev, &mut control);
+            Err(e)
+        }
+    }
+}
+
+/// Which threads serve which queues: `per_cpu` pinned threads for each CPU we may run on; one
+/// unpinned thread holds an entry for each other CPU's queue (offline or outside our cpuset:
+/// rarely used, but the kernel uses the ring only once every queue has an entry).
+fn plan(per_cpu: usize) -> std::io::Result<Vec<(Option<usize>, Vec<u16>)>> {
+    let nr_queues = possible_cpus()?;
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map_err(std::io::Error::from)?;
+    let mut plan = Vec::new();
+    let mut others = Vec::new();
+    for cpu in 0..nr_queues {
+        if allowed.is_set(cpu).unwrap_or(false) {
+            for _ in 0..per_cpu.max(1) {
+                plan.push((Some(cpu), vec![cpu as u16]));
+            }
+        } else {
+            others.push(cpu as u16);
+        }
+    }
+    if !others.is_empty() {
+        plan.push((None, others));
+    }
+    Ok(plan)
+}
+
+/// Make the kernel give up on the ring for this connection: a registration it refuses (a
+/// queue that does not exist) turns FUSE over io_uring off and releases the requests it held
+/// back, which then come through /dev/fuse.
+fn abandon(dev: BorrowedFd<'_>, control: &mut Ring) {
+    let sqe = uring_cmd(dev, CMD_REGISTER, u16::MAX, 0);
+    let r = push(control, &sqe).and_then(|_| control.submit_and_wait(1));
+    match r {
+        Ok(_) => {
+            if let Some(c) = control.completion().next() {
+                log::debug!("uring: refused registration answered {}", c.result());
+            }
+        }
+        Err(e) => log::error!("FUSE over io_uring: could not turn it off again: {e}"),
+    }
+}
+
+/// The kernel's queue count: one per possible CPU (num_possible_cpus()).
+fn possible_cpus() -> std::io::Result<usize> {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let bad = || std::io::Error::other(format!("cpu/possible: {s:?}"));
+    let mut n = 0usize;
+    for part in s.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (
+            lo.parse().map_err(|_| bad())?,
+            hi.parse().map_err(|_| bad())?,
+        );
+        n += hi.checked_sub(lo).ok_or_else(bad)? + 1;
+    }
+    Ok(n)
+}
+
+fn spawn(
+    served: Arc<Served>,
+    ring: Ring,
+    cpu: Option<usize>,
+    qids: Vec<u16>,
+    state: Arc<RingState>,
+) -> std::io::Result<()> {
+    let name = match cpu {
+        Some(c) => format!("uring-{c}"),
+        None => "uring-rest".into(),
+    };
+    std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(c) = cpu {
+            let mut set = nix::sched::CpuSet::new();
+            if set.set(c).is_ok()
+                && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            {
+                log::debug!("uring: pinning to CPU {c}: {e}");
+            }
+        }
+        if let Err(e) = serve(&served, ring, &qids, &state) {
+            state.fail_because(e.to_string());
+            log::warn!("FUSE over io_uring: {e}; requests go through /dev/fuse");
+        }
+    })?;
+    Ok(())
+}
+
+/// One ring entry's buffers. Boxed: the kernel keeps their addresses from registration on.
+struct Entry {
+    qid: u16,
+    header: Box<[u8; HEADER_LEN]>,
+    payload: Vec<u8>,
+    iov: Box<[libc::iovec; 2]>,
+    /// The request's payload copied out, so the reply can be written over the original.
+    input: Vec<u8>,
+    live: bool,
+}
+
+// SAFETY: the raw pointers in `iov` point into the entry's own boxed buffers.
+unsafe impl Send for Entry {}
+
+fn uring_cmd(dev: BorrowedFd<'_>, op: u32, qid: u16, commit_id: u64) -> squeue::Entry128 {
+    // struct fuse_uring_cmd_req: flags u64, commit_id u64, qid u16, padding.
+    let mut cmd = [0u8; 80];
+    cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+    cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
+    opcode::UringCmd80::new(types::Fd(dev.as_raw_fd()), op)
+        .cmd(cmd)
+        .build()
+}
+
+fn register_sqe(dev: BorrowedFd<'_>, e: &Entry, index: usize) -> squeue::Entry128 {
+    let sqe = opcode::UringCmd80::new(types::Fd(dev.as_raw_fd()), CMD_REGISTER)
+        .cmd({
+            let mut cmd = [0u8; 80];
+            cmd[16..18].copy_from_slice(&e.qid.to_ne_bytes());
+            cmd
+        })
+        .addr(Some(e.iov.as_ptr() as u64))
+        .build()
+        .user_data(index as u64);
+    // The kernel takes the number of iovecs from sqe->len, which the builder does not set.
+    // SAFETY: Entry128 is repr(C): a 64-byte struct io_uring_sqe followed by 64 command bytes;
+    // `len` is the u32 at byte 24 of io_uring_sqe. Plain bytes both ways, no invalid values.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+}
+
+fn serve(s: &Served, mut ring: Ring, qids: &[u16], state: &RingState) -> std::io::Result<()> {
+    let max_payload = MAX_PAYLOAD;
+    let mut entries: Vec<Entry> = qids
+        .iter()
+        .map(|&qid| {
+            let mut header = Box::new([0u8; HEADER_LEN]);
+            let mut payload = vec![0u8; max_payload];
+            let iov = Box::new([
+                libc::iovec {
+                    iov_base: header.as_mut_ptr().cast(),
+                    iov_len: HEADER_LEN,
+                },
+                libc::iovec {
+                    iov_base: payload.as_mut_ptr().cast(),
+                    iov_len: max_payload,
+                },
+            ]);
+            Entry {
+                qid,
+                header,
+                payload,
+                iov,
+                input: Vec::new(),
+                live: true,
+            }
+        })
+        .collect();
+    match run(s, &mut ring, &mut entries, state) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Buffers the kernel may still hold are never freed.
+            std::mem::forget(entries);
+            std::mem::forget(ring);
+            Err(e)
+        }
+    }
+}
+
+fn run(
+    s: &Served,
+    ring: &mut Ring,
+    entries: &mut [Entry],
+    state: &RingState,
+) -> std::io::Result<()> {
+    let dev = s.dev.as_fd();
+    let started = Instant::now();
+    for (i, e) in entries.iter().enumerate() {
+        push(ring, &register_sqe(dev, e, i))?;
+    }
+    let mut registered = false;
+    let mut done = Vec::new();
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        done.clear();
+        done.extend(
+            ring.completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
+        for &(i, res) in &done {
+            let Some(e) = entries.get_mut(i) else {
+                continue;
+            };
+            if res == 0 {
+                registered = true;
+                let (unique, qid) = handle(s, e);
+                let sqe = uring_cmd(dev, CMD_COMMIT_AND_FETCH, qid, unique).user_data(i as u64);
+                push(ring, &sqe)?;
+                if s.hand_over {
+                    // Commit as an idle-policy thread: the scheduler then counts this CPU as
+                    // free and wakes the caller here, where its next request is queued and
+                    // served, instead of on an idle CPU it must wake (see the module notes).
+                    set_policy(libc::SCHED_IDLE);
+                    let r = ring.submit();
+                    set_policy(libc::SCHED_OTHER);
+                    r?;
+                }
+            } else if res == -libc::EAGAIN && !registered {
+                // INIT not processed by the kernel yet.
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err(std::io::Error::from_raw_os_error(-res));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                push(ring, &register_sqe(dev, e, i))?;
+            } else if !registered && res != -libc::ENOTCONN && res != -libc::ECANCELED {
+                return Err(std::io::Error::other(format!(
+                    "registering queue {}: {}",
+                    e.qid,
+                    std::io::Error::from_raw_os_error(-res)
+                )));
+            } else {
+                // The connection is gone (unmount, abort): this entry is finished. Anything
+                // else is a protocol error of ours, and the entry is lost to its queue.
+                let err = std::io::Error::from_raw_os_error(-res);
+                if [libc::ENOTCONN, libc::ECANCELED, libc::ECONNABORTED].contains(&-res) {
+                    log::debug!("uring queue {}: {err}", e.qid);
+                } else {
+                    log::error!("FUSE over io_uring: queue {} lost an entry: {err}", e.qid);
+                }
+                e.live = false;
+            }
+        }
+        if entries.iter().all(|e| !e.live) {
+            if !registered {
+                state.fail();
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn push(ring: &mut Ring, sqe: &squeue::Entry128) -> std::io::Result<()> {
+    loop {
+        // SAFETY: every buffer an SQE names (an entry's header, payload and iovecs) lives as
+        // long as the ring: entries are dropped only after every command completed, or leaked.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
+/// Serve the request in `e`'s buffers and write the reply there; returns (commit id, qid).
+fn handle(s: &Served, e: &mut Entry) -> (u64, u16) {
+    s.u.uring_requests.fetch_add(1, Ordering::Relaxed);
+    let ent = Arg(&e.header[ENT_IN_OUT..]);
+    let commit_id = ent.u64(8).unwrap_or(0);
+    let payload_sz = (ent.u32(16).unwrap_or(0) as usize).min(e.payload.len());
+    let h = InHeader::parse(&e.header[..wire::IN_HEADER_LEN]);
+    let op_in: [u8; 128] = {
+        let mut b = [0u8; 128];
+        b.copy_from_slice(&e.header[OP_IN..OP_IN + 128]);
+        b
+    };
+    let (unique, result) = match h {
+        Ok(h) if h.opcode == wire::WRITE => {
+            // Data used in place; the 8-byte answer is written after.
+            let mut small = [0u8; 16];
+            let r = {
+                let mut out = Out::new(&mut small);
+                guarded(&h, || dispatch(s, &h, &op_in, &e.payload[..payload_sz], &mut out))
+                    .map(|_| out.len())
+            };
+            if let Ok(n) = r {
+                e.payload[..n].copy_from_slice(&small[..n]);
+            }
+            (h.unique, r)
+        }
+        Ok(h) => {
+            e.input.clear();
+            e.input.extend_from_slice(&e.payload[..payload_sz]);
+            let mut out = Out::new(&mut e.payload);
+            let r = guarded(&h, || dispatch(s, &h, &op_in, &e.input, &mut out)).map(|_| out.len());
+            (h.unique, r)
+        }
+        Err(Short) => (commit_id, Err(libc::EIO)),
+    };
+    let (len, error) = match result {
+        Ok(n) => (n, 0),
+        Err(errno) => (0, -errno),
+    };
+    wire::out_header(
+        &mut e.header[..wire::OUT_HEADER_LEN],
+        (wire::OUT_HEADER_LEN + len) as u32,
+        error,
+        unique,
+    );
+    // fuse_uring_ent_in_out.payload_sz: the size of the reply's arguments.
+    e.header[ENT_IN_OUT + 16..ENT_IN_OUT + 20].copy_from_slice(&(len as u32).to_ne_bytes());
+    (commit_id, e.qid)
+}
+
+type Reply = Result<(), i32>;
+
+/// A request whose handler panicked is answered EIO: the thread must live on, or the requests
+/// of its CPU would wait for it forever.
+fn guarded(h: &InHeader, f: impl FnOnce() -> Reply) -> Reply {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        log::error!("FUSE over io_uring: request {} (opcode {}) panicked", h.unique, h.opcode);
+        Err(libc::EIO)
+    })
+}
+
+fn err(e: crate::union::Error) -> i32 {
+    log::debug!("{e}");
+    e.errno as i32
+}
+
+fn short(_: Short) -> i32 {
+    libc::EIO
+}
+
+fn time(valid: u32, now_bit: u32, set_bit: u32, s: u64, ns: u32) -> Option<SetTime> {
+    if valid & now_bit != 0 {
+        Some(SetTime::Now)
+    } else if valid & set_bit != 0 {
+        Some(SetTime::At(s as i64, ns as i64))
+    } else {
+        None
+    }
+}
+
+impl Served {
+    fn register(&self) -> impl Fn(BorrowedFd<'_>) -> std::io::Result<Backing> + '_ {
+        move |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
+            let id = fuser::BackingId::create_raw(self.dev.as_fd(), fd)?;
+            Ok(Arc::new(RingBacking {
+                id,
+                dev: self.dev.clone(),
+            }))
+        }
+    }
+
+    fn open_reply(&self, o: &Opened, out: &mut Out<'_>) {
+        match o
+            .direct
+            .as_ref()
+            .and_then(|b| b.downcast_ref::<RingBacking>())
+        {
+            Some(b) => out.open(o.fh, wire::FOPEN_PASSTHROUGH, b.id),
+            None => out.open(
+                o.fh,
+                if o.keep_cache {
+                    wire::FOPEN_KEEP_CACHE
+                } else {
+                    0
+                },
+                0,
+            ),
+        }
+    }
+}
+
+/// One request: the union operation and the reply's arguments written to `out`.
+fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<'_>) -> Reply {
+    let u = &s.u;
+    let a = Arg(op_in);
+    let mut names = Names::new(input);
+    let ino = h.nodeid;
+    let who = Caller {
+        uid: h.uid,
+        gid: h.gid,
+        pid: h.pid,
+    };
+    match h.opcode {
+        wire::LOOKUP => {
+            let name = names.next_name().map_err(short)?;
+            let attr = u.lookup(ino, name).map_err(err)?;
+            out.entry(&attr, s.ttl);
+        }
+        wire::GETATTR => {
+            let fh = (a.u32(0).map_err(short)? & wire::GETATTR_FH != 0)
+                .then(|| a.u64(8))
+                .transpose()
+                .map_err(short)?;
+            out.attr_out(&u.getattr(ino, fh).map_err(err)?, s.ttl);
+        }
+        wire::SETATTR => {
+            let valid = a.u32(0).map_err(short)?;
+            let bit = |b: u32| valid & b != 0;
+            let sa = SetAttr {
+                mode: bit(wire::FATTR_MODE)
+                    .then(|| a.u32(68))
+                    .transpose()
+                    .map_err(short)?,
+                uid: bit(wire::FATTR_UID)
+                    .then(|| a.u32(76))
+                    .transpose()
+                    .map_err(short)?,
+                gid: bit(wire::FATTR_GID)
+                    .then(|| a.u32(80))
+                    .transpose()
+                    .map_err(short)?,
+                size: bit(wire::FATTR_SIZE)
+                    .then(|| a.u64(16))
+                    .transpose()
+                    .map_err(short)?,
+                atime: time(
+                    valid,
+                    wire::FATTR_ATIME_NOW,
+                    wire::FATTR_ATIME,
+                    a.u64(32).map_err(short)?,
+                    a.u32(56).map_err(short)?,
+                ),
+                mtime: time(
+                    valid,
+                    wire::FATTR_MTIME_NOW,
+                    wire::FATTR_MTIME,
+                    a.u64(40).map_err(short)?,
+                    a.u32(60).map_err(short)?,
+                ),
+                fh: bit(wire::FATTR_FH)
+                    .then(|| a.u64(8))
+                    .transpose()
+                    .map_err(short)?,
+            };
+            out.attr_out(&u.setattr(ino, &sa).map_err(err)?, s.ttl);
+        }
+        wire::READLINK => {
+            let t = u.readlink(ino).map_err(err)?;
+            if !out.bytes(t.as_bytes()) {
+                return Err(libc::ENAMETOOLONG);
+            }
+        }
+        wire::SYMLINK => {
+            let name = names.next_name().map_err(short)?;
+            let target = names.next_name().map_err(short)?;
+            let (attr, _) = u
+                .create_node(ino, name, NewKind::Symlink(target), 0o777, 0, who)
+                .map_err(err)?;
+            out.entry(&attr, s.ttl);
+        }
+        wire::MKNOD => {
+            let (mode, rdev, umask) = (
+                a.u32(0).map_err(short)?,
+                a.u32(4).map_err(short)?,
+                a.u32(8).map_err(short)?,
+            );
+            let name = names.next_name().map_err(short)?;
+            let kind = NewKind::Node {
+                kind: mode & libc::S_IFMT,
+                rdev: rdev as u64,
+            };
+            let (attr, _) = u
+                .create_node(ino, name, kind, mode, umask, who)
+                .map_err(err)?;
+            out.entry(&attr, s.ttl);
+        }
+        wire::MKDIR => {
+            let (mode, umask) = (a.u32(0).map_err(short)?, a.u32(4).map_err(short)?);
+            let name = names.next_name().map_err(short)?;
+            let (attr, _) = u
+                .create_node(ino, name, NewKind::Dir, mode, umask, who)
+                .map_err(err)?;
+            out.entry(&attr, s.ttl);
+        }
+        wire::UNLINK => u
+            .unlink(ino, names.next_name().map_err(short)?)
+            .map_err(err)?,
+        wire::RMDIR => u
+            .rmdir(ino, names.next_name().map_err(short)?)
+            .map_err(err)?,
+        wire::RENAME | wire::RENAME2 => {
+            let newdir = a.u64(0).map_err(short)?;
+            let flags = if h.opcode == wire::RENAME2 {
+                a.u32(8).map_err(short)?
+            } else {
+                0
+            };
+            let old = names.next_name().map_err(short)?;
+            let new = names.next_name().map_err(short)?;
+            u.rename(ino, old, newdir, new, flags).map_err(err)?;
+        }
+        wire::LINK => {
+            let old = a.u64(0).map_err(short)?;
+            let name = names.next_name().map_err(short)?;
+            out.entry(&u.link(old, ino, name).map_err(err)?, s.ttl);
+        }
+        wire::OPEN => {
+            let flags = a.i32(0).map_err(short)?;
+            let register = s.register();
+            let o = u.open_with(ino, flags, Some(&register)).map_err(err)?;
+            s.open_reply(&o, out);
+        }
+        wire::CREATE => {
+            let (flags, mode, umask) = (
+                a.i32(0).map_err(short)?,
+                a.u32(4).map_err(short)?,
+                a.u32(8).map_err(short)?,
+            );
+            let name = names.next_name().map_err(short)?;
+            let register = s.register();
+            let (attr, o) =
+                super::create_open(u, ino, name, mode, umask, flags, who, Some(&register))
+                    .map_err(err)?;
+            out.entry(&attr, s.ttl);
+            s.open_reply(&o, out);
+        }
+        wire::READ => {
+            let (fh, off, size) = (
+                a.u64(0).map_err(short)?,
+                a.u64(8).map_err(short)?,
+                a.u32(16).map_err(short)?,
+            );
+            let d = u.read(fh, off, size.min(out.room() as u32)).map_err(err)?;
+            out.bytes(&d);
+        }
+        wire::WRITE => {
+            let (fh, off, size, flags) = (
+                a.u64(0).map_err(short)?,
+                a.u64(8).map_err(short)?,
+                a.u32(16).map_err(short)? as usize,
+                a.i32(32).map_err(short)?,
+            );
+            let data = input.get(..size).ok_or(libc::EIO)?;
+            let n = u.write_flags(fh, off, data, flags).map_err(err)?;
+            out.write(n as u32);
+        }
+        wire::STATFS => out.statfs(&u.statfs().map_err(err)?),
+        wire::RELEASE => u.release(a.u64(0).map_err(short)?),
+        wire::FSYNC => {
+            let (fh, fl) = (a.u64(0).map_err(short)?, a.u32(8).map_err(short)?);
+            u.fsync(fh, fl & 1 != 0).map_err(err)?;
+        }
+        wire::FSYNCDIR => u.fsyncdir(ino).map_err(err)?,
+        wire::SETXATTR => {
+            let (size, flags) = (a.u32(0).map_err(short)? as usize, a.i32(4).map_err(short)?);
+            let name = names.next_name().map_err(short)?;
+            let value = names.rest().get(..size).ok_or(libc::EIO)?;
+            u.setxattr(ino, name, value, flags, who).map_err(err)?;
+        }
+        wire::GETXATTR => {
+            let size = a.u32(0).map_err(short)?;
+            let name = names.next_name().map_err(short)?;
+            let v = u.getxattr(ino, name).map_err(err)?;
+            xattr_out(&v, size, out)?;
+        }
+        wire::LISTXATTR => {
+            let size = a.u32(0).map_err(short)?;
+            let v = super::xattr_list(&u.listxattr(ino, h.uid).map_err(err)?);
+            xattr_out(&v, size, out)?;
+        }
+        wire::REMOVEXATTR => u
+            .removexattr(ino, names.next_name().map_err(short)?)
+            .map_err(err)?,
+        // As the fuser adapter: no FLUSH, no OPENDIR (see there), ioctls refused.
+        wire::FLUSH | wire::OPENDIR => return Err(libc::ENOSYS),
+        wire::IOCTL => return Err(libc::ENOTTY),
+        wire::RELEASEDIR | wire::ACCESS => {}
+        wire::READDIR | wire::READDIRPLUS => {
+            let (off, size) = (a.u64(8).map_err(short)?, a.u32(16).map_err(short)? as usize);
+            // No more than the kernel's buffer.
+            out.limit(size);
+            if h.opcode == wire::READDIR {
+                super::readdir_batch(u, ino, off, |e_ino, next, kind, name| {
+                    out.dirent(e_ino, next, kind, name)
+                })
+            } else {
+                super::readdirplus_batch(u, ino, off, |attr, next, name| {
+                    out.direntplus(attr, s.ttl, next, name)
+                })
+            }
+            .map_err(err)?;
+        }
+        wire::FALLOCATE => {
+            let (fh, off, len, mode) = (
+                a.u64(0).map_err(short)?,
+                a.u64(8).map_err(short)?,
+                a.u64(16).map_err(short)?,
+                a.i32(24).map_err(short)?,
+            );
+            u.fallocate(fh, off, len, mode).map_err(err)?;
+        }
+        wire::LSEEK => {
+            let (fh, off, whence) = (
+                a.u64(0).map_err(short)?,
+                a.u64(8).map_err(short)? as i64,
+                a.i32(16).map_err(short)?,
+            );
+            out.lseek(u.lseek(fh, off, whence).map_err(err)?);
+        }
+        wire::DESTROY => u.shutdown(),
+        // FORGET, BATCH_FORGET, INTERRUPT, INIT come through /dev/fuse; anything else is not
+        // implemented (what fuser answers too).
+        _ => return Err(libc::ENOSYS),
+    }
+    Ok(())
+}
+
+fn xattr_out(v: &[u8], size: u32, out: &mut Out<'_>) -> Reply {
+    if size == 0 {
+        out.xattr_size(v.len() as u32);
+    } else if v.len() > size as usize || !out.bytes(v) {
+        return Err(libc::ERANGE);
+    }
+    Ok(())
+}
+
+/// Set the calling thread's scheduling policy (priority 0).
+fn set_policy(p: i32) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler(2) on the calling thread (pid 0) with a valid param struct.
+    unsafe { libc::sched_setscheduler(0, p, &param) == 0 }
+}
+
+/// Whether a thread of ours may drop to SCHED_IDLE and come back (coming back needs
+/// CAP_SYS_NICE, which a daemon in a user namespace lacks). Tried on a throwaway thread.
+pub fn can_hand_over() -> bool {
+    std::thread::Builder::new()
+        .name("uring-probe".into())
+        .spawn(|| set_policy(libc::SCHED_IDLE) && set_policy(libc::SCHED_OTHER))
+        .ok()
+        .and_then(|t| t.join().ok())
+        .unwrap_or(false)
+}
