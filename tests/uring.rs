@@ -382,3 +382,23 @@ fn many_clients_at_once_then_a_clean_exit() {
         );
     });
 }
+
+/// With the switch on, a root mount with default options uses the ring (uring=auto: root may
+/// return from SCHED_IDLE, so replies are handed over), and `uring=off` does not.
+#[test]
+fn auto_uses_the_ring_as_root() {
+    if !can_test() {
+        return;
+    }
+    with_timeout(60, || {
+        let m = mount_with_ring(vec![file("f", "x")], &[]);
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "x");
+        let s = daemon_stats(&m.merged);
+        assert!(s["uring_threads"] >= 1, "auto did not use the ring: {s:?}");
+        assert!(s["uring_requests"] >= 1, "{s:?}");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        let off = mount_with_ring(vec![file("f", "x")], &["-o", "uring=off"]);
+        assert_eq!(daemon_stats(&off.merged)["uring_threads"], 0);
+        off.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

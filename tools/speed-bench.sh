@@ -49,9 +49,26 @@ cargo build --release --bin unionfs-rs
 bin=$root/target/release/unionfs-rs
 mkdir -p "$bench_dir"
 before=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | sort | tail -n 1 || true)
-python3 "$harness" "${quick[@]}" "${runs[@]}" --bench-dir "$bench_dir" --targets "$peers,unionfs-rs" \
+# Where the kernel has FUSE over io_uring, it is switched on for the run (put back after):
+# `unionfs-rs` then uses it (as root, the default), and `unionfs-rs/dev-fuse` is the same binary
+# with `--uring off`, i.e. what a machine without the switch gets.
+targets="$peers,unionfs-rs"
+devfuse=()
+uring_param=/sys/module/fuse/parameters/enable_uring
+if [ -w "$uring_param" ]; then
+    uring_was=$(cat "$uring_param")
+    trap 'echo "$uring_was" >"$uring_param"' EXIT
+    echo Y >"$uring_param"
+    targets="$targets,unionfs-rs/dev-fuse"
+    devfuse=(--target "unionfs-rs/dev-fuse|$bin mount {lowers} {upper} {merged} --workdir {work} --uring off|fusermount3 -u {merged}")
+fi
+python3 "$harness" "${quick[@]}" "${runs[@]}" --bench-dir "$bench_dir" --targets "$targets" \
     --target "unionfs-rs|$bin mount {lowers} {upper} {merged} --workdir {work}|fusermount3 -u {merged}" \
-    "${extra[@]}"
+    "${devfuse[@]}" "${extra[@]}"
+if [ -n "${uring_was:-}" ]; then
+    echo "$uring_was" >"$uring_param"
+    trap - EXIT
+fi
 latest=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" | sort | tail -n 1)
 if [ -z "$latest" ] || [ "$latest" = "$before" ] || [ ! -s "$bench_dir/results/$latest/table.md" ]; then
     echo "speed-bench: the harness left no new table in $bench_dir/results" >&2

@@ -8,7 +8,12 @@
 //! to one CPU). With io_uring the kernel queues a request on the queue of the CPU the caller
 //! runs on, and we serve each queue from threads pinned to that CPU: the caller sleeps, the
 //! daemon thread runs on the same CPU, answers, and the caller runs again, without waking
-//! another CPU.
+//! another CPU. Except that the answer wakes the caller while the daemon thread still runs, so
+//! the scheduler puts the caller on an idle CPU if there is one, and every round trip wakes an
+//! idle CPU again (measured: no faster than /dev/fuse). Hence the hand-over: a thread commits
+//! each answer as a SCHED_IDLE thread; a CPU that runs only idle-policy threads counts as free,
+//! so the caller is woken right there, and the thread is SCHED_OTHER again before it handles
+//! the next request. Returning from SCHED_IDLE needs CAP_SYS_NICE (probed at INIT).
 //!
 //! The kernel keeps using /dev/fuse (fuser's loop) for FORGET, INTERRUPT and everything before
 //! the ring is complete (every possible CPU's queue has an entry). Each entry is one request at
@@ -349,6 +354,10 @@ fn run(
 ) -> std::io::Result<()> {
     let dev = s.dev.as_fd();
     let started = Instant::now();
+    // The hand-over puts the thread back to SCHED_OTHER: only for threads that run so (a daemon
+    // started under another policy keeps it).
+    // SAFETY: sched_getscheduler(2) of the calling thread; no memory involved.
+    let hand_over = s.hand_over && unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER;
     for (i, e) in entries.iter().enumerate() {
         push(ring, &register_sqe(dev, e, i))?;
     }
@@ -375,7 +384,7 @@ fn run(
                 let (unique, qid) = handle(s, e);
                 let sqe = uring_cmd(dev, CMD_COMMIT_AND_FETCH, qid, unique).user_data(i as u64);
                 push(ring, &sqe)?;
-                if s.hand_over {
+                if hand_over {
                     // Commit as an idle-policy thread: the scheduler then counts this CPU as
                     // free and wakes the caller here, where its next request is queued and
                     // served, instead of on an idle CPU it must wake (see the module notes).
@@ -447,8 +456,10 @@ fn handle(s: &Served, e: &mut Entry) -> (u64, u16) {
             let mut small = [0u8; 16];
             let r = {
                 let mut out = Out::new(&mut small);
-                guarded(&h, || dispatch(s, &h, &op_in, &e.payload[..payload_sz], &mut out))
-                    .map(|_| out.len())
+                guarded(&h, || {
+                    dispatch(s, &h, &op_in, &e.payload[..payload_sz], &mut out)
+                })
+                .map(|_| out.len())
             };
             if let Ok(n) = r {
                 e.payload[..n].copy_from_slice(&small[..n]);
@@ -485,7 +496,11 @@ type Reply = Result<(), i32>;
 /// of its CPU would wait for it forever.
 fn guarded(h: &InHeader, f: impl FnOnce() -> Reply) -> Reply {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        log::error!("FUSE over io_uring: request {} (opcode {}) panicked", h.unique, h.opcode);
+        log::error!(
+            "FUSE over io_uring: request {} (opcode {}) panicked",
+            h.unique,
+            h.opcode
+        );
         Err(libc::EIO)
     })
 }
