@@ -581,24 +581,24 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
         }
         wire::SETATTR => {
             let valid = a.u32(0).map_err(short)?;
-            let bit = |b: u32| valid & b != 0;
+            // A field of fuse_setattr_in if its FATTR_ bit is set.
+            let field32 = |bit: u32, off: usize| {
+                (valid & bit != 0)
+                    .then(|| a.u32(off))
+                    .transpose()
+                    .map_err(short)
+            };
+            let field64 = |bit: u32, off: usize| {
+                (valid & bit != 0)
+                    .then(|| a.u64(off))
+                    .transpose()
+                    .map_err(short)
+            };
             let sa = SetAttr {
-                mode: bit(wire::FATTR_MODE)
-                    .then(|| a.u32(68))
-                    .transpose()
-                    .map_err(short)?,
-                uid: bit(wire::FATTR_UID)
-                    .then(|| a.u32(76))
-                    .transpose()
-                    .map_err(short)?,
-                gid: bit(wire::FATTR_GID)
-                    .then(|| a.u32(80))
-                    .transpose()
-                    .map_err(short)?,
-                size: bit(wire::FATTR_SIZE)
-                    .then(|| a.u64(16))
-                    .transpose()
-                    .map_err(short)?,
+                mode: field32(wire::FATTR_MODE, 68)?,
+                uid: field32(wire::FATTR_UID, 76)?,
+                gid: field32(wire::FATTR_GID, 80)?,
+                size: field64(wire::FATTR_SIZE, 16)?,
                 atime: time(
                     valid,
                     wire::FATTR_ATIME_NOW,
@@ -613,10 +613,7 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
                     a.u64(40).map_err(short)?,
                     a.u32(60).map_err(short)?,
                 ),
-                fh: bit(wire::FATTR_FH)
-                    .then(|| a.u64(8))
-                    .transpose()
-                    .map_err(short)?,
+                fh: field64(wire::FATTR_FH, 8)?,
             };
             out.attr_out(&u.setattr(ino, &sa).map_err(err)?, s.ttl);
         }
