@@ -182,6 +182,58 @@ fn exercise(root: &Path) -> Vec<String> {
             ))
         })(),
     );
+    note("xattr sizes", {
+        let c = std::ffi::CString::new(p("d/new").as_os_str().as_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new("user.b").unwrap();
+        let mut small = [0u8; 1];
+        // SAFETY: valid strings; a null buffer of size 0 asks the size; `small` holds 1 byte.
+        let (size, short, list) = unsafe {
+            (
+                libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0),
+                libc::lgetxattr(c.as_ptr(), n.as_ptr(), small.as_mut_ptr().cast(), 1),
+                libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0),
+            )
+        };
+        let e = std::io::Error::last_os_error().raw_os_error();
+        Ok(format!("size={size} short={short} ({e:?}) list={list}"))
+    });
+    note(
+        "utimes now",
+        (|| {
+            let c = std::ffi::CString::new(p("ro").as_os_str().as_encoded_bytes()).unwrap();
+            let ts = [
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+            ];
+            // SAFETY: valid path string and two timespecs.
+            let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
+            let age = fs::metadata(p("ro"))?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
+            Ok(format!("r={r} recent={}", age < Duration::from_secs(60)))
+        })(),
+    );
+    note(
+        "mknod char device",
+        nix::sys::stat::mknod(
+            &p("dev"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|_| {
+            use std::os::unix::fs::MetadataExt;
+            fs::symlink_metadata(p("dev")).map(|m| format!("rdev={:#x}", m.rdev()))
+        }),
+    );
     note(
         "fallocate + lseek holes",
         fs::OpenOptions::new()
@@ -335,6 +387,11 @@ fn a_failed_ring_setup_falls_back_to_dev_fuse() {
         fs::write(m.path("g"), "new").unwrap();
         let s = daemon_stats(&m.merged);
         assert_eq!((s["uring_threads"], s["uring_requests"]), (0, 0));
+        let log = m.log_text();
+        assert!(
+            log.contains("not io_uring: failing on purpose"),
+            "the ring was offered and then given up: {log}"
+        );
         let pid = m.pid.expect("daemon pid");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
         assert!(wait_pid_gone(pid, Duration::from_secs(20)));

@@ -266,7 +266,9 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         // /dev/fuse workers.
         use std::os::fd::AsFd;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_cpu = threads.div_ceil(cpus);
+        // At least two per CPU: one long request (a copy-up, an fsync) must not hold up every
+        // other request from that CPU.
+        let per_cpu = threads.div_ceil(cpus).max(2);
         let _ = r.start(union.clone(), session.as_fd(), ttl, per_cpu);
     }
     let notifier = session.notifier();
@@ -376,6 +378,11 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
     // run() consumes the session; fuser calls destroy (our shutdown) when it ends. Make sure
     // everything cached is stored whichever way the session ended.
     let r = session.run().map_err(|e| e.to_string());
+    // The ring's threads end with the connection; none may still handle a request while the
+    // union shuts down.
+    if let Some(r) = &ring {
+        r.join(std::time::Duration::from_secs(10));
+    }
     union.shutdown();
     r
 }

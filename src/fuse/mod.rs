@@ -82,6 +82,11 @@ impl RingSetup {
         self.state.why_not()
     }
 
+    /// Wait (at most `limit`) for the ring threads to end once the connection is gone.
+    pub fn join(&self, limit: Duration) {
+        self.state.join(limit)
+    }
+
     /// Serve the connection of `dev` through io_uring, `per_cpu` threads per CPU; on an
     /// error the kernel goes on through /dev/fuse.
     pub fn start(
@@ -282,7 +287,7 @@ impl Filesystem for UnionFs {
                 Some("not offered by the kernel (fuse module parameter enable_uring off?)")
             } else if r.mode == Uring::Auto && !hand_over {
                 Some("no CAP_SYS_NICE to commit replies at idle policy (uring=on uses it anyway)")
-            } else if !ring::usable() {
+            } else if !r.state.prepare() {
                 Some("io_uring cannot be set up here")
             } else {
                 None

@@ -49,11 +49,24 @@ const MAX_PAYLOAD: usize = 1 << 20;
 /// Ring state, shared with the fuser adapter (which must not register passthrough backing
 /// files while the ring may take over: an inode's opens must all use one backing file, and
 /// the ring registers its own).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RingState {
     failed: AtomicBool,
     hand_over: AtomicBool,
     why_not: std::sync::OnceLock<String>,
+    /// A ring made at INIT, before io_uring is offered, to tell the kernel to give up on it
+    /// ([`abandon`]) whatever fails later.
+    control: parking_lot::Mutex<Option<Ring>>,
+    threads: parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingState")
+            .field("failed", &self.failed())
+            .field("why_not", &self.why_not())
+            .finish()
+    }
 }
 
 impl RingState {
@@ -80,6 +93,44 @@ impl RingState {
     }
     pub(crate) fn set_hand_over(&self, on: bool) {
         self.hand_over.store(on, Ordering::Release);
+    }
+    /// Make the control ring (at INIT, before offering io_uring); false: io_uring cannot be
+    /// set up here, do not offer it.
+    pub(crate) fn prepare(&self) -> bool {
+        match new_ring(2) {
+            Ok(r) => {
+                *self.control.lock() = Some(r);
+                true
+            }
+            Err(e) => {
+                log::debug!("io_uring: {e}");
+                false
+            }
+        }
+    }
+    /// Give up on the ring (see [`abandon`]) and record why.
+    fn give_up(&self, dev: BorrowedFd<'_>, why: String) {
+        self.fail_because(why);
+        match self.control.lock().as_mut() {
+            Some(c) => abandon(dev, c),
+            None => log::error!("FUSE over io_uring: no control ring to turn it off with"),
+        }
+    }
+    /// Wait (at most `limit`) for the ring threads to end, as they do once the connection is
+    /// gone: nothing of theirs may run while the daemon shuts down.
+    pub fn join(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let handles = std::mem::take(&mut *self.threads.lock());
+        for h in handles {
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                log::warn!("FUSE over io_uring: a ring thread still runs at shutdown");
+            }
+        }
     }
 }
 
@@ -122,13 +173,6 @@ fn new_ring(entries: u32) -> std::io::Result<Ring> {
         .build(entries)
 }
 
-/// Whether io_uring with 128-byte entries can be set up here. Asked before offering the kernel
-/// FUSE over io_uring at INIT: once offered, the kernel holds every request until each CPU's
-/// queue has an entry or a registration fails.
-pub fn usable() -> bool {
-    new_ring(2).is_ok()
-}
-
 /// Start serving the connection of `dev` (a /dev/fuse fd of the mount, after INIT) through
 /// io_uring, with `per_cpu` threads for each CPU's queue. An error means nothing is
 /// registered and the kernel has been told to go on through /dev/fuse.
@@ -141,7 +185,6 @@ pub fn start(
     state: Arc<RingState>,
 ) -> std::io::Result<()> {
     let hand_over = state.hand_over();
-    let mut control = new_ring(2)?;
     let union = u.clone();
     let r = dev.try_clone_to_owned().and_then(|fd| {
         let served = Arc::new(Served {
@@ -163,7 +206,8 @@ pub fn start(
             .collect::<std::io::Result<Vec<Ring>>>()?;
         let n = plan.len();
         for ((cpu, qids), ring) in plan.into_iter().zip(rings) {
-            spawn(served.clone(), ring, cpu, qids, state.clone())?;
+            let h = spawn(served.clone(), ring, cpu, qids, state.clone())?;
+            state.threads.lock().push(h);
         }
         Ok(n)
     });
@@ -174,8 +218,7 @@ pub fn start(
             Ok(())
         }
         Err(e) => {
-            state.fail_because(e.to_string());
-            abandon(dev, &mut control);
+            state.give_up(dev, e.to_string());
             Err(e)
         }
     }
@@ -210,14 +253,46 @@ fn plan(per_cpu: usize) -> std::io::Result<Vec<(Option<usize>, Vec<u16>)>> {
 /// back, which then come through /dev/fuse.
 fn abandon(dev: BorrowedFd<'_>, control: &mut Ring) {
     let sqe = uring_cmd(dev, CMD_REGISTER, u16::MAX, 0);
-    let r = push(control, &sqe).and_then(|_| control.submit_and_wait(1));
+    let mut r = push(control, &sqe);
+    for _ in 0..100 {
+        r = r.and_then(|_| control.submit_and_wait(1).map(|_| ()));
+        match &r {
+            Err(e) if retry(e) => r = Ok(()),
+            _ => break,
+        }
+    }
     match r {
-        Ok(_) => {
+        Ok(()) => {
             if let Some(c) = control.completion().next() {
                 log::debug!("uring: refused registration answered {}", c.result());
             }
         }
         Err(e) => log::error!("FUSE over io_uring: could not turn it off again: {e}"),
+    }
+}
+
+/// io_uring_enter errors that only ask to try again.
+fn retry(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
+}
+
+/// Last resort when a ring thread cannot go on after serving: abort the connection (callers
+/// get ENOTCONN) rather than leave the requests of its CPU waiting for ever.
+fn abort_connection(u: &Union) {
+    let conn = u
+        .mount_device()
+        .and_then(|d| d.split_once(':').map(|(_, minor)| minor.to_string()));
+    match conn {
+        Some(minor) => {
+            let path = format!("/sys/fs/fuse/connections/{minor}/abort");
+            if let Err(e) = std::fs::write(&path, "1") {
+                log::error!("FUSE over io_uring: aborting the connection ({path}): {e}");
+            }
+        }
+        None => log::error!("FUSE over io_uring: the mount's connection is unknown"),
     }
 }
 
@@ -243,7 +318,7 @@ fn spawn(
     cpu: Option<usize>,
     qids: Vec<u16>,
     state: Arc<RingState>,
-) -> std::io::Result<()> {
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let name = match cpu {
         Some(c) => format!("uring-{c}"),
         None => "uring-rest".into(),
@@ -257,12 +332,21 @@ fn spawn(
                 log::debug!("uring: pinning to CPU {c}: {e}");
             }
         }
-        if let Err(e) = serve(&served, ring, &qids, &state) {
-            state.fail_because(e.to_string());
-            log::warn!("FUSE over io_uring: {e}; requests go through /dev/fuse");
+        match serve(&served, ring, &qids) {
+            Ok(()) => {}
+            Err((e, false)) => {
+                // Before this thread served anything: tell the kernel to go on through
+                // /dev/fuse (if the ring is complete without us, that changes nothing and the
+                // queue's other threads serve it).
+                log::warn!("FUSE over io_uring: {e}; requests go through /dev/fuse");
+                state.give_up(served.dev.as_fd(), e.to_string());
+            }
+            Err((e, true)) => {
+                log::error!("FUSE over io_uring: a ring thread failed after serving: {e}");
+                abort_connection(&served.u);
+            }
         }
-    })?;
-    Ok(())
+    })
 }
 
 /// One ring entry's buffers. Boxed: the kernel keeps their addresses from registration on.
@@ -275,9 +359,6 @@ struct Entry {
     input: Vec<u8>,
     live: bool,
 }
-
-// SAFETY: the raw pointers in `iov` point into the entry's own boxed buffers.
-unsafe impl Send for Entry {}
 
 fn uring_cmd(dev: BorrowedFd<'_>, op: u32, qid: u16, commit_id: u64) -> squeue::Entry128 {
     // struct fuse_uring_cmd_req: flags u64, commit_id u64, qid u16, padding.
@@ -308,49 +389,54 @@ fn register_sqe(dev: BorrowedFd<'_>, e: &Entry, index: usize) -> squeue::Entry12
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-fn serve(s: &Served, mut ring: Ring, qids: &[u16], state: &RingState) -> std::io::Result<()> {
+/// Serve `qids` until the connection is gone. Err((error, whether it served requests)).
+fn serve(s: &Served, ring: Ring, qids: &[u16]) -> Result<(), (std::io::Error, bool)> {
     let max_payload = MAX_PAYLOAD;
-    let mut entries: Vec<Entry> = qids
-        .iter()
-        .map(|&qid| {
-            let mut header = Box::new([0u8; HEADER_LEN]);
-            let mut payload = vec![0u8; max_payload];
-            let iov = Box::new([
-                libc::iovec {
-                    iov_base: header.as_mut_ptr().cast(),
-                    iov_len: HEADER_LEN,
-                },
-                libc::iovec {
-                    iov_base: payload.as_mut_ptr().cast(),
-                    iov_len: max_payload,
-                },
-            ]);
-            Entry {
-                qid,
-                header,
-                payload,
-                iov,
-                input: Vec::new(),
-                live: true,
-            }
-        })
-        .collect();
-    match run(s, &mut ring, &mut entries, state) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            // Buffers the kernel may still hold are never freed.
-            std::mem::forget(entries);
-            std::mem::forget(ring);
-            Err(e)
-        }
+    // The kernel holds the buffers' addresses from registration on: they are freed only once
+    // every entry is finished, never on an error or a panic (then they are leaked).
+    let mut ring = std::mem::ManuallyDrop::new(ring);
+    let mut entries = std::mem::ManuallyDrop::new(
+        qids.iter()
+            .map(|&qid| {
+                let mut header = Box::new([0u8; HEADER_LEN]);
+                let mut payload = vec![0u8; max_payload];
+                let iov = Box::new([
+                    libc::iovec {
+                        iov_base: header.as_mut_ptr().cast(),
+                        iov_len: HEADER_LEN,
+                    },
+                    libc::iovec {
+                        iov_base: payload.as_mut_ptr().cast(),
+                        iov_len: max_payload,
+                    },
+                ]);
+                Entry {
+                    qid,
+                    header,
+                    payload,
+                    iov,
+                    input: Vec::new(),
+                    live: true,
+                }
+            })
+            .collect::<Vec<Entry>>(),
+    );
+    let mut served = false;
+    run(s, &mut ring, &mut entries, &mut served).map_err(|e| (e, served))?;
+    // SAFETY: every entry is finished (the kernel completed all their commands): nothing of
+    // the kernel's points into the buffers or uses the ring any more; each is dropped once.
+    unsafe {
+        std::mem::ManuallyDrop::drop(&mut entries);
+        std::mem::ManuallyDrop::drop(&mut ring);
     }
+    Ok(())
 }
 
 fn run(
     s: &Served,
     ring: &mut Ring,
     entries: &mut [Entry],
-    state: &RingState,
+    registered: &mut bool,
 ) -> std::io::Result<()> {
     let dev = s.dev.as_fd();
     let started = Instant::now();
@@ -361,13 +447,12 @@ fn run(
     for (i, e) in entries.iter().enumerate() {
         push(ring, &register_sqe(dev, e, i))?;
     }
-    let mut registered = false;
+    let mut hand_over = hand_over;
     let mut done = Vec::new();
     loop {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) if retry(&e) => {}
             Err(e) => return Err(e),
         }
         done.clear();
@@ -380,7 +465,7 @@ fn run(
                 continue;
             };
             if res == 0 {
-                registered = true;
+                *registered = true;
                 let (unique, qid) = handle(s, e);
                 let sqe = uring_cmd(dev, CMD_COMMIT_AND_FETCH, qid, unique).user_data(i as u64);
                 push(ring, &sqe)?;
@@ -390,17 +475,26 @@ fn run(
                     // served, instead of on an idle CPU it must wake (see the module notes).
                     set_policy(libc::SCHED_IDLE);
                     let r = ring.submit();
-                    set_policy(libc::SCHED_OTHER);
-                    r?;
+                    if !set_policy(libc::SCHED_OTHER) {
+                        log::error!(
+                            "FUSE over io_uring: cannot leave SCHED_IDLE: {}",
+                            std::io::Error::last_os_error()
+                        );
+                        hand_over = false;
+                    }
+                    match r {
+                        Err(e) if !retry(&e) => return Err(e),
+                        _ => {} // the commit is still queued if not submitted: next loop
+                    }
                 }
-            } else if res == -libc::EAGAIN && !registered {
+            } else if res == -libc::EAGAIN && !*registered {
                 // INIT not processed by the kernel yet.
                 if started.elapsed() > Duration::from_secs(10) {
                     return Err(std::io::Error::from_raw_os_error(-res));
                 }
                 std::thread::sleep(Duration::from_millis(1));
                 push(ring, &register_sqe(dev, e, i))?;
-            } else if !registered && res != -libc::ENOTCONN && res != -libc::ECANCELED {
+            } else if !*registered && !gone(res) {
                 return Err(std::io::Error::other(format!(
                     "registering queue {}: {}",
                     e.qid,
@@ -410,21 +504,35 @@ fn run(
                 // The connection is gone (unmount, abort): this entry is finished. Anything
                 // else is a protocol error of ours, and the entry is lost to its queue.
                 let err = std::io::Error::from_raw_os_error(-res);
-                if [libc::ENOTCONN, libc::ECANCELED, libc::ECONNABORTED].contains(&-res) {
+                if gone(res) {
                     log::debug!("uring queue {}: {err}", e.qid);
+                    e.live = false;
                 } else {
-                    log::error!("FUSE over io_uring: queue {} lost an entry: {err}", e.qid);
+                    // An error of ours (the kernel refused a commit): the kernel's entry is
+                    // lost to the queue; register the buffers as a new one.
+                    log::error!(
+                        "FUSE over io_uring: queue {}: {err}; entry registered again",
+                        e.qid
+                    );
+                    push(ring, &register_sqe(dev, e, i))?;
                 }
-                e.live = false;
             }
         }
         if entries.iter().all(|e| !e.live) {
-            if !registered {
-                state.fail();
-            }
             return Ok(());
         }
     }
+}
+
+/// CQE results that mean the connection is gone (unmount, abort) or our ring is.
+fn gone(res: i32) -> bool {
+    [
+        libc::ENOTCONN,
+        libc::ECANCELED,
+        libc::ECONNABORTED,
+        libc::ENODEV,
+    ]
+    .contains(&-res)
 }
 
 fn push(ring: &mut Ring, sqe: &squeue::Entry128) -> std::io::Result<()> {
@@ -477,7 +585,15 @@ fn handle(s: &Served, e: &mut Entry) -> (u64, u16) {
     };
     let (len, error) = match result {
         Ok(n) => (n, 0),
-        Err(errno) => (0, -errno),
+        // An errno the kernel takes (1..=511); anything else is EIO, as fuser does.
+        Err(errno) => (
+            0,
+            -(if (1..512).contains(&errno) {
+                errno
+            } else {
+                libc::EIO
+            }),
+        ),
     };
     wire::out_header(
         &mut e.header[..wire::OUT_HEADER_LEN],

@@ -718,6 +718,11 @@ impl Union {
 
     /// Record the device of our FUSE mount at `merged` (right after mounting, before anything
     /// else can be mounted over it).
+    /// The mount's device (`MAJ:MIN` from mountinfo), once noted.
+    pub fn mount_device(&self) -> Option<&str> {
+        self.mount_dev.get().map(String::as_str)
+    }
+
     pub fn note_mount_device(&self, merged: &std::path::Path) {
         if let Some(dev) = crate::cache::kernel_ra::mount_dev(merged) {
             let _ = self.mount_dev.set(dev);
