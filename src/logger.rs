@@ -13,18 +13,38 @@ impl Log for Stderr {
     }
 
     fn log(&self, r: &Record<'_>) {
-        if self.enabled(r.metadata()) {
-            eprintln!(
-                "{} unionfs-rs[{}] {}: {}",
-                utc_now(),
-                std::process::id(),
-                r.level(),
-                r.args()
-            );
+        if !self.enabled(r.metadata()) {
+            return;
         }
+        let mut level = r.level();
+        if level == Level::Error && r.target().starts_with("fuser") {
+            // A reply the kernel no longer waits for (ENOENT): the request was interrupted or
+            // aborted meanwhile. With io_uring every INTERRUPT is of this kind: it comes
+            // through /dev/fuse, whose queue never held the ring's request, so fuser's answer
+            // to it fails so. Harmless: debug, not error.
+            if reply_not_awaited(&r.args().to_string()) {
+                if self.level < Level::Debug {
+                    return;
+                }
+                level = Level::Debug;
+            }
+        }
+        eprintln!(
+            "{} unionfs-rs[{}] {}: {}",
+            utc_now(),
+            std::process::id(),
+            level,
+            r.args()
+        );
     }
 
     fn flush(&self) {}
+}
+
+/// fuser's log line for a reply the kernel refused with ENOENT (no such request waiting).
+fn reply_not_awaited(text: &str) -> bool {
+    let enoent = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    text.starts_with("Failed to send FUSE reply") && text.ends_with(&enoent)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for now (civil-from-days, proleptic Gregorian).
@@ -88,5 +108,25 @@ mod tests {
             t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
             "{t}"
         );
+    }
+
+    use super::reply_not_awaited;
+
+    #[test]
+    fn only_enoent_reply_failures_are_demoted() {
+        // The text fuser logs: "Failed to send FUSE reply: {io::Error}".
+        let e = |n| std::io::Error::from_raw_os_error(n);
+        assert!(reply_not_awaited(&format!(
+            "Failed to send FUSE reply: {}",
+            e(libc::ENOENT)
+        )));
+        assert!(!reply_not_awaited(&format!(
+            "Failed to send FUSE reply: {}",
+            e(libc::EINVAL)
+        )));
+        assert!(!reply_not_awaited(&format!(
+            "something else: {}",
+            e(libc::ENOENT)
+        )));
     }
 }
