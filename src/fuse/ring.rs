@@ -358,6 +358,8 @@ struct Entry {
     /// The request's payload copied out, so the reply can be written over the original.
     input: Vec<u8>,
     live: bool,
+    /// Registrations refused in a row after an error (the entry is given up at 3).
+    refused: u8,
 }
 
 fn uring_cmd(dev: BorrowedFd<'_>, op: u32, qid: u16, commit_id: u64) -> squeue::Entry128 {
@@ -417,6 +419,7 @@ fn serve(s: &Served, ring: Ring, qids: &[u16]) -> Result<(), (std::io::Error, bo
                     iov,
                     input: Vec::new(),
                     live: true,
+                    refused: 0,
                 }
             })
             .collect::<Vec<Entry>>(),
@@ -466,6 +469,7 @@ fn run(
             };
             if res == 0 {
                 *registered = true;
+                e.refused = 0;
                 let (unique, qid) = handle(s, e);
                 let sqe = uring_cmd(dev, CMD_COMMIT_AND_FETCH, qid, unique).user_data(i as u64);
                 push(ring, &sqe)?;
@@ -501,20 +505,25 @@ fn run(
                     std::io::Error::from_raw_os_error(-res)
                 )));
             } else {
-                // The connection is gone (unmount, abort): this entry is finished. Anything
-                // else is a protocol error of ours, and the entry is lost to its queue.
+                // The connection is gone (unmount, abort): this entry is finished.
                 let err = std::io::Error::from_raw_os_error(-res);
                 if gone(res) {
                     log::debug!("uring queue {}: {err}", e.qid);
                     e.live = false;
-                } else {
+                } else if e.refused < 3 {
                     // An error of ours (the kernel refused a commit): the kernel's entry is
                     // lost to the queue; register the buffers as a new one.
+                    e.refused += 1;
                     log::error!(
                         "FUSE over io_uring: queue {}: {err}; entry registered again",
                         e.qid
                     );
                     push(ring, &register_sqe(dev, e, i))?;
+                } else {
+                    return Err(std::io::Error::other(format!(
+                        "queue {}: registration refused again: {err}",
+                        e.qid
+                    )));
                 }
             }
         }
