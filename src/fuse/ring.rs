@@ -75,13 +75,10 @@ impl RingState {
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
-    pub(crate) fn fail(&self) {
-        self.failed.store(true, Ordering::Release);
-    }
     /// Not used, and why (logged once the mount is live).
     pub(crate) fn fail_because(&self, why: String) {
         let _ = self.why_not.set(why);
-        self.fail();
+        self.failed.store(true, Ordering::Release);
     }
     /// Why the ring is not used, if it is not.
     pub fn why_not(&self) -> Option<&str> {
@@ -442,15 +439,13 @@ fn run(
     registered: &mut bool,
 ) -> std::io::Result<()> {
     let dev = s.dev.as_fd();
-    let started = Instant::now();
     // The hand-over puts the thread back to SCHED_OTHER: only for threads that run so (a daemon
     // started under another policy keeps it).
     // SAFETY: sched_getscheduler(2) of the calling thread; no memory involved.
-    let hand_over = s.hand_over && unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER;
+    let mut hand_over = s.hand_over && unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER;
     for (i, e) in entries.iter().enumerate() {
         push(ring, &register_sqe(dev, e, i))?;
     }
-    let mut hand_over = hand_over;
     let mut done = Vec::new();
     loop {
         match ring.submit_and_wait(1) {
@@ -491,14 +486,9 @@ fn run(
                         _ => {} // the commit is still queued if not submitted: next loop
                     }
                 }
-            } else if res == -libc::EAGAIN && !*registered {
-                // INIT not processed by the kernel yet.
-                if started.elapsed() > Duration::from_secs(10) {
-                    return Err(std::io::Error::from_raw_os_error(-res));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-                push(ring, &register_sqe(dev, e, i))?;
             } else if !*registered && !gone(res) {
+                // (The ring starts once the kernel has processed INIT's answer, so no EAGAIN
+                // for "not initialized" comes here: any refusal gives the ring up.)
                 return Err(std::io::Error::other(format!(
                     "registering queue {}: {}",
                     e.qid,

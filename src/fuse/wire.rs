@@ -198,10 +198,9 @@ impl<'a> Out<'a> {
     fn u64(&mut self, v: u64) {
         self.bytes(&v.to_ne_bytes());
     }
+    /// `n` (at most 32) zero bytes: padding and spare fields.
     fn zeros(&mut self, n: usize) {
-        for _ in 0..n {
-            self.bytes(&[0]);
-        }
+        self.bytes(&[0u8; 32][..n]);
     }
 
     /// struct fuse_attr.
