@@ -250,6 +250,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 union.uring_threads.load(std::sync::atomic::Ordering::Relaxed),
                 union.uring_requests.load(std::sync::atomic::Ordering::Relaxed)
             ));
+            let (rel, rel_over, (rel_pending, _)) = union.release_stats();
+            s.push_str(&format!(
+                ",\"deferred_releases\":{rel},\"deferred_releases_pending\":{rel_pending},\"releases_in_request\":{rel_over}"
+            ));
             let (deferred, pending, failed) = union.commit_stats();
             s.push_str(&format!(
                 ",\"copyup_deferred_commits\":{deferred},\"copyup_pending_commits\":{pending},\"copyup_failed_commits\":{failed}"

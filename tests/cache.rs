@@ -722,44 +722,6 @@ fn quota_is_charged_when_a_write_is_accepted() {
     })
 }
 
-/// A small ext4 filesystem on a loop device, unmounted on drop.
-struct LoopFs {
-    mnt: std::path::PathBuf,
-}
-
-impl LoopFs {
-    fn new(root: &Path, size_mib: u64) -> LoopFs {
-        let img = root.join("fs.img");
-        let mnt = root.join("fs");
-        fs::create_dir_all(&mnt).expect("mkdir");
-        File::create(&img)
-            .and_then(|f| f.set_len(size_mib * MIB))
-            .expect("image");
-        let ok = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&img)
-            .status()
-            .expect("mkfs.ext4")
-            .success();
-        assert!(ok, "mkfs.ext4 failed");
-        let ok = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt)
-            .status()
-            .expect("mount")
-            .success();
-        assert!(ok, "loop mount failed");
-        LoopFs { mnt }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
-}
-
 #[test]
 fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
     with_timeout(TIMEOUT, || {

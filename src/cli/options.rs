@@ -45,6 +45,9 @@ pub struct MountSpec {
     /// `commit_delay_ms=N` (testing aid): each background copy-up commit waits N ms first,
     /// so tests can observe the pending state.
     pub commit_delay_ms: u64,
+    /// `release_delay_ms=N` (testing aid): the background release of each removed file waits
+    /// N ms first, so tests can observe releases pending.
+    pub release_delay_ms: u64,
     /// Debug logging.
     pub debug: bool,
     /// Where the daemon logs once the mount is live (default: nowhere in the background).
@@ -225,6 +228,11 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 spec.commit_delay_ms = need(v)?
                     .parse()
                     .map_err(|_| format!("commit_delay_ms: not a number: {}", v.unwrap_or("")))?
+            }
+            "release_delay_ms" => {
+                spec.release_delay_ms = need(v)?
+                    .parse()
+                    .map_err(|_| format!("release_delay_ms: not a number: {}", v.unwrap_or("")))?
             }
             "passthrough" => {
                 spec.no_passthrough = match v.unwrap_or("auto") {

@@ -326,10 +326,26 @@ impl Union {
         let mut known = (self.quota.is_some() && !is_dir).then(|| child.io_lock.lock());
         let still_open = (self.quota.is_some() || self.cache.is_some())
             && self.upper_handle_of(child.ino, None).is_some();
-        let before = if cst.upper {
-            Some(layer::stat_at(dir.as_fd(), name).ctx("stat entry")?)
-        } else {
+        // A file's last name: hold the file (O_PATH) so that the filesystem frees it when the
+        // reaper closes that, not in this request (`reaper.rs`).
+        let mut hold = None;
+        let before = if !cst.upper {
             None
+        } else if !is_dir && !still_open && self.release_in_background() {
+            let fd = nix::fcntl::openat(
+                dir.as_fd(),
+                name,
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx("stat entry")?;
+            let st = nix::sys::stat::fstat(&fd).ctx("stat entry")?;
+            if st.st_nlink <= 1 && st.st_blocks > 0 {
+                hold = Some(fd);
+            }
+            Some(st)
+        } else {
+            Some(layer::stat_at(dir.as_fd(), name).ctx("stat entry")?)
         };
         // The last name of a file nobody holds open: its pages (dirty ones too) go after.
         let drop_pages = self.cache.is_some()
@@ -377,6 +393,10 @@ impl Union {
         }
         if let (true, Some(c)) = (drop_pages, &self.cache) {
             c.drop_file(child.ino);
+        }
+        if let Some((fd, st)) = hold.zip(before.as_ref()) {
+            // Dropped here (a synchronous release) when the reaper is full.
+            drop(self.reaper.defer(fd, st.st_blocks as u64 * 512));
         }
         // A lower object is out of the merged view for good (whiteout); a hard-linked lower
         // name has a node of its own.

@@ -722,24 +722,18 @@ impl Union {
             return false;
         };
         let mut cached = self.upper_free.lock();
-        let now = std::time::Instant::now();
-        let free = match *cached {
-            Some((t, free)) if now.duration_since(t) < std::time::Duration::from_millis(100) => {
-                free
-            }
-            _ => {
-                let free = layer::sys::statfs(up.root())
-                    .map(|s| s.f_bavail * s.f_bsize as u64)
-                    .unwrap_or(u64::MAX);
-                *cached = Some((now, free));
-                free
-            }
-        };
+        let free = upper_free_in(up, &mut cached);
         let full = free < c.config().thresholds().1 + len + (16 << 20);
         if !full && let Some((_, f)) = cached.as_mut() {
             *f = f.saturating_sub(len);
         }
         full
+    }
+
+    /// Free bytes of upper's filesystem, read at most every 100 ms (None: no upper).
+    pub(crate) fn upper_free(&self) -> Option<u64> {
+        let up = self.upper.as_ref()?;
+        Some(upper_free_in(up, &mut self.upper_free.lock()))
     }
 
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
@@ -1039,6 +1033,21 @@ impl Union {
         }
         let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;
         Ok(self.attr_for(&node, &st, &fs))
+    }
+}
+
+/// `cached`'s figure of upper's free bytes if younger than 100 ms, else a fresh one.
+fn upper_free_in(up: &layer::Layer, cached: &mut Option<(std::time::Instant, u64)>) -> u64 {
+    let now = std::time::Instant::now();
+    match *cached {
+        Some((t, free)) if now.duration_since(t) < std::time::Duration::from_millis(100) => free,
+        _ => {
+            let free = layer::sys::statfs(up.root())
+                .map(|s| s.f_bavail * s.f_bsize as u64)
+                .unwrap_or(u64::MAX);
+            *cached = Some((now, free));
+            free
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod inode;
 pub mod namei;
 pub mod ondisk;
 pub mod readdir;
+pub mod reaper;
 pub mod xattr;
 
 use std::ffi::{OsStr, OsString};
@@ -162,6 +163,8 @@ pub struct Options {
     pub sync_commit: bool,
     /// Testing aid: each background commit waits this long first.
     pub commit_delay_ms: u64,
+    /// Testing aid: each background release of a removed file waits this long first.
+    pub release_delay_ms: u64,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
@@ -290,6 +293,8 @@ pub struct Union {
     pid: u32,
     /// Copy-ups whose commit into upper runs in the background (`commit.rs`).
     pub(crate) commits: commit::Commits,
+    /// Removed files released by the filesystem in the background (`reaper.rs`).
+    pub(crate) reaper: Arc<reaper::Reaper>,
 }
 
 impl Union {
@@ -405,6 +410,9 @@ impl Union {
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
+            reaper: Arc::new(reaper::Reaper::new(std::time::Duration::from_millis(
+                opts.release_delay_ms,
+            ))),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
         u.writeback_cache.store(
@@ -703,6 +711,8 @@ impl Union {
     /// sizes and inode counts show the limit, as XFS does inside a project directory.
     pub fn statfs(&self) -> Result<libc::statfs> {
         let l = self.upper.as_ref().unwrap_or(&self.lowers[0]);
+        // Space of removed files shows as free once the filesystem has it back.
+        self.reaper.flush();
         let mut s = layer::sys::statfs(l.root()).ctx("statfs")?;
         self.settle_allocations();
         if let Some(q) = &self.quota {
@@ -753,6 +763,23 @@ impl Union {
         Ok(kb)
     }
 
+    /// May the release of a removed file wait for the reaper? Not near a full upper.
+    pub(crate) fn release_in_background(&self) -> bool {
+        self.upper_free().is_some_and(|f| f >= reaper::MIN_FREE)
+    }
+
+    /// Removed files released in the background, released by their request because the
+    /// reaper was full, and (files, bytes) waiting now.
+    pub fn release_stats(&self) -> (u64, u64, (usize, u64)) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.reaper;
+        (
+            r.released.load(Relaxed),
+            r.overflowed.load(Relaxed),
+            r.pending(),
+        )
+    }
+
     /// The page cache, if the mount has one.
     pub fn cache(&self) -> Option<&Arc<crate::cache::PageCache>> {
         self.cache.as_ref()
@@ -779,6 +806,7 @@ impl Union {
             log::info!("waiting for {pending} copy-up commits");
         }
         self.commits.drain();
+        self.reaper.stop();
         if let Some(c) = &self.cache {
             let dirty = c.dirty_bytes();
             if dirty > 0 {

@@ -64,6 +64,7 @@ pub const OLD_TIME_CUTOFF: i64 = 1_500_000_000;
 mod differential;
 mod dirs;
 mod layer;
+mod loopfs;
 mod mount;
 mod ops;
 mod procs;
@@ -76,6 +77,8 @@ pub use differential::*;
 pub use dirs::*;
 #[allow(unused_imports)]
 pub use layer::*;
+#[allow(unused_imports)]
+pub use loopfs::*;
 #[allow(unused_imports)]
 pub use mount::*;
 #[allow(unused_imports)]

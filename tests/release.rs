@@ -1,0 +1,136 @@
+//! Removed files released in the background (src/union/reaper.rs) on real mounts over a private
+//! ext4 filesystem (a loop device, so its free space is the test's alone): the unlink answers
+//! while the filesystem still holds the file, `df` on the mount waits until the space is back,
+//! an unmount releases everything pending, and near a full upper the request releases the
+//! file itself (space comes back at once).
+
+mod common;
+
+use common::*;
+use std::fs::{self, File};
+use std::io::Write;
+
+const TIMEOUT: u64 = 120;
+const MIB: u64 = 1 << 20;
+
+/// Upper and work on a fresh ext4 filesystem of `size_mib` MiB.
+fn mount_on_loop(size_mib: u64, extra: &[&str]) -> (Mount, LoopFs) {
+    let dirs = Dirs::new(&[vec![file("lower-file", "from below")]], &[]);
+    let lfs = LoopFs::new(&dirs.root, size_mib);
+    let mut d = dirs.clone();
+    d.upper = lfs.mnt.join("upper");
+    d.work = lfs.mnt.join("work");
+    fs::create_dir_all(&d.upper).expect("mkdir upper");
+    fs::create_dir_all(&d.work).expect("mkdir work");
+    let opts = MountOpts {
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..MountOpts::default()
+    };
+    let m = Mount::start(&d, &opts).unwrap_or_else(|e| panic!("{e}"));
+    (m, lfs)
+}
+
+/// `n` files of `mib` MiB each, written and fsynced through the mount.
+fn write_files(m: &Mount, n: usize, mib: u64) {
+    let data = vec![0x5au8; (mib * MIB) as usize];
+    for i in 0..n {
+        let mut f = File::create(m.path(&format!("f{i}"))).expect("create");
+        f.write_all(&data).expect("write");
+        f.sync_all().expect("fsync");
+    }
+}
+
+fn stat_of(m: &Mount, key: &str) -> u64 {
+    let s = daemon_stats(&m.merged);
+    *s.get(key)
+        .unwrap_or_else(|| panic!("stats has no {key}: {s:?}"))
+}
+
+#[test]
+fn removed_files_are_released_in_the_background_and_df_waits_for_them() {
+    with_timeout(TIMEOUT, || {
+        // 2 GiB: more free than the reaper's minimum (1 GiB).
+        let (m, lfs) = mount_on_loop(2048, &["-o", "release_delay_ms=300"]);
+        write_files(&m, 8, 4);
+        let full = lfs.avail();
+        for i in 0..8 {
+            fs::remove_file(m.path(&format!("f{i}"))).expect("unlink");
+        }
+        // The names are gone at once, through the mount and in upper.
+        for i in 0..8 {
+            assert!(!m.path(&format!("f{i}")).exists(), "f{i} still visible");
+            assert!(
+                !m.dirs.upper.join(format!("f{i}")).exists(),
+                "f{i} still in upper"
+            );
+        }
+        // Each release waits 300 ms first: most are still held by the daemon now.
+        let pending = stat_of(&m, "deferred_releases_pending");
+        assert!(pending >= 1, "no release pending right after the unlinks");
+        assert!(
+            lfs.avail() < full + 28 * MIB,
+            "the space came back before the releases ran"
+        );
+        // df through the mount waits for them: afterwards everything is released and the
+        // filesystem has the 32 MiB back.
+        let s = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs of the mount");
+        assert!(s.blocks_available() > 0);
+        assert_eq!(stat_of(&m, "deferred_releases_pending"), 0);
+        assert_eq!(stat_of(&m, "deferred_releases"), 8);
+        assert_eq!(stat_of(&m, "releases_in_request"), 0);
+        assert!(
+            lfs.avail() >= full + 30 * MIB,
+            "space not back after df: {} -> {}",
+            full,
+            lfs.avail()
+        );
+        // A lower file's removal is a whiteout, nothing to release.
+        fs::remove_file(m.path("lower-file")).expect("unlink lower file");
+        assert_eq!(stat_of(&m, "deferred_releases_pending"), 0);
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn an_unmount_releases_everything_pending() {
+    with_timeout(TIMEOUT, || {
+        let (m, lfs) = mount_on_loop(2048, &["-o", "release_delay_ms=200"]);
+        write_files(&m, 5, 4);
+        let full = lfs.avail();
+        for i in 0..5 {
+            fs::remove_file(m.path(&format!("f{i}"))).expect("unlink");
+        }
+        assert!(stat_of(&m, "deferred_releases_pending") >= 1);
+        m.unmount().expect("unmount");
+        // The daemon has exited: nothing holds the files any more.
+        assert!(
+            lfs.avail() >= full + 18 * MIB,
+            "space not back after the unmount: {} -> {}",
+            full,
+            lfs.avail()
+        );
+    })
+}
+
+#[test]
+fn near_a_full_upper_the_request_releases_the_file_itself() {
+    with_timeout(TIMEOUT, || {
+        // 256 MiB: less free than the reaper's minimum; a release delay that would show.
+        let (m, lfs) = mount_on_loop(256, &["-o", "release_delay_ms=5000"]);
+        write_files(&m, 4, 8);
+        let full = lfs.avail();
+        for i in 0..4 {
+            fs::remove_file(m.path(&format!("f{i}"))).expect("unlink");
+        }
+        // No statfs through the mount: the space is back because the unlinks freed it.
+        assert!(
+            lfs.avail() >= full + 30 * MIB,
+            "space not back right after the unlinks: {} -> {}",
+            full,
+            lfs.avail()
+        );
+        assert_eq!(stat_of(&m, "deferred_releases"), 0);
+        assert_eq!(stat_of(&m, "deferred_releases_pending"), 0);
+        m.unmount().expect("unmount");
+    })
+}
