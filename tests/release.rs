@@ -1,8 +1,8 @@
 //! Removed files released in the background (src/union/reaper.rs) on real mounts over a private
 //! ext4 filesystem (a loop device, so its free space is the test's alone): the unlink answers
 //! while the filesystem still holds the file, `df` on the mount waits until the space is back,
-//! an unmount releases everything pending, and near a full upper the request releases the
-//! file itself (space comes back at once).
+//! an unmount releases everything pending, a file replaced by a rename goes the same way, and
+//! near a full upper the request releases the file itself (space comes back at once).
 
 mod common;
 
@@ -87,6 +87,38 @@ fn removed_files_are_released_in_the_background_and_df_waits_for_them() {
         // A lower file's removal is a whiteout, nothing to release.
         fs::remove_file(m.path("lower-file")).expect("unlink lower file");
         assert_eq!(stat_of(&m, "deferred_releases_pending"), 0);
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn a_file_replaced_by_a_rename_is_released_in_the_background() {
+    with_timeout(TIMEOUT, || {
+        let (m, lfs) = mount_on_loop(2048, &["-o", "release_delay_ms=300"]);
+        write_files(&m, 4, 4);
+        for i in 0..4 {
+            fs::write(m.path(&format!("new{i}")), format!("replacement {i}")).expect("write");
+        }
+        let full = lfs.avail();
+        for i in 0..4 {
+            fs::rename(m.path(&format!("new{i}")), m.path(&format!("f{i}"))).expect("rename");
+        }
+        for i in 0..4 {
+            assert_eq!(
+                fs::read_to_string(m.path(&format!("f{i}"))).expect("read"),
+                format!("replacement {i}")
+            );
+            assert!(!m.path(&format!("new{i}")).exists());
+        }
+        assert!(stat_of(&m, "deferred_releases_pending") >= 1);
+        let _ = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs of the mount");
+        assert_eq!(stat_of(&m, "deferred_releases"), 4);
+        assert!(
+            lfs.avail() >= full + 14 * MIB,
+            "space not back after df: {} -> {}",
+            full,
+            lfs.avail()
+        );
         m.unmount().expect("unmount");
     })
 }

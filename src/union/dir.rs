@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, RenameFlags};
-use nix::sys::stat::{Mode, SFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
@@ -326,26 +326,15 @@ impl Union {
         let mut known = (self.quota.is_some() && !is_dir).then(|| child.io_lock.lock());
         let still_open = (self.quota.is_some() || self.cache.is_some())
             && self.upper_handle_of(child.ino, None).is_some();
-        // A file's last name: hold the file (O_PATH) so that the filesystem frees it when the
-        // reaper closes that, not in this request (`reaper.rs`).
-        let mut hold = None;
-        let before = if !cst.upper {
-            None
-        } else if !is_dir && !still_open && self.release_in_background() {
-            let fd = nix::fcntl::openat(
-                dir.as_fd(),
-                name,
-                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .ctx("stat entry")?;
-            let st = nix::sys::stat::fstat(&fd).ctx("stat entry")?;
-            if st.st_nlink <= 1 && st.st_blocks > 0 {
-                hold = Some(fd);
-            }
-            Some(st)
+        // A file's last name: held (O_PATH) so that the filesystem frees it when the reaper
+        // closes that, not in this request (`reaper.rs`).
+        let (before, hold) = if !cst.upper {
+            (None, None)
         } else {
-            Some(layer::stat_at(dir.as_fd(), name).ctx("stat entry")?)
+            let (st, hold) = self
+                .stat_holding(dir.as_fd(), name, !is_dir && !still_open)
+                .ctx("stat entry")?;
+            (Some(st), hold)
         };
         // The last name of a file nobody holds open: its pages (dirty ones too) go after.
         let drop_pages = self.cache.is_some()
@@ -394,10 +383,7 @@ impl Union {
         if let (true, Some(c)) = (drop_pages, &self.cache) {
             c.drop_file(child.ino);
         }
-        if let Some((fd, st)) = hold.zip(before.as_ref()) {
-            // Dropped here (a synchronous release) when the reaper is full.
-            drop(self.reaper.defer(fd, st.st_blocks as u64 * 512));
-        }
+        self.release_later(hold);
         // A lower object is out of the merged view for good (whiteout); a hard-linked lower
         // name has a node of its own.
         Ok(is_dir || before.is_none_or(|s| s.st_nlink <= 1))
@@ -465,6 +451,38 @@ impl Union {
         move_name(src, p.ino, name, np.ino, newname);
         drop(staged);
         Ok(true)
+    }
+
+    /// lstat of `name` in `dir`; with `may_hold`, a regular file whose last name this is and
+    /// which has blocks comes with an `O_PATH` descriptor of it (and its size in blocks), for
+    /// [`Union::release_later`] once the name is gone. Nothing is held near a full upper.
+    fn stat_holding(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        may_hold: bool,
+    ) -> std::result::Result<(FileStat, Option<(OwnedFd, u64)>), Errno> {
+        if !may_hold || !self.release_in_background() {
+            return Ok((layer::stat_at(dir, name)?, None));
+        }
+        let fd = nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = nix::sys::stat::fstat(&fd)?;
+        let last = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink <= 1;
+        let hold = (last && st.st_blocks > 0).then(|| (fd, st.st_blocks as u64 * 512));
+        Ok((st, hold))
+    }
+
+    /// Hand a removed file held by [`Union::stat_holding`] to the reaper (released right here
+    /// when the reaper is full).
+    fn release_later(&self, hold: Option<(OwnedFd, u64)>) {
+        if let Some((fd, bytes)) = hold {
+            drop(self.reaper.defer(fd, bytes));
+        }
     }
 
     /// Build a whiteout in the work dir and rename it to `name` in `dir` with `flags`
@@ -629,9 +647,10 @@ impl Union {
             }
             return Ok(());
         }
-        let target = match layer::stat_at(ddir.as_fd(), newname) {
-            Ok(st) => Some(st),
-            Err(Errno::ENOENT) => None,
+        // A replaced file is released by the reaper, as in an unlink.
+        let (target, hold) = match self.stat_holding(ddir.as_fd(), newname, true) {
+            Ok((st, hold)) => (Some(st), hold),
+            Err(Errno::ENOENT) => (None, None),
             Err(e) => return Err(Error::new(e, "stat rename target")),
         };
         let target_is_wh = target.as_ref().is_some_and(is_whiteout_stat);
@@ -721,6 +740,7 @@ impl Union {
         }
         drop(dst_known);
         move_name(&src, parent, name, newparent, newname);
+        self.release_later(hold);
         Ok(())
     }
 }
