@@ -30,7 +30,8 @@
 #   "rootful rootless"), PBENCH_NFILES (default 2000), PBENCH_USER (rootless user, default
 #   podtest), PBENCH_CACHE (where the debootstrap tree is kept, default /opt/unionfs-pbench),
 #   PBENCH_SYNTHETIC=1 (skip debootstrap, use the synthetic image), PBENCH_TIMEOUT (seconds per
-#   podman command, default 300), PBENCH_KEEP=1 (keep the temp dir; storage is reset anyway).
+#   podman command, default 300), PBENCH_KEEP=1 (keep the temp dir; storage is reset anyway),
+#   PBENCH_WORKLOADS (default "startup smallfiles bigread": which to time).
 #
 # Setup follows tools/podman-e2e.sh (see shared/podman/README.md): runc, cgroupfs, file events,
 # netns none, rootful ulimits the VM can grant, /dev/fuse 0666 for rootless (restored on exit).
@@ -65,7 +66,10 @@ TMO=${PBENCH_TIMEOUT:-300}
 SETUPS=(ufs fov kov)
 declare -A NAME=([ufs]=unionfs-rs [fov]=fuse-overlayfs [kov]="kernel overlay")
 declare -A WANT_FS=([ufs]=fuse.unionfs-rs [fov]=fuse.fuse-overlayfs [kov]=overlay)
-WORKLOADS=(startup smallfiles bigread)
+read -r -a WORKLOADS <<<"${PBENCH_WORKLOADS:-startup smallfiles bigread}"
+for wl in "${WORKLOADS[@]}"; do
+    case $wl in startup | smallfiles | bigread) ;; *) die "unknown workload $wl in PBENCH_WORKLOADS" ;; esac
+done
 START=$(date +%s)
 
 # ---------------------------------------------------------------- packages, user, /dev/fuse
@@ -381,7 +385,7 @@ med() { # MODE WORKLOAD SETUP FIELD(5 = wall, 6 = inner) [PHASE of inner] -> med
         awk '{ a[++n] = $1 }
             END {
                 if (n == 0) { print "-"; exit }
-                printf "%.2f\n", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+                printf "%.3f\n", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
             }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
