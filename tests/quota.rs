@@ -1445,6 +1445,38 @@ fn copy_up_of_a_sparse_lower_file_charges_only_data() {
     })
 }
 
+/// What a copy-up charged is what the copy's first write settles against: a change of the
+/// copy's allocation in between is settled, never taken for already charged. (On ext4 an fstat
+/// while the deferred commit's fsync allocates the copy's delayed blocks can show none of
+/// them; taken for the charge, the copy was counted twice. Here the change is blocks
+/// preallocated behind the mount's back, which must be counted once too.)
+#[test]
+fn a_copy_ups_charge_is_what_its_first_write_settles_against() {
+    with_timeout(TIMEOUT, || {
+        let m = new_mount(
+            &[vec![file_bytes("lower", pattern(0, 100 * KIB, 1))]],
+            &["--size", "50M"],
+        );
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(m.path("lower"))
+            .unwrap();
+        // The commit done, the copy is upper/lower.
+        let (code, out, err) = run_bin(&["sync", p2s(&m.merged)]);
+        assert_eq!(code, 0, "sync failed: {out}{err}");
+        let up = OpenOptions::new()
+            .write(true)
+            .open(m.dirs.upper.join("lower"))
+            .unwrap();
+        fallocate(&up, libc::FALLOC_FL_KEEP_SIZE, 100 * KIB, 64 * KIB).unwrap();
+        drop(up);
+        f.write_all(b"x").unwrap();
+        drop(f);
+        assert_report_matches_scan(&m, "after a copy-up, blocks added to the copy, an append");
+        m.unmount().unwrap();
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hard links, unlink, open-unlinked files
 // ---------------------------------------------------------------------------------------------

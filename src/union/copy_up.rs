@@ -83,6 +83,14 @@ impl Union {
             )
         })?;
         res.settle(super::charge::alloc(&new), 1);
+        if self.quota.is_some() && !node.is_dir() {
+            // What was just charged is what the node's upper file is known to hold, so any later
+            // difference is settled (charge.rs `sync_known`). Left unknown, the first write
+            // would take a fresh fstat as already charged — and on ext4 one that runs while
+            // the commit's fsync allocates the delayed blocks can see none of them (the
+            // reservation is dropped before the blocks are added): charged twice for good.
+            *node.io_lock.lock() = Some((super::charge::alloc(&new), new.st_size));
+        }
         // Keep st_ino (the node id) across copy-up and remounts.
         if src_layer != LayerRef::Upper {
             self.inomap.set(new.st_ino, node.ino);
