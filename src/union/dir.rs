@@ -498,14 +498,46 @@ impl Union {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         self.dir_op(&[work, dir], false, || {
-            make_whiteout(work, &tmp).ctx("make whiteout")?;
+            self.whiteout_in_work(work, &tmp)?;
             nix::fcntl::renameat2(work, tmp.as_os_str(), dir, name, flags).map_err(|e| {
-                let _ = nix::unistd::unlinkat(work, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+                let freed = remove_tmp(work, &tmp, false);
+                self.account(-freed.0, -freed.1);
                 Error::new(e, "swap in whiteout")
             })
         })?;
-        self.account(0, 1);
         Ok(tmp)
+    }
+
+    /// A whiteout at `tmp` in the work dir: a hard link of the shared one, as kernel overlayfs
+    /// makes them (a new inode costs ext4 an inode allocation, which right after many
+    /// removals takes up to a millisecond here; a link ~20 µs), else a new one (accounted: an
+    /// inode of the project), which becomes the shared one.
+    fn whiteout_in_work(&self, work: BorrowedFd<'_>, tmp: &OsStr) -> Result<()> {
+        use nix::unistd::linkat;
+        let mut shared = self.shared_whiteout.lock();
+        if let Some(s) = shared.as_ref() {
+            match linkat(work, s.as_os_str(), work, tmp, AtFlags::empty()) {
+                Ok(()) => return Ok(()),
+                // The most links an inode can have, or the name is gone: a new one.
+                Err(Errno::EMLINK) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    log::warn!(
+                        "whiteouts: cannot link the shared whiteout ({e}); each gets an inode of its own from now on"
+                    );
+                    self.whiteout_sharing.store(false, Ordering::Relaxed);
+                }
+            }
+            *shared = None;
+        }
+        make_whiteout(work, tmp).ctx("make whiteout")?;
+        self.account(0, 1);
+        if self.whiteout_sharing.load(Ordering::Relaxed) {
+            let s = self.tmp_name();
+            if linkat(work, tmp, work, s.as_os_str(), AtFlags::empty()).is_ok() {
+                *shared = Some(s);
+            }
+        }
+        Ok(())
     }
 
     /// Remove what is left inside upper directory `name` of `dir` — only whiteouts can be, in a
@@ -686,7 +718,10 @@ impl Union {
                 if !old_wh {
                     nix::unistd::unlinkat(sdir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
                         .ctx("drop whiteout")?;
-                    self.account(0, -1);
+                    // A link of a shared whiteout frees no inode.
+                    if target.as_ref().is_none_or(|t| t.st_nlink <= 1) {
+                        self.account(0, -1);
+                    }
                 }
             } else {
                 if !old_wh {
@@ -710,7 +745,9 @@ impl Union {
                 self.account(0, 1);
             }
             match &target {
-                Some(t) if target_is_wh => self.account(-super::charge::alloc(t), -1),
+                Some(t) if target_is_wh => {
+                    self.account(-super::charge::alloc(t), -i64::from(t.st_nlink <= 1))
+                }
                 Some(t) => self.account_unlinked(t, target_open),
                 None => {}
             }

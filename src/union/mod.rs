@@ -295,6 +295,11 @@ pub struct Union {
     pub(crate) commits: commit::Commits,
     /// Removed files released by the filesystem in the background (`reaper.rs`).
     pub(crate) reaper: Arc<reaper::Reaper>,
+    /// Name in the work dir of the whiteout that new whiteouts are hard links of (as kernel
+    /// overlayfs shares one whiteout inode), once one was made.
+    pub(crate) shared_whiteout: parking_lot::Mutex<Option<OsString>>,
+    /// Cleared when upper's filesystem refuses to link a whiteout (each gets its own inode).
+    pub(crate) whiteout_sharing: std::sync::atomic::AtomicBool,
 }
 
 impl Union {
@@ -413,6 +418,8 @@ impl Union {
             reaper: Arc::new(reaper::Reaper::new(std::time::Duration::from_millis(
                 opts.release_delay_ms,
             ))),
+            shared_whiteout: parking_lot::Mutex::new(None),
+            whiteout_sharing: std::sync::atomic::AtomicBool::new(true),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
         u.writeback_cache.store(
@@ -807,6 +814,11 @@ impl Union {
         }
         self.commits.drain();
         self.reaper.stop();
+        // The shared whiteout's name in the work dir (its links in upper stay whiteouts).
+        if let (Some(name), Ok(work)) = (self.shared_whiteout.lock().take(), self.work_fd()) {
+            let freed = copy_up::remove_tmp(work, &name, false);
+            self.account(-freed.0, -freed.1);
+        }
         if let Some(c) = &self.cache {
             let dirty = c.dirty_bytes();
             if dirty > 0 {
