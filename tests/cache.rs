@@ -726,7 +726,7 @@ fn quota_is_charged_when_a_write_is_accepted() {
 fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
     with_timeout(TIMEOUT, || {
         let dirs = Dirs::new(&[vec![]], &[]);
-        let lfs = LoopFs::new(&dirs.root, 64);
+        let lfs = LoopFs::new(&dirs, 64);
         let mut d = dirs.clone();
         d.upper = lfs.mnt.join("upper");
         d.work = lfs.mnt.join("work");

@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 /// Upper and work on a fresh ext4 filesystem of `size_mib` MiB.
 fn mount_on_loop(size_mib: u64, extra: &[&str]) -> (Mount, LoopFs) {
     let dirs = Dirs::new(&[vec![file("lower-file", "from below")]], &[]);
-    let lfs = LoopFs::new(&dirs.root, size_mib);
+    let lfs = LoopFs::new(&dirs, size_mib);
     let mut d = dirs.clone();
     d.upper = lfs.mnt.join("upper");
     d.work = lfs.mnt.join("work");

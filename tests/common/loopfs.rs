@@ -1,15 +1,17 @@
 use super::*;
 
-/// A private ext4 filesystem on a loop device (a sparse image file under `root`), unmounted on
-/// drop: free space and releases on it are the test's alone.
+/// A private ext4 filesystem on a loop device (a sparse image file in a test's tempdir),
+/// unmounted on drop, before the tempdir (whose clone it holds) can go: free space and
+/// releases on it are the test's alone.
 pub struct LoopFs {
     pub mnt: PathBuf,
+    _dirs: Dirs,
 }
 
 impl LoopFs {
-    pub fn new(root: &Path, size_mib: u64) -> LoopFs {
-        let img = root.join("fs.img");
-        let mnt = root.join("fs");
+    pub fn new(dirs: &Dirs, size_mib: u64) -> LoopFs {
+        let img = dirs.root.join("fs.img");
+        let mnt = dirs.root.join("fs");
         fs::create_dir_all(&mnt).expect("mkdir");
         fs::File::create(&img)
             .and_then(|f| f.set_len(size_mib << 20))
@@ -29,7 +31,10 @@ impl LoopFs {
             .expect("mount")
             .success();
         assert!(ok, "loop mount failed");
-        LoopFs { mnt }
+        LoopFs {
+            mnt,
+            _dirs: dirs.clone(),
+        }
     }
 
     /// Free bytes for unprivileged use, as `df` shows them.
