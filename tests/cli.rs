@@ -299,6 +299,65 @@ fn mount_is_live_on_return_and_umount_subcommand_stops_daemon() {
     });
 }
 
+/// A name that does not exist is asked once (the answer is a negative entry the kernel keeps,
+/// as on kernel overlayfs), and the entry gives way to a file or directory made there through
+/// the mount and comes back when it is removed; also in a merged lower directory and for a
+/// name hidden by a whiteout.
+#[test]
+fn a_missing_name_is_looked_up_once() {
+    with_timeout(60, || {
+        let dirs = Dirs::new(&[vec![file("d/lower", "l"), file("gone", "g")]], &[]);
+        let log = dirs.root.join("daemon.log");
+        let opts = MountOpts {
+            extra: vec!["--debug".into(), "--log-file".into(), s(&log)],
+            ..MountOpts::default()
+        };
+        let m = Mount::start(&dirs, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let missing = |p: &str| {
+            for _ in 0..5 {
+                let e = fs::symlink_metadata(m.path(p)).expect_err(p);
+                assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{p}");
+            }
+        };
+        missing("nothere");
+        missing("d/nothere");
+        fs::remove_file(m.path("gone")).unwrap();
+        missing("gone");
+        // Made through the mount: there at once; removed: missing again.
+        fs::write(m.path("nothere"), "now").unwrap();
+        assert_eq!(fs::read_to_string(m.path("nothere")).unwrap(), "now");
+        fs::create_dir(m.path("d/nothere")).unwrap();
+        assert!(m.path("d/nothere").is_dir());
+        fs::write(m.path("gone"), "back").unwrap();
+        assert_eq!(fs::read_to_string(m.path("gone")).unwrap(), "back");
+        fs::remove_file(m.path("nothere")).unwrap();
+        fs::remove_dir(m.path("d/nothere")).unwrap();
+        missing("nothere");
+        missing("d/nothere");
+        let dirs = m.dirs.clone();
+        m.unmount().expect("unmount");
+        let text = fs::read_to_string(dirs.root.join("daemon.log")).unwrap();
+        let asked = |n: &str| {
+            text.lines()
+                .filter(|l| l.contains(&format!("LOOKUP name \"{n}\"")))
+                .count()
+        };
+        // Five stats per round: at most one LOOKUP per round (the kernel asks again after an
+        // unlink and before a create, whose negative entries it does not trust), where each
+        // stat would be one without the negative entries (20 for "nothere").
+        assert!(
+            asked("nothere") <= 6,
+            "{} LOOKUPs of nothere:\n{text}",
+            asked("nothere")
+        );
+        assert!(
+            asked("gone") <= 3,
+            "{} LOOKUPs of gone:\n{text}",
+            asked("gone")
+        );
+    })
+}
+
 /// `--log-file`: the background daemon's log (which otherwise goes nowhere) lands in the file,
 /// with timestamps, from mount to the drain on SIGTERM; the caller's stderr stays quiet.
 #[test]
