@@ -419,6 +419,7 @@ for wl in "${WORKLOADS[@]}"; do
         echo "| $wl | $mode | $(cell "$mode" ufs "$u") | $(cell "$mode" fov "$f") | $(cell "$mode" kov "$o") | $(ratio "$u" "$f") | $(ratio "$u" "$o") |"
     done
 done
+if want smallfiles || want bigread; then
 echo
 echo "In-container time (s, median; from /proc/uptime, 10 ms resolution):"
 echo
@@ -426,11 +427,13 @@ echo "| phase | mode | unionfs-rs | fuse-overlayfs | kernel overlay | unionfs-rs
 echo "|---|---|---:|---:|---:|---:|---:|"
 for ph in "smallfiles 1 create" "smallfiles 2 read" "smallfiles 3 delete" "bigread 1 find+cat"; do
     read -r wl p label <<<"$ph"
+    want "$wl" || continue
     for mode in $MODES; do
         u=$(med "$mode" "$wl" ufs 6 "$p"); f=$(med "$mode" "$wl" fov 6 "$p"); o=$(med "$mode" "$wl" kov 6 "$p")
         echo "| $wl $label | $mode | $(cell "$mode" ufs "$u") | $(cell "$mode" fov "$f") | $(cell "$mode" kov "$o") | $(ratio "$u" "$f") | $(ratio "$u" "$o") |"
     done
 done
+fi
 echo
 echo "Checks:"
 for mode in $MODES; do
