@@ -94,11 +94,12 @@ impl Reaper {
         }
     }
 
-    /// Release everything queued and take no more (shutdown); the thread then ends.
+    /// Take no more (later removals release their files themselves), release everything
+    /// queued, and let the thread end (shutdown).
     pub fn stop(&self) {
-        self.flush();
         self.q.lock().stopped = true;
         self.cv.notify_all();
+        self.flush();
     }
 
     /// Files and bytes waiting now.
