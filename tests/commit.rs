@@ -373,6 +373,38 @@ fn unlink_and_rename_racing_a_copy_up() {
     })
 }
 
+/// An operation in a directory while a background commit renames a copy into it keeps its
+/// change of the directory's times: the commit holds the directory from reading its times to
+/// restoring them, and the operation waits (else the restore would undo the operation's
+/// change: seen once in CI by the random differential sequences).
+#[test]
+fn an_operation_during_a_commit_keeps_its_change_of_the_directory_times() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(vec![file("a/x", "lower")], &["-o", "commit_window_ms=400"]);
+        let old = lstat(&m.path("a")).mtime();
+        assert!(old < OLD_TIME_CUTOFF, "a's mtime {old} is not the layer's");
+        // Copies a up (its times kept) and a/x, whose commit then waits 400 ms between
+        // reading a's times and renaming x into it.
+        append(&m.path("a/x"), b" and more");
+        std::thread::sleep(Duration::from_millis(150));
+        fs::create_dir(m.path("a/y")).expect("mkdir during the commit");
+        sync_mount(&m);
+        let now = lstat(&m.path("a")).mtime();
+        assert!(
+            now > OLD_TIME_CUTOFF,
+            "a's mtime is {now}, the layer's: the mkdir's change of it was undone"
+        );
+        assert!(
+            fs::metadata(m.dirs.upper.join("a"))
+                .expect("upper a")
+                .mtime()
+                > OLD_TIME_CUTOFF
+        );
+        assert_eq!(fs::read_to_string(m.path("a/x")).unwrap(), "lower and more");
+        m.unmount().expect("unmount");
+    })
+}
+
 #[test]
 fn synchronous_writes_do_not_defer_the_commit() {
     // O_SYNC / O_DSYNC writes are durable when they return, so is the name they are under:

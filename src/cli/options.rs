@@ -48,6 +48,9 @@ pub struct MountSpec {
     /// `release_delay_ms=N` (testing aid): the background release of each removed file waits
     /// N ms first, so tests can observe releases pending.
     pub release_delay_ms: u64,
+    /// `commit_window_ms=N` (testing aid): a background commit waits N ms between reading its
+    /// directory's times and renaming into it, so tests can run operations in that window.
+    pub commit_window_ms: u64,
     /// Debug logging.
     pub debug: bool,
     /// Where the daemon logs once the mount is live (default: nowhere in the background).
@@ -228,6 +231,11 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 spec.commit_delay_ms = need(v)?
                     .parse()
                     .map_err(|_| format!("commit_delay_ms: not a number: {}", v.unwrap_or("")))?
+            }
+            "commit_window_ms" => {
+                spec.commit_window_ms = need(v)?
+                    .parse()
+                    .map_err(|_| format!("commit_window_ms: not a number: {}", v.unwrap_or("")))?
             }
             "release_delay_ms" => {
                 spec.release_delay_ms = need(v)?

@@ -556,9 +556,19 @@ impl Union {
         nix::unistd::fsync(fd.as_fd())?;
         drop(fd);
         let dst = c.dst_dir.as_fd();
-        // The parent's times, read and restored with no other such change in between.
+        // The parent's times (and for a move the new parent's), read and restored with no
+        // other change of them in between: no namespace operation in those directories, no
+        // other copy-up or deferred rename.
+        let mut dirs = vec![c.parent];
+        if let Some(m) = c.moving.get() {
+            dirs.push(m.newparent);
+        }
+        let _committing = self.dir_committing(&dirs);
         let _times = self.dir_times.lock();
         let pstat = nix::sys::stat::fstat(dst)?;
+        if !self.commit_window.is_zero() {
+            std::thread::sleep(self.commit_window);
+        }
         // Only upper's directory grows (the work dir was charged when the copy was made).
         self.dir_op(&[dst], false, || {
             nix::fcntl::renameat2(

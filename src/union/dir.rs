@@ -44,6 +44,7 @@ impl Union {
         build: &dyn Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
     ) -> Result<(Arc<OwnedFd>, Option<OwnedFd>, bool)> {
         self.copy_up(parent)?;
+        let _changing = self.dir_changing(&[parent.ino]);
         let dir = self.dir_fd(parent, LayerRef::Upper).ctx("open upper dir")?;
         let over_whiteout = match layer::stat_at(dir.as_fd(), name) {
             Ok(st) if is_whiteout_stat(&st) => true,
@@ -316,6 +317,7 @@ impl Union {
         // first: what is in upper under `name` stays what we look at.
         let _no_copy_up = child.copy_lock.lock();
         self.commits.wait_node(child.ino);
+        let _changing = self.dir_changing(&[p.ino]);
         let cst = child.state();
         let wh = self.lower_positive(p, name)?;
         let dir = self.dir_fd(p, LayerRef::Upper).ctx("open upper dir")?;
@@ -644,7 +646,10 @@ impl Union {
         }
         self.copy_up(&p)?;
         self.copy_up(&np)?;
-        if !exchange && dst.is_none() && self.rename_deferred(&p, name, &src, &np, newname)? {
+        if !exchange && dst.is_none() && {
+            let _changing = self.dir_changing(&[parent, newparent]);
+            self.rename_deferred(&p, name, &src, &np, newname)?
+        } {
             return Ok(());
         }
         self.copy_up(&src)?;
@@ -656,6 +661,7 @@ impl Union {
         if let Some(d) = &dst {
             self.commits.wait_node(d.ino);
         }
+        let _changing = self.dir_changing(&[parent, newparent]);
         let old_wh = !exchange && self.lower_positive(&p, name)?;
         let sdir = self.dir_fd(&p, LayerRef::Upper).ctx("open upper dir")?;
         let ddir = self.dir_fd(&np, LayerRef::Upper).ctx("open upper dir")?;

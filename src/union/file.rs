@@ -940,6 +940,7 @@ impl Union {
             // A deferred rename from or into it would set its times again when committed.
             self.commits.wait_dir(node.ino);
         }
+        let _changing = node.is_dir().then(|| self.dir_changing(&[node.ino]));
         // Held to the end: the change is made to the copy, then its commit is queued.
         let _staged = self.copy_up_for_use(&node)?;
         let st = node.state();

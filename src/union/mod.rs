@@ -165,6 +165,9 @@ pub struct Options {
     pub commit_delay_ms: u64,
     /// Testing aid: each background release of a removed file waits this long first.
     pub release_delay_ms: u64,
+    /// Testing aid: a background commit waits this long between reading its directory's times
+    /// and renaming into it.
+    pub commit_window_ms: u64,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
@@ -287,6 +290,8 @@ pub struct Union {
     pub(crate) dir_times: parking_lot::Mutex<()>,
     /// Testing aid: background commits wait this long first.
     pub(crate) commit_delay: std::time::Duration,
+    /// Testing aid: background commits wait this long inside their directory-times window.
+    pub(crate) commit_window: std::time::Duration,
     /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
     pub(crate) reflink: std::sync::atomic::AtomicBool,
     /// Our pid, for scratch names.
@@ -300,7 +305,12 @@ pub struct Union {
     pub(crate) shared_whiteout: parking_lot::Mutex<Option<OsString>>,
     /// Cleared when upper's filesystem refuses to link a whiteout (each gets its own inode).
     pub(crate) whiteout_sharing: std::sync::atomic::AtomicBool,
+    /// Directory times guards, striped by directory node (see [`Union::dir_changing`]).
+    dir_locks: Box<[parking_lot::RwLock<()>]>,
 }
+
+/// Stripes of [`Union::dir_changing`].
+const DIR_LOCKS: usize = 64;
 
 impl Union {
     /// Open all layers and set up the root node. The directories must already be validated.
@@ -413,12 +423,16 @@ impl Union {
             kernel_forget: std::sync::OnceLock::new(),
             dir_times: parking_lot::Mutex::new(()),
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
+            commit_window: std::time::Duration::from_millis(opts.commit_window_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
             reaper: Arc::new(reaper::Reaper::new(std::time::Duration::from_millis(
                 opts.release_delay_ms,
             ))),
             shared_whiteout: parking_lot::Mutex::new(None),
+            dir_locks: (0..DIR_LOCKS)
+                .map(|_| parking_lot::RwLock::new(()))
+                .collect(),
             whiteout_sharing: std::sync::atomic::AtomicBool::new(true),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
@@ -768,6 +782,55 @@ impl Union {
             c.set_kernel_readahead_kb(kb);
         }
         Ok(kb)
+    }
+
+    /// Held (shared) by a namespace operation while it changes the upper directories `dirs`
+    /// (node ids), and so their times. A background commit renaming into a directory holds
+    /// it exclusively from reading the directory's times to restoring them
+    /// ([`Union::dir_committing`]), so that it cannot undo the change of an operation that ran
+    /// in between (the kernel holds the directory's lock around its own copy-up the same way).
+    /// Taken after any wait for a commit, never around one. Recursive: a nested operation in
+    /// the same thread (a copy-up inside a rename) cannot deadlock behind a waiting commit.
+    pub(crate) fn dir_changing(&self, dirs: &[u64]) -> Vec<parking_lot::RwLockReadGuard<'_, ()>> {
+        self.dir_stripes(dirs)
+            .into_iter()
+            .map(|i| self.dir_locks[i].read_recursive())
+            .collect()
+    }
+
+    /// Held by a background commit from reading the times of directories `dirs` to restoring
+    /// them (see [`Union::dir_changing`]). Waits at most 100 ms for each (operations hold it
+    /// for a few syscalls; a commit made in an operation's own thread, when the committer is
+    /// gone at shutdown, would otherwise wait for itself), then goes on without it.
+    pub(crate) fn dir_committing(
+        &self,
+        dirs: &[u64],
+    ) -> Vec<parking_lot::RwLockWriteGuard<'_, ()>> {
+        self.dir_stripes(dirs)
+            .into_iter()
+            .filter_map(|i| {
+                let g = self.dir_locks[i].try_write_for(std::time::Duration::from_millis(100));
+                if g.is_none() {
+                    log::debug!("commit: directory guard busy, times may not be kept");
+                }
+                g
+            })
+            .collect()
+    }
+
+    /// For a copy-up made inside an operation: the guard of `dir` if no operation holds it
+    /// (then the times it reads stay those to restore); None: one does (perhaps this very
+    /// thread's), whose own change of the times stands, and the copy-up leaves them.
+    pub(crate) fn dir_copying_up(&self, dir: u64) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
+        self.dir_locks[self.dir_stripes(&[dir])[0]].try_write()
+    }
+
+    /// Distinct stripes of `dirs`, in order (one lock order for every taker).
+    fn dir_stripes(&self, dirs: &[u64]) -> Vec<usize> {
+        let mut v: Vec<usize> = dirs.iter().map(|d| (*d as usize) % DIR_LOCKS).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// May the release of a removed file wait for the reaper? Not near a full upper.
