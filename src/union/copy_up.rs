@@ -77,7 +77,7 @@ impl Union {
                 src_dir.as_fd(),
                 &name,
                 &fs,
-                (parent, dst_dir.as_fd()),
+                dst_dir.as_fd(),
                 &name,
                 deferred,
             )
@@ -117,7 +117,7 @@ impl Union {
         src_dir: BorrowedFd<'_>,
         name: &OsStr,
         fs: &FileStat,
-        (parent, dst_dir): (u64, BorrowedFd<'_>),
+        dst_dir: BorrowedFd<'_>,
         dst_name: &OsStr,
         deferred: bool,
     ) -> Result<(FileStat, Option<OsString>)> {
@@ -201,9 +201,9 @@ impl Union {
             }
             // A copy-up is no change of the parent the user could see: its times are read
             // just before the rename into it and restored after, as the kernel does (best
-            // effort; a deferred commit does the same when it renames) — unless an operation
-            // is changing the parent meanwhile (its change of the times stands).
-            let quiet = self.dir_copying_up(parent);
+            // effort; a deferred commit does the same when it renames, holding the directory
+            // against operations in it — this copy-up runs inside an operation, which may hold
+            // that guard itself).
             let _times = self.dir_times.lock();
             let pstat = nix::sys::stat::fstat(dst_dir).ctx("copy-up: stat parent")?;
             self.dir_op(&[dst_dir], true, || {
@@ -216,9 +216,7 @@ impl Union {
                 )
                 .ctx("copy-up: rename into upper")
             })?;
-            if quiet.is_some() {
-                super::commit::restore_mtime(dst_dir, &pstat);
-            }
+            super::commit::restore_mtime(dst_dir, &pstat);
             Ok(())
         })();
         if let Err(e) = res {

@@ -160,9 +160,9 @@ impl Union {
             return Err(Error::new(Errno::ENAMETOOLONG, "create"));
         }
         // The kernel calls create/mkdir/mknod/symlink only after a lookup of `name` in this
-        // directory failed under the directory's lock (negative entries are never cached), so
-        // no visible entry can exist; an upper entry that is not a whiteout is still refused
-        // below (EEXIST), and O_EXCL/mkdir/mknod refuse a racing one.
+        // directory failed under the directory's lock (a cached negative entry is looked up
+        // again before a create), so no visible entry can exist; an upper entry that is not a
+        // whiteout is still refused below (EEXIST), and O_EXCL/mkdir/mknod refuse a racing one.
         let is_dir = matches!(kind, NewKind::Dir);
         // The mode and ACLs the parent's default ACL (or the umask) gives the new object.
         let (mode, acls) = match kind {
@@ -228,8 +228,14 @@ impl Union {
         // One inode, and a block for a directory, before the filesystem is asked.
         let res = self.reserve(1, if is_dir { 4096 } else { 0 })?;
         let (dir, fd, over_wh) = self.install(&p, name, is_dir, &build)?;
-        self.set_owner(dir.as_fd(), name, who)?;
-        let fs = layer::stat_at(dir.as_fd(), name).ctx("stat new")?;
+        let made = self
+            .set_owner(dir.as_fd(), name, who)
+            .and_then(|()| layer::stat_at(dir.as_fd(), name).ctx("stat new"));
+        let fs = made.inspect_err(|_| {
+            // The object is there although the create failed: the kernel must not keep the
+            // negative entry it looked up before.
+            self.kernel_forget(vec![super::Forget::Entry(parent, name.to_os_string())]);
+        })?;
         res.settle(super::charge::alloc(&fs), 1);
         // A new upper inode: forget any stale origin recorded for a reused inode number.
         self.inomap.set(fs.st_ino, 0);
@@ -716,7 +722,7 @@ impl Union {
             self.clear_whiteouts(ddir.as_fd(), newname)?;
         }
         // The target directory may need a block for the new name.
-        self.dir_op(&[ddir.as_fd()], false, || -> Result<()> {
+        let moved = self.dir_op(&[ddir.as_fd()], false, || -> Result<()> {
             if target_is_wh && src.is_dir() {
                 // rename(2) cannot put a directory over a char device: exchange, then keep or drop
                 // the whiteout that lands at the old name.
@@ -745,7 +751,16 @@ impl Union {
                 }
             }
             Ok(())
-        })?;
+        });
+        if moved.is_err() {
+            // Part of it may have happened (moved, but no whiteout put at the old name): the
+            // kernel must look both names up again, not keep entries it had.
+            self.kernel_forget(vec![
+                super::Forget::Entry(parent, name.to_os_string()),
+                super::Forget::Entry(newparent, newname.to_os_string()),
+            ]);
+        }
+        moved?;
         if !(target_is_wh && src.is_dir()) {
             if old_wh {
                 self.account(0, 1);

@@ -818,13 +818,6 @@ impl Union {
             .collect()
     }
 
-    /// For a copy-up made inside an operation: the guard of `dir` if no operation holds it
-    /// (then the times it reads stay those to restore); None: one does (perhaps this very
-    /// thread's), whose own change of the times stands, and the copy-up leaves them.
-    pub(crate) fn dir_copying_up(&self, dir: u64) -> Option<parking_lot::RwLockWriteGuard<'_, ()>> {
-        self.dir_locks[self.dir_stripes(&[dir])[0]].try_write()
-    }
-
     /// Distinct stripes of `dirs`, in order (one lock order for every taker).
     fn dir_stripes(&self, dirs: &[u64]) -> Vec<usize> {
         let mut v: Vec<usize> = dirs.iter().map(|d| (*d as usize) % DIR_LOCKS).collect();

@@ -53,7 +53,14 @@ impl Union {
         if p_upper {
             let dir = match self.dir_fd(parent, LayerRef::Upper) {
                 Ok(d) => Some(d),
-                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => None,
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) if parent.st.lock().unlinked => None,
+                // Not where its node says: a rename of it (or of a directory above it) is
+                // between its move on disk and its new name in the node. Not "absent" (the
+                // kernel would keep that as a negative entry): ESTALE makes the VFS walk the
+                // path again.
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => {
+                    return Err(Error::new(Errno::ESTALE, "upper dir moved meanwhile"));
+                }
                 Err(e) => return Err(Error::new(e, "open upper dir")),
             };
             if let Some(dir) = dir {

@@ -35,6 +35,10 @@ struct Queue {
     bytes: u64,
     /// A release is in progress (popped, not yet closed).
     busy: bool,
+    /// Files queued and files released since the start (releases go in queue order), so a
+    /// flush waits for what was queued before it, not for removals that keep coming.
+    queued: u64,
+    done: u64,
     thread: bool,
     stopped: bool,
 }
@@ -82,6 +86,7 @@ impl Reaper {
         }
         q.files.push_back((fd, bytes));
         q.bytes += bytes;
+        q.queued += 1;
         self.cv.notify_all();
         None
     }
@@ -89,7 +94,8 @@ impl Reaper {
     /// Wait until every file handed over so far is released.
     pub fn flush(&self) {
         let mut q = self.q.lock();
-        while !q.files.is_empty() || q.busy {
+        let upto = q.queued;
+        while q.done < upto {
             self.cv.wait(&mut q);
         }
     }
@@ -154,9 +160,9 @@ fn run(me: std::sync::Weak<Reaper>) {
         let mut q = r.q.lock();
         q.busy = false;
         q.bytes -= bytes;
-        if q.files.is_empty() {
-            r.cv.notify_all();
-        }
+        q.done += 1;
+        // Flushers wait for their own point in the queue.
+        r.cv.notify_all();
     }
 }
 
