@@ -187,27 +187,19 @@ fn kind_of(mode: u32) -> FileType {
     }
 }
 
-/// The answer to a lookup of a name that does not exist: node id 0 with the entry timeout,
-/// which the kernel keeps as a negative dentry (as it does on kernel overlayfs) instead of
-/// asking again at every open or stat of a missing name (a shell's PATH search, a compiler's
-/// include path, interpreters probing modules). Safe as long as positive entries are: every
-/// change of a name comes through us, and a name the daemon itself brings back (a deferred
-/// rename undone) is invalidated in the kernel (`Forget::Entry`).
-pub(crate) const NEGATIVE: Attr = Attr {
-    ino: 0,
-    generation: 0,
-    mode: 0,
-    nlink: 0,
-    uid: 0,
-    gid: 0,
-    rdev: 0,
-    size: 0,
-    blocks: 0,
-    blksize: 0,
-    atime: (0, 0),
-    mtime: (0, 0),
-    ctime: (0, 0),
-};
+/// LOOKUP for both transports. A name that does not exist is answered with node id 0 (with
+/// the entry timeout), which the kernel keeps as a negative dentry (as it does on kernel
+/// overlayfs) instead of asking again at every open or stat of a missing name (a shell's PATH
+/// search, a compiler's include path, interpreters probing modules). Safe as long as positive
+/// entries are: every change of a name comes through us, and a name the daemon itself brings
+/// back (a deferred rename undone, a half-done create) is invalidated in the kernel
+/// (`Forget::Entry`).
+pub(crate) fn lookup_entry(u: &Union, parent: u64, name: &OsStr) -> crate::union::Result<Attr> {
+    match u.lookup(parent, name) {
+        Err(e) if e.errno == nix::errno::Errno::ENOENT => Ok(Attr::EMPTY),
+        r => r,
+    }
+}
 
 fn fattr(a: &Attr) -> FileAttr {
     FileAttr {
@@ -341,12 +333,7 @@ impl Filesystem for UnionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.u.lookup(parent.0, name) {
-            Err(e) if e.errno == nix::errno::Errno::ENOENT => {
-                reply.entry(&self.ttl, &fattr(&NEGATIVE), Generation(0))
-            }
-            r => self.entry(r, reply),
-        }
+        self.entry(lookup_entry(&self.u, parent.0, name), reply)
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -863,18 +850,10 @@ pub(crate) fn readdirplus_batch(
         let attr = if dot {
             Attr {
                 ino: e.ino,
-                generation: 0,
                 mode: e.kind,
                 nlink: 1,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                size: 0,
-                blocks: 0,
                 blksize: 4096,
-                atime: (0, 0),
-                mtime: (0, 0),
-                ctime: (0, 0),
+                ..Attr::EMPTY
             }
         } else {
             match u.lookup(ino, &e.name) {

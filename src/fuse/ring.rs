@@ -684,13 +684,8 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
     match h.opcode {
         wire::LOOKUP => {
             let name = names.next_name().map_err(short)?;
-            match u.lookup(ino, name) {
-                Ok(attr) => out.entry(&attr, s.ttl),
-                Err(e) if e.errno == nix::errno::Errno::ENOENT => {
-                    out.entry(&super::NEGATIVE, s.ttl)
-                }
-                Err(e) => return Err(err(e)),
-            }
+            let attr = super::lookup_entry(u, ino, name).map_err(err)?;
+            out.entry(&attr, s.ttl);
         }
         wire::GETATTR => {
             let fh = (a.u32(0).map_err(short)? & wire::GETATTR_FH != 0)

@@ -113,6 +113,23 @@ pub struct Attr {
 }
 
 impl Attr {
+    /// All zero: node id 0 (no object), no mode, no times.
+    pub const EMPTY: Attr = Attr {
+        ino: 0,
+        generation: 0,
+        mode: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: 0,
+        blocks: 0,
+        blksize: 0,
+        atime: (0, 0),
+        mtime: (0, 0),
+        ctime: (0, 0),
+    };
+
     /// From a layer stat, with the merged-view inode number.
     pub fn from_stat(st: &FileStat, ino: u64) -> Attr {
         Attr {
