@@ -405,6 +405,58 @@ fn an_operation_during_a_commit_keeps_its_change_of_the_directory_times() {
     })
 }
 
+/// mtime of `path` from the daemon itself (statx AT_STATX_FORCE_SYNC: FUSE then asks with a
+/// GETATTR whatever it has cached).
+fn daemon_mtime(path: &Path) -> i64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // SAFETY: zeroed statx is a valid out-buffer.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer for the call.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_MTIME,
+            &mut stx,
+        )
+    };
+    assert_eq!(r, 0, "statx {path:?}: {}", std::io::Error::last_os_error());
+    stx.stx_mtime.tv_sec
+}
+
+/// A commit renaming a copy into its directory changes the directory's times on disk until it
+/// puts them back; a stat in between must not report them (the crossmount random test once
+/// caught our view with a copied-up directory's new mtime, kernel overlayfs with its old one).
+#[test]
+fn a_stat_during_a_commit_shows_the_directory_times_it_keeps() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(vec![file("a/x", "lower")], &["-o", "commit_window_ms=300"]);
+        let old = daemon_mtime(&m.path("a"));
+        assert!(old < OLD_TIME_CUTOFF, "a's mtime {old} is not the layer's");
+        // Copies a up (times kept) and a/x; the commit waits 300 ms before its rename into a
+        // and 300 ms after it before restoring a's times.
+        append(&m.path("a/x"), b" and more");
+        let until = std::time::Instant::now() + Duration::from_millis(900);
+        let mut stats = 0;
+        while std::time::Instant::now() < until {
+            let now = daemon_mtime(&m.path("a"));
+            assert_eq!(
+                now, old,
+                "a's mtime seen during the commit (after {stats} stats)"
+            );
+            stats += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sync_mount(&m);
+        assert_eq!(daemon_mtime(&m.path("a")), old);
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s.get("copyup_deferred_commits"), Some(&1), "{s:?}");
+        m.unmount().expect("unmount");
+    })
+}
+
 #[test]
 fn synchronous_writes_do_not_defer_the_commit() {
     // O_SYNC / O_DSYNC writes are durable when they return, so is the name they are under:

@@ -49,7 +49,8 @@ pub struct MountSpec {
     /// N ms first, so tests can observe releases pending.
     pub release_delay_ms: u64,
     /// `commit_window_ms=N` (testing aid): a background commit waits N ms between reading its
-    /// directory's times and renaming into it, so tests can run operations in that window.
+    /// directory's times and renaming into it, and N ms again before restoring them, so tests
+    /// can run operations and stats in that window.
     pub commit_window_ms: u64,
     /// Debug logging.
     pub debug: bool,

@@ -581,6 +581,9 @@ impl Union {
             .map_err(|e| super::Error::new(e, "copy-up commit: rename"))
         })
         .map_err(|e| e.errno)?;
+        if !self.commit_window.is_zero() {
+            std::thread::sleep(self.commit_window);
+        }
         // The copy-up is no change the user could see (for a rename: the directory's times
         // are the rename's already, set when it was answered).
         restore_mtime(dst, &pstat);

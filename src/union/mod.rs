@@ -183,7 +183,7 @@ pub struct Options {
     /// Testing aid: each background release of a removed file waits this long first.
     pub release_delay_ms: u64,
     /// Testing aid: a background commit waits this long between reading its directory's times
-    /// and renaming into it.
+    /// and renaming into it, and again before restoring them.
     pub commit_window_ms: u64,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
@@ -240,6 +240,63 @@ struct KernelForget(Forgetter);
 impl fmt::Debug for KernelForget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("KernelForget")
+    }
+}
+
+/// The windows in which an upper directory's times are not what the merged view shows: a
+/// rename into it (copy-up, commit) has changed them and they are about to be put back. One
+/// window at a time; `begun`/`ended` count them so a stat can tell, without taking the lock,
+/// that no window overlapped it.
+#[derive(Debug, Default)]
+pub(crate) struct DirTimes {
+    lock: parking_lot::Mutex<()>,
+    begun: std::sync::atomic::AtomicU64,
+    ended: std::sync::atomic::AtomicU64,
+}
+
+/// One window of [`DirTimes`], open while this lives.
+pub(crate) struct DirTimesWindow<'a> {
+    times: &'a DirTimes,
+    _lock: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl Drop for DirTimesWindow<'_> {
+    fn drop(&mut self) {
+        self.times
+            .ended
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl DirTimes {
+    /// Open a window (waits for the one open).
+    pub(crate) fn lock(&self) -> DirTimesWindow<'_> {
+        let g = self.lock.lock();
+        self.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        DirTimesWindow {
+            times: self,
+            _lock: g,
+        }
+    }
+
+    /// `stat()` of an upper object, as the merged view shows it: a directory stat that a
+    /// window overlapped (it may hold a copy-up's transient times) is made again once that
+    /// window is closed. Two atomic loads otherwise.
+    pub(crate) fn steady<E>(
+        &self,
+        stat: impl Fn() -> std::result::Result<FileStat, E>,
+    ) -> std::result::Result<FileStat, E> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let begun = self.begun.load(SeqCst);
+        // All windows begun before are closed, and none began during the stat.
+        let quiet = self.ended.load(SeqCst) == begun;
+        let fs = stat()?;
+        if fs.st_mode & libc::S_IFMT != libc::S_IFDIR || (quiet && self.begun.load(SeqCst) == begun)
+        {
+            return Ok(fs);
+        }
+        let _closed = self.lock.lock();
+        stat()
     }
 }
 
@@ -303,8 +360,9 @@ pub struct Union {
     /// session is up.
     kernel_forget: std::sync::OnceLock<KernelForget>,
     /// Held from reading an upper directory's times to restoring them around a rename into
-    /// it (copy-up, commit), and while a deferred rename sets them: neither undoes the other.
-    pub(crate) dir_times: parking_lot::Mutex<()>,
+    /// it (copy-up, commit), and while a deferred rename sets them: neither undoes the other,
+    /// and a stat of a directory never reports the times in between ([`DirTimes::steady`]).
+    pub(crate) dir_times: DirTimes,
     /// Testing aid: background commits wait this long first.
     pub(crate) commit_delay: std::time::Duration,
     /// Testing aid: background commits wait this long inside their directory-times window.
@@ -438,7 +496,7 @@ impl Union {
             reflink: std::sync::atomic::AtomicBool::new(true),
             sync_commit: opts.sync_commit,
             kernel_forget: std::sync::OnceLock::new(),
-            dir_times: parking_lot::Mutex::new(()),
+            dir_times: DirTimes::default(),
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             commit_window: std::time::Duration::from_millis(opts.commit_window_ms),
             pid: std::process::id(),
@@ -635,6 +693,11 @@ impl Union {
         // An unlinked but open file is reached through one of its handles.
         let fs = match unlinked.then(|| self.upper_handle_of(ino, fh)).flatten() {
             Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
+            None if top == LayerRef::Upper && node.is_dir() => self.dir_times.steady(|| {
+                self.read_in(&node, top, |dir, name| {
+                    layer::stat_at(dir, name).ctx("stat")
+                })
+            })?,
             None => self.read_in(&node, top, |dir, name| {
                 layer::stat_at(dir, name).ctx("stat")
             })?,

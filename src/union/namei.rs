@@ -64,7 +64,7 @@ impl Union {
                 Err(e) => return Err(Error::new(e, "open upper dir")),
             };
             if let Some(dir) = dir {
-                match layer::stat_at(dir.as_fd(), name) {
+                match self.dir_times.steady(|| layer::stat_at(dir.as_fd(), name)) {
                     Ok(st) => {
                         if super::ondisk::is_whiteout_stat(&st) {
                             return Ok(None);
