@@ -320,3 +320,75 @@ fn read_while_changing(m: &Mount, cached: bool) {
         );
     }
 }
+
+/// Every file under `dir`, listing each directory once (as `find` does).
+fn walk(dir: &Path, files: &mut usize) {
+    for e in fs::read_dir(dir).expect("read_dir") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_dir() {
+            walk(&e.path(), files);
+        } else {
+            *files += 1;
+        }
+    }
+}
+
+/// Stats of the mount once read-ahead has settled (its threads run behind the walk).
+fn settled_stats(m: &Mount) -> std::collections::HashMap<String, u64> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = daemon_stats(&m.merged);
+        if s.get("prefetch_pending") == Some(&0) || std::time::Instant::now() > until {
+            // One more look: a job popped but not finished is no longer pending.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            return daemon_stats(&m.merged);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn walk_tree() -> Vec<Entry> {
+    let mut v = Vec::new();
+    for d in ["a", "b", "c"] {
+        for s in ["x", "y"] {
+            for f in 0..3 {
+                v.push(file(&format!("top/{d}/{s}/f{f}"), "1"));
+            }
+        }
+    }
+    v
+}
+
+/// A tree walk has the subdirectories of each directory it lists read ahead, each once (the
+/// walk's root's when its first subdirectory is listed); a single listing has none.
+#[test]
+fn a_tree_walk_reads_subdirectories_ahead_and_a_single_listing_does_not() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(walk_tree(), &[]);
+        assert_eq!(fs::read_dir(m.path("top")).expect("ls").count(), 3);
+        let s = settled_stats(&m);
+        assert_eq!(s.get("prefetch_dirs"), Some(&0), "{s:?}");
+        let mut files = 0;
+        walk(&m.path("top"), &mut files);
+        assert_eq!(files, 18);
+        // top's a, b, c and each one's x and y.
+        let s = settled_stats(&m);
+        assert_eq!(s.get("prefetch_dirs"), Some(&9), "{s:?}");
+        assert!(s.get("prefetch_entries").is_some_and(|&n| n >= 9), "{s:?}");
+        assert_eq!(s.get("prefetch_dropped"), Some(&0), "{s:?}");
+        m.unmount().expect("unmount");
+    })
+}
+
+#[test]
+fn no_read_ahead_with_prefetch_off() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(walk_tree(), &["-o", "prefetch=off"]);
+        let mut files = 0;
+        walk(&m.path("top"), &mut files);
+        assert_eq!(files, 18);
+        let s = settled_stats(&m);
+        assert_eq!(s.get("prefetch_dirs"), Some(&0), "{s:?}");
+        m.unmount().expect("unmount");
+    })
+}

@@ -150,6 +150,9 @@ struct MountArgs {
     /// (names only: faster `find`, slower `ls -l`).
     #[arg(long, value_name = "auto|on|off")]
     readdirplus: Option<String>,
+    /// Directory read-ahead for tree walks (find, ls -R, du, tar): on (default) or off.
+    #[arg(long, value_name = "on|off")]
+    prefetch: Option<String>,
     /// FUSE requests through io_uring, served on the caller's CPU: auto (default: where the
     /// kernel offers it, i.e. after `echo Y > /sys/module/fuse/parameters/enable_uring`, and
     /// the daemon runs as root), on (wherever offered) or off.
@@ -397,6 +400,11 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             }
             if let Some(r) = &m.readdirplus
                 && let Err(e) = options::apply_opts(&mut spec, &format!("readdirplus={r}"))
+            {
+                return fail(e);
+            }
+            if let Some(p) = &m.prefetch
+                && let Err(e) = options::apply_opts(&mut spec, &format!("prefetch={p}"))
             {
                 return fail(e);
             }

@@ -70,6 +70,8 @@ pub struct MountSpec {
     pub writeback_cache: Option<bool>,
     /// `readdirplus=auto|on|off`: directory listings with attributes.
     pub readdirplus: crate::fuse::Readdirplus,
+    /// `prefetch=off` / `noprefetch`: no directory read-ahead for tree walks.
+    pub no_prefetch: bool,
     /// `uring=auto|on|off`: requests through io_uring.
     pub uring: crate::fuse::Uring,
     /// Testing aid `uring_test_fail`: the ring's setup fails after INIT offered it.
@@ -271,6 +273,14 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 }
             }
             "noreaddirplus" => spec.readdirplus = crate::fuse::Readdirplus::Off,
+            "prefetch" => {
+                spec.no_prefetch = match v.unwrap_or("on") {
+                    "on" => false,
+                    "off" => true,
+                    other => return Err(format!("prefetch: {other} is not on or off")),
+                };
+            }
+            "noprefetch" => spec.no_prefetch = true,
             "uring" => {
                 spec.uring = match v.unwrap_or("on") {
                     "auto" => crate::fuse::Uring::Auto,

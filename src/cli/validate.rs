@@ -271,6 +271,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         passthrough: !spec.no_passthrough && privileged,
         // Auto: where passthrough is impossible (the kernel excludes the two).
         writeback_cache: spec.writeback_cache.unwrap_or(!privileged),
+        prefetch: !spec.no_prefetch,
     };
     Ok(Checked {
         opts,

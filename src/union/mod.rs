@@ -12,6 +12,7 @@ pub mod idmap;
 pub mod inode;
 pub mod namei;
 pub mod ondisk;
+pub mod prefetch;
 pub mod readdir;
 pub mod reaper;
 pub mod xattr;
@@ -191,6 +192,8 @@ pub struct Options {
     pub passthrough: bool,
     /// Ask for the kernel's FUSE write-back cache (never kept with a quota).
     pub writeback_cache: bool,
+    /// Read directories ahead of a tree walk (`prefetch.rs`).
+    pub prefetch: bool,
 }
 
 /// The identity of a caller, for ownership of new objects and the set-gid rule of ACLs.
@@ -375,6 +378,8 @@ pub struct Union {
     pub(crate) commits: commit::Commits,
     /// Removed files released by the filesystem in the background (`reaper.rs`).
     pub(crate) reaper: Arc<reaper::Reaper>,
+    /// Directory read-ahead for tree walks (`prefetch.rs`).
+    pub(crate) prefetch: Arc<prefetch::Prefetcher>,
     /// Name in the work dir of the whiteout that new whiteouts are hard links of (as kernel
     /// overlayfs shares one whiteout inode), once one was made.
     pub(crate) shared_whiteout: parking_lot::Mutex<Option<OsString>>,
@@ -504,6 +509,7 @@ impl Union {
             reaper: Arc::new(reaper::Reaper::new(std::time::Duration::from_millis(
                 opts.release_delay_ms,
             ))),
+            prefetch: Arc::new(prefetch::Prefetcher::new(opts.prefetch)),
             shared_whiteout: parking_lot::Mutex::new(None),
             dir_locks: (0..DIR_LOCKS)
                 .map(|_| parking_lot::RwLock::new(()))
@@ -923,6 +929,19 @@ impl Union {
         )
     }
 
+    /// Directories and entries read ahead for walks, directories dropped (queue full), and
+    /// directories waiting now.
+    pub fn prefetch_stats(&self) -> (u64, u64, u64, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = &self.prefetch;
+        (
+            p.dirs.load(Relaxed),
+            p.entries.load(Relaxed),
+            p.dropped.load(Relaxed),
+            p.pending(),
+        )
+    }
+
     /// The page cache, if the mount has one.
     pub fn cache(&self) -> Option<&Arc<crate::cache::PageCache>> {
         self.cache.as_ref()
@@ -950,6 +969,7 @@ impl Union {
         }
         self.commits.drain();
         self.reaper.stop();
+        self.prefetch.stop();
         // The shared whiteout's name in the work dir (its links in upper stay whiteouts).
         if let (Some(name), Ok(work)) = (self.shared_whiteout.lock().take(), self.work_fd()) {
             let freed = copy_up::remove_tmp(work, &name, false);

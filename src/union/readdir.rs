@@ -223,7 +223,41 @@ impl Union {
             kept.push((generation, fresh.clone()));
         }
         self.keep_listing(ino, generation, fresh.len());
+        if offset == 0 {
+            self.note_listing(&node, &fresh);
+        }
         Ok((fresh, index, generation))
+    }
+
+    /// A fresh listing of `node`: in a tree walk, queue its subdirectories, and its parent's,
+    /// for read-ahead (`prefetch.rs`).
+    fn note_listing(&self, node: &Arc<Node>, list: &Arc<Vec<DirEntry>>) {
+        if !self.prefetch.enabled() {
+            return;
+        }
+        let parent = node.st.lock().parent;
+        for d in self.prefetch.listed(node.ino, parent) {
+            let (dnode, entries) = if d == node.ino {
+                (node.clone(), list.clone())
+            } else {
+                let Some(p) = self.nodes.get(d) else { continue };
+                let Some(l) = p.listings.lock().last().map(|(_, l)| l.clone()) else {
+                    continue;
+                };
+                (p, l)
+            };
+            let layers = dnode.state().dir_layers();
+            let fds: Vec<Arc<std::os::fd::OwnedFd>> = layers
+                .into_iter()
+                .filter_map(|r| self.dir_fd(&dnode, r).ok())
+                .collect();
+            // Last in, first read (`prefetch.rs`): the first subdirectory goes in last.
+            for e in entries.iter().rev().filter(|e| e.kind == libc::S_IFDIR) {
+                if e.name != "." && e.name != ".." {
+                    self.prefetch.queue(fds.clone(), e.name.clone());
+                }
+            }
+        }
     }
 
     /// Count a listing kept for node `ino` against the budget of all nodes, dropping the
