@@ -563,7 +563,7 @@ impl Union {
         if let Some(m) = c.moving.get() {
             dirs.push(m.newparent);
         }
-        let _committing = self.dir_committing(&dirs);
+        let committing = self.dir_committing(&dirs);
         let _times = self.dir_times.lock();
         let pstat = nix::sys::stat::fstat(dst)?;
         if !self.commit_window.is_zero() {
@@ -585,14 +585,18 @@ impl Union {
             std::thread::sleep(self.commit_window);
         }
         // The copy-up is no change the user could see (for a rename: the directory's times
-        // are the rename's already, set when it was answered).
-        restore_mtime(dst, &pstat);
+        // are the rename's already, set when it was answered). Unless an operation changed
+        // the directory meanwhile (only possible where the guard timed out): its change of
+        // the times stays.
+        if committing.quiet() {
+            restore_mtime(dst, &pstat);
+        }
         let Some(m) = c.moving.get() else {
             return Ok(true);
         };
         // A deferred rename: the copy is in upper at its old name (the old view, should we
         // crash now); move it, leaving a whiteout (the new view, in one step).
-        if let Err(e) = self.commit_move(c, m) {
+        if let Err(e) = self.commit_move(c, m, &committing) {
             log::error!(
                 "rename of {:?} to {:?} could not be completed ({e}): the file stays under \
                  its old name",
@@ -617,7 +621,12 @@ impl Union {
 
     /// The move of a deferred rename (with `dir_times` held): both directories keep the
     /// times the rename set when it was answered, as with a rename done at once.
-    fn commit_move(&self, c: &Commit, m: &Move) -> std::result::Result<(), Errno> {
+    fn commit_move(
+        &self,
+        c: &Commit,
+        m: &Move,
+        committing: &super::DirCommitting<'_>,
+    ) -> std::result::Result<(), Errno> {
         let (src, dst) = (c.dst_dir.as_fd(), m.new_dir.as_fd());
         let (sstat, dstat) = (nix::sys::stat::fstat(src)?, nix::sys::stat::fstat(dst)?);
         self.dir_op(&[dst], false, || {
@@ -648,8 +657,10 @@ impl Union {
             r.map_err(|e| super::Error::new(e, "rename"))
         })
         .map_err(|e| e.errno)?;
-        restore_mtime(src, &sstat);
-        restore_mtime(dst, &dstat);
+        if committing.quiet() {
+            restore_mtime(src, &sstat);
+            restore_mtime(dst, &dstat);
+        }
         if m.whiteout {
             self.account(0, 1);
         }

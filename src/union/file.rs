@@ -1255,4 +1255,25 @@ mod tests {
         f.u.release(o.fh);
         f.u.release(o2.fh);
     }
+
+    /// A commit that could not take a directory's guard (an operation held it past the
+    /// timeout) must not put the directory's times back over that operation's change.
+    #[test]
+    fn a_commit_without_the_guard_keeps_times_only_when_nothing_changed_meanwhile() {
+        let f = fixture(true, false);
+        {
+            let c = f.u.dir_committing(&[ROOT_INO]);
+            assert!(c.quiet(), "nothing else ran");
+        }
+        let op = f.u.dir_changing(&[ROOT_INO]);
+        // Same stripe held for reading (here by this thread): times out after 100 ms.
+        let t = std::time::Instant::now();
+        let c = f.u.dir_committing(&[ROOT_INO]);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(90));
+        assert!(!c.quiet(), "an operation was in progress");
+        drop(c);
+        drop(op);
+        let c = f.u.dir_committing(&[ROOT_INO, ROOT_INO + 64]);
+        assert!(c.quiet(), "the operation ended before this commit began");
+    }
 }

@@ -386,7 +386,52 @@ pub struct Union {
     /// Cleared when upper's filesystem refuses to link a whiteout (each gets its own inode).
     pub(crate) whiteout_sharing: std::sync::atomic::AtomicBool,
     /// Directory times guards, striped by directory node (see [`Union::dir_changing`]).
-    dir_locks: Box<[parking_lot::RwLock<()>]>,
+    dir_locks: Box<[DirStripe]>,
+}
+
+/// One stripe of the directory times guards: the lock, and how many operations under it
+/// started and ended (a commit that went on without the lock tells from them whether an
+/// operation changed the directory meanwhile).
+#[derive(Debug, Default)]
+pub(crate) struct DirStripe {
+    lock: parking_lot::RwLock<()>,
+    started: std::sync::atomic::AtomicU64,
+    ended: std::sync::atomic::AtomicU64,
+}
+
+/// An operation's hold on one stripe ([`Union::dir_changing`]).
+pub(crate) struct DirChanging<'a> {
+    stripe: &'a DirStripe,
+    _guard: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
+impl Drop for DirChanging<'_> {
+    fn drop(&mut self) {
+        self.stripe
+            .ended
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A commit's hold on its directories' stripes ([`Union::dir_committing`]).
+pub(crate) struct DirCommitting<'a> {
+    _guards: Vec<parking_lot::RwLockWriteGuard<'a, ()>>,
+    /// (stripe, operations started) when taken, for those where none was in progress.
+    seen: Vec<(&'a DirStripe, u64)>,
+    /// Some stripe had an operation in progress when taken (the lock timed out).
+    busy: bool,
+}
+
+impl DirCommitting<'_> {
+    /// No operation changed the directories since this was taken (always so where the lock
+    /// was obtained): the commit may put their times back.
+    pub(crate) fn quiet(&self) -> bool {
+        !self.busy
+            && self
+                .seen
+                .iter()
+                .all(|(s, n)| s.started.load(std::sync::atomic::Ordering::SeqCst) == *n)
+    }
 }
 
 /// Stripes of [`Union::dir_changing`].
@@ -511,9 +556,7 @@ impl Union {
             ))),
             prefetch: Arc::new(prefetch::Prefetcher::new(opts.prefetch)),
             shared_whiteout: parking_lot::Mutex::new(None),
-            dir_locks: (0..DIR_LOCKS)
-                .map(|_| parking_lot::RwLock::new(()))
-                .collect(),
+            dir_locks: (0..DIR_LOCKS).map(|_| DirStripe::default()).collect(),
             whiteout_sharing: std::sync::atomic::AtomicBool::new(true),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
@@ -877,31 +920,52 @@ impl Union {
     /// in between (the kernel holds the directory's lock around its own copy-up the same way).
     /// Taken after any wait for a commit, never around one. Recursive: a nested operation in
     /// the same thread (a copy-up inside a rename) cannot deadlock behind a waiting commit.
-    pub(crate) fn dir_changing(&self, dirs: &[u64]) -> Vec<parking_lot::RwLockReadGuard<'_, ()>> {
+    pub(crate) fn dir_changing(&self, dirs: &[u64]) -> Vec<DirChanging<'_>> {
         self.dir_stripes(dirs)
             .into_iter()
-            .map(|i| self.dir_locks[i].read_recursive())
+            .map(|i| {
+                let stripe = &self.dir_locks[i];
+                let guard = stripe.lock.read_recursive();
+                stripe
+                    .started
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                DirChanging {
+                    stripe,
+                    _guard: guard,
+                }
+            })
             .collect()
     }
 
     /// Held by a background commit from reading the times of directories `dirs` to restoring
     /// them (see [`Union::dir_changing`]). Waits at most 100 ms for each (operations hold it
     /// for a few syscalls; a commit made in an operation's own thread, when the committer is
-    /// gone at shutdown, would otherwise wait for itself), then goes on without it.
-    pub(crate) fn dir_committing(
-        &self,
-        dirs: &[u64],
-    ) -> Vec<parking_lot::RwLockWriteGuard<'_, ()>> {
-        self.dir_stripes(dirs)
-            .into_iter()
-            .filter_map(|i| {
-                let g = self.dir_locks[i].try_write_for(std::time::Duration::from_millis(100));
-                if g.is_none() {
-                    log::debug!("commit: directory guard busy, times may not be kept");
-                }
-                g
-            })
-            .collect()
+    /// gone at shutdown, would otherwise wait for itself), then goes on without it; the times
+    /// are then put back only if no operation changed the directories meanwhile
+    /// ([`DirCommitting::quiet`]).
+    pub(crate) fn dir_committing(&self, dirs: &[u64]) -> DirCommitting<'_> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut c = DirCommitting {
+            _guards: Vec::new(),
+            seen: Vec::new(),
+            busy: false,
+        };
+        for i in self.dir_stripes(dirs) {
+            let stripe = &self.dir_locks[i];
+            match stripe
+                .lock
+                .try_write_for(std::time::Duration::from_millis(100))
+            {
+                Some(g) => c._guards.push(g),
+                None => log::debug!("commit: directory guard busy"),
+            }
+            let started = stripe.started.load(SeqCst);
+            if stripe.ended.load(SeqCst) != started {
+                c.busy = true;
+            }
+            c.seen.push((stripe, started));
+        }
+        c
     }
 
     /// Distinct stripes of `dirs`, in order (one lock order for every taker).
