@@ -899,3 +899,61 @@ fn open_fd_follows_inode_not_path_on_kernel_overlayfs() {
         k.unmount().unwrap();
     });
 }
+
+/// Where SELinux is not enabled, a file without a `security.selinux` label answers its
+/// getxattr with EOPNOTSUPP (so `ls -l`, which caches that per device, stops asking for every
+/// file: one FUSE round trip per file less); a label that is there is answered, other absent
+/// names stay ENODATA, and `selinux_xattr=enodata` keeps ENODATA for the label too.
+#[test]
+fn an_absent_selinux_label_is_unsupported_where_selinux_is_off() {
+    with_timeout(60, || {
+        let selinux = fs::read_to_string("/proc/filesystems")
+            .expect("/proc/filesystems")
+            .lines()
+            .any(|l| l.ends_with("selinuxfs"));
+        let label = "system_u:object_r:test_t:s0";
+        let lower = || {
+            vec![
+                file("plain", "p"),
+                file("labelled", "l"),
+                xattr("labelled", "security.selinux", label),
+            ]
+        };
+        let m = Mount::with_args(lower(), &[]);
+        let absent = if selinux {
+            libc::ENODATA
+        } else {
+            libc::EOPNOTSUPP
+        };
+        assert_eq!(lgetxattr(&m.path("plain"), "security.selinux"), Err(absent));
+        assert_eq!(
+            lgetxattr(&m.path("labelled"), "security.selinux"),
+            Ok(label.as_bytes().to_vec())
+        );
+        assert_eq!(lgetxattr(&m.path("plain"), "user.none"), Err(libc::ENODATA));
+        assert_eq!(
+            lgetxattr(&m.path("plain"), "security.capability"),
+            Err(libc::ENODATA)
+        );
+        // ls -l still lists both (and stops asking after the first EOPNOTSUPP).
+        let out = Command::new("ls")
+            .arg("-l")
+            .arg(&m.merged)
+            .output()
+            .expect("ls");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("plain") && text.contains("labelled"),
+            "{text}"
+        );
+        m.unmount().expect("unmount");
+
+        let m = Mount::with_args(lower(), &["-o", "selinux_xattr=enodata"]);
+        assert_eq!(
+            lgetxattr(&m.path("plain"), "security.selinux"),
+            Err(libc::ENODATA)
+        );
+        m.unmount().expect("unmount");
+    })
+}

@@ -72,6 +72,8 @@ pub struct MountSpec {
     pub readdirplus: crate::fuse::Readdirplus,
     /// `prefetch=off` / `noprefetch`: no directory read-ahead for tree walks.
     pub no_prefetch: bool,
+    /// `selinux_xattr=enodata`: an absent `security.selinux` is ENODATA even without SELinux.
+    pub selinux_enodata: bool,
     /// `uring=auto|on|off`: requests through io_uring.
     pub uring: crate::fuse::Uring,
     /// Testing aid `uring_test_fail`: the ring's setup fails after INIT offered it.
@@ -281,6 +283,13 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 };
             }
             "noprefetch" => spec.no_prefetch = true,
+            "selinux_xattr" => {
+                spec.selinux_enodata = match need(v)?.as_str() {
+                    "auto" => false,
+                    "enodata" => true,
+                    other => return Err(format!("selinux_xattr: {other} is not auto or enodata")),
+                };
+            }
             "uring" => {
                 spec.uring = match v.unwrap_or("on") {
                     "auto" => crate::fuse::Uring::Auto,

@@ -272,6 +272,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         // Auto: where passthrough is impossible (the kernel excludes the two).
         writeback_cache: spec.writeback_cache.unwrap_or(!privileged),
         prefetch: !spec.no_prefetch,
+        selinux_enodata: spec.selinux_enodata,
     };
     Ok(Checked {
         opts,

@@ -194,6 +194,9 @@ pub struct Options {
     pub writeback_cache: bool,
     /// Read directories ahead of a tree walk (`prefetch.rs`).
     pub prefetch: bool,
+    /// getxattr of an absent `security.selinux` answers ENODATA even where SELinux is not
+    /// enabled (by default it then answers EOPNOTSUPP, see [`Union::getxattr`]).
+    pub selinux_enodata: bool,
 }
 
 /// The identity of a caller, for ownership of new objects and the set-gid rule of ACLs.
@@ -380,6 +383,8 @@ pub struct Union {
     pub(crate) reaper: Arc<reaper::Reaper>,
     /// Directory read-ahead for tree walks (`prefetch.rs`).
     pub(crate) prefetch: Arc<prefetch::Prefetcher>,
+    /// An absent `security.selinux` is answered EOPNOTSUPP ([`Union::getxattr`]).
+    pub(crate) selinux_unsupported: bool,
     /// Name in the work dir of the whiteout that new whiteouts are hard links of (as kernel
     /// overlayfs shares one whiteout inode), once one was made.
     pub(crate) shared_whiteout: parking_lot::Mutex<Option<OsString>>,
@@ -555,6 +560,7 @@ impl Union {
                 opts.release_delay_ms,
             ))),
             prefetch: Arc::new(prefetch::Prefetcher::new(opts.prefetch)),
+            selinux_unsupported: !opts.selinux_enodata && !xattr::selinux_enabled(),
             shared_whiteout: parking_lot::Mutex::new(None),
             dir_locks: (0..DIR_LOCKS).map(|_| DirStripe::default()).collect(),
             whiteout_sharing: std::sync::atomic::AtomicBool::new(true),

@@ -16,6 +16,20 @@ use super::{Caller, Ctx, Error, LayerRef, Node, Result, Union, acl};
 
 use crate::layer::sys;
 
+/// The SELinux label's xattr name.
+const SELINUX: &str = "security.selinux";
+
+/// Is SELinux enabled on this host (its filesystem is registered only then)?
+pub(crate) fn selinux_enabled() -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split_whitespace().last() == Some("selinuxfs"))
+        })
+        // Unknown: keep the exact answer.
+        .unwrap_or(true)
+}
+
 impl Union {
     /// The node's xattrs in its top layer, from the node's cache (loaded on first use: `ls -l`
     /// asks two or three absent xattrs per file, the kernel one per write).
@@ -54,11 +68,16 @@ impl Union {
         let lname = self.names.to_layer(xname);
         let node = self.node(ino)?;
         let all = self.xattrs_of(&node)?;
-        let v = all
-            .iter()
-            .find(|(n, _)| *n == lname)
-            .map(|(_, v)| v)
-            .ok_or(Error::new(Errno::ENODATA, "getxattr"))?;
+        let Some(v) = all.iter().find(|(n, _)| *n == lname).map(|(_, v)| v) else {
+            if self.selinux_unsupported && xname == SELINUX {
+                // No SELinux here: no label means nothing to the kernel. EOPNOTSUPP makes
+                // `ls -l` (coreutils' getfilecon cache) stop asking for every file on this
+                // mount: one FUSE round trip per file less (the kernel caches no xattrs for
+                // FUSE). A label that is there is still answered.
+                return Err(Error::new(Errno::EOPNOTSUPP, "getxattr: no SELinux label"));
+            }
+            return Err(Error::new(Errno::ENODATA, "getxattr"));
+        };
         if acl::is_acl_name(lname.as_bytes()) {
             // Its users and groups as the mount shows owners.
             return acl::to_view(v, &self.uid_map, &self.gid_map)
