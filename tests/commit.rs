@@ -439,6 +439,17 @@ fn a_stat_during_a_commit_shows_the_directory_times_it_keeps() {
         // and 300 ms after it before restoring a's times.
         append(&m.path("a/x"), b" and more");
         let until = std::time::Instant::now() + Duration::from_millis(900);
+        // Upper's own a, watched behind the mount: it has the commit's transient times between
+        // the rename and the restore (a stat through the mount then waits for the restore).
+        let upper_a = m.dirs.upper.join("a");
+        let watcher = std::thread::spawn(move || {
+            let mut seen = false;
+            while std::time::Instant::now() < until {
+                seen |= fs::metadata(&upper_a).is_ok_and(|md| md.mtime() != old);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seen
+        });
         let mut stats = 0;
         while std::time::Instant::now() < until {
             let now = daemon_mtime(&m.path("a"));
@@ -449,6 +460,10 @@ fn a_stat_during_a_commit_shows_the_directory_times_it_keeps() {
             stats += 1;
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert!(
+            watcher.join().expect("watcher"),
+            "the commit's window never showed on disk: the test did not meet it"
+        );
         sync_mount(&m);
         assert_eq!(daemon_mtime(&m.path("a")), old);
         let s = daemon_stats(&m.merged);

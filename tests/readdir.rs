@@ -333,15 +333,15 @@ fn walk(dir: &Path, files: &mut usize) {
     }
 }
 
-/// Stats of the mount once read-ahead has settled (its threads run behind the walk).
+/// Stats of the mount once every directory queued for read-ahead was read (its threads run
+/// behind the walk; queueing happens in the listing request itself).
 fn settled_stats(m: &Mount) -> std::collections::HashMap<String, u64> {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let s = daemon_stats(&m.merged);
-        if s.get("prefetch_pending") == Some(&0) || std::time::Instant::now() > until {
-            // One more look: a job popped but not finished is no longer pending.
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            return daemon_stats(&m.merged);
+        let done = s.get("prefetch_dirs") == s.get("prefetch_queued");
+        if done || std::time::Instant::now() > until {
+            return s;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -367,12 +367,13 @@ fn a_tree_walk_reads_subdirectories_ahead_and_a_single_listing_does_not() {
         let m = Mount::with_args(walk_tree(), &[]);
         assert_eq!(fs::read_dir(m.path("top")).expect("ls").count(), 3);
         let s = settled_stats(&m);
-        assert_eq!(s.get("prefetch_dirs"), Some(&0), "{s:?}");
+        assert_eq!(s.get("prefetch_queued"), Some(&0), "{s:?}");
         let mut files = 0;
         walk(&m.path("top"), &mut files);
         assert_eq!(files, 18);
-        // top's a, b, c and each one's x and y.
+        // top's a, b, c and each one's x and y, each queued once and read.
         let s = settled_stats(&m);
+        assert_eq!(s.get("prefetch_queued"), Some(&9), "{s:?}");
         assert_eq!(s.get("prefetch_dirs"), Some(&9), "{s:?}");
         assert!(s.get("prefetch_entries").is_some_and(|&n| n >= 9), "{s:?}");
         assert_eq!(s.get("prefetch_dropped"), Some(&0), "{s:?}");
@@ -388,6 +389,7 @@ fn no_read_ahead_with_prefetch_off() {
         walk(&m.path("top"), &mut files);
         assert_eq!(files, 18);
         let s = settled_stats(&m);
+        assert_eq!(s.get("prefetch_queued"), Some(&0), "{s:?}");
         assert_eq!(s.get("prefetch_dirs"), Some(&0), "{s:?}");
         m.unmount().expect("unmount");
     })

@@ -1032,7 +1032,9 @@ impl Union {
                 c.times_set(node.ino);
             }
         }
-        let fs = layer::stat_at(dir.as_fd(), &name).ctx("stat")?;
+        let fs = self
+            .dir_times
+            .steady(|| layer::stat_at(dir.as_fd(), &name).ctx("stat"))?;
         Ok(self.attr_for(&node, &st, &fs))
     }
 }

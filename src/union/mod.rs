@@ -999,12 +999,13 @@ impl Union {
         )
     }
 
-    /// Directories and entries read ahead for walks, directories dropped (queue full), and
-    /// directories waiting now.
-    pub fn prefetch_stats(&self) -> (u64, u64, u64, usize) {
+    /// Directories queued and read ahead for walks, entries stat'd, directories dropped (queue
+    /// full), and directories waiting now.
+    pub fn prefetch_stats(&self) -> (u64, u64, u64, u64, usize) {
         use std::sync::atomic::Ordering::Relaxed;
         let p = &self.prefetch;
         (
+            p.queued.load(Relaxed),
             p.dirs.load(Relaxed),
             p.entries.load(Relaxed),
             p.dropped.load(Relaxed),

@@ -64,6 +64,8 @@ pub struct Prefetcher {
     q: Mutex<Queue>,
     cv: Condvar,
     recent: Mutex<lru::LruCache<u64, (Instant, Option<Instant>)>>,
+    /// Directories queued for read-ahead since the mount.
+    pub queued: AtomicU64,
     /// Directories read ahead since the mount.
     pub dirs: AtomicU64,
     /// Entries stat'd ahead since the mount.
@@ -92,6 +94,7 @@ impl Prefetcher {
             recent: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(REMEMBERED).expect("nonzero"),
             )),
+            queued: AtomicU64::new(0),
             dirs: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -150,6 +153,7 @@ impl Prefetcher {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         q.jobs.push_back(Job { parents, name });
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if q.threads < WORKERS && q.threads < q.jobs.len() {
             let me = Arc::downgrade(self);
             if std::thread::Builder::new()
@@ -217,19 +221,33 @@ fn read_ahead(job: &Job) -> (usize, usize) {
     use nix::fcntl::OFlag;
     let (mut dirs, mut n) = (0, 0);
     for parent in &job.parents {
-        let Ok(mut d) = nix::dir::Dir::openat(
-            parent.as_fd(),
-            job.name.as_os_str(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        ) else {
+        let open = |noatime| {
+            nix::dir::Dir::openat(
+                parent.as_fd(),
+                job.name.as_os_str(),
+                OFlag::O_RDONLY
+                    | OFlag::O_DIRECTORY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC
+                    | noatime,
+                nix::sys::stat::Mode::empty(),
+            )
+        };
+        // No atime update for a directory the user may never list (O_NOATIME needs to own
+        // it or CAP_FOWNER: else without).
+        let d = match open(OFlag::O_NOATIME) {
+            Err(nix::errno::Errno::EPERM) => open(OFlag::empty()),
+            r => r,
+        };
+        let Ok(mut d) = d else {
             continue;
         };
         dirs += 1;
         let mut groups = std::collections::HashSet::new();
         let names: Vec<OsString> = d
             .iter()
-            .filter_map(|e| e.ok())
+            // An error ends the listing (another read would only fail again).
+            .map_while(|e| e.ok())
             .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
             .take(MAX_ENTRIES)
             .filter(|e| groups.insert(e.ino() >> INODE_GROUP_BITS))
@@ -239,7 +257,7 @@ fn read_ahead(job: &Job) -> (usize, usize) {
             if nix::sys::stat::fstatat(
                 &d,
                 name.as_os_str(),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW | nix::fcntl::AtFlags::AT_NO_AUTOMOUNT,
             )
             .is_ok()
             {
@@ -305,7 +323,15 @@ mod tests {
         for bad in ["..", ".", "", "x/y"] {
             p.queue(vec![open("a")], bad.into());
         }
-        assert_eq!(p.pending(), 0);
+        assert_eq!(p.queued.load(Ordering::Relaxed), 0);
+        // A good name is queued and read by a thread.
+        p.queue(vec![open("a"), open("b")], "sub".into());
+        assert_eq!(p.queued.load(Ordering::Relaxed), 1);
+        let until = Instant::now() + Duration::from_secs(10);
+        while p.dirs.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(p.dirs.load(Ordering::Relaxed), 1);
         p.stop();
         let _ = std::fs::remove_dir_all(&t);
     }
