@@ -249,15 +249,45 @@ impl fmt::Debug for KernelForget {
     }
 }
 
+/// How many of some activity began and ended: tells, without a lock, whether any ran over an
+/// interval ([`Activity::idle`] at its start, [`Activity::none_since`] at its end).
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    begun: std::sync::atomic::AtomicU64,
+    ended: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn begin(&self) {
+        self.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// None in progress: every one begun so far has ended. Then the count begun, for
+    /// [`Activity::none_since`].
+    fn idle(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let begun = self.begun.load(SeqCst);
+        (self.ended.load(SeqCst) == begun).then_some(begun)
+    }
+
+    /// None began since `idle` answered `begun`.
+    fn none_since(&self, begun: u64) -> bool {
+        self.begun.load(std::sync::atomic::Ordering::SeqCst) == begun
+    }
+}
+
 /// The windows in which an upper directory's times are not what the merged view shows: a
 /// rename into it (copy-up, commit) has changed them and they are about to be put back. One
-/// window at a time; `begun`/`ended` count them so a stat can tell, without taking the lock,
-/// that no window overlapped it.
+/// window at a time; counted, so a stat can tell without taking the lock that no window
+/// overlapped it.
 #[derive(Debug, Default)]
 pub(crate) struct DirTimes {
     lock: parking_lot::Mutex<()>,
-    begun: std::sync::atomic::AtomicU64,
-    ended: std::sync::atomic::AtomicU64,
+    windows: Activity,
 }
 
 /// One window of [`DirTimes`], open while this lives.
@@ -268,9 +298,7 @@ pub(crate) struct DirTimesWindow<'a> {
 
 impl Drop for DirTimesWindow<'_> {
     fn drop(&mut self) {
-        self.times
-            .ended
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.times.windows.end();
     }
 }
 
@@ -278,7 +306,7 @@ impl DirTimes {
     /// Open a window (waits for the one open).
     pub(crate) fn lock(&self) -> DirTimesWindow<'_> {
         let g = self.lock.lock();
-        self.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.windows.begin();
         DirTimesWindow {
             times: self,
             _lock: g,
@@ -292,12 +320,11 @@ impl DirTimes {
         &self,
         stat: impl Fn() -> std::result::Result<FileStat, E>,
     ) -> std::result::Result<FileStat, E> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let begun = self.begun.load(SeqCst);
-        // All windows begun before are closed, and none began during the stat.
-        let quiet = self.ended.load(SeqCst) == begun;
+        let idle = self.windows.idle();
         let fs = stat()?;
-        if fs.st_mode & libc::S_IFMT != libc::S_IFDIR || (quiet && self.begun.load(SeqCst) == begun)
+        // All windows begun before are closed, and none began during the stat.
+        if fs.st_mode & libc::S_IFMT != libc::S_IFDIR
+            || idle.is_some_and(|b| self.windows.none_since(b))
         {
             return Ok(fs);
         }
@@ -400,8 +427,7 @@ pub struct Union {
 #[derive(Debug, Default)]
 pub(crate) struct DirStripe {
     lock: parking_lot::RwLock<()>,
-    started: std::sync::atomic::AtomicU64,
-    ended: std::sync::atomic::AtomicU64,
+    ops: Activity,
 }
 
 /// An operation's hold on one stripe ([`Union::dir_changing`]).
@@ -412,9 +438,7 @@ pub(crate) struct DirChanging<'a> {
 
 impl Drop for DirChanging<'_> {
     fn drop(&mut self) {
-        self.stripe
-            .ended
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.stripe.ops.end();
     }
 }
 
@@ -431,11 +455,7 @@ impl DirCommitting<'_> {
     /// No operation changed the directories since this was taken (always so where the lock
     /// was obtained): the commit may put their times back.
     pub(crate) fn quiet(&self) -> bool {
-        !self.busy
-            && self
-                .seen
-                .iter()
-                .all(|(s, n)| s.started.load(std::sync::atomic::Ordering::SeqCst) == *n)
+        !self.busy && self.seen.iter().all(|(s, n)| s.ops.none_since(*n))
     }
 }
 
@@ -932,9 +952,7 @@ impl Union {
             .map(|i| {
                 let stripe = &self.dir_locks[i];
                 let guard = stripe.lock.read_recursive();
-                stripe
-                    .started
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                stripe.ops.begin();
                 DirChanging {
                     stripe,
                     _guard: guard,
@@ -950,7 +968,6 @@ impl Union {
     /// are then put back only if no operation changed the directories meanwhile
     /// ([`DirCommitting::quiet`]).
     pub(crate) fn dir_committing(&self, dirs: &[u64]) -> DirCommitting<'_> {
-        use std::sync::atomic::Ordering::SeqCst;
         let mut c = DirCommitting {
             _guards: Vec::new(),
             seen: Vec::new(),
@@ -965,11 +982,10 @@ impl Union {
                 Some(g) => c._guards.push(g),
                 None => log::debug!("commit: directory guard busy"),
             }
-            let started = stripe.started.load(SeqCst);
-            if stripe.ended.load(SeqCst) != started {
-                c.busy = true;
+            match stripe.ops.idle() {
+                Some(begun) => c.seen.push((stripe, begun)),
+                None => c.busy = true,
             }
-            c.seen.push((stripe, started));
         }
         c
     }
