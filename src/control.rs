@@ -254,9 +254,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             s.push_str(&format!(
                 ",\"deferred_releases\":{rel},\"deferred_releases_pending\":{rel_pending},\"releases_in_request\":{rel_over}"
             ));
-            let (pf_queued, pf_dirs, pf_entries, pf_dropped, pf_pending) = union.prefetch_stats();
+            let (pf_queued, pf_dirs, pf_entries, pf_dropped, pf_skipped, pf_pending) =
+                union.prefetch_stats();
             s.push_str(&format!(
-                ",\"prefetch_queued\":{pf_queued},\"prefetch_dirs\":{pf_dirs},\"prefetch_entries\":{pf_entries},\"prefetch_dropped\":{pf_dropped},\"prefetch_pending\":{pf_pending}"
+                ",\"prefetch_queued\":{pf_queued},\"prefetch_dirs\":{pf_dirs},\"prefetch_entries\":{pf_entries},\"prefetch_dropped\":{pf_dropped},\"prefetch_skipped\":{pf_skipped},\"prefetch_pending\":{pf_pending}"
             ));
             let (deferred, pending, failed) = union.commit_stats();
             s.push_str(&format!(

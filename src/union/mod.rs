@@ -1016,8 +1016,8 @@ impl Union {
     }
 
     /// Directories queued and read ahead for walks, entries stat'd, directories dropped (queue
-    /// full), and directories waiting now.
-    pub fn prefetch_stats(&self) -> (u64, u64, u64, u64, usize) {
+    /// full), directories skipped (layers cached), and directories waiting now.
+    pub fn prefetch_stats(&self) -> (u64, u64, u64, u64, u64, usize) {
         use std::sync::atomic::Ordering::Relaxed;
         let p = &self.prefetch;
         (
@@ -1025,6 +1025,7 @@ impl Union {
             p.dirs.load(Relaxed),
             p.entries.load(Relaxed),
             p.dropped.load(Relaxed),
+            p.skipped.load(Relaxed),
             p.pending(),
         )
     }

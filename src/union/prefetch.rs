@@ -19,6 +19,13 @@
 //! Bounded: [`WORKERS`] threads (started on first use), [`MAX_QUEUED`] directories waiting
 //! (beyond that new ones are dropped: the walker is far behind anyway), [`MAX_ENTRIES`]
 //! entries per directory.
+//!
+//! Only while it reads the disk: where the layers are already cached (a fresh mount over
+//! image layers read a moment ago) the read-ahead finds everything in memory and only takes
+//! CPU from the walk (on 2 CPUs `find` of the benchmark tree: 0.35 s without, 0.37–0.44 s
+//! with). Each job counts the blocks its thread had read from disk (`getrusage`
+//! `ru_inblock`); after [`CACHED_AFTER`] jobs in a row that read none, only one job in
+//! [`PROBE_EVERY`] is run (the others are dropped) until one reads the disk again.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -44,6 +51,60 @@ const REMEMBERED: usize = 4096;
 /// A directory's subdirectories are read ahead again in a walk this long after the last time
 /// (the layer filesystems' caches may have let them go since).
 const AGAIN: Duration = Duration::from_secs(30);
+/// Jobs in a row that found everything cached before the read-ahead holds back.
+pub const CACHED_AFTER: u32 = 16;
+/// While holding back, one job in this many is run to see whether the disk is read again.
+pub const PROBE_EVERY: u32 = 16;
+
+/// Whether jobs are worth running: see the module documentation.
+#[derive(Debug, Default)]
+struct Gate {
+    /// Jobs in a row that read nothing from disk.
+    streak: u32,
+    /// Jobs dropped since the last one run, while holding back.
+    held: u32,
+}
+
+impl Gate {
+    fn holding_back(&self) -> bool {
+        self.streak >= CACHED_AFTER
+    }
+
+    /// Run the next job?
+    fn admit(&mut self) -> bool {
+        if !self.holding_back() {
+            return true;
+        }
+        self.held += 1;
+        if self.held >= PROBE_EVERY {
+            self.held = 0;
+            return true;
+        }
+        false
+    }
+
+    /// A job ran: did its thread read from disk (`None`: unknown, counted as a read)?
+    fn record(&mut self, read_disk: Option<bool>) {
+        if read_disk == Some(false) {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.streak = 0;
+            self.held = 0;
+        }
+    }
+}
+
+/// Blocks the calling thread has read from disk so far (`None` where the kernel keeps no
+/// count: without per-task I/O accounting the read-ahead never holds back).
+fn blocks_read() -> Option<i64> {
+    static COUNTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*COUNTED.get_or_init(|| std::path::Path::new("/proc/self/io").exists()) {
+        return None;
+    }
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+        .ok()
+        .map(|u| u.block_reads())
+}
 
 /// One subdirectory to read ahead: its parent's fd in each layer, and its name.
 struct Job {
@@ -56,6 +117,7 @@ struct Queue {
     jobs: VecDeque<Job>,
     threads: usize,
     stopped: bool,
+    gate: Gate,
 }
 
 /// See the module documentation.
@@ -72,6 +134,8 @@ pub struct Prefetcher {
     pub entries: AtomicU64,
     /// Directories not read ahead because the queue was full.
     pub dropped: AtomicU64,
+    /// Directories not read ahead because the layers were found cached.
+    pub skipped: AtomicU64,
 }
 
 impl std::fmt::Debug for Prefetcher {
@@ -98,6 +162,7 @@ impl Prefetcher {
             dirs: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
         }
     }
 
@@ -192,7 +257,11 @@ fn run(me: std::sync::Weak<Prefetcher>) {
                     return;
                 }
                 if let Some(j) = q.jobs.pop_back() {
-                    break Some(j);
+                    if q.gate.admit() {
+                        break Some(j);
+                    }
+                    p.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 // Idle: end the thread after a while (started again on demand).
                 if p.cv.wait_for(&mut q, Duration::from_secs(10)).timed_out() && q.jobs.is_empty() {
@@ -202,7 +271,10 @@ fn run(me: std::sync::Weak<Prefetcher>) {
             }
         };
         let Some(job) = job else { return };
+        let before = blocks_read();
         let (dirs, n) = read_ahead(&job);
+        let read_disk = before.zip(blocks_read()).map(|(b, a)| a > b);
+        p.q.lock().gate.record(read_disk);
         if dirs > 0 {
             p.dirs.fetch_add(1, Ordering::Relaxed);
             p.entries.fetch_add(n as u64, Ordering::Relaxed);
@@ -291,6 +363,44 @@ mod tests {
         let off = Prefetcher::new(false);
         assert!(off.listed(10, 1).is_empty());
         assert!(off.listed(11, 10).is_empty());
+    }
+
+    #[test]
+    fn holds_back_while_everything_is_cached_and_resumes_on_a_disk_read() {
+        let mut g = Gate::default();
+        for _ in 0..CACHED_AFTER {
+            assert!(g.admit());
+            g.record(Some(false));
+        }
+        // Holding back: one job in PROBE_EVERY runs.
+        let run = (0..PROBE_EVERY * 3).filter(|_| g.admit()).count();
+        assert_eq!(run, 3);
+        // A probe that read the disk: every job runs again.
+        g.record(Some(true));
+        assert!((0..PROBE_EVERY).all(|_| g.admit()));
+        // Unknown counts as a disk read: never holds back.
+        let mut u = Gate::default();
+        for _ in 0..CACHED_AFTER * 2 {
+            assert!(u.admit());
+            u.record(None);
+        }
+        // A cached streak broken by one read starts over.
+        let mut h = Gate::default();
+        for i in 0..CACHED_AFTER * 2 {
+            assert!(h.admit());
+            h.record(Some(i == CACHED_AFTER - 1));
+        }
+        assert!(!h.admit());
+    }
+
+    #[test]
+    fn this_thread_counts_its_disk_reads() {
+        // Where the kernel accounts per-task I/O, the count is there and does not go down.
+        if std::path::Path::new("/proc/self/io").exists() {
+            let a = blocks_read().expect("counted");
+            let b = blocks_read().expect("counted");
+            assert!(b >= a);
+        }
     }
 
     #[test]
