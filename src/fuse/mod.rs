@@ -842,7 +842,7 @@ pub(crate) fn readdirplus_batch(
     offset: u64,
     mut add: impl FnMut(&Attr, u64, &OsStr) -> bool,
 ) -> crate::union::Result<()> {
-    let (entries, start, generation) = u.readdir(ino, offset)?;
+    let (entries, start, generation, made_now) = u.readdir_made(ino, offset)?;
     let mut added = false;
     for (i, e) in entries.iter().enumerate().skip(start) {
         let dot = e.name == "." || e.name == "..";
@@ -856,7 +856,10 @@ pub(crate) fn readdirplus_batch(
                 ..Attr::EMPTY
             }
         } else {
-            match u.lookup(ino, &e.name) {
+            // A listing made in this request names each entry's topmost layer: the lookup
+            // starts there (the kernel holds the directory's lock meanwhile; a kept listing
+            // may be older than a change of the name).
+            match u.lookup_from(ino, &e.name, e.layer.filter(|_| made_now)) {
                 Ok(a) => a,
                 Err(err) if err.errno == nix::errno::Errno::ENOENT => continue, // gone since listed
                 // Never drop an entry silently (the kernel may cache this listing): end the

@@ -29,6 +29,20 @@ impl Union {
     /// Find `name` in directory node `parent` across the layers. `Ok(None)`: not in the
     /// merged view (missing or whited out).
     pub(crate) fn find(&self, parent: &Node, name: &OsStr) -> Result<Option<Found>> {
+        self.find_from(parent, name, None)
+    }
+
+    /// [`Union::find`], starting at layer `from` when known: the topmost layer holding the
+    /// name in a listing of `parent` made while the name could not change (READDIRPLUS: the
+    /// kernel holds the directory's lock for the whole request, so no create, removal or
+    /// rename in it runs meanwhile; lower layers do not change under a mount). The layers
+    /// above hold neither the name nor a whiteout of it, so they are not searched again.
+    pub(crate) fn find_from(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        from: Option<LayerRef>,
+    ) -> Result<Option<Found>> {
         if !parent.is_dir() {
             return Err(Error::new(Errno::ENOTDIR, "lookup in non-directory"));
         }
@@ -50,6 +64,12 @@ impl Union {
             (st.upper, st.lowers.clone())
         };
         let mut found: Option<Found> = None;
+        // Lower layers above `from` to skip (parent's lower list order is top to bottom).
+        let skip = match from {
+            Some(LayerRef::Lower(k)) => p_lowers.iter().position(|&li| li == k).unwrap_or(0),
+            _ => 0,
+        };
+        let p_upper = p_upper && !matches!(from, Some(LayerRef::Lower(_)));
         if p_upper {
             let dir = match self.dir_fd(parent, LayerRef::Upper) {
                 Ok(d) => Some(d),
@@ -91,7 +111,7 @@ impl Union {
                 }
             }
         }
-        for &li in &p_lowers {
+        for &li in &p_lowers[skip..] {
             let dir = match self.dir_fd(parent, LayerRef::Lower(li)) {
                 Ok(d) => d,
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
@@ -202,6 +222,19 @@ impl Union {
         Ok(false)
     }
 
+    /// The node id of what a lookup found.
+    fn node_ino(&self, parent: u64, name: &OsStr, f: &Found) -> u64 {
+        let is_dir = f.stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
+            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
+            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
+            // or setattr, so each name needs its own node to copy up the right one.
+            per_name_ino(parent, name, f.stat.st_ino)
+        } else {
+            self.ino_for(f.top, &f.stat)
+        }
+    }
+
     /// Turn a lookup result into a node (existing or new) under (parent, name).
     pub(crate) fn node_for(
         &self,
@@ -212,14 +245,7 @@ impl Union {
     ) -> (Arc<Node>, Attr) {
         let kind = f.stat.st_mode & libc::S_IFMT;
         let is_dir = kind == libc::S_IFDIR;
-        let ino = if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
-            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
-            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
-            // or setattr, so each name needs its own node to copy up the right one.
-            per_name_ino(parent, name, f.stat.st_ino)
-        } else {
-            self.ino_for(f.top, &f.stat)
-        };
+        let ino = self.node_ino(parent, name, f);
         let fresh = NodeState {
             parent,
             name: name.to_os_string(),
@@ -282,10 +308,27 @@ impl Union {
 
     /// FUSE lookup: find `name` in `parent`, take one kernel reference on the result.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        self.lookup_from(parent, name, None)
+    }
+
+    /// [`Union::lookup`] starting at layer `from` (see [`Union::find_from`]).
+    pub fn lookup_from(&self, parent: u64, name: &OsStr, from: Option<LayerRef>) -> Result<Attr> {
         let p = self.node(parent)?;
-        let f = self
-            .find(&p, name)?
+        let mut f = self
+            .find_from(&p, name, from)?
             .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
+        if from.is_some_and(|l| l != LayerRef::Upper)
+            && self
+                .nodes
+                .get(self.node_ino(parent, name, &f))
+                .is_some_and(|n| n.st.lock().upper)
+        {
+            // Copied up since it was listed (an open for writing takes no lock of the
+            // directory): search from the top after all.
+            f = self
+                .find(&p, name)?
+                .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
+        }
         let (_, attr) = self.node_for(parent, name, &f, 1);
         Ok(attr)
     }
@@ -346,5 +389,73 @@ pub(crate) fn move_name(node: &Node, parent: u64, name: &OsStr, np: u64, nn: &Os
     } else {
         st.parent = np;
         st.name = OsString::from(nn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::union::{Options, ROOT_INO};
+
+    /// A union of two lowers (`d/x` in the bottom one, `d/y` in the top one) and an upper.
+    fn fixture() -> (tempfile::TempDir, Union) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        for d in ["top/d", "bottom/d", "u", "w"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        std::fs::write(root.join("bottom/d/x"), b"lower").expect("write");
+        std::fs::write(root.join("top/d/y"), b"top").expect("write");
+        let u = Union::new(&Options {
+            lowers: vec![root.join("top"), root.join("bottom")],
+            upper: Some(root.join("u")),
+            workdir: Some(root.join("w")),
+            ..Options::default()
+        })
+        .expect("union");
+        (tmp, u)
+    }
+
+    #[test]
+    fn a_lookup_from_the_listed_layer_finds_what_a_full_one_finds() {
+        let (_tmp, u) = fixture();
+        let d = u.lookup(ROOT_INO, OsStr::new("d")).expect("d").ino;
+        for (name, layer, size) in [("x", 1, 5), ("y", 0, 3)] {
+            let full = u.lookup(d, OsStr::new(name)).expect("lookup");
+            let from = u
+                .lookup_from(d, OsStr::new(name), Some(LayerRef::Lower(layer)))
+                .expect("lookup from");
+            assert_eq!((from.ino, from.size), (full.ino, size), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_file_copied_up_after_its_listing_is_found_in_upper() {
+        let (tmp, u) = fixture();
+        let d = u.lookup(ROOT_INO, OsStr::new("d")).expect("d").ino;
+        let x = u.lookup(d, OsStr::new("x")).expect("x");
+        // Copied up (as an open for writing does, which takes no lock of the directory)
+        // and written to, after a listing named the bottom layer as x's.
+        u.copy_up(&u.node(x.ino).expect("node")).expect("copy up");
+        u.commits.wait_node(x.ino);
+        std::fs::write(tmp.path().join("u/d/x"), b"longer now").expect("write upper");
+        let a = u
+            .lookup_from(d, OsStr::new("x"), Some(LayerRef::Lower(1)))
+            .expect("lookup from");
+        assert_eq!(
+            (a.ino, a.size),
+            (x.ino, 10),
+            "the lower file's attributes came back"
+        );
+        assert!(u.node(x.ino).expect("node").st.lock().upper);
+        // And a directory copied up stays in upper.
+        let dn = u.node(d).expect("d node");
+        assert!(dn.st.lock().upper, "d was copied up with x");
+        u.lookup_from(ROOT_INO, OsStr::new("d"), Some(LayerRef::Lower(0)))
+            .expect("lookup d from");
+        assert!(
+            dn.st.lock().upper,
+            "a lookup from a lower layer took d out of upper"
+        );
     }
 }

@@ -23,6 +23,9 @@ pub struct DirEntry {
     pub kind: u32,
     /// Inode number as seen in the layer (merged-view number where cheaply known).
     pub ino: u64,
+    /// The topmost layer holding it when listed (none for `.` and `..`): no layer above it
+    /// has the name or a whiteout of it.
+    pub layer: Option<LayerRef>,
 }
 
 /// Listings a directory node keeps for readers (the least recently used goes first).
@@ -143,6 +146,7 @@ impl Union {
                     name: name.to_os_string(),
                     kind,
                     ino: e.ino(),
+                    layer: Some(r),
                 });
             }
             seen.extend(hides);
@@ -157,11 +161,13 @@ impl Union {
             name: OsString::from("."),
             kind: libc::S_IFDIR,
             ino: node.ino,
+            layer: None,
         });
         v.push(DirEntry {
             name: OsString::from(".."),
             kind: libc::S_IFDIR,
             ino: if parent == 0 { node.ino } else { parent },
+            layer: None,
         });
         v.extend(self.merged_entries(node)?);
         Ok(Arc::new(v))
@@ -182,6 +188,16 @@ impl Union {
     ///
     /// Offsets stay below 2^31 (21 bits of index, 10 of generation) for 32-bit callers.
     pub fn readdir(&self, ino: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, usize, u64)> {
+        self.readdir_made(ino, offset).map(|(l, i, g, _)| (l, i, g))
+    }
+
+    /// [`Union::readdir`], and whether the listing was made in this call (not one kept from
+    /// an earlier call: the directory may have changed since that one).
+    pub fn readdir_made(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<(Arc<Vec<DirEntry>>, usize, u64, bool)> {
         let node = self.node(ino)?;
         if !node.is_dir() {
             return Err(Error::new(Errno::ENOTDIR, "readdir"));
@@ -200,13 +216,13 @@ impl Union {
                 let used = kept.remove(pos);
                 let l = used.1.clone();
                 kept.push(used);
-                return Ok((l, index, generation));
+                return Ok((l, index, generation, false));
             }
         }
         let fresh = self.listing(&node)?;
         if offset != 0 && index >= fresh.len() {
             // An unknown listing's reader at or past the end: nothing to keep for it.
-            return Ok((fresh, index, 0));
+            return Ok((fresh, index, 0, true));
         }
         // Generations wrap: a reused one names another listing only after the node dropped
         // the old one, and reading on in another listing is what an unknown one gets anyway.
@@ -226,7 +242,7 @@ impl Union {
         if offset == 0 {
             self.note_listing(&node, &fresh);
         }
-        Ok((fresh, index, generation))
+        Ok((fresh, index, generation, true))
     }
 
     /// A fresh listing of `node`: in a tree walk, queue its subdirectories, and its parent's,
