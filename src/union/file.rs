@@ -922,9 +922,20 @@ impl Union {
         let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
         let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
-        // chmod rewrites ACL xattrs, chown drops security.capability: reload xattrs next time
-        // — also after the change, so a load that ran meanwhile (a getfacl during the
-        // copy-up) cannot keep the old ACL for the kernel's next permission check.
+        // Only times, of a node already in upper, change no xattr (`tar x` sets a file's
+        // times right after writing it, then asks security.capability for its chown: the
+        // cache loaded at the write stays good).
+        let times_only = a.mode.is_none()
+            && a.uid.is_none()
+            && a.gid.is_none()
+            && a.size.is_none()
+            && node.st.lock().upper;
+        if times_only {
+            return self.setattr_node(&node, a);
+        }
+        // chmod rewrites ACL xattrs, chown and truncate drop security.capability: reload
+        // xattrs next time — also after the change, so a load that ran meanwhile (a getfacl
+        // during the copy-up) cannot keep the old ACL for the kernel's next permission check.
         node.invalidate_xattrs();
         let r = self.setattr_node(&node, a);
         node.invalidate_xattrs();
