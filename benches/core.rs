@@ -70,6 +70,53 @@ fn benches(c: &mut Criterion) {
     c.bench_function("getattr_lower_file", |b| {
         b.iter(|| u.getattr(f.ino, None).expect("getattr"))
     });
+
+    // Open and release one upper file while 0 or 10,000 other handles are open (a daemon of a
+    // database or a build holds many): a release must not cost more with more files open.
+    let mut g = c.benchmark_group("open_release_among_open_handles");
+    // As many descriptors as allowed (the daemon raises its own limit the same way).
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    let many = 10_000.min(hard.saturating_sub(256) as usize);
+    for held in [0usize, many] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let u = build(tmp.path(), 2, 0);
+        // With the page cache, as mounts have by default (a last close settles its pages).
+        let u = {
+            drop(u);
+            Union::new(&Options {
+                lowers: vec![tmp.path().join("l0"), tmp.path().join("l1")],
+                upper: Some(tmp.path().join("upper")),
+                workdir: Some(tmp.path().join("work")),
+                cache: Some(unionfs_rs::cache::CacheConfig::default()),
+                ..Options::default()
+            })
+            .expect("union")
+        };
+        let dir = u.lookup(ROOT_INO, OsStr::new("dir")).expect("lookup dir");
+        let f = u.lookup(dir.ino, OsStr::new("target")).expect("lookup");
+        // Copied up by an open for writing, so its handles are upper ones.
+        let first = u.open(f.ino, libc::O_RDWR).expect("open");
+        let upper = tmp.path().join("upper/dir/target");
+        let handles: Vec<u64> = (0..held)
+            .map(|_| {
+                let fd = fs::File::open(&upper).expect("open upper");
+                u.add_handle(f.ino + 1 + held as u64, fd.into(), false, true)
+            })
+            .collect();
+        g.bench_with_input(BenchmarkId::from_parameter(held), &held, |b, _| {
+            b.iter(|| {
+                let fh = u.open(f.ino, libc::O_RDONLY).expect("open");
+                u.release(fh);
+            })
+        });
+        for h in handles {
+            u.release(h);
+        }
+        u.release(first);
+    }
+    g.finish();
 }
 
 /// The quota's hot path: a 4 KiB append through the union with and without a quota, and the

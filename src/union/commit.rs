@@ -482,8 +482,8 @@ impl Union {
         self.commits.errors.lock().insert(c.ino, e);
         // Handles open on the copy: it is gone, their reads and writes fail from now on (they
         // would reach the caches of the file, which is the lower one again).
-        for f in self.files.iter() {
-            if f.ino == c.ino && f.in_upper {
+        for f in self.handles_on(c.ino) {
+            if f.in_upper {
                 f.lost.store(true, Ordering::Release);
             }
         }

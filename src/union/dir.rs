@@ -46,15 +46,19 @@ impl Union {
         self.copy_up(parent)?;
         let _changing = self.dir_changing(&[parent.ino]);
         let dir = self.dir_fd(parent, LayerRef::Upper).ctx("open upper dir")?;
-        let over_whiteout = match layer::stat_at(dir.as_fd(), name) {
-            Ok(st) if is_whiteout_stat(&st) => true,
+        // Made in place unless the name is taken (every kind of creation refuses an existing
+        // name): then a whiteout there is replaced, anything else is EEXIST.
+        match self.dir_op(&[dir.as_fd()], true, || build(dir.as_fd(), name)) {
+            Ok(f) => return Ok((dir, f, false)),
+            Err(e) if e.errno == Errno::EEXIST => {}
+            Err(e) => return Err(e),
+        }
+        match layer::stat_at(dir.as_fd(), name) {
+            Ok(st) if is_whiteout_stat(&st) => {}
             Ok(_) => return Err(Error::new(Errno::EEXIST, "create: exists in upper")),
-            Err(Errno::ENOENT) => false,
+            // Gone since: no whiteout to replace, and the name was taken a moment ago.
+            Err(Errno::ENOENT) => return Err(Error::new(Errno::EEXIST, "create: raced")),
             Err(e) => return Err(Error::new(e, "create: stat upper")),
-        };
-        if !over_whiteout {
-            let f = self.dir_op(&[dir.as_fd()], true, || build(dir.as_fd(), name))?;
-            return Ok((dir, f, false));
         }
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
@@ -90,8 +94,15 @@ impl Union {
         }
     }
 
-    /// Give a new object its owner: the caller, with the group of a set-gid parent.
-    fn set_owner(&self, dir: BorrowedFd<'_>, name: &OsStr, who: Caller) -> Result<()> {
+    /// Give a new object its owner: the caller, with the group of a set-gid parent. Returns
+    /// the object's stat after that (`fd`: the object open, stat'd through it).
+    fn set_owner(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        fd: Option<BorrowedFd<'_>>,
+        who: Caller,
+    ) -> Result<FileStat> {
         // The caller's ids are view ids; unmapped ones own nothing on disk: the overflow id.
         let who = Caller {
             uid: self
@@ -110,7 +121,12 @@ impl Union {
         } else {
             who.gid
         };
-        let mut before = layer::stat_at(dir, name).ctx("stat new")?;
+        let stat_new = || match fd {
+            Some(fd) => nix::sys::stat::fstat(fd).ctx("stat new"),
+            None => layer::stat_at(dir, name).ctx("stat new"),
+        };
+        let mut before = stat_new()?;
+        let mut changed = false;
         // A directory under a set-gid one is set-gid too (inode_init_owner); one built in the
         // work dir (over a whiteout) inherited nothing.
         if pst.st_mode & libc::S_ISGID != 0
@@ -119,9 +135,11 @@ impl Union {
         {
             before.st_mode |= libc::S_ISGID;
             layer::sys::chmod_at(dir, name, before.st_mode & 0o7777).ctx("chmod new")?;
+            changed = true;
         }
         if before.st_uid == who.uid && before.st_gid == gid {
-            return Ok(());
+            // As made (its ctime too, unless the chmod above changed it).
+            return if changed { stat_new() } else { Ok(before) };
         }
         nix::unistd::fchownat(
             dir,
@@ -136,7 +154,7 @@ impl Union {
         {
             layer::sys::chmod_at(dir, name, before.st_mode & 0o7777).ctx("chmod new")?;
         }
-        Ok(())
+        stat_new()
     }
 
     /// Create `name` in `parent` (create, mkdir, mknod, symlink). Takes one kernel reference
@@ -228,9 +246,7 @@ impl Union {
         // One inode, and a block for a directory, before the filesystem is asked.
         let res = self.reserve(1, if is_dir { 4096 } else { 0 })?;
         let (dir, fd, over_wh) = self.install(&p, name, is_dir, &build)?;
-        let made = self
-            .set_owner(dir.as_fd(), name, who)
-            .and_then(|()| layer::stat_at(dir.as_fd(), name).ctx("stat new"));
+        let made = self.set_owner(dir.as_fd(), name, fd.as_ref().map(|f| f.as_fd()), who);
         let fs = made.inspect_err(|_| {
             // The object is there although the create failed: the kernel must not keep the
             // negative entry it looked up before.

@@ -255,7 +255,9 @@ impl Union {
         // (our writes go through them) and the next open after this one closes is
         // passthrough again. O_TRUNC drops them anyway.
         let keep_pages = was_lower && k.kernel_pages && !f.contains(OFlag::O_TRUNC);
-        if !keep_pages && let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
+        if !keep_pages
+            && let Some(o) = self.try_direct(&node, &mut k, flags, register, &mut None)?
+        {
             return Ok(o);
         }
         let keep_cache = self.enter_daemon_mode(&node, &mut k);
@@ -280,9 +282,25 @@ impl Union {
     ) -> Result<Opened> {
         let node = self.node(ino)?;
         let mut k = node.kio.lock();
-        if let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
+        // The new file's own fd serves as the backing file when it is opened as one would be
+        // (read-write, no flag that changes how writes go): one open and close less.
+        let f = OFlag::from_bits_truncate(
+            nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0),
+        );
+        let plain = f & OFlag::O_ACCMODE == OFlag::O_RDWR
+            && !f.intersects(OFlag::O_APPEND | OFlag::O_DIRECT | OFlag::O_SYNC | OFlag::O_DSYNC);
+        let (mut reuse, kept) = if plain {
+            (Some(fd), None)
+        } else {
+            (None, Some(fd))
+        };
+        if let Some(o) = self.try_direct(&node, &mut k, flags, register, &mut reuse)? {
             return Ok(o);
         }
+        // Not passthrough: the fd is back (or was never offered).
+        let fd = reuse
+            .or(kept)
+            .ok_or(Error::new(Errno::EIO, "create: the new file's fd was lost"))?;
         let keep_cache = self.enter_daemon_mode(&node, &mut k);
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let fh = self.add_handle_with(ino, fd, (writable, true), flags, false);
@@ -318,12 +336,17 @@ impl Union {
     /// of an inode share one backing file) nor let it go through the daemon while the lower
     /// one is open in passthrough mode. Once a node has passthrough opens, every open of it
     /// is one (the kernel's rule), with the same registered backing file.
+    ///
+    /// `reuse`: an fd of the file (opened read-write, no flag that changes how writes go) to
+    /// register instead of opening the file again; taken when used, and given back if the
+    /// answer is `Ok(None)`.
     fn try_direct(
         &self,
         node: &Node,
         k: &mut KernelIo,
         flags: i32,
         register: Option<RegisterBacking<'_>>,
+        reuse: &mut Option<OwnedFd>,
     ) -> Result<Option<Opened>> {
         let Some(register) = register else {
             return Ok(None);
@@ -354,26 +377,35 @@ impl Union {
                 {
                     return Ok(None);
                 }
-                let (dir, name) = self.open_parent_in(node, st.top())?;
-                let acc = if in_upper {
-                    OFlag::O_RDWR
-                } else {
-                    OFlag::O_RDONLY
-                };
-                let fd = match nix::fcntl::openat(
-                    dir.as_fd(),
-                    name.as_os_str(),
-                    acc | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-                    Mode::empty(),
-                ) {
-                    Ok(fd) => fd,
-                    // An immutable or append-only file: the daemon applies the rules.
-                    Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
-                    Err(e) => return Err(Error::new(e, "open backing file")),
+                let offered = if in_upper { reuse.take() } else { None };
+                let (fd, reused) = match offered {
+                    Some(fd) => (fd, true),
+                    None => {
+                        let (dir, name) = self.open_parent_in(node, st.top())?;
+                        let acc = if in_upper {
+                            OFlag::O_RDWR
+                        } else {
+                            OFlag::O_RDONLY
+                        };
+                        match nix::fcntl::openat(
+                            dir.as_fd(),
+                            name.as_os_str(),
+                            acc | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+                            Mode::empty(),
+                        ) {
+                            Ok(fd) => (fd, false),
+                            // An immutable or append-only file: the daemon applies the rules.
+                            Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
+                            Err(e) => return Err(Error::new(e, "open backing file")),
+                        }
+                    }
                 };
                 match register(fd.as_fd()) {
                     Ok(b) => (b, Arc::new(fd)),
                     Err(e) => {
+                        if reused {
+                            *reuse = Some(fd);
+                        }
                         if self.direct_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
                             log::warn!(
                                 "passthrough: registering a backing file failed ({e}); \
@@ -390,7 +422,7 @@ impl Union {
             nix::unistd::ftruncate(fd.as_fd(), 0).ctx("open: truncate")?;
         }
         let fh = self.fh_seq.fetch_add(1, Ordering::Relaxed);
-        self.files.insert(
+        self.insert_handle(
             fh,
             Arc::new(OpenFile {
                 ino: node.ino,
@@ -461,7 +493,7 @@ impl Union {
             // O_TRUNC through the cache, so pages and size follow.
             let h = self.handle(fh)?;
             if let Err(e) = self.setattr_size(node, &h, 0) {
-                self.files.remove(&fh);
+                self.remove_handle(fh);
                 return Err(e);
             }
         }
@@ -483,7 +515,7 @@ impl Union {
         nocache: bool,
     ) -> u64 {
         let fh = self.fh_seq.fetch_add(1, Ordering::Relaxed);
-        self.files.insert(
+        self.insert_handle(
             fh,
             Arc::new(OpenFile {
                 ino,
@@ -574,10 +606,39 @@ impl Union {
         {
             return Some(f);
         }
-        self.files
-            .iter()
-            .find(|e| e.ino == ino && e.in_upper)
-            .map(|e| e.value().clone())
+        let fhs = self.handles_of.get(&ino)?.clone();
+        fhs.into_iter()
+            .filter_map(|fh| self.files.get(&fh).map(|f| f.clone()))
+            .find(|f| f.in_upper)
+    }
+
+    /// The handles open on node `ino` now.
+    pub(crate) fn handles_on(&self, ino: u64) -> Vec<Arc<OpenFile>> {
+        let Some(fhs) = self.handles_of.get(&ino).map(|v| v.clone()) else {
+            return Vec::new();
+        };
+        fhs.into_iter()
+            .filter_map(|fh| self.files.get(&fh).map(|f| f.clone()))
+            .collect()
+    }
+
+    /// Register handle `fh` (indexed by node too).
+    fn insert_handle(&self, fh: u64, f: Arc<OpenFile>) {
+        // Index first: a lookup through the index skips a handle not in `files` yet.
+        self.handles_of.entry(f.ino).or_default().push(fh);
+        self.files.insert(fh, f);
+    }
+
+    /// Drop handle `fh` from the table and the index.
+    fn remove_handle(&self, fh: u64) -> Option<Arc<OpenFile>> {
+        let (_, f) = self.files.remove(&fh)?;
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.handles_of.entry(f.ino) {
+            e.get_mut().retain(|&h| h != fh);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+        Some(f)
     }
 
     /// setattr of an unlinked file through one of its open handles.
@@ -750,7 +811,7 @@ impl Union {
             (Some(_), Some(n)) => Some(n.io_lock.lock()),
             _ => None,
         };
-        let Some((_, f)) = self.files.remove(&fh) else {
+        let Some(f) = self.remove_handle(fh) else {
             return;
         };
         self.last_close(&f, node.as_deref(), known.as_deref_mut());
@@ -780,7 +841,7 @@ impl Union {
     ) {
         if (self.quota.is_none() && self.cache.is_none())
             || !f.in_upper
-            || self.files.iter().any(|e| e.ino == f.ino && e.in_upper)
+            || self.upper_handle_of(f.ino, None).is_some()
         {
             return;
         }

@@ -347,6 +347,9 @@ pub struct Union {
     pub(crate) xino: bool,
     pub(crate) tmp_seq: AtomicU64,
     pub(crate) files: DashMap<u64, Arc<file::OpenFile>>,
+    /// The handles of `files` by node, so that "is this file open in upper?" (every unlink,
+    /// last close, rename over a file) costs a lookup, not a walk through every open file.
+    pub(crate) handles_of: DashMap<u64, Vec<u64>>,
     /// Generations of directory listings (readdir offsets).
     pub(crate) list_seq: AtomicU64,
     /// Listings kept by directory nodes, oldest first (node, generation, entries), and their
@@ -547,6 +550,7 @@ impl Union {
             xino,
             tmp_seq: AtomicU64::new(0),
             files: crate::new_map(),
+            handles_of: crate::new_map(),
             list_seq: AtomicU64::new(0),
             kept_listings: parking_lot::Mutex::new(Default::default()),
             fh_seq: AtomicU64::new(1),
