@@ -423,3 +423,46 @@ fn no_read_ahead_with_prefetch_off() {
         m.unmount().expect("unmount");
     })
 }
+
+/// Two readers going through two large directories at the same time, batch by batch, whose
+/// listings together exceed what is kept of listings: each reader continues in its listing
+/// (the one in use is kept), not in a listing of the whole directory made again at every
+/// batch (which made such a read quadratic).
+#[test]
+fn two_large_listings_read_side_by_side_are_each_made_once() {
+    with_timeout(TIMEOUT, || {
+        // 2 × 40,000 entries; 64k are kept beyond the ones in use.
+        let mut tree = vec![dir("a"), dir("b")];
+        for d in ["a", "b"] {
+            for i in 0..40_000 {
+                tree.push(file(&format!("{d}/f{i:05}"), ""));
+            }
+        }
+        let m = Mount::with_args(tree, &[]);
+        let made0 = daemon_stats(&m.merged)
+            .get("listings_made")
+            .copied()
+            .expect("listings_made");
+        let (fa, fb) = (open_dir(&m.path("a")), open_dir(&m.path("b")));
+        let (mut na, mut nb) = (0, 0);
+        loop {
+            let a = getdents_once(fa.as_raw_fd(), 4096);
+            let b = getdents_once(fb.as_raw_fd(), 4096);
+            if a.is_empty() && b.is_empty() {
+                break;
+            }
+            na += a.len();
+            nb += b.len();
+        }
+        // Each directory's entries and its "." and "..".
+        assert_eq!((na, nb), (40_002, 40_002));
+        let s = daemon_stats(&m.merged);
+        let made = s.get("listings_made").copied().expect("listings_made") - made0;
+        assert!(
+            made <= 4,
+            "{made} listings made for two directories read once: {s:?}"
+        );
+        drop((fa, fb));
+        m.unmount().expect("unmount");
+    })
+}

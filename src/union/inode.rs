@@ -106,9 +106,9 @@ pub struct Node {
     /// Bumped whenever the node starts naming another directory (or none): an fd opened
     /// under an older generation is not cached.
     pub dirgen: AtomicU64,
-    /// Directories: the last few listings handed to readers, by generation (readdir offsets
-    /// name them: `readdir.rs`).
-    pub listings: Mutex<Vec<(u64, Arc<Vec<super::readdir::DirEntry>>)>>,
+    /// Directories: the generation of the last listing made of it (kept in
+    /// `Union::kept_listings` while it lasts; 0: none).
+    pub last_listing: AtomicU64,
     /// The node's xattrs as stored in its top layer (names and values), loaded on first use.
     /// Every change goes through us (setxattr, removexattr, setattr, writes that drop
     /// security.capability), and each of those drops it.
@@ -161,7 +161,7 @@ impl Node {
             freed: std::sync::atomic::AtomicBool::new(false),
             dirfds: Mutex::new(Vec::new()),
             dirgen: AtomicU64::new(0),
-            listings: Mutex::new(Vec::new()),
+            last_listing: AtomicU64::new(0),
             xattrs: Mutex::new(None),
             xgen: AtomicU64::new(0),
             kio: Mutex::new(KernelIo::default()),
@@ -178,8 +178,7 @@ impl Node {
         let mut c = self.dirfds.lock();
         self.dirgen.fetch_add(1, Ordering::AcqRel);
         c.clear();
-        // Listings of the directory it used to be.
-        self.listings.lock().clear();
+        // (Listings kept of the directory it used to be carry the old `dirgen`: not served.)
     }
 
     /// Forget the cached xattrs.

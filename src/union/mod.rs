@@ -352,6 +352,8 @@ pub struct Union {
     pub(crate) handles_of: DashMap<u64, Vec<u64>>,
     /// Generations of directory listings (readdir offsets).
     pub(crate) list_seq: AtomicU64,
+    /// Directory listings made (each reads the directory in every layer).
+    pub(crate) listings_made: AtomicU64,
     /// Listings kept by directory nodes, oldest first (node, generation, entries), and their
     /// entries in all (the budget: `readdir.rs`).
     pub(crate) kept_listings: parking_lot::Mutex<readdir::KeptListings>,
@@ -552,6 +554,7 @@ impl Union {
             files: crate::new_map(),
             handles_of: crate::new_map(),
             list_seq: AtomicU64::new(0),
+            listings_made: AtomicU64::new(0),
             kept_listings: parking_lot::Mutex::new(Default::default()),
             fh_seq: AtomicU64::new(1),
             quota,

@@ -28,16 +28,38 @@ pub struct DirEntry {
     pub layer: Option<LayerRef>,
 }
 
-/// Listings a directory node keeps for readers (the least recently used goes first).
-const KEPT_LISTINGS: usize = 8;
+/// Listings kept for readers that continue them (`Union::readdir`), least recently used
+/// first: by (node, generation), with the node's directory incarnation (`Node::dirgen`) and
+/// when last used; and their entries in all.
+#[derive(Debug)]
+pub struct KeptListings {
+    lru: lru::LruCache<(u64, u64), KeptListing>,
+    entries: usize,
+}
 
-/// Listings kept by directory nodes, oldest first (node, generation, entries), and their
-/// entries in all.
-pub type KeptListings = (std::collections::VecDeque<(u64, u64, usize)>, usize);
+#[derive(Debug)]
+struct KeptListing {
+    dirgen: u64,
+    list: Arc<Vec<DirEntry>>,
+    used: std::time::Instant,
+}
 
-/// Entries of all kept listings together, at most (~100 bytes each); the oldest listings go
-/// first (`Union::kept_listings`).
+impl Default for KeptListings {
+    fn default() -> Self {
+        KeptListings {
+            lru: lru::LruCache::unbounded(),
+            entries: 0,
+        }
+    }
+}
+
+/// Entries of all kept listings together (~100 bytes each); beyond it the least recently
+/// used listings go, but not one read in the last [`IN_USE`] while all together stay within
+/// four times this (readers going through large directories at the same time must not make
+/// each other's listings be taken again at every batch).
 const KEPT_ENTRIES: usize = 64 * 1024;
+/// A listing read this recently is in use (see [`KEPT_ENTRIES`]).
+const IN_USE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Bits of a readdir offset that hold the index; the generation sits above them. Offsets stay
 /// below 2^31: a 32-bit process's getdents (compat d_off) gets EOVERFLOW for larger ones.
@@ -155,6 +177,8 @@ impl Union {
     }
 
     fn listing(&self, node: &Node) -> Result<Arc<Vec<DirEntry>>> {
+        self.listings_made
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut v = Vec::new();
         let parent = node.st.lock().parent;
         v.push(DirEntry {
@@ -183,8 +207,8 @@ impl Union {
     /// names its listing; one no longer kept (evicted, or a cookie from long ago: seekdir) is
     /// taken afresh and read from the same index. A listing read to the end stays: the
     /// kernel's cached copy of it carries its offsets, and a reader served from that cache
-    /// comes back with them when the cache loses a page. A node keeps its last eight listings
-    /// (least recently used out first), all nodes together at most 64k entries (oldest out).
+    /// comes back with them when the cache loses a page. Listings are kept within a budget of
+    /// entries, least recently used out first, but not those in use ([`KEPT_ENTRIES`]).
     ///
     /// Offsets stay below 2^31 (21 bits of index, 10 of generation) for 32-bit callers.
     pub fn readdir(&self, ino: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, usize, u64)> {
@@ -211,12 +235,20 @@ impl Union {
             )
         };
         if offset != 0 && generation != 0 {
-            let mut kept = node.listings.lock();
-            if let Some(pos) = kept.iter().position(|(g, _)| *g == generation) {
-                let used = kept.remove(pos);
-                let l = used.1.clone();
-                kept.push(used);
-                return Ok((l, index, generation, false));
+            let mut kept = self.kept_listings.lock();
+            let dirgen = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
+            match kept.lru.get_mut(&(ino, generation)) {
+                Some(k) if k.dirgen == dirgen => {
+                    k.used = std::time::Instant::now();
+                    return Ok((k.list.clone(), index, generation, false));
+                }
+                // Of the directory the node named before: not this one's.
+                Some(_) => {
+                    if let Some(old) = kept.lru.pop(&(ino, generation)) {
+                        kept.entries -= old.list.len();
+                    }
+                }
+                None => {}
             }
         }
         let fresh = self.listing(&node)?;
@@ -224,21 +256,14 @@ impl Union {
             // An unknown listing's reader at or past the end: nothing to keep for it.
             return Ok((fresh, index, 0, true));
         }
-        // Generations wrap: a reused one names another listing only after the node dropped
-        // the old one, and reading on in another listing is what an unknown one gets anyway.
+        // Generations wrap: a reused one replaces the node's old listing of that number, and
+        // reading on in another listing is what an unknown one gets anyway.
         let generation = (self
             .list_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % GENERATIONS)
             + 1;
-        {
-            let mut kept = node.listings.lock();
-            if kept.len() >= KEPT_LISTINGS {
-                kept.remove(0);
-            }
-            kept.push((generation, fresh.clone()));
-        }
-        self.keep_listing(ino, generation, fresh.len());
+        self.keep_listing(&node, generation, &fresh);
         if offset == 0 {
             self.note_listing(&node, &fresh);
         }
@@ -257,7 +282,7 @@ impl Union {
                 (node.clone(), list.clone())
             } else {
                 let Some(p) = self.nodes.get(d) else { continue };
-                let Some(l) = p.listings.lock().last().map(|(_, l)| l.clone()) else {
+                let Some(l) = self.last_listing_of(&p) else {
                     continue;
                 };
                 (p, l)
@@ -276,21 +301,59 @@ impl Union {
         }
     }
 
-    /// Count a listing kept for node `ino` against the budget of all nodes, dropping the
-    /// oldest kept listings beyond it.
-    fn keep_listing(&self, ino: u64, generation: u64, len: usize) {
+    /// Keep `list` as listing `generation` of `node`, within the budget of all listings
+    /// (see [`KEPT_ENTRIES`]).
+    fn keep_listing(&self, node: &Node, generation: u64, list: &Arc<Vec<DirEntry>>) {
         let mut q = self.kept_listings.lock();
-        q.0.push_back((ino, generation, len));
-        q.1 += len;
-        while q.1 > KEPT_ENTRIES && q.0.len() > 1 {
-            let Some((i, g, n)) = q.0.pop_front() else {
+        let now = std::time::Instant::now();
+        let key = (node.ino, generation);
+        let k = KeptListing {
+            dirgen: node.dirgen.load(std::sync::atomic::Ordering::Acquire),
+            list: list.clone(),
+            used: now,
+        };
+        if let Some(old) = q.lru.put(key, k) {
+            q.entries -= old.list.len();
+        }
+        node.last_listing
+            .store(generation, std::sync::atomic::Ordering::Release);
+        q.entries += list.len();
+        while q.entries > KEPT_ENTRIES {
+            let Some((&lru_key, lru)) = q.lru.peek_lru() else {
                 break;
             };
-            q.1 -= n;
-            if let Some(node) = self.nodes.get(i) {
-                node.listings.lock().retain(|(k, _)| *k != g);
+            // The one just kept stays (a directory larger than the budget is read through
+            // once); so do those in use, unless there are too many of them.
+            let in_use = now.duration_since(lru.used) < IN_USE;
+            if lru_key == key || (in_use && q.entries <= 4 * KEPT_ENTRIES) {
+                break;
+            }
+            if let Some((_, gone)) = q.lru.pop_lru() {
+                q.entries -= gone.list.len();
             }
         }
+    }
+
+    /// The last listing made of directory `node`, if still kept.
+    fn last_listing_of(&self, node: &Node) -> Option<Arc<Vec<DirEntry>>> {
+        use std::sync::atomic::Ordering::Acquire;
+        let generation = node.last_listing.load(Acquire);
+        let q = self.kept_listings.lock();
+        q.lru
+            .peek(&(node.ino, generation))
+            .filter(|k| k.dirgen == node.dirgen.load(Acquire))
+            .map(|k| k.list.clone())
+    }
+
+    /// Listings made since the mount, listings kept now, and their entries in all.
+    pub fn listing_stats(&self) -> (u64, usize, usize) {
+        let q = self.kept_listings.lock();
+        (
+            self.listings_made
+                .load(std::sync::atomic::Ordering::Relaxed),
+            q.lru.len(),
+            q.entries,
+        )
     }
 
     /// fsyncdir: sync the upper directory if there is one.
