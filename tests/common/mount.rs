@@ -170,9 +170,24 @@ impl Mount {
     /// Unmount with `fusermount3 -u` and wait for the daemon to exit. Errors (instead of falling
     /// back to force) if either step does not happen; the guard still cleans up on drop.
     pub fn unmount(mut self) -> Result<(), String> {
-        let r = self.unmount_with(Command::new("fusermount3").arg("-u").arg(&self.merged));
+        let merged = self.merged.clone();
+        let r = self.unmount_retrying(|| {
+            let mut c = Command::new("fusermount3");
+            c.arg("-u").arg(&merged);
+            c
+        });
         self.cleanup();
         r
+    }
+
+    /// [`Mount::unmount_with`], the command tried again while the mount is busy for a moment
+    /// ([`run_unmount`]).
+    pub fn unmount_retrying(&mut self, cmd: impl FnMut() -> Command) -> Result<(), String> {
+        let (st, out, err) = run_unmount(cmd, Duration::from_secs(20))?;
+        if !st.success() {
+            return Err(format!("unmount failed: {st}\n{out}{err}"));
+        }
+        self.after_unmount()
     }
 
     /// Unmount using the given command (e.g. `unionfs-rs umount M`, `umount M`) and check that the
@@ -182,9 +197,14 @@ impl Mount {
         if !st.success() {
             return Err(format!("{cmd:?} failed: {st}\n{out}{err}"));
         }
+        self.after_unmount()
+    }
+
+    /// The mount is gone and the daemon exits by itself.
+    fn after_unmount(&mut self) -> Result<(), String> {
         if is_fuse_mounted(&self.merged) {
             return Err(format!(
-                "{cmd:?} succeeded but {} is still mounted",
+                "unmount succeeded but {} is still mounted",
                 self.merged.display()
             ));
         }
@@ -320,8 +340,13 @@ impl OverlayMount {
     }
 
     pub fn unmount(mut self) -> Result<(), String> {
-        let r = run_with_timeout(
-            Command::new("umount").arg(&self.merged),
+        let merged = self.merged.clone();
+        let r = run_unmount(
+            || {
+                let mut c = Command::new("umount");
+                c.arg(&merged);
+                c
+            },
             Duration::from_secs(20),
         )
         .and_then(|(st, o, e)| {

@@ -4,6 +4,25 @@ use super::*;
 
 /// Run a command with stdin closed, killing it after `timeout`. Returns (status, stdout, stderr);
 /// `Err` if it could not be started or had to be killed.
+/// Run an unmount command; while it fails because the mount is busy, try again for up to 3 s.
+/// A mount is busy for a moment whenever another test thread forks while this one has a file
+/// of the mount open: the child holds a copy of the descriptor until it execs (seen with kernel
+/// overlayfs mounts as well as ours, tests running two at a time).
+pub fn run_unmount(
+    mut cmd: impl FnMut() -> Command,
+    timeout: Duration,
+) -> Result<(ExitStatus, String, String), String> {
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let (st, out, err) = run_with_timeout(&mut cmd(), timeout)?;
+        let busy = !st.success() && (err.contains("busy") || out.contains("busy"));
+        if !busy || std::time::Instant::now() > until {
+            return Ok((st, out, err));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn run_with_timeout(
     cmd: &mut Command,
     timeout: Duration,
