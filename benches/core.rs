@@ -71,6 +71,27 @@ fn benches(c: &mut Criterion) {
         b.iter(|| u.getattr(f.ino, None).expect("getattr"))
     });
 
+    // Open and release a file with 1 or 5,000 names (hard links, as package stores make):
+    // the cost must not grow with the number of names.
+    let mut g = c.benchmark_group("open_release_of_a_file_with_n_names");
+    for names in [1usize, 5_000] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let u = build(tmp.path(), 2, 0);
+        let dir = u.lookup(ROOT_INO, OsStr::new("dir")).expect("lookup dir");
+        let f = u.lookup(dir.ino, OsStr::new("target")).expect("lookup");
+        for i in 1..names {
+            u.link(f.ino, dir.ino, OsStr::new(&format!("n{i}")))
+                .expect("link");
+        }
+        g.bench_with_input(BenchmarkId::from_parameter(names), &names, |b, _| {
+            b.iter(|| {
+                let fh = u.open(f.ino, libc::O_RDONLY).expect("open");
+                u.release(fh);
+            })
+        });
+    }
+    g.finish();
+
     // Open and release one upper file while 0 or 10,000 other handles are open (a daemon of a
     // database or a build holds many): a release must not cost more with more files open.
     let mut g = c.benchmark_group("open_release_among_open_handles");

@@ -863,12 +863,14 @@ mod tests {
         let ra = Mutex::new(RaState::default());
         // Every page cached clean first.
         for i in 0..pages {
-            c.read(9, &ra, &fd, (i * PAGE) as u64, PAGE as u32).expect("read");
+            c.read(9, &ra, &fd, (i * PAGE) as u64, PAGE as u32)
+                .expect("read");
         }
         // Every third page dirty: 683 pages, more than two batches of 256.
         let dirty: Vec<usize> = (0..pages).step_by(3).collect();
         for &i in &dirty {
-            c.write(9, &fd, (i * PAGE) as u64 + 100, &[2u8; 8]).expect("write");
+            c.write(9, &fd, (i * PAGE) as u64 + 100, &[2u8; 8])
+                .expect("write");
         }
         c.sync_file(9).expect("sync");
         assert_eq!(c.dirty_bytes(), 0);

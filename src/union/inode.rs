@@ -31,8 +31,9 @@ pub struct NodeState {
     pub parent: u64,
     /// Name in the parent ("" for the root).
     pub name: OsString,
-    /// Other (parent, name) pairs of a hard-linked node.
-    pub aliases: Vec<(u64, OsString)>,
+    /// Other (parent, name) pairs of a hard-linked node (shared: a snapshot of the state,
+    /// taken at every open, does not copy thousands of names of a much-linked file).
+    pub aliases: Arc<Vec<(u64, OsString)>>,
     /// Present in the upper layer.
     pub upper: bool,
     /// Non-directories: the lower layer holding the object (the copy-up origin).
@@ -415,7 +416,7 @@ mod tests {
         NodeState {
             parent: ROOT_INO,
             name: "x".into(),
-            aliases: Vec::new(),
+            aliases: Default::default(),
             upper: true,
             lower: None,
             lowers: Vec::new(),

@@ -608,7 +608,7 @@ impl Union {
         let mut st = NodeState {
             parent: 0,
             name: OsString::new(),
-            aliases: Vec::new(),
+            aliases: Default::default(),
             upper: self.upper.is_some(),
             lower: None,
             lowers: Vec::new(),

@@ -249,7 +249,7 @@ impl Union {
         let fresh = NodeState {
             parent,
             name: name.to_os_string(),
-            aliases: Vec::new(),
+            aliases: Default::default(),
             upper: f.top == LayerRef::Upper,
             lower: if is_dir {
                 None
@@ -297,7 +297,7 @@ impl Union {
                         st.parent = parent;
                         st.name = name.to_os_string();
                     } else {
-                        st.aliases.push((parent, name.to_os_string()));
+                        Arc::make_mut(&mut st.aliases).push((parent, name.to_os_string()));
                     }
                 }
             }
@@ -360,7 +360,7 @@ fn per_name_ino(parent: u64, name: &OsStr, ino: u64) -> u64 {
 pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
     let mut st = node.st.lock();
     if st.parent == parent && st.name.as_os_str() == name {
-        if let Some((p, n)) = st.aliases.pop() {
+        if let Some((p, n)) = Arc::make_mut(&mut st.aliases).pop() {
             st.parent = p;
             st.name = n;
         } else {
@@ -369,8 +369,7 @@ pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
             node.reset_dirfds();
         }
     } else {
-        st.aliases
-            .retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+        Arc::make_mut(&mut st.aliases).retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
     }
 }
 
@@ -380,8 +379,7 @@ pub(crate) fn move_name(node: &Node, parent: u64, name: &OsStr, np: u64, nn: &Os
     if st.parent == parent && st.name.as_os_str() == name {
         st.parent = np;
         st.name = OsString::from(nn);
-    } else if let Some(a) = st
-        .aliases
+    } else if let Some(a) = Arc::make_mut(&mut st.aliases)
         .iter_mut()
         .find(|(p, n)| *p == parent && n.as_os_str() == name)
     {
