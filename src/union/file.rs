@@ -255,9 +255,7 @@ impl Union {
         // (our writes go through them) and the next open after this one closes is
         // passthrough again. O_TRUNC drops them anyway.
         let keep_pages = was_lower && k.kernel_pages && !f.contains(OFlag::O_TRUNC);
-        if !keep_pages
-            && let Some(o) = self.try_direct(&node, &mut k, flags, register, &mut None)?
-        {
+        if !keep_pages && let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
             return Ok(o);
         }
         let keep_cache = self.enter_daemon_mode(&node, &mut k);
@@ -282,25 +280,12 @@ impl Union {
     ) -> Result<Opened> {
         let node = self.node(ino)?;
         let mut k = node.kio.lock();
-        // The new file's own fd serves as the backing file when it is opened as one would be
-        // (read-write, no flag that changes how writes go): one open and close less.
-        let f = OFlag::from_bits_truncate(
-            nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0),
-        );
-        let plain = f & OFlag::O_ACCMODE == OFlag::O_RDWR
-            && !f.intersects(OFlag::O_APPEND | OFlag::O_DIRECT | OFlag::O_SYNC | OFlag::O_DSYNC);
-        let (mut reuse, kept) = if plain {
-            (Some(fd), None)
-        } else {
-            (None, Some(fd))
-        };
-        if let Some(o) = self.try_direct(&node, &mut k, flags, register, &mut reuse)? {
+        // (Not the create's own fd as the backing file: passthrough writes through a backing
+        // file registered from it ran at half the speed, 2.4 against 4.9 GB/s for a 512 MiB
+        // `dd` here; the new file is opened again and that is registered.)
+        if let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
             return Ok(o);
         }
-        // Not passthrough: the fd is back (or was never offered).
-        let fd = reuse
-            .or(kept)
-            .ok_or(Error::new(Errno::EIO, "create: the new file's fd was lost"))?;
         let keep_cache = self.enter_daemon_mode(&node, &mut k);
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let fh = self.add_handle_with(ino, fd, (writable, true), flags, false);
@@ -336,17 +321,12 @@ impl Union {
     /// of an inode share one backing file) nor let it go through the daemon while the lower
     /// one is open in passthrough mode. Once a node has passthrough opens, every open of it
     /// is one (the kernel's rule), with the same registered backing file.
-    ///
-    /// `reuse`: an fd of the file (opened read-write, no flag that changes how writes go) to
-    /// register instead of opening the file again; taken when used, and given back if the
-    /// answer is `Ok(None)`.
     fn try_direct(
         &self,
         node: &Node,
         k: &mut KernelIo,
         flags: i32,
         register: Option<RegisterBacking<'_>>,
-        reuse: &mut Option<OwnedFd>,
     ) -> Result<Option<Opened>> {
         let Some(register) = register else {
             return Ok(None);
@@ -377,35 +357,26 @@ impl Union {
                 {
                     return Ok(None);
                 }
-                let offered = if in_upper { reuse.take() } else { None };
-                let (fd, reused) = match offered {
-                    Some(fd) => (fd, true),
-                    None => {
-                        let (dir, name) = self.open_parent_in(node, st.top())?;
-                        let acc = if in_upper {
-                            OFlag::O_RDWR
-                        } else {
-                            OFlag::O_RDONLY
-                        };
-                        match nix::fcntl::openat(
-                            dir.as_fd(),
-                            name.as_os_str(),
-                            acc | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-                            Mode::empty(),
-                        ) {
-                            Ok(fd) => (fd, false),
-                            // An immutable or append-only file: the daemon applies the rules.
-                            Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
-                            Err(e) => return Err(Error::new(e, "open backing file")),
-                        }
-                    }
+                let (dir, name) = self.open_parent_in(node, st.top())?;
+                let acc = if in_upper {
+                    OFlag::O_RDWR
+                } else {
+                    OFlag::O_RDONLY
+                };
+                let fd = match nix::fcntl::openat(
+                    dir.as_fd(),
+                    name.as_os_str(),
+                    acc | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    // An immutable or append-only file: the daemon applies the rules.
+                    Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
+                    Err(e) => return Err(Error::new(e, "open backing file")),
                 };
                 match register(fd.as_fd()) {
                     Ok(b) => (b, Arc::new(fd)),
                     Err(e) => {
-                        if reused {
-                            *reuse = Some(fd);
-                        }
                         if self.direct_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
                             log::warn!(
                                 "passthrough: registering a backing file failed ({e}); \
