@@ -210,6 +210,9 @@ pub struct Caller {
     pub pid: u32,
 }
 
+/// statfs settles recently written files itself up to this many ([`Union::statfs`]).
+const STATFS_SETTLE_MAX: usize = 4096;
+
 impl Union {
     /// Disk ids for view ids (EINVAL when unmapped, as chown(2)).
     pub(crate) fn disk_ids(
@@ -897,7 +900,13 @@ impl Union {
         // Space of removed files shows as free once the filesystem has it back.
         self.reaper.flush();
         let mut s = layer::sys::statfs(l.root()).ctx("statfs")?;
-        self.settle_allocations();
+        // What files allocate after their writes returned (write-back) is settled here, a
+        // stat each, unless that is many files (an untar of 100k files would make every `df`
+        // for a minute cost 100k stats): then the running figures, which every write keeps
+        // exact as of its return, stand, and the background settle (every 5 s) catches up.
+        if self.unsettled.len() <= STATFS_SETTLE_MAX {
+            self.settle_allocations();
+        }
         if let Some(q) = &self.quota {
             let (b, bf, ba, f, ff) = q.statfs(&s);
             s.f_blocks = b;
