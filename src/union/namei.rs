@@ -32,11 +32,13 @@ impl Union {
         self.find_from(parent, name, None)
     }
 
-    /// [`Union::find`], starting at layer `from` when known: the topmost layer holding the
-    /// name in a listing of `parent` made while the name could not change (READDIRPLUS: the
-    /// kernel holds the directory's lock for the whole request, so no create, removal or
-    /// rename in it runs meanwhile; lower layers do not change under a mount). The layers
-    /// above hold neither the name nor a whiteout of it, so they are not searched again.
+    /// [`Union::find`], starting at lower layer `from` when known: the topmost layer holding
+    /// the name in a listing of `parent` made while the name could not change (READDIRPLUS:
+    /// the kernel holds the directory's lock for the whole request, so no create, removal or
+    /// rename in it runs meanwhile; lower layers do not change under a mount). The lower
+    /// layers above it hold neither the name nor a whiteout of it, so they are not searched
+    /// again. Upper always is: a copy-up (an open for writing) takes no lock of the directory,
+    /// and the node that would tell of it may be gone already (forgotten).
     pub(crate) fn find_from(
         &self,
         parent: &Node,
@@ -69,7 +71,6 @@ impl Union {
             Some(LayerRef::Lower(k)) => p_lowers.iter().position(|&li| li == k).unwrap_or(0),
             _ => 0,
         };
-        let p_upper = p_upper && !matches!(from, Some(LayerRef::Lower(_)));
         if p_upper {
             let dir = match self.dir_fd(parent, LayerRef::Upper) {
                 Ok(d) => Some(d),
@@ -446,6 +447,14 @@ mod tests {
             "the lower file's attributes came back"
         );
         assert!(u.node(x.ino).expect("node").st.lock().upper);
+        // Its node forgotten by the kernel meanwhile: upper is still searched.
+        u.forget(x.ino, 2);
+        assert!(u.node(x.ino).is_err(), "node still there");
+        let a = u
+            .lookup_from(d, OsStr::new("x"), Some(LayerRef::Lower(1)))
+            .expect("lookup from");
+        assert_eq!(a.size, 10, "a forgotten copied-up file came back as the lower one");
+        assert!(u.node(a.ino).expect("node").st.lock().upper);
         // And a directory copied up stays in upper.
         let dn = u.node(d).expect("d node");
         assert!(dn.st.lock().upper, "d was copied up with x");
