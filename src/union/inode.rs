@@ -161,7 +161,9 @@ impl Node {
             io_lock: Mutex::new(None),
             freed: std::sync::atomic::AtomicBool::new(false),
             dirfds: Mutex::new(Vec::new()),
-            dirgen: AtomicU64::new(0),
+            // Unique across nodes too: kept listings are found by (node id, generation), and
+            // a node id can name another directory after the first one's node is gone.
+            dirgen: AtomicU64::new(NEXT_DIRGEN.fetch_add(1 << 32, Ordering::Relaxed)),
             last_listing: AtomicU64::new(0),
             xattrs: Mutex::new(None),
             xgen: AtomicU64::new(0),
@@ -194,6 +196,9 @@ impl Node {
         self.st.lock().clone()
     }
 }
+
+/// Directory incarnations: each node's first (`Node::dirgen`), 2^32 apart.
+static NEXT_DIRGEN: AtomicU64 = AtomicU64::new(0);
 
 /// The sharded node table.
 #[derive(Debug)]

@@ -251,6 +251,9 @@ impl Union {
                 None => {}
             }
         }
+        // The directory the node names when the listing starts (a reset meanwhile makes the
+        // listing one of the old directory).
+        let dirgen = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
         let fresh = self.listing(&node)?;
         if offset != 0 && index >= fresh.len() {
             // An unknown listing's reader at or past the end: nothing to keep for it.
@@ -263,7 +266,7 @@ impl Union {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % GENERATIONS)
             + 1;
-        self.keep_listing(&node, generation, &fresh);
+        self.keep_listing(&node, dirgen, generation, &fresh);
         if offset == 0 {
             self.note_listing(&node, &fresh);
         }
@@ -303,12 +306,12 @@ impl Union {
 
     /// Keep `list` as listing `generation` of `node`, within the budget of all listings
     /// (see [`KEPT_ENTRIES`]).
-    fn keep_listing(&self, node: &Node, generation: u64, list: &Arc<Vec<DirEntry>>) {
+    fn keep_listing(&self, node: &Node, dirgen: u64, generation: u64, list: &Arc<Vec<DirEntry>>) {
         let mut q = self.kept_listings.lock();
         let now = std::time::Instant::now();
         let key = (node.ino, generation);
         let k = KeptListing {
-            dirgen: node.dirgen.load(std::sync::atomic::Ordering::Acquire),
+            dirgen,
             list: list.clone(),
             used: now,
         };
