@@ -398,6 +398,16 @@ fn a_walk_over_cached_layers_is_mostly_not_read_ahead() {
         let mut files = 0;
         walk(&m.path("top"), &mut files);
         assert_eq!(files, 64);
+        // Held back only where the layers are on a block device (their reads are counted).
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(m.merged.parent().expect("parent"))
+            .expect("stat")
+            .dev();
+        if libc::major(dev) == 0 {
+            eprintln!("layers not on a block device: read-ahead is never held back there");
+            m.unmount().expect("unmount");
+            return;
+        }
         let s = settled_stats(&m);
         let n = |k: &str| s.get(k).copied().unwrap_or(0);
         // top's 8 and their 8 each.

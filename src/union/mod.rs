@@ -536,6 +536,7 @@ impl Union {
             }
             _ => (None, inode::InoMap::memory()),
         };
+        layer::sys::probe_xattrat(upper.as_ref().unwrap_or(&lowers[0]).root());
         let mut devs: Vec<u64> = lowers.iter().map(|l| l.dev).collect();
         if let Some(u) = &upper {
             devs.push(u.dev);
@@ -589,7 +590,16 @@ impl Union {
             reaper: Arc::new(reaper::Reaper::new(std::time::Duration::from_millis(
                 opts.release_delay_ms,
             ))),
-            prefetch: Arc::new(prefetch::Prefetcher::new(opts.prefetch)),
+            prefetch: Arc::new({
+                let p = prefetch::Prefetcher::new(opts.prefetch);
+                // Block reads are counted only for filesystems on block devices (major
+                // number 0: NFS, FUSE, 9p, tmpfs... anonymous devices).
+                if devs.iter().all(|&d| libc::major(d) != 0) {
+                    p
+                } else {
+                    p.ungated()
+                }
+            }),
             selinux_unsupported: !opts.selinux_enodata && !xattr::selinux_enabled(),
             shared_whiteout: parking_lot::Mutex::new(None),
             dir_locks: (0..DIR_LOCKS).map(|_| DirStripe::default()).collect(),
