@@ -47,6 +47,34 @@ fn at_first<T>(call: impl FnOnce() -> Result<T, Errno>) -> Option<Result<T, Errn
     }
 }
 
+/// Try the *xattrat calls once on directory `dir`: where they fail as no kernel would (ENOSYS,
+/// or EPERM from a seccomp filter that refuses calls it does not know), the path forms are
+/// used from then on.
+pub fn probe_xattrat(dir: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8];
+    let args = XattrArgs {
+        value: buf.as_mut_ptr() as u64,
+        size: buf.len() as u32,
+        flags: 0,
+    };
+    // SAFETY: fd live; the path and name are NUL-terminated literals; args describes `buf`
+    // and its own size is passed.
+    let r = unsafe {
+        libc::syscall(
+            SYS_GETXATTRAT,
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            c"user.unionfs.probe".as_ptr(),
+            &args as *const XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    };
+    if r < 0 && matches!(Errno::last(), Errno::ENOSYS | Errno::EPERM) {
+        XATTRAT.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn cstr(s: &OsStr) -> Result<CString, Errno> {
     CString::new(s.as_bytes()).map_err(|_| Errno::EINVAL)
 }

@@ -2,8 +2,6 @@
 
 use super::*;
 
-/// Run a command with stdin closed, killing it after `timeout`. Returns (status, stdout, stderr);
-/// `Err` if it could not be started or had to be killed.
 /// Run an unmount command; while it fails because the mount is busy, try again for up to 3 s.
 /// A mount is busy for a moment whenever another test thread forks while this one has a file
 /// of the mount open: the child holds a copy of the descriptor until it execs (seen with kernel
@@ -23,6 +21,8 @@ pub fn run_unmount(
     }
 }
 
+/// Run a command with stdin closed, killing it after `timeout`. Returns (status, stdout, stderr);
+/// `Err` if it could not be started or had to be killed.
 pub fn run_with_timeout(
     cmd: &mut Command,
     timeout: Duration,
