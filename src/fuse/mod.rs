@@ -857,8 +857,8 @@ pub(crate) fn readdirplus_batch(
             }
         } else {
             // A listing made in this request names each entry's topmost layer: the lookup
-            // starts there (the kernel holds the directory's lock meanwhile; a kept listing
-            // may be older than a change of the name).
+            // skips the lower layers above it (the kernel holds the directory's lock
+            // meanwhile; a kept listing may be older than a change of the name).
             match u.lookup_from(ino, &e.name, e.layer.filter(|_| made_now)) {
                 Ok(a) => a,
                 Err(err) if err.errno == nix::errno::Errno::ENOENT => continue, // gone since listed

@@ -51,26 +51,8 @@ fn at_first<T>(call: impl FnOnce() -> Result<T, Errno>) -> Option<Result<T, Errn
 /// or EPERM from a seccomp filter that refuses calls it does not know), the path forms are
 /// used from then on.
 pub fn probe_xattrat(dir: BorrowedFd<'_>) {
-    let mut buf = [0u8; 8];
-    let args = XattrArgs {
-        value: buf.as_mut_ptr() as u64,
-        size: buf.len() as u32,
-        flags: 0,
-    };
-    // SAFETY: fd live; the path and name are NUL-terminated literals; args describes `buf`
-    // and its own size is passed.
-    let r = unsafe {
-        libc::syscall(
-            SYS_GETXATTRAT,
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-            c"user.unionfs.probe".as_ptr(),
-            &args as *const XattrArgs,
-            std::mem::size_of::<XattrArgs>(),
-        )
-    };
-    if r < 0 && matches!(Errno::last(), Errno::ENOSYS | Errno::EPERM) {
+    // (ENOSYS turns them off inside `get_xattr` already.)
+    if get_xattr(dir, OsStr::new("."), OsStr::new("user.unionfs.probe")) == Err(Errno::EPERM) {
         XATTRAT.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -577,10 +577,7 @@ impl Union {
         {
             return Some(f);
         }
-        let fhs = self.handles_of.get(&ino)?.clone();
-        fhs.into_iter()
-            .filter_map(|fh| self.files.get(&fh).map(|f| f.clone()))
-            .find(|f| f.in_upper)
+        self.handles_on(ino).into_iter().find(|f| f.in_upper)
     }
 
     /// The handles open on node `ino` now.

@@ -223,19 +223,6 @@ impl Union {
         Ok(false)
     }
 
-    /// The node id of what a lookup found.
-    fn node_ino(&self, parent: u64, name: &OsStr, f: &Found) -> u64 {
-        let is_dir = f.stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
-            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
-            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
-            // or setattr, so each name needs its own node to copy up the right one.
-            per_name_ino(parent, name, f.stat.st_ino)
-        } else {
-            self.ino_for(f.top, &f.stat)
-        }
-    }
-
     /// Turn a lookup result into a node (existing or new) under (parent, name).
     pub(crate) fn node_for(
         &self,
@@ -246,7 +233,14 @@ impl Union {
     ) -> (Arc<Node>, Attr) {
         let kind = f.stat.st_mode & libc::S_IFMT;
         let is_dir = kind == libc::S_IFDIR;
-        let ino = self.node_ino(parent, name, f);
+        let ino = if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
+            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
+            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
+            // or setattr, so each name needs its own node to copy up the right one.
+            per_name_ino(parent, name, f.stat.st_ino)
+        } else {
+            self.ino_for(f.top, &f.stat)
+        };
         let fresh = NodeState {
             parent,
             name: name.to_os_string(),
@@ -315,21 +309,10 @@ impl Union {
     /// [`Union::lookup`] starting at layer `from` (see [`Union::find_from`]).
     pub fn lookup_from(&self, parent: u64, name: &OsStr, from: Option<LayerRef>) -> Result<Attr> {
         let p = self.node(parent)?;
-        let mut f = self
+        // (A copy-up since the listing is found: upper is always searched, `find_from`.)
+        let f = self
             .find_from(&p, name, from)?
             .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
-        if from.is_some_and(|l| l != LayerRef::Upper)
-            && self
-                .nodes
-                .get(self.node_ino(parent, name, &f))
-                .is_some_and(|n| n.st.lock().upper)
-        {
-            // Copied up since it was listed (an open for writing takes no lock of the
-            // directory): search from the top after all.
-            f = self
-                .find(&p, name)?
-                .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
-        }
         let (_, attr) = self.node_for(parent, name, &f, 1);
         Ok(attr)
     }
@@ -453,7 +436,10 @@ mod tests {
         let a = u
             .lookup_from(d, OsStr::new("x"), Some(LayerRef::Lower(1)))
             .expect("lookup from");
-        assert_eq!(a.size, 10, "a forgotten copied-up file came back as the lower one");
+        assert_eq!(
+            a.size, 10,
+            "a forgotten copied-up file came back as the lower one"
+        );
         assert!(u.node(a.ino).expect("node").st.lock().upper);
         // And a directory copied up stays in upper.
         let dn = u.node(d).expect("d node");

@@ -283,10 +283,12 @@ fn run(me: std::sync::Weak<Prefetcher>) {
             }
         };
         let Some(job) = job else { return };
-        let before = blocks_read();
+        let before = p.gated.then(blocks_read).flatten();
         let (dirs, n) = read_ahead(&job);
-        let read_disk = before.zip(blocks_read()).map(|(b, a)| a > b);
-        p.q.lock().gate.record(read_disk);
+        if p.gated {
+            let read_disk = before.zip(blocks_read()).map(|(b, a)| a > b);
+            p.q.lock().gate.record(read_disk);
+        }
         if dirs > 0 {
             p.dirs.fetch_add(1, Ordering::Relaxed);
             p.entries.fetch_add(n as u64, Ordering::Relaxed);
