@@ -894,6 +894,13 @@ fn fallocate_beyond_the_limit_is_refused() {
             fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 0, 8 * MIB),
             Err(libc::ENOSPC)
         );
+        // A petabyte is refused as fast (the daemon once kept a flag per block of the range:
+        // 2^38 of them here, an allocation that would abort it).
+        assert_eq!(fallocate(&f, 0, 0, 1 << 50), Err(libc::ENOSPC));
+        assert_eq!(
+            fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 1 << 40, 1 << 50),
+            Err(libc::ENOSPC)
+        );
         assert_eq!(usage(&m), (b0, i0), "a refused fallocate charges nothing");
         assert_eq!(
             lstat(&p).blocks(),

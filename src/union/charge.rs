@@ -383,7 +383,7 @@ impl Union {
         let need = if mode & frees == 0 {
             let bs = block_size(&before);
             let holes = new_blocks(fd, before.st_size as u64, off, len, bs)?;
-            holes.iter().filter(|&&h| h).count() as u64 * bs
+            holes.count().saturating_mul(bs)
         } else {
             0
         };
@@ -464,77 +464,128 @@ fn estimate(alloc_bytes: i64, size: i64, off: u64, len: u64, bs: u64) -> u64 {
     newblocks * bs
 }
 
-/// For each block touched by [off, off+len): is it unallocated now (hole or past EOF)?
-fn new_blocks(fd: BorrowedFd<'_>, size: u64, off: u64, len: u64, bs: u64) -> Result<Vec<bool>> {
-    let first = off / bs;
-    let last = (off + len - 1) / bs;
-    let mut out = vec![true; (last - first + 1) as usize];
-    // Exact where the filesystem tells its extents (preallocation past EOF included).
-    if let Ok(ranges) = crate::layer::sys::allocated_ranges(fd, first * bs, (last + 1 - first) * bs)
-    {
-        for (a, b) in ranges {
-            if b <= a {
-                continue;
-            }
-            for blk in (a / bs)..=((b - 1) / bs) {
-                if blk >= first && blk <= last {
-                    out[(blk - first) as usize] = false;
-                }
+/// The blocks touched by [off, off+len) that writing would newly allocate (holes, past EOF),
+/// kept as the touched block range less the allocated block ranges: a fallocate of terabytes
+/// costs as much as the file has extents, not a flag per block.
+#[derive(Debug)]
+struct NewBlocks {
+    /// First and one past the last touched block.
+    first: u64,
+    end: u64,
+    /// Allocated block ranges within [first, end): sorted, disjoint, half-open.
+    allocated: Vec<(u64, u64)>,
+}
+
+impl NewBlocks {
+    /// `allocated` in any order, overlapping or not, in blocks; clipped to [first, end).
+    fn new(first: u64, end: u64, mut allocated: Vec<(u64, u64)>) -> NewBlocks {
+        allocated.retain_mut(|r| {
+            *r = (r.0.max(first), r.1.min(end));
+            r.0 < r.1
+        });
+        allocated.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(allocated.len());
+        for (a, b) in allocated {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
             }
         }
-        return Ok(out);
+        NewBlocks {
+            first,
+            end,
+            allocated: merged,
+        }
+    }
+
+    /// The unallocated block ranges, in order (half-open).
+    fn holes(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut at = self.first;
+        let mut next = self.allocated.iter();
+        std::iter::from_fn(move || {
+            while at < self.end {
+                match next.next() {
+                    Some(&(a, b)) => {
+                        let hole = (at, a);
+                        at = b;
+                        if hole.0 < hole.1 {
+                            return Some(hole);
+                        }
+                    }
+                    None => {
+                        let hole = (at, self.end);
+                        at = self.end;
+                        return Some(hole);
+                    }
+                }
+            }
+            None
+        })
+    }
+
+    /// How many blocks are new.
+    fn count(&self) -> u64 {
+        self.holes().map(|(a, b)| b - a).sum()
+    }
+}
+
+/// Which blocks touched by [off, off+len) are unallocated now (hole or past EOF)?
+fn new_blocks(fd: BorrowedFd<'_>, size: u64, off: u64, len: u64, bs: u64) -> Result<NewBlocks> {
+    let first = off / bs;
+    let end = off.saturating_add(len.max(1)).div_ceil(bs);
+    // Exact where the filesystem tells its extents (preallocation past EOF included).
+    if let Ok(ranges) = crate::layer::sys::allocated_ranges(fd, first * bs, (end - first) * bs) {
+        let blocks = ranges
+            .into_iter()
+            .filter(|(a, b)| b > a)
+            .map(|(a, b)| (a / bs, b.div_ceil(bs)))
+            .collect();
+        return Ok(NewBlocks::new(first, end, blocks));
     }
     // Otherwise walk the data extents that intersect the range.
     let start = first * bs;
-    let end = ((last + 1) * bs).min(size);
+    let stop = (end * bs).min(size);
     let mut pos = start;
-    while pos < end {
+    let mut blocks = Vec::new();
+    while pos < stop {
         let data = match nix::unistd::lseek(fd.as_fd(), pos as i64, nix::unistd::Whence::SeekData) {
             Ok(d) => d as u64,
             Err(Errno::ENXIO) => break,
             Err(Errno::EINVAL) => {
                 // No SEEK_DATA: assume everything before EOF is allocated.
-                for (i, b) in out.iter_mut().enumerate() {
-                    if (first + i as u64) * bs < size {
-                        *b = false;
-                    }
-                }
+                blocks = vec![(0, size.div_ceil(bs))];
                 break;
             }
             Err(e) => return Err(Error::new(e, "seek data")),
         };
-        if data >= end {
+        if data >= stop {
             break;
         }
         let hole = match nix::unistd::lseek(fd.as_fd(), data as i64, nix::unistd::Whence::SeekHole)
         {
-            Ok(h) => (h as u64).min(end),
-            Err(_) => end,
+            Ok(h) => (h as u64).min(stop),
+            Err(_) => stop,
         };
-        for b in (data / bs)..=((hole - 1) / bs) {
-            if b >= first && b <= last {
-                out[(b - first) as usize] = false;
-            }
-        }
+        blocks.push((data / bs, hole.div_ceil(bs)));
         pos = hole.max(data + 1);
     }
-    Ok(out)
+    Ok(NewBlocks::new(first, end, blocks))
 }
 
 /// The longest prefix of [off, off+len) whose new blocks fit in `avail` bytes, and what those
 /// blocks cost.
-fn fitting(holes: &[bool], off: u64, len: u64, bs: u64, avail: u64) -> (u64, u64) {
-    let first = off / bs;
+fn fitting(new: &NewBlocks, off: u64, len: u64, bs: u64, avail: u64) -> (u64, u64) {
     let mut need = 0u64;
-    for (i, &is_new) in holes.iter().enumerate() {
-        if is_new {
-            if need + bs > avail {
-                let block_start = (first + i as u64) * bs;
-                let fit = block_start.saturating_sub(off).min(len);
-                return (fit, need);
-            }
-            need += bs;
+    for (a, b) in new.holes() {
+        let cost = (b - a).saturating_mul(bs);
+        if need.saturating_add(cost) > avail {
+            // The first new block that does not fit ends the prefix.
+            let blocks = (avail - need) / bs;
+            let block_start = (a + blocks) * bs;
+            let fit = block_start.saturating_sub(off).min(len);
+            return (fit, need + blocks * bs);
         }
+        need += cost;
     }
     (len, need)
 }
@@ -546,14 +597,56 @@ mod tests {
     #[test]
     fn fitting_prefix() {
         // Three new blocks, room for two: the write stops at the third block's start.
-        assert_eq!(
-            fitting(&[true, true, true], 100, 10_000, 4096, 8192),
-            (8092, 8192)
-        );
+        let all_new = NewBlocks::new(0, 3, vec![]);
+        assert_eq!(fitting(&all_new, 100, 10_000, 4096, 8192), (8092, 8192));
         // Allocated blocks cost nothing.
-        assert_eq!(fitting(&[false, true], 0, 8192, 4096, 4096), (8192, 4096));
+        let second_new = NewBlocks::new(0, 2, vec![(0, 1)]);
+        assert_eq!(fitting(&second_new, 0, 8192, 4096, 4096), (8192, 4096));
         // Nothing fits.
-        assert_eq!(fitting(&[true], 0, 10, 4096, 100), (0, 0));
+        assert_eq!(
+            fitting(&NewBlocks::new(0, 1, vec![]), 0, 10, 4096, 100),
+            (0, 0)
+        );
+        // Room for 3 blocks over holes [10, 12) and [14, 20): the prefix ends at block 15.
+        let gaps = NewBlocks::new(10, 20, vec![(12, 14)]);
+        assert_eq!(
+            fitting(&gaps, 10 * 4096, 10 * 4096, 4096, 3 * 4096),
+            (5 * 4096, 3 * 4096)
+        );
+    }
+
+    #[test]
+    fn new_blocks_are_ranges() {
+        // Unsorted, overlapping and out-of-range allocated ranges.
+        let n = NewBlocks::new(10, 30, vec![(25, 40), (12, 15), (0, 11), (14, 18)]);
+        assert_eq!(n.allocated, vec![(10, 11), (12, 18), (25, 30)]);
+        assert_eq!(n.holes().collect::<Vec<_>>(), vec![(11, 12), (18, 25)]);
+        assert_eq!(n.count(), 8);
+        assert_eq!(NewBlocks::new(0, 5, vec![(0, 5)]).count(), 0);
+        assert_eq!(
+            NewBlocks::new(0, 5, vec![]).holes().collect::<Vec<_>>(),
+            vec![(0, 5)]
+        );
+        // A petabyte range is counted without a flag per block.
+        let huge = NewBlocks::new(0, 1 << 38, vec![(5, 10)]);
+        assert_eq!(huge.count(), (1 << 38) - 5);
+    }
+
+    #[test]
+    fn new_blocks_of_a_sparse_file() {
+        let dir = std::env::temp_dir().join(format!("ufs-newblocks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let f = std::fs::File::create(&path).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[1u8; 4096], 8192).unwrap(); // block 2 written, 0-1 holes
+        f.sync_all().unwrap();
+        let n = new_blocks(f.as_fd(), 12288, 0, 1 << 40, 4096).unwrap();
+        // Blocks 0, 1 and everything from 3 up to 1 TiB are new.
+        assert_eq!(n.count(), (1u64 << 40) / 4096 - 1);
+        let (fit, need) = fitting(&n, 0, 1 << 40, 4096, 3 * 4096);
+        assert_eq!((fit, need), (4 * 4096, 3 * 4096));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
