@@ -208,17 +208,21 @@ impl PageCache {
         let seq = st.seq;
         let mut newly = 0u64;
         let mut added = 0u64;
+        let FileState {
+            pages, dirty: dset, ..
+        } = &mut *st;
         for idx in first..=last {
             let ps = idx * P;
             let from = (off.max(ps) - ps) as usize;
             let to = (end.min(ps + P) - ps) as usize;
             let src = &data[(ps + from as u64 - off) as usize..(ps + to as u64 - off) as usize];
             let charge = charged.binary_search(&idx).is_ok();
-            match st.pages.get_mut(&idx) {
+            match pages.get_mut(&idx) {
                 Some(Slot::Ready(p)) => {
                     p.data.make_mut()[from..to].copy_from_slice(src);
                     if !p.dirty {
                         p.dirty = true;
+                        dset.insert(idx);
                         newly += 1;
                     }
                     p.wseq = seq;
@@ -243,7 +247,7 @@ impl PageCache {
                             b
                         }
                     };
-                    st.pages.insert(
+                    pages.insert(
                         idx,
                         Slot::Ready(Page {
                             data: buf,
@@ -255,6 +259,7 @@ impl PageCache {
                             writeback: false,
                         }),
                     );
+                    dset.insert(idx);
                     newly += 1;
                     added += 1;
                 }
@@ -281,10 +286,10 @@ impl PageCache {
             st.mtime_pending = true;
         }
         st.wb_fd = Some(fd.clone());
-        let was_clean = st.ndirty == 0;
-        st.ndirty += newly;
+        // `newly` pages were added to st.dirty by the caller.
+        let was_clean = st.dirty.len() as u64 == newly;
         self.bytes.fetch_add(added * P, Ordering::AcqRel);
-        if was_clean && st.ndirty > 0 {
+        if was_clean && newly > 0 {
             self.dirty_files.lock().insert(f.ino, Instant::now());
         }
     }
@@ -390,15 +395,15 @@ impl PageCache {
             let Some(fd) = st.wb_fd.clone() else {
                 break;
             };
-            if st.ndirty == 0 {
+            if st.dirty.is_empty() {
                 self.finish_clean(f, &mut st, &fd);
                 break;
             }
             let want = (max_pages - total).min(WB_BATCH as u64) as usize;
             let mut batch: Vec<(u64, PageData, u64)> = Vec::with_capacity(want);
-            for (&i, s) in st.pages.range_mut(from..) {
-                if let Slot::Ready(p) = s
-                    && p.dirty
+            let FileState { pages, dirty, .. } = &mut *st;
+            for &i in dirty.range(from..) {
+                if let Some(Slot::Ready(p)) = pages.get_mut(&i)
                     && !p.writeback
                 {
                     p.writeback = true;
@@ -458,18 +463,18 @@ impl PageCache {
                         }
                         if p.wseq == *wseq {
                             p.dirty = false;
+                            st.dirty.remove(idx);
                             cleaned += 1;
                             lru_add.push(*idx);
                         }
                     }
                 }
             }
-            st.ndirty -= cleaned;
             self.dirty.fetch_sub(cleaned * P, Ordering::AcqRel);
             match res {
                 Ok(()) => {
                     st.disk_size = st.disk_size.max(written_end);
-                    if st.ndirty == 0 {
+                    if st.dirty.is_empty() {
                         self.finish_clean(f, &mut st, &fd);
                     }
                 }

@@ -23,7 +23,7 @@ mod read;
 pub mod readahead;
 pub mod writeback;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak, mpsc};
@@ -154,7 +154,9 @@ struct FileState {
     prealloc: bool,
     /// Where the flusher writes (the upper file, opened for writing).
     wb_fd: Option<Fd>,
-    ndirty: u64,
+    /// Indexes of the dirty pages (what write-back and fsync walk: a sync of one dirty page
+    /// among many cached clean ones does not visit the clean ones).
+    dirty: BTreeSet<u64>,
     /// The time of the last write through the cache: shown as mtime/ctime (with `size`) from
     /// the write on, stamped on the file when its last dirty page is written, and kept (a stat
     /// racing with the last write-back must not see the disk's older values) until something
@@ -407,7 +409,7 @@ impl PageCache {
                 disk_size: size,
                 prealloc: past_end(&st),
                 wb_fd: None,
-                ndirty: 0,
+                dirty: BTreeSet::new(),
                 mtime: None,
                 mtime_pending: false,
                 error: None,
@@ -465,7 +467,7 @@ impl PageCache {
                         freed += 1;
                     }
                 }
-                let empty = st.pages.is_empty() && st.ndirty == 0 && !st.mtime_pending;
+                let empty = st.pages.is_empty() && st.dirty.is_empty() && !st.mtime_pending;
                 drop(st);
                 self.bytes.fetch_sub(freed * P, Ordering::AcqRel);
                 self.stats.evicted.fetch_add(freed, Ordering::Relaxed);
@@ -522,7 +524,7 @@ impl PageCache {
         st.size = size;
         st.disk_size = size;
         // The truncate stamped the file; dirty pages left will stamp it again when written.
-        st.mtime_pending = st.ndirty > 0;
+        st.mtime_pending = !st.dirty.is_empty();
         st.mtime = st.mtime_pending.then(now);
         drop(st);
         f.cv.notify_all();
@@ -532,27 +534,24 @@ impl PageCache {
     /// Drop the pages of `f` from index `from` on (dirty ones too: the data is gone).
     fn drop_pages(&self, f: &CachedFile, st: &mut FileState, from: u64) {
         let gone = st.pages.split_off(&from);
-        let (mut freed, mut undirty, mut released) = (0u64, 0u64, 0u64);
+        let undirty = st.dirty.split_off(&from).len() as u64;
+        let (mut freed, mut released) = (0u64, 0u64);
         let mut keys = Vec::new();
         for (i, s) in gone {
             if let Slot::Ready(p) = s {
                 freed += 1;
                 keys.push(i);
-                if p.dirty {
-                    undirty += 1;
-                }
                 if p.charged {
                     released += P;
                 }
             }
         }
-        st.ndirty -= undirty;
         self.bytes.fetch_sub(freed * P, Ordering::AcqRel);
         self.dirty.fetch_sub(undirty * P, Ordering::AcqRel);
         if let Some(q) = &self.quota {
             q.adjust_bytes(-(released as i64));
         }
-        if st.ndirty == 0 {
+        if st.dirty.is_empty() {
             st.wb_fd = None;
             self.dirty_files.lock().remove(&f.ino);
         }
@@ -585,7 +584,10 @@ impl PageCache {
     /// Does the cache hold dirty pages of `ino` (or a change not yet written)?
     pub fn is_dirty(&self, ino: u64) -> bool {
         self.dirty_files.lock().contains_key(&ino)
-            || self.files.get(&ino).is_some_and(|f| f.st.lock().ndirty > 0)
+            || self
+                .files
+                .get(&ino)
+                .is_some_and(|f| !f.st.lock().dirty.is_empty())
     }
 
     /// Hand `ino` over to I/O that bypasses the cache (FUSE passthrough): forget its pages and
@@ -597,7 +599,7 @@ impl PageCache {
         };
         {
             let st = f.st.lock();
-            if st.ndirty > 0 || st.mtime_pending || st.error.is_some() {
+            if !st.dirty.is_empty() || st.mtime_pending || st.error.is_some() {
                 return false;
             }
         }
@@ -657,7 +659,7 @@ impl PageCache {
             let mut s = f.st.lock();
             s.disk_size = size;
             s.prealloc = past_end(st);
-            if s.ndirty == 0 || size > s.size {
+            if s.dirty.is_empty() || size > s.size {
                 s.size = size;
             }
             if !s.mtime_pending {
@@ -881,6 +883,80 @@ mod tests {
             let want = if i % 3 == 0 { 2 } else { 1 };
             assert_eq!(disk[at..at + 8], [want; 8], "page {i}");
         }
+    }
+
+    /// The dirty index holds exactly the dirty pages, and the byte count matches.
+    fn assert_dirty_index(c: &PageCache, ino: u64) {
+        let f = c.files.get(&ino).map(|f| f.clone()).expect("file");
+        let st = f.st.lock();
+        let flagged: BTreeSet<u64> = st
+            .pages
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Ready(p) if p.dirty))
+            .map(|(&i, _)| i)
+            .collect();
+        assert_eq!(st.dirty, flagged, "dirty index");
+        assert_eq!(c.dirty_bytes(), flagged.len() as u64 * P);
+    }
+
+    /// Writes, partial write-back, rewrites, truncates and reads in a random order keep the
+    /// dirty index equal to the dirty pages, and a sync leaves the file as written.
+    #[test]
+    fn the_dirty_index_follows_every_change() {
+        let pages = 64u64;
+        let (_d, fd) = tmpfile(&vec![0u8; (pages * P) as usize]);
+        let c = PageCache::new(cfg(64 << 20), None).expect("cache");
+        let ra = Mutex::new(RaState::default());
+        let mut model = vec![0u8; (pages * P) as usize];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for step in 0..400 {
+            match next(6) {
+                0..=2 => {
+                    let off = next(pages * P - 9000);
+                    let len = 1 + next(9000) as usize;
+                    let b = (step % 250) as u8 + 1;
+                    c.write(9, &fd, off, &vec![b; len]).expect("write");
+                    let end = (off as usize + len).max(model.len());
+                    model.resize(end, 0);
+                    model[off as usize..off as usize + len].fill(b);
+                }
+                3 => {
+                    let f = c.files.get(&9).map(|f| f.clone());
+                    if let Some(f) = f {
+                        c.writeback_file(&f, 1 + next(5)).expect("write-back");
+                    }
+                }
+                4 => {
+                    let size = next(pages * P);
+                    c.truncate_with(9, size, || nix::unistd::ftruncate(fd.as_fd(), size as i64))
+                        .expect("truncate");
+                    model.truncate(size as usize);
+                    model.resize((pages * P) as usize, 0);
+                    c.truncate_with(9, pages * P, || {
+                        nix::unistd::ftruncate(fd.as_fd(), (pages * P) as i64)
+                    })
+                    .expect("extend");
+                }
+                _ => {
+                    let off = next(pages * P);
+                    c.read(9, &ra, &fd, off, 8192).expect("read");
+                }
+            }
+            if c.files.contains_key(&9) {
+                assert_dirty_index(&c, 9);
+            }
+        }
+        c.sync_file(9).expect("sync");
+        assert_dirty_index(&c, 9);
+        let mut disk = vec![0u8; model.len()];
+        crate::layer::sys::pread_full(fd.as_fd(), &mut disk, 0).expect("pread");
+        assert!(disk == model, "file content after sync");
     }
 
     #[test]
