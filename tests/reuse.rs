@@ -128,6 +128,67 @@ fn open_file_survives_its_name(root: &Path, what: &str) {
     assert_eq!(s, "and back", "{what}: a shows what was written to b");
 }
 
+/// A removed file held by an O_PATH fd, another file then under its old name (created anew, or
+/// renamed over it): nothing done through the held fd reaches the new file — a reopen through
+/// /proc, a write, an xattr (the daemon once opened the held node's file by its old name: one
+/// user could read and write another's private file that way).
+fn held_removed_file_does_not_reach_its_successor(root: &Path, what: &str) {
+    use std::os::fd::AsRawFd;
+    for (i, replace_by_rename) in [false, true].into_iter().enumerate() {
+        let p = root.join(format!("victim{i}"));
+        fs::write(&p, "old content").unwrap();
+        let held = hold(&p);
+        if replace_by_rename {
+            let q = root.join(format!("other{i}"));
+            fs::write(&q, "someone else's secret").unwrap();
+            fs::rename(&q, &p).unwrap_or_else(|e| panic!("{what}: rename over: {e}"));
+        } else {
+            fs::remove_file(&p).unwrap();
+            fs::write(&p, "someone else's secret").unwrap();
+        }
+        let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
+        // Kernel overlayfs reopens the removed file itself; we may refuse (ENOENT/EIO/ESTALE).
+        if let Ok(s) = fs::read_to_string(&proc) {
+            assert_eq!(s, "old content", "{what}: reopened the removed file ({i})");
+        }
+        if let Ok(mut f) = fs::OpenOptions::new().write(true).open(&proc) {
+            let _ = f.write_all(b"PWNED");
+        }
+        let name = std::ffi::CString::new(proc.clone()).unwrap();
+        // SAFETY: setxattr(2) with valid C strings and a 1-byte value.
+        unsafe {
+            libc::setxattr(
+                name.as_ptr(),
+                c"user.evil".as_ptr(),
+                b"1".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(
+            fs::read_to_string(&p).unwrap(),
+            "someone else's secret",
+            "{what}: the new file was changed through the held one ({i})"
+        );
+        let mut buf = [0u8; 8];
+        let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: getxattr(2) into a buffer of its stated size.
+        let r = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                c"user.evil".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert!(
+            r < 0,
+            "{what}: an xattr set through the held file landed on the new one ({i})"
+        );
+        drop(held);
+    }
+}
+
 fn upper() -> Vec<Entry> {
     vec![file("a", "linked"), hardlink("b", "a")]
 }
@@ -139,6 +200,7 @@ fn new_objects_under_reused_inode_numbers_work() {
         let reused = new_objects_after_removed_held_ones(&m.merged, "unionfs-rs");
         eprintln!("unionfs-rs: {reused} of 600 new objects reused a held one's inode number");
         open_file_survives_its_name(&m.merged, "unionfs-rs");
+        held_removed_file_does_not_reach_its_successor(&m.merged, "unionfs-rs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
@@ -149,6 +211,7 @@ fn new_objects_under_reused_inode_numbers_work_on_kernel_overlayfs() {
         let m = OverlayMount::new(&[vec![file("lower", "l")]], &upper());
         new_objects_after_removed_held_ones(&m.path(""), "kernel overlayfs");
         open_file_survives_its_name(&m.path(""), "kernel overlayfs");
+        held_removed_file_does_not_reach_its_successor(&m.path(""), "kernel overlayfs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }

@@ -374,6 +374,7 @@ impl Union {
                     Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
                     Err(e) => return Err(Error::new(e, "open backing file")),
                 };
+                self.check_opened(node, st.top(), fd.as_fd())?;
                 match register(fd.as_fd()) {
                     Ok(b) => (b, Arc::new(fd)),
                     Err(e) => {
@@ -422,6 +423,19 @@ impl Union {
         }))
     }
 
+    /// `fd`, just opened by the name of `node`'s object in layer `r`, is that object. The
+    /// name was checked before (an unlinked node has none), but it can change hands between
+    /// that check and the open (an unlink or a rename over it, then another user's file
+    /// under it): a handle of this node must never reach that file.
+    fn check_opened(&self, node: &Node, r: LayerRef, fd: BorrowedFd<'_>) -> Result<()> {
+        let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
+        let st = node.st.lock();
+        if st.unlinked || self.node_ino(r, &fs, st.parent, &st.name) != node.ino {
+            return Err(Error::new(Errno::ENOENT, "open: the file was removed"));
+        }
+        Ok(())
+    }
+
     /// Open `node` through the daemon (and the page cache).
     fn open_daemon(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
         let ino = node.ino;
@@ -458,6 +472,7 @@ impl Union {
             }
             Err(e) => return Err(Error::new(e, "open")),
         };
+        self.check_opened(node, st.top(), fd.as_fd())?;
         let fh = self.add_handle_with(ino, fd, (writable, st.upper), flags, nocache);
         drop(st);
         if cached && !nocache && f.contains(OFlag::O_TRUNC) {

@@ -766,6 +766,11 @@ impl Union {
         }
         let (parent, name) = {
             let st = node.st.lock();
+            if st.unlinked {
+                // Its last name is gone and may be another file's now: an unlinked file is
+                // reached through its open handles only, never by name.
+                return Err(Error::new(Errno::ENOENT, "the file was removed"));
+            }
             (st.parent, st.name.clone())
         };
         if parent == 0 {

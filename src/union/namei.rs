@@ -223,6 +223,19 @@ impl Union {
         Ok(false)
     }
 
+    /// The node id of the object `fs` found as (parent, name) in layer `r`.
+    pub(crate) fn node_ino(&self, r: LayerRef, fs: &FileStat, parent: u64, name: &OsStr) -> u64 {
+        let is_dir = fs.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if r != LayerRef::Upper && !is_dir && fs.st_nlink > 1 {
+            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
+            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
+            // or setattr, so each name needs its own node to copy up the right one.
+            per_name_ino(parent, name, fs.st_ino)
+        } else {
+            self.ino_for(r, fs)
+        }
+    }
+
     /// Turn a lookup result into a node (existing or new) under (parent, name).
     pub(crate) fn node_for(
         &self,
@@ -233,14 +246,7 @@ impl Union {
     ) -> (Arc<Node>, Attr) {
         let kind = f.stat.st_mode & libc::S_IFMT;
         let is_dir = kind == libc::S_IFDIR;
-        let ino = if f.top != LayerRef::Upper && !is_dir && f.stat.st_nlink > 1 {
-            // Names of a hard-linked lower file are separate inodes until copy-up breaks the
-            // link (as in the kernel without index=on); FUSE tells us only the inode of an open
-            // or setattr, so each name needs its own node to copy up the right one.
-            per_name_ino(parent, name, f.stat.st_ino)
-        } else {
-            self.ino_for(f.top, &f.stat)
-        };
+        let ino = self.node_ino(f.top, &f.stat, parent, name);
         let fresh = NodeState {
             parent,
             name: name.to_os_string(),
