@@ -232,12 +232,15 @@ impl Quota {
         if n == 0 {
             return Ok(());
         }
-        let ceiling = self.ceiling(kind);
+        let ceiling = self.ceiling(kind).map(|c| c.min(i64::MAX as u64) as i64);
         let ctr = self.counter(kind);
+        // Checked: a request for 2^63 bytes or more (fallocate of LLONG_MAX) must be refused,
+        // not wrap the counter negative and pass.
+        let n = i64::try_from(n).ok();
         let r = ctr.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            let next = cur + n as i64;
+            let next = cur.checked_add(n?)?;
             match ceiling {
-                Some(c) if next > c as i64 => None,
+                Some(c) if next > c => None,
                 _ => Some(next),
             }
         });
@@ -267,7 +270,9 @@ impl Quota {
     pub fn available_bytes(&self) -> u64 {
         match self.ceiling(Kind::Blocks) {
             None => u64::MAX,
-            Some(c) => (c as i64 - self.bytes.load(Ordering::Acquire)).max(0) as u64,
+            Some(c) => (c.min(i64::MAX as u64) as i64)
+                .saturating_sub(self.bytes.load(Ordering::Acquire))
+                .max(0) as u64,
         }
     }
 
@@ -491,6 +496,29 @@ mod tests {
         assert_eq!(quota.reserve_bytes(1), Err(Errno::ENOSPC));
         quota.adjust_bytes(-4000);
         assert_eq!(quota.available_bytes(), 4000);
+    }
+
+    /// Requests of 2^63 bytes or more, or that would carry usage past i64::MAX, are refused
+    /// (they once wrapped the counter negative and passed); a limit past i64::MAX holds.
+    #[test]
+    fn huge_requests_do_not_wrap() {
+        let quota = q(Limits {
+            bhard: 1 << 30,
+            ..Limits::default()
+        });
+        quota.reserve_bytes(4096).unwrap();
+        assert_eq!(quota.reserve_bytes(1 << 63), Err(Errno::ENOSPC));
+        assert_eq!(quota.reserve_bytes(u64::MAX), Err(Errno::ENOSPC));
+        assert_eq!(quota.reserve_bytes(i64::MAX as u64), Err(Errno::ENOSPC));
+        assert_eq!(quota.usage().0, 4096);
+        let unlimited = q(Limits {
+            bhard: u64::MAX,
+            ..Limits::default()
+        });
+        unlimited.reserve_bytes(1 << 40).unwrap();
+        assert_eq!(unlimited.reserve_bytes(i64::MAX as u64), Err(Errno::ENOSPC));
+        assert_eq!(unlimited.usage().0, 1 << 40);
+        assert!(unlimited.available_bytes() > 1 << 62);
     }
 
     #[test]
