@@ -289,6 +289,42 @@ fn reads_see_every_write_through_any_handle_and_mmap() {
     })
 }
 
+/// A write far past the largest file upper's filesystem holds (ext4: 16 TiB) fails with
+/// EFBIG at once, as on the filesystem itself; it once went into the cache, every write-back
+/// of it failed, and its pages held the dirty budget for good: other writers then waited at
+/// the dirty limit and failed (review).
+#[test]
+fn a_write_past_the_largest_file_fails_at_once() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_with(&["--cache-size", "8M"]);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.path("far"))
+            .expect("create");
+        for i in 0..4u64 {
+            let r = f.write_at(&[7u8; 1 << 20], (1 << 50) + i * MIB);
+            assert_eq!(
+                r.map_err(|e| e.raw_os_error()),
+                Err(Some(libc::EFBIG)),
+                "write at 1 PiB"
+            );
+        }
+        // The cache is not held: writes elsewhere are accepted and synced.
+        let mut g = File::create(m.path("other")).expect("create");
+        for _ in 0..16 {
+            g.write_all(&[1u8; 1 << 20]).expect("write other");
+        }
+        g.sync_all().expect("fsync other");
+        assert_eq!(stats(&m.merged)["dirty_bytes"], 0);
+        assert_eq!(fs::metadata(m.path("far")).expect("stat").len(), 0);
+        drop((f, g));
+        m.unmount().expect("unmount");
+    })
+}
+
 #[test]
 fn truncate_and_unlink_drop_pages() {
     with_timeout(TIMEOUT, || {

@@ -428,6 +428,9 @@ impl PageCache {
             let t0 = Instant::now();
             let mut res = Ok(());
             let mut written_end = 0u64;
+            // batch[..ok_upto] reached the file; batch[ok_upto..failed_to] is the run whose
+            // write failed (the rest was not tried).
+            let (mut ok_upto, mut failed_to) = (batch.len(), batch.len());
             let mut i = 0;
             while i < batch.len() && res.is_ok() {
                 let mut j = i + 1;
@@ -445,23 +448,43 @@ impl PageCache {
                         .filter(|b| !b.is_empty())
                         .collect();
                     res = pwritev_all(&fd, &parts, start);
+                    if res.is_err() {
+                        (ok_upto, failed_to) = (i, j);
+                        break;
+                    }
                     written_end = written_end.max(start + len as u64);
                 }
                 i = j;
             }
+            // Past the largest file upper's filesystem can hold: those pages can never be
+            // written, and kept dirty they would hold the dirty budget (and every writer of
+            // the mount at the limit) for good. Dropped, the error kept for fsync — what the
+            // kernel does with pages whose write-back fails.
+            let lost_to = if res == Err(Errno::EFBIG) {
+                failed_to
+            } else {
+                ok_upto
+            };
             self.writeback.fetch_sub(n * P, Ordering::AcqRel);
             let mut st = f.st.lock();
             let mut cleaned = 0u64;
             let mut released = 0u64;
             let mut lru_add = Vec::new();
-            for (idx, _, wseq) in &batch {
+            let mut lost = Vec::new();
+            for (k, (idx, _, wseq)) in batch.iter().enumerate() {
                 if let Some(Slot::Ready(p)) = st.pages.get_mut(idx) {
                     p.writeback = false;
-                    if res.is_ok() {
+                    if k < lost_to {
                         if std::mem::take(&mut p.charged) {
                             released += P;
                         }
-                        if p.wseq == *wseq {
+                        if k >= ok_upto {
+                            // Even if rewritten meanwhile: no write of it can succeed.
+                            if p.dirty {
+                                cleaned += 1;
+                            }
+                            lost.push(*idx);
+                        } else if p.wseq == *wseq {
                             p.dirty = false;
                             st.dirty.remove(idx);
                             cleaned += 1;
@@ -470,6 +493,23 @@ impl PageCache {
                     }
                 }
             }
+            for idx in &lost {
+                st.pages.remove(idx);
+                st.dirty.remove(idx);
+            }
+            if !lost.is_empty() {
+                st.disk_size = st.disk_size.max(written_end);
+                if st.dirty.is_empty() {
+                    // The size those writes showed was never the file's.
+                    st.size = st.disk_size;
+                }
+                let mut lru = self.lru.lock();
+                for idx in &lost {
+                    lru.pop(&(f.ino, *idx));
+                }
+            }
+            self.bytes
+                .fetch_sub(lost.len() as u64 * P, Ordering::AcqRel);
             self.dirty.fetch_sub(cleaned * P, Ordering::AcqRel);
             match res {
                 Ok(()) => {

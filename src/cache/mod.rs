@@ -959,6 +959,59 @@ mod tests {
         assert!(disk == model, "file content after sync");
     }
 
+    /// Pages past the largest file the filesystem takes (EFBIG) are dropped at write-back,
+    /// the error kept for fsync: kept dirty, they held the dirty budget for good and every
+    /// writer of the mount waited at the limit. Run in a child process of its own: the limit
+    /// is RLIMIT_FSIZE, which applies to the whole process.
+    #[test]
+    fn pages_past_the_file_size_limit_are_dropped_at_write_back() {
+        const CHILD: &str = "UNIONFS_TEST_EFBIG_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+                .args([
+                    "--exact",
+                    "cache::tests::pages_past_the_file_size_limit_are_dropped_at_write_back",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .expect("run the child");
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        // SAFETY: ignoring SIGXFSZ (so a write past the limit fails with EFBIG instead of
+        // killing the process) and lowering RLIMIT_FSIZE, in this child process only.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 16 * P,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+        let (_d, fd) = tmpfile(&[]);
+        let c = PageCache::new(cfg(64 << 20), None).expect("cache");
+        c.write(9, &fd, 0, &vec![1u8; 8 * PAGE])
+            .expect("write below");
+        c.write(9, &fd, 32 * P, &vec![2u8; 4 * PAGE])
+            .expect("write past");
+        assert_eq!(c.dirty_bytes(), 12 * P);
+        assert_eq!(c.sync_file(9), Err(Errno::EFBIG));
+        assert_eq!(c.dirty_bytes(), 0, "nothing stays dirty");
+        assert_dirty_index(&c, 9);
+        // What fit is on disk, the size is the file's again, and the next sync is clean.
+        let st = nix::sys::stat::fstat(fd.as_fd()).expect("fstat");
+        assert_eq!(st.st_size as u64, 8 * P);
+        assert_eq!(c.attr_override(9).map(|a| a.0), Some(8 * P));
+        c.sync_file(9).expect("nothing left to write");
+        // The budget is free: more writes below the limit go through.
+        c.write(9, &fd, 8 * P, &vec![3u8; 4 * PAGE]).expect("write");
+        c.sync_file(9).expect("sync");
+        assert_eq!(c.dirty_bytes(), 0);
+    }
+
     #[test]
     fn reads_reply_from_shared_buffers_and_writes_copy() {
         let data: Vec<u8> = (0..16 * PAGE).map(|i| (i % 253) as u8).collect();

@@ -166,6 +166,10 @@ fn is_writable(f: OFlag) -> bool {
     acc == OFlag::O_WRONLY || acc == OFlag::O_RDWR || f.contains(OFlag::O_TRUNC)
 }
 
+/// Writes ending past 1 TiB bypass the page cache (see [`Union::write_flags`]): ext4's largest
+/// file is 16 TiB (4 KiB blocks) and FUSE lets writes reach 8 EiB.
+const CACHED_WRITE_END_MAX: u64 = 1 << 40;
+
 impl Union {
     /// Offer FUSE passthrough at INIT? (Asked for, and the daemon may register backing files:
     /// root in the initial user namespace.)
@@ -681,7 +685,9 @@ impl Union {
         self.write_flags(fh, off, data, 0)
     }
 
-    /// write(2) with the caller's per-write flags (`O_SYNC`/`O_DSYNC` from RWF_*SYNC).
+    /// write(2) with the caller's per-write flags (`O_SYNC`/`O_DSYNC` from RWF_*SYNC). Writes
+    /// reaching past [`CACHED_WRITE_END_MAX`] go straight to the file, so that upper's own
+    /// limit on file size (EFBIG) reaches the writer, not a later write-back.
     pub fn write_flags(&self, fh: u64, off: u64, data: &[u8], flags: i32) -> Result<usize> {
         let f = self.handle(fh)?;
         f.check_lost()?;
@@ -700,6 +706,7 @@ impl Union {
             }
         }
         if let (Some(c), false, true) = (&self.cache, f.nocache, f.in_upper)
+            && off.saturating_add(data.len() as u64) <= CACHED_WRITE_END_MAX
             && !self.upper_nearly_full(c, data.len() as u64)
         {
             if self.quota.is_some() {
