@@ -8,6 +8,7 @@
 //! daemon touch a file outside the layer. This module knows nothing of unions.
 
 pub mod sys;
+pub mod walk;
 
 use std::ffi::{OsStr, OsString};
 use std::io;

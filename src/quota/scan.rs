@@ -2,14 +2,9 @@
 //! inode once (hard links) and its allocated bytes (st_blocks × 512).
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 
-use nix::dir::{Dir, Type};
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 
 /// Running totals of a scan.
 #[derive(Debug, Default)]
@@ -39,48 +34,23 @@ pub fn scan_dir(dir: &OwnedFd, t: &mut Totals, progress: &mut dyn FnMut(u64)) ->
     walk(dir, t, progress)
 }
 
+/// Iterative, with a bounded number of open directories ([`crate::layer::walk`]): upper is
+/// built by the mount's users, and a chain of directories 100,000 deep must not overflow the
+/// stack or run out of descriptors at the next mount.
 fn walk(dir: &OwnedFd, t: &mut Totals, progress: &mut dyn FnMut(u64)) -> Result<(), Errno> {
-    let dup = nix::unistd::dup(dir.as_fd())?;
-    let mut d = Dir::from_fd(dup)?;
-    let mut subdirs = Vec::new();
-    for e in d.iter() {
-        let e = e?;
-        let name = e.file_name().to_bytes();
-        if name == b"." || name == b".." {
-            continue;
-        }
-        let name = OsStr::from_bytes(name);
-        let st = match crate::layer::stat_at(dir.as_fd(), name) {
+    crate::layer::walk::walk(dir.as_fd(), &mut |v| {
+        let crate::layer::walk::Visit::Entry { dir, name, .. } = v else {
+            return Ok(true);
+        };
+        let st = match crate::layer::stat_at(dir, name) {
             Ok(st) => st,
-            Err(Errno::ENOENT) => continue,
+            Err(Errno::ENOENT) => return Ok(false),
             Err(e) => return Err(e),
         };
         t.add(&st);
         if t.inodes % 10_000 == 0 {
             progress(t.inodes);
         }
-        let is_dir = match e.file_type() {
-            Some(Type::Directory) => true,
-            Some(_) => false,
-            None => st.st_mode & libc::S_IFMT == libc::S_IFDIR,
-        };
-        if is_dir {
-            subdirs.push(name.to_os_string());
-        }
-    }
-    drop(d);
-    for s in subdirs {
-        let sub = match nix::fcntl::openat(
-            dir.as_fd(),
-            s.as_os_str(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(f) => f,
-            Err(Errno::ENOENT) => continue,
-            Err(e) => return Err(e),
-        };
-        walk(&sub, t, progress)?;
-    }
-    Ok(())
+        Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+    })
 }

@@ -532,35 +532,49 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
-/// [`remove_dir_contents`] of the top-level entries `remove` picks.
+/// [`remove_dir_contents`] of the top-level entries `remove` picks. Iterative, with a bounded
+/// number of open directories ([`layer::walk`]): the tree may be one users built, a hundred
+/// thousand levels deep.
 fn remove_dir_contents_where(dir: &OwnedFd, remove: impl Fn(&OsStr) -> bool) -> (i64, i64) {
-    let Ok(dup) = nix::unistd::dup(dir.as_fd()) else {
-        return (0, 0);
+    let mut freed = (0i64, 0i64);
+    let mut count = |st: Option<FileStat>, is_dir: bool| {
+        if let Some(st) = st
+            && (is_dir || st.st_nlink <= 1)
+        {
+            freed.0 += super::charge::alloc(&st);
+            freed.1 += 1;
+        }
     };
-    let Ok(mut d) = nix::dir::Dir::from_fd(dup) else {
-        return (0, 0);
-    };
-    let names: Vec<(std::ffi::OsString, bool)> = d
-        .iter()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            use std::os::unix::ffi::OsStrExt;
-            let b = e.file_name().to_bytes();
-            b != b"." && b != b".." && remove(OsStr::from_bytes(b))
-        })
-        .map(|e| {
-            use std::os::unix::ffi::OsStrExt;
-            (
-                OsStr::from_bytes(e.file_name().to_bytes()).to_os_string(),
-                e.file_type() == Some(nix::dir::Type::Directory),
-            )
-        })
-        .collect();
-    let mut freed = (0, 0);
-    for (n, is_dir) in names {
-        let f = remove_tmp(dir.as_fd(), &n, is_dir);
-        freed.0 += f.0;
-        freed.1 += f.1;
+    let walked = layer::walk::walk(dir.as_fd(), &mut |v| match v {
+        layer::walk::Visit::Entry {
+            dir,
+            name,
+            is_dir,
+            depth,
+        } => {
+            if depth == 0 && !remove(name) {
+                return Ok(false);
+            }
+            if is_dir {
+                // Removed once emptied (Done).
+                return Ok(true);
+            }
+            let st = layer::stat_at(dir, name).ok();
+            if nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir).is_ok() {
+                count(st, false);
+            }
+            Ok(false)
+        }
+        layer::walk::Visit::Done { dir, name, .. } => {
+            let st = layer::stat_at(dir, name).ok();
+            if nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::RemoveDir).is_ok() {
+                count(st, true);
+            }
+            Ok(true)
+        }
+    });
+    if let Err(e) = walked {
+        log::warn!("removing a scratch tree: {e}");
     }
     freed
 }
