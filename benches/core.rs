@@ -100,7 +100,8 @@ fn benches(c: &mut Criterion) {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     let many = 10_000.min(hard.saturating_sub(256) as usize);
-    for held in [0usize, many] {
+    // Held on other files, or all on the file opened and released (O(1) per release too).
+    for (held, same) in [(0usize, false), (many, false), (many, true)] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let u = build(tmp.path(), 2, 0);
         // With the page cache, as mounts have by default (a last close settles its pages).
@@ -123,10 +124,16 @@ fn benches(c: &mut Criterion) {
         let handles: Vec<u64> = (0..held)
             .map(|_| {
                 let fd = fs::File::open(&upper).expect("open upper");
-                u.add_handle(f.ino + 1 + held as u64, fd.into(), false, true)
+                let on = if same { f.ino } else { f.ino + 1 + held as u64 };
+                u.add_handle(on, fd.into(), false, true)
             })
             .collect();
-        g.bench_with_input(BenchmarkId::from_parameter(held), &held, |b, _| {
+        let id = if same {
+            format!("{held}_on_the_same_file")
+        } else {
+            held.to_string()
+        };
+        g.bench_with_input(BenchmarkId::from_parameter(id), &held, |b, _| {
             b.iter(|| {
                 let fh = u.open(f.ino, libc::O_RDONLY).expect("open");
                 u.release(fh);

@@ -596,31 +596,36 @@ impl Union {
         {
             return Some(f);
         }
-        self.handles_on(ino).into_iter().find(|f| f.in_upper)
+        self.handles_of
+            .get(&ino)?
+            .values()
+            .find(|f| f.in_upper)
+            .cloned()
     }
 
     /// The handles open on node `ino` now.
     pub(crate) fn handles_on(&self, ino: u64) -> Vec<Arc<OpenFile>> {
-        let Some(fhs) = self.handles_of.get(&ino).map(|v| v.clone()) else {
-            return Vec::new();
-        };
-        fhs.into_iter()
-            .filter_map(|fh| self.files.get(&fh).map(|f| f.clone()))
-            .collect()
+        self.handles_of
+            .get(&ino)
+            .map(|h| h.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Register handle `fh` (indexed by node too).
     fn insert_handle(&self, fh: u64, f: Arc<OpenFile>) {
-        // Index first: a lookup through the index skips a handle not in `files` yet.
-        self.handles_of.entry(f.ino).or_default().push(fh);
+        self.handles_of
+            .entry(f.ino)
+            .or_default()
+            .insert(fh, f.clone());
         self.files.insert(fh, f);
     }
 
-    /// Drop handle `fh` from the table and the index.
+    /// Drop handle `fh` from the table and the index (O(1): a file opened 100,000 times
+    /// closes as fast as one opened once).
     fn remove_handle(&self, fh: u64) -> Option<Arc<OpenFile>> {
         let (_, f) = self.files.remove(&fh)?;
         if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.handles_of.entry(f.ino) {
-            e.get_mut().retain(|&h| h != fh);
+            e.get_mut().remove(&fh);
             if e.get().is_empty() {
                 e.remove();
             }

@@ -352,7 +352,9 @@ pub struct Union {
     pub(crate) files: DashMap<u64, Arc<file::OpenFile>>,
     /// The handles of `files` by node, so that "is this file open in upper?" (every unlink,
     /// last close, rename over a file) costs a lookup, not a walk through every open file.
-    pub(crate) handles_of: DashMap<u64, Vec<u64>>,
+    /// Each node's handles by handle id (a map: closing one of many handles of a file costs
+    /// O(1), and "is another open in upper?" stops at the first).
+    pub(crate) handles_of: DashMap<u64, std::collections::HashMap<u64, Arc<file::OpenFile>>>,
     /// Generations of directory listings (readdir offsets).
     pub(crate) list_seq: AtomicU64,
     /// Directory listings made (each reads the directory in every layer).
