@@ -314,7 +314,7 @@ impl Union {
         let fs = layer::stat_at(dir.as_fd(), newname).ctx("stat link")?;
         {
             let mut st = node.st.lock();
-            Arc::make_mut(&mut st.aliases).push((newparent, newname.to_os_string()));
+            Arc::make_mut(&mut st.aliases).insert((newparent, newname.to_os_string()));
         }
         node.nlookup.fetch_add(1, Ordering::AcqRel);
         let st = node.state();

@@ -33,7 +33,7 @@ pub struct NodeState {
     pub name: OsString,
     /// Other (parent, name) pairs of a hard-linked node (shared: a snapshot of the state,
     /// taken at every open, does not copy thousands of names of a much-linked file).
-    pub aliases: Arc<Vec<(u64, OsString)>>,
+    pub aliases: Arc<std::collections::HashSet<(u64, OsString)>>,
     /// Present in the upper layer.
     pub upper: bool,
     /// Non-directories: the lower layer holding the object (the copy-up origin).

@@ -287,18 +287,15 @@ impl Union {
                 st.lowers = fresh.lowers.clone();
                 st.opaque = fresh.opaque;
                 let same = st.parent == parent && st.name.as_os_str() == name;
-                if !same
-                    && !st
-                        .aliases
-                        .iter()
-                        .any(|(p, n)| *p == parent && n.as_os_str() == name)
-                {
+                // A set: 60,000 names of one file are looked up in O(1) each, not a scan of
+                // them all (quadratic; review).
+                if !same && !st.aliases.contains(&(parent, name.to_os_string())) {
                     if is_dir {
                         // A directory has one name: it moved.
                         st.parent = parent;
                         st.name = name.to_os_string();
                     } else {
-                        Arc::make_mut(&mut st.aliases).push((parent, name.to_os_string()));
+                        Arc::make_mut(&mut st.aliases).insert((parent, name.to_os_string()));
                     }
                 }
             }
@@ -350,7 +347,9 @@ fn per_name_ino(parent: u64, name: &OsStr, ino: u64) -> u64 {
 pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
     let mut st = node.st.lock();
     if st.parent == parent && st.name.as_os_str() == name {
-        if let Some((p, n)) = Arc::make_mut(&mut st.aliases).pop() {
+        let next = st.aliases.iter().next().cloned();
+        if let Some((p, n)) = next {
+            Arc::make_mut(&mut st.aliases).remove(&(p, n.clone()));
             st.parent = p;
             st.name = n;
         } else {
@@ -359,7 +358,10 @@ pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
             node.reset_dirfds();
         }
     } else {
-        Arc::make_mut(&mut st.aliases).retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+        let key = (parent, name.to_os_string());
+        if st.aliases.contains(&key) {
+            Arc::make_mut(&mut st.aliases).remove(&key);
+        }
     }
 }
 
@@ -369,11 +371,10 @@ pub(crate) fn move_name(node: &Node, parent: u64, name: &OsStr, np: u64, nn: &Os
     if st.parent == parent && st.name.as_os_str() == name {
         st.parent = np;
         st.name = OsString::from(nn);
-    } else if let Some(a) = Arc::make_mut(&mut st.aliases)
-        .iter_mut()
-        .find(|(p, n)| *p == parent && n.as_os_str() == name)
-    {
-        *a = (np, OsString::from(nn));
+    } else if st.aliases.contains(&(parent, name.to_os_string())) {
+        let a = Arc::make_mut(&mut st.aliases);
+        a.remove(&(parent, name.to_os_string()));
+        a.insert((np, OsString::from(nn)));
     } else {
         st.parent = np;
         st.name = OsString::from(nn);
