@@ -254,6 +254,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             s.push_str(&format!(
                 ",\"deferred_releases\":{rel},\"deferred_releases_pending\":{rel_pending},\"releases_in_request\":{rel_over}"
             ));
+            let (dirfds, dirfd_cap, dirfd_evictions) = union.dirfd_stats();
+            s.push_str(&format!(
+                ",\"dir_fds\":{dirfds},\"dir_fd_cap\":{dirfd_cap},\"dir_fd_evictions\":{dirfd_evictions}"
+            ));
             let (made, kept, kept_entries) = union.listing_stats();
             s.push_str(&format!(
                 ",\"listings_made\":{made},\"listings_kept\":{kept},\"listing_entries_kept\":{kept_entries}"

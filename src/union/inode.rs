@@ -103,7 +103,10 @@ pub struct Node {
     pub freed: std::sync::atomic::AtomicBool,
     /// Directories: open fds of this directory in each layer, opened once beneath the layer
     /// root and then used for every lookup, create and readdir in it (they follow renames).
-    pub dirfds: Mutex<Vec<(LayerRef, Arc<OwnedFd>)>>,
+    pub dirfds: Mutex<Vec<CachedDir>>,
+    /// A cached fd of this directory was used since the last sweep of the dir-fd cache
+    /// (second chance before it is closed: `Union::evict_dirfds`).
+    pub dirfd_used: std::sync::atomic::AtomicBool,
     /// Bumped whenever the node starts naming another directory (or none): an fd opened
     /// under an older generation is not cached.
     pub dirgen: AtomicU64,
@@ -148,6 +151,37 @@ pub struct KernelIo {
 /// Cached xattrs of a node: (layer name, value) pairs.
 pub type XattrCache = Arc<Vec<(std::ffi::OsString, Vec<u8>)>>;
 
+/// Directory fds cached in nodes, process-wide: what the dir-fd cap bounds.
+static DIRFDS_CACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many directory fds nodes cache now.
+pub fn dirfds_cached() -> usize {
+    DIRFDS_CACHED.load(Ordering::Relaxed)
+}
+
+/// One directory fd cached in a node (counted while cached).
+#[derive(Debug)]
+pub struct CachedDir {
+    /// The layer it is open in.
+    pub layer: LayerRef,
+    /// The open directory.
+    pub fd: Arc<OwnedFd>,
+}
+
+impl CachedDir {
+    /// Cache `fd`, the directory in `layer`.
+    pub fn new(layer: LayerRef, fd: Arc<OwnedFd>) -> CachedDir {
+        DIRFDS_CACHED.fetch_add(1, Ordering::Relaxed);
+        CachedDir { layer, fd }
+    }
+}
+
+impl Drop for CachedDir {
+    fn drop(&mut self) {
+        DIRFDS_CACHED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Node {
     /// A node with the given identity and state.
     pub fn new(ino: u64, kind: u32, st: NodeState) -> Node {
@@ -161,6 +195,7 @@ impl Node {
             io_lock: Mutex::new(None),
             freed: std::sync::atomic::AtomicBool::new(false),
             dirfds: Mutex::new(Vec::new()),
+            dirfd_used: std::sync::atomic::AtomicBool::new(false),
             // Unique across nodes too: kept listings are found by (node id, generation), and
             // a node id can name another directory after the first one's node is gone.
             dirgen: AtomicU64::new(NEXT_DIRGEN.fetch_add(1 << 32, Ordering::Relaxed)),

@@ -213,6 +213,15 @@ pub struct Caller {
 /// statfs settles recently written files itself up to this many ([`Union::statfs`]).
 const STATFS_SETTLE_MAX: usize = 4096;
 
+/// The dir-fd cap for this process: a quarter of its descriptor limit (the rest is for open
+/// files, passthrough backing files and the kernel's), at least 64 and at most 65,536.
+fn dirfd_cap() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(1024);
+    (soft / 4).clamp(64, 65_536) as usize
+}
+
 impl Union {
     /// Disk ids for view ids (EINVAL when unmapped, as chown(2)).
     pub(crate) fn disk_ids(
@@ -362,6 +371,13 @@ pub struct Union {
     /// Listings kept by directory nodes, oldest first (node, generation, entries), and their
     /// entries in all (the budget: `readdir.rs`).
     pub(crate) kept_listings: parking_lot::Mutex<readdir::KeptListings>,
+    /// Most directory fds nodes may cache (a quarter of the descriptor limit, 64..=65536).
+    pub(crate) dirfd_cap: usize,
+    /// Nodes that cached directory fds, in the order they did (the dir-fd cache's CLOCK).
+    pub(crate) dirfd_queue: parking_lot::Mutex<std::collections::VecDeque<std::sync::Weak<Node>>>,
+    pub(crate) dirfd_sweep: parking_lot::Mutex<()>,
+    /// Cached directory fds closed to stay under the cap.
+    pub(crate) dirfd_evictions: AtomicU64,
     pub(crate) fh_seq: AtomicU64,
     pub(crate) quota: Option<Arc<crate::quota::Quota>>,
     pub(crate) uid_map: idmap::IdMap,
@@ -562,6 +578,10 @@ impl Union {
             list_seq: AtomicU64::new(0),
             listings_made: AtomicU64::new(0),
             kept_listings: parking_lot::Mutex::new(Default::default()),
+            dirfd_cap: dirfd_cap(),
+            dirfd_queue: Default::default(),
+            dirfd_sweep: parking_lot::Mutex::new(()),
+            dirfd_evictions: AtomicU64::new(0),
             fh_seq: AtomicU64::new(1),
             quota,
             uid_map: opts.uid_map.clone(),
@@ -732,8 +752,12 @@ impl Union {
         node: &Node,
         r: LayerRef,
     ) -> std::result::Result<Arc<OwnedFd>, Errno> {
-        if let Some((_, fd)) = node.dirfds.lock().iter().find(|(l, _)| *l == r) {
-            return Ok(fd.clone());
+        if let Some(c) = node.dirfds.lock().iter().find(|c| c.layer == r) {
+            if !node.dirfd_used.load(std::sync::atomic::Ordering::Relaxed) {
+                node.dirfd_used
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok(c.fd.clone());
         }
         let generation = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
         let path = self.path_of(node).map_err(|e| e.errno)?;
@@ -744,11 +768,71 @@ impl Union {
             drop(c);
             return Err(Errno::ESTALE);
         }
-        if let Some((_, f)) = c.iter().find(|(l, _)| *l == r) {
-            return Ok(f.clone());
+        if let Some(f) = c.iter().find(|c| c.layer == r) {
+            return Ok(f.fd.clone());
         }
-        c.push((r, fd.clone()));
+        c.push(inode::CachedDir::new(r, fd.clone()));
+        let first = c.len() == 1;
+        drop(c);
+        if first
+            && let Some(arc) = self.nodes.get(node.ino)
+            && std::ptr::eq(&*arc, node)
+        {
+            let mut q = self.dirfd_queue.lock();
+            if q.len() > 2 * inode::dirfds_cached() + 1024 {
+                // Nodes gone meanwhile: their entries would keep the allocations alive.
+                q.retain(|w| w.strong_count() > 0);
+            }
+            q.push_back(Arc::downgrade(&arc));
+        }
+        if inode::dirfds_cached() > self.dirfd_cap {
+            self.evict_dirfds();
+        }
         Ok(fd)
+    }
+
+    /// (directory fds cached now, the cap, fds closed to stay under it so far).
+    pub fn dirfd_stats(&self) -> (usize, usize, u64) {
+        (
+            inode::dirfds_cached(),
+            self.dirfd_cap,
+            self.dirfd_evictions
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Close cached directory fds until an eighth of the cap is free again: the directories
+    /// not used since the last sweep, oldest cached first (CLOCK). Without a cap, a tree walk
+    /// kept one fd per directory per layer for as long as the kernel held the directory's
+    /// inode, and at the descriptor limit every open of the mount failed with EMFILE.
+    fn evict_dirfds(&self) {
+        let Some(_sweeping) = self.dirfd_sweep.try_lock() else {
+            return;
+        };
+        let target = self.dirfd_cap - self.dirfd_cap / 8;
+        let mut closing: Vec<inode::CachedDir> = Vec::new();
+        {
+            let mut q = self.dirfd_queue.lock();
+            let mut budget = 2 * q.len();
+            while budget > 0 && inode::dirfds_cached().saturating_sub(closing.len()) > target {
+                budget -= 1;
+                let Some(w) = q.pop_front() else { break };
+                let Some(n) = w.upgrade() else { continue };
+                if n.dirfd_used
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    q.push_back(w);
+                    continue;
+                }
+                match n.dirfds.try_lock() {
+                    Some(mut c) => closing.extend(c.drain(..)),
+                    None => q.push_back(w),
+                }
+            }
+        }
+        self.dirfd_evictions
+            .fetch_add(closing.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        drop(closing);
     }
 
     /// The directory holding `node` in layer `r`, with the node's name there (for the root:

@@ -1,0 +1,64 @@
+//! The daemon caches an open fd per directory per layer; those are capped (a quarter of its
+//! descriptor limit) so that a walk over more directories than the limit allows does not make
+//! every later open of the mount fail with EMFILE. The daemon runs here with a descriptor
+//! limit of 1024 (cap 256) over 3,000 directories in two layers.
+
+mod common;
+
+use common::*;
+use std::fs;
+
+const TIMEOUT: u64 = 180;
+const DIRS: usize = 3000;
+
+#[test]
+fn directory_fds_stay_under_the_cap() {
+    with_timeout(TIMEOUT, || {
+        let lower: Vec<Entry> = (0..DIRS)
+            .map(|i| file(&format!("d{i}/f"), &format!("lower {i}")))
+            .collect();
+        let dirs = Dirs::new(&[lower], &[]);
+        // The daemon inherits this limit (and raises its soft limit to it). Lowering the
+        // hard limit cannot be undone without CAP_SYS_RESOURCE: this test binary has no
+        // other test.
+        use nix::sys::resource::{Resource, setrlimit};
+        setrlimit(Resource::RLIMIT_NOFILE, 1024, 1024).expect("lower the limit");
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("mount: {e}"));
+        for i in 0..DIRS {
+            let d = m.merged.join(format!("d{i}"));
+            assert_eq!(
+                fs::read_to_string(d.join("f")).unwrap_or_else(|e| panic!("read d{i}/f: {e}")),
+                format!("lower {i}")
+            );
+            // A create copies the directory up: its upper fd too.
+            fs::write(d.join("new"), "x").unwrap_or_else(|e| panic!("create in d{i}: {e}"));
+        }
+        let out = std::process::Command::new(bin())
+            .args(["stats", "--json"])
+            .arg(&m.merged)
+            .output()
+            .expect("stats");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let num = |k: &str| -> u64 {
+            text.split(&format!("\"{k}\":"))
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in {text}"))
+        };
+        assert_eq!(num("dir_fd_cap"), 256, "{text}");
+        assert!(num("dir_fds") <= 256, "{text}");
+        assert!(num("dir_fd_evictions") >= (DIRS as u64) * 2 - 256, "{text}");
+        // Everything is still there, read back through directories whose fds were closed.
+        for i in (0..DIRS).step_by(7) {
+            let d = m.merged.join(format!("d{i}"));
+            let mut names: Vec<String> = fs::read_dir(&d)
+                .unwrap_or_else(|e| panic!("list d{i}: {e}"))
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["f", "new"], "d{i}");
+        }
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    })
+}
