@@ -67,16 +67,33 @@ const INDEX_BITS: u32 = 21;
 /// Generations are 1..=GENERATIONS (0: none, the offset is a plain index).
 const GENERATIONS: u64 = (1 << (31 - INDEX_BITS)) - 1;
 
-/// Marks a plain index (an entry past 2^21 in its listing: no room for the generation, read
-/// from a fresh listing; such offsets do not fit a 32-bit d_off).
+/// Marks a long index (an entry past 2^21 in its listing): the index in the 31 bits below,
+/// the generation from bit 32 up. Such offsets do not fit a 32-bit d_off, as no offset of such
+/// a directory could. (They once carried no generation, so each batch of a directory of
+/// more than 2 million entries made a fresh listing of it: quadratic.)
 const PLAIN: u64 = 1 << 31;
 
 /// The offset of the entry after index `next - 1` of listing `generation`.
 pub fn dir_offset(generation: u64, next: usize) -> u64 {
     if next as u64 >= 1 << INDEX_BITS {
-        return PLAIN | next as u64;
+        if (next as u64) < PLAIN {
+            return (generation << 32) | PLAIN | next as u64;
+        }
+        return PLAIN | (next as u64 & (PLAIN - 1));
     }
     (generation << INDEX_BITS) | next as u64
+}
+
+/// (generation, index) of a readdir offset (generation 0: none, make a fresh listing).
+fn parse_offset(offset: u64) -> (u64, usize) {
+    if offset & PLAIN != 0 {
+        (offset >> 32, (offset & (PLAIN - 1)) as usize)
+    } else {
+        (
+            offset >> INDEX_BITS,
+            (offset & ((1 << INDEX_BITS) - 1)) as usize,
+        )
+    }
 }
 
 fn dtype_kind(t: Option<Type>) -> u32 {
@@ -226,14 +243,7 @@ impl Union {
         if !node.is_dir() {
             return Err(Error::new(Errno::ENOTDIR, "readdir"));
         }
-        let (generation, index) = if offset & PLAIN != 0 {
-            (0, (offset & !PLAIN) as usize)
-        } else {
-            (
-                offset >> INDEX_BITS,
-                (offset & ((1 << INDEX_BITS) - 1)) as usize,
-            )
-        };
+        let (generation, index) = parse_offset(offset);
         if offset != 0 && generation != 0 {
             let mut kept = self.kept_listings.lock();
             let dirgen = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
@@ -389,8 +399,23 @@ mod tests {
                 );
             }
         }
+        for g in [1, 5, GENERATIONS] {
+            for next in [
+                1usize,
+                1000,
+                (1 << INDEX_BITS) - 1,
+                1 << INDEX_BITS,
+                50_000_000,
+            ] {
+                assert_eq!(parse_offset(dir_offset(g, next)), (g, next));
+            }
+        }
+        // Past 2^21 entries the listing is still named (it used to be made anew per batch).
         let o = dir_offset(5, 1 << INDEX_BITS);
         assert_eq!(o & PLAIN, PLAIN);
-        assert_eq!((o & !PLAIN) as usize, 1 << INDEX_BITS);
+        assert_eq!(parse_offset(o), (5, 1 << INDEX_BITS));
+        assert!(o < 1 << 63, "a valid loff_t");
+        // An offset of the old form (no generation) takes a fresh listing.
+        assert_eq!(parse_offset(PLAIN | 3_000_000), (0, 3_000_000));
     }
 }
