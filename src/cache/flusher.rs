@@ -497,23 +497,36 @@ impl PageCache {
                 st.pages.remove(idx);
                 st.dirty.remove(idx);
             }
+            // What reached the file is on disk whatever came after it (the runs before a
+            // failed one are clean now: a later partial write into one of their pages, evicted
+            // meanwhile, must read the rest of it back).
+            st.disk_size = st.disk_size.max(written_end);
             if !lost.is_empty() {
-                st.disk_size = st.disk_size.max(written_end);
-                if st.dirty.is_empty() {
-                    // The size those writes showed was never the file's.
-                    st.size = st.disk_size;
+                // The failed run may have been written in part (up to the limit).
+                if let Ok(fs) = nix::sys::stat::fstat(fd.as_fd()) {
+                    st.disk_size = st.disk_size.max(fs.st_size.max(0) as u64);
                 }
+                // The size those writes showed was never the file's: it is set from the file
+                // once nothing dirty is left.
+                st.size_lost = true;
                 let mut lru = self.lru.lock();
                 for idx in &lost {
                     lru.pop(&(f.ino, *idx));
                 }
+            }
+            if st.size_lost
+                && st.dirty.is_empty()
+                && let Ok(fs) = nix::sys::stat::fstat(fd.as_fd())
+            {
+                st.size = fs.st_size.max(0) as u64;
+                st.disk_size = st.size;
+                st.size_lost = false;
             }
             self.bytes
                 .fetch_sub(lost.len() as u64 * P, Ordering::AcqRel);
             self.dirty.fetch_sub(cleaned * P, Ordering::AcqRel);
             match res {
                 Ok(()) => {
-                    st.disk_size = st.disk_size.max(written_end);
                     if st.dirty.is_empty() {
                         self.finish_clean(f, &mut st, &fd);
                     }

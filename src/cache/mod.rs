@@ -166,6 +166,9 @@ struct FileState {
     mtime_pending: bool,
     /// A write-back error not yet reported (fsync returns it, as errseq does).
     error: Option<Errno>,
+    /// Pages were dropped at write-back (EFBIG): `size` may show writes that never reached
+    /// the file; it is taken from the file once nothing dirty is left.
+    size_lost: bool,
     seq: u64,
 }
 
@@ -410,6 +413,7 @@ impl PageCache {
                 prealloc: past_end(&st),
                 wb_fd: None,
                 dirty: BTreeSet::new(),
+                size_lost: false,
                 mtime: None,
                 mtime_pending: false,
                 error: None,
@@ -523,6 +527,7 @@ impl PageCache {
         }
         st.size = size;
         st.disk_size = size;
+        st.size_lost = false;
         // The truncate stamped the file; dirty pages left will stamp it again when written.
         st.mtime_pending = !st.dirty.is_empty();
         st.mtime = st.mtime_pending.then(now);
