@@ -189,6 +189,37 @@ fn held_removed_file_does_not_reach_its_successor(root: &Path, what: &str) {
     }
 }
 
+/// A lower file open for reading, then removed (a whiteout takes its name): the open file
+/// still reads and stats as itself (a forced stat asks the daemon).
+fn open_lower_file_outlives_its_removal(root: &Path, what: &str) {
+    use std::os::fd::AsRawFd;
+    let mut f = fs::File::open(root.join("lower")).unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    fs::remove_file(root.join("lower")).unwrap_or_else(|e| panic!("{what}: unlink: {e}"));
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: statx(2) of an open fd (AT_EMPTY_PATH) into a buffer of its type.
+    let r = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            stx.as_mut_ptr(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "{what}: forced fstat of the removed lower file: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: statx succeeded and filled the buffer.
+    assert_eq!(unsafe { stx.assume_init() }.stx_size, 1, "{what}: its size");
+    let mut s = String::new();
+    f.read_to_string(&mut s)
+        .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+    assert_eq!(s, "l", "{what}: its content");
+}
+
 fn upper() -> Vec<Entry> {
     vec![file("a", "linked"), hardlink("b", "a")]
 }
@@ -201,6 +232,7 @@ fn new_objects_under_reused_inode_numbers_work() {
         eprintln!("unionfs-rs: {reused} of 600 new objects reused a held one's inode number");
         open_file_survives_its_name(&m.merged, "unionfs-rs");
         held_removed_file_does_not_reach_its_successor(&m.merged, "unionfs-rs");
+        open_lower_file_outlives_its_removal(&m.merged, "unionfs-rs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
@@ -212,6 +244,7 @@ fn new_objects_under_reused_inode_numbers_work_on_kernel_overlayfs() {
         new_objects_after_removed_held_ones(&m.path(""), "kernel overlayfs");
         open_file_survives_its_name(&m.path(""), "kernel overlayfs");
         held_removed_file_does_not_reach_its_successor(&m.path(""), "kernel overlayfs");
+        open_lower_file_outlives_its_removal(&m.path(""), "kernel overlayfs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }

@@ -432,6 +432,10 @@ impl Union {
     /// that check and the open (an unlink or a rename over it, then another user's file
     /// under it): a handle of this node must never reach that file.
     fn check_opened(&self, node: &Node, r: LayerRef, fd: BorrowedFd<'_>) -> Result<()> {
+        if r != LayerRef::Upper {
+            // Lower layers do not change: a lower name is always the same file.
+            return Ok(());
+        }
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
         let st = node.st.lock();
         if st.unlinked || self.node_ino(r, &fs, st.parent, &st.name) != node.ino {
@@ -580,6 +584,11 @@ impl Union {
                     Mode::empty(),
                 )
                 .ok()
+            })
+            // The name may have changed hands since (review): only the node's own file.
+            .filter(|fd| {
+                self.check_opened(&node, LayerRef::Upper, fd.as_fd())
+                    .is_ok()
             });
         match opened {
             Some(fd) => f.upper_fd.get_or_init(|| Arc::new(fd)).clone(),

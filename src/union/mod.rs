@@ -852,9 +852,10 @@ impl Union {
         }
         let (parent, name) = {
             let st = node.st.lock();
-            if st.unlinked {
+            if st.unlinked && r == LayerRef::Upper {
                 // Its last name is gone and may be another file's now: an unlinked file is
-                // reached through its open handles only, never by name.
+                // reached through its open handles only, never by name. (A lower name stays
+                // the same file: the lower layers do not change.)
                 return Err(Error::new(Errno::ENOENT, "the file was removed"));
             }
             (st.parent, st.name.clone())
@@ -876,8 +877,15 @@ impl Union {
             let st = node.st.lock();
             (st.unlinked, st.top())
         };
-        // An unlinked but open file is reached through one of its handles.
-        let fs = match unlinked.then(|| self.upper_handle_of(ino, fh)).flatten() {
+        // An unlinked but open file is reached through one of its handles (an upper one
+        // if any: a handle opened on the lower file before a copy-up shows the lower file).
+        let handle = unlinked
+            .then(|| {
+                self.upper_handle_of(ino, fh)
+                    .or_else(|| self.handles_on(ino).into_iter().next())
+            })
+            .flatten();
+        let fs = match handle {
             Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
             None if top == LayerRef::Upper && node.is_dir() => self.dir_times.steady(|| {
                 self.read_in(&node, top, |dir, name| {
