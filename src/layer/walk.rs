@@ -101,9 +101,12 @@ fn list(
     Ok(subdirs)
 }
 
-/// Walk everything below `root` (not `root` itself), depth first.
+/// Walk everything below `root` (not `root` itself), depth first. A subdirectory that cannot
+/// be opened or listed ends the walk with the error, or with `lenient` is skipped (a removal
+/// goes on with the rest).
 pub fn walk(
     root: BorrowedFd<'_>,
+    lenient: bool,
     visit: &mut dyn FnMut(Visit<'_>) -> Result<bool, Errno>,
 ) -> Result<(), Errno> {
     let root = root.try_clone_to_owned().map_err(|_| Errno::EMFILE)?;
@@ -114,26 +117,30 @@ pub fn walk(
         name: OsString::new(),
         todo,
     }];
-    let mut open = 1usize;
-    while let Some(top) = stack.last_mut() {
+    // stack[lo..] are open, stack[..lo] closed (the shallowest are closed first).
+    let mut lo = 0usize;
+    loop {
+        let depth = stack.len();
+        let Some(top) = stack.last_mut() else { break };
         if let Some(name) = top.todo.pop() {
             let Some(fd) = top.fd.as_ref() else {
                 return Err(Errno::EBADF); // The deepest level is always open.
             };
-            let sub = match open_dir(fd.as_fd(), &name) {
-                Ok(f) => f,
+            let opened = open_dir(fd.as_fd(), &name).and_then(|sub| {
+                let id = id_of(sub.as_fd())?;
+                let todo = list(&sub, depth, visit)?;
+                Ok((sub, id, todo))
+            });
+            let (sub, id, todo) = match opened {
+                Ok(x) => x,
                 // Gone or replaced meanwhile (not by a directory): nothing to walk.
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => continue,
+                Err(_) if lenient => continue,
                 Err(e) => return Err(e),
             };
-            let depth = stack.len();
-            let id = id_of(sub.as_fd())?;
-            let todo = list(&sub, depth, visit)?;
-            if open >= MAX_OPEN
-                && let Some(l) = stack.iter_mut().find(|l| l.fd.is_some())
-            {
-                l.fd = None;
-                open -= 1;
+            if stack.len() - lo >= MAX_OPEN {
+                stack[lo].fd = None;
+                lo += 1;
             }
             stack.push(Level {
                 fd: Some(sub),
@@ -141,7 +148,6 @@ pub fn walk(
                 name,
                 todo,
             });
-            open += 1;
             continue;
         }
         let Some(done) = stack.pop() else { break };
@@ -158,10 +164,7 @@ pub fn walk(
                 return Err(Errno::ESTALE);
             }
             parent.fd = Some(up);
-            open += 1;
-        }
-        if done.fd.is_some() {
-            open -= 1;
+            lo = depth;
         }
         drop(done.fd);
         if let Some(pfd) = parent.fd.as_ref() {
@@ -205,7 +208,7 @@ mod tests {
         drop(cur);
         let fds_before = std::fs::read_dir("/proc/self/fd").expect("fds").count();
         let (mut dirs, mut files, mut done, mut max_fds) = (0, 0, 0, 0);
-        walk(root.as_fd(), &mut |v| {
+        walk(root.as_fd(), false, &mut |v| {
             match v {
                 Visit::Entry { is_dir, .. } => {
                     if is_dir {
@@ -226,7 +229,7 @@ mod tests {
         // Other tests' threads open files meanwhile: allow some slack beyond the walk's own.
         assert!(max_fds <= fds_before + MAX_OPEN + 16, "{max_fds} fds open");
         // Bottom-up removal from the visitor: every directory is empty when Done.
-        walk(root.as_fd(), &mut |v| {
+        walk(root.as_fd(), false, &mut |v| {
             match v {
                 Visit::Entry {
                     dir,
@@ -258,7 +261,7 @@ mod tests {
         }
         let root = std::fs::File::open(d.path()).expect("open");
         let mut seen = Vec::new();
-        walk(root.as_fd(), &mut |v| {
+        walk(root.as_fd(), false, &mut |v| {
             if let Visit::Entry { name, depth, .. } = v {
                 seen.push((depth, name.to_os_string()));
             }

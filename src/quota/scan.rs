@@ -38,7 +38,7 @@ pub fn scan_dir(dir: &OwnedFd, t: &mut Totals, progress: &mut dyn FnMut(u64)) ->
 /// built by the mount's users, and a chain of directories 100,000 deep must not overflow the
 /// stack or run out of descriptors at the next mount.
 fn walk(dir: &OwnedFd, t: &mut Totals, progress: &mut dyn FnMut(u64)) -> Result<(), Errno> {
-    crate::layer::walk::walk(dir.as_fd(), &mut |v| {
+    crate::layer::walk::walk(dir.as_fd(), false, &mut |v| {
         let crate::layer::walk::Visit::Entry { dir, name, .. } = v else {
             return Ok(true);
         };

@@ -545,7 +545,7 @@ fn remove_dir_contents_where(dir: &OwnedFd, remove: impl Fn(&OsStr) -> bool) -> 
             freed.1 += 1;
         }
     };
-    let walked = layer::walk::walk(dir.as_fd(), &mut |v| match v {
+    let walked = layer::walk::walk(dir.as_fd(), true, &mut |v| match v {
         layer::walk::Visit::Entry {
             dir,
             name,

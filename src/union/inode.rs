@@ -107,6 +107,8 @@ pub struct Node {
     /// A cached fd of this directory was used since the last sweep of the dir-fd cache
     /// (second chance before it is closed: `Union::evict_dirfds`).
     pub dirfd_used: std::sync::atomic::AtomicBool,
+    /// The node is in the dir-fd cache's queue (once at most).
+    pub dirfd_queued: std::sync::atomic::AtomicBool,
     /// Bumped whenever the node starts naming another directory (or none): an fd opened
     /// under an older generation is not cached.
     pub dirgen: AtomicU64,
@@ -196,6 +198,7 @@ impl Node {
             freed: std::sync::atomic::AtomicBool::new(false),
             dirfds: Mutex::new(Vec::new()),
             dirfd_used: std::sync::atomic::AtomicBool::new(false),
+            dirfd_queued: std::sync::atomic::AtomicBool::new(false),
             // Unique across nodes too: kept listings are found by (node id, generation), and
             // a node id can name another directory after the first one's node is gone.
             dirgen: AtomicU64::new(NEXT_DIRGEN.fetch_add(1 << 32, Ordering::Relaxed)),

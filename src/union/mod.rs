@@ -775,6 +775,9 @@ impl Union {
         let first = c.len() == 1;
         drop(c);
         if first
+            && !node
+                .dirfd_queued
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
             && let Some(arc) = self.nodes.get(node.ino)
             && std::ptr::eq(&*arc, node)
         {
@@ -825,7 +828,12 @@ impl Union {
                     continue;
                 }
                 match n.dirfds.try_lock() {
-                    Some(mut c) => closing.extend(c.drain(..)),
+                    Some(mut c) => {
+                        closing.extend(c.drain(..));
+                        // Out of the queue: its next cached fd queues it again.
+                        n.dirfd_queued
+                            .store(false, std::sync::atomic::Ordering::Release);
+                    }
                     None => q.push_back(w),
                 }
             }
