@@ -59,6 +59,61 @@ fn directory_fds_stay_under_the_cap() {
             names.sort();
             assert_eq!(names, ["f", "new"], "d{i}");
         }
+        deep_chain_through_the_mount(&m.merged);
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     })
+}
+
+/// A chain of 3,000 directories made through the mount (6,000 bytes of path: more than
+/// PATH_MAX), far more levels than the cap keeps open: a level whose fd was closed is opened
+/// again from its nearest open ancestor, not by a path from the root that could not be named.
+fn deep_chain_through_the_mount(merged: &std::path::Path) {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::{Mode, mkdirat};
+    use std::os::fd::{AsFd, OwnedFd};
+    let dir = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let top: OwnedFd = fs::File::open(merged).expect("open merged").into();
+    let mut cur = openat(top.as_fd(), ".", dir, Mode::empty()).expect("dup");
+    for i in 0..3000 {
+        mkdirat(cur.as_fd(), "c", Mode::from_bits_truncate(0o755))
+            .unwrap_or_else(|e| panic!("mkdir level {i}: {e}"));
+        cur = openat(cur.as_fd(), "c", dir, Mode::empty())
+            .unwrap_or_else(|e| panic!("open level {i}: {e}"));
+    }
+    let f = openat(
+        cur.as_fd(),
+        "bottom",
+        OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .expect("create at the bottom");
+    nix::unistd::write(&f, b"deep").expect("write");
+    drop((f, cur));
+    // Down again from the top, one level at a time, and list each level.
+    let mut cur = openat(top.as_fd(), ".", dir, Mode::empty()).expect("dup");
+    for i in 0..3000 {
+        cur = openat(cur.as_fd(), "c", dir, Mode::empty())
+            .unwrap_or_else(|e| panic!("reopen level {i}: {e}"));
+        // A create at each level needs the daemon's fd of it.
+        let probe = format!("p{i}");
+        mkdirat(cur.as_fd(), probe.as_str(), Mode::from_bits_truncate(0o755))
+            .unwrap_or_else(|e| panic!("mkdir in level {i}: {e}"));
+    }
+    let f = openat(
+        cur.as_fd(),
+        "bottom",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .expect("open the bottom file");
+    let mut buf = [0u8; 8];
+    let n = nix::unistd::read(&f, &mut buf).expect("read");
+    assert_eq!(&buf[..n], b"deep");
+    // rm(1) walks it with fts, through the mount.
+    let st = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(merged.join("c"))
+        .status()
+        .expect("rm");
+    assert!(st.success(), "rm -rf of the chain through the mount");
 }

@@ -67,8 +67,28 @@ impl Layer {
         )
     }
 
+    /// The directory `rel` below directory `base`, itself a directory of this layer (opened
+    /// beneath it, as [`Layer::open_dir`] does beneath the root).
+    pub fn open_dir_below(&self, base: BorrowedFd<'_>, rel: &RelPath) -> Result<OwnedFd, Errno> {
+        open_beneath(
+            base,
+            rel,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        )
+    }
+
     fn open_beneath(&self, rel: &RelPath, flags: OFlag) -> Result<OwnedFd, Errno> {
-        if !NO_OPENAT2.load(Ordering::Relaxed) {
+        open_beneath(self.root.as_fd(), rel, flags)
+    }
+}
+
+/// Open `rel` beneath directory `base`: never through a symlink, `..` or another mount.
+fn open_beneath(base: BorrowedFd<'_>, rel: &RelPath, flags: OFlag) -> Result<OwnedFd, Errno> {
+    {
+        // One openat2 for the whole path, unless it is too long to name (deep trees are walked
+        // a component at a time).
+        let long = rel.iter().map(|c| c.len() + 1).sum::<usize>() > 3072;
+        if !NO_OPENAT2.load(Ordering::Relaxed) && !long {
             let path = join(rel);
             let how = OpenHow::new().flags(flags).resolve(
                 ResolveFlag::RESOLVE_BENEATH
@@ -76,7 +96,7 @@ impl Layer {
                     | ResolveFlag::RESOLVE_NO_MAGICLINKS
                     | ResolveFlag::RESOLVE_NO_XDEV,
             );
-            match nix::fcntl::openat2(self.root.as_fd(), path.as_os_str(), how) {
+            match nix::fcntl::openat2(base, path.as_os_str(), how) {
                 Err(Errno::ENOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
                 // A symlink in the way is "not a directory" for our purposes.
                 Err(Errno::ELOOP) => return Err(Errno::ENOTDIR),
@@ -86,7 +106,7 @@ impl Layer {
         }
         // Fallback: walk one component at a time with O_NOFOLLOW.
         let mut cur = nix::fcntl::openat(
-            self.root.as_fd(),
+            base,
             ".",
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
@@ -104,7 +124,7 @@ impl Layer {
             };
         }
         if rel.is_empty() {
-            cur = nix::fcntl::openat(self.root.as_fd(), ".", flags, Mode::empty())?;
+            cur = nix::fcntl::openat(base, ".", flags, Mode::empty())?;
         }
         Ok(cur)
     }

@@ -719,30 +719,43 @@ impl Union {
             .ok_or(Error::new(Errno::ESTALE, "unknown node id"))
     }
 
-    /// Path components of a node from the root (its primary name).
-    pub(crate) fn path_of(&self, node: &Node) -> Result<Vec<OsString>> {
+    /// The names from the nearest ancestor of `node` that has its directory fd in layer `r`
+    /// cached (or from the layer root) down to `node`, and that fd: a directory whose fd was
+    /// closed for the cap is opened from its parent's, not by a path from the root (which a
+    /// tree deeper than PATH_MAX could not name).
+    fn below_cached_ancestor(
+        &self,
+        node: &Node,
+        r: LayerRef,
+    ) -> Result<(Option<Arc<OwnedFd>>, Vec<OsString>)> {
         let mut comps = Vec::new();
+        if node.ino == ROOT_INO {
+            return Ok((None, comps));
+        }
         let (mut parent, name) = {
             let st = node.st.lock();
             (st.parent, st.name.clone())
         };
-        if node.ino == ROOT_INO {
-            return Ok(comps);
-        }
         comps.push(name);
-        let mut depth = 0;
+        let mut steps = 0usize;
         while parent != ROOT_INO {
             let p = self.node(parent)?;
+            if let Some(c) = p.dirfds.lock().iter().find(|c| c.layer == r) {
+                p.dirfd_used
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                comps.reverse();
+                return Ok((Some(c.fd.clone()), comps));
+            }
             let st = p.st.lock();
             comps.push(st.name.clone());
             parent = st.parent;
-            depth += 1;
-            if depth > 4096 || parent == 0 {
+            steps += 1;
+            if steps > 1 << 20 || parent == 0 {
                 return Err(Error::new(Errno::ELOOP, "node path"));
             }
         }
         comps.reverse();
-        Ok(comps)
+        Ok((None, comps))
     }
 
     /// The directory `node` in layer `r`, opened beneath the layer root on first use and cached
@@ -760,8 +773,11 @@ impl Union {
             return Ok(c.fd.clone());
         }
         let generation = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
-        let path = self.path_of(node).map_err(|e| e.errno)?;
-        let fd = Arc::new(self.layer(r).open_dir(&path)?);
+        let (base, rel) = self.below_cached_ancestor(node, r).map_err(|e| e.errno)?;
+        let fd = Arc::new(match &base {
+            Some(b) => self.layer(r).open_dir_below(b.as_fd(), &rel)?,
+            None => self.layer(r).open_dir(&rel)?,
+        });
         let mut c = node.dirfds.lock();
         if node.dirgen.load(std::sync::atomic::Ordering::Acquire) != generation {
             // The node was reset meanwhile: this fd may name the directory it used to be.
