@@ -220,6 +220,36 @@ fn open_lower_file_outlives_its_removal(root: &Path, what: &str) {
     assert_eq!(s, "l", "{what}: its content");
 }
 
+/// An upper file open and removed keeps its xattrs for its open fd (read through the handle,
+/// never through the name, which another file may have now).
+fn removed_open_file_keeps_its_xattrs(root: &Path, what: &str) {
+    use std::os::fd::AsRawFd;
+    let p = root.join("with-xattr");
+    fs::write(&p, "x").unwrap();
+    lsetxattr(&p, "user.kept", b"yes").unwrap_or_else(|e| panic!("{what}: setxattr: {e}"));
+    let f = fs::File::open(&p).unwrap();
+    fs::remove_file(&p).unwrap();
+    fs::write(&p, "successor").unwrap();
+    let mut buf = [0u8; 16];
+    // SAFETY: fgetxattr(2) of an open fd into a buffer of its stated size.
+    let n = unsafe {
+        libc::fgetxattr(
+            f.as_raw_fd(),
+            c"user.kept".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(
+        n,
+        3,
+        "{what}: fgetxattr of the removed file: {}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(&buf[..3], b"yes", "{what}");
+    fs::remove_file(&p).unwrap();
+}
+
 fn upper() -> Vec<Entry> {
     vec![file("a", "linked"), hardlink("b", "a")]
 }
@@ -233,6 +263,7 @@ fn new_objects_under_reused_inode_numbers_work() {
         open_file_survives_its_name(&m.merged, "unionfs-rs");
         held_removed_file_does_not_reach_its_successor(&m.merged, "unionfs-rs");
         open_lower_file_outlives_its_removal(&m.merged, "unionfs-rs");
+        removed_open_file_keeps_its_xattrs(&m.merged, "unionfs-rs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
@@ -245,6 +276,7 @@ fn new_objects_under_reused_inode_numbers_work_on_kernel_overlayfs() {
         open_file_survives_its_name(&m.path(""), "kernel overlayfs");
         held_removed_file_does_not_reach_its_successor(&m.path(""), "kernel overlayfs");
         open_lower_file_outlives_its_removal(&m.path(""), "kernel overlayfs");
+        removed_open_file_keeps_its_xattrs(&m.path(""), "kernel overlayfs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }

@@ -350,6 +350,13 @@ impl Union {
                 done => return done,
             }
         }
+        if r == super::LayerRef::Upper
+            && node.st.lock().unlinked
+            && let Some(h) = self.upper_handle_of(node.ino, None)
+        {
+            // Removed but open: read through the handle (its name may be another file's).
+            return f(h.fd.as_fd(), OsStr::new(""));
+        }
         let (dir, name) = self.open_parent_in(node, r)?;
         f(dir.as_fd(), &name)
     }
