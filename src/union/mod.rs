@@ -791,11 +791,11 @@ impl Union {
         let first = c.len() == 1;
         drop(c);
         if first
+            && let Some(arc) = self.nodes.get(node.ino)
+            && std::ptr::eq(&*arc, node)
             && !node
                 .dirfd_queued
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
-            && let Some(arc) = self.nodes.get(node.ino)
-            && std::ptr::eq(&*arc, node)
         {
             let mut q = self.dirfd_queue.lock();
             if q.len() > 2 * inode::dirfds_cached() + 1024 {
