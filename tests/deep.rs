@@ -67,8 +67,9 @@ impl Drop for RmChain {
 fn quota_scan_counts_a_deep_chain() {
     with_timeout(TIMEOUT, || {
         let dirs = Dirs::new(&[vec![file("l", "x")]], &[]);
-        chain(&dirs.upper, "deep", DEPTH);
+        // Before the chain is built: a panic midway must not leave it to remove_dir_all.
         let _rm = RmChain(dirs.upper.join("deep"));
+        chain(&dirs.upper, "deep", DEPTH);
         let m = Mount::start_args(
             &dirs,
             &Mount::command_args(&dirs, &MountOpts::default())
@@ -113,8 +114,8 @@ fn quota_scan_counts_a_deep_chain() {
 fn removing_a_dir_whose_hidden_whiteout_holds_a_deep_chain() {
     with_timeout(TIMEOUT, || {
         let dirs = Dirs::new(&[vec![file("l", "x")]], &[dir("p")]);
-        chain(&dirs.upper.join("p"), ".wh.h", DEPTH);
         let _rm = RmChain(dirs.upper.join("p"));
+        chain(&dirs.upper.join("p"), ".wh.h", DEPTH);
         let mut opts = MountOpts::default();
         opts.extra.push("--aufs-whiteouts".into());
         let m = Mount::start(&dirs, &opts).unwrap_or_else(|e| panic!("mount: {e}"));
