@@ -26,6 +26,12 @@ pub type RelPath = [OsString];
 
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
+/// How directories are opened for use (never through a symlink).
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_CLOEXEC)
+    .union(OFlag::O_NOFOLLOW);
+
 /// One directory tree (a lower, the upper, or the work directory).
 #[derive(Debug)]
 pub struct Layer {
@@ -61,20 +67,13 @@ impl Layer {
     /// Open the directory at `rel` beneath the root (never following a symlink).
     /// `rel` empty opens (a new fd on) the root itself.
     pub fn open_dir(&self, rel: &RelPath) -> Result<OwnedFd, Errno> {
-        self.open_beneath(
-            rel,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-        )
+        self.open_beneath(rel, DIR_FLAGS)
     }
 
     /// The directory `rel` below directory `base`, itself a directory of this layer (opened
     /// beneath it, as [`Layer::open_dir`] does beneath the root).
     pub fn open_dir_below(&self, base: BorrowedFd<'_>, rel: &RelPath) -> Result<OwnedFd, Errno> {
-        open_beneath(
-            base,
-            rel,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-        )
+        open_beneath(base, rel, DIR_FLAGS)
     }
 
     fn open_beneath(&self, rel: &RelPath, flags: OFlag) -> Result<OwnedFd, Errno> {
@@ -84,50 +83,48 @@ impl Layer {
 
 /// Open `rel` beneath directory `base`: never through a symlink, `..` or another mount.
 fn open_beneath(base: BorrowedFd<'_>, rel: &RelPath, flags: OFlag) -> Result<OwnedFd, Errno> {
-    {
-        // One openat2 for the whole path, unless it is too long to name (deep trees are walked
-        // a component at a time).
-        let long = rel.iter().map(|c| c.len() + 1).sum::<usize>() > 3072;
-        if !NO_OPENAT2.load(Ordering::Relaxed) && !long {
-            let path = join(rel);
-            let how = OpenHow::new().flags(flags).resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                    | ResolveFlag::RESOLVE_NO_XDEV,
-            );
-            match nix::fcntl::openat2(base, path.as_os_str(), how) {
-                Err(Errno::ENOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
-                // A symlink in the way is "not a directory" for our purposes.
-                Err(Errno::ELOOP) => return Err(Errno::ENOTDIR),
-                Err(Errno::EXDEV) => return Err(Errno::ENOENT),
-                r => return r,
-            }
+    // One openat2 for the whole path, unless it is too long to name (deep trees are walked
+    // a component at a time).
+    let long = rel.iter().map(|c| c.len() + 1).sum::<usize>() > 3072;
+    if !NO_OPENAT2.load(Ordering::Relaxed) && !long {
+        let path = join(rel);
+        let how = OpenHow::new().flags(flags).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+        match nix::fcntl::openat2(base, path.as_os_str(), how) {
+            Err(Errno::ENOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            // A symlink in the way is "not a directory" for our purposes.
+            Err(Errno::ELOOP) => return Err(Errno::ENOTDIR),
+            Err(Errno::EXDEV) => return Err(Errno::ENOENT),
+            r => return r,
         }
-        // Fallback: walk one component at a time with O_NOFOLLOW.
-        let mut cur = nix::fcntl::openat(
-            base,
-            ".",
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        for (i, comp) in rel.iter().enumerate() {
-            let last = i + 1 == rel.len();
-            let f = if last {
-                flags
-            } else {
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
-            };
-            cur = match nix::fcntl::openat(cur.as_fd(), comp.as_os_str(), f, Mode::empty()) {
-                Err(Errno::ELOOP) => return Err(Errno::ENOTDIR),
-                r => r?,
-            };
-        }
-        if rel.is_empty() {
-            cur = nix::fcntl::openat(base, ".", flags, Mode::empty())?;
-        }
-        Ok(cur)
     }
+    // Fallback: walk one component at a time with O_NOFOLLOW.
+    let mut cur = nix::fcntl::openat(
+        base,
+        ".",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    for (i, comp) in rel.iter().enumerate() {
+        let last = i + 1 == rel.len();
+        let f = if last {
+            flags
+        } else {
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+        };
+        cur = match nix::fcntl::openat(cur.as_fd(), comp.as_os_str(), f, Mode::empty()) {
+            Err(Errno::ELOOP) => return Err(Errno::ENOTDIR),
+            r => r?,
+        };
+    }
+    if rel.is_empty() {
+        cur = nix::fcntl::openat(base, ".", flags, Mode::empty())?;
+    }
+    Ok(cur)
 }
 
 /// An io::Error carrying an errno and what we were doing.

@@ -214,6 +214,16 @@ impl Node {
         self.kind == libc::S_IFDIR
     }
 
+    /// The cached fd of this directory in layer `r`, marked used for the dir-fd cache's
+    /// sweep.
+    pub fn cached_dirfd(&self, r: LayerRef) -> Option<Arc<OwnedFd>> {
+        let fd = self.dirfds.lock().iter().find(|c| c.layer == r)?.fd.clone();
+        if !self.dirfd_used.load(Ordering::Relaxed) {
+            self.dirfd_used.store(true, Ordering::Relaxed);
+        }
+        Some(fd)
+    }
+
     /// Forget cached directory fds (the node now names another directory, or none).
     pub fn reset_dirfds(&self) {
         let mut c = self.dirfds.lock();

@@ -740,11 +740,9 @@ impl Union {
         let mut steps = 0usize;
         while parent != ROOT_INO {
             let p = self.node(parent)?;
-            if let Some(c) = p.dirfds.lock().iter().find(|c| c.layer == r) {
-                p.dirfd_used
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(fd) = p.cached_dirfd(r) {
                 comps.reverse();
-                return Ok((Some(c.fd.clone()), comps));
+                return Ok((Some(fd), comps));
             }
             let st = p.st.lock();
             comps.push(st.name.clone());
@@ -765,12 +763,8 @@ impl Union {
         node: &Node,
         r: LayerRef,
     ) -> std::result::Result<Arc<OwnedFd>, Errno> {
-        if let Some(c) = node.dirfds.lock().iter().find(|c| c.layer == r) {
-            if !node.dirfd_used.load(std::sync::atomic::Ordering::Relaxed) {
-                node.dirfd_used
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            return Ok(c.fd.clone());
+        if let Some(fd) = node.cached_dirfd(r) {
+            return Ok(fd);
         }
         let generation = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
         let (base, rel) = self.below_cached_ancestor(node, r).map_err(|e| e.errno)?;
