@@ -60,7 +60,9 @@ fn directory_fds_stay_under_the_cap() {
             assert_eq!(names, ["f", "new"], "d{i}");
         }
         deep_chain_through_the_mount(&m.merged);
+        let leaves = creates_while_ancestors_swap(&m.merged);
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        check_leaves_on_disk(&dirs.upper, leaves);
     })
 }
 
@@ -116,4 +118,121 @@ fn deep_chain_through_the_mount(merged: &std::path::Path) {
         .status()
         .expect("rm");
     assert!(st.success(), "rm -rf of the chain through the mount");
+}
+
+const LEAVES: usize = 200;
+const ROUNDS: usize = 30;
+
+/// Two trees `sw/A/s*/l` and `sw/B/s*/l` made through the mount, swapped again and again
+/// (RENAME_EXCHANGE of A and B) while another thread creates files in every leaf through
+/// fds it holds on the leaves. The leaves' daemon fds are closed by the cap over and over,
+/// so the daemon opens a leaf again by its names from an ancestor it has open: names that a
+/// swap in flight has changed on disk and not yet in the daemon's nodes. Every create must
+/// succeed and land in the leaf it was made in. Returns the number of leaves per tree.
+fn creates_while_ancestors_swap(merged: &std::path::Path) -> usize {
+    use nix::fcntl::{OFlag, RenameFlags, open, openat, renameat2};
+    use nix::sys::stat::Mode;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let sw = merged.join("sw");
+    let mut leaves: Vec<OwnedFd> = Vec::new();
+    for t in ["A", "B"] {
+        for i in 0..LEAVES {
+            let l = sw.join(t).join(format!("s{i}")).join("l");
+            fs::create_dir_all(&l).unwrap_or_else(|e| panic!("mkdir {l:?}: {e}"));
+            fs::write(l.join("id"), format!("{t}{i}")).expect("write id");
+            let fd = open(
+                &l,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap_or_else(|e| panic!("open {l:?}: {e}"));
+            leaves.push(fd);
+        }
+    }
+    let top: OwnedFd = fs::File::open(&sw).expect("open sw").into();
+    let stop = AtomicBool::new(false);
+    let swaps = AtomicU64::new(0);
+    let failures: Vec<String> = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                renameat2(
+                    top.as_fd(),
+                    "A",
+                    top.as_fd(),
+                    "B",
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .expect("exchange A and B");
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let creator = s.spawn(|| {
+            let mut failures = Vec::new();
+            for round in 0..ROUNDS {
+                for (k, leaf) in leaves.iter().enumerate() {
+                    let name = format!("c{k}-{round}");
+                    match openat(
+                        leaf.as_fd(),
+                        name.as_str(),
+                        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o644),
+                    ) {
+                        Ok(_) => {}
+                        Err(e) => failures.push(format!("create {name}: {e}")),
+                    }
+                }
+            }
+            failures
+        });
+        let failures = creator.join().expect("creator thread");
+        stop.store(true, Ordering::Relaxed);
+        failures
+    });
+    assert!(swaps.load(Ordering::Relaxed) > 0, "no swap happened");
+    assert!(
+        failures.is_empty(),
+        "{} of {} creates failed while A and B were swapped {} times, first: {:?}",
+        failures.len(),
+        2 * LEAVES * ROUNDS,
+        swaps.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    LEAVES
+}
+
+/// In the upper dir, each leaf holds its id file and exactly the files created through the
+/// fd of that leaf (named after the fd's index, which follows the id).
+fn check_leaves_on_disk(upper: &std::path::Path, leaves: usize) {
+    let mut misplaced = Vec::new();
+    for t in ["A", "B"] {
+        for i in 0..leaves {
+            let l = upper.join("sw").join(t).join(format!("s{i}")).join("l");
+            let id = fs::read_to_string(l.join("id")).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+            let k = match &id[..1] {
+                "A" => 0,
+                _ => leaves,
+            } + id[1..].parse::<usize>().expect("id");
+            let mut n = 0;
+            for e in fs::read_dir(&l).unwrap_or_else(|e| panic!("{l:?}: {e}")) {
+                let name = e.expect("entry").file_name().to_string_lossy().into_owned();
+                if name == "id" {
+                    continue;
+                }
+                n += 1;
+                if !name.starts_with(&format!("c{k}-")) {
+                    misplaced.push(format!("{name} in the leaf of fd {k} ({id})"));
+                }
+            }
+            if n != ROUNDS {
+                misplaced.push(format!("leaf {id} holds {n} created files, not {ROUNDS}"));
+            }
+        }
+    }
+    assert!(
+        misplaced.is_empty(),
+        "{} misplaced or missing, first: {:?}",
+        misplaced.len(),
+        &misplaced[..misplaced.len().min(5)]
+    );
 }

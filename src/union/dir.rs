@@ -695,6 +695,10 @@ impl Union {
                 .ctx("set opaque")?;
             src.st.lock().opaque = true;
         }
+        // From the disk's change until the names' (`move_name`, at the end): walks by name
+        // under a moved directory are made again (`dir_fd`).
+        let _moving = (src.is_dir() || dst.as_ref().is_some_and(|d| d.is_dir()))
+            .then(|| self.dir_moves.begin());
         // The one rename this operation makes, in its variants.
         let mv = |flags| nix::fcntl::renameat2(sdir.as_fd(), name, ddir.as_fd(), newname, flags);
         if exchange {

@@ -248,6 +248,48 @@ impl Node {
 /// Directory incarnations: each node's first (`Node::dirgen`), 2^32 apart.
 static NEXT_DIRGEN: AtomicU64 = AtomicU64::new(0);
 
+/// Directory moves on disk against paths built from node names (a seqlock): a directory
+/// whose fd is not cached is opened by the names from an ancestor down to it, and a rename
+/// of one of those directories changes the disk before it changes the nodes' names. A path
+/// walked meanwhile would open nothing (ENOENT) or, after an exchange, the other directory,
+/// whose fd the node would then keep: creates in one directory would land in another.
+#[derive(Debug, Default)]
+pub struct DirMoves {
+    /// Moves between `begin` and the guard's drop.
+    active: AtomicU64,
+    /// Bumped at both ends of every move.
+    seq: AtomicU64,
+}
+
+/// A directory move in progress (from before the disk changes until the names have).
+pub struct DirMoving<'a>(&'a DirMoves);
+
+impl DirMoves {
+    pub fn begin(&self) -> DirMoving<'_> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        DirMoving(self)
+    }
+
+    /// A stamp taken before reading names for a walk; `None` while a move runs.
+    pub fn stamp(&self) -> Option<u64> {
+        let seq = self.seq.load(Ordering::SeqCst);
+        (self.active.load(Ordering::SeqCst) == 0).then_some(seq)
+    }
+
+    /// Did no move start or end since `stamp` (so the names walked matched the disk)?
+    pub fn unchanged(&self, stamp: Option<u64>) -> bool {
+        stamp.is_some_and(|s| self.seq.load(Ordering::SeqCst) == s)
+    }
+}
+
+impl Drop for DirMoving<'_> {
+    fn drop(&mut self) {
+        self.0.seq.fetch_add(1, Ordering::SeqCst);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The sharded node table.
 #[derive(Debug)]
 pub struct NodeTable {

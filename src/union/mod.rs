@@ -210,6 +210,10 @@ pub struct Caller {
     pub pid: u32,
 }
 
+/// Walks of a directory's names `dir_fd` makes again while directory moves keep overlapping
+/// them, before it gives up with ESTALE.
+const DIR_MOVE_RETRIES: u32 = 1000;
+
 /// statfs settles recently written files itself up to this many ([`Union::statfs`]).
 const STATFS_SETTLE_MAX: usize = 4096;
 
@@ -378,6 +382,8 @@ pub struct Union {
     pub(crate) dirfd_sweep: parking_lot::Mutex<()>,
     /// Cached directory fds closed to stay under the cap.
     pub(crate) dirfd_evictions: AtomicU64,
+    /// Directory renames against name walks (`dir_fd`).
+    pub(crate) dir_moves: inode::DirMoves,
     pub(crate) fh_seq: AtomicU64,
     pub(crate) quota: Option<Arc<crate::quota::Quota>>,
     pub(crate) uid_map: idmap::IdMap,
@@ -581,6 +587,7 @@ impl Union {
             dirfd_cap: dirfd_cap(),
             dirfd_queue: Default::default(),
             dirfd_sweep: parking_lot::Mutex::new(()),
+            dir_moves: Default::default(),
             dirfd_evictions: AtomicU64::new(0),
             fh_seq: AtomicU64::new(1),
             quota,
@@ -767,11 +774,31 @@ impl Union {
             return Ok(fd);
         }
         let generation = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
-        let (base, rel) = self.below_cached_ancestor(node, r).map_err(|e| e.errno)?;
-        let fd = Arc::new(match &base {
-            Some(b) => self.layer(r).open_dir_below(b.as_fd(), &rel)?,
-            None => self.layer(r).open_dir(&rel)?,
-        });
+        let mut tries = 0u32;
+        let fd = loop {
+            // The names are walked again if a directory move ran meanwhile: they may have
+            // named something else on disk than in the nodes.
+            let stamp = self.dir_moves.stamp();
+            let (base, rel) = self.below_cached_ancestor(node, r).map_err(|e| e.errno)?;
+            let opened = match &base {
+                Some(b) => self.layer(r).open_dir_below(b.as_fd(), &rel),
+                None => self.layer(r).open_dir(&rel),
+            };
+            if self.dir_moves.unchanged(stamp) {
+                break Arc::new(opened?);
+            }
+            drop(opened);
+            tries += 1;
+            if tries >= DIR_MOVE_RETRIES {
+                // Moves without pause: the kernel looks the name up again on ESTALE.
+                return Err(Errno::ESTALE);
+            }
+            if tries < 4 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        };
         let mut c = node.dirfds.lock();
         if node.dirgen.load(std::sync::atomic::Ordering::Acquire) != generation {
             // The node was reset meanwhile: this fd may name the directory it used to be.
