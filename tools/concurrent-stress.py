@@ -257,6 +257,10 @@ class Worker:
                 self.owned[name] = {"path": o["path"], "data": None, "sha": o["sha"],
                                     "size": o["size"]}
         self.n = 0
+        # a hot set shared by all workers (same seed): two top-level dirs where picks
+        # concentrate, so that workers meet on the same names (copy-up races etc.)
+        tops = sorted(d for d in manifest["dirs"] if d and "/" not in d)
+        self.hot = random.Random(seed).sample(tops, min(2, len(tops)))
         self.held = []                             # (fd, path, content at open) of a* files
 
     # -- helpers
@@ -280,8 +284,13 @@ class Worker:
         self.n += 1
         return f"{prefix}{self.rnd.randint(0, 40) if prefix in 'suh' else self.wid * 100000 + self.n}"
 
+    def in_hot(self, rel):
+        return any(rel == h or rel.startswith(h + "/") for h in self.hot) and rel.count("/") <= 2
+
     def pick_dir(self, max_depth=MAX_DEPTH):
         ds = [d for d in self.dirs if d.count("/") < max_depth] or [""]
+        if self.rnd.random() < 0.4:
+            ds = [d for d in ds if self.in_hot(d)] or ds
         return self.rnd.choice(ds)
 
     def pick_file(self, classes):
@@ -289,6 +298,8 @@ class Worker:
               and not self.is_owned_name(f)]
         if not fs:
             return None
+        if self.rnd.random() < 0.4:
+            fs = [f for f in fs if self.in_hot(os.path.dirname(f))] or fs
         return self.rnd.choice(fs)
 
     def forget(self, rel):
