@@ -242,6 +242,7 @@ impl PageCache {
                 }
             }
         }
+        self.trim_to_budget();
         Ok(assemble(segs))
     }
 
@@ -373,5 +374,7 @@ impl PageCache {
         for i in inserted {
             lru.put((f.ino, i), ());
         }
+        drop(lru);
+        self.trim_to_budget();
     }
 }
