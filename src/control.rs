@@ -256,7 +256,8 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             ));
             let (dirfds, dirfd_cap, dirfd_evictions) = union.dirfd_stats();
             s.push_str(&format!(
-                ",\"dir_fds\":{dirfds},\"dir_fd_cap\":{dirfd_cap},\"dir_fd_evictions\":{dirfd_evictions}"
+                ",\"dir_fds\":{dirfds},\"dir_fd_cap\":{dirfd_cap},\"dir_fd_evictions\":{dirfd_evictions},\"removed_pinned\":{}",
+                crate::union::inode::pinned()
             ));
             let (made, kept, kept_entries) = union.listing_stats();
             s.push_str(&format!(

@@ -250,6 +250,96 @@ fn removed_open_file_keeps_its_xattrs(root: &Path, what: &str) {
     fs::remove_file(&p).unwrap();
 }
 
+/// A file replaced again and again by rename(2) over it (an editor's or a package manager's
+/// atomic save) while two readers open and read it: each open gets a whole version, old or
+/// new, never ENOENT (the daemon opened the name, found another file there and refused) or
+/// EIO (the replaced file's inode number came back as a new file's while the kernel still
+/// held the old one, and the kernel retired it under the reader). ESTALE, which makes the
+/// kernel look the name up again, may reach a reader only when the name was replaced again
+/// between that second lookup and its open: counted, and returned.
+fn atomic_replace_under_readers(root: &Path, what: &str) -> usize {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let target = root.join("config");
+    fs::write(&target, "v0\n").unwrap();
+    let stop = AtomicBool::new(false);
+    let (errors, estale, reads) = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut errors, mut estale, mut reads) = (Vec::new(), 0usize, 0usize);
+                    while !stop.load(Ordering::Relaxed) {
+                        match fs::read_to_string(&target) {
+                            Ok(c) => {
+                                reads += 1;
+                                let whole = c.starts_with('v')
+                                    && c.ends_with('\n')
+                                    && c[1..c.len() - 1].parse::<u32>().is_ok();
+                                if !whole {
+                                    errors.push(format!("read {c:?}"));
+                                }
+                            }
+                            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => estale += 1,
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                    (errors, estale, reads)
+                })
+            })
+            .collect();
+        let tmp = root.join("config.tmp");
+        for i in 1..=3000 {
+            fs::write(&tmp, format!("v{i}\n")).unwrap();
+            fs::rename(&tmp, &target).unwrap_or_else(|e| panic!("{what}: rename {i}: {e}"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        readers.into_iter().fold((Vec::new(), 0, 0), |mut acc, r| {
+            let (e, st, n) = r.join().expect("reader");
+            acc.0.extend(e);
+            acc.1 += st;
+            acc.2 += n;
+            acc
+        })
+    });
+    assert!(
+        errors.is_empty(),
+        "{what}: {} failed reads of {} while the file was replaced 3000 times, first: {:?}",
+        errors.len(),
+        reads,
+        &errors[..errors.len().min(5)]
+    );
+    eprintln!("{what}: {reads} reads during 3000 replacements, {estale} ESTALE");
+    fs::remove_file(&target).unwrap();
+    estale
+}
+
+/// After `atomic_replace_under_readers`: every removed object the daemon held for the kernel
+/// is let go once the kernel forgets it (the stats' `removed_pinned` back to 0).
+fn removed_objects_are_let_go(merged: &Path) {
+    let t = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new(bin())
+            .args(["stats", "--json"])
+            .arg(merged)
+            .output()
+            .expect("stats");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let pinned: u64 = text
+            .split("\"removed_pinned\":")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no removed_pinned in {text}"));
+        if pinned == 0 {
+            return;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{pinned} removed objects still held 20 s after their last use: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn upper() -> Vec<Entry> {
     vec![file("a", "linked"), hardlink("b", "a")]
 }
@@ -264,6 +354,9 @@ fn new_objects_under_reused_inode_numbers_work() {
         held_removed_file_does_not_reach_its_successor(&m.merged, "unionfs-rs");
         open_lower_file_outlives_its_removal(&m.merged, "unionfs-rs");
         removed_open_file_keeps_its_xattrs(&m.merged, "unionfs-rs");
+        let estale = atomic_replace_under_readers(&m.merged, "unionfs-rs");
+        assert!(estale < 100, "unionfs-rs: {estale} ESTALE");
+        removed_objects_are_let_go(&m.merged);
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
@@ -277,6 +370,7 @@ fn new_objects_under_reused_inode_numbers_work_on_kernel_overlayfs() {
         held_removed_file_does_not_reach_its_successor(&m.path(""), "kernel overlayfs");
         open_lower_file_outlives_its_removal(&m.path(""), "kernel overlayfs");
         removed_open_file_keeps_its_xattrs(&m.path(""), "kernel overlayfs");
+        atomic_replace_under_readers(&m.path(""), "kernel overlayfs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }

@@ -14,7 +14,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::copy_up::{remove_dir_contents, remove_tmp};
-use super::namei::{drop_name, move_name};
+use super::namei::{move_name, name_removed};
 use super::ondisk::{is_whiteout_stat, make_whiteout};
 use super::{Attr, Caller, Ctx, Error, LayerRef, Node, NodeState, Result, Union};
 use crate::layer;
@@ -283,7 +283,9 @@ impl Union {
         if !created {
             // The inode number of a removed object, reused by the new one.
             self.nodes.renew(&node);
+            node.gone.store(false, Ordering::Release);
             *node.st.lock() = st;
+            self.unpin(&node);
             node.reset_dirfds();
             node.invalidate_xattrs();
             // Nothing is accounted for the new object yet (the old one's figure is stale).
@@ -321,15 +323,6 @@ impl Union {
         Ok(self.attr_for(&node, &st, &fs))
     }
 
-    /// (`parent`, `name`) no longer names `node`. If the object itself is `gone`, entry replies
-    /// under its id name another object from now on (a new FUSE generation).
-    fn name_removed(&self, node: &Node, parent: u64, name: &OsStr, gone: bool) {
-        if gone {
-            self.nodes.renew(node);
-        }
-        drop_name(node, parent, name);
-    }
-
     /// Remove `name` from upper, leaving a whiteout when a lower entry would show through.
     /// Returns whether the object itself is gone (a directory, or a file's last link), not
     /// just one of its names.
@@ -356,7 +349,12 @@ impl Union {
             (None, None)
         } else {
             let (st, hold) = self
-                .stat_holding(dir.as_fd(), name, !is_dir && !still_open)
+                .stat_holding(
+                    dir.as_fd(),
+                    name,
+                    !is_dir && !still_open,
+                    self.may_pin(child),
+                )
                 .ctx("stat entry")?;
             (Some(st), hold)
         };
@@ -407,7 +405,7 @@ impl Union {
         if let (true, Some(c)) = (drop_pages, &self.cache) {
             c.drop_file(child.ino);
         }
-        self.release_later(hold);
+        self.pin_removed(child, hold);
         // A lower object is out of the merged view for good (whiteout); a hard-linked lower
         // name has a node of its own.
         Ok(is_dir || before.is_none_or(|s| s.st_nlink <= 1))
@@ -479,14 +477,20 @@ impl Union {
 
     /// lstat of `name` in `dir`; with `may_hold`, a regular file whose last name this is and
     /// which has blocks comes with an `O_PATH` descriptor of it (and its size in blocks), for
-    /// [`Union::release_later`] once the name is gone. Nothing is held near a full upper.
+    /// [`Union::release_later`] once the name is gone (nothing is held for that near a full
+    /// upper); with `pin`, so does any object whose last name this is (not a file with data near
+    /// a full upper), for
+    /// [`Union::pin_removed`].
     fn stat_holding(
         &self,
         dir: BorrowedFd<'_>,
         name: &OsStr,
         may_hold: bool,
+        pin: bool,
     ) -> std::result::Result<(FileStat, Option<(OwnedFd, u64)>), Errno> {
-        if !may_hold || !self.release_in_background() {
+        let bg = (may_hold || pin) && self.release_in_background();
+        let reap = may_hold && bg;
+        if !reap && !pin {
             return Ok((layer::stat_at(dir, name)?, None));
         }
         let fd = nix::fcntl::openat(
@@ -496,15 +500,28 @@ impl Union {
             Mode::empty(),
         )?;
         let st = nix::sys::stat::fstat(&fd)?;
-        let last = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink <= 1;
-        let hold = (last && st.st_blocks > 0).then(|| (fd, st.st_blocks as u64 * 512));
-        Ok((st, hold))
+        let kind = st.st_mode & libc::S_IFMT;
+        let last = kind == libc::S_IFDIR || st.st_nlink <= 1;
+        // Blocks worth releasing in the background: a file's data, where that is allowed.
+        let bytes = match reap && kind == libc::S_IFREG {
+            true => st.st_blocks as u64 * 512,
+            false => 0,
+        };
+        // Near a full upper a file's data is not held back, not even by a pin: the space
+        // must be there as soon as the removal is answered.
+        let pin = pin && (bg || kind != libc::S_IFREG || st.st_blocks == 0);
+        let keep = last && (pin || bytes > 0);
+        Ok((st, keep.then_some((fd, bytes))))
     }
 
     /// Hand a removed file held by [`Union::stat_holding`] to the reaper (released right here
     /// when the reaper is full).
-    fn release_later(&self, hold: Option<(OwnedFd, u64)>) {
-        if let Some((fd, bytes)) = hold {
+    pub(crate) fn release_later(&self, hold: Option<(OwnedFd, u64)>) {
+        // (Nothing to defer without data blocks: a directory, an empty file, one held only
+        // as a pin near a full disk. Closed here.)
+        if let Some((fd, bytes)) = hold
+            && bytes > 0
+        {
             drop(self.reaper.defer(fd, bytes));
         }
     }
@@ -589,7 +606,7 @@ impl Union {
             return Err(Error::new(Errno::EISDIR, "unlink of a directory"));
         }
         let gone = self.remove_entry(&p, name, &child, false)?;
-        self.name_removed(&child, parent, name, gone);
+        name_removed(&child, parent, name, gone);
         Ok(())
     }
 
@@ -606,7 +623,7 @@ impl Union {
             return Err(Error::new(Errno::ENOTEMPTY, "rmdir"));
         }
         let gone = self.remove_entry(&p, name, &child, true)?;
-        self.name_removed(&child, parent, name, gone);
+        name_removed(&child, parent, name, gone);
         Ok(())
     }
 
@@ -712,7 +729,8 @@ impl Union {
             return Ok(());
         }
         // A replaced file is released by the reaper, as in an unlink.
-        let (target, hold) = match self.stat_holding(ddir.as_fd(), newname, true) {
+        let pin = dst.as_ref().is_some_and(|d| self.may_pin(d));
+        let (target, hold) = match self.stat_holding(ddir.as_fd(), newname, true, pin) {
             Ok((st, hold)) => (Some(st), hold),
             Err(Errno::ENOENT) => (None, None),
             Err(e) => return Err(Error::new(e, "stat rename target")),
@@ -804,7 +822,7 @@ impl Union {
         if let Some(d) = &dst {
             let gone =
                 d.is_dir() || target_is_wh || target.as_ref().is_none_or(|t| t.st_nlink <= 1);
-            self.name_removed(d, newparent, newname, gone);
+            name_removed(d, newparent, newname, gone);
         }
         if let (Some(known), Some(t)) = (dst_known.as_deref_mut(), &target)
             && t.st_nlink <= 1
@@ -818,7 +836,10 @@ impl Union {
         }
         drop(dst_known);
         move_name(&src, parent, name, newparent, newname);
-        self.release_later(hold);
+        match &dst {
+            Some(d) => self.pin_removed(d, hold),
+            None => self.release_later(hold),
+        }
         Ok(())
     }
 }

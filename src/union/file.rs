@@ -439,7 +439,7 @@ impl Union {
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
         let st = node.st.lock();
         if st.unlinked || self.node_ino(r, &fs, st.parent, &st.name) != node.ino {
-            return Err(Error::new(Errno::ENOENT, "open: the file was removed"));
+            return Err(Error::new(Errno::ESTALE, "open: the file was removed"));
         }
         Ok(())
     }

@@ -90,6 +90,11 @@ pub struct Node {
     pub generation: AtomicU64,
     /// Kernel lookup count.
     pub nlookup: AtomicU64,
+    /// The object was removed (not just one of its names): its inode number may come back
+    /// as another object's, which then needs a new generation.
+    pub gone: std::sync::atomic::AtomicBool,
+    /// The removed object, held while the kernel holds the node ([`Pin`]).
+    pub pin: Mutex<Option<Pin>>,
     /// Mutable state.
     pub st: Mutex<NodeState>,
     /// Serialises copy-up of this node.
@@ -161,6 +166,41 @@ pub fn dirfds_cached() -> usize {
     DIRFDS_CACHED.load(Ordering::Relaxed)
 }
 
+/// Removed objects pinned by nodes, process-wide (bounded by the dir-fd cap too).
+static PINNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Removed objects pinned now.
+pub fn pinned() -> usize {
+    PINNED.load(Ordering::Relaxed)
+}
+
+/// A removed upper object held open (`O_PATH`) by its node while the kernel still holds the
+/// node (and its blocks, for the reaper, in bytes). The node id is the object's inode number:
+/// were the filesystem free to hand that number to a new object meanwhile, the new object's
+/// entry (same id, new generation) would make the kernel retire the inode it holds — and a
+/// process that had just looked the old object up and opened it reads EIO. Held, the number
+/// cannot come back until the kernel forgets the node (`Union::forget`).
+#[derive(Debug)]
+pub struct Pin(Option<(OwnedFd, u64)>);
+
+impl Pin {
+    pub fn new(hold: (OwnedFd, u64)) -> Pin {
+        PINNED.fetch_add(1, Ordering::Relaxed);
+        Pin(Some(hold))
+    }
+
+    /// The held object, for the reaper.
+    pub fn into_hold(mut self) -> Option<(OwnedFd, u64)> {
+        self.0.take()
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        PINNED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One directory fd cached in a node (counted while cached).
 #[derive(Debug)]
 pub struct CachedDir {
@@ -192,6 +232,8 @@ impl Node {
             kind,
             generation: AtomicU64::new(0),
             nlookup: AtomicU64::new(0),
+            gone: std::sync::atomic::AtomicBool::new(false),
+            pin: Mutex::new(None),
             st: Mutex::new(st),
             copy_lock: Mutex::new(()),
             io_lock: Mutex::new(None),
@@ -254,39 +296,31 @@ static NEXT_DIRGEN: AtomicU64 = AtomicU64::new(0);
 /// walked meanwhile would open nothing (ENOENT) or, after an exchange, the other directory,
 /// whose fd the node would then keep: creates in one directory would land in another.
 #[derive(Debug, Default)]
-pub struct DirMoves {
-    /// Moves between `begin` and the guard's drop.
-    active: AtomicU64,
-    /// Bumped at both ends of every move.
-    seq: AtomicU64,
-}
+pub struct DirMoves(super::Activity);
 
 /// A directory move in progress (from before the disk changes until the names have).
 pub struct DirMoving<'a>(&'a DirMoves);
 
 impl DirMoves {
     pub fn begin(&self) -> DirMoving<'_> {
-        self.active.fetch_add(1, Ordering::SeqCst);
-        self.seq.fetch_add(1, Ordering::SeqCst);
+        self.0.begin();
         DirMoving(self)
     }
 
     /// A stamp taken before reading names for a walk; `None` while a move runs.
     pub fn stamp(&self) -> Option<u64> {
-        let seq = self.seq.load(Ordering::SeqCst);
-        (self.active.load(Ordering::SeqCst) == 0).then_some(seq)
+        self.0.idle()
     }
 
-    /// Did no move start or end since `stamp` (so the names walked matched the disk)?
+    /// Did no move start since `stamp` (so the names walked matched the disk)?
     pub fn unchanged(&self, stamp: Option<u64>) -> bool {
-        stamp.is_some_and(|s| self.seq.load(Ordering::SeqCst) == s)
+        stamp.is_some_and(|s| self.0.none_since(s))
     }
 }
 
 impl Drop for DirMoving<'_> {
     fn drop(&mut self) {
-        self.0.seq.fetch_add(1, Ordering::SeqCst);
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.0.end();
     }
 }
 
@@ -360,22 +394,26 @@ impl NodeTable {
     }
 
     /// Drop `n` kernel references; remove the node when none remain.
-    pub fn forget(&self, ino: u64, n: u64) {
+    pub fn forget(&self, ino: u64, n: u64) -> Option<Arc<Node>> {
         self.forget_unless(ino, n, |_| false)
     }
 
     /// Drop `n` kernel references to `ino`; with none left the node goes, unless `keep` says
     /// it must stay (it then stays with no reference until [`Nodes::remove_unreferenced`]).
-    pub fn forget_unless(&self, ino: u64, n: u64, keep: impl Fn(&Node) -> bool) {
+    /// Returns the node if the kernel holds it no more.
+    pub fn forget_unless(
+        &self,
+        ino: u64,
+        n: u64,
+        keep: impl Fn(&Node) -> bool,
+    ) -> Option<Arc<Node>> {
         if ino == ROOT_INO {
-            return;
+            return None;
         }
         // Counted down under the table's guard (a node of another type may replace this one
         // and take over its count: insert_or_get).
         let (node, prev) = {
-            let Some(g) = self.map.get(&ino) else {
-                return;
-            };
+            let g = self.map.get(&ino)?;
             let prev = g
                 .nlookup
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
@@ -386,18 +424,24 @@ impl NodeTable {
         };
         // `keep` is asked with no lock of the table held. A node it keeps gains no new
         // reason to stay meanwhile: that takes an open, so a lookup (a reference) first.
-        if prev <= n && !keep(&node) {
+        if prev > n {
+            return None;
+        }
+        if !keep(&node) {
             self.remove_unreferenced(ino);
         }
+        Some(node)
     }
 
     /// Remove `ino`'s node if the kernel holds no reference to it (one kept by
     /// [`Nodes::forget_unless`]).
-    pub fn remove_unreferenced(&self, ino: u64) {
-        if ino != ROOT_INO {
-            self.map
-                .remove_if(&ino, |_, node| node.nlookup.load(Ordering::Acquire) == 0);
+    pub fn remove_unreferenced(&self, ino: u64) -> Option<Arc<Node>> {
+        if ino == ROOT_INO {
+            return None;
         }
+        self.map
+            .remove_if(&ino, |_, node| node.nlookup.load(Ordering::Acquire) == 0)
+            .map(|(_, n)| n)
     }
 
     /// Number of nodes held.

@@ -616,9 +616,11 @@ impl Union {
             commit_window: std::time::Duration::from_millis(opts.commit_window_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
-            reaper: Arc::new(reaper::Reaper::new(std::time::Duration::from_millis(
-                opts.release_delay_ms,
-            ))),
+            // Its descriptors count against the limit as cached directory fds do.
+            reaper: Arc::new(reaper::Reaper::new(
+                std::time::Duration::from_millis(opts.release_delay_ms),
+                dirfd_cap(),
+            )),
             prefetch: Arc::new({
                 let p = prefetch::Prefetcher::new(opts.prefetch);
                 // Block reads are counted only for filesystems on block devices (major
@@ -901,7 +903,7 @@ impl Union {
                 // Its last name is gone and may be another file's now: an unlinked file is
                 // reached through its open handles only, never by name. (A lower name stays
                 // the same file: the lower layers do not change.)
-                return Err(Error::new(Errno::ENOENT, "the file was removed"));
+                return Err(Error::new(Errno::ESTALE, "the file was removed"));
             }
             (st.parent, st.name.clone())
         };
@@ -1039,12 +1041,54 @@ impl Union {
         // With a quota, a file whose allocation may still change (dirty pages in the cache,
         // or written recently: the filesystem allocates at its own write-back) keeps its node,
         // which holds what is accounted for it, until that is settled (settle_allocations).
-        self.nodes.forget_unless(ino, n, |node| {
+        let forgotten = self.nodes.forget_unless(ino, n, |node| {
             self.quota.is_some()
                 && !node.is_dir()
                 && (self.unsettled.contains_key(&node.ino)
                     || self.cache.as_ref().is_some_and(|c| c.is_dirty(node.ino)))
         });
+        if let Some(node) = forgotten {
+            self.unpin(&node);
+        }
+    }
+
+    /// Hold the removed object of `node` ([`inode::Pin`]) while the kernel holds the node;
+    /// otherwise (or past the cap) hand it to the reaper.
+    pub(crate) fn pin_removed(&self, node: &Node, hold: Option<(OwnedFd, u64)>) {
+        let Some(hold) = hold else {
+            return;
+        };
+        if !self.may_pin(node) {
+            self.release_later(Some(hold));
+            return;
+        }
+        let old = node.pin.lock().replace(inode::Pin::new(hold));
+        if let Some(p) = old {
+            self.release_later(p.into_hold());
+        }
+        // Forgotten meanwhile: nobody would unpin it.
+        if node.nlookup.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            self.unpin(node);
+        }
+    }
+
+    /// Let go of the removed object `node` held (the kernel forgot the node, or the node
+    /// names another object now).
+    pub(crate) fn unpin(&self, node: &Node) {
+        let pin = node.pin.lock().take();
+        if let Some(p) = pin {
+            self.release_later(p.into_hold());
+        }
+    }
+
+    /// May one more removed object be pinned? (Pins count against the descriptor limit like
+    /// cached directory fds; past the cap a removed object is not held.) Not with a quota:
+    /// its accounting releases an object with its last name unless a file of it is open, and
+    /// the upper filesystem must then have the space back, as the report says.
+    pub(crate) fn may_pin(&self, node: &Node) -> bool {
+        self.quota.is_none()
+            && node.nlookup.load(std::sync::atomic::Ordering::Acquire) > 0
+            && inode::pinned() < self.dirfd_cap
     }
 
     /// statfs of the upper filesystem (or the top lower for a read-only union); with a quota,

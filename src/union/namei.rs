@@ -264,11 +264,27 @@ impl Union {
         let (node, created) = self
             .nodes
             .insert_or_get(Node::new(ino, kind, fresh.clone()), refs);
+        if !created && node.st.lock().unlinked && !self.names_it_now(parent, name, &node) {
+            // Found just before its removal (the stat raced an unlink or a rename over it):
+            // the removed object, as the kernel may still hold it, under the same generation
+            // (a new one would make the kernel retire its inode, and every read of a file
+            // still open on it would fail with EIO). Its next open goes by name and fails
+            // with ESTALE, and the kernel looks the name up again.
+            let attr = self.attr_for(&node, &node.st.lock(), &f.stat);
+            return (node, attr);
+        }
         if !created {
             let mut st = node.st.lock();
             if st.unlinked {
+                if node.gone.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    // The inode number of a removed object, now another's: a new generation,
+                    // so that the kernel does not take the new object for the old one it may
+                    // hold. (Not gone: the same object under a hard link not seen before.)
+                    self.nodes.renew(&node);
+                }
                 *st = fresh.clone();
                 drop(st);
+                self.unpin(&node);
                 node.reset_dirfds();
                 node.invalidate_xattrs();
                 // A new object under the inode number: nothing is accounted for it yet.
@@ -302,6 +318,22 @@ impl Union {
         }
         let attr = self.attr_for(&node, &node.st.lock(), &f.stat);
         (node, attr)
+    }
+
+    /// Does (parent, name) name the object of `node`'s id now? Asked of a removed node found
+    /// again by a lookup: the number reused by a new object there (yes), or a stat made
+    /// before the removal (no: the name holds another object or none).
+    fn names_it_now(&self, parent: u64, name: &OsStr, node: &Node) -> bool {
+        let Ok(p) = self.node(parent) else {
+            return false;
+        };
+        match self.find(&p, name) {
+            Ok(Some(f)) => {
+                f.stat.st_mode & libc::S_IFMT == node.kind
+                    && self.node_ino(f.top, &f.stat, parent, name) == node.ino
+            }
+            _ => false,
+        }
     }
 
     /// FUSE lookup: find `name` in `parent`, take one kernel reference on the result.
@@ -344,6 +376,18 @@ fn per_name_ino(parent: u64, name: &OsStr, ino: u64) -> u64 {
 }
 
 /// Remove one (parent, name) from a node's names; mark it unlinked when none remain.
+/// (`parent`, `name`) no longer names `node`; `gone`: nor anything, the object itself was
+/// removed (a directory, a file's last link). The node keeps its FUSE generation: a lookup
+/// that raced the removal may still hand the removed object to the kernel, which holds it
+/// under that generation. If the inode number comes back as a new object, that gets a new
+/// one (`node_for`, `insert_fresh`).
+pub(crate) fn name_removed(node: &Node, parent: u64, name: &OsStr, gone: bool) {
+    if gone {
+        node.gone.store(true, std::sync::atomic::Ordering::Release);
+    }
+    drop_name(node, parent, name);
+}
+
 pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
     let mut st = node.st.lock();
     if st.parent == parent && st.name.as_os_str() == name {

@@ -47,6 +47,8 @@ struct Queue {
 pub struct Reaper {
     /// Testing aid: each release waits this long first.
     delay: std::time::Duration,
+    /// Descriptors waiting at most: [`MAX_FILES`], or less under a low descriptor limit.
+    max_files: usize,
     q: Mutex<Queue>,
     /// Work arrived (the thread waits on it) or the queue ran empty (flushers wait on it).
     cv: Condvar,
@@ -57,9 +59,11 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    pub fn new(delay: std::time::Duration) -> Reaper {
+    /// A reaper holding at most `max_files` descriptors (and [`MAX_FILES`]).
+    pub fn new(delay: std::time::Duration, max_files: usize) -> Reaper {
         Reaper {
             delay,
+            max_files: max_files.min(MAX_FILES),
             ..Reaper::default()
         }
     }
@@ -69,7 +73,7 @@ impl Reaper {
     /// caller then drops it, releasing the file itself).
     pub fn defer(self: &std::sync::Arc<Self>, fd: OwnedFd, bytes: u64) -> Option<OwnedFd> {
         let mut q = self.q.lock();
-        if q.stopped || q.files.len() >= MAX_FILES || q.bytes + bytes > MAX_BYTES {
+        if q.stopped || q.files.len() >= self.max_files || q.bytes + bytes > MAX_BYTES {
             self.overflowed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Some(fd);
@@ -182,7 +186,7 @@ mod tests {
         let path = dir.join("f");
         std::fs::write(&path, vec![7u8; 8192]).unwrap();
         let f = std::fs::File::open(&path).unwrap();
-        let r = Arc::new(Reaper::default());
+        let r = Arc::new(Reaper::new(std::time::Duration::ZERO, MAX_FILES));
         let fd = fd_of(&f);
         let raw = fd.as_raw_fd();
         drop(f);
@@ -203,7 +207,7 @@ mod tests {
     fn over_the_bounds_the_caller_keeps_its_descriptor() {
         let dir = tempfile_dir();
         let f = std::fs::File::create(dir.join("g")).unwrap();
-        let r = Arc::new(Reaper::default());
+        let r = Arc::new(Reaper::new(std::time::Duration::ZERO, MAX_FILES));
         assert!(r.defer(fd_of(&f), MAX_BYTES + 1).is_some());
         r.stop();
         assert!(
