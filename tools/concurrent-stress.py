@@ -169,6 +169,28 @@ def build_layers(root, seed, nworkers):
             with open(os.path.join(L1, parent, name, nf()), "wb") as f:
                 f.write(rbytes(rnd, rnd.randint(0, 8000)))
     os.symlink("d1", os.path.join(L1, "l950"))
+    # the pin dir: merged (in both lowers), 300 names p* that no operation touches (200 from L2,
+    # 100 from L1) and 50 L2 names hidden by L1 whiteouts; workers churn other names in it while
+    # others list it: every listing must show exactly the pinned names (no loss, no duplicate)
+    pin = "d0pin"
+    os.mkdir(os.path.join(L1, pin))
+    os.mkdir(os.path.join(L2, pin))
+    pinned, pin_hidden = [], []
+    for i in range(250):
+        n = f"p{i:04}_" + "x" * 30
+        with open(os.path.join(L2, pin, n), "wb") as f:
+            f.write(b"p" * (i % 7))
+        if i >= 200:
+            os.mknod(os.path.join(L1, pin, n), stat.S_IFCHR | 0o600, 0)
+            pin_hidden.append(n)
+        else:
+            pinned.append(n)
+    for i in range(250, 350):
+        n = f"p{i:04}_" + "y" * 30
+        with open(os.path.join(L1, pin, n), "wb") as f:
+            f.write(b"q")
+        pinned.append(n)
+    l1dirs.add(pin)
     # owned files: k0 in L2, k1 in L1 (visible places), k2.. created by the owner
     owned = {}
     visible = [d for d in sorted(l1dirs) if not _under(d, [wd, od])]
@@ -191,7 +213,8 @@ def build_layers(root, seed, nworkers):
             rel = "" if rel == "." else rel
             if rel not in merged_dirs and not _under(rel, [wd]) and not _under_strict(rel, od, L1):
                 merged_dirs.append(rel)
-    return {"dirs": merged_dirs, "owned": owned, "whiteouts": whiteouts, "opaque": od}
+    return {"dirs": merged_dirs, "owned": owned, "whiteouts": whiteouts, "opaque": od,
+            "pin": pin, "pinned": pinned, "pin_hidden": pin_hidden}
 
 
 def _under(rel, tops):
@@ -260,7 +283,11 @@ class Worker:
         # a hot set shared by all workers (same seed): two top-level dirs where picks
         # concentrate, so that workers meet on the same names (copy-up races etc.)
         tops = sorted(d for d in manifest["dirs"] if d and "/" not in d)
-        self.hot = random.Random(seed).sample(tops, min(2, len(tops)))
+        self.hot = random.Random(seed).sample([t for t in tops if t != manifest["pin"]],
+                                              min(2, len(tops) - 1)) + [manifest["pin"]]
+        self.pin = manifest["pin"]
+        self.pinned = set(manifest["pinned"])
+        self.pin_hidden = set(manifest["pin_hidden"])
         self.held = []                             # (fd, path, content at open) of a* files
 
     # -- helpers
@@ -356,7 +383,8 @@ class Worker:
             (4, "deepwalk", self.op_deepwalk), (3, "scan", self.op_scan),
             (10, "owned", self.op_owned), (1, "fsync", self.op_fsync),
             (3, "hold", self.op_hold), (3, "held_check", self.op_held_check),
-            (2, "owned_link", self.op_owned_link),
+            (2, "owned_link", self.op_owned_link), (3, "pinlist", self.op_pinlist),
+            (4, "pinchurn", self.op_pinchurn),
         ]
         weights = [w for w, _, _ in ops]
         try:
@@ -958,6 +986,50 @@ class Worker:
                       f"{b.st_ino} nlink {b.st_nlink} right after link()")
         if o.get("ino") is not None and a.st_ino != o["ino"]:
             self.fail("owned-ino", f"{src}: st_ino {a.st_ino} != {o['ino']} after link()")
+
+    def op_pinlist(self):
+        self.setdesc(f"pinlist {self.pin}")
+        if self.rnd.random() < 0.5:
+            names = os.listdir(self.p(self.pin))
+        else:
+            with os.scandir(self.p(self.pin)) as it:
+                names = []
+                for e in it:
+                    names.append(e.name)
+                    if len(names) % 50 == 0:
+                        time.sleep(0.001)       # let the churn happen mid-listing
+        c = collections.Counter(names)
+        dup = [n for n, k in c.items() if k > 1]
+        missing = self.pinned - set(names)
+        shown = self.pin_hidden & set(names)
+        if dup or missing or shown:
+            ms = sorted(missing)
+            self.fail("pinlist", f"{self.pin}: {len(names)} names; duplicates {sorted(dup)[:5]} "
+                      f"({len(dup)}), pinned missing {len(missing)} (from {ms[:1]} to {ms[-1:]}; "
+                      f"{sum(1 for n in missing if 'y' in n)} of them L1's), "
+                      f"whited-out shown {sorted(shown)[:5]}; listing order: "
+                      + " ".join(n[:5] for n in names))
+
+    def op_pinchurn(self):
+        # create or remove a non-pinned name in the pin dir (including names that were
+        # whiteouts-only in a lower: never the pinned or hidden p* names)
+        n = f"s{self.rnd.randint(0, 60)}"
+        rel = os.path.join(self.pin, n)
+        self.setdesc(f"pinchurn {rel}")
+        r = self.rnd.random()
+        if r < 0.45:
+            with open(self.p(rel), "wb") as f:
+                f.write(b"c")
+            self.files.add(rel)
+        elif r < 0.9:
+            os.unlink(self.p(rel))
+        else:
+            d = os.path.join(self.pin, f"u{self.rnd.randint(0, 60)}")
+            if self.rnd.random() < 0.5:
+                os.mkdir(self.p(d))
+                self.dirs.add(d)
+            else:
+                os.rmdir(self.p(d))
 
     def op_fsync(self):
         rel = self.pick_file("sf")
