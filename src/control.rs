@@ -259,9 +259,9 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 ",\"dir_fds\":{dirfds},\"dir_fd_cap\":{dirfd_cap},\"dir_fd_evictions\":{dirfd_evictions},\"removed_pinned\":{}",
                 crate::union::inode::pinned()
             ));
-            let (made, kept, kept_entries) = union.listing_stats();
+            let (made, kept, kept_entries, kdrops) = union.listing_stats();
             s.push_str(&format!(
-                ",\"listings_made\":{made},\"listings_kept\":{kept},\"listing_entries_kept\":{kept_entries}"
+                ",\"listings_made\":{made},\"listings_kept\":{kept},\"listing_entries_kept\":{kept_entries},\"kernel_listing_drops\":{kdrops}"
             ));
             let (pf_queued, pf_dirs, pf_entries, pf_dropped, pf_skipped, pf_pending) =
                 union.prefetch_stats();

@@ -120,6 +120,8 @@ pub struct Node {
     /// Directories: the generation of the last listing made of it (kept in
     /// `Union::kept_listings` while it lasts; 0: none).
     pub last_listing: AtomicU64,
+    /// Directories: the listings of it being read now.
+    pub listing_uses: Mutex<super::readdir::ListingUses>,
     /// The node's xattrs as stored in its top layer (names and values), loaded on first use.
     /// Every change goes through us (setxattr, removexattr, setattr, writes that drop
     /// security.capability), and each of those drops it.
@@ -245,6 +247,7 @@ impl Node {
             // a node id can name another directory after the first one's node is gone.
             dirgen: AtomicU64::new(NEXT_DIRGEN.fetch_add(1 << 32, Ordering::Relaxed)),
             last_listing: AtomicU64::new(0),
+            listing_uses: Mutex::new(Default::default()),
             xattrs: Mutex::new(None),
             xgen: AtomicU64::new(0),
             kio: Mutex::new(KernelIo::default()),

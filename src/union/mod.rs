@@ -372,6 +372,9 @@ pub struct Union {
     pub(crate) list_seq: AtomicU64,
     /// Directory listings made (each reads the directory in every layer).
     pub(crate) listings_made: AtomicU64,
+    /// Times the kernel's cached listing of a directory was dropped because another listing
+    /// of it was being read (`readdir.rs`).
+    pub(crate) kernel_listing_drops: AtomicU64,
     /// Listings kept by directory nodes, oldest first (node, generation, entries), and their
     /// entries in all (the budget: `readdir.rs`).
     pub(crate) kept_listings: parking_lot::Mutex<readdir::KeptListings>,
@@ -588,6 +591,7 @@ impl Union {
             dirfd_queue: Default::default(),
             dirfd_sweep: parking_lot::Mutex::new(()),
             dir_moves: Default::default(),
+            kernel_listing_drops: AtomicU64::new(0),
             dirfd_evictions: AtomicU64::new(0),
             fh_seq: AtomicU64::new(1),
             quota,
@@ -997,6 +1001,17 @@ impl Union {
         let _ = self.kernel_forget.set(KernelForget(f));
     }
 
+    /// Have the kernel forget `what` now, in this thread (an inode's attributes and pages:
+    /// that waits for no lock a request may hold, unlike a name).
+    pub(crate) fn kernel_forget_now(&self, what: &Forget) {
+        if let Some(KernelForget(f)) = self.kernel_forget.get()
+            && let Err(e) = f(what)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            log::warn!("kernel cache invalidation of {what:?}: {e}");
+        }
+    }
+
     /// Have the kernel forget `what`, from a thread of its own: a notification about a
     /// directory waits for the kernel's lock of it, which a request waiting for us may hold.
     pub(crate) fn kernel_forget(&self, what: Vec<Forget>) {
@@ -1205,6 +1220,17 @@ impl Union {
     }
 
     /// Distinct stripes of `dirs`, in order (one lock order for every taker).
+    /// A stamp of directory `ino`'s changes (through us) before reading it; `None` while one
+    /// is in progress. [`Union::dir_unchanged`] tells whether one began since.
+    pub(crate) fn dir_stamp(&self, ino: u64) -> Option<u64> {
+        self.dir_locks[(ino as usize) % DIR_LOCKS].ops.idle()
+    }
+
+    /// No change of directory `ino` (or of another in its stripe) began since `stamp`.
+    pub(crate) fn dir_unchanged(&self, ino: u64, stamp: Option<u64>) -> bool {
+        stamp.is_some_and(|b| self.dir_locks[(ino as usize) % DIR_LOCKS].ops.none_since(b))
+    }
+
     fn dir_stripes(&self, dirs: &[u64]) -> Vec<usize> {
         let mut v: Vec<usize> = dirs.iter().map(|d| (*d as usize) % DIR_LOCKS).collect();
         v.sort_unstable();

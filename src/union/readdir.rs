@@ -42,6 +42,61 @@ struct KeptListing {
     dirgen: u64,
     list: Arc<Vec<DirEntry>>,
     used: std::time::Instant,
+    /// The directory's change stamp when the listing was begun ([`Union::dir_stamp`]).
+    stamp: Option<u64>,
+}
+
+/// A listing not read to its end and used this recently is a reader in progress (see
+/// [`ListingUses`]).
+const READING: std::time::Duration = std::time::Duration::from_secs(60);
+/// A listing read to its end this recently may be completing the kernel's cache of it.
+const JUST_ENDED: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The listings of one directory being read, for [`Union::drop_kernel_listing`]: those read
+/// recently (generation, last use, read to the end?), a few at most.
+#[derive(Debug, Default)]
+pub struct ListingUses(Vec<(u64, std::time::Instant, bool)>);
+
+impl ListingUses {
+    fn prune(&mut self, now: std::time::Instant) {
+        self.0.retain(|&(_, used, ended)| {
+            now.duration_since(used) < if ended { JUST_ENDED } else { READING }
+        });
+        if self.0.len() > 16 {
+            self.0.sort_by_key(|&(_, used, _)| std::cmp::Reverse(used));
+            self.0.truncate(16);
+        }
+    }
+
+    /// Listing `generation` starts: is another one being read, or just read to its end?
+    fn started(&mut self, generation: u64) -> bool {
+        let now = std::time::Instant::now();
+        self.prune(now);
+        let others = self.0.iter().any(|&(g, _, _)| g != generation);
+        self.0.retain(|&(g, _, _)| g != generation);
+        self.0.push((generation, now, false));
+        others
+    }
+
+    /// Listing `generation` is read on; at its `end` (a reader asked past it), is another
+    /// one being read?
+    fn read(&mut self, generation: u64, end: bool) -> bool {
+        let now = std::time::Instant::now();
+        self.prune(now);
+        let mut first_end = false;
+        match self.0.iter_mut().find(|(g, _, _)| *g == generation) {
+            Some(u) => {
+                first_end = end && !u.2;
+                *u = (generation, now, u.2 || end);
+            }
+            None => self.0.push((generation, now, end)),
+        }
+        first_end
+            && self
+                .0
+                .iter()
+                .any(|&(g, _, ended)| g != generation && !ended)
+    }
 }
 
 impl Default for KeptListings {
@@ -250,7 +305,14 @@ impl Union {
             match kept.lru.get_mut(&(ino, generation)) {
                 Some(k) if k.dirgen == dirgen => {
                     k.used = std::time::Instant::now();
-                    return Ok((k.list.clone(), index, generation, false));
+                    let list = k.list.clone();
+                    drop(kept);
+                    // At the end the kernel marks its cache of the listing complete.
+                    let end = index >= list.len();
+                    if node.listing_uses.lock().read(generation, end) {
+                        self.drop_kernel_listing(ino);
+                    }
+                    return Ok((list, index, generation, false));
                 }
                 // Of the directory the node named before: not this one's.
                 Some(_) => {
@@ -264,6 +326,13 @@ impl Union {
         // The directory the node names when the listing starts (a reset meanwhile makes the
         // listing one of the old directory).
         let dirgen = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
+        if offset == 0
+            && let Some((list, generation)) = self.unchanged_listing(&node, dirgen)
+        {
+            node.listing_uses.lock().started(generation);
+            return Ok((list, 0, generation, false));
+        }
+        let stamp = self.dir_stamp(ino);
         let fresh = self.listing(&node)?;
         if offset != 0 && index >= fresh.len() {
             // An unknown listing's reader at or past the end: nothing to keep for it.
@@ -276,11 +345,28 @@ impl Union {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % GENERATIONS)
             + 1;
-        self.keep_listing(&node, dirgen, generation, &fresh);
+        self.keep_listing(&node, dirgen, generation, stamp, &fresh);
+        if node.listing_uses.lock().started(generation) {
+            self.drop_kernel_listing(ino);
+        }
         if offset == 0 {
             self.note_listing(&node, &fresh);
         }
         Ok((fresh, index, generation, true))
+    }
+
+    /// Drop the kernel's cache of directory `ino`'s listing now, before the reply (when
+    /// another listing of it is being read: [`ListingUses`]). The kernel keeps one cached listing per directory, filled by the
+    /// reader that started it from offset 0 and complete once that reader reaches the end;
+    /// a reader that started another listing meanwhile (ours carry their listing's
+    /// generation in every offset) comes back with an offset that is not in that cache, and
+    /// the kernel (6.18) then answers end-of-directory instead of asking us whenever the
+    /// cached listing ends exactly at a page boundary: `ls` showed 175 of 330 names. With its
+    /// pages gone the kernel finds the cache missing and asks us.
+    fn drop_kernel_listing(&self, ino: u64) {
+        self.kernel_listing_drops
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.kernel_forget_now(&super::Forget::Inode(ino));
     }
 
     /// A fresh listing of `node`: in a tree walk, queue its subdirectories, and its parent's,
@@ -314,9 +400,33 @@ impl Union {
         }
     }
 
+    /// The last listing of `node`, if kept and no change of the directory began since it
+    /// was begun: what a fresh listing would be. A reader starting while another reads the
+    /// directory shares its listing (and so its offsets, which the kernel's cache of it
+    /// holds) instead of making one whose offsets the cache would not know
+    /// ([`Union::drop_kernel_listing`]).
+    fn unchanged_listing(&self, node: &Node, dirgen: u64) -> Option<(Arc<Vec<DirEntry>>, u64)> {
+        use std::sync::atomic::Ordering::Acquire;
+        let generation = node.last_listing.load(Acquire);
+        let mut q = self.kept_listings.lock();
+        let k = q.lru.get_mut(&(node.ino, generation))?;
+        if k.dirgen != dirgen || !self.dir_unchanged(node.ino, k.stamp) {
+            return None;
+        }
+        k.used = std::time::Instant::now();
+        Some((k.list.clone(), generation))
+    }
+
     /// Keep `list` as listing `generation` of `node`, within the budget of all listings
     /// (see [`KEPT_ENTRIES`]).
-    fn keep_listing(&self, node: &Node, dirgen: u64, generation: u64, list: &Arc<Vec<DirEntry>>) {
+    fn keep_listing(
+        &self,
+        node: &Node,
+        dirgen: u64,
+        generation: u64,
+        stamp: Option<u64>,
+        list: &Arc<Vec<DirEntry>>,
+    ) {
         let mut q = self.kept_listings.lock();
         let now = std::time::Instant::now();
         let key = (node.ino, generation);
@@ -324,6 +434,7 @@ impl Union {
             dirgen,
             list: list.clone(),
             used: now,
+            stamp,
         };
         if let Some(old) = q.lru.put(key, k) {
             q.entries -= old.list.len();
@@ -359,13 +470,15 @@ impl Union {
     }
 
     /// Listings made since the mount, listings kept now, and their entries in all.
-    pub fn listing_stats(&self) -> (u64, usize, usize) {
+    pub fn listing_stats(&self) -> (u64, usize, usize, u64) {
         let q = self.kept_listings.lock();
         (
             self.listings_made
                 .load(std::sync::atomic::Ordering::Relaxed),
             q.lru.len(),
             q.entries,
+            self.kernel_listing_drops
+                .load(std::sync::atomic::Ordering::Relaxed),
         )
     }
 
