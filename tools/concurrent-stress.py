@@ -522,8 +522,12 @@ class Worker:
         try:
             if what == "overwrite":
                 data = self.rnd.randbytes(self.rnd.choice([0, 1, 4095, 4096, 12345, 70000]))
-                with open(path, "wb") as f:
-                    f.write(data)
+                # No O_CREAT: if an ancestor moved, the old path must not make a second file.
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
                 o["data"] = data
             elif what == "append":
                 add = self.rnd.randbytes(self.rnd.randint(1, 9000))
@@ -561,13 +565,14 @@ class Worker:
                 with open(tmp, "wb") as f:
                     f.write(data)
                 try:
-                    os.rename(tmp, path)
-                except OSError:
+                    # An exchange, not rename(2): if an ancestor moved, the old path must not
+                    # get a second file (the exchange needs the target to be there).
+                    renameat2(tmp, path, RENAME_EXCHANGE)
+                finally:
                     try:
                         os.unlink(tmp)
                     except OSError:
                         pass
-                    raise
                 o["data"] = data
             elif what == "move":
                 parent = self.pick_dir(6)
