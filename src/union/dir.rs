@@ -478,9 +478,8 @@ impl Union {
     /// lstat of `name` in `dir`; with `may_hold`, a regular file whose last name this is and
     /// which has blocks comes with an `O_PATH` descriptor of it (and its size in blocks), for
     /// [`Union::release_later`] once the name is gone (nothing is held for that near a full
-    /// upper); with `pin`, so does any object whose last name this is (not a file with data near
-    /// a full upper), for
-    /// [`Union::pin_removed`].
+    /// upper); with `pin`, so does any object whose last name this is (not a file with data
+    /// near a full upper), for [`Union::pin_removed`].
     fn stat_holding(
         &self,
         dir: BorrowedFd<'_>,

@@ -1219,7 +1219,6 @@ impl Union {
         c
     }
 
-    /// Distinct stripes of `dirs`, in order (one lock order for every taker).
     /// A stamp of directory `ino`'s changes (through us) before reading it; `None` while one
     /// is in progress. [`Union::dir_unchanged`] tells whether one began since.
     pub(crate) fn dir_stamp(&self, ino: u64) -> Option<u64> {
@@ -1231,6 +1230,7 @@ impl Union {
         stamp.is_some_and(|b| self.dir_locks[(ino as usize) % DIR_LOCKS].ops.none_since(b))
     }
 
+    /// Distinct stripes of `dirs`, in order (one lock order for every taker).
     fn dir_stripes(&self, dirs: &[u64]) -> Vec<usize> {
         let mut v: Vec<usize> = dirs.iter().map(|d| (*d as usize) % DIR_LOCKS).collect();
         v.sort_unstable();

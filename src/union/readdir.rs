@@ -356,13 +356,13 @@ impl Union {
     }
 
     /// Drop the kernel's cache of directory `ino`'s listing now, before the reply (when
-    /// another listing of it is being read: [`ListingUses`]). The kernel keeps one cached listing per directory, filled by the
-    /// reader that started it from offset 0 and complete once that reader reaches the end;
-    /// a reader that started another listing meanwhile (ours carry their listing's
-    /// generation in every offset) comes back with an offset that is not in that cache, and
-    /// the kernel (6.18) then answers end-of-directory instead of asking us whenever the
-    /// cached listing ends exactly at a page boundary: `ls` showed 175 of 330 names. With its
-    /// pages gone the kernel finds the cache missing and asks us.
+    /// another listing of it is being read: [`ListingUses`]). The kernel keeps one cached
+    /// listing per directory, filled by the reader that started it from offset 0 and complete
+    /// once that reader reaches the end; a reader that started another listing meanwhile
+    /// (ours carry their listing's generation in every offset) comes back with an offset
+    /// that is not in that cache, and the kernel (6.18) then answers end-of-directory instead
+    /// of asking us whenever the cached listing ends exactly at a page boundary: `ls` showed
+    /// 175 of 330 names. With its pages gone the kernel finds the cache missing and asks us.
     fn drop_kernel_listing(&self, ino: u64) {
         self.kernel_listing_drops
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
