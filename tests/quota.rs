@@ -2755,6 +2755,8 @@ mod prop {
 
     /// Allocation and count of the files under upper or workdir/work that the daemon holds
     /// open but that have no name any more (they count until closed, but no scan sees them).
+    /// Not those it holds `O_PATH` only: removed objects kept for the kernel (pins), which
+    /// are accounted freed with their last name.
     pub(super) fn unlinked_open_files(m: &Mount) -> (u64, u64) {
         let Some(pid) = m.pid else { return (0, 0) };
         let mut seen = HashSet::new();
@@ -2769,6 +2771,20 @@ mod prop {
             let t = target.to_string_lossy();
             let ours = t.starts_with(p2s(&m.dirs.upper)) || t.starts_with(p2s(&m.dirs.work));
             if !ours || !t.ends_with(" (deleted)") {
+                continue;
+            }
+            let o_path = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u64::from_str_radix(f.trim(), 8).ok())
+            })
+            .is_some_and(|flags| flags & libc::O_PATH as u64 != 0);
+            if o_path {
                 continue;
             }
             if let Ok(md) = fs::metadata(e.path())

@@ -1097,12 +1097,12 @@ impl Union {
     }
 
     /// May one more removed object be pinned? (Pins count against the descriptor limit like
-    /// cached directory fds; past the cap a removed object is not held.) Not with a quota:
-    /// its accounting releases an object with its last name unless a file of it is open, and
-    /// the upper filesystem must then have the space back, as the report says.
+    /// cached directory fds; past the cap a removed object is not held.) With a quota the
+    /// object is accounted freed with its last name all the same (unless a file of it is
+    /// open), as when the reaper holds it: what a pin holds back is upper's space, not the
+    /// project's, and never a file's data near a full upper (`stat_holding`).
     pub(crate) fn may_pin(&self, node: &Node) -> bool {
-        self.quota.is_none()
-            && node.nlookup.load(std::sync::atomic::Ordering::Acquire) > 0
+        node.nlookup.load(std::sync::atomic::Ordering::Acquire) > 0
             && inode::pinned() < self.dirfd_cap
     }
 
