@@ -318,24 +318,16 @@ fn atomic_replace_under_readers(root: &Path, what: &str, empty_ok: bool) -> usiz
 fn removed_objects_are_let_go(merged: &Path) {
     let t = std::time::Instant::now();
     loop {
-        let out = std::process::Command::new(bin())
-            .args(["stats", "--json"])
-            .arg(merged)
-            .output()
-            .expect("stats");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let pinned: u64 = text
-            .split("\"removed_pinned\":")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no removed_pinned in {text}"));
+        let stats = daemon_stats(merged);
+        let pinned = *stats
+            .get("removed_pinned")
+            .unwrap_or_else(|| panic!("no removed_pinned in {stats:?}"));
         if pinned == 0 {
             return;
         }
         assert!(
             t.elapsed() < std::time::Duration::from_secs(20),
-            "{pinned} removed objects still held 20 s after their last use: {text}"
+            "{pinned} removed objects still held 20 s after their last use: {stats:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
