@@ -438,13 +438,11 @@ impl NodeTable {
 
     /// Remove `ino`'s node if the kernel holds no reference to it (one kept by
     /// [`Nodes::forget_unless`]).
-    pub fn remove_unreferenced(&self, ino: u64) -> Option<Arc<Node>> {
-        if ino == ROOT_INO {
-            return None;
+    pub fn remove_unreferenced(&self, ino: u64) {
+        if ino != ROOT_INO {
+            self.map
+                .remove_if(&ino, |_, node| node.nlookup.load(Ordering::Acquire) == 0);
         }
-        self.map
-            .remove_if(&ino, |_, node| node.nlookup.load(Ordering::Acquire) == 0)
-            .map(|(_, n)| n)
     }
 
     /// Number of nodes held.
