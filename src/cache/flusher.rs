@@ -101,6 +101,8 @@ impl PageCache {
                 log::debug!("page cache over budget while writing node {ino}");
             }
             let r = self.apply(&f, fd, pos, &data[done..done + len]);
+            // Writers at once each made room for their own chunk only.
+            self.trim_to_budget();
             let newly = r.as_ref().map(|x| x.1).unwrap_or(0);
             self.dirty.fetch_sub(span - newly * P, Ordering::AcqRel);
             match r {
@@ -536,10 +538,15 @@ impl PageCache {
             drop(st);
             f.cv.notify_all();
             if !lru_add.is_empty() {
-                let mut lru = self.lru.lock();
-                for i in lru_add {
-                    lru.put((f.ino, i), ());
+                {
+                    let mut lru = self.lru.lock();
+                    for i in lru_add {
+                        lru.put((f.ino, i), ());
+                    }
                 }
+                // Writes that found nothing clean to evict went over the budget; these pages
+                // can go now.
+                self.trim_to_budget();
             }
             if let Some(q) = &self.quota {
                 // Settle the file's real allocation first, then hand the charge back. Not
