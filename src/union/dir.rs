@@ -340,7 +340,10 @@ impl Union {
         // The node's allocation stays locked from here until the name is gone: a last close
         // meanwhile waits (so exactly one of us frees the object), and a settle would stat
         // the whiteout that takes the name's place.
-        let mut known = (self.quota.is_some() && !is_dir).then(|| child.io_lock.lock());
+        // (Without a quota too: the last close drops the file's pages unless the removal has
+        // pinned the object for the kernel, which it does below; an open that found another
+        // file under the name waits for that.)
+        let mut known = (!is_dir).then(|| child.io_lock.lock());
         let still_open = (self.quota.is_some() || self.cache.is_some())
             && self.upper_handle_of(child.ino, None).is_some();
         // A file's last name: held (O_PATH) so that the filesystem frees it when the reaper
@@ -402,10 +405,7 @@ impl Union {
         } else {
             self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_NOREPLACE)?;
         }
-        if let (true, Some(c)) = (drop_pages, &self.cache) {
-            c.drop_file(child.ino);
-        }
-        self.pin_removed(child, hold);
+        self.pin_removed(child, hold, drop_pages);
         // A lower object is out of the merged view for good (whiteout); a hard-linked lower
         // name has a node of its own.
         Ok(is_dir || before.is_none_or(|s| s.st_nlink <= 1))
@@ -738,10 +738,11 @@ impl Union {
         // The replaced file's allocation stays locked from "still open?" until its name is
         // gone, as in an unlink: its last close waits, so exactly one of us frees it, and no
         // settle stats the moved file under the replaced one's node.
-        let mut dst_known = match (&dst, &target, &self.quota) {
-            (Some(d), Some(t), Some(_)) if !d.is_dir() && !is_whiteout_stat(t) => {
-                Some(d.io_lock.lock())
-            }
+        // (Without a quota too, until the object is pinned for the kernel or not: the last
+        // close drops the file's pages unless it is pinned, and an open that found the new
+        // file under the name waits for that.)
+        let mut dst_known = match (&dst, &target) {
+            (Some(d), Some(t)) if !d.is_dir() && !is_whiteout_stat(t) => Some(d.io_lock.lock()),
             _ => None,
         };
         let target_open = match (&dst, &self.quota) {
@@ -810,14 +811,16 @@ impl Union {
                 None => {}
             }
         }
-        if let (Some(c), Some(d), Some(t), false) = (&self.cache, &dst, &target, exchange)
-            && !d.is_dir()
-            && (target_is_wh || t.st_nlink <= 1)
-            && self.upper_handle_of(d.ino, None).is_none()
-        {
-            // The replaced file is gone: so are its pages.
-            c.drop_file(d.ino);
-        }
+        // The replaced file is gone: so are its pages (once the kernel forgets it if it is
+        // pinned for the kernel).
+        let drop_pages = match (&self.cache, &dst, &target, exchange) {
+            (Some(_), Some(d), Some(t), false) => {
+                !d.is_dir()
+                    && (target_is_wh || t.st_nlink <= 1)
+                    && self.upper_handle_of(d.ino, None).is_none()
+            }
+            _ => false,
+        };
         if let Some(d) = &dst {
             let gone =
                 d.is_dir() || target_is_wh || target.as_ref().is_none_or(|t| t.st_nlink <= 1);
@@ -833,12 +836,12 @@ impl Union {
                 d.freed.store(true, Ordering::Release);
             }
         }
-        drop(dst_known);
         move_name(&src, parent, name, newparent, newname);
         match &dst {
-            Some(d) => self.pin_removed(d, hold),
+            Some(d) => self.pin_removed(d, hold, drop_pages),
             None => self.release_later(hold),
         }
+        drop(dst_known);
         Ok(())
     }
 }

@@ -378,7 +378,13 @@ impl Union {
                     Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
                     Err(e) => return Err(Error::new(e, "open backing file")),
                 };
-                self.check_opened(node, st.top(), fd.as_fd())?;
+                if let Err(e) = self.check_opened(node, st.top(), fd.as_fd()) {
+                    // Replaced meanwhile: read what the kernel holds, through the daemon.
+                    if !writable && self.removed_meanwhile(node) {
+                        return Ok(None);
+                    }
+                    return Err(e);
+                }
                 match register(fd.as_fd()) {
                     Ok(b) => (b, Arc::new(fd)),
                     Err(e) => {
@@ -439,15 +445,40 @@ impl Union {
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
         let st = node.st.lock();
         if st.unlinked || self.node_ino(r, &fs, st.parent, &st.name) != node.ino {
-            return Err(Error::new(Errno::ESTALE, "open: the file was removed"));
+            return Err(Error::new(
+                Errno::ESTALE,
+                "open: another file has its name now",
+            ));
         }
         Ok(())
+    }
+
+    /// An open for reading of `node`, an upper file removed while the kernel held it (a name
+    /// replaced by a rename, which a reader had just looked up): what the kernel holds is
+    /// read, as the kernel would read an unlinked inode of its own. ESTALE when the removed
+    /// object is not held (the kernel then looks the name up again).
+    fn open_removed(&self, node: &Node, f: OFlag, flags: i32) -> Result<u64> {
+        let fd = self
+            .reopen_pinned(node, self.daemon_flags(f, false))
+            .ok_or(Error::new(Errno::ESTALE, "open: the file was removed"))?;
+        Ok(self.add_handle_with(node.ino, fd, (false, true), flags, false))
+    }
+
+    /// After an open by `node`'s name found another object: whether `node` was removed
+    /// meanwhile and its object is held for the kernel. A removal in progress holds the node's
+    /// allocation lock until it has pinned the object (or let it go): waited for here.
+    fn removed_meanwhile(&self, node: &Node) -> bool {
+        drop(node.io_lock.lock());
+        node.st.lock().unlinked && node.pin.lock().is_some()
     }
 
     /// Open `node` through the daemon (and the page cache).
     fn open_daemon(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
         let ino = node.ino;
         let st = node.state();
+        if st.unlinked && st.top() == LayerRef::Upper && !writable {
+            return self.open_removed(node, f, flags);
+        }
         let (dir, name) = self.open_parent_in(node, st.top())?;
         let cached = self.cache.is_some();
         let open = |flags: OFlag| {
@@ -480,7 +511,15 @@ impl Union {
             }
             Err(e) => return Err(Error::new(e, "open")),
         };
-        self.check_opened(node, st.top(), fd.as_fd())?;
+        if let Err(e) = self.check_opened(node, st.top(), fd.as_fd()) {
+            // Its name was replaced between our look and the open: once that removal is
+            // through, the object may be held for the kernel.
+            drop(fd);
+            if !writable && self.removed_meanwhile(node) {
+                return self.open_removed(node, f, flags);
+            }
+            return Err(e);
+        }
         let fh = self.add_handle_with(ino, fd, (writable, st.upper), flags, nocache);
         drop(st);
         if cached && !nocache && f.contains(OFlag::O_TRUNC) {
@@ -811,8 +850,10 @@ impl Union {
         // With a quota, the handle goes and the last close is accounted under the node's
         // allocation lock, which an unlink holds from its "still open?" to its own
         // accounting: the object's release is counted by exactly one of the two.
-        let mut known = match (&self.quota, &node) {
-            (Some(_), Some(n)) => Some(n.io_lock.lock()),
+        // With a page cache too: an unlink or a rename over the file decides under that lock
+        // whether the removed object stays pinned for the kernel, with its pages.
+        let mut known = match &node {
+            Some(n) if self.quota.is_some() || self.cache.is_some() => Some(n.io_lock.lock()),
             _ => None,
         };
         let Some(f) = self.remove_handle(fh) else {
@@ -853,7 +894,11 @@ impl Union {
             return;
         };
         if st.st_nlink == 0 {
-            if let Some(c) = &self.cache {
+            // Pinned for the kernel, which may open it again (a RELEASE comes after the
+            // close that sent it, so after a rename over the file that close came before):
+            // its pages stay until the kernel forgets it (unpin_forgotten).
+            let pinned = node.is_some_and(|n| n.pin.lock().is_some());
+            if let (Some(c), false) = (&self.cache, pinned) {
                 c.drop_file(f.ino);
             }
             // An unlink that found no handle registered yet freed it already.
@@ -865,6 +910,10 @@ impl Union {
                     *known = None;
                 }
                 self.account(-super::charge::alloc(&st), -1);
+                // (Pinned for the kernel, its pages may still be written back: not counted.)
+                if let Some(n) = node {
+                    n.freed.store(true, Ordering::Release);
+                }
             }
         } else if let (Some(_), Some(known)) = (&self.quota, known) {
             self.sync_known(known, &st);

@@ -191,6 +191,12 @@ impl Pin {
         Pin(Some(hold))
     }
 
+    /// The held object (an `O_PATH` descriptor).
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.0.as_ref().map(|(fd, _)| fd.as_fd())
+    }
+
     /// The held object, for the reaper.
     pub fn into_hold(mut self) -> Option<(OwnedFd, u64)> {
         self.0.take()

@@ -1063,17 +1063,28 @@ impl Union {
                     || self.cache.as_ref().is_some_and(|c| c.is_dirty(node.ino)))
         });
         if let Some(node) = forgotten {
-            self.unpin(&node);
+            self.unpin_forgotten(&node);
         }
     }
 
     /// Hold the removed object of `node` ([`inode::Pin`]) while the kernel holds the node;
     /// otherwise (or past the cap) hand it to the reaper.
-    pub(crate) fn pin_removed(&self, node: &Node, hold: Option<(OwnedFd, u64)>) {
+    /// With `drop_pages`, the removed file's cached pages go: right here (before the object
+    /// is let go of, whose inode number a new file may get at once) unless it is pinned;
+    /// pinned, they stay (dirty ones too) for an open of it by the kernel
+    /// ([`Union::reopen_pinned`]) until the kernel forgets it ([`Union::unpin_forgotten`]).
+    pub(crate) fn pin_removed(&self, node: &Node, hold: Option<(OwnedFd, u64)>, drop_pages: bool) {
+        let drop_now = || {
+            if let (true, Some(c)) = (drop_pages, &self.cache) {
+                c.drop_file(node.ino);
+            }
+        };
         let Some(hold) = hold else {
+            drop_now();
             return;
         };
         if !self.may_pin(node) {
+            drop_now();
             self.release_later(Some(hold));
             return;
         }
@@ -1083,12 +1094,53 @@ impl Union {
         }
         // Forgotten meanwhile: nobody would unpin it.
         if node.nlookup.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            self.unpin(node);
+            self.unpin_forgotten(node);
         }
     }
 
-    /// Let go of the removed object `node` held (the kernel forgot the node, or the node
-    /// names another object now).
+    /// The kernel forgot `node`: let go of the removed object it pinned, and of that file's
+    /// cached pages unless a handle of it is still open (its last close drops them).
+    pub(crate) fn unpin_forgotten(&self, node: &Node) {
+        let pin = node.pin.lock().take();
+        let Some(p) = pin else {
+            return;
+        };
+        if let Some(c) = &self.cache
+            && !node.is_dir()
+            && node.st.lock().unlinked
+            && self.upper_handle_of(node.ino, None).is_none()
+        {
+            c.drop_file(node.ino);
+        }
+        self.release_later(p.into_hold());
+    }
+
+    /// The removed object `node` pins, opened again with `flags` (an open for reading of a
+    /// file the kernel still holds under a name that was just replaced: what the kernel does
+    /// for an unlinked inode it holds). Through `/proc/self/fd`, the one way to reopen an
+    /// `O_PATH` descriptor; it names our own descriptor, never a path in a layer. None when
+    /// nothing is pinned or that fails (no /proc).
+    pub(crate) fn reopen_pinned(&self, node: &Node, flags: nix::fcntl::OFlag) -> Option<OwnedFd> {
+        use nix::fcntl::OFlag;
+        use std::os::fd::AsRawFd;
+        let pin = node.pin.lock();
+        let fd = pin.as_ref()?.fd()?;
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        // (No O_NOFOLLOW: the descriptor's link is what is followed.)
+        let flags = (flags - OFlag::O_NOFOLLOW - OFlag::O_CREAT - OFlag::O_TRUNC)
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY;
+        let open = |f| nix::fcntl::open(path.as_str(), f, nix::sys::stat::Mode::empty());
+        open(flags)
+            .or_else(|e| match e {
+                Errno::EPERM if flags.contains(OFlag::O_NOATIME) => open(flags - OFlag::O_NOATIME),
+                e => Err(e),
+            })
+            .ok()
+    }
+
+    /// Let go of the removed object `node` held (the node names another object now; its
+    /// pages were dropped when that object was made).
     pub(crate) fn unpin(&self, node: &Node) {
         let pin = node.pin.lock().take();
         if let Some(p) = pin {
@@ -1332,8 +1384,10 @@ impl crate::cache::WritebackSink for Union {
         if self.quota.is_none() {
             return;
         }
-        // An unlinked file still open counts too (until its last close releases it).
+        // An unlinked file still open counts too (until its last close releases it); one
+        // accounted freed with its last name (pinned for the kernel, its pages kept) not.
         if let Some(node) = self.nodes.get(ino)
+            && !node.freed.load(std::sync::atomic::Ordering::Acquire)
             && let Ok(st) = nix::sys::stat::fstat(fd)
         {
             let mut known = node.io_lock.lock();
