@@ -189,6 +189,26 @@ fn held_removed_file_does_not_reach_its_successor(root: &Path, what: &str) {
     }
 }
 
+/// statx(2) of an fd (O_PATH too) that asks the filesystem, not the kernel's cached attributes.
+fn forced_fstat(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::statx> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: statx(2) of an open fd (AT_EMPTY_PATH) into a buffer of its type.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statx succeeded and filled the buffer.
+    Ok(unsafe { stx.assume_init() })
+}
+
 /// A file the kernel still holds (an O_PATH fd) replaced by a rename over it, and removed by
 /// unlink: reopened through the held fd, it reads as it was, whole — also right after it was
 /// written, its data still only in the daemon's page cache (with a quota), where the rename
@@ -208,6 +228,13 @@ fn held_removed_file_reads_as_it_was(root: &Path, what: &str) {
         } else {
             fs::remove_file(&p).unwrap();
         }
+        let stx = forced_fstat(&held)
+            .unwrap_or_else(|e| panic!("{what}: forced fstat of the removed file ({i}): {e}"));
+        assert_eq!(
+            (stx.stx_size, stx.stx_nlink),
+            (data.len() as u64, 0),
+            "{what}: size and link count of the removed file ({i})"
+        );
         let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
         let back = fs::read_to_string(&proc)
             .unwrap_or_else(|e| panic!("{what}: reopen of the removed file ({i}): {e}"));
@@ -220,33 +247,28 @@ fn held_removed_file_reads_as_it_was(root: &Path, what: &str) {
         drop(held);
         let _ = fs::remove_file(&p);
     }
+    // A removed directory held (a process's cwd) stats as removed.
+    let d = root.join("gone-dir");
+    fs::create_dir(&d).unwrap();
+    let held = hold(&d);
+    fs::remove_dir(&d).unwrap();
+    let stx = forced_fstat(&held)
+        .unwrap_or_else(|e| panic!("{what}: forced fstat of the removed directory: {e}"));
+    assert_eq!(
+        (stx.stx_mode as u32 & libc::S_IFMT, stx.stx_nlink),
+        (libc::S_IFDIR, 0),
+        "{what}: the removed directory"
+    );
 }
 
 /// A lower file open for reading, then removed (a whiteout takes its name): the open file
 /// still reads and stats as itself (a forced stat asks the daemon).
 fn open_lower_file_outlives_its_removal(root: &Path, what: &str) {
-    use std::os::fd::AsRawFd;
     let mut f = fs::File::open(root.join("lower")).unwrap_or_else(|e| panic!("{what}: open: {e}"));
     fs::remove_file(root.join("lower")).unwrap_or_else(|e| panic!("{what}: unlink: {e}"));
-    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: statx(2) of an open fd (AT_EMPTY_PATH) into a buffer of its type.
-    let r = unsafe {
-        libc::statx(
-            f.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_STATX_FORCE_SYNC,
-            libc::STATX_BASIC_STATS,
-            stx.as_mut_ptr(),
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "{what}: forced fstat of the removed lower file: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: statx succeeded and filled the buffer.
-    assert_eq!(unsafe { stx.assume_init() }.stx_size, 1, "{what}: its size");
+    let stx = forced_fstat(&f)
+        .unwrap_or_else(|e| panic!("{what}: forced fstat of the removed lower file: {e}"));
+    assert_eq!(stx.stx_size, 1, "{what}: its size");
     let mut s = String::new();
     f.read_to_string(&mut s)
         .unwrap_or_else(|e| panic!("{what}: read: {e}"));

@@ -936,14 +936,25 @@ impl Union {
                     .or_else(|| self.handles_on(ino).into_iter().next())
             })
             .flatten();
-        let fs = match handle {
-            Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
-            None if top == LayerRef::Upper && node.is_dir() => self.dir_times.steady(|| {
-                self.read_in(&node, top, |dir, name| {
-                    layer::stat_at(dir, name).ctx("stat")
-                })
-            })?,
-            None => self.read_in(&node, top, |dir, name| {
+        // Removed, not open, held for the kernel (an O_PATH fd of a process, a cwd): the
+        // object the daemon pins.
+        let pinned = (handle.is_none() && unlinked)
+            .then(|| {
+                let pin = node.pin.lock();
+                pin.as_ref()?.fd().map(nix::sys::stat::fstat)
+            })
+            .flatten();
+        let fs = match (handle, pinned) {
+            (Some(f), _) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
+            (None, Some(st)) => st.ctx("fstat")?,
+            (None, None) if top == LayerRef::Upper && node.is_dir() => {
+                self.dir_times.steady(|| {
+                    self.read_in(&node, top, |dir, name| {
+                        layer::stat_at(dir, name).ctx("stat")
+                    })
+                })?
+            }
+            (None, None) => self.read_in(&node, top, |dir, name| {
                 layer::stat_at(dir, name).ctx("stat")
             })?,
         };
