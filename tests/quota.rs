@@ -2088,9 +2088,17 @@ fn quota_limit_below_usage_refuses_growth_but_allows_deletes() {
         let mut want = pattern(0, MIB, 9);
         want.extend_from_slice(&pattern(MIB, 3 * MIB, 1));
         assert_bytes("a", &fs::read(m.path("a")).unwrap(), &want);
-        // Deleting is allowed and brings usage under the limit.
+        // Deleting is allowed and brings usage under the limit, also while a process still
+        // holds the file (an O_PATH fd: the daemon keeps the removed file, and its pages, for
+        // the kernel; the quota's reservation for them goes with the name).
+        let held = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(m.path("b"))
+            .unwrap();
         fs::remove_file(m.path("b")).expect("delete over the limit");
         fs::write(m.path("small"), b"fits again").expect("write after deleting below the limit");
+        drop(held);
         assert_report_matches_scan(&m, "after lowering and deleting");
 
         // Bad values: exit 2, one line, limits unchanged.

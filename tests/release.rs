@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use std::fs::{self, File};
 use std::io::Write;
+use std::time::Duration;
 
 const TIMEOUT: u64 = 120;
 const MIB: u64 = 1 << 20;
@@ -110,7 +111,24 @@ fn a_file_replaced_by_a_rename_is_released_in_the_background() {
             );
             assert!(!m.path(&format!("new{i}")).exists());
         }
-        assert!(stat_of(&m, "deferred_releases_pending") >= 1);
+        // The replaced files the kernel held go to the reaper once it forgets them (which
+        // follows the rename's reply, a moment later through io_uring): each waits there
+        // release_delay_ms.
+        let t = std::time::Instant::now();
+        let mut seen_pending = false;
+        loop {
+            let pending = stat_of(&m, "deferred_releases_pending");
+            seen_pending |= pending >= 1;
+            if pending + stat_of(&m, "deferred_releases") >= 4 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the replaced files never reached the reaper"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(seen_pending, "no release was deferred");
         let _ = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs of the mount");
         assert_eq!(stat_of(&m, "deferred_releases"), 4);
         assert!(

@@ -581,6 +581,29 @@ impl PageCache {
         }
     }
 
+    /// The file `ino` was accounted freed (its last name is gone) but its pages stay, for the
+    /// kernel, which still holds it: hand back the quota reserved for those of its pages that
+    /// have no blocks yet. Whatever of them is written back later is not counted.
+    pub fn uncharge(&self, ino: u64) {
+        let Some(q) = &self.quota else {
+            return;
+        };
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return;
+        };
+        let mut st = f.st.lock();
+        let mut released = 0u64;
+        for s in st.pages.values_mut() {
+            if let Slot::Ready(p) = s
+                && std::mem::take(&mut p.charged)
+            {
+                released += P;
+            }
+        }
+        drop(st);
+        q.adjust_bytes(-(released as i64));
+    }
+
     /// Forget everything about `ino` (its last name is gone and nothing holds it open, or the
     /// inode number now names a new file). Dirty data is discarded.
     pub fn drop_file(&self, ino: u64) {

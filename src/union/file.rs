@@ -898,8 +898,13 @@ impl Union {
             // close that sent it, so after a rename over the file that close came before):
             // its pages stay until the kernel forgets it (unpin_forgotten).
             let pinned = node.is_some_and(|n| n.pin.lock().is_some());
-            if let (Some(c), false) = (&self.cache, pinned) {
-                c.drop_file(f.ino);
+            if let Some(c) = &self.cache {
+                if pinned {
+                    // Freed all the same: what the quota reserved for its pages goes.
+                    c.uncharge(f.ino);
+                } else {
+                    c.drop_file(f.ino);
+                }
             }
             // An unlink that found no handle registered yet freed it already.
             let freed = node.is_some_and(|n| n.freed.load(Ordering::Acquire));

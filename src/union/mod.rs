@@ -1103,6 +1103,10 @@ impl Union {
         if let Some(p) = old {
             self.release_later(p.into_hold());
         }
+        if let (true, Some(c)) = (drop_pages, &self.cache) {
+            // Its pages stay, but it is freed: what the quota reserved for them goes.
+            c.uncharge(node.ino);
+        }
         // Forgotten meanwhile: nobody would unpin it.
         if node.nlookup.load(std::sync::atomic::Ordering::Acquire) == 0 {
             self.unpin_forgotten(node);
