@@ -265,7 +265,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         // CPU's queue has an entry. Threads per CPU so that there are about as many as
         // /dev/fuse workers.
         use std::os::fd::AsFd;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = crate::cpus_allowed();
         // At least two per CPU: one long request (a copy-up, an fsync) must not hold up every
         // other request from that CPU.
         let per_cpu = threads.div_ceil(cpus).max(2);
