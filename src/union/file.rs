@@ -897,15 +897,7 @@ impl Union {
             // Pinned for the kernel, which may open it again (a RELEASE comes after the
             // close that sent it, so after a rename over the file that close came before):
             // its pages stay until the kernel forgets it (unpin_forgotten).
-            let pinned = node.is_some_and(|n| n.pin.lock().is_some());
-            if let Some(c) = &self.cache {
-                if pinned {
-                    // Freed all the same: what the quota reserved for its pages goes.
-                    c.uncharge(f.ino);
-                } else {
-                    c.drop_file(f.ino);
-                }
-            }
+            self.removed_file_pages(f.ino, node.is_some_and(|n| n.pin.lock().is_some()));
             // An unlink that found no handle registered yet freed it already.
             let freed = node.is_some_and(|n| n.freed.load(Ordering::Acquire));
             if self.quota.is_some() && !freed {

@@ -1085,31 +1085,33 @@ impl Union {
     /// pinned, they stay (dirty ones too) for an open of it by the kernel
     /// ([`Union::reopen_pinned`]) until the kernel forgets it ([`Union::unpin_forgotten`]).
     pub(crate) fn pin_removed(&self, node: &Node, hold: Option<(OwnedFd, u64)>, drop_pages: bool) {
-        let drop_now = || {
-            if let (true, Some(c)) = (drop_pages, &self.cache) {
-                c.drop_file(node.ino);
-            }
-        };
-        let Some(hold) = hold else {
-            drop_now();
-            return;
-        };
-        if !self.may_pin(node) {
-            drop_now();
-            self.release_later(Some(hold));
-            return;
+        let pinned = hold.is_some() && self.may_pin(node);
+        if drop_pages {
+            self.removed_file_pages(node.ino, pinned);
         }
+        let hold = match hold {
+            Some(h) if pinned => h,
+            // Not held for the kernel: to the reaper (or closed).
+            other => return self.release_later(other),
+        };
         let old = node.pin.lock().replace(inode::Pin::new(hold));
         if let Some(p) = old {
             self.release_later(p.into_hold());
         }
-        if let (true, Some(c)) = (drop_pages, &self.cache) {
-            // Its pages stay, but it is freed: what the quota reserved for them goes.
-            c.uncharge(node.ino);
-        }
         // Forgotten meanwhile: nobody would unpin it.
         if node.nlookup.load(std::sync::atomic::Ordering::Acquire) == 0 {
             self.unpin_forgotten(node);
+        }
+    }
+
+    /// The cached pages of file `ino`, whose last name is gone: kept if the removed file is
+    /// pinned for the kernel (only what the quota reserved for them goes: the file is freed),
+    /// dropped, dirty ones too, if not.
+    pub(crate) fn removed_file_pages(&self, ino: u64, pinned: bool) {
+        match &self.cache {
+            Some(c) if pinned => c.uncharge(ino),
+            Some(c) => c.drop_file(ino),
+            None => {}
         }
     }
 
