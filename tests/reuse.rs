@@ -261,6 +261,66 @@ fn held_removed_file_reads_as_it_was(root: &Path, what: &str) {
     );
 }
 
+/// A removed file the kernel still holds (an O_PATH fd), reopened for writing through
+/// /proc/self/fd: an append and an O_TRUNC rewrite reach it, a chmod and a utimensat (no open
+/// handle: made on the daemon's pinned object) change it, and it reads back as written. With
+/// the kernel's write-back cache the close hands the file's times over after its unlink.
+fn held_removed_file_takes_writes(root: &Path, what: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let p = root.join("w-held");
+    fs::write(&p, "first\n").unwrap();
+    let held = hold(&p);
+    fs::remove_file(&p).unwrap();
+    let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(&proc)
+        .unwrap_or_else(|e| panic!("{what}: reopen of the removed file for appending: {e}"));
+    f.write_all(b"second\n")
+        .unwrap_or_else(|e| panic!("{what}: append to the removed file: {e}"));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("{what}: fsync of the removed file: {e}"));
+    drop(f);
+    assert_eq!(
+        fs::read_to_string(&proc).unwrap_or_else(|e| panic!("{what}: read back: {e}")),
+        "first\nsecond\n",
+        "{what}: the removed file after the append"
+    );
+    fs::write(&proc, "third\n")
+        .unwrap_or_else(|e| panic!("{what}: O_TRUNC rewrite of the removed file: {e}"));
+    fs::set_permissions(&proc, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{what}: chmod of the removed file: {e}"));
+    let t = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        proc.as_str(),
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap_or_else(|e| panic!("{what}: utimensat of the removed file: {e}"));
+    assert_eq!(
+        fs::read_to_string(&proc).unwrap_or_else(|e| panic!("{what}: read back: {e}")),
+        "third\n",
+        "{what}: the removed file after the rewrite"
+    );
+    let stx = forced_fstat(&held)
+        .unwrap_or_else(|e| panic!("{what}: forced fstat of the removed file: {e}"));
+    assert_eq!(
+        (
+            stx.stx_size,
+            stx.stx_nlink,
+            stx.stx_mode as u32 & 0o7777,
+            stx.stx_mtime.tv_sec
+        ),
+        (6, 0, 0o600, 1_000_000_000),
+        "{what}: size, link count, mode and mtime of the removed file"
+    );
+    drop(held);
+    assert!(!p.exists(), "{what}: the removed name came back");
+}
+
 /// A lower file open for reading, then removed (a whiteout takes its name): the open file
 /// still reads and stats as itself (a forced stat asks the daemon).
 fn open_lower_file_outlives_its_removal(root: &Path, what: &str) {
@@ -403,6 +463,7 @@ fn new_objects_under_reused_inode_numbers_work() {
         open_lower_file_outlives_its_removal(&m.merged, "unionfs-rs");
         removed_open_file_keeps_its_xattrs(&m.merged, "unionfs-rs");
         held_removed_file_reads_as_it_was(&m.merged, "unionfs-rs");
+        held_removed_file_takes_writes(&m.merged, "unionfs-rs");
         let estale = atomic_replace_under_readers(&m.merged, "unionfs-rs");
         assert!(estale < 30, "unionfs-rs: {estale} ESTALE");
         removed_objects_are_let_go(&m.merged);
@@ -420,6 +481,7 @@ fn new_objects_under_reused_inode_numbers_work_on_kernel_overlayfs() {
         open_lower_file_outlives_its_removal(&m.path(""), "kernel overlayfs");
         removed_open_file_keeps_its_xattrs(&m.path(""), "kernel overlayfs");
         held_removed_file_reads_as_it_was(&m.path(""), "kernel overlayfs");
+        held_removed_file_takes_writes(&m.path(""), "kernel overlayfs");
         atomic_replace_under_readers(&m.path(""), "kernel overlayfs");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
@@ -437,6 +499,43 @@ fn atomic_replace_under_readers_with_a_quota() {
         held_removed_file_reads_as_it_was(&m.merged, "unionfs-rs with a quota");
         let estale = atomic_replace_under_readers(&m.merged, "unionfs-rs with a quota");
         assert!(estale < 30, "unionfs-rs with a quota: {estale} ESTALE");
+        removed_objects_are_let_go(&m.merged);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// Writes to a held removed file through each of the daemon's I/O paths: its page cache
+/// (no passthrough), none (`--cache-size 0`), and the kernel's write-back cache above it
+/// (rootless's default). With a quota a removed file takes no more writes (it is counted
+/// freed): ESTALE, and it still reads.
+#[test]
+fn held_removed_files_take_writes_through_every_cache() {
+    with_timeout(TIMEOUT, || {
+        for args in [
+            &["--passthrough", "off"][..],
+            &["--passthrough", "off", "--cache-size", "0"],
+            &["--writeback-cache", "on"],
+        ] {
+            let what = format!("unionfs-rs {}", args.join(" "));
+            let m = Mount::with_args(vec![file("lower", "l")], args);
+            held_removed_file_takes_writes(&m.merged, &what);
+            removed_objects_are_let_go(&m.merged);
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let m = Mount::with_args(vec![file("lower", "l")], &["--size", "10G"]);
+        let p = m.merged.join("q-held");
+        fs::write(&p, "kept").unwrap();
+        let held = hold(&p);
+        fs::remove_file(&p).unwrap();
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held));
+        let e = fs::OpenOptions::new().append(true).open(&proc).err();
+        assert_eq!(
+            e.and_then(|e| e.raw_os_error()),
+            Some(libc::ESTALE),
+            "with a quota: reopen of a removed file for writing"
+        );
+        assert_eq!(fs::read_to_string(&proc).unwrap(), "kept");
+        drop(held);
         removed_objects_are_let_go(&m.merged);
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });

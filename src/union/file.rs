@@ -2,7 +2,7 @@
 //! or truncating copies up first; a read-only open reads the layer that holds the file.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -380,7 +380,7 @@ impl Union {
                 };
                 if let Err(e) = self.check_opened(node, st.top(), fd.as_fd()) {
                     // Replaced meanwhile: read what the kernel holds, through the daemon.
-                    if !writable && self.removed_meanwhile(node) {
+                    if self.reopens_removed(writable) && self.removed_meanwhile(node) {
                         return Ok(None);
                     }
                     return Err(e);
@@ -453,15 +453,38 @@ impl Union {
         Ok(())
     }
 
-    /// An open for reading of `node`, an upper file removed while the kernel held it (a name
-    /// replaced by a rename, which a reader had just looked up): what the kernel holds is
-    /// read, as the kernel would read an unlinked inode of its own. ESTALE when the removed
-    /// object is not held (the kernel then looks the name up again).
-    fn open_removed(&self, node: &Node, f: OFlag, flags: i32) -> Result<u64> {
+    /// An open of `node`, an upper file removed while the kernel held it (a name replaced by
+    /// a rename, which a reader had just looked up; a reopen through `/proc/self/fd`): the
+    /// object the kernel holds is opened, as the kernel would open an unlinked inode of its
+    /// own. ESTALE when the removed object is not held (the kernel then looks the name up
+    /// again), and for writing with a quota (see [`Union::reopens_removed`]).
+    fn open_removed(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
+        if !self.reopens_removed(writable) {
+            return Err(Error::new(
+                Errno::ESTALE,
+                "open for writing: the file was removed (quota)",
+            ));
+        }
         let fd = self
-            .reopen_pinned(node, self.daemon_flags(f, false))
+            .reopen_pinned(node, self.daemon_flags(f, writable))
             .ok_or(Error::new(Errno::ESTALE, "open: the file was removed"))?;
-        Ok(self.add_handle_with(node.ino, fd, (false, true), flags, false))
+        let fh = self.add_handle_with(node.ino, fd, (writable, true), flags, false);
+        if writable && f.contains(OFlag::O_TRUNC) {
+            // (reopen_pinned does not pass O_TRUNC on: through the cache, as any truncate.)
+            let h = self.handle(fh)?;
+            if let Err(e) = self.setattr_size(node, &h, 0) {
+                self.remove_handle(fh);
+                return Err(e);
+            }
+        }
+        Ok(fh)
+    }
+
+    /// Whether an open for `writable` may reopen a removed file the kernel holds. For
+    /// reading always; for writing not with a quota, which counts a removed file freed with
+    /// its last name (a write to it would be charged for a file that is not counted).
+    fn reopens_removed(&self, writable: bool) -> bool {
+        !writable || self.quota.is_none()
     }
 
     /// After an open by `node`'s name found another object: whether `node` was removed
@@ -476,8 +499,8 @@ impl Union {
     fn open_daemon(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
         let ino = node.ino;
         let st = node.state();
-        if st.unlinked && st.top() == LayerRef::Upper && !writable {
-            return self.open_removed(node, f, flags);
+        if st.unlinked && st.top() == LayerRef::Upper {
+            return self.open_removed(node, f, flags, writable);
         }
         let (dir, name) = self.open_parent_in(node, st.top())?;
         let cached = self.cache.is_some();
@@ -515,8 +538,8 @@ impl Union {
             // Its name was replaced between our look and the open: once that removal is
             // through, the object may be held for the kernel.
             drop(fd);
-            if !writable && self.removed_meanwhile(node) {
-                return self.open_removed(node, f, flags);
+            if self.reopens_removed(writable) && self.removed_meanwhile(node) {
+                return self.open_removed(node, f, flags, writable);
             }
             return Err(e);
         }
@@ -683,9 +706,9 @@ impl Union {
 
     /// setattr of an unlinked file through one of its open handles.
     fn setattr_unlinked(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
-        let f = self
-            .upper_handle_of(node.ino, a.fh)
-            .ok_or(Error::new(Errno::ENOENT, "setattr of a removed file"))?;
+        let Some(f) = self.upper_handle_of(node.ino, a.fh) else {
+            return self.setattr_pinned(node, a);
+        };
         let fd = f.fd.as_fd();
         if a.uid.is_some() || a.gid.is_some() {
             nix::unistd::fchown(fd, a.uid.map(Uid::from_raw), a.gid.map(Gid::from_raw))
@@ -708,6 +731,76 @@ impl Union {
             }
         }
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
+        Ok(self.attr_for(node, &node.state(), &fs))
+    }
+
+    /// setattr of a removed file that no handle has open but the daemon pins for the kernel
+    /// (an `O_PATH` fd, or a file just closed: with its write-back cache the kernel hands a
+    /// closed file's times over later, also after the unlink; a chmod through
+    /// `/proc/self/fd`). Made on the pinned object through its descriptor's `/proc/self/fd`
+    /// link, which names our own descriptor, never a path in a layer. With a quota a removed
+    /// file is accounted freed: its size stays (ESTALE, as a writable open of it).
+    fn setattr_pinned(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
+        let gone = || Error::new(Errno::ENOENT, "setattr of a removed file");
+        // Our own duplicate: the object stays whatever an unpin does meanwhile.
+        let fd = {
+            let pin = node.pin.lock();
+            let fd = pin.as_ref().and_then(|p| p.fd()).ok_or_else(gone)?;
+            nix::unistd::dup(fd).ctx("dup")?
+        };
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        if a.uid.is_some() || a.gid.is_some() {
+            nix::unistd::fchownat(
+                fd.as_fd(),
+                "",
+                a.uid.map(Uid::from_raw),
+                a.gid.map(Gid::from_raw),
+                AtFlags::AT_EMPTY_PATH,
+            )
+            .ctx("chown")?;
+        }
+        if let Some(mode) = a.mode {
+            nix::sys::stat::fchmodat(
+                nix::fcntl::AT_FDCWD,
+                link.as_str(),
+                Mode::from_bits_truncate(mode & 0o7777),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .ctx("chmod")?;
+        }
+        if let Some(size) = a.size {
+            if node.is_dir() {
+                return Err(Error::new(Errno::EISDIR, "truncate of a directory"));
+            }
+            if self.quota.is_some() {
+                return Err(Error::new(
+                    Errno::ESTALE,
+                    "truncate of a removed file (quota)",
+                ));
+            }
+            let trunc = || nix::unistd::truncate(link.as_str(), size as i64).ctx("truncate");
+            match &self.cache {
+                Some(c) => c.truncate_with(node.ino, size, trunc)?,
+                None => trunc()?,
+            }
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            if let Some(c) = &self.cache {
+                c.sync_file(node.ino).ctx("write-back")?;
+            }
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                link.as_str(),
+                &ts(a.atime),
+                &ts(a.mtime),
+                UtimensatFlags::FollowSymlink,
+            )
+            .ctx("utimens")?;
+            if let Some(c) = &self.cache {
+                c.times_set(node.ino);
+            }
+        }
+        let fs = nix::sys::stat::fstat(fd.as_fd()).ctx("fstat")?;
         Ok(self.attr_for(node, &node.state(), &fs))
     }
 
