@@ -469,6 +469,62 @@ fn remount_right_after_unmount_and_upper_in_use() {
     });
 }
 
+/// A daemon killed with SIGKILL leaves its mount behind ("Transport endpoint is not
+/// connected"): mounting there again is refused with exit code 2 and a message that says how
+/// to clear it; `unionfs-rs umount` clears it, and a new mount serves what was written.
+#[test]
+fn a_dead_daemons_mount_is_named_and_cleared() {
+    with_timeout(60, || {
+        let dirs = simple_dirs();
+        let args = Mount::command_args(&dirs, &MountOpts::default());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let m = mount_strict(&dirs, &args);
+        fs::write(m.path("kept"), "written before the kill").unwrap();
+        let pid = m.pid.expect("daemon process not found");
+        // SAFETY: kill(2) of the daemon this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon survived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (code, _, err) = run_bin(&argv);
+        if code == 0 {
+            drop(Mount::adopt_existing(&dirs));
+            panic!("a mount over a dead daemon's mount succeeded");
+        }
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("not connected") && err.contains("unmount it first"),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let (code, _, err) = run_bin(&["umount", &s(&dirs.merged)]);
+        assert_eq!(code, 0, "umount of a dead daemon's mount: {err}");
+        assert!(!is_fuse_mounted(&dirs.merged), "still mounted after umount");
+        drop(m);
+        let m = mount_strict(&dirs, &args);
+        assert_eq!(
+            fs::read_to_string(m.path("kept")).unwrap(),
+            "written before the kill"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
 #[test]
 fn fusermount_unmount_stops_daemon() {
     with_timeout(60, || {

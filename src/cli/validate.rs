@@ -60,7 +60,18 @@ fn open_log(p: &Path, roots: &[&Path]) -> Result<File, String> {
 }
 
 fn existing_dir(p: &Path, what: &str) -> Result<PathBuf, String> {
-    let md = std::fs::metadata(p).map_err(|e| format!("{what} {}: {e}", p.display()))?;
+    let md = std::fs::metadata(p).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            // A FUSE mount whose daemon died (killed, crashed) stays until unmounted.
+            format!(
+                "{what} {}: {e}: a FUSE filesystem whose daemon has stopped is still mounted \
+                 there; unmount it first (`unionfs-rs umount {0}` or `fusermount3 -u {0}`)",
+                p.display()
+            )
+        } else {
+            format!("{what} {}: {e}", p.display())
+        }
+    })?;
     if !md.is_dir() {
         return Err(format!("{what} {}: not a directory", p.display()));
     }
