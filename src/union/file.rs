@@ -465,8 +465,16 @@ impl Union {
                 "open for writing: the file was removed (quota)",
             ));
         }
+        let flags_k = self.daemon_flags(f, writable);
         let fd = self
-            .reopen_pinned(node, self.daemon_flags(f, writable))
+            .reopen_pinned(node, flags_k)
+            .or_else(|| {
+                // Marked removed but not pinned yet: a removal in progress holds the node's
+                // allocation lock from before its name goes until it has pinned the object
+                // (or let it go).
+                drop(node.io_lock.lock());
+                self.reopen_pinned(node, flags_k)
+            })
             .ok_or(Error::new(Errno::ESTALE, "open: the file was removed"))?;
         let fh = self.add_handle_with(node.ino, fd, (writable, true), flags, false);
         if writable && f.contains(OFlag::O_TRUNC) {
