@@ -61,8 +61,9 @@ fn open_log(p: &Path, roots: &[&Path]) -> Result<File, String> {
 
 fn existing_dir(p: &Path, what: &str) -> Result<PathBuf, String> {
     let md = std::fs::metadata(p).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            // A FUSE mount whose daemon died (killed, crashed) stays until unmounted.
+        if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
+            // A FUSE mount whose daemon died (killed, crashed) stays until unmounted (its
+            // connection aborted: ECONNABORTED where it was served through io_uring).
             format!(
                 "{what} {}: {e}: a FUSE filesystem whose daemon has stopped is still mounted \
                  there; unmount it first (`unionfs-rs umount {0}` or `fusermount3 -u {0}`)",
