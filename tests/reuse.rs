@@ -287,8 +287,15 @@ fn held_removed_file_takes_writes(root: &Path, what: &str) {
         "first\nsecond\n",
         "{what}: the removed file after the append"
     );
+    // A reader of it open meanwhile: the kernel sends the truncate of an open(O_TRUNC)
+    // without a handle, and it must not be made through the reader's (EINVAL).
+    let reader = fs::File::open(&proc)
+        .unwrap_or_else(|e| panic!("{what}: reopen of the removed file for reading: {e}"));
     fs::write(&proc, "third\n")
         .unwrap_or_else(|e| panic!("{what}: O_TRUNC rewrite of the removed file: {e}"));
+    nix::unistd::truncate(proc.as_str(), 6)
+        .unwrap_or_else(|e| panic!("{what}: truncate of the removed file: {e}"));
+    drop(reader);
     fs::set_permissions(&proc, fs::Permissions::from_mode(0o600))
         .unwrap_or_else(|e| panic!("{what}: chmod of the removed file: {e}"));
     let t = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
@@ -533,6 +540,21 @@ fn held_removed_files_take_writes_through_every_cache() {
             e.and_then(|e| e.raw_os_error()),
             Some(libc::ESTALE),
             "with a quota: reopen of a removed file for writing"
+        );
+        let e = nix::unistd::truncate(proc.as_str(), 0).err();
+        assert_eq!(
+            e,
+            Some(nix::errno::Errno::ESTALE),
+            "with a quota: truncate of a removed file"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&proc, fs::Permissions::from_mode(0o640))
+            .unwrap_or_else(|e| panic!("with a quota: chmod of a removed file: {e}"));
+        let stx = forced_fstat(&held).unwrap();
+        assert_eq!(
+            (stx.stx_size, stx.stx_mode as u32 & 0o7777),
+            (4, 0o640),
+            "with a quota: the removed file after a refused truncate and a chmod"
         );
         assert_eq!(fs::read_to_string(&proc).unwrap(), "kept");
         drop(held);

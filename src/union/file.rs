@@ -602,7 +602,10 @@ impl Union {
         fh
     }
 
-    /// ftruncate of an open upper file to `size`, through the cache and within the quota.
+    /// Truncate an open upper file to `size` through its handle `f`, through the cache and
+    /// within the quota. `f` may be open for reading only (the kernel sends the truncate of
+    /// an `open(O_TRUNC)` without a handle, and a removed file is reached through any of
+    /// its handles): then through its descriptor's `/proc/self/fd` link.
     fn setattr_size(&self, node: &super::Node, f: &OpenFile, size: u64) -> Result<()> {
         let mut known = node.io_lock.lock();
         let fd = f.fd.as_fd();
@@ -610,7 +613,14 @@ impl Union {
         if self.quota.is_some() {
             self.sync_known(&mut known, &before);
         }
-        let trunc = || nix::unistd::ftruncate(fd, size as i64).ctx("ftruncate");
+        let trunc = || {
+            if f.writable {
+                nix::unistd::ftruncate(fd, size as i64).ctx("ftruncate")
+            } else {
+                let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                nix::unistd::truncate(link.as_str(), size as i64).ctx("truncate")
+            }
+        };
         match &self.cache {
             Some(c) => c.truncate_with(node.ino, size, trunc)?,
             None => trunc()?,
@@ -714,7 +724,13 @@ impl Union {
 
     /// setattr of an unlinked file through one of its open handles.
     fn setattr_unlinked(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
-        let Some(f) = self.upper_handle_of(node.ino, a.fh) else {
+        // A truncate goes through a handle open for writing if there is one.
+        let writable = a.size.and_then(|_| {
+            self.handles_on(node.ino)
+                .into_iter()
+                .find(|f| f.in_upper && f.writable)
+        });
+        let Some(f) = writable.or_else(|| self.upper_handle_of(node.ino, a.fh)) else {
             return self.setattr_pinned(node, a);
         };
         let fd = f.fd.as_fd();
@@ -750,6 +766,18 @@ impl Union {
     /// file is accounted freed: its size stays (ESTALE, as a writable open of it).
     fn setattr_pinned(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
         let gone = || Error::new(Errno::ENOENT, "setattr of a removed file");
+        // Refused before anything is changed.
+        if a.size.is_some() {
+            if node.is_dir() {
+                return Err(Error::new(Errno::EISDIR, "truncate of a directory"));
+            }
+            if self.quota.is_some() {
+                return Err(Error::new(
+                    Errno::ESTALE,
+                    "truncate of a removed file (quota)",
+                ));
+            }
+        }
         // Our own duplicate: the object stays whatever an unpin does meanwhile.
         let fd = {
             let pin = node.pin.lock();
@@ -777,15 +805,6 @@ impl Union {
             .ctx("chmod")?;
         }
         if let Some(size) = a.size {
-            if node.is_dir() {
-                return Err(Error::new(Errno::EISDIR, "truncate of a directory"));
-            }
-            if self.quota.is_some() {
-                return Err(Error::new(
-                    Errno::ESTALE,
-                    "truncate of a removed file (quota)",
-                ));
-            }
             let trunc = || nix::unistd::truncate(link.as_str(), size as i64).ctx("truncate");
             match &self.cache {
                 Some(c) => c.truncate_with(node.ino, size, trunc)?,
