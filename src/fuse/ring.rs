@@ -861,7 +861,20 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
             .map_err(err)?,
         // As the fuser adapter: no FLUSH, no OPENDIR (see there), ioctls refused.
         wire::FLUSH | wire::OPENDIR => return Err(libc::ENOSYS),
-        wire::IOCTL => return Err(libc::ENOTTY),
+        wire::IOCTL => {
+            // struct fuse_ioctl_in: fh, flags, cmd, arg, in_size, out_size; the input after it.
+            let (fh, cmd, in_size, out_size) = (
+                a.u64(0).map_err(short)?,
+                a.u32(12).map_err(short)?,
+                a.u32(24).map_err(short)? as usize,
+                a.u32(28).map_err(short)? as usize,
+            );
+            let data = input.get(..in_size).ok_or(libc::EIO)?;
+            let r = u.fileattr(ino, fh, cmd, data).map_err(err)?;
+            if r.len() > out_size || !out.ioctl(&r) {
+                return Err(libc::EINVAL);
+            }
+        }
         wire::RELEASEDIR | wire::ACCESS => {}
         wire::READDIR | wire::READDIRPLUS => {
             let (off, size) = (a.u64(8).map_err(short)?, a.u32(16).map_err(short)? as usize);

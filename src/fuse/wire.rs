@@ -280,6 +280,16 @@ impl<'a> Out<'a> {
         self.zeros(24);
     }
 
+    /// struct fuse_ioctl_out (result 0, no retry) and the output data; false if it does not
+    /// fit.
+    pub fn ioctl(&mut self, data: &[u8]) -> bool {
+        if 16 + data.len() > self.room() {
+            return false;
+        }
+        self.zeros(16);
+        self.bytes(data)
+    }
+
     /// One struct fuse_dirent (padded to 8 bytes); false if it does not fit.
     pub fn dirent(&mut self, ino: u64, off: u64, mode: u32, name: &OsStr) -> bool {
         let name = name.as_bytes();
@@ -381,6 +391,18 @@ mod tests {
         assert!(o.direntplus(&attr(), Duration::from_secs(1), 4, OsStr::new("f")));
         assert_eq!(o.len(), ENTRY_OUT_LEN + 32);
         assert_eq!(Arg(&big).u64(ENTRY_OUT_LEN), Ok(7));
+    }
+
+    #[test]
+    fn ioctl_out_is_a_zero_result_then_the_data() {
+        let mut buf = [0xffu8; 24];
+        let mut o = Out::new(&mut buf);
+        assert!(o.ioctl(&[1, 2, 3, 4]));
+        assert_eq!(o.len(), 20);
+        assert_eq!(&buf[..16], &[0u8; 16]);
+        assert_eq!(&buf[16..20], &[1, 2, 3, 4]);
+        let mut small = [0u8; 18];
+        assert!(!Out::new(&mut small).ioctl(&[1, 2, 3, 4]));
     }
 
     #[test]

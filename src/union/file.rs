@@ -437,7 +437,7 @@ impl Union {
     /// name was checked before (an unlinked node has none), but it can change hands between
     /// that check and the open (an unlink or a rename over it, then another user's file
     /// under it): a handle of this node must never reach that file.
-    fn check_opened(&self, node: &Node, r: LayerRef, fd: BorrowedFd<'_>) -> Result<()> {
+    pub(crate) fn check_opened(&self, node: &Node, r: LayerRef, fd: BorrowedFd<'_>) -> Result<()> {
         if r != LayerRef::Upper {
             // Lower layers do not change: a lower name is always the same file.
             return Ok(());

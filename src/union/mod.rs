@@ -8,6 +8,7 @@ pub mod commit;
 pub mod copy_up;
 pub mod dir;
 pub mod file;
+pub mod fileattr;
 pub mod idmap;
 pub mod inode;
 pub mod namei;
