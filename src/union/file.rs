@@ -744,16 +744,9 @@ impl Union {
         if let Some(size) = a.size {
             self.setattr_size(node, &f, size)?;
         }
-        if let (Some(c), true) = (&self.cache, a.atime.is_some() || a.mtime.is_some()) {
-            c.sync_file(node.ino)
-                .map_err(|e| Error::new(e, "write-back"))?;
-        }
-        if a.atime.is_some() || a.mtime.is_some() {
-            nix::sys::stat::futimens(fd, &ts(a.atime), &ts(a.mtime)).ctx("futimens")?;
-            if let Some(c) = &self.cache {
-                c.times_set(node.ino);
-            }
-        }
+        self.set_times(node.ino, a, || {
+            nix::sys::stat::futimens(fd, &ts(a.atime), &ts(a.mtime)).ctx("futimens")
+        })?;
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
         Ok(self.attr_for(node, &node.state(), &fs))
     }
@@ -811,10 +804,7 @@ impl Union {
                 None => trunc()?,
             }
         }
-        if a.atime.is_some() || a.mtime.is_some() {
-            if let Some(c) = &self.cache {
-                c.sync_file(node.ino).ctx("write-back")?;
-            }
+        self.set_times(node.ino, a, || {
             nix::sys::stat::utimensat(
                 nix::fcntl::AT_FDCWD,
                 link.as_str(),
@@ -822,13 +812,27 @@ impl Union {
                 &ts(a.mtime),
                 UtimensatFlags::FollowSymlink,
             )
-            .ctx("utimens")?;
-            if let Some(c) = &self.cache {
-                c.times_set(node.ino);
-            }
-        }
+            .ctx("utimens")
+        })?;
         let fs = nix::sys::stat::fstat(fd.as_fd()).ctx("fstat")?;
         Ok(self.attr_for(node, &node.state(), &fs))
+    }
+
+    /// The times of setattr `a`, if it sets any, made by `set` on file `ino`: the page
+    /// cache's pending writes land first (their times must not come after these), and the
+    /// cache then keeps these (see `PageCache::times_set`).
+    fn set_times(&self, ino: u64, a: &SetAttr, set: impl FnOnce() -> Result<()>) -> Result<()> {
+        if a.atime.is_none() && a.mtime.is_none() {
+            return Ok(());
+        }
+        if let Some(c) = &self.cache {
+            c.sync_file(ino).ctx("write-back")?;
+        }
+        set()?;
+        if let Some(c) = &self.cache {
+            c.times_set(ino);
+        }
+        Ok(())
     }
 
     /// The open file behind a handle.
@@ -1252,14 +1256,9 @@ impl Union {
                 self.mark_unsettled(node.ino);
             }
         }
-        let set_times = a.atime.is_some() || a.mtime.is_some();
-        if let (Some(c), true) = (&self.cache, set_times) {
-            // Pending write times land first, so the times set here are the last word.
-            c.sync_file(node.ino).ctx("write-back")?;
-        }
-        if a.atime.is_some() || a.mtime.is_some() {
+        self.set_times(node.ino, a, || {
             if is_root {
-                nix::sys::stat::futimens(dir.as_fd(), &ts(a.atime), &ts(a.mtime)).ctx("utimens")?;
+                nix::sys::stat::futimens(dir.as_fd(), &ts(a.atime), &ts(a.mtime)).ctx("utimens")
             } else {
                 nix::sys::stat::utimensat(
                     dir.as_fd(),
@@ -1268,12 +1267,9 @@ impl Union {
                     &ts(a.mtime),
                     UtimensatFlags::NoFollowSymlink,
                 )
-                .ctx("utimens")?;
+                .ctx("utimens")
             }
-            if let Some(c) = &self.cache {
-                c.times_set(node.ino);
-            }
-        }
+        })?;
         let fs = self
             .dir_times
             .steady(|| layer::stat_at(dir.as_fd(), &name).ctx("stat"))?;
