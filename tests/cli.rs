@@ -208,6 +208,16 @@ fn bad_input_is_refused_without_side_effects() {
             a.extend(["--log-file".into(), s(&d.root.join("nodir/daemon.log"))]);
             (a, None)
         });
+        refused("redirect_dir with a bad value", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "redirect_dir=sometimes".into()]);
+            (a, None)
+        });
+        refused("userxattr with redirects followed", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "userxattr,redirect_dir=follow".into()]);
+            (a, None)
+        });
         refused("workdir/work/incompat present", |d| {
             fs::create_dir_all(d.work.join("work/incompat")).unwrap();
             fs::write(d.work.join("work/incompat/x"), "").unwrap();

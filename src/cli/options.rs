@@ -21,6 +21,8 @@ pub struct MountSpec {
     pub userxattr: bool,
     /// AUFS whiteouts in lowers.
     pub aufs_whiteouts: bool,
+    /// `redirect_dir=on|follow|off|nofollow` as given (kernel overlayfs's values).
+    pub redirect_dir: Option<String>,
     /// Read-only mount.
     pub read_only: bool,
     /// fsname= for /proc/mounts.
@@ -211,6 +213,15 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             "userxattr" => spec.userxattr = true,
             "aufs_whiteouts" | "aufs" => spec.aufs_whiteouts = true,
             "noaufs" => spec.aufs_whiteouts = false,
+            "redirect_dir" => {
+                let v = need(v)?;
+                if !matches!(v.as_str(), "on" | "follow" | "off" | "nofollow") {
+                    return Err(format!(
+                        "redirect_dir: {v} is not on, follow, off or nofollow"
+                    ));
+                }
+                spec.redirect_dir = Some(v);
+            }
             "ro" => spec.read_only = true,
             "rw" => spec.read_only = false,
             "fsname" => spec.fsname = Some(need(v)?),
@@ -355,7 +366,6 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             | "relatime"
             | "strictatime"
             | "lazytime"
-            | "redirect_dir"
             | "index"
             | "xino"
             | "metacopy"

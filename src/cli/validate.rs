@@ -247,6 +247,20 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         // userxattr): use user.overlay.*, as the kernel's userxattr and fuse-overlayfs do.
         spec.userxattr = true;
     }
+    let redirect = spec.redirect_dir.as_deref();
+    if spec.userxattr && matches!(redirect, Some("on" | "follow")) {
+        return Err(format!(
+            "conflicting options: userxattr,redirect_dir={}: redirects are not followed with \
+             user.overlay xattrs (kernel overlayfs refuses the same)",
+            redirect.unwrap_or_default()
+        ));
+    }
+    if redirect == Some("on") {
+        eprintln!(
+            "unionfs-rs: warning: redirect_dir=on: redirects are followed but not created (a \
+             rename of a merged directory gets EXDEV, and mv copies it)"
+        );
+    }
     if spec.cache.size > 0 && spec.cache.size < 16 * crate::cache::PAGE as u64 {
         return Err(format!(
             "cache_size {} is too small: at least 64K, or 0 to turn the page cache off",
@@ -270,6 +284,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         workdir,
         userxattr: spec.userxattr,
         aufs_whiteouts: spec.aufs_whiteouts,
+        redirect_nofollow: redirect == Some("nofollow"),
         quota: spec.quota.clone(),
         uid_map: spec.uid_map.clone(),
         gid_map: spec.gid_map.clone(),

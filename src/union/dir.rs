@@ -263,6 +263,7 @@ impl Union {
             lower: None,
             lowers: Vec::new(),
             opaque: is_dir && over_wh,
+            redirects: None,
             unlinked: false,
         };
         let ino = self.ino_for(LayerRef::Upper, &fs);

@@ -24,6 +24,16 @@ pub enum LayerRef {
     Lower(usize),
 }
 
+/// Where a directory is in a lower layer when that is not its parent's directory there plus
+/// its own name: it was found there through a redirect (kernel overlayfs `redirect_dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locator {
+    /// Under this name in its parent's directory of the layer.
+    Name(OsString),
+    /// At this path from the layer's root.
+    Path(Arc<[OsString]>),
+}
+
 /// Mutable per-node state; changes on copy-up, rename, unlink.
 #[derive(Debug, Clone)]
 pub struct NodeState {
@@ -42,6 +52,9 @@ pub struct NodeState {
     pub lowers: Vec<usize>,
     /// Directory is opaque in its top layer.
     pub opaque: bool,
+    /// Directories: the lower layers of `lowers` it was found in through a redirect, and
+    /// where (None: none, the common case).
+    pub redirects: Option<Arc<[(usize, Locator)]>>,
     /// Removed from the merged view (kept alive only by the kernel's references).
     pub unlinked: bool,
 }
@@ -66,6 +79,15 @@ impl NodeState {
         }
         v.extend(self.lowers.iter().map(|&l| LayerRef::Lower(l)));
         v
+    }
+
+    /// Where this directory is in lower layer `li`, if found there through a redirect.
+    pub fn locator(&self, li: usize) -> Option<&Locator> {
+        self.redirects
+            .as_deref()?
+            .iter()
+            .find(|(l, _)| *l == li)
+            .map(|(_, loc)| loc)
     }
 
     /// Has lower content below it (kernel: OVL_TYPE_MERGE or lower)?
@@ -567,6 +589,7 @@ mod tests {
             lower: None,
             lowers: Vec::new(),
             opaque: false,
+            redirects: None,
             unlinked: false,
         }
     }

@@ -170,6 +170,9 @@ pub struct Options {
     pub userxattr: bool,
     /// Honour AUFS `.wh.` whiteouts in lower layers.
     pub aufs_whiteouts: bool,
+    /// Refuse to follow the redirects of directories moved by kernel overlayfs (its
+    /// `redirect_dir=nofollow`; forced by `userxattr`, as the kernel does): EPERM.
+    pub redirect_nofollow: bool,
     /// Project quota settings (limits recorded in the workdir apply even without them).
     pub quota: Option<charge::QuotaConfig>,
     /// uid mapping between disk and view.
@@ -358,6 +361,8 @@ pub struct Union {
     /// `workdir/work`: scratch space for atomic creation, on upper's filesystem.
     pub(crate) work: Option<Arc<OwnedFd>>,
     pub(crate) names: ondisk::Names,
+    /// Follow `overlay.redirect` of directories (kernel `redirect_dir=follow`).
+    pub(crate) follow_redirects: bool,
     pub(crate) nodes: inode::NodeTable,
     pub(crate) inomap: inode::InoMap,
     /// Layers are not all on one filesystem: inode numbers get a layer tag in the high bits.
@@ -579,6 +584,7 @@ impl Union {
             lowers,
             work,
             names: ondisk::Names::new(opts.userxattr, opts.aufs_whiteouts),
+            follow_redirects: !opts.redirect_nofollow && !opts.userxattr,
             nodes: inode::NodeTable::default(),
             inomap,
             xino,
@@ -662,6 +668,7 @@ impl Union {
             lower: None,
             lowers: Vec::new(),
             opaque: false,
+            redirects: None,
             unlinked: false,
         };
         // The root merges every lower until one is opaque.
@@ -746,11 +753,36 @@ impl Union {
         if node.ino == ROOT_INO {
             return Ok((None, comps));
         }
-        let (mut parent, name) = {
-            let st = node.st.lock();
-            (st.parent, st.name.clone())
+        let li = match r {
+            LayerRef::Lower(li) => Some(li),
+            LayerRef::Upper => None,
         };
-        comps.push(name);
+        // A directory found in a lower layer through a redirect is there under another name
+        // or path (kernel overlayfs `redirect_dir`); so are the objects below it.
+        let step = |st: &NodeState, comps: &mut Vec<OsString>| -> bool {
+            match li.and_then(|li| st.locator(li)) {
+                Some(inode::Locator::Path(p)) => {
+                    comps.extend(p.iter().rev().cloned());
+                    true
+                }
+                Some(inode::Locator::Name(n)) => {
+                    comps.push(n.clone());
+                    false
+                }
+                None => {
+                    comps.push(st.name.clone());
+                    false
+                }
+            }
+        };
+        let mut parent = {
+            let st = node.st.lock();
+            if step(&st, &mut comps) {
+                comps.reverse();
+                return Ok((None, comps));
+            }
+            st.parent
+        };
         let mut steps = 0usize;
         while parent != ROOT_INO {
             let p = self.node(parent)?;
@@ -759,7 +791,10 @@ impl Union {
                 return Ok((Some(fd), comps));
             }
             let st = p.st.lock();
-            comps.push(st.name.clone());
+            if step(&st, &mut comps) {
+                comps.reverse();
+                return Ok((None, comps));
+            }
             parent = st.parent;
             steps += 1;
             if steps > 1 << 20 || parent == 0 {

@@ -3,12 +3,14 @@
 //! a non-directory hides everything below it.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::stat::FileStat;
 
+use super::inode::Locator;
+use super::ondisk::Redirect;
 use super::{Attr, Ctx, Error, LayerRef, Node, NodeState, Result, Union};
 use crate::layer::{self, valid_name};
 
@@ -23,6 +25,29 @@ pub struct Found {
     pub lowers: Vec<usize>,
     /// Top directory is opaque.
     pub opaque: bool,
+    /// Lower layers of `lowers` the directory was found in through a redirect, and where.
+    pub redirects: Vec<(usize, Locator)>,
+}
+
+impl Found {
+    /// The redirects to keep in the node (None: found by name in every layer).
+    pub(crate) fn redirects(&self) -> Option<Arc<[(usize, Locator)]>> {
+        (!self.redirects.is_empty()).then(|| self.redirects.clone().into())
+    }
+}
+
+/// What the walk of a redirect's path in one layer found ([`Union::walk_redirect`]).
+enum Walk {
+    /// A whiteout or a non-directory on the way: the lookup ends.
+    Stop,
+    /// Not in this layer; the path for the layers below, if a redirect on the way changed it.
+    Absent(Option<Vec<OsString>>),
+    /// The directory that holds the last component.
+    At {
+        dir: Arc<std::os::fd::OwnedFd>,
+        rewrite: Option<Vec<OsString>>,
+        stop: bool,
+    },
 }
 
 impl Union {
@@ -66,6 +91,7 @@ impl Union {
             (st.upper, st.lowers.clone())
         };
         let mut found: Option<Found> = None;
+        let mut upper_redirect = None;
         // Lower layers above `from` to skip (parent's lower list order is top to bottom).
         let skip = match from {
             Some(LayerRef::Lower(k)) => p_lowers.iter().position(|&li| li == k).unwrap_or(0),
@@ -97,9 +123,23 @@ impl Union {
                             stat: st,
                             lowers: Vec::new(),
                             opaque,
+                            redirects: Vec::new(),
                         });
                         if !is_dir || opaque {
                             return Ok(found);
+                        }
+                        // As kernel overlayfs: with redirects not followed, a redirect is
+                        // refused only where the lookup would go on below (a parent with
+                        // lower layers), and otherwise not even read.
+                        let below = if self.follow_redirects {
+                            !self.lowers.is_empty()
+                        } else {
+                            !p_lowers.is_empty()
+                        };
+                        if below {
+                            upper_redirect = self
+                                .follow_redirect(dir.as_fd(), name, None, LayerRef::Upper)?
+                                .map(|(loc, _)| loc);
                         }
                     }
                     Err(Errno::ENOENT) => {
@@ -112,16 +152,58 @@ impl Union {
                 }
             }
         }
-        for &li in &p_lowers[skip..] {
-            let dir = match self.dir_fd(parent, LayerRef::Lower(li)) {
-                Ok(d) => d,
-                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
-                Err(e) => return Err(Error::new(e, "open lower dir")),
+        // Where to look in the next lower layer: None, under `name` in the parent's directory
+        // there; else where a redirect sent the lookup (kernel overlayfs `redirect_dir`).
+        let mut next = upper_redirect;
+        let nl = self.lowers.len();
+        let mut order: std::borrow::Cow<'_, [usize]> = match &next {
+            None => std::borrow::Cow::Borrowed(&p_lowers[skip..]),
+            // The listing that gave `from` looked for `name`, not for where it was moved from.
+            Some(Locator::Name(_)) => std::borrow::Cow::Borrowed(&p_lowers[..]),
+            Some(Locator::Path(_)) => std::borrow::Cow::Owned((0..nl).collect()),
+        };
+        let mut i = 0;
+        while i < order.len() {
+            let li = order[i];
+            i += 1;
+            let held;
+            let mut stop_after = false;
+            let (dir, lname, phys) = match next.clone() {
+                None => match self.dir_fd(parent, LayerRef::Lower(li)) {
+                    Ok(d) => (d, name, None),
+                    Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
+                    Err(e) => return Err(Error::new(e, "open lower dir")),
+                },
+                Some(Locator::Name(n)) => match self.dir_fd(parent, LayerRef::Lower(li)) {
+                    Ok(d) => {
+                        held = n;
+                        (d, held.as_os_str(), Some(Locator::Name(held.clone())))
+                    }
+                    Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
+                    Err(e) => return Err(Error::new(e, "open lower dir")),
+                },
+                Some(Locator::Path(path)) => match self.walk_redirect(li, &path)? {
+                    Walk::Stop => return Ok(found),
+                    Walk::Absent(rewrite) => {
+                        if let Some(r) = rewrite {
+                            next = Some(Locator::Path(r.into()));
+                        }
+                        continue;
+                    }
+                    Walk::At { dir, rewrite, stop } => {
+                        if let Some(r) = rewrite {
+                            next = Some(Locator::Path(r.into()));
+                        }
+                        stop_after = stop;
+                        held = path.last().cloned().unwrap_or_default();
+                        (dir, held.as_os_str(), Some(Locator::Path(path)))
+                    }
+                },
             };
-            if self.names.aufs_whiteout(dir.as_fd(), name) {
+            if self.names.aufs_whiteout(dir.as_fd(), lname) {
                 return Ok(found);
             }
-            let st = match layer::stat_at(dir.as_fd(), name) {
+            let st = match layer::stat_at(dir.as_fd(), lname) {
                 Ok(st) => st,
                 Err(Errno::ENOENT) => continue,
                 Err(e) => return Err(Error::new(e, "stat lower")),
@@ -133,36 +215,161 @@ impl Union {
                     .opaque_mark(dir.as_fd(), OsStr::new(""))
                     .ctx("opaque xattr")?
                     == Some(b'x');
-            if self.names.is_whiteout(dir.as_fd(), name, &st, dir_has_x) {
+            if self.names.is_whiteout(dir.as_fd(), lname, &st, dir_has_x) {
                 return Ok(found);
             }
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-            match &mut found {
-                None => {
-                    let opaque = is_dir && self.lower_dir_opaque(&dir, name)?;
-                    found = Some(Found {
-                        top: LayerRef::Lower(li),
-                        stat: st,
-                        lowers: vec![li],
-                        opaque,
-                    });
-                    if !is_dir || opaque {
-                        return Ok(found);
-                    }
-                }
+            if !is_dir && found.is_some() {
+                // A non-directory below a directory is hidden by it.
+                return Ok(found);
+            }
+            let opaque = is_dir && self.lower_dir_opaque(&dir, lname)?;
+            let f = match &mut found {
+                None => found.insert(Found {
+                    top: LayerRef::Lower(li),
+                    stat: st,
+                    lowers: vec![li],
+                    opaque,
+                    redirects: Vec::new(),
+                }),
                 Some(f) => {
-                    if !is_dir {
-                        // A non-directory below a directory is hidden by it.
-                        return Ok(found);
-                    }
                     f.lowers.push(li);
-                    if self.lower_dir_opaque(&dir, name)? {
-                        return Ok(found);
-                    }
+                    f
                 }
+            };
+            if let Some(loc) = phys {
+                f.redirects.push((li, loc));
+            }
+            if !is_dir || opaque {
+                return Ok(found);
+            }
+            let below = if self.follow_redirects {
+                li + 1 < nl
+            } else {
+                i < order.len()
+            };
+            if below
+                && let Some((loc, absolute)) =
+                    self.follow_redirect(dir.as_fd(), lname, next.as_ref(), LayerRef::Lower(li))?
+            {
+                next = Some(loc);
+                if absolute {
+                    // From the root: every layer below this one.
+                    order = std::borrow::Cow::Owned((li + 1..nl).collect());
+                    i = 0;
+                    stop_after = false;
+                }
+            }
+            if stop_after {
+                // An opaque directory on the way of the redirect's path in this layer.
+                return Ok(found);
             }
         }
         Ok(found)
+    }
+
+    /// Where the lookup goes on in the layers below, when directory `name` in `dir` (of layer
+    /// `r`) carries a redirect: `cur` is where it was looked for in `r` (None: its own name).
+    /// The bool: absolute (from the root of every layer below).
+    fn follow_redirect(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        cur: Option<&Locator>,
+        r: LayerRef,
+    ) -> Result<Option<(Locator, bool)>> {
+        let red = match self.names.redirect_of(dir, name) {
+            Ok(None) => return Ok(None),
+            Ok(Some(red)) => red,
+            Err(e) => {
+                log::warn!("invalid redirect on {name:?} in {r:?}: {e}");
+                return Err(Error::new(e, "redirect xattr"));
+            }
+        };
+        if !self.follow_redirects {
+            log::warn!(
+                "refusing to follow the redirect of {name:?} in {r:?} (redirect_dir=nofollow, or userxattr)"
+            );
+            return Err(Error::new(Errno::EPERM, "redirect not followed"));
+        }
+        Ok(Some(match red {
+            Redirect::Rel(n) => match cur {
+                Some(Locator::Path(p)) => {
+                    let mut v = p.to_vec();
+                    v.pop();
+                    v.push(n);
+                    (Locator::Path(v.into()), false)
+                }
+                _ => (Locator::Name(n), false),
+            },
+            Redirect::Abs(p) => (Locator::Path(p.into()), true),
+        }))
+    }
+
+    /// Walk the directories on the way of a redirect's `path` (all but its last component)
+    /// in lower layer `li`, as kernel overlayfs does (ovl_lookup_layer): a missing one means
+    /// not in this layer; a whiteout or a non-directory ends the lookup; an opaque one ends it
+    /// after this layer (unless a later absolute redirect starts it again); a redirect on one
+    /// rewrites the path for the layers below (`rewrite`), while this layer is walked on.
+    fn walk_redirect(&self, li: usize, path: &[OsString]) -> Result<Walk> {
+        let root = self.node(super::ROOT_INO)?;
+        let mut cur = self
+            .dir_fd(&root, LayerRef::Lower(li))
+            .map_err(|e| Error::new(e, "open lower root"))?;
+        let last_layer = li + 1 == self.lowers.len();
+        let mut names: Option<Vec<OsString>> = None;
+        let mut stop = false;
+        let n = path.len();
+        for (k, comp) in path.iter().enumerate().take(n.saturating_sub(1)) {
+            if self.names.aufs_whiteout(cur.as_fd(), comp) {
+                return Ok(Walk::Stop);
+            }
+            let st = match layer::stat_at(cur.as_fd(), comp) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => return Ok(Walk::Absent(names)),
+                Err(e) => return Err(Error::new(e, "stat lower")),
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                // A whiteout, or a non-directory where a directory was to be.
+                return Ok(Walk::Stop);
+            }
+            if self.lower_dir_opaque(&cur, comp)? {
+                stop = true;
+            } else if !last_layer {
+                // Counted from the end: a rewrite changes what comes before.
+                let at = names.as_ref().map_or(k, |v| v.len() - (n - k));
+                let here = Locator::Path(
+                    names
+                        .as_ref()
+                        .map_or(&path[..=k], |v| &v[..=at])
+                        .to_vec()
+                        .into(),
+                );
+                if let Some((loc, absolute)) =
+                    self.follow_redirect(cur.as_fd(), comp, Some(&here), LayerRef::Lower(li))?
+                {
+                    let Locator::Path(head) = loc else {
+                        unreachable!("a redirect met on a path stays a path")
+                    };
+                    let mut v = head.to_vec();
+                    v.extend_from_slice(&path[k + 1..]);
+                    names = Some(v);
+                    if absolute {
+                        stop = false;
+                    }
+                }
+            }
+            let sub = self
+                .layer(LayerRef::Lower(li))
+                .open_dir_below(cur.as_fd(), std::slice::from_ref(comp))
+                .map_err(|e| Error::new(e, "open lower dir"))?;
+            cur = Arc::new(sub);
+        }
+        Ok(Walk::At {
+            dir: cur,
+            rewrite: names,
+            stop,
+        })
     }
 
     /// Is directory `name` in `parent` opaque (xattr `y`, or AUFS `.wh..wh..opq` inside)?
@@ -259,6 +466,7 @@ impl Union {
             },
             lowers: if is_dir { f.lowers.clone() } else { Vec::new() },
             opaque: f.opaque,
+            redirects: f.redirects(),
             unlinked: false,
         };
         let (node, created) = self
@@ -302,6 +510,13 @@ impl Union {
                 }
                 st.lowers = fresh.lowers.clone();
                 st.opaque = fresh.opaque;
+                if st.redirects != fresh.redirects {
+                    st.redirects = fresh.redirects.clone();
+                    drop(st);
+                    // Cached directories of its lower layers may be where it used to be found.
+                    node.reset_dirfds();
+                    st = node.st.lock();
+                }
                 let same = st.parent == parent && st.name.as_os_str() == name;
                 // A set: 60,000 names of one file are looked up in O(1) each, not a scan of
                 // them all (quadratic; review).

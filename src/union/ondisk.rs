@@ -24,6 +24,8 @@ pub struct Names {
     pub opaque: OsString,
     /// `<prefix>whiteout`
     pub whiteout: OsString,
+    /// `<prefix>redirect`
+    pub redirect: OsString,
     /// honour AUFS `.wh.` names in lower layers
     pub aufs: bool,
 }
@@ -40,6 +42,7 @@ impl Names {
             prefix,
             opaque: OsString::from(format!("{prefix}opaque")),
             whiteout: OsString::from(format!("{prefix}whiteout")),
+            redirect: OsString::from(format!("{prefix}redirect")),
             aufs,
         }
     }
@@ -148,9 +151,63 @@ impl Names {
         false
     }
 
+    /// The redirect of directory `name` in `dir` (`<prefix>redirect`, written by kernel
+    /// overlayfs with `redirect_dir=on` on a directory it moved): where to look for it in the
+    /// layers below. `Ok(None)`: none. A malformed value is EINVAL and a `.` or `..` in it
+    /// EACCES, as kernel overlayfs fails such a lookup.
+    pub fn redirect_of(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> Result<Option<Redirect>, Errno> {
+        let v = match sys::get_xattr(dir, name, &self.redirect) {
+            Ok(Some(v)) => v,
+            Ok(None) | Err(Errno::ENOTSUP) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        parse_redirect(&v).map(Some)
+    }
+
     /// Mark directory `name` in `dir` opaque (`<prefix>opaque=y`).
     pub fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
         sys::set_xattr(dir, name, &self.opaque, b"y", 0)
+    }
+}
+
+/// A directory's redirect (kernel overlayfs `redirect_dir`): a name in the same parent, or a
+/// path from the root of the union.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redirect {
+    /// Moved within its parent: its name in the layers below.
+    Rel(OsString),
+    /// Moved elsewhere: its path from the layer root, component by component.
+    Abs(Vec<OsString>),
+}
+
+/// Parse a redirect xattr value as the kernel does (ovl_get_redirect_xattr): the string up
+/// to a NUL; absolute (`/a/b`, no empty component) or one name without a `/`.
+pub fn parse_redirect(v: &[u8]) -> Result<Redirect, Errno> {
+    let v = v.split(|&b| b == 0).next().unwrap_or_default();
+    if v.is_empty() {
+        return Err(Errno::EINVAL);
+    }
+    let comp = |c: &[u8]| -> Result<OsString, Errno> {
+        match c {
+            b"" => Err(Errno::EINVAL),
+            // The kernel's lookup of such a component fails with EACCES.
+            b"." | b".." => Err(Errno::EACCES),
+            c if c.len() > 255 => Err(Errno::ENAMETOOLONG),
+            c => Ok(OsStr::from_bytes(c).to_os_string()),
+        }
+    };
+    match v.strip_prefix(b"/") {
+        Some(rest) => Ok(Redirect::Abs(
+            rest.split(|&b| b == b'/')
+                .map(comp)
+                .collect::<Result<Vec<_>, _>>()?,
+        )),
+        None if v.contains(&b'/') => Err(Errno::EINVAL),
+        None => Ok(Redirect::Rel(comp(v)?)),
     }
 }
 
@@ -162,4 +219,24 @@ pub fn is_whiteout_stat(st: &FileStat) -> bool {
 /// Create a whiteout (char device 0/0) named `name` in `dir`.
 pub fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     nix::sys::stat::mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_parse_as_the_kernel_reads_them() {
+        let abs = |v: &[&str]| Redirect::Abs(v.iter().map(OsString::from).collect());
+        assert_eq!(parse_redirect(b"a"), Ok(Redirect::Rel("a".into())));
+        assert_eq!(parse_redirect(b"a\0junk"), Ok(Redirect::Rel("a".into())));
+        assert_eq!(parse_redirect(b"/a"), Ok(abs(&["a"])));
+        assert_eq!(parse_redirect(b"/a/b c/d"), Ok(abs(&["a", "b c", "d"])));
+        for bad in [&b""[..], b"\0", b"/", b"//a", b"/a/", b"/a//b", b"a/b"] {
+            assert_eq!(parse_redirect(bad), Err(Errno::EINVAL), "{bad:?}");
+        }
+        for bad in [&b"."[..], b"..", b"/a/../b", b"/."] {
+            assert_eq!(parse_redirect(bad), Err(Errno::EACCES), "{bad:?}");
+        }
+    }
 }

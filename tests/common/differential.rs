@@ -83,6 +83,8 @@ pub struct Differential {
     /// Operations applied with kernel overlayfs to both dir sets before the comparison (to test
     /// unionfs-rs continuing on an upper layer written by the kernel).
     pub kernel_prepare: Vec<Op>,
+    /// Kernel overlayfs options for the `kernel_prepare` mounts only (e.g. `redirect_dir=on`).
+    pub kernel_prepare_opts: String,
     /// Extra arguments for the unionfs-rs mount (not the kernel's).
     pub candidate_args: Vec<String>,
 }
@@ -100,6 +102,7 @@ impl Differential {
             merged_checks: Vec::new(),
             compare_upper: true,
             kernel_prepare: Vec::new(),
+            kernel_prepare_opts: String::new(),
             candidate_args: Vec::new(),
         }
     }
@@ -112,6 +115,11 @@ impl Differential {
     /// apply, unmount), so the compared steps start from a kernel-written upper layer.
     pub fn kernel_prepare(mut self, ops: Vec<Op>) -> Self {
         self.kernel_prepare = ops;
+        self
+    }
+    /// Mount kernel overlayfs for `kernel_prepare` with these options added.
+    pub fn kernel_prepare_opts(mut self, opts: &str) -> Self {
+        self.kernel_prepare_opts = opts.into();
         self
     }
     /// Add a lower layer below the ones added so far.
@@ -195,8 +203,12 @@ impl Differential {
         };
         if !self.kernel_prepare.is_empty() {
             let mut first: Option<Vec<Outcome>> = None;
+            let popts = MountOpts {
+                kernel_extra: self.kernel_prepare_opts.clone(),
+                ..opts.clone()
+            };
             for d in [&kd, &ud] {
-                let m = OverlayMount::start(d, &opts).unwrap_or_else(|e| panic!("{e}"));
+                let m = OverlayMount::start(d, &popts).unwrap_or_else(|e| panic!("{e}"));
                 let outs: Vec<Outcome> = self
                     .kernel_prepare
                     .iter()

@@ -10,6 +10,8 @@ pub struct MountOpts {
     pub readonly: bool,
     /// Extra arguments appended to the command line.
     pub extra: Vec<String>,
+    /// Kernel overlayfs only: options appended to the defaults (a later one wins).
+    pub kernel_extra: String,
 }
 
 /// A live unionfs-rs mount. Drop unmounts (fusermount3 -u, then umount -l) and kills the daemon
@@ -317,6 +319,10 @@ impl OverlayMount {
             o += ",redirect_dir=off";
         }
         o += ",index=off,metacopy=off,xino=off";
+        if !opts.kernel_extra.is_empty() {
+            o += ",";
+            o += &opts.kernel_extra;
+        }
         let (st, out, err) = run_with_timeout(
             Command::new("mount")
                 .args(["-t", "overlay", "overlay", "-o", &o])
