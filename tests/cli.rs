@@ -218,6 +218,16 @@ fn bad_input_is_refused_without_side_effects() {
             a.extend(["-o".into(), "userxattr,redirect_dir=follow".into()]);
             (a, None)
         });
+        refused("metacopy with a bad value", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "metacopy=yes".into()]);
+            (a, None)
+        });
+        refused("metacopy with redirects not followed", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "metacopy=on,redirect_dir=nofollow".into()]);
+            (a, None)
+        });
         refused("workdir/work/incompat present", |d| {
             fs::create_dir_all(d.work.join("work/incompat")).unwrap();
             fs::write(d.work.join("work/incompat/x"), "").unwrap();

@@ -23,6 +23,8 @@ pub struct MountSpec {
     pub aufs_whiteouts: bool,
     /// `redirect_dir=on|follow|off|nofollow` as given (kernel overlayfs's values).
     pub redirect_dir: Option<String>,
+    /// `metacopy=on|off` (kernel overlayfs's): follow metacopy files to their data.
+    pub metacopy: Option<bool>,
     /// Read-only mount.
     pub read_only: bool,
     /// fsname= for /proc/mounts.
@@ -222,6 +224,13 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 }
                 spec.redirect_dir = Some(v);
             }
+            "metacopy" => {
+                spec.metacopy = Some(match need(v)?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("metacopy: {other} is not on or off")),
+                })
+            }
             "ro" => spec.read_only = true,
             "rw" => spec.read_only = false,
             "fsname" => spec.fsname = Some(need(v)?),
@@ -368,7 +377,6 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             | "lazytime"
             | "index"
             | "xino"
-            | "metacopy"
             | "uuid"
             | "nfs_export" => {}
             _ => spec.unknown.push(o.to_string()),

@@ -255,6 +255,22 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
             redirect.unwrap_or_default()
         ));
     }
+    if spec.metacopy == Some(true) {
+        if spec.userxattr {
+            return Err(
+                "conflicting options: userxattr,metacopy=on: metacopy files are not \
+                        followed with user.overlay xattrs (kernel overlayfs refuses the same)"
+                    .into(),
+            );
+        }
+        if redirect == Some("nofollow") {
+            return Err(
+                "conflicting options: metacopy=on,redirect_dir=nofollow: a moved \
+                        metacopy file is found through its redirect"
+                    .into(),
+            );
+        }
+    }
     if redirect == Some("on") {
         eprintln!(
             "unionfs-rs: warning: redirect_dir=on: redirects are followed but not created (a \
@@ -285,6 +301,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         userxattr: spec.userxattr,
         aufs_whiteouts: spec.aufs_whiteouts,
         redirect_nofollow: redirect == Some("nofollow"),
+        metacopy: spec.metacopy == Some(true),
         quota: spec.quota.clone(),
         uid_map: spec.uid_map.clone(),
         gid_map: spec.gid_map.clone(),

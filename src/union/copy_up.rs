@@ -18,8 +18,15 @@ impl Union {
     /// Make sure `node` exists in the upper layer under its name (copying it and its parents
     /// up, or waiting for a pending commit of an earlier copy-up).
     pub fn copy_up(&self, node: &Node) -> Result<()> {
-        if node.st.lock().upper {
+        let (upper, metacopy) = {
+            let st = node.st.lock();
+            (st.upper, st.data.is_some())
+        };
+        if upper {
             self.commits.wait_node(node.ino);
+            if metacopy {
+                self.copy_up_data(node)?;
+            }
             return Ok(());
         }
         self.copy_up_as(node, false).map(|_| ())
@@ -30,10 +37,74 @@ impl Union {
     /// copy this thread's until dropped, which hands it to the committer: hold it through
     /// the operation.
     pub(crate) fn copy_up_for_use(&self, node: &Node) -> Result<Option<super::commit::Staged>> {
-        if node.st.lock().upper {
+        let (upper, metacopy) = {
+            let st = node.st.lock();
+            (st.upper, st.data.is_some())
+        };
+        if upper {
+            if metacopy {
+                self.copy_up_data(node)?;
+            }
             return Ok(None);
         }
         self.copy_up_as(node, true)
+    }
+
+    /// Give metacopy file `node` in upper (kernel overlayfs `metacopy=on`: its metadata was
+    /// copied up alone) its data, before anything changes it, renames or links it, as the
+    /// kernel does before a write: copied from the lower data file into the upper file in
+    /// place (its times kept), synced, and only then the metacopy mark removed — a crash
+    /// before that leaves the mark, and the data is read from below as before.
+    fn copy_up_data(&self, node: &Node) -> Result<()> {
+        let _g = node.copy_lock.lock();
+        let st = node.state();
+        let Some(d) = st.data.clone() else {
+            return Ok(());
+        };
+        let (udir, name) = self.open_parent_in(node, LayerRef::Upper)?;
+        let (ddir, dname) = self.data_parent(node, &d)?;
+        let dst = nix::fcntl::openat(
+            udir.as_fd(),
+            name.as_os_str(),
+            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("data copy-up: open upper file")?;
+        self.check_opened(node, LayerRef::Upper, dst.as_fd())?;
+        let src = open_source(ddir.as_fd(), &dname).ctx("data copy-up: open lower data")?;
+        let before = nix::sys::stat::fstat(dst.as_fd()).ctx("data copy-up: stat")?;
+        let data = nix::sys::stat::fstat(src.as_fd()).ctx("data copy-up: stat data")?;
+        let res = self.reserve(0, super::charge::alloc(&data) as u64)?;
+        // As much as the file shows (the kernel set its size at the copy-up).
+        let mut span = data;
+        span.st_size = before.st_size;
+        let durable = !self.volatile;
+        copy_data(src.as_fd(), dst.as_fd(), &span, durable, &self.reflink)?;
+        nix::unistd::ftruncate(dst.as_fd(), before.st_size).ctx("data copy-up: set size")?;
+        nix::sys::stat::futimens(
+            dst.as_fd(),
+            &TimeSpec::new(before.st_atime, before.st_atime_nsec),
+            &TimeSpec::new(before.st_mtime, before.st_mtime_nsec),
+        )
+        .ctx("data copy-up: keep times")?;
+        if durable {
+            nix::unistd::fsync(dst.as_fd()).ctx("data copy-up: fsync")?;
+        }
+        match sys::remove_xattr(udir.as_fd(), &name, &self.names.metacopy) {
+            Ok(()) | Err(Errno::ENODATA) => {}
+            Err(e) => return Err(Error::new(e, "data copy-up: remove the metacopy mark")),
+        }
+        let after = nix::sys::stat::fstat(dst.as_fd()).ctx("data copy-up: stat")?;
+        res.settle(
+            super::charge::alloc(&after) - super::charge::alloc(&before),
+            0,
+        );
+        if self.quota.is_some() {
+            // What the file now holds is what is charged for it (see copy_up_as).
+            *node.io_lock.lock() = Some((super::charge::alloc(&after), after.st_size));
+        }
+        node.st.lock().data = None;
+        Ok(())
     }
 
     fn copy_up_as(&self, node: &Node, defer: bool) -> Result<Option<super::commit::Staged>> {
@@ -58,7 +129,15 @@ impl Union {
         let src_layer = st.top();
         let (src_dir, name) = self.open_parent_in(node, src_layer)?;
         let (dst_dir, _) = self.open_parent_in(node, LayerRef::Upper)?;
-        let fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
+        let mut fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
+        // A metacopy file in a lower layer: its data from further below.
+        let data = match &st.data {
+            Some(d) => {
+                fs.st_blocks = d.blocks;
+                Some(self.data_parent(node, d)?)
+            }
+            None => None,
+        };
         // Charged in full before it starts: a copy-up that does not fit fails cleanly.
         let res = self.reserve(1, super::charge::alloc(&fs) as u64)?;
         let work = self.work_fd()?;
@@ -74,11 +153,10 @@ impl Union {
         // is not counted twice.
         let (new, tmp) = self.dir_op(&[work], true, || {
             self.copy_object(
-                src_dir.as_fd(),
-                &name,
+                (src_dir.as_fd(), &name),
+                data.as_ref().map(|(d, n)| (d.as_fd(), n.as_os_str())),
                 &fs,
-                dst_dir.as_fd(),
-                &name,
+                (dst_dir.as_fd(), &name),
                 deferred,
             )
         })?;
@@ -105,20 +183,24 @@ impl Union {
             }
             _ => None,
         };
-        node.st.lock().upper = true;
+        {
+            let mut st = node.st.lock();
+            st.upper = true;
+            st.data = None;
+        }
         Ok(staged)
     }
 
     /// Copy the object `name` (stat `fs`) from `src_dir` to `dst_dir/dst_name` through the work
-    /// dir. Returns the new upper object's stat. `deferred` (regular files): stop before the
-    /// fsync and the rename, and return the copy's scratch name in the work dir too.
+    /// dir, a regular file's data from `data` if given (a metacopy file's). Returns the new
+    /// upper object's stat. `deferred` (regular files): stop before the fsync and the rename,
+    /// and return the copy's scratch name in the work dir too.
     fn copy_object(
         &self,
-        src_dir: BorrowedFd<'_>,
-        name: &OsStr,
+        (src_dir, name): (BorrowedFd<'_>, &OsStr),
+        data: Option<(BorrowedFd<'_>, &OsStr)>,
         fs: &FileStat,
-        dst_dir: BorrowedFd<'_>,
-        dst_name: &OsStr,
+        (dst_dir, dst_name): (BorrowedFd<'_>, &OsStr),
         deferred: bool,
     ) -> Result<(FileStat, Option<OsString>)> {
         let work = self.work_fd()?;
@@ -131,21 +213,11 @@ impl Union {
                         .ctx("copy-up: mkdir")?;
                 }
                 libc::S_IFREG => {
-                    let src = nix::fcntl::openat(
-                        src_dir,
-                        name,
-                        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOATIME,
-                        Mode::empty(),
-                    )
-                    .or_else(|_| {
-                        nix::fcntl::openat(
-                            src_dir,
-                            name,
-                            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                            Mode::empty(),
-                        )
-                    })
-                    .ctx("copy-up: open source")?;
+                    let src = open_source(src_dir, name).ctx("copy-up: open source")?;
+                    let data_src = match data {
+                        Some((d, n)) => Some(open_source(d, n).ctx("copy-up: open data")?),
+                        None => None,
+                    };
                     let dst = nix::fcntl::openat(
                         work,
                         tmp.as_os_str(),
@@ -155,7 +227,12 @@ impl Union {
                     .ctx("copy-up: create")?;
                     // Write-behind only when this thread waits for the fsync anyway.
                     let durable = !self.volatile && !deferred;
-                    copy_data(src.as_fd(), dst.as_fd(), fs, durable, &self.reflink)?;
+                    let from = data_src.as_ref().unwrap_or(&src);
+                    copy_data(from.as_fd(), dst.as_fd(), fs, durable, &self.reflink)?;
+                    if data_src.is_some() {
+                        // As much as the metacopy file shows.
+                        nix::unistd::ftruncate(dst.as_fd(), fs.st_size).ctx("copy-up: set size")?;
+                    }
                     // Metadata through the open files (no path lookups), in copy_meta's order.
                     let (s, d) = (src.as_fd(), dst.as_fd());
                     nix::unistd::fchown(
@@ -232,6 +309,24 @@ impl Union {
             None,
         ))
     }
+}
+
+/// Open regular file `name` in `dir` to copy it (without touching its atime where allowed).
+fn open_source(dir: BorrowedFd<'_>, name: &OsStr) -> std::result::Result<OwnedFd, Errno> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOATIME,
+        Mode::empty(),
+    )
+    .or_else(|_| {
+        nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    })
 }
 
 /// Owner, xattrs (of `src_dir/name`), mode and times of `dir/name` from `fs`. Owner first:

@@ -264,6 +264,8 @@ impl Union {
             lowers: Vec::new(),
             opaque: is_dir && over_wh,
             redirects: None,
+            data: None,
+            impure: 0,
             unlinked: false,
         };
         let ino = self.ino_for(LayerRef::Upper, &fs);

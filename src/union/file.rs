@@ -243,7 +243,11 @@ impl Union {
         // its scratch name by this thread only, and another open of the file, which would
         // wait for the commit, must not hold this lock meanwhile.
         let mut k = node.kio.lock();
-        let was_lower = writable && !node.st.lock().upper;
+        let was_lower = writable && {
+            let st = node.st.lock();
+            // (A metacopy file's data was read from the lower file, as a lower file's.)
+            !st.upper || st.data.is_some()
+        };
         let _staged = if !writable {
             None
         } else if f.intersects(OFlag::O_SYNC | OFlag::O_DSYNC) {
@@ -341,6 +345,10 @@ impl Union {
         let f = OFlag::from_bits_truncate(flags);
         let writable = is_writable(f);
         let st = node.state();
+        if st.data.is_some() {
+            // A metacopy file's data is not in its upper file: read through the daemon.
+            return Ok(None);
+        }
         let in_upper = st.upper;
         let (backing, fd) = match &k.backing {
             Some(b) if k.direct > 0 => b.clone(),
@@ -510,7 +518,14 @@ impl Union {
         if st.unlinked && st.top() == LayerRef::Upper {
             return self.open_removed(node, f, flags, writable);
         }
-        let (dir, name) = self.open_parent_in(node, st.top())?;
+        // A metacopy file opened for reading (an open for writing gave it its data first):
+        // its data file.
+        let metacopy = st.data.as_deref().filter(|_| !writable);
+        let (dir, name) = match metacopy {
+            Some(d) => self.data_parent(node, d)?,
+            None => self.open_parent_in(node, st.top())?,
+        };
+        let in_upper = st.upper && metacopy.is_none();
         let cached = self.cache.is_some();
         let open = |flags: OFlag| {
             nix::fcntl::openat(
@@ -542,7 +557,12 @@ impl Union {
             }
             Err(e) => return Err(Error::new(e, "open")),
         };
-        if let Err(e) = self.check_opened(node, st.top(), fd.as_fd()) {
+        let checked = if in_upper {
+            self.check_opened(node, LayerRef::Upper, fd.as_fd())
+        } else {
+            Ok(())
+        };
+        if let Err(e) = checked {
             // Its name was replaced between our look and the open: once that removal is
             // through, the object may be held for the kernel.
             drop(fd);
@@ -551,7 +571,7 @@ impl Union {
             }
             return Err(e);
         }
-        let fh = self.add_handle_with(ino, fd, (writable, st.upper), flags, nocache);
+        let fh = self.add_handle_with(ino, fd, (writable, in_upper), flags, nocache);
         drop(st);
         if cached && !nocache && f.contains(OFlag::O_TRUNC) {
             // O_TRUNC through the cache, so pages and size follow.
@@ -650,8 +670,11 @@ impl Union {
         let Some(node) = self.nodes.get(f.ino) else {
             return f.fd.clone();
         };
-        if !node.st.lock().upper {
-            return f.fd.clone();
+        {
+            let st = node.st.lock();
+            if !st.upper || st.data.is_some() {
+                return f.fd.clone();
+            }
         }
         let opened = self
             .open_parent_in(&node, LayerRef::Upper)

@@ -34,6 +34,27 @@ pub enum Locator {
     Path(Arc<[OsString]>),
 }
 
+/// The bit of layer `r` in [`NodeState::impure`]: 1 for upper, 2 << i for lower i; lower
+/// layers past the 63rd share the last bit.
+pub fn impure_bit(r: LayerRef) -> u64 {
+    match r {
+        LayerRef::Upper => 1,
+        LayerRef::Lower(i) => 2 << i.min(62),
+    }
+}
+
+/// Where the data of a metacopy file is (kernel overlayfs `metacopy=on`: the file's metadata
+/// was copied up alone, its data stayed below).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataAt {
+    /// The lower layer holding the data.
+    pub layer: usize,
+    /// Where in it, when not under the file's own name in its parent's directory there.
+    pub at: Option<Locator>,
+    /// The data file's allocated 512-byte blocks (what stat shows, as the kernel).
+    pub blocks: i64,
+}
+
 /// Mutable per-node state; changes on copy-up, rename, unlink.
 #[derive(Debug, Clone)]
 pub struct NodeState {
@@ -55,6 +76,11 @@ pub struct NodeState {
     /// Directories: the lower layers of `lowers` it was found in through a redirect, and
     /// where (None: none, the common case).
     pub redirects: Option<Arc<[(usize, Locator)]>>,
+    /// Regular files whose top object is a metacopy file: where the data is.
+    pub data: Option<Arc<DataAt>>,
+    /// Directories: the layers where kernel overlayfs marked this directory impure (see
+    /// [`impure_bit`]): only there can it hold metacopy files.
+    pub impure: u64,
     /// Removed from the merged view (kept alive only by the kernel's references).
     pub unlinked: bool,
 }
@@ -590,6 +616,8 @@ mod tests {
             lowers: Vec::new(),
             opaque: false,
             redirects: None,
+            data: None,
+            impure: 0,
             unlinked: false,
         }
     }

@@ -173,6 +173,9 @@ pub struct Options {
     /// Refuse to follow the redirects of directories moved by kernel overlayfs (its
     /// `redirect_dir=nofollow`; forced by `userxattr`, as the kernel does): EPERM.
     pub redirect_nofollow: bool,
+    /// Follow metacopy files to their data below (kernel `metacopy=on`); off: refuse them
+    /// (EPERM), as the kernel does by default.
+    pub metacopy: bool,
     /// Project quota settings (limits recorded in the workdir apply even without them).
     pub quota: Option<charge::QuotaConfig>,
     /// uid mapping between disk and view.
@@ -363,6 +366,8 @@ pub struct Union {
     pub(crate) names: ondisk::Names,
     /// Follow `overlay.redirect` of directories (kernel `redirect_dir=follow`).
     pub(crate) follow_redirects: bool,
+    /// Read the data of metacopy files from below (kernel `metacopy=on`); else refuse them.
+    pub(crate) follow_metacopy: bool,
     pub(crate) nodes: inode::NodeTable,
     pub(crate) inomap: inode::InoMap,
     /// Layers are not all on one filesystem: inode numbers get a layer tag in the high bits.
@@ -585,6 +590,7 @@ impl Union {
             work,
             names: ondisk::Names::new(opts.userxattr, opts.aufs_whiteouts),
             follow_redirects: !opts.redirect_nofollow && !opts.userxattr,
+            follow_metacopy: opts.metacopy && !opts.userxattr,
             nodes: inode::NodeTable::default(),
             inomap,
             xino,
@@ -669,12 +675,28 @@ impl Union {
             lowers: Vec::new(),
             opaque: false,
             redirects: None,
+            data: None,
+            impure: 0,
             unlinked: false,
         };
+        // Where kernel overlayfs left metacopy files in the root, if anywhere.
+        let impure = |l: &layer::Layer| {
+            self.names
+                .dir_marks(l.root(), OsStr::new(""))
+                .is_ok_and(|m| m.impure)
+        };
+        if let Some(u) = &self.upper
+            && impure(u)
+        {
+            st.impure |= inode::impure_bit(LayerRef::Upper);
+        }
         // The root merges every lower until one is opaque.
         if !(self.upper.is_some() && self.root_opaque_upper()) {
             for (i, l) in self.lowers.iter().enumerate() {
                 st.lowers.push(i);
+                if impure(l) {
+                    st.impure |= inode::impure_bit(LayerRef::Lower(i));
+                }
                 if self
                     .names
                     .is_opaque(l.root(), OsStr::new(""), Some(l.root()))?
@@ -954,6 +976,36 @@ impl Union {
         Ok((self.dir_fd(&p, r).ctx("open parent dir")?, name))
     }
 
+    /// The directory holding the data of metacopy file `node` (`d`, [`inode::DataAt`]) and
+    /// its name there.
+    pub(crate) fn data_parent(
+        &self,
+        node: &Node,
+        d: &inode::DataAt,
+    ) -> Result<(Arc<OwnedFd>, OsString)> {
+        let r = LayerRef::Lower(d.layer);
+        if let Some(inode::Locator::Path(p)) = &d.at {
+            let Some((last, dirs)) = p.split_last() else {
+                return Err(Error::new(Errno::EINVAL, "empty data path"));
+            };
+            let dir = self
+                .layer(r)
+                .open_dir(dirs)
+                .ctx("open the data's directory")?;
+            return Ok((Arc::new(dir), last.clone()));
+        }
+        let (parent, name) = {
+            let st = node.st.lock();
+            (st.parent, st.name.clone())
+        };
+        let name = match &d.at {
+            Some(inode::Locator::Name(n)) => n.clone(),
+            _ => name,
+        };
+        let p = self.node(parent)?;
+        Ok((self.dir_fd(&p, r).ctx("open the data's directory")?, name))
+    }
+
     /// Fresh attributes of a node from its top layer (through an open handle `fh` if the
     /// node was unlinked while open).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
@@ -1009,6 +1061,11 @@ impl Union {
             a.blocks = a.blocks.max(size.div_ceil(4096) * 8);
             a.mtime = mtime;
             a.ctime = a.ctime.max(mtime);
+        }
+        if let Some(d) = &st.data {
+            // A metacopy file holds no data of its own: the blocks are its data's, as the
+            // kernel shows them.
+            a.blocks = d.blocks as u64;
         }
         a.uid = self.uid_map.to_view(a.uid);
         a.gid = self.gid_map.to_view(a.gid);

@@ -4,13 +4,14 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::stat::FileStat;
 
-use super::inode::Locator;
-use super::ondisk::Redirect;
+use super::inode::{DataAt, Locator, impure_bit};
+use super::ondisk::{DirMarks, Redirect};
 use super::{Attr, Ctx, Error, LayerRef, Node, NodeState, Result, Union};
 use crate::layer::{self, valid_name};
 
@@ -27,6 +28,10 @@ pub struct Found {
     pub opaque: bool,
     /// Lower layers of `lowers` the directory was found in through a redirect, and where.
     pub redirects: Vec<(usize, Locator)>,
+    /// A metacopy file (kernel overlayfs `metacopy=on`): where its data is.
+    pub data: Option<DataAt>,
+    /// Directories: the layers it is impure in ([`super::inode::impure_bit`]).
+    pub impure: u64,
 }
 
 impl Found {
@@ -34,6 +39,23 @@ impl Found {
     pub(crate) fn redirects(&self) -> Option<Arc<[(usize, Locator)]>> {
         (!self.redirects.is_empty()).then(|| self.redirects.clone().into())
     }
+}
+
+/// Where [`Union::locate`] sends a lookup in one lower layer.
+enum Located {
+    /// Not in this layer.
+    Skip,
+    /// A whiteout or a non-directory on a redirect's way: the lookup ends.
+    Stop,
+    /// Look in `dir` for `name` (None: the name looked up).
+    At {
+        dir: Arc<std::os::fd::OwnedFd>,
+        name: Option<OsString>,
+        /// How it was found there, when not by its own name in its parent's directory.
+        phys: Option<Locator>,
+        /// An opaque directory on the way: the layers below are not searched.
+        stop_after: bool,
+    },
 }
 
 /// What the walk of a redirect's path in one layer found ([`Union::walk_redirect`]).
@@ -86,9 +108,9 @@ impl Union {
         // A copy-up of this name not yet committed is not in upper yet.
         self.commits.wait_name(parent.ino, name);
         // Only what lookup needs, without cloning names (the hot path).
-        let (p_upper, p_lowers) = {
+        let (p_upper, p_lowers, p_impure) = {
             let st = parent.st.lock();
-            (st.upper, st.lowers.clone())
+            (st.upper, st.lowers.clone(), st.impure)
         };
         let mut found: Option<Found> = None;
         let mut upper_redirect = None;
@@ -117,15 +139,40 @@ impl Union {
                             return Ok(None);
                         }
                         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                        let opaque = is_dir && self.lower_dir_opaque(&dir, name)?;
+                        let mut marks = match is_dir {
+                            true => self.dir_marks(&dir, name)?,
+                            false => Default::default(),
+                        };
+                        let opaque = marks.opaque == Some(b'y');
                         found = Some(Found {
                             top: LayerRef::Upper,
                             stat: st,
                             lowers: Vec::new(),
                             opaque,
                             redirects: Vec::new(),
+                            data: None,
+                            impure: if marks.impure {
+                                impure_bit(LayerRef::Upper)
+                            } else {
+                                0
+                            },
                         });
                         if !is_dir || opaque {
+                            // Only where kernel overlayfs copied files up can one be a
+                            // metacopy file: not a syscall more for any other file.
+                            if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                                && p_impure & impure_bit(LayerRef::Upper) != 0
+                                && let Some(f) = &mut found
+                            {
+                                f.data = self.metacopy_data(
+                                    parent,
+                                    name,
+                                    (dir.as_fd(), name, LayerRef::Upper),
+                                    None,
+                                    std::borrow::Cow::Borrowed(&p_lowers[..]),
+                                )?;
+                                f.lowers.extend(f.data.as_ref().map(|d| d.layer));
+                            }
                             return Ok(found);
                         }
                         // As kernel overlayfs: with redirects not followed, a redirect is
@@ -138,7 +185,12 @@ impl Union {
                         };
                         if below {
                             upper_redirect = self
-                                .follow_redirect(dir.as_fd(), name, None, LayerRef::Upper)?
+                                .follow_redirect(
+                                    marks.redirect.take(),
+                                    name,
+                                    None,
+                                    LayerRef::Upper,
+                                )?
                                 .map(|(loc, _)| loc);
                         }
                     }
@@ -166,40 +218,17 @@ impl Union {
         while i < order.len() {
             let li = order[i];
             i += 1;
-            let held;
-            let mut stop_after = false;
-            let (dir, lname, phys) = match next.clone() {
-                None => match self.dir_fd(parent, LayerRef::Lower(li)) {
-                    Ok(d) => (d, name, None),
-                    Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
-                    Err(e) => return Err(Error::new(e, "open lower dir")),
-                },
-                Some(Locator::Name(n)) => match self.dir_fd(parent, LayerRef::Lower(li)) {
-                    Ok(d) => {
-                        held = n;
-                        (d, held.as_os_str(), Some(Locator::Name(held.clone())))
-                    }
-                    Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => continue,
-                    Err(e) => return Err(Error::new(e, "open lower dir")),
-                },
-                Some(Locator::Path(path)) => match self.walk_redirect(li, &path)? {
-                    Walk::Stop => return Ok(found),
-                    Walk::Absent(rewrite) => {
-                        if let Some(r) = rewrite {
-                            next = Some(Locator::Path(r.into()));
-                        }
-                        continue;
-                    }
-                    Walk::At { dir, rewrite, stop } => {
-                        if let Some(r) = rewrite {
-                            next = Some(Locator::Path(r.into()));
-                        }
-                        stop_after = stop;
-                        held = path.last().cloned().unwrap_or_default();
-                        (dir, held.as_os_str(), Some(Locator::Path(path)))
-                    }
-                },
+            let (dir, held, phys, mut stop_after) = match self.locate(parent, li, &mut next)? {
+                Located::Skip => continue,
+                Located::Stop => return Ok(found),
+                Located::At {
+                    dir,
+                    name,
+                    phys,
+                    stop_after,
+                } => (dir, name, phys, stop_after),
             };
+            let lname = held.as_deref().unwrap_or(name);
             if self.names.aufs_whiteout(dir.as_fd(), lname) {
                 return Ok(found);
             }
@@ -223,7 +252,11 @@ impl Union {
                 // A non-directory below a directory is hidden by it.
                 return Ok(found);
             }
-            let opaque = is_dir && self.lower_dir_opaque(&dir, lname)?;
+            let mut marks = match is_dir {
+                true => self.dir_marks(&dir, lname)?,
+                false => Default::default(),
+            };
+            let opaque = marks.opaque == Some(b'y');
             let f = match &mut found {
                 None => found.insert(Found {
                     top: LayerRef::Lower(li),
@@ -231,16 +264,38 @@ impl Union {
                     lowers: vec![li],
                     opaque,
                     redirects: Vec::new(),
+                    data: None,
+                    impure: 0,
                 }),
                 Some(f) => {
                     f.lowers.push(li);
                     f
                 }
             };
-            if let Some(loc) = phys {
-                f.redirects.push((li, loc));
+            if marks.impure {
+                f.impure |= impure_bit(LayerRef::Lower(li));
             }
-            if !is_dir || opaque {
+            if let Some(loc) = &phys {
+                f.redirects.push((li, loc.clone()));
+            }
+            if !is_dir {
+                // The top object (a non-directory below another object returned above). A
+                // metacopy file only in a directory kernel overlayfs marked impure (found by
+                // a redirect's path: that directory is not the parent's, so always looked at).
+                let impure_dir = matches!(phys, Some(Locator::Path(_)))
+                    || p_impure & impure_bit(LayerRef::Lower(li)) != 0;
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG && impure_dir {
+                    f.data = self.metacopy_data(
+                        parent,
+                        name,
+                        (dir.as_fd(), lname, LayerRef::Lower(li)),
+                        next.clone(),
+                        std::borrow::Cow::Borrowed(&order[i..]),
+                    )?;
+                }
+                return Ok(found);
+            }
+            if opaque {
                 return Ok(found);
             }
             let below = if self.follow_redirects {
@@ -249,8 +304,12 @@ impl Union {
                 i < order.len()
             };
             if below
-                && let Some((loc, absolute)) =
-                    self.follow_redirect(dir.as_fd(), lname, next.as_ref(), LayerRef::Lower(li))?
+                && let Some((loc, absolute)) = self.follow_redirect(
+                    marks.redirect.take(),
+                    lname,
+                    next.as_ref(),
+                    LayerRef::Lower(li),
+                )?
             {
                 next = Some(loc);
                 if absolute {
@@ -268,20 +327,162 @@ impl Union {
         Ok(found)
     }
 
-    /// Where the lookup goes on in the layers below, when directory `name` in `dir` (of layer
-    /// `r`) carries a redirect: `cur` is where it was looked for in `r` (None: its own name).
-    /// The bool: absolute (from the root of every layer below).
+    /// The data of regular file `name` of `parent`, found as `meta` (its directory, its name
+    /// there, its layer): None unless it is a metacopy file (kernel overlayfs `metacopy=on`:
+    /// its metadata copied up alone), whose data is the first file below that is not one,
+    /// found under its name (or its own redirect, if it was moved) in `order`, the layers
+    /// below, as the kernel finds it. Refused (EPERM) unless `metacopy=on`, as the kernel
+    /// refuses it; EIO when there is no data below.
+    fn metacopy_data(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        meta: (BorrowedFd<'_>, &OsStr, LayerRef),
+        mut next: Option<Locator>,
+        mut order: std::borrow::Cow<'_, [usize]>,
+    ) -> Result<Option<DataAt>> {
+        let (mdir, mname, mlayer) = meta;
+        if !self.names.is_metacopy(mdir, mname).ctx("metacopy xattr")? {
+            return Ok(None);
+        }
+        if !self.follow_metacopy {
+            log::warn!(
+                "refusing to follow the metacopy file {name:?} in {mlayer:?} (mount with metacopy=on)"
+            );
+            return Err(Error::new(Errno::EPERM, "metacopy file not followed"));
+        }
+        let nl = self.lowers.len();
+        // Moved by the kernel after its copy-up: its redirect says from where.
+        let follow = |dir: BorrowedFd<'_>,
+                      n: &OsStr,
+                      at: LayerRef,
+                      next: &mut Option<Locator>,
+                      order: &mut std::borrow::Cow<'_, [usize]>,
+                      i: &mut usize|
+         -> Result<()> {
+            let red = self.names.redirect_of(dir, n).transpose();
+            if let Some((loc, absolute)) = self.follow_redirect(red, n, next.as_ref(), at)? {
+                *next = Some(loc);
+                if absolute {
+                    let from = match at {
+                        LayerRef::Upper => 0,
+                        LayerRef::Lower(l) => l + 1,
+                    };
+                    *order = std::borrow::Cow::Owned((from..nl).collect());
+                    *i = 0;
+                }
+            }
+            Ok(())
+        };
+        let mut i = 0;
+        follow(mdir, mname, mlayer, &mut next, &mut order, &mut i)?;
+        let no_data = || {
+            log::warn!("metacopy file {name:?} in {mlayer:?} has no data below");
+            Error::new(Errno::EIO, "metacopy file without its data")
+        };
+        while i < order.len() {
+            let li = order[i];
+            i += 1;
+            let (dir, held, phys) = match self.locate(parent, li, &mut next)? {
+                Located::Skip => continue,
+                Located::Stop => return Err(no_data()),
+                Located::At {
+                    dir, name, phys, ..
+                } => (dir, name, phys),
+            };
+            let lname = held.as_deref().unwrap_or(name);
+            if self.names.aufs_whiteout(dir.as_fd(), lname) {
+                return Err(no_data());
+            }
+            let st = match layer::stat_at(dir.as_fd(), lname) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(Error::new(e, "stat lower")),
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                // A whiteout, a directory, another kind of file: not its data.
+                return Err(no_data());
+            }
+            if self
+                .names
+                .is_metacopy(dir.as_fd(), lname)
+                .ctx("metacopy xattr")?
+            {
+                follow(
+                    dir.as_fd(),
+                    lname,
+                    LayerRef::Lower(li),
+                    &mut next,
+                    &mut order,
+                    &mut i,
+                )?;
+                continue;
+            }
+            return Ok(Some(DataAt {
+                layer: li,
+                at: phys,
+                blocks: st.st_blocks,
+            }));
+        }
+        Err(no_data())
+    }
+
+    /// Where to look in lower layer `li` for a name of `parent`, given where the layers
+    /// above sent the lookup (`next`, None: the name itself in the parent's directory there;
+    /// a redirect met on the way of a path rewrites it for the layers below).
+    fn locate(&self, parent: &Node, li: usize, next: &mut Option<Locator>) -> Result<Located> {
+        let by_name = |held: Option<OsString>| -> Result<Located> {
+            match self.dir_fd(parent, LayerRef::Lower(li)) {
+                Ok(dir) => Ok(Located::At {
+                    dir,
+                    phys: held.clone().map(Locator::Name),
+                    name: held,
+                    stop_after: false,
+                }),
+                Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Ok(Located::Skip),
+                Err(e) => Err(Error::new(e, "open lower dir")),
+            }
+        };
+        match next.clone() {
+            None => by_name(None),
+            Some(Locator::Name(n)) => by_name(Some(n)),
+            Some(Locator::Path(path)) => match self.walk_redirect(li, &path)? {
+                Walk::Stop => Ok(Located::Stop),
+                Walk::Absent(rewrite) => {
+                    if let Some(r) = rewrite {
+                        *next = Some(Locator::Path(r.into()));
+                    }
+                    Ok(Located::Skip)
+                }
+                Walk::At { dir, rewrite, stop } => {
+                    if let Some(r) = rewrite {
+                        *next = Some(Locator::Path(r.into()));
+                    }
+                    Ok(Located::At {
+                        dir,
+                        name: path.last().cloned(),
+                        phys: Some(Locator::Path(path)),
+                        stop_after: stop,
+                    })
+                }
+            },
+        }
+    }
+
+    /// Where the lookup goes on in the layers below, when `name` (in layer `r`) carries
+    /// redirect `red` (as read from its xattr): `cur` is where it was looked for in `r`
+    /// (None: its own name). The bool: absolute (from the root of every layer below).
     fn follow_redirect(
         &self,
-        dir: BorrowedFd<'_>,
+        red: Option<std::result::Result<Redirect, Errno>>,
         name: &OsStr,
         cur: Option<&Locator>,
         r: LayerRef,
     ) -> Result<Option<(Locator, bool)>> {
-        let red = match self.names.redirect_of(dir, name) {
-            Ok(None) => return Ok(None),
-            Ok(Some(red)) => red,
-            Err(e) => {
+        let red = match red {
+            None => return Ok(None),
+            Some(Ok(red)) => red,
+            Some(Err(e)) => {
                 log::warn!("invalid redirect on {name:?} in {r:?}: {e}");
                 return Err(Error::new(e, "redirect xattr"));
             }
@@ -333,7 +534,8 @@ impl Union {
                 // A whiteout, or a non-directory where a directory was to be.
                 return Ok(Walk::Stop);
             }
-            if self.lower_dir_opaque(&cur, comp)? {
+            let mut marks = self.dir_marks(&cur, comp)?;
+            if marks.opaque == Some(b'y') {
                 stop = true;
             } else if !last_layer {
                 // Counted from the end: a rewrite changes what comes before.
@@ -345,9 +547,12 @@ impl Union {
                         .to_vec()
                         .into(),
                 );
-                if let Some((loc, absolute)) =
-                    self.follow_redirect(cur.as_fd(), comp, Some(&here), LayerRef::Lower(li))?
-                {
+                if let Some((loc, absolute)) = self.follow_redirect(
+                    marks.redirect.take(),
+                    comp,
+                    Some(&here),
+                    LayerRef::Lower(li),
+                )? {
                     let Locator::Path(head) = loc else {
                         unreachable!("a redirect met on a path stays a path")
                     };
@@ -372,28 +577,31 @@ impl Union {
         })
     }
 
-    /// Is directory `name` in `parent` opaque (xattr `y`, or AUFS `.wh..wh..opq` inside)?
-    fn lower_dir_opaque(&self, parent: &std::os::fd::OwnedFd, name: &OsStr) -> Result<bool> {
-        // The AUFS marker lives inside the directory: open it only in AUFS mode.
-        let sub = if self.names.aufs {
-            Some(
-                nix::fcntl::openat(
-                    parent.as_fd(),
-                    name,
-                    nix::fcntl::OFlag::O_RDONLY
-                        | nix::fcntl::OFlag::O_DIRECTORY
-                        | nix::fcntl::OFlag::O_NOFOLLOW
-                        | nix::fcntl::OFlag::O_CLOEXEC,
-                    nix::sys::stat::Mode::empty(),
-                )
-                .ctx("open directory")?,
+    /// The overlay marks of directory `name` in `parent`; in AUFS mode a `.wh..wh..opq`
+    /// inside it makes it opaque too.
+    fn dir_marks(&self, parent: &std::os::fd::OwnedFd, name: &OsStr) -> Result<DirMarks> {
+        let mut m = self
+            .names
+            .dir_marks(parent.as_fd(), name)
+            .ctx("overlay xattrs")?;
+        if m.opaque != Some(b'y') && self.names.aufs {
+            // The AUFS marker lives inside the directory: open it only in AUFS mode.
+            let sub = nix::fcntl::openat(
+                parent.as_fd(),
+                name,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
             )
-        } else {
-            None
-        };
-        self.names
-            .is_opaque(parent.as_fd(), name, sub.as_ref().map(|d| d.as_fd()))
-            .ctx("opaque mark")
+            .ctx("open directory")?;
+            let marker = OsStr::from_bytes(super::ondisk::AUFS_OPAQUE);
+            if layer::stat_at(sub.as_fd(), marker).is_ok() {
+                m.opaque = Some(b'y');
+            }
+        }
+        Ok(m)
     }
 
     /// Does a lower layer below `parent` hold a visible `name` (kernel ovl_lower_positive)?
@@ -467,6 +675,8 @@ impl Union {
             lowers: if is_dir { f.lowers.clone() } else { Vec::new() },
             opaque: f.opaque,
             redirects: f.redirects(),
+            data: f.data.clone().map(Arc::new),
+            impure: f.impure,
             unlinked: false,
         };
         let (node, created) = self
@@ -510,6 +720,12 @@ impl Union {
                 }
                 st.lowers = fresh.lowers.clone();
                 st.opaque = fresh.opaque;
+                st.impure = fresh.impure;
+                if fresh.data.is_none() {
+                    // (Never set again: a lookup that read the metacopy mark just before the
+                    // file got its data must not send reads back to the lower file.)
+                    st.data = None;
+                }
                 if st.redirects != fresh.redirects {
                     st.redirects = fresh.redirects.clone();
                     drop(st);

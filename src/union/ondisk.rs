@@ -26,6 +26,10 @@ pub struct Names {
     pub whiteout: OsString,
     /// `<prefix>redirect`
     pub redirect: OsString,
+    /// `<prefix>metacopy`
+    pub metacopy: OsString,
+    /// `<prefix>impure`
+    pub impure: OsString,
     /// honour AUFS `.wh.` names in lower layers
     pub aufs: bool,
 }
@@ -43,6 +47,8 @@ impl Names {
             opaque: OsString::from(format!("{prefix}opaque")),
             whiteout: OsString::from(format!("{prefix}whiteout")),
             redirect: OsString::from(format!("{prefix}redirect")),
+            metacopy: OsString::from(format!("{prefix}metacopy")),
+            impure: OsString::from(format!("{prefix}impure")),
             aufs,
         }
     }
@@ -168,10 +174,54 @@ impl Names {
         parse_redirect(&v).map(Some)
     }
 
+    /// The overlay marks of directory `name` in `dir`, read with one listxattr (most
+    /// directories have no xattrs at all, and then that is all it costs).
+    pub fn dir_marks(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<DirMarks, Errno> {
+        let mut m = DirMarks::default();
+        let names = match sys::list_xattr(dir, name) {
+            Ok(v) => v,
+            Err(Errno::ENOTSUP) => return Ok(m),
+            Err(e) => return Err(e),
+        };
+        for x in names {
+            if x == self.opaque {
+                m.opaque = self.opaque_mark(dir, name)?;
+            } else if x == self.redirect {
+                m.redirect = self.redirect_of(dir, name).transpose();
+            } else if x == self.impure {
+                m.impure = true;
+            }
+        }
+        Ok(m)
+    }
+
+    /// Is regular file `name` in `dir` a metacopy file (`<prefix>metacopy`, written by kernel
+    /// overlayfs with `metacopy=on` on a file whose metadata alone it copied up): its data is
+    /// that of the file found under its name (or its redirect) in the layers below.
+    pub fn is_metacopy(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool, Errno> {
+        match sys::get_xattr(dir, name, &self.metacopy) {
+            Ok(v) => Ok(v.is_some()),
+            Err(Errno::ENOTSUP) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Mark directory `name` in `dir` opaque (`<prefix>opaque=y`).
     pub fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
         sys::set_xattr(dir, name, &self.opaque, b"y", 0)
     }
+}
+
+/// What the overlay xattrs of a directory say ([`Names::dir_marks`]).
+#[derive(Debug, Default)]
+pub struct DirMarks {
+    /// `opaque`: `y` opaque, `x` holds xattr whiteouts.
+    pub opaque: Option<u8>,
+    /// `redirect`, parsed (or why it cannot be).
+    pub redirect: Option<Result<Redirect, Errno>>,
+    /// `impure`: kernel overlayfs copied objects up into it (keeping their origin) — the
+    /// only directories where it leaves metacopy files.
+    pub impure: bool,
 }
 
 /// A directory's redirect (kernel overlayfs `redirect_dir`): a name in the same parent, or a

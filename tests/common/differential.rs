@@ -85,6 +85,8 @@ pub struct Differential {
     pub kernel_prepare: Vec<Op>,
     /// Kernel overlayfs options for the `kernel_prepare` mounts only (e.g. `redirect_dir=on`).
     pub kernel_prepare_opts: String,
+    /// Kernel overlayfs options for the compared mount (e.g. `metacopy=on`).
+    pub kernel_opts: String,
     /// Extra arguments for the unionfs-rs mount (not the kernel's).
     pub candidate_args: Vec<String>,
 }
@@ -103,6 +105,7 @@ impl Differential {
             compare_upper: true,
             kernel_prepare: Vec::new(),
             kernel_prepare_opts: String::new(),
+            kernel_opts: String::new(),
             candidate_args: Vec::new(),
         }
     }
@@ -120,6 +123,11 @@ impl Differential {
     /// Mount kernel overlayfs for `kernel_prepare` with these options added.
     pub fn kernel_prepare_opts(mut self, opts: &str) -> Self {
         self.kernel_prepare_opts = opts.into();
+        self
+    }
+    /// Mount kernel overlayfs for the comparison with these options added.
+    pub fn kernel_opts(mut self, opts: &str) -> Self {
+        self.kernel_opts = opts.into();
         self
     }
     /// Add a lower layer below the ones added so far.
@@ -221,7 +229,11 @@ impl Differential {
                 first = Some(outs);
             }
         }
-        let km = OverlayMount::start(&kd, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let kopts = MountOpts {
+            kernel_extra: self.kernel_opts.clone(),
+            ..opts.clone()
+        };
+        let km = OverlayMount::start(&kd, &kopts).unwrap_or_else(|e| panic!("{e}"));
         let uopts = MountOpts {
             extra: self.candidate_args.clone(),
             ..opts.clone()
