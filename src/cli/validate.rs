@@ -114,6 +114,10 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     for l in &spec.lowers {
         lowers.push(existing_dir(l, "lower directory")?);
     }
+    let mut data_lowers = Vec::new();
+    for l in &spec.data_lowers {
+        data_lowers.push(existing_dir(l, "data-only lower directory")?);
+    }
     if spec.read_only {
         spec.upper = None;
         spec.workdir = None;
@@ -177,7 +181,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
             ));
         }
     }
-    for l in &lowers {
+    for l in lowers.iter().chain(&data_lowers) {
         for (what, d) in [("upper", &upper), ("workdir", &workdir)] {
             if let Some(d) = d
                 && (within(d, l) || within(l, d))
@@ -248,28 +252,29 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         spec.userxattr = true;
     }
     let redirect = spec.redirect_dir.as_deref();
+    // Kernel overlayfs refuses these pairs with userxattr; a mount program is given
+    // storage.conf's mountopt whether or not it runs rootless (Fedora's has metacopy=on), so
+    // here they are only told of.
     if spec.userxattr && matches!(redirect, Some("on" | "follow")) {
-        return Err(format!(
-            "conflicting options: userxattr,redirect_dir={}: redirects are not followed with \
-             user.overlay xattrs (kernel overlayfs refuses the same)",
+        eprintln!(
+            "unionfs-rs: warning: redirect_dir={} ignored with userxattr: redirects are not \
+             followed with user.overlay xattrs (as kernel overlayfs)",
             redirect.unwrap_or_default()
-        ));
+        );
     }
-    if spec.metacopy == Some(true) {
-        if spec.userxattr {
-            return Err(
-                "conflicting options: userxattr,metacopy=on: metacopy files are not \
-                        followed with user.overlay xattrs (kernel overlayfs refuses the same)"
-                    .into(),
-            );
-        }
-        if redirect == Some("nofollow") {
-            return Err(
-                "conflicting options: metacopy=on,redirect_dir=nofollow: a moved \
-                        metacopy file is found through its redirect"
-                    .into(),
-            );
-        }
+    if spec.userxattr && spec.metacopy == Some(true) {
+        eprintln!(
+            "unionfs-rs: warning: metacopy=on ignored with userxattr: metacopy files are \
+             refused with user.overlay xattrs (as kernel overlayfs)"
+        );
+    }
+    if spec.metacopy == Some(true) && redirect == Some("nofollow") {
+        return Err(
+            "conflicting options: metacopy=on,redirect_dir=nofollow: a moved \
+                    metacopy file is found through its redirect (kernel overlayfs refuses \
+                    the same)"
+                .into(),
+        );
     }
     if redirect == Some("on") {
         eprintln!(
@@ -296,6 +301,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     let privileged = nix::unistd::geteuid().is_root() && !in_user_namespace();
     let opts = Options {
         lowers,
+        data_lowers,
         upper,
         workdir,
         userxattr: spec.userxattr,
