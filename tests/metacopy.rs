@@ -217,3 +217,110 @@ fn metacopy_files_in_lower_layers() {
         .timeout(TIMEOUT)
         .run();
 }
+
+/// A metacopy file removed while a process holds it (an O_PATH fd) still reads its data
+/// through `/proc/self/fd`, as on kernel overlayfs.
+#[test]
+fn a_held_removed_metacopy_file_reads_its_data() {
+    with_timeout(TIMEOUT, || {
+        let lowers = vec![vec![file("f", "hello")]];
+        let upper = vec![
+            xattr("", "trusted.overlay.impure", "y"),
+            sparse("f", 5, &[]),
+            xattr("f", METACOPY, ""),
+            chmod_entry("f", 0o600),
+        ];
+        let read_held = |root: &std::path::Path, what: &str| {
+            use std::os::fd::AsRawFd;
+            let p = root.join("f");
+            let held = nix::fcntl::open(
+                &p,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap_or_else(|e| panic!("{what}: O_PATH open: {e}"));
+            fs::remove_file(&p).unwrap_or_else(|e| panic!("{what}: unlink: {e}"));
+            let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
+            let got = fs::read_to_string(&proc)
+                .unwrap_or_else(|e| panic!("{what}: read of the removed file: {e}"));
+            assert_eq!(got, "hello", "{what}");
+        };
+        let kd = Dirs::new(&lowers, &upper);
+        let k = OverlayMount::start(
+            &kd,
+            &MountOpts {
+                kernel_extra: KERNEL_METACOPY.into(),
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        read_held(&k.merged, "kernel overlayfs");
+        k.unmount().unwrap_or_else(|e| panic!("{e}"));
+        for extra in [
+            &["-o", "metacopy=on"][..],
+            &["-o", "metacopy=on", "--cache-size", "0"],
+        ] {
+            let ud = Dirs::new(&lowers, &upper);
+            let u = Mount::start(
+                &ud,
+                &MountOpts {
+                    extra: extra.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            read_held(&u.merged, &format!("unionfs-rs {extra:?}"));
+            drop(u);
+        }
+    });
+}
+
+/// Data-only lower layers (`lowerdir=L::D1::D2`, kernel overlayfs 6.5+, composefs's layout):
+/// never in the merged view; a metacopy file's absolute redirect finds its data there (in
+/// the first that holds it), without `metacopy=on`, as on kernel overlayfs. Its image's
+/// directories carry no `impure` mark: the metacopy files are recognised by holding no data.
+#[test]
+fn data_only_layers_hold_the_data_of_metacopy_files() {
+    let image = vec![
+        sparse("etc/conf", 4, &[]),
+        xattr("etc/conf", METACOPY, ""),
+        xattr("etc/conf", "trusted.overlay.redirect", "/ab/cdef"),
+        chmod_entry("etc/conf", 0o640),
+        sparse("bin/tool", 5, &[]),
+        xattr("bin/tool", METACOPY, ""),
+        xattr("bin/tool", "trusted.overlay.redirect", "/12/3456"),
+        chmod_entry("bin/tool", 0o755),
+        // No object anywhere.
+        sparse("lost", 3, &[]),
+        xattr("lost", METACOPY, ""),
+        xattr("lost", "trusted.overlay.redirect", "/no/such"),
+        file("plain", "plain"),
+    ];
+    let objects1 = vec![file("ab/cdef", "conf"), file("only-in-data", "x")];
+    let objects2 = vec![file("12/3456", "tool!"), file("ab/cdef", "not this one")];
+    for readonly in [true, false] {
+        let mut d = Differential::new(&format!("data-only layers (read-only: {readonly})"))
+            .lower(image.clone())
+            .lower(objects1.clone())
+            .lower(objects2.clone())
+            .data_only(2)
+            .no_upper_compare()
+            .data(op_read("etc/conf"), "conf")
+            .data(op_read("bin/tool"), "tool!")
+            // Looked for only when opened, as by the kernel: listed, stat works, open fails.
+            .err(op_read("lost"), libc::ENOENT)
+            .err(op_read("only-in-data"), libc::ENOENT)
+            .err(op_read("ab/cdef"), libc::ENOENT)
+            .data(op_readdir(""), "bin\netc\nlost\nplain");
+        if readonly {
+            d = d.readonly();
+        } else {
+            d = d
+                .ok(op_append("etc/conf", "+"))
+                .data(op_read("etc/conf"), "conf+")
+                .ok(op_chmod("bin/tool", 0o700))
+                .data(op_read("bin/tool"), "tool!");
+        }
+        d.timeout(TIMEOUT).run();
+    }
+}

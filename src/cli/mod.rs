@@ -341,8 +341,13 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
     };
     match cli.cmd {
         Cmd::Mount(m) => {
+            let (lowers, data_lowers) = match options::split_lowers(&m.lowers) {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
             let mut spec = MountSpec {
-                lowers: options::split_lowers(&m.lowers),
+                lowers,
+                data_lowers,
                 workdir: m.workdir,
                 foreground: m.foreground,
                 userxattr: m.userxattr,

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 pub struct MountSpec {
     /// Lower dirs, top first.
     pub lowers: Vec<PathBuf>,
+    /// Data-only lower dirs (after `::` in `lowerdir=`, kernel overlayfs 6.5+), top first.
+    pub data_lowers: Vec<PathBuf>,
     /// Upper dir (None: read-only union).
     pub upper: Option<PathBuf>,
     /// Work dir.
@@ -175,11 +177,52 @@ impl QuotaArgs {
 }
 
 /// Split `a:b:c` into paths (empty elements skipped).
-pub fn split_lowers(s: &str) -> Vec<PathBuf> {
-    s.split(':')
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .collect()
+pub fn split_lowers(s: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
+    // As kernel overlayfs: `\` escapes the next character (a `:` in a path); `::` begins the
+    // data-only layers, each after another `::`. A lone empty element at either end is
+    // ignored (containers-storage may leave one).
+    let mut elems: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            ':' => elems.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    elems.push(cur);
+    if elems.first().is_some_and(String::is_empty) {
+        elems.remove(0);
+    }
+    if elems.last().is_some_and(String::is_empty) {
+        elems.pop();
+    }
+    let (mut lowers, mut data) = (Vec::new(), Vec::new());
+    let mut it = elems.into_iter().peekable();
+    while let Some(e) = it.next() {
+        if e.is_empty() {
+            // `::`: the next element is a data-only layer.
+            match it.next() {
+                Some(d) if !d.is_empty() => data.push(PathBuf::from(d)),
+                _ => return Err(format!("lowerdir {s}: an empty layer")),
+            }
+            if lowers.is_empty() {
+                return Err(format!(
+                    "lowerdir {s}: data-only layers (after ::) need a lower layer above them"
+                ));
+            }
+            continue;
+        }
+        if !data.is_empty() {
+            return Err(format!(
+                "lowerdir {s}: a regular layer ({e}) after a data-only one (each data-only \
+                 layer follows ::)"
+            ));
+        }
+        lowers.push(PathBuf::from(e));
+    }
+    Ok((lowers, data))
 }
 
 /// Apply one comma-separated option string.
@@ -209,7 +252,7 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             continue;
         }
         match k {
-            "lowerdir" => spec.lowers = split_lowers(&need(v)?),
+            "lowerdir" => (spec.lowers, spec.data_lowers) = split_lowers(&need(v)?)?,
             "upperdir" => spec.upper = Some(PathBuf::from(need(v)?)),
             "workdir" => spec.workdir = Some(PathBuf::from(need(v)?)),
             "userxattr" => spec.userxattr = true,
@@ -440,6 +483,21 @@ pub fn parse_legacy(args: &[OsString]) -> Result<MountSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowerdir_splits_as_the_kernel_does() {
+        let p = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(split_lowers("a:b"), Ok((p(&["a", "b"]), vec![])));
+        // An empty element at either end is ignored; `\` escapes a `:`.
+        assert_eq!(split_lowers(":a:b:"), Ok((p(&["a", "b"]), vec![])));
+        assert_eq!(split_lowers("a\\:b:c"), Ok((p(&["a:b", "c"]), vec![])));
+        // `::` begins the data-only layers, each after another `::`.
+        assert_eq!(split_lowers("a:b::d1"), Ok((p(&["a", "b"]), p(&["d1"]))));
+        assert_eq!(split_lowers("a::d1::d2"), Ok((p(&["a"]), p(&["d1", "d2"]))));
+        for bad in ["::d1", "a::d1:b", "a:::d1", "a::"] {
+            assert!(split_lowers(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn legacy_form() {

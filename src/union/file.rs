@@ -467,6 +467,31 @@ impl Union {
     /// own. ESTALE when the removed object is not held (the kernel then looks the name up
     /// again), and for writing with a quota (see [`Union::reopens_removed`]).
     fn open_removed(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
+        let data = node.st.lock().data.clone();
+        if let Some(d) = data {
+            // A removed metacopy file: its data is below, where it was (the lower layers do
+            // not change); writing it would need a copy-up of a file without a name.
+            if writable {
+                return Err(Error::new(
+                    Errno::ESTALE,
+                    "open for writing: a removed metacopy file",
+                ));
+            }
+            let (dir, name) = self.data_parent(node, &d)?;
+            let how = self.daemon_flags(f, false) | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::openat(dir.as_fd(), name.as_os_str(), how, Mode::empty())
+                .or_else(|e| match e {
+                    Errno::EPERM if how.contains(OFlag::O_NOATIME) => nix::fcntl::openat(
+                        dir.as_fd(),
+                        name.as_os_str(),
+                        how - OFlag::O_NOATIME,
+                        Mode::empty(),
+                    ),
+                    e => Err(e),
+                })
+                .ctx("open the data of a removed metacopy file")?;
+            return Ok(self.add_handle_with(node.ino, fd, (false, false), flags, false));
+        }
         if !self.reopens_removed(writable) {
             return Err(Error::new(
                 Errno::ESTALE,

@@ -162,6 +162,9 @@ impl Attr {
 pub struct Options {
     /// Lower layers, top first.
     pub lowers: Vec<PathBuf>,
+    /// Data-only lower layers below them (kernel overlayfs `lowerdir=a::data`): never in the
+    /// merged view, only where a metacopy file's absolute redirect leads.
+    pub data_lowers: Vec<PathBuf>,
     /// Upper layer (None: read-only union).
     pub upper: Option<PathBuf>,
     /// Work directory (required with an upper).
@@ -366,6 +369,8 @@ pub struct Union {
     pub(crate) names: ondisk::Names,
     /// Follow `overlay.redirect` of directories (kernel `redirect_dir=follow`).
     pub(crate) follow_redirects: bool,
+    /// How many of `lowers` are regular lower layers (the rest, below them, data-only).
+    pub(crate) regular_lowers: usize,
     /// Read the data of metacopy files from below (kernel `metacopy=on`); else refuse them.
     pub(crate) follow_metacopy: bool,
     pub(crate) nodes: inode::NodeTable,
@@ -522,6 +527,7 @@ impl Union {
         let lowers = opts
             .lowers
             .iter()
+            .chain(&opts.data_lowers)
             .map(|p| Layer::open(p))
             .collect::<std::io::Result<Vec<_>>>()?;
         let upper = opts.upper.as_deref().map(Layer::open).transpose()?;
@@ -590,6 +596,7 @@ impl Union {
             work,
             names: ondisk::Names::new(opts.userxattr, opts.aufs_whiteouts),
             follow_redirects: !opts.redirect_nofollow && !opts.userxattr,
+            regular_lowers: opts.lowers.len(),
             follow_metacopy: opts.metacopy && !opts.userxattr,
             nodes: inode::NodeTable::default(),
             inomap,
@@ -692,7 +699,7 @@ impl Union {
         }
         // The root merges every lower until one is opaque.
         if !(self.upper.is_some() && self.root_opaque_upper()) {
-            for (i, l) in self.lowers.iter().enumerate() {
+            for (i, l) in self.lowers[..self.regular_lowers].iter().enumerate() {
                 st.lowers.push(i);
                 if impure(l) {
                     st.impure |= inode::impure_bit(LayerRef::Lower(i));

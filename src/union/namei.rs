@@ -41,6 +41,12 @@ impl Found {
     }
 }
 
+/// Does regular file `st` hold fewer blocks than its size needs — as a metacopy file, which
+/// holds none (an image such as composefs's, whose directories carry no `impure` mark)?
+fn holey(st: &FileStat) -> bool {
+    st.st_blocks.saturating_mul(512) < st.st_size
+}
+
 /// Where [`Union::locate`] sends a lookup in one lower layer.
 enum Located {
     /// Not in this layer.
@@ -161,13 +167,13 @@ impl Union {
                             // Only where kernel overlayfs copied files up can one be a
                             // metacopy file: not a syscall more for any other file.
                             if st.st_mode & libc::S_IFMT == libc::S_IFREG
-                                && p_impure & impure_bit(LayerRef::Upper) != 0
+                                && (p_impure & impure_bit(LayerRef::Upper) != 0 || holey(&st))
                                 && let Some(f) = &mut found
                             {
                                 f.data = self.metacopy_data(
                                     parent,
                                     name,
-                                    (dir.as_fd(), name, LayerRef::Upper),
+                                    (dir.as_fd(), name, LayerRef::Upper, st.st_size),
                                     None,
                                     std::borrow::Cow::Borrowed(&p_lowers[..]),
                                 )?;
@@ -179,7 +185,7 @@ impl Union {
                         // refused only where the lookup would go on below (a parent with
                         // lower layers), and otherwise not even read.
                         let below = if self.follow_redirects {
-                            !self.lowers.is_empty()
+                            self.regular_lowers > 0
                         } else {
                             !p_lowers.is_empty()
                         };
@@ -207,7 +213,8 @@ impl Union {
         // Where to look in the next lower layer: None, under `name` in the parent's directory
         // there; else where a redirect sent the lookup (kernel overlayfs `redirect_dir`).
         let mut next = upper_redirect;
-        let nl = self.lowers.len();
+        // Directories merge with regular lower layers only (not data-only ones).
+        let nl = self.regular_lowers;
         let mut order: std::borrow::Cow<'_, [usize]> = match &next {
             None => std::borrow::Cow::Borrowed(&p_lowers[skip..]),
             // The listing that gave `from` looked for `name`, not for where it was moved from.
@@ -284,11 +291,11 @@ impl Union {
                 // a redirect's path: that directory is not the parent's, so always looked at).
                 let impure_dir = matches!(phys, Some(Locator::Path(_)))
                     || p_impure & impure_bit(LayerRef::Lower(li)) != 0;
-                if st.st_mode & libc::S_IFMT == libc::S_IFREG && impure_dir {
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG && (impure_dir || holey(&st)) {
                     f.data = self.metacopy_data(
                         parent,
                         name,
-                        (dir.as_fd(), lname, LayerRef::Lower(li)),
+                        (dir.as_fd(), lname, LayerRef::Lower(li), st.st_size),
                         next.clone(),
                         std::borrow::Cow::Borrowed(&order[i..]),
                     )?;
@@ -337,20 +344,27 @@ impl Union {
         &self,
         parent: &Node,
         name: &OsStr,
-        meta: (BorrowedFd<'_>, &OsStr, LayerRef),
+        meta: (BorrowedFd<'_>, &OsStr, LayerRef, i64),
         mut next: Option<Locator>,
         mut order: std::borrow::Cow<'_, [usize]>,
     ) -> Result<Option<DataAt>> {
-        let (mdir, mname, mlayer) = meta;
+        let (mdir, mname, mlayer, size) = meta;
         if !self.names.is_metacopy(mdir, mname).ctx("metacopy xattr")? {
             return Ok(None);
         }
-        if !self.follow_metacopy {
+        // As kernel overlayfs: without metacopy=on only a lower metacopy file whose data is
+        // in a data-only layer is followed (composefs's layout); any other is refused where
+        // the lookup meets it or its data.
+        let refuse = || {
             log::warn!(
                 "refusing to follow the metacopy file {name:?} in {mlayer:?} (mount with metacopy=on)"
             );
-            return Err(Error::new(Errno::EPERM, "metacopy file not followed"));
+            Error::new(Errno::EPERM, "metacopy file not followed")
+        };
+        if !self.follow_metacopy && mlayer == LayerRef::Upper {
+            return Err(refuse());
         }
+        // An absolute redirect leads on into the data-only layers too.
         let nl = self.lowers.len();
         // Moved by the kernel after its copy-up: its redirect says from where.
         let follow = |dir: BorrowedFd<'_>,
@@ -380,9 +394,19 @@ impl Union {
             log::warn!("metacopy file {name:?} in {mlayer:?} has no data below");
             Error::new(Errno::EIO, "metacopy file without its data")
         };
+        // Where the data-only layers were first looked in: as kernel overlayfs looks them up
+        // only when the data is needed, a file whose data is not there fails its open
+        // (ENOENT), not its lookup.
+        let mut lazy = None;
         while i < order.len() {
             let li = order[i];
             i += 1;
+            if li >= self.regular_lowers
+                && lazy.is_none()
+                && let Some(Locator::Path(p)) = &next
+            {
+                lazy = Some((li, p.clone()));
+            }
             let (dir, held, phys) = match self.locate(parent, li, &mut next)? {
                 Located::Skip => continue,
                 Located::Stop => return Err(no_data()),
@@ -391,7 +415,8 @@ impl Union {
                 } => (dir, name, phys),
             };
             let lname = held.as_deref().unwrap_or(name);
-            if self.names.aufs_whiteout(dir.as_fd(), lname) {
+            let data_only = li >= self.regular_lowers;
+            if !data_only && self.names.aufs_whiteout(dir.as_fd(), lname) {
                 return Err(no_data());
             }
             let st = match layer::stat_at(dir.as_fd(), lname) {
@@ -400,13 +425,21 @@ impl Union {
                 Err(e) => return Err(Error::new(e, "stat lower")),
             };
             if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                if data_only {
+                    // A data-only layer is looked up by path alone: the next one, then.
+                    continue;
+                }
                 // A whiteout, a directory, another kind of file: not its data.
                 return Err(no_data());
             }
-            if self
-                .names
-                .is_metacopy(dir.as_fd(), lname)
-                .ctx("metacopy xattr")?
+            if !data_only && !self.follow_metacopy {
+                return Err(refuse());
+            }
+            if !data_only
+                && self
+                    .names
+                    .is_metacopy(dir.as_fd(), lname)
+                    .ctx("metacopy xattr")?
             {
                 follow(
                     dir.as_fd(),
@@ -424,7 +457,15 @@ impl Union {
                 blocks: st.st_blocks,
             }));
         }
-        Err(no_data())
+        match lazy {
+            // (Its blocks guessed from its size, as the kernel does for such a file.)
+            Some((li, p)) => Ok(Some(DataAt {
+                layer: li,
+                at: Some(Locator::Path(p)),
+                blocks: (size.max(0) + 511) / 512,
+            })),
+            None => Err(no_data()),
+        }
     }
 
     /// Where to look in lower layer `li` for a name of `parent`, given where the layers
@@ -517,12 +558,15 @@ impl Union {
         let mut cur = self
             .dir_fd(&root, LayerRef::Lower(li))
             .map_err(|e| Error::new(e, "open lower root"))?;
-        let last_layer = li + 1 == self.lowers.len();
+        // A data-only layer is walked as a plain path: no marks, and no way through is
+        // "not here".
+        let data_only = li >= self.regular_lowers;
+        let last_layer = data_only || li + 1 == self.regular_lowers;
         let mut names: Option<Vec<OsString>> = None;
         let mut stop = false;
         let n = path.len();
         for (k, comp) in path.iter().enumerate().take(n.saturating_sub(1)) {
-            if self.names.aufs_whiteout(cur.as_fd(), comp) {
+            if !data_only && self.names.aufs_whiteout(cur.as_fd(), comp) {
                 return Ok(Walk::Stop);
             }
             let st = match layer::stat_at(cur.as_fd(), comp) {
@@ -531,10 +575,16 @@ impl Union {
                 Err(e) => return Err(Error::new(e, "stat lower")),
             };
             if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                if data_only {
+                    return Ok(Walk::Absent(None));
+                }
                 // A whiteout, or a non-directory where a directory was to be.
                 return Ok(Walk::Stop);
             }
-            let mut marks = self.dir_marks(&cur, comp)?;
+            let mut marks = match data_only {
+                true => DirMarks::default(),
+                false => self.dir_marks(&cur, comp)?,
+            };
             if marks.opaque == Some(b'y') {
                 stop = true;
             } else if !last_layer {

@@ -87,6 +87,10 @@ pub struct Differential {
     pub kernel_prepare_opts: String,
     /// Kernel overlayfs options for the compared mount (e.g. `metacopy=on`).
     pub kernel_opts: String,
+    /// The last this many lower layers are data-only (`lowerdir=…::D`).
+    pub data_only: usize,
+    /// Mount both without an upper layer.
+    pub readonly: bool,
     /// Extra arguments for the unionfs-rs mount (not the kernel's).
     pub candidate_args: Vec<String>,
 }
@@ -106,6 +110,8 @@ impl Differential {
             kernel_prepare: Vec::new(),
             kernel_prepare_opts: String::new(),
             kernel_opts: String::new(),
+            data_only: 0,
+            readonly: false,
             candidate_args: Vec::new(),
         }
     }
@@ -123,6 +129,17 @@ impl Differential {
     /// Mount kernel overlayfs for `kernel_prepare` with these options added.
     pub fn kernel_prepare_opts(mut self, opts: &str) -> Self {
         self.kernel_prepare_opts = opts.into();
+        self
+    }
+    /// Mount both as read-only unions (no upper layer; nothing to compare there).
+    pub fn readonly(mut self) -> Self {
+        self.readonly = true;
+        self.compare_upper = false;
+        self
+    }
+    /// The last `n` lower layers added are data-only layers.
+    pub fn data_only(mut self, n: usize) -> Self {
+        self.data_only = n;
         self
     }
     /// Mount kernel overlayfs for the comparison with these options added.
@@ -203,10 +220,13 @@ impl Differential {
     }
 
     fn run_inner(self) -> DiffResult {
-        let kd = Dirs::with_ns(&self.lowers, &self.upper, self.ns);
-        let ud = Dirs::with_ns(&self.lowers, &self.upper, self.ns);
+        let mut kd = Dirs::with_ns(&self.lowers, &self.upper, self.ns);
+        let mut ud = Dirs::with_ns(&self.lowers, &self.upper, self.ns);
+        kd.data_only = self.data_only;
+        ud.data_only = self.data_only;
         let opts = MountOpts {
             userxattr: self.ns == OvlNs::User,
+            readonly: self.readonly,
             ..Default::default()
         };
         if !self.kernel_prepare.is_empty() {

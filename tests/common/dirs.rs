@@ -33,6 +33,8 @@ pub struct Dirs {
     pub work: PathBuf,
     pub merged: PathBuf,
     pub ns: OvlNs,
+    /// The last this many of `lowers` are data-only layers (`lowerdir=…::D1::D2`).
+    pub data_only: usize,
     _tmp: Arc<tempfile::TempDir>,
 }
 
@@ -91,17 +93,25 @@ impl Dirs {
             work,
             merged,
             ns,
+            data_only: 0,
             _tmp: Arc::new(tmp),
         }
     }
 
     /// `L0:L1:...` as given to `mount` and kernel `lowerdir=`.
     pub fn lowerdir_arg(&self) -> String {
-        self.lowers
+        let regular = self.lowers.len() - self.data_only;
+        let s = |p: &PathBuf| p.to_str().expect("utf-8 path").to_string();
+        let mut arg = self.lowers[..regular]
             .iter()
-            .map(|p| p.to_str().expect("utf-8 path"))
+            .map(s)
             .collect::<Vec<_>>()
-            .join(":")
+            .join(":");
+        for d in &self.lowers[regular..] {
+            arg += "::";
+            arg += &s(d);
+        }
+        arg
     }
 
     /// Empty the work dir (e.g. before handing the same dirs to another implementation).
