@@ -176,7 +176,8 @@ impl QuotaArgs {
     }
 }
 
-/// Split `a:b:c` into paths (empty elements skipped).
+/// Split `lowerdir=` into the lower layers and the data-only layers after them
+/// (`a:b::d1::d2`).
 pub fn split_lowers(s: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
     // As kernel overlayfs: `\` escapes the next character (a `:` in a path); `::` begins the
     // data-only layers, each after another `::`. A lone empty element at either end is
@@ -199,7 +200,7 @@ pub fn split_lowers(s: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
         elems.pop();
     }
     let (mut lowers, mut data) = (Vec::new(), Vec::new());
-    let mut it = elems.into_iter().peekable();
+    let mut it = elems.into_iter();
     while let Some(e) = it.next() {
         if e.is_empty() {
             // `::`: the next element is a data-only layer.
