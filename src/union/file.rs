@@ -76,6 +76,22 @@ pub struct Opened {
     pub keep_cache: bool,
 }
 
+/// Open regular file `name` in `dir` with `flags` (never through a symlink), without
+/// O_NOATIME where that is not allowed (EPERM: not the file's owner).
+fn open_file_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    flags: OFlag,
+) -> std::result::Result<OwnedFd, Errno> {
+    let how = flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+    nix::fcntl::openat(dir, name, how, Mode::empty()).or_else(|e| match e {
+        Errno::EPERM if how.contains(OFlag::O_NOATIME) => {
+            nix::fcntl::openat(dir, name, how - OFlag::O_NOATIME, Mode::empty())
+        }
+        e => Err(e),
+    })
+}
+
 /// Flags to open a backing file with. With the page cache, O_APPEND (the kernel passes the
 /// offset of an append), O_DIRECT (page buffers are not aligned), O_SYNC/O_DSYNC (done by
 /// [`Union::write_flags`]) and O_TRUNC (done through the cache) stay off, and a writable
@@ -478,17 +494,7 @@ impl Union {
                 ));
             }
             let (dir, name) = self.data_parent(node, &d)?;
-            let how = self.daemon_flags(f, false) | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-            let fd = nix::fcntl::openat(dir.as_fd(), name.as_os_str(), how, Mode::empty())
-                .or_else(|e| match e {
-                    Errno::EPERM if how.contains(OFlag::O_NOATIME) => nix::fcntl::openat(
-                        dir.as_fd(),
-                        name.as_os_str(),
-                        how - OFlag::O_NOATIME,
-                        Mode::empty(),
-                    ),
-                    e => Err(e),
-                })
+            let fd = open_file_at(dir.as_fd(), &name, self.daemon_flags(f, false))
                 .ctx("open the data of a removed metacopy file")?;
             return Ok(self.add_handle_with(node.ino, fd, (false, false), flags, false));
         }
@@ -552,26 +558,7 @@ impl Union {
         };
         let in_upper = st.upper && metacopy.is_none();
         let cached = self.cache.is_some();
-        let open = |flags: OFlag| {
-            nix::fcntl::openat(
-                dir.as_fd(),
-                name.as_os_str(),
-                flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-                Mode::empty(),
-            )
-            .or_else(|e| {
-                if e == Errno::EPERM && flags.contains(OFlag::O_NOATIME) {
-                    nix::fcntl::openat(
-                        dir.as_fd(),
-                        name.as_os_str(),
-                        (flags - OFlag::O_NOATIME) | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                } else {
-                    Err(e)
-                }
-            })
-        };
+        let open = |flags: OFlag| open_file_at(dir.as_fd(), &name, flags);
         let mut nocache = false;
         let fd = match open(self.daemon_flags(f, writable)) {
             Ok(fd) => fd,
