@@ -610,6 +610,39 @@ fn rename_cases() {
         .run();
 }
 
+/// RENAME_EXCHANGE of directories: each one that lands in a merged directory is marked opaque
+/// (kernel ovl_rename), else a lower directory of the same name shows through it.
+#[test]
+fn exchange_dirs_into_merged_dirs() {
+    Differential::new("exchange_dirs_into_merged_dirs")
+        .lower(vec![
+            file("x/d/f", "lower file under x/d"),
+            file("x/h/g", "lower file under x/h"),
+            dir("y"),
+        ])
+        .ok(op_unlink("x/d/f"))
+        .ok(op_rmdir("x/d"))
+        .ok(op_mkdir("x/d")) // opaque: over the whiteout
+        .ok(op_mkdir("up"))
+        .ok(op_mkdir("up/e"))
+        .ok(op_create("up/e/mine"))
+        // up/e (not opaque) lands in merged x: it becomes opaque.
+        .ok(op_exchange("up/e", "x/d"))
+        .data(op_readdir("x/d"), "mine")
+        .ok(op_unlink("x/h/g"))
+        .ok(op_rmdir("x/h"))
+        .ok(op_mkdir("x/h"))
+        .ok(op_mkdir("up/k"))
+        // The other way round: the target (up/k) lands in merged x.
+        .ok(op_exchange("x/h", "up/k"))
+        .data(op_readdir("x/h"), "")
+        // Both in one merged directory.
+        .ok(op_mkdir("y/p"))
+        .ok(op_mkdir("y/q"))
+        .ok(op_exchange("y/p", "y/q"))
+        .run();
+}
+
 #[test]
 fn rename_dir_over_empty_lower_dir() {
     Differential::new("rename_dir_over_empty_lower_dir")

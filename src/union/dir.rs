@@ -707,12 +707,25 @@ impl Union {
         let sdir = self.dir_fd(&p, LayerRef::Upper).ctx("open upper dir")?;
         let ddir = self.dir_fd(&np, LayerRef::Upper).ctx("open upper dir")?;
         let np_merge = !np.state().lowers.is_empty();
-        if src.is_dir() && !exchange && !sst.opaque && np_merge {
-            // Kernel: a directory moved into a merged directory is marked opaque.
+        // Kernel (ovl_rename): a directory moved into a merged directory is marked opaque, so
+        // that no lower directory of its new name shows through it; in an exchange the target
+        // moves too, into the source's directory. (Merged and lower ones were refused above.)
+        if src.is_dir() && !sst.opaque && np_merge {
             self.names
                 .set_opaque(sdir.as_fd(), name)
                 .ctx("set opaque")?;
             src.st.lock().opaque = true;
+        }
+        if exchange
+            && let Some(d) = &dst
+            && d.is_dir()
+            && !d.state().opaque
+            && !p.state().lowers.is_empty()
+        {
+            self.names
+                .set_opaque(ddir.as_fd(), newname)
+                .ctx("set opaque")?;
+            d.st.lock().opaque = true;
         }
         // From the disk's change until the names' (`move_name`, at the end): walks by name
         // under a moved directory are made again (`dir_fd`).

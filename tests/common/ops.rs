@@ -44,6 +44,11 @@ pub enum Op {
         from: String,
         to: String,
     },
+    /// renameat2(RENAME_EXCHANGE)
+    Exchange {
+        a: String,
+        b: String,
+    },
     /// Create symlink `path` → `target`.
     Symlink {
         target: String,
@@ -257,6 +262,19 @@ pub fn apply(root: &Path, op: &Op) -> Outcome {
             let b = cstr(&p(to));
             rc(unsafe { libc::rename(a.as_ptr(), b.as_ptr()) })
         }
+        Op::Exchange { a, b } => {
+            let a = cstr(&p(a));
+            let b = cstr(&p(b));
+            rc(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            })
+        }
         Op::Symlink { target, path } => {
             let t = CString::new(target.as_str()).unwrap();
             let c = cstr(&p(path));
@@ -452,6 +470,12 @@ pub fn op_rename(a: &str, b: &str) -> Op {
     Op::Rename {
         from: a.into(),
         to: b.into(),
+    }
+}
+pub fn op_exchange(a: &str, b: &str) -> Op {
+    Op::Exchange {
+        a: a.into(),
+        b: b.into(),
     }
 }
 pub fn op_symlink(target: &str, p: &str) -> Op {
