@@ -240,3 +240,75 @@ fn nofollow_refuses_redirected_directories_as_kernel_overlayfs() {
         drop(u);
     });
 }
+
+/// `redirect_dir=on`: merged and lower directories move alone, carrying a redirect, as
+/// kernel overlayfs with `redirect_dir=on` moves them — the same view and the same redirects
+/// on disk, compared step by step.
+#[test]
+fn redirect_dir_on_moves_directories_as_kernel_overlayfs() {
+    let lower = vec![
+        file("a/f1", "f1"),
+        file("a/sub/f2", "f2"),
+        file("a/sub/deep/f3", "f3"),
+        file("b/x", "x"),
+        file("c/d/e", "e"),
+        file("m/keep", "keep"),
+        file("t/only", "only"),
+        file("u/v/w", "w"),
+        file("x1/f", "in x1"),
+        file("x2/g", "in x2"),
+        file("y1/h", "in y1"),
+    ];
+    Differential::new("redirect_dir=on")
+        .kernel_opts("redirect_dir=on")
+        .candidate_args(&["-o", "redirect_dir=on"])
+        .lower(lower)
+        .ok(op_rename("a", "a2")) // within its directory: "a"
+        .data(op_read("a2/f1"), "f1")
+        .data(op_readdir("a2"), "f1\nsub")
+        .ok(op_mkdir("n"))
+        .ok(op_rename("b", "n/b")) // elsewhere: "/b"
+        .data(op_read("n/b/x"), "x")
+        .ok(op_rename("c/d", "d2")) // "/c/d"
+        .data(op_readdir("d2"), "e")
+        .data(op_readdir("c"), "")
+        .ok(op_rename("a2/sub", "sub3")) // its parent's redirect on the way: "/a/sub"
+        .data(op_read("sub3/deep/f3"), "f3")
+        .ok(op_rename("a2", "n/a3")) // moved again, elsewhere: "/a"
+        .ok(op_rename("n/a3", "n/a4")) // an absolute one stays
+        .data(op_read("n/a4/f1"), "f1")
+        .ok(op_rename("m", "m2"))
+        .ok(op_rename("m2", "m")) // back: its redirect stays
+        .data(op_read("m/keep"), "keep")
+        .ok(op_rename("u/v", "u/v2"))
+        .ok(op_rename("u", "u2")) // a parent of a moved one
+        .data(op_read("u2/v2/w"), "w")
+        // Changes inside moved directories.
+        .ok(op_unlink("n/a4/f1"))
+        .ok(op_create("n/b/new"))
+        .ok(op_append("sub3/f2", "+"))
+        .data(op_read("sub3/f2"), "f2+")
+        // Over an empty merged directory, which shows the mover's content only.
+        .ok(op_unlink("t/only"))
+        .ok(op_rename("d2", "t"))
+        .data(op_readdir("t"), "e")
+        // Removed once empty; a new one in its place is empty.
+        .ok(op_unlink("n/b/x"))
+        .ok(op_unlink("n/b/new"))
+        .ok(op_rmdir("n/b"))
+        .ok(op_mkdir("n/b"))
+        .data(op_readdir("n/b"), "")
+        // Exchanged: two lower directories in one directory (each gets its old name), a lower
+        // one with a new one elsewhere (the lower one its path, the new one made opaque).
+        .ok(op_exchange("x1", "x2"))
+        .data(op_read("x1/g"), "in x2")
+        .data(op_read("x2/f"), "in x1")
+        .ok(op_mkdir("n/e"))
+        .ok(op_create("n/e/mine"))
+        .ok(op_exchange("y1", "n/e"))
+        .data(op_read("n/e/h"), "in y1")
+        .data(op_readdir("y1"), "mine")
+        .data(op_readdir(""), "c\nm\nn\nsub3\nt\nu2\nx1\nx2\ny1")
+        .timeout(TIMEOUT)
+        .run();
+}

@@ -690,7 +690,8 @@ class Worker:
 
     def op_rename_dir(self):
         src = self.pick_dir()
-        if not src:
+        # (The pin dir stays where it is: with redirect_dir=on a lower directory can move.)
+        if not src or src == self.pin:
             return
         parent = self.pick_dir()
         dst = os.path.join(parent, self.newname("u"))
@@ -715,7 +716,7 @@ class Worker:
         else:                           # directory over an (empty?) directory
             src = self.pick_dir()
             dst = self.pick_dir()
-            if not src or not dst or src == dst:
+            if not src or not dst or src == dst or self.pin in (src, dst):
                 return
             self.setdesc(f"rename_over_dir {src} -> {dst}")
             os.rename(self.p(src), self.p(dst))
@@ -732,6 +733,9 @@ class Worker:
         else:
             a, b = self.pick_dir(), self.pick_dir()
             isdir = True
+            # (The pin dir stays where it is: with redirect_dir=on a lower directory can move.)
+            if self.pin in (a, b):
+                return
         if not a or not b or a == b:
             return
         self.setdesc(f"exchange {a} <-> {b}")
@@ -1244,8 +1248,11 @@ def check_owned(tree, results, label):
     return fails
 
 
-def check_upper(upper):
-    """Things in upper no overlayfs would write."""
+def check_upper(upper, redirects=False):
+    """Things in upper no overlayfs would write (redirects only with redirect_dir=on)."""
+    allowed = ["trusted.overlay.opaque", "trusted.overlay.whiteout"]
+    if redirects:
+        allowed.append("trusted.overlay.redirect")
     notes = []
     for dp, dns, fns in os.walk(upper):
         for n in dns + fns:
@@ -1255,8 +1262,7 @@ def check_upper(upper):
                 notes.append(f"upper: char device {os.path.relpath(p, upper)} rdev {st.st_rdev}")
             try:
                 for x in os.listxattr(p, follow_symlinks=False):
-                    if x.startswith("trusted.overlay.") and x not in (
-                            "trusted.overlay.opaque", "trusted.overlay.whiteout"):
+                    if x.startswith("trusted.overlay.") and x not in allowed:
                         notes.append(f"upper: {os.path.relpath(p, upper)} has {x}")
             except OSError:
                 pass
@@ -1405,7 +1411,7 @@ def main():
                 os.path.join(work, "work")) else []
             if leftovers:
                 log(f"  note: {work}/work not empty after clean unmount: {leftovers[:10]}")
-            for n in check_upper(upper):
+            for n in check_upper(upper, any("redirect_dir=on" in o for o in a.mount_opt)):
                 failures.append(n)
             # kernel overlayfs on the same upper
             r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",

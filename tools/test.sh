@@ -6,9 +6,9 @@
 # is non-zero if any section failed.
 #
 # Environment: CARGO_TEST_ARGS (extra arguments after `cargo test`, e.g. a test name),
-#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, SKIP_PODMAN=1, FSX_OPS (default
-#   1000000 per fsx run through the daemon, a fifth of that with passthrough; ~18 min side by
-#   side here; see tools/fsx.sh), and those of the tools it calls.
+#   TEST_THREADS (default 2), SKIP_PJDFSTEST=1, SKIP_FSX=1, SKIP_STRESS=1, SKIP_PODMAN=1,
+#   FSX_OPS (default 1000000 per fsx run through the daemon, a fifth of that with passthrough;
+#   ~18 min side by side here; see tools/fsx.sh), and those of the tools it calls.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -111,6 +111,18 @@ if run "cargo build" cargo build --bins; then
         done
         rm -rf "$fsx_logs"
         sysctl -q -w vm.max_map_count="$map_count" || true
+    fi
+    if [ "${SKIP_STRESS:-0}" != 1 ]; then
+        # Random operations from three processes at once (renames of files and directories,
+        # exchanges, links, writes, listings, deep walks while ancestors move), then the tree
+        # compared with kernel overlayfs over the same upper and after a remount
+        # (tools/concurrent-stress.py): default options, and redirect_dir=on, where merged
+        # directories move (with redirects) while others work inside them.
+        run "concurrency stress" python3 tools/concurrent-stress.py --workers 3 --seconds 20 \
+            --seed 1 --bin "$UNIONFS_BIN"
+        run "concurrency stress (redirect_dir=on)" python3 tools/concurrent-stress.py \
+            --workers 3 --seconds 20 --seed 2 --bin "$UNIONFS_BIN" \
+            --mount-opt=-o --mount-opt=redirect_dir=on
     fi
     if [ "${SKIP_PODMAN:-0}" != 1 ]; then
         run "podman e2e" bash tools/podman-e2e.sh "$UNIONFS_BIN"

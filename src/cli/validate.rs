@@ -276,12 +276,6 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
                 .into(),
         );
     }
-    if redirect == Some("on") {
-        eprintln!(
-            "unionfs-rs: warning: redirect_dir=on: redirects are followed but not created (a \
-             rename of a merged directory gets EXDEV, and mv copies it)"
-        );
-    }
     if spec.cache.size > 0 && spec.cache.size < 16 * crate::cache::PAGE as u64 {
         return Err(format!(
             "cache_size {} is too small: at least 64K, or 0 to turn the page cache off",
@@ -307,6 +301,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         userxattr: spec.userxattr,
         aufs_whiteouts: spec.aufs_whiteouts,
         redirect_nofollow: redirect == Some("nofollow"),
+        redirect_create: redirect == Some("on"),
         metacopy: spec.metacopy == Some(true),
         quota: spec.quota.clone(),
         uid_map: spec.uid_map.clone(),

@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -14,8 +15,9 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::copy_up::{remove_dir_contents, remove_tmp};
+use super::inode::Locator;
 use super::namei::{move_name, name_removed};
-use super::ondisk::{is_whiteout_stat, make_whiteout};
+use super::ondisk::{Redirect, is_whiteout_stat, make_whiteout};
 use super::{Attr, Caller, Ctx, Error, LayerRef, Node, NodeState, Result, Union};
 use crate::layer;
 
@@ -188,6 +190,12 @@ impl Union {
             _ => self.new_object_acls(&p, mode, umask, is_dir)?,
         };
         let perm = Mode::from_bits_truncate(mode & 0o7777);
+        // As kernel overlayfs where it allows no offline change of the lower layers (with
+        // redirect_dir=on or metacopy=on): a new directory in a merged one is opaque, so that
+        // its lookups need not search below.
+        let opaque_new = is_dir
+            && (self.create_redirects || self.follow_metacopy)
+            && !p.state().lowers.is_empty();
         if let NewKind::Node { kind, rdev } = kind
             && kind == libc::S_IFCHR
             && rdev == 0
@@ -216,6 +224,10 @@ impl Union {
                 }
                 NewKind::Dir => {
                     nix::sys::stat::mkdirat(d, n, perm).ctx("mkdir")?;
+                    if opaque_new {
+                        // (An optimization: allowed to fail, as the kernel's.)
+                        let _ = self.names.set_opaque(d, n);
+                    }
                     None
                 }
                 NewKind::Node { kind, rdev } => {
@@ -262,7 +274,7 @@ impl Union {
             upper: true,
             lower: None,
             lowers: Vec::new(),
-            opaque: is_dir && over_wh,
+            opaque: is_dir && (over_wh || opaque_new),
             redirects: None,
             data: None,
             impure: 0,
@@ -629,6 +641,102 @@ impl Union {
         Ok(())
     }
 
+    /// The absolute redirect of `name` (or `first`, its own relative redirect) in directory
+    /// `p`: its path from the root in the merged view, each directory on the way under its
+    /// own redirect if it has one (an absolute one ends the walk), as ovl_get_redirect.
+    fn redirect_path(&self, p: &Node, first: &OsStr) -> Result<Vec<u8>> {
+        let mut parts = vec![first.to_os_string()];
+        let mut cur = self.node(p.ino)?;
+        while cur.ino != super::ROOT_INO {
+            let (pp, pname) = {
+                let st = cur.st.lock();
+                (st.parent, st.name.clone())
+            };
+            let ppn = self.node(pp)?;
+            let pdir = self.dir_fd(&ppn, LayerRef::Upper).ctx("open upper dir")?;
+            match self.names.redirect_of(pdir.as_fd(), &pname) {
+                Ok(Some(Redirect::Abs(v))) => {
+                    parts.extend(v.into_iter().rev());
+                    break;
+                }
+                Ok(Some(Redirect::Rel(n))) => parts.push(n),
+                Ok(None) => parts.push(pname),
+                Err(e) => return Err(Error::new(e, "read a parent's redirect")),
+            }
+            cur = ppn;
+        }
+        let mut v = Vec::new();
+        for c in parts.iter().rev() {
+            v.push(b'/');
+            v.extend_from_slice(c.as_bytes());
+        }
+        Ok(v)
+    }
+
+    /// Where merged or lower directory `node` is in each of its lower layers, as paths from
+    /// the layer roots (what its locators become once it moves with a redirect).
+    fn lower_paths(&self, node: &Node) -> Result<Vec<(usize, Locator)>> {
+        node.state()
+            .lowers
+            .iter()
+            .map(|&li| Ok((li, Locator::Path(self.lower_path(node, li)?.into()))))
+            .collect()
+    }
+
+    /// Before directory `name` of `p` (merged or lower, already copied up) moves: its
+    /// redirect, as kernel overlayfs writes it (ovl_set_redirect): kept if it has one and
+    /// stays in its directory, or has an absolute one; else its name (moved within its
+    /// directory) or its path from the root, each directory on the way under its own redirect
+    /// if it has one. Too long (the kernel's `redirect_max`, 256) or not settable: EXDEV, and
+    /// `mv` copies instead.
+    fn set_redirect(
+        &self,
+        p: &Node,
+        name: &OsStr,
+        samedir: bool,
+        sdir: BorrowedFd<'_>,
+    ) -> Result<()> {
+        const REDIRECT_MAX: usize = 256;
+        let exdev = |why: &'static str| Error::new(Errno::EXDEV, why);
+        let existing = self.names.redirect_of(sdir, name).ok().flatten();
+        if let Some(r) = &existing
+            && (samedir || matches!(r, Redirect::Abs(_)))
+        {
+            return Ok(());
+        }
+        let value: Vec<u8> = if samedir {
+            name.as_bytes().to_vec()
+        } else {
+            let first = match existing {
+                Some(Redirect::Rel(n)) => n,
+                _ => name.to_os_string(),
+            };
+            // Walked again if a directory moved meanwhile (its name in the node and on disk
+            // may have differed).
+            let mut tries = 0u32;
+            loop {
+                let stamp = self.dir_moves.stamp();
+                let v = self.redirect_path(p, &first);
+                if self.dir_moves.unchanged(stamp) {
+                    break v.map_err(|e| {
+                        log::debug!("redirect of {name:?}: {e}");
+                        exdev("cannot make the redirect")
+                    })?;
+                }
+                tries += 1;
+                if tries >= super::DIR_MOVE_RETRIES {
+                    return Err(exdev("directories moving"));
+                }
+                std::thread::yield_now();
+            }
+        };
+        if value.len() > REDIRECT_MAX {
+            return Err(exdev("redirect too long"));
+        }
+        layer::sys::set_xattr(sdir, name, &self.names.redirect, &value, 0)
+            .map_err(|_| exdev("cannot set the redirect"))
+    }
+
     /// rename(2) / renameat2(2) with RENAME_NOREPLACE or RENAME_EXCHANGE.
     pub fn rename(
         &self,
@@ -663,14 +771,21 @@ impl Union {
             return Ok(());
         }
         let sst = src.state();
-        if src.is_dir() && !sst.lowers.is_empty() {
-            // Without redirect_dir the kernel refuses to move merged or lower directories.
+        // A merged or lower directory moves alone with redirect_dir=on, carrying a redirect to
+        // where its lower content is; without it the kernel refuses (EXDEV: mv copies). The
+        // same for the target of an exchange, which moves too.
+        let redirect_move = src.is_dir() && !sst.lowers.is_empty();
+        if redirect_move && !self.create_redirects {
             return Err(Error::new(Errno::EXDEV, "rename of a lower directory"));
         }
+        let mut dst_redirect = false;
         if let Some(d) = &dst {
             let dst_st = d.state();
             if exchange && d.is_dir() && !dst_st.lowers.is_empty() {
-                return Err(Error::new(Errno::EXDEV, "exchange with a lower directory"));
+                if !self.create_redirects {
+                    return Err(Error::new(Errno::EXDEV, "exchange with a lower directory"));
+                }
+                dst_redirect = true;
             }
             if !exchange {
                 if d.is_dir() {
@@ -707,16 +822,30 @@ impl Union {
         let sdir = self.dir_fd(&p, LayerRef::Upper).ctx("open upper dir")?;
         let ddir = self.dir_fd(&np, LayerRef::Upper).ctx("open upper dir")?;
         let np_merge = !np.state().lowers.is_empty();
-        // Kernel (ovl_rename): a directory moved into a merged directory is marked opaque, so
-        // that no lower directory of its new name shows through it; in an exchange the target
-        // moves too, into the source's directory. (Merged and lower ones were refused above.)
-        if src.is_dir() && !sst.opaque && np_merge {
+        let samedir = parent == newparent;
+        // Where each lower layer holds the moving merged directories, from the root (their
+        // names will not say), taken before either moves or gets its redirect.
+        let src_paths = redirect_move.then(|| self.lower_paths(&src)).transpose()?;
+        let dst_paths = match &dst {
+            Some(d) if dst_redirect => Some(self.lower_paths(d)?),
+            _ => None,
+        };
+        if let Some(paths) = src_paths {
+            self.set_redirect(&p, name, samedir, sdir.as_fd())?;
+            src.set_locators(paths);
+        } else if src.is_dir() && !sst.opaque && np_merge {
+            // Kernel (ovl_rename): a directory moved into a merged directory is marked opaque,
+            // so that no lower directory of its new name shows through it; in an exchange the
+            // target moves too, into the source's directory.
             self.names
                 .set_opaque(sdir.as_fd(), name)
                 .ctx("set opaque")?;
             src.st.lock().opaque = true;
         }
-        if exchange
+        if let (Some(d), Some(paths)) = (&dst, dst_paths) {
+            self.set_redirect(&np, newname, samedir, ddir.as_fd())?;
+            d.set_locators(paths);
+        } else if exchange
             && let Some(d) = &dst
             && d.is_dir()
             && !d.state().opaque

@@ -308,6 +308,15 @@ impl Node {
         }
     }
 
+    /// The directory moves with a redirect: its lower layers are found where `paths` say
+    /// (from the layer roots) from now on, not by its name.
+    pub fn set_locators(&self, paths: Vec<(usize, Locator)>) {
+        let mut st = self.st.lock();
+        if st.redirects.as_deref() != Some(&paths[..]) {
+            st.redirects = Some(paths.into());
+        }
+    }
+
     /// Is this a directory?
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR

@@ -176,6 +176,9 @@ pub struct Options {
     /// Refuse to follow the redirects of directories moved by kernel overlayfs (its
     /// `redirect_dir=nofollow`; forced by `userxattr`, as the kernel does): EPERM.
     pub redirect_nofollow: bool,
+    /// Move merged and lower directories by writing a redirect (kernel `redirect_dir=on`)
+    /// instead of refusing with EXDEV.
+    pub redirect_create: bool,
     /// Follow metacopy files to their data below (kernel `metacopy=on`); off: refuse them
     /// (EPERM), as the kernel does by default.
     pub metacopy: bool,
@@ -369,6 +372,8 @@ pub struct Union {
     pub(crate) names: ondisk::Names,
     /// Follow `overlay.redirect` of directories (kernel `redirect_dir=follow`).
     pub(crate) follow_redirects: bool,
+    /// Write redirects: move merged and lower directories (kernel `redirect_dir=on`).
+    pub(crate) create_redirects: bool,
     /// How many of `lowers` are regular lower layers (the rest, below them, data-only).
     pub(crate) regular_lowers: usize,
     /// Read the data of metacopy files from below (kernel `metacopy=on`); else refuse them.
@@ -597,6 +602,7 @@ impl Union {
             names: ondisk::Names::new(opts.userxattr, opts.aufs_whiteouts),
             follow_redirects: !opts.redirect_nofollow && !opts.userxattr,
             regular_lowers: opts.lowers.len(),
+            create_redirects: opts.redirect_create && !opts.redirect_nofollow && !opts.userxattr,
             follow_metacopy: opts.metacopy && !opts.userxattr,
             nodes: inode::NodeTable::default(),
             inomap,
@@ -778,6 +784,22 @@ impl Union {
         node: &Node,
         r: LayerRef,
     ) -> Result<(Option<Arc<OwnedFd>>, Vec<OsString>)> {
+        self.layer_path(node, r, true)
+    }
+
+    /// The path of directory `node` from the root of lower layer `li`.
+    pub(crate) fn lower_path(&self, node: &Node, li: usize) -> Result<Vec<OsString>> {
+        Ok(self.layer_path(node, LayerRef::Lower(li), false)?.1)
+    }
+
+    /// The path of `node` in layer `r`: from the nearest ancestor whose directory there is
+    /// cached (`use_cache`, returned with it), else from the layer's root.
+    fn layer_path(
+        &self,
+        node: &Node,
+        r: LayerRef,
+        use_cache: bool,
+    ) -> Result<(Option<Arc<OwnedFd>>, Vec<OsString>)> {
         let mut comps = Vec::new();
         if node.ino == ROOT_INO {
             return Ok((None, comps));
@@ -815,7 +837,7 @@ impl Union {
         let mut steps = 0usize;
         while parent != ROOT_INO {
             let p = self.node(parent)?;
-            if let Some(fd) = p.cached_dirfd(r) {
+            if use_cache && let Some(fd) = p.cached_dirfd(r) {
                 comps.reverse();
                 return Ok((Some(fd), comps));
             }
