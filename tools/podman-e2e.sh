@@ -14,7 +14,9 @@
 #                  owner, content) equals the vfs build
 #   image-diff     `podman diff IMAGE` of that build equals vfs
 #   rmdir-diff     build `RUN rm -rf /data && mkdir /data` over a lower /data/b; image diff = vfs
-#   ctr-diff       `podman container diff` after deletes/recreates/appends equals vfs
+#   ctr-diff       `podman container diff` after deletes/recreates/appends, and after `mv` of a
+#                  base image directory (a rename of a lower directory: copied up whole), equals
+#                  vfs
 #   commit         `podman commit`, run the committed image, its `podman diff` equals vfs
 #   image-mount    `podman image mount` (rootless: inside `podman unshare`): a read-only union of
 #                  lower layers only, whiteouts honoured, unmounted cleanly
@@ -376,12 +378,19 @@ s_ctr_diff() {
         $c rm -f ctr-rmdata >/dev/null 2>&1 || true
         $c run --pull never --name ctr-rmdata localhost/base sh -c 'rm -rf /data && mkdir /data && echo n > /data/b2'
         $c container diff ctr-rmdata | sort > "$O/$M-bdiff-$c"
+        # a base image directory moved (and changed after the move)
+        $c rm -f ctr-mvdir >/dev/null 2>&1 || true
+        $c run --pull never --name ctr-mvdir localhost/base \
+            sh -c 'mv /data /moved && echo m > /moved/sub/m && cat /moved/b /moved/sub/x'
+        $c container diff ctr-mvdir | sort > "$O/$M-mdiff-$c"
     done
-    cat "$O/$M-cdiff-V" "$O/$M-bdiff-V"
+    cat "$O/$M-cdiff-V" "$O/$M-bdiff-V" "$O/$M-mdiff-V"
     want "vfs: the file the command created" '^A /new/dir/f$' "$(cat "$O/$M-cdiff-V")"
     want "vfs: the file the command created" '^A /data/b2$' "$(cat "$O/$M-bdiff-V")"
     same "podman diff CONTAINER (over localhost/built)" "$O/$M-cdiff-V" "$O/$M-cdiff-P"
     same "podman diff CONTAINER (rm -rf /data; mkdir /data over base)" "$O/$M-bdiff-V" "$O/$M-bdiff-P"
+    want "vfs: the moved directory's new file" '^A /moved/sub/m$' "$(cat "$O/$M-mdiff-V")"
+    same "podman diff CONTAINER (mv /data /moved over base)" "$O/$M-mdiff-V" "$O/$M-mdiff-P"
 }
 
 s_commit() {
@@ -390,11 +399,15 @@ s_commit() {
         $c commit -q ctr-rmdata localhost/committed >/dev/null
         $c run --pull never --rm localhost/committed sh -c 'ls -a /data; cat /data/b2' > "$O/$M-crun-$c"
         $c diff localhost/committed | sort > "$O/$M-cidiff-$c"
-        $c rm -f ctr-changes ctr-rmdata
+        $c commit -q ctr-mvdir localhost/committed-mv >/dev/null
+        $c run --pull never --rm localhost/committed-mv \
+            sh -c 'ls -a / /moved /moved/sub; cat /moved/b /moved/sub/m' > "$O/$M-cmrun-$c"
+        $c rm -f ctr-changes ctr-rmdata ctr-mvdir
     done
     cat "$O/$M-crun-P"
     same "content of the committed image" "$O/$M-crun-V" "$O/$M-crun-P"
     same "podman diff of the committed image" "$O/$M-cidiff-V" "$O/$M-cidiff-P"
+    same "content of the committed image with a moved base directory" "$O/$M-cmrun-V" "$O/$M-cmrun-P"
 }
 
 s_image_mount() {

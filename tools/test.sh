@@ -116,10 +116,12 @@ if run "cargo build" cargo build --bins; then
         # Random operations from three processes at once (renames of files and directories,
         # exchanges, links, writes, listings, deep walks while ancestors move), then the tree
         # compared with kernel overlayfs over the same upper and after a remount
-        # (tools/concurrent-stress.py): default options, and redirect_dir=on, where merged
-        # directories move (with redirects) while others work inside them.
-        run "concurrency stress" python3 tools/concurrent-stress.py --workers 3 --seconds 20 \
-            --seed 1 --bin "$UNIONFS_BIN"
+        # (tools/concurrent-stress.py), with merged directories moving while others work
+        # inside them: copied up whole (dir_rename=copy, the `-o lowerdir=` form's default),
+        # and with redirects (redirect_dir=on).
+        run "concurrency stress (dir_rename=copy)" python3 tools/concurrent-stress.py \
+            --workers 3 --seconds 20 --seed 1 --bin "$UNIONFS_BIN" \
+            --mount-opt=-o --mount-opt=dir_rename=copy
         run "concurrency stress (redirect_dir=on)" python3 tools/concurrent-stress.py \
             --workers 3 --seconds 20 --seed 2 --bin "$UNIONFS_BIN" \
             --mount-opt=-o --mount-opt=redirect_dir=on

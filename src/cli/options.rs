@@ -25,6 +25,10 @@ pub struct MountSpec {
     pub aufs_whiteouts: bool,
     /// `redirect_dir=on|follow|off|nofollow` as given (kernel overlayfs's values).
     pub redirect_dir: Option<String>,
+    /// `dir_rename=copy|exdev`: a rename of a merged or lower directory copies it up whole
+    /// (fuse-overlayfs's way; default in its `-o lowerdir=` form) or fails with EXDEV (the
+    /// kernel's without `redirect_dir=on`; default in the `mount` form).
+    pub dir_rename_copy: bool,
     /// `metacopy=on|off` (kernel overlayfs's): follow metacopy files to their data.
     pub metacopy: Option<bool>,
     /// Read-only mount.
@@ -268,6 +272,13 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 }
                 spec.redirect_dir = Some(v);
             }
+            "dir_rename" => {
+                spec.dir_rename_copy = match need(v)?.as_str() {
+                    "copy" => true,
+                    "exdev" => false,
+                    other => return Err(format!("dir_rename: {other} is not copy or exdev")),
+                }
+            }
             "metacopy" => {
                 spec.metacopy = Some(match need(v)?.as_str() {
                     "on" => true,
@@ -435,6 +446,8 @@ pub fn parse_legacy(args: &[OsString]) -> Result<MountSpec, String> {
     let mut spec = MountSpec {
         // containers/storage commits AUFS-style whiteouts when it drives a mount program.
         aufs_whiteouts: true,
+        // A drop-in for fuse-overlayfs renames lower directories as it does.
+        dir_rename_copy: true,
         ..MountSpec::default()
     };
     let mut pos: Vec<PathBuf> = Vec::new();
@@ -512,6 +525,15 @@ mod tests {
         assert_eq!(s.workdir, Some(PathBuf::from("/w")));
         assert_eq!(s.merged, Some(PathBuf::from("/m")));
         assert!(s.aufs_whiteouts);
+        // fuse-overlayfs's rename of lower directories, unless asked for the kernel's EXDEV.
+        assert!(s.dir_rename_copy);
+        let mut s = MountSpec::default();
+        assert!(!s.dir_rename_copy);
+        apply_opts(&mut s, "dir_rename=copy").unwrap();
+        assert!(s.dir_rename_copy);
+        apply_opts(&mut s, "dir_rename=exdev").unwrap();
+        assert!(!s.dir_rename_copy);
+        assert!(apply_opts(&mut s, "dir_rename=redirect").is_err());
     }
 
     #[test]

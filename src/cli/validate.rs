@@ -302,6 +302,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         aufs_whiteouts: spec.aufs_whiteouts,
         redirect_nofollow: redirect == Some("nofollow"),
         redirect_create: redirect == Some("on"),
+        copy_dir_renames: spec.dir_rename_copy,
         metacopy: spec.metacopy == Some(true),
         quota: spec.quota.clone(),
         uid_map: spec.uid_map.clone(),

@@ -673,6 +673,114 @@ impl Union {
         Ok(v)
     }
 
+    /// For a rename of merged or lower directory `dir` with `dir_rename=copy` (fuse-overlayfs's
+    /// way where no redirect is written): copy it up with everything below it, then mark
+    /// each directory that had lower layers opaque, deepest first, so that it needs them no
+    /// more and moves as an upper directory. A failure midway leaves the view as it was:
+    /// copies show nothing new, and a directory is marked only once everything below it is
+    /// copied. Entries removed meanwhile (other operations may run below `dir`) are skipped.
+    fn copy_up_tree(&self, dir: &Arc<Node>) -> Result<()> {
+        // Every node looked up here holds a reference until the end, so that the ones above
+        // it stay in the table for the walks to upper (and new ones go with the last).
+        let mut held: Vec<Arc<Node>> = Vec::new();
+        let res = (|| -> Result<()> {
+            let mut merged: Vec<Arc<Node>> = Vec::new();
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                // (A directory below removed meanwhile is skipped.)
+                let gone = |e: &Error| e.errno == Errno::ENOENT && d.ino != dir.ino;
+                let entries = match self.copy_up(&d).and_then(|()| self.merged_entries(&d)) {
+                    Ok(v) => v,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(e),
+                };
+                merged.push(d.clone());
+                for e in entries {
+                    let f = match self.find(&d, &e.name) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => continue,
+                        Err(e) if e.errno == Errno::ENOENT => continue,
+                        Err(e) => return Err(e),
+                    };
+                    let (child, _) = self.node_for(d.ino, &e.name, &f, 1);
+                    held.push(child.clone());
+                    if child.is_dir() {
+                        if !child.state().lowers.is_empty() {
+                            stack.push(child);
+                        }
+                        continue;
+                    }
+                    match self.copy_up(&child) {
+                        Ok(()) => {}
+                        Err(e) if e.errno == Errno::ENOENT => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            for d in merged.iter().rev() {
+                self.make_upper_only(d)?;
+            }
+            Ok(())
+        })();
+        for n in held.iter().rev() {
+            self.forget(n.ino, 1);
+        }
+        res
+    }
+
+    /// Merged directory `d`, whose visible content is all in upper now, made an upper-only
+    /// one: marked opaque, and its whiteouts removed (a directory that merges with nothing
+    /// holds none: kernel overlayfs would list them). Atomic to the namespace operations
+    /// in `d` (each holds its stripe of [`Union::dir_changing`] while it decides on and
+    /// makes a whiteout): one that ran before left its whiteout for the sweep, one after sees
+    /// no lower layer and makes none. A pending commit of a rename out of `d` puts its
+    /// whiteout first.
+    fn make_upper_only(&self, d: &Node) -> Result<()> {
+        let _only_us = self.dir_exclusive(d.ino);
+        if d.state().unlinked {
+            return Ok(());
+        }
+        self.commits.wait_dir(d.ino);
+        let (pdir, name) = self.open_parent_in(d, LayerRef::Upper)?;
+        self.names
+            .set_opaque(pdir.as_fd(), &name)
+            .ctx("set opaque")?;
+        {
+            let mut st = d.st.lock();
+            st.opaque = true;
+            st.lowers.clear();
+            st.redirects = None;
+        }
+        let dir = self.dir_fd(d, LayerRef::Upper).ctx("open upper dir")?;
+        // (The whiteouts were never in the view: their removal keeps the directory's times.)
+        let times = nix::sys::stat::fstat(dir.as_fd()).ctx("stat upper dir")?;
+        let mut removed = false;
+        let mut freed = 0i64;
+        layer::walk::walk(dir.as_fd(), false, &mut |v| {
+            if let layer::walk::Visit::Entry {
+                dir, name, is_dir, ..
+            } = v
+                && !is_dir
+                && let Ok(st) = layer::stat_at(dir, name)
+                && is_whiteout_stat(&st)
+            {
+                nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
+                removed = true;
+                // A link of the shared whiteout frees no inode.
+                if st.st_nlink <= 1 {
+                    freed += 1;
+                }
+            }
+            Ok(false)
+        })
+        .ctx("remove whiteouts")?;
+        if removed {
+            super::commit::restore_mtime(dir.as_fd(), &times);
+        }
+        self.account(0, -freed);
+        Ok(())
+    }
+
     /// Where merged or lower directory `node` is in each of its lower layers, as paths from
     /// the layer roots (what its locators become once it moves with a redirect).
     fn lower_paths(&self, node: &Node) -> Result<Vec<(usize, Locator)>> {
@@ -770,22 +878,27 @@ impl Union {
             // Two names of one inode: rename does nothing.
             return Ok(());
         }
-        let sst = src.state();
+        let mut sst = src.state();
         // A merged or lower directory moves alone with redirect_dir=on, carrying a redirect to
-        // where its lower content is; without it the kernel refuses (EXDEV: mv copies). The
+        // where its lower content is; with dir_rename=copy it is first copied up whole (then
+        // it moves as an upper directory); else the kernel's answer, EXDEV (mv copies). The
         // same for the target of an exchange, which moves too.
-        let redirect_move = src.is_dir() && !sst.lowers.is_empty();
-        if redirect_move && !self.create_redirects {
+        let mut redirect_move = src.is_dir() && !sst.lowers.is_empty();
+        let copy_src = redirect_move && !self.create_redirects;
+        if copy_src && !self.copy_dir_renames {
             return Err(Error::new(Errno::EXDEV, "rename of a lower directory"));
         }
-        let mut dst_redirect = false;
+        let (mut dst_redirect, mut copy_dst) = (false, false);
         if let Some(d) = &dst {
             let dst_st = d.state();
             if exchange && d.is_dir() && !dst_st.lowers.is_empty() {
-                if !self.create_redirects {
+                if self.create_redirects {
+                    dst_redirect = true;
+                } else if self.copy_dir_renames {
+                    copy_dst = true;
+                } else {
                     return Err(Error::new(Errno::EXDEV, "exchange with a lower directory"));
                 }
-                dst_redirect = true;
             }
             if !exchange {
                 if d.is_dir() {
@@ -799,6 +912,14 @@ impl Union {
                     return Err(Error::new(Errno::ENOTDIR, "rename a directory over a file"));
                 }
             }
+        }
+        if copy_src {
+            self.copy_up_tree(&src)?;
+            sst = src.state();
+            redirect_move = false;
+        }
+        if copy_dst && let Some(d) = &dst {
+            self.copy_up_tree(d)?;
         }
         self.copy_up(&p)?;
         self.copy_up(&np)?;

@@ -179,6 +179,9 @@ pub struct Options {
     /// Move merged and lower directories by writing a redirect (kernel `redirect_dir=on`)
     /// instead of refusing with EXDEV.
     pub redirect_create: bool,
+    /// Move merged and lower directories (where no redirect is written) by copying them up
+    /// whole, each directory opaque, as fuse-overlayfs does, instead of refusing with EXDEV.
+    pub copy_dir_renames: bool,
     /// Follow metacopy files to their data below (kernel `metacopy=on`); off: refuse them
     /// (EPERM), as the kernel does by default.
     pub metacopy: bool,
@@ -374,6 +377,8 @@ pub struct Union {
     pub(crate) follow_redirects: bool,
     /// Write redirects: move merged and lower directories (kernel `redirect_dir=on`).
     pub(crate) create_redirects: bool,
+    /// Move merged and lower directories by copying them up whole (`dir_rename=copy`).
+    pub(crate) copy_dir_renames: bool,
     /// How many of `lowers` are regular lower layers (the rest, below them, data-only).
     pub(crate) regular_lowers: usize,
     /// Read the data of metacopy files from below (kernel `metacopy=on`); else refuse them.
@@ -604,6 +609,7 @@ impl Union {
             regular_lowers: opts.lowers.len(),
             create_redirects: opts.redirect_create && !opts.redirect_nofollow && !opts.userxattr,
             follow_metacopy: opts.metacopy && !opts.userxattr,
+            copy_dir_renames: opts.copy_dir_renames,
             nodes: inode::NodeTable::default(),
             inomap,
             xino,
@@ -1379,6 +1385,13 @@ impl Union {
                 }
             })
             .collect()
+    }
+
+    /// Directory `dir` changed by no namespace operation through us while held (they hold
+    /// [`Union::dir_changing`] shared; so do other directories of its stripe, briefly). Not
+    /// recursive: take it holding no stripe, and call nothing that takes one under it.
+    pub(crate) fn dir_exclusive(&self, dir: u64) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.dir_locks[(dir as usize) % DIR_LOCKS].lock.write()
     }
 
     /// Held by a background commit from reading the times of directories `dirs` to restoring

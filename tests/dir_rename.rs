@@ -1,0 +1,208 @@
+//! `dir_rename=copy` (the default in fuse-overlayfs's `-o lowerdir=` form, which container
+//! storage uses): a rename of a merged or lower directory copies it up whole, each directory
+//! opaque, and moves it, as fuse-overlayfs does, where kernel overlayfs (without
+//! `redirect_dir=on`) answers EXDEV and `mv` copies the tree itself. The oracle: `mv` on
+//! kernel overlayfs (its copy and removal) must give the same merged view, and the upper we
+//! leave must show the same tree when kernel overlayfs mounts it.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+const TIMEOUT: u64 = 120;
+
+fn lowers() -> Vec<Vec<Entry>> {
+    vec![
+        vec![
+            file("a/f1", "f1"),
+            file_mode("a/sub/f2", "f2", 0o640),
+            file("a/sub/deep/f3", "f3"),
+            symlink("a/link", "f1"),
+            xattr("a/sub/f2", "user.k", "v"),
+            whiteout("a/gone"),
+            opaque("a/opq"),
+            file("a/opq/top", "top"),
+            file("a/big", &"0123456789".repeat(30_000)),
+            fifo("a/fifo"),
+            file("c/keep", "keep"),
+            file("x/d/inside", "inside"),
+        ],
+        vec![
+            file("a/lowonly", "from the second layer"),
+            file("a/gone", "hidden by a whiteout"),
+            file("a/sub/f4", "f4"),
+            file("a/opq/hidden", "hidden under an opaque dir"),
+            dir("a/sub/emptydir"),
+            file("c/other", "other"),
+        ],
+    ]
+}
+
+/// The fuse-overlayfs form with the same dirs.
+fn legacy_args(d: &Dirs, extra: &str) -> Vec<String> {
+    vec![
+        "-o".into(),
+        format!(
+            "lowerdir={},upperdir={},workdir={}{extra}",
+            d.lowerdir_arg(),
+            d.upper.display(),
+            d.work.display()
+        ),
+        d.merged.display().to_string(),
+    ]
+}
+
+fn mv(root: &Path, a: &str, b: &str) {
+    let st = Command::new("mv")
+        .arg(root.join(a))
+        .arg(root.join(b))
+        .status()
+        .expect("run mv");
+    assert!(st.success(), "mv {a} {b} on kernel overlayfs");
+}
+
+/// What both sides get before and after the moves.
+fn prepare(root: &Path) {
+    fs::remove_file(root.join("a/f1")).unwrap();
+    fs::write(root.join("a/new"), "new").unwrap();
+    fs::write(root.join("a/sub/f4"), "f4 changed").unwrap();
+}
+
+fn check_after(root: &Path) {
+    assert_eq!(
+        fs::read_to_string(root.join("b/lowonly")).unwrap(),
+        "from the second layer"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("c/sub2/f4")).unwrap(),
+        "f4 changed"
+    );
+    assert!(!root.join("a").exists());
+    assert!(!root.join("b/gone").exists());
+    assert!(!root.join("b/opq/hidden").exists());
+}
+
+#[test]
+fn lower_directories_move_as_mv_moves_them_on_kernel_overlayfs() {
+    with_timeout(TIMEOUT, || {
+        let kd = Dirs::new(&lowers(), &[]);
+        let ud = Dirs::new(&lowers(), &[]);
+        let k = OverlayMount::start(&kd, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let u = Mount::start_args(&ud, &legacy_args(&ud, "")).unwrap_or_else(|e| panic!("{e}"));
+        prepare(&k.merged);
+        prepare(&u.merged);
+        // The kernel refuses the rename itself (mv then copies and removes).
+        let e = fs::rename(k.merged.join("a"), k.merged.join("b")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
+        mv(&k.merged, "a", "b");
+        mv(&k.merged, "b/sub", "c/sub2");
+        mv(&k.merged, "x/d", "d2");
+        // We move them (a directory with lower layers below, into a merged directory, within
+        // the root).
+        fs::rename(u.merged.join("a"), u.merged.join("b")).unwrap();
+        fs::rename(u.merged.join("b/sub"), u.merged.join("c/sub2")).unwrap();
+        fs::rename(u.merged.join("x/d"), u.merged.join("d2")).unwrap();
+        check_after(&k.merged);
+        check_after(&u.merged);
+        let ks = snapshot(&k.merged, &SnapOpts::merged());
+        let us = snapshot(&u.merged, &SnapOpts::merged());
+        let d = diff_snapshots("kernel", &ks, "unionfs", &us);
+        assert!(d.is_empty(), "merged views differ:\n{}", d.join("\n"));
+        u.unmount().unwrap_or_else(|e| panic!("{e}"));
+        // The moved trees are upper-only, opaque, and hold no whiteout (kernel overlayfs
+        // would list one in a directory that merges with nothing).
+        for moved in ["b", "b/sub3", "c/sub2", "c/sub2/deep", "d2"] {
+            let p = ud.upper.join(moved);
+            if !p.exists() {
+                continue;
+            }
+            for e in fs::read_dir(&p).unwrap() {
+                let e = e.unwrap();
+                let ft = e.file_type().unwrap();
+                assert!(
+                    !std::os::unix::fs::FileTypeExt::is_char_device(&ft),
+                    "whiteout {:?} left in upper",
+                    e.path()
+                );
+            }
+        }
+        // Our upper as kernel overlayfs reads it: the same tree.
+        let again =
+            OverlayMount::start(&ud, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let rs = snapshot(&again.merged, &SnapOpts::merged());
+        let d = diff_snapshots("kernel", &ks, "kernel over our upper", &rs);
+        assert!(
+            d.is_empty(),
+            "kernel view of our upper differs:\n{}",
+            d.join("\n")
+        );
+        again.unmount().unwrap_or_else(|e| panic!("{e}"));
+        // A moved one removed (it held the whiteout of a/f1), after a remount.
+        let u = Mount::start_args(&ud, &legacy_args(&ud, "")).unwrap_or_else(|e| panic!("{e}"));
+        fs::remove_dir_all(k.merged.join("b")).unwrap();
+        fs::remove_dir_all(u.merged.join("b")).unwrap();
+        let ks = snapshot(&k.merged, &SnapOpts::merged());
+        let us = snapshot(&u.merged, &SnapOpts::merged());
+        let d = diff_snapshots("kernel", &ks, "unionfs", &us);
+        assert!(
+            d.is_empty(),
+            "merged views differ after rm -rf:\n{}",
+            d.join("\n")
+        );
+        k.unmount().unwrap_or_else(|e| panic!("{e}"));
+        u.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// An exchange with a merged directory copies that one up whole too; `dir_rename=exdev` (and
+/// the `mount` form's default) keeps the kernel's EXDEV.
+#[test]
+fn exchange_copies_and_exdev_mode_refuses() {
+    with_timeout(TIMEOUT, || {
+        let ud = Dirs::new(&lowers(), &[]);
+        let u = Mount::start_args(&ud, &legacy_args(&ud, "")).unwrap_or_else(|e| panic!("{e}"));
+        fs::create_dir(u.merged.join("n")).unwrap();
+        fs::write(u.merged.join("n/mine"), "mine").unwrap();
+        assert_eq!(apply(&u.merged, &op_exchange("n", "c")), Ok(Vec::new()));
+        assert_eq!(
+            fs::read_to_string(u.merged.join("n/other")).unwrap(),
+            "other"
+        );
+        assert_eq!(fs::read_to_string(u.merged.join("c/mine")).unwrap(), "mine");
+        assert!(!u.merged.join("c/keep").exists());
+        u.unmount().unwrap_or_else(|e| panic!("{e}"));
+        let again =
+            OverlayMount::start(&ud, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fs::read_to_string(again.merged.join("n/keep")).unwrap(),
+            "keep"
+        );
+        assert_eq!(
+            fs::read_to_string(again.merged.join("n/other")).unwrap(),
+            "other"
+        );
+        let mut names: Vec<_> = fs::read_dir(again.merged.join("c"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["mine"]);
+        again.unmount().unwrap_or_else(|e| panic!("{e}"));
+
+        for legacy in [true, false] {
+            let d = Dirs::new(&lowers(), &[]);
+            let args = if legacy {
+                legacy_args(&d, ",dir_rename=exdev")
+            } else {
+                Mount::command_args(&d, &MountOpts::default())
+            };
+            let m = Mount::start_args(&d, &args).unwrap_or_else(|e| panic!("{e}"));
+            let e = fs::rename(m.merged.join("a"), m.merged.join("b")).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EXDEV), "{args:?}");
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}
