@@ -85,6 +85,15 @@ fn check_after(root: &Path) {
     assert!(!root.join("b/opq/hidden").exists());
 }
 
+/// The merged view at `kernel` (returned) equals the one at `other`.
+fn same_views(kernel: &Path, what: &str, other: &Path) -> Snapshot {
+    let ks = snapshot(kernel, &SnapOpts::merged());
+    let os = snapshot(other, &SnapOpts::merged());
+    let d = diff_snapshots("kernel", &ks, what, &os);
+    assert!(d.is_empty(), "merged views differ:\n{}", d.join("\n"));
+    ks
+}
+
 #[test]
 fn lower_directories_move_as_mv_moves_them_on_kernel_overlayfs() {
     with_timeout(TIMEOUT, || {
@@ -107,10 +116,7 @@ fn lower_directories_move_as_mv_moves_them_on_kernel_overlayfs() {
         fs::rename(u.merged.join("x/d"), u.merged.join("d2")).unwrap();
         check_after(&k.merged);
         check_after(&u.merged);
-        let ks = snapshot(&k.merged, &SnapOpts::merged());
-        let us = snapshot(&u.merged, &SnapOpts::merged());
-        let d = diff_snapshots("kernel", &ks, "unionfs", &us);
-        assert!(d.is_empty(), "merged views differ:\n{}", d.join("\n"));
+        let ks = same_views(&k.merged, "unionfs", &u.merged);
         u.unmount().unwrap_or_else(|e| panic!("{e}"));
         // The moved trees are upper-only, opaque, and hold no whiteout (kernel overlayfs
         // would list one in a directory that merges with nothing).
@@ -144,14 +150,7 @@ fn lower_directories_move_as_mv_moves_them_on_kernel_overlayfs() {
         let u = Mount::start_args(&ud, &legacy_args(&ud, "")).unwrap_or_else(|e| panic!("{e}"));
         fs::remove_dir_all(k.merged.join("b")).unwrap();
         fs::remove_dir_all(u.merged.join("b")).unwrap();
-        let ks = snapshot(&k.merged, &SnapOpts::merged());
-        let us = snapshot(&u.merged, &SnapOpts::merged());
-        let d = diff_snapshots("kernel", &ks, "unionfs", &us);
-        assert!(
-            d.is_empty(),
-            "merged views differ after rm -rf:\n{}",
-            d.join("\n")
-        );
+        same_views(&k.merged, "unionfs after rm -rf", &u.merged);
         k.unmount().unwrap_or_else(|e| panic!("{e}"));
         u.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
