@@ -679,7 +679,7 @@ impl Union {
     /// more and moves as an upper directory. A failure midway leaves the view as it was:
     /// copies show nothing new, and a directory is marked only once everything below it is
     /// copied. Entries removed meanwhile (other operations may run below `dir`) are skipped.
-    fn copy_up_tree(&self, dir: &Arc<Node>) -> Result<()> {
+    pub(super) fn copy_up_tree(&self, dir: &Arc<Node>) -> Result<()> {
         // Every node looked up here holds a reference until the end, so that the ones above
         // it stay in the table for the walks to upper (and new ones go with the last).
         let mut held: Vec<Arc<Node>> = Vec::new();
@@ -740,6 +740,8 @@ impl Union {
         if d.state().unlinked {
             return Ok(());
         }
+        // Lookups that read its marks before this keep them out of its node (`node_for`).
+        let _marking = self.upper_only_marks.begin();
         self.commits.wait_dir(d.ino);
         let (pdir, name) = self.open_parent_in(d, LayerRef::Upper)?;
         self.names

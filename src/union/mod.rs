@@ -413,6 +413,9 @@ pub struct Union {
     pub(crate) dirfd_evictions: AtomicU64,
     /// Directory renames against name walks (`dir_fd`).
     pub(crate) dir_moves: inode::DirMoves,
+    /// Merged directories made upper-only (`dir_rename=copy`) against lookups that read their
+    /// marks before (`Found::stamp`, [`Union::node_for`]).
+    pub(crate) upper_only_marks: inode::DirMoves,
     pub(crate) fh_seq: AtomicU64,
     pub(crate) quota: Option<Arc<crate::quota::Quota>>,
     pub(crate) uid_map: idmap::IdMap,
@@ -623,6 +626,7 @@ impl Union {
             dirfd_queue: Default::default(),
             dirfd_sweep: parking_lot::Mutex::new(()),
             dir_moves: Default::default(),
+            upper_only_marks: Default::default(),
             kernel_listing_drops: AtomicU64::new(0),
             dirfd_evictions: AtomicU64::new(0),
             fh_seq: AtomicU64::new(1),

@@ -32,6 +32,8 @@ pub struct Found {
     pub data: Option<DataAt>,
     /// Directories: the layers it is impure in ([`super::inode::impure_bit`]).
     pub impure: u64,
+    /// [`Union::upper_only_marks`] when the lookup began.
+    pub stamp: Option<u64>,
 }
 
 impl Found {
@@ -113,6 +115,7 @@ impl Union {
         }
         // A copy-up of this name not yet committed is not in upper yet.
         self.commits.wait_name(parent.ino, name);
+        let stamp = self.upper_only_marks.stamp();
         // Only what lookup needs, without cloning names (the hot path).
         let (p_upper, p_lowers, p_impure) = {
             let st = parent.st.lock();
@@ -157,6 +160,7 @@ impl Union {
                             opaque,
                             redirects: Vec::new(),
                             data: None,
+                            stamp,
                             impure: if marks.impure {
                                 impure_bit(LayerRef::Upper)
                             } else {
@@ -273,6 +277,7 @@ impl Union {
                     redirects: Vec::new(),
                     data: None,
                     impure: 0,
+                    stamp,
                 }),
                 Some(f) => {
                     f.lowers.push(li);
@@ -711,6 +716,20 @@ impl Union {
     ) -> (Arc<Node>, Attr) {
         let kind = f.stat.st_mode & libc::S_IFMT;
         let is_dir = kind == libc::S_IFDIR;
+        // A directory was made upper-only (dir_rename=copy) since this lookup began: what it
+        // read of this one may be from before (lower layers, no opaque mark). Looked up again
+        // for a node made now; an existing node keeps its state (below).
+        let again;
+        let f = match is_dir && !self.upper_only_marks.unchanged(f.stamp) {
+            true => match self.find_again(parent, name, f) {
+                Some(g) => {
+                    again = g;
+                    &again
+                }
+                None => f,
+            },
+            false => f,
+        };
         let ino = self.node_ino(f.top, &f.stat, parent, name);
         let fresh = NodeState {
             parent,
@@ -759,6 +778,10 @@ impl Union {
                 *node.io_lock.lock() = None;
                 node.freed
                     .store(false, std::sync::atomic::Ordering::Release);
+            } else if is_dir && !self.upper_only_marks.unchanged(f.stamp) {
+                // Made upper-only since the lookup read it (or being made so): its state
+                // is newer than what was read (checked under the node's lock, which the change
+                // takes after it began).
             } else {
                 // Refresh from disk: the layers are the truth. Except that a file we copied up
                 // stays in upper (only its removal, which marks it unlinked, undoes that): a
@@ -799,6 +822,26 @@ impl Union {
         }
         let attr = self.attr_for(&node, &node.st.lock(), &f.stat);
         (node, attr)
+    }
+
+    /// `name` in `parent` looked up again, until no directory is made upper-only meanwhile;
+    /// None if it is gone or another object now (the caller goes on with what it found).
+    fn find_again(&self, parent: u64, name: &OsStr, was: &Found) -> Option<Found> {
+        let p = self.node(parent).ok()?;
+        for _ in 0..100 {
+            let f = self.find(&p, name).ok()??;
+            // (The same node id across a copy-up: the inode map.)
+            if self.node_ino(f.top, &f.stat, parent, name)
+                != self.node_ino(was.top, &was.stat, parent, name)
+            {
+                return None;
+            }
+            if self.upper_only_marks.unchanged(f.stamp) {
+                return Some(f);
+            }
+            std::thread::yield_now();
+        }
+        None
     }
 
     /// Does (parent, name) name the object of `node`'s id now? Asked of a removed node found
@@ -941,6 +984,40 @@ mod tests {
                 .expect("lookup from");
             assert_eq!((from.ino, from.size), (full.ino, size), "{name}");
         }
+    }
+
+    /// A lookup that read a merged directory before it was made upper-only (a rename with
+    /// dir_rename=copy copies it up whole; other processes may look things up meanwhile)
+    /// must not give its node back the lower layers, whose deleted entries would show again.
+    #[test]
+    fn a_lookup_from_before_a_directory_became_upper_only_keeps_it_upper_only() {
+        let (tmp, u) = fixture();
+        let root = u.node(ROOT_INO).expect("root");
+        let d = OsStr::new("d");
+        let upper_only = |n: &Node| {
+            let st = n.state();
+            st.opaque && st.lowers.is_empty()
+        };
+        // A lookup reads d from the disk: merged, not opaque...
+        let stale = u.find(&root, d).expect("find").expect("d");
+        assert_eq!((stale.opaque, stale.lowers.len()), (false, 2));
+        // ...then d is copied up whole and made upper-only, and x removed (no whiteout now).
+        let (node, _) = u.child(&root, d).expect("child").expect("d");
+        u.copy_up_tree(&node).expect("copy up tree");
+        assert!(upper_only(&node));
+        std::fs::remove_file(tmp.path().join("u/d/x")).expect("rm x");
+        // The lookup goes on: the node keeps what it is.
+        let (n, _) = u.node_for(ROOT_INO, d, &stale, 0);
+        assert!(
+            upper_only(&n),
+            "refreshed from a stale lookup: {:?}",
+            n.state()
+        );
+        // Made anew from it (the node was forgotten meanwhile): from a new lookup.
+        u.nodes.remove_unreferenced(n.ino);
+        let (n, _) = u.node_for(ROOT_INO, d, &stale, 1);
+        assert!(upper_only(&n), "made from a stale lookup: {:?}", n.state());
+        assert!(u.find(&n, OsStr::new("x")).expect("find x").is_none());
     }
 
     #[test]
