@@ -823,22 +823,13 @@ impl Union {
             };
             // Walked again if a directory moved meanwhile (its name in the node and on disk
             // may have differed).
-            let mut tries = 0u32;
-            loop {
-                let stamp = self.dir_moves.stamp();
-                let v = self.redirect_path(p, &first);
-                if self.dir_moves.unchanged(stamp) {
-                    break v.map_err(|e| {
-                        log::debug!("redirect of {name:?}: {e}");
-                        exdev("cannot make the redirect")
-                    })?;
-                }
-                tries += 1;
-                if tries >= super::DIR_MOVE_RETRIES {
-                    return Err(exdev("directories moving"));
-                }
-                std::thread::yield_now();
-            }
+            self.dir_moves
+                .settled(super::DIR_MOVE_RETRIES, || self.redirect_path(p, &first))
+                .ok_or_else(|| exdev("directories moving"))?
+                .map_err(|e| {
+                    log::debug!("redirect of {name:?}: {e}");
+                    exdev("cannot make the redirect")
+                })?
         };
         if value.len() > REDIRECT_MAX {
             return Err(exdev("redirect too long"));

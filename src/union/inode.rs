@@ -368,6 +368,25 @@ pub struct DirMoves(super::Activity);
 pub struct DirMoving<'a>(&'a DirMoves);
 
 impl DirMoves {
+    /// `f` run again until no change began while it ran (it read names or marks a change
+    /// alters), at most `tries` times: None if changes never paused.
+    pub fn settled<T>(&self, tries: u32, mut f: impl FnMut() -> T) -> Option<T> {
+        for i in 0..tries {
+            let stamp = self.stamp();
+            let v = f();
+            if self.unchanged(stamp) {
+                return Some(v);
+            }
+            drop(v);
+            if i < 4 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+        None
+    }
+
     pub fn begin(&self) -> DirMoving<'_> {
         self.0.begin();
         DirMoving(self)

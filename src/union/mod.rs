@@ -877,31 +877,17 @@ impl Union {
             return Ok(fd);
         }
         let generation = node.dirgen.load(std::sync::atomic::Ordering::Acquire);
-        let mut tries = 0u32;
-        let fd = loop {
-            // The names are walked again if a directory move ran meanwhile: they may have
-            // named something else on disk than in the nodes.
-            let stamp = self.dir_moves.stamp();
+        // The names are walked again if a directory move ran meanwhile: they may have named
+        // something else on disk than in the nodes.
+        let opened = self.dir_moves.settled(DIR_MOVE_RETRIES, || {
             let (base, rel) = self.below_cached_ancestor(node, r).map_err(|e| e.errno)?;
-            let opened = match &base {
+            match &base {
                 Some(b) => self.layer(r).open_dir_below(b.as_fd(), &rel),
                 None => self.layer(r).open_dir(&rel),
-            };
-            if self.dir_moves.unchanged(stamp) {
-                break Arc::new(opened?);
             }
-            drop(opened);
-            tries += 1;
-            if tries >= DIR_MOVE_RETRIES {
-                // Moves without pause: the kernel looks the name up again on ESTALE.
-                return Err(Errno::ESTALE);
-            }
-            if tries < 4 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(20));
-            }
-        };
+        });
+        // Moves without pause: the kernel looks the name up again on ESTALE.
+        let fd = Arc::new(opened.ok_or(Errno::ESTALE)??);
         let mut c = node.dirfds.lock();
         if node.dirgen.load(std::sync::atomic::Ordering::Acquire) != generation {
             // The node was reset meanwhile: this fd may name the directory it used to be.

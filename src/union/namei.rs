@@ -828,20 +828,14 @@ impl Union {
     /// None if it is gone or another object now (the caller goes on with what it found).
     fn find_again(&self, parent: u64, name: &OsStr, was: &Found) -> Option<Found> {
         let p = self.node(parent).ok()?;
-        for _ in 0..100 {
-            let f = self.find(&p, name).ok()??;
-            // (The same node id across a copy-up: the inode map.)
-            if self.node_ino(f.top, &f.stat, parent, name)
-                != self.node_ino(was.top, &was.stat, parent, name)
-            {
-                return None;
-            }
-            if self.upper_only_marks.unchanged(f.stamp) {
-                return Some(f);
-            }
-            std::thread::yield_now();
-        }
-        None
+        let f = self
+            .upper_only_marks
+            .settled(100, || self.find(&p, name))?
+            .ok()??;
+        // (The same node id across a copy-up: the inode map.)
+        (self.node_ino(f.top, &f.stat, parent, name)
+            == self.node_ino(was.top, &was.stat, parent, name))
+        .then_some(f)
     }
 
     /// Does (parent, name) name the object of `node`'s id now? Asked of a removed node found
