@@ -783,11 +783,12 @@ impl Union {
                 // is newer than what was read (checked under the node's lock, which the change
                 // takes after it began).
             } else {
-                // Refresh from disk: the layers are the truth. Except that a file we copied up
+                // Refresh from disk: the layers are the truth. Except that what we copied up
                 // stays in upper (only its removal, which marks it unlinked, undoes that): a
                 // lookup that looked at upper just before a copy-up put it there (or while its
-                // commit is pending) must not send the next open to the lower file.
-                st.upper = fresh.upper || (st.upper && !is_dir);
+                // commit is pending) must not send the next open to the lower file, nor the
+                // next create in a directory to a second copy-up of it (EEXIST).
+                st.upper = fresh.upper || st.upper;
                 if fresh.lower.is_some() || !fresh.upper {
                     st.lower = fresh.lower;
                 }
@@ -1012,6 +1013,31 @@ mod tests {
         let (n, _) = u.node_for(ROOT_INO, d, &stale, 1);
         assert!(upper_only(&n), "made from a stale lookup: {:?}", n.state());
         assert!(u.find(&n, OsStr::new("x")).expect("find x").is_none());
+    }
+
+    /// A lookup that read a lower directory before another request copied it up (a create
+    /// in it, which takes no lock of its parent) must not take its node out of upper: the
+    /// next copy-up of the node would make it again there and fail with EEXIST.
+    #[test]
+    fn a_lookup_from_before_a_directory_copy_up_keeps_it_upper() {
+        let (tmp, u) = fixture();
+        let root = u.node(ROOT_INO).expect("root");
+        let d = OsStr::new("d");
+        // A lookup reads d from the disk: lower only...
+        let stale = u.find(&root, d).expect("find").expect("d");
+        assert_ne!(stale.top, LayerRef::Upper);
+        // ...then d is copied up.
+        let (node, _) = u.child(&root, d).expect("child").expect("d");
+        u.copy_up(&node).expect("copy up");
+        assert!(tmp.path().join("u/d").is_dir());
+        // The lookup goes on: the node stays in upper, and a create in d works.
+        let (n, _) = u.node_for(ROOT_INO, d, &stale, 0);
+        assert!(
+            n.state().upper,
+            "refreshed from a stale lookup: {:?}",
+            n.state()
+        );
+        u.copy_up(&n).expect("copy up again");
     }
 
     #[test]
