@@ -77,7 +77,13 @@ fi
 table=$bench_dir/results/$latest/table.md
 echo "speed-bench: table in $table"
 { git describe --always --dirty 2>/dev/null || echo "unknown commit"; } >"$bench_dir/results/$latest/unionfs-rs.commit"
+# How idle CPUs wait decides what a FUSE round trip costs on a VM (see README, Performance):
+# recorded with the table.
+idle_driver=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none)
+halt_poll=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || true)
+echo "cpuidle $idle_driver${halt_poll:+ (guest_halt_poll_ns $halt_poll)}" >"$bench_dir/results/$latest/cpuidle.txt"
 fi
+cpuidle=$(cat "$(dirname "$table")/cpuidle.txt" 2>/dev/null || echo "cpuidle unrecorded")
 commit=$(cat "$(dirname "$table")/unionfs-rs.commit" 2>/dev/null || echo "unrecorded commit")
 if ! head -n 6 "$table" | grep -q '| unionfs-rs'; then
     echo "speed-bench: the table has no unionfs-rs column (did its mount fail? see the harness log above)" >&2
@@ -91,7 +97,7 @@ trap 'rm -f "$section"' EXIT
 {
     echo "<!-- speed-table:begin (written by tools/speed-bench.sh; edit there, not here) -->"
     echo
-    echo "Measured $(date -u -r "$table" +%Y-%m-%d) on $(nproc) vCPUs, kernel $(uname -r), unionfs-rs $commit, $fo_version."
+    echo "Measured $(date -u -r "$table" +%Y-%m-%d) on $(nproc) vCPUs, kernel $(uname -r), $cpuidle, unionfs-rs $commit, $fo_version."
     echo
     # Pipes inside cells ("(1.00|0.87)", "find|wc") would split them: escape them.
     awk '/^appendix/ {exit} {print}' "$table" |
