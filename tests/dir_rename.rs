@@ -205,3 +205,42 @@ fn exchange_copies_and_exdev_mode_refuses() {
         }
     });
 }
+
+/// A directory whose copy does not fit the project quota: the rename fails with ENOSPC (as
+/// XFS answers at the limit; `mv` reports it, it does not copy), the merged view is what it
+/// was (what got copied up before the limit is there, with the same content), and removing
+/// the directory gives the space back.
+#[test]
+fn a_copy_over_the_quota_fails_and_changes_nothing_in_view() {
+    with_timeout(TIMEOUT, || {
+        let chunk = "0123456789abcdef".repeat(64 * 1024); // 1 MiB
+        let entries: Vec<Entry> = (0..6)
+            .map(|i| file(&format!("big/f{i}"), &chunk))
+            .chain([file("big/sub/g", "g"), file("other", "other")])
+            .collect();
+        let d = Dirs::new(&[entries], &[]);
+        let m =
+            Mount::start_args(&d, &legacy_args(&d, ",size=3M")).unwrap_or_else(|e| panic!("{e}"));
+        let before = snapshot(&m.merged, &SnapOpts::merged());
+        let e = fs::rename(m.merged.join("big"), m.merged.join("moved")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        let after = snapshot(&m.merged, &SnapOpts::merged());
+        let diff = diff_snapshots("before", &before, "after", &after);
+        assert!(
+            diff.is_empty(),
+            "the failed rename changed the view:\n{}",
+            diff.join("\n")
+        );
+        assert!(!m.merged.join("moved").exists());
+        // Something was copied up before the limit, and it is charged.
+        let used = |m: &Mount| {
+            let s = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs");
+            (s.blocks() - s.blocks_free()) * s.fragment_size()
+        };
+        assert!(used(&m) >= 1 << 20, "nothing charged: {}", used(&m));
+        fs::remove_dir_all(m.merged.join("big")).expect("rm -rf big");
+        assert!(used(&m) < 64 << 10, "space not given back: {}", used(&m));
+        assert_eq!(fs::read_to_string(m.merged.join("other")).unwrap(), "other");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
