@@ -246,9 +246,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 u8::from(union.writeback_cache_on())
             ));
             s.push_str(&format!(
-                ",\"uring_threads\":{},\"uring_requests\":{}",
+                ",\"uring_threads\":{},\"uring_requests\":{},\"getxattr_requests\":{}",
                 union.uring_threads.load(std::sync::atomic::Ordering::Relaxed),
-                union.uring_requests.load(std::sync::atomic::Ordering::Relaxed)
+                union.uring_requests.load(std::sync::atomic::Ordering::Relaxed),
+                union.getxattr_requests.load(std::sync::atomic::Ordering::Relaxed)
             ));
             let (rel, rel_over, (rel_pending, _)) = union.release_stats();
             s.push_str(&format!(

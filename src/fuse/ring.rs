@@ -31,7 +31,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use super::wire::{self, Arg, InHeader, Names, Out, Short};
 use crate::union::dir::NewKind;
-use crate::union::file::{Opened, SetAttr, SetTime};
+use crate::union::file::{KillSuidgid, Opened, SetAttr, SetTime};
 use crate::union::inode::Backing;
 use crate::union::{Caller, Union};
 
@@ -729,6 +729,26 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
                     a.u32(60).map_err(short)?,
                 ),
                 fh: field64(wire::FATTR_FH, 8)?,
+                kill_suidgid: {
+                    let changes = wire::FATTR_MODE
+                        | wire::FATTR_UID
+                        | wire::FATTR_GID
+                        | wire::FATTR_SIZE
+                        | wire::FATTR_ATIME
+                        | wire::FATTR_MTIME
+                        | wire::FATTR_CTIME;
+                    let said = valid & wire::FATTR_KILL_SUIDGID != 0;
+                    // A truncate: as the kernel said. A change of nothing: what the kernel
+                    // leaves to us before a write (see KillSuidgid).
+                    match (valid & wire::FATTR_SIZE != 0, valid & changes == 0) {
+                        (true, _) if said => KillSuidgid::Truncate {
+                            caller: who,
+                            lacks_fsetid: Some(true),
+                        },
+                        (false, true) => KillSuidgid::Nothing(who),
+                        _ => KillSuidgid::No,
+                    }
+                },
             };
             out.attr_out(&u.setattr(ino, &sa).map_err(err)?, s.ttl);
         }

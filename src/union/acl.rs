@@ -220,36 +220,73 @@ impl Union {
     }
 }
 
+/// What /proc/PID/status says of a caller's thread: its supplementary groups and effective
+/// capabilities, and whether it runs in the daemon's user namespace and in the initial one.
+/// None where it cannot be read (the process is gone, or hidden from us).
+struct CallerStatus {
+    groups: Vec<u32>,
+    cap_eff: u64,
+    same_userns: bool,
+    init_userns: bool,
+}
+
+const CAP_FOWNER: u32 = 3;
+const CAP_FSETID: u32 = 4;
+
+fn caller_status(pid: u32) -> Option<CallerStatus> {
+    /// The initial user namespace's inode number (PROC_USER_INIT_INO), whoever looks.
+    const INIT_USER_NS: &str = "user:[4026531837]";
+    let proc = format!("/proc/{pid}");
+    let status = std::fs::read_to_string(format!("{proc}/status")).ok()?;
+    let ns = std::fs::read_link(format!("{proc}/ns/user")).ok();
+    let own = std::fs::read_link("/proc/self/ns/user").ok();
+    let mut st = CallerStatus {
+        groups: Vec::new(),
+        cap_eff: 0,
+        same_userns: ns.is_some() && ns == own,
+        init_userns: ns.is_some_and(|n| n.as_os_str() == INIT_USER_NS),
+    };
+    for l in status.lines() {
+        if let Some(g) = l.strip_prefix("Groups:") {
+            st.groups = g
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect();
+        } else if let Some(c) = l.strip_prefix("CapEff:") {
+            st.cap_eff = u64::from_str_radix(c.trim(), 16).unwrap_or(0);
+        }
+    }
+    Some(st)
+}
+
+impl CallerStatus {
+    fn has(&self, cap: u32) -> bool {
+        self.cap_eff & (1 << cap) != 0
+    }
+}
+
 /// Is `who` in group `gid` (its fsgid or a supplementary group) or holding CAP_FSETID in the
 /// daemon's user namespace? Read from /proc/PID (the caller's thread); unreadable: only the
 /// fsgid counts. Capabilities held in a user namespace of the caller's own (`unshare -Ur`) do
 /// not count: the file's ids are not mapped there.
-fn in_group_or_capable(who: Caller, gid: u32) -> bool {
-    const CAP_FSETID: u32 = 4;
-    if who.gid == gid {
-        return true;
-    }
-    let proc = format!("/proc/{}", who.pid);
-    let Ok(status) = std::fs::read_to_string(format!("{proc}/status")) else {
-        return false;
-    };
-    let same_userns = match (
-        std::fs::read_link(format!("{proc}/ns/user")),
-        std::fs::read_link("/proc/self/ns/user"),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    status.lines().any(|l| {
-        if let Some(groups) = l.strip_prefix("Groups:") {
-            groups.split_whitespace().any(|g| g.parse() == Ok(gid))
-        } else if let Some(caps) = l.strip_prefix("CapEff:") {
-            same_userns
-                && u64::from_str_radix(caps.trim(), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0)
-        } else {
-            false
-        }
-    })
+pub(crate) fn in_group_or_capable(who: Caller, gid: u32) -> bool {
+    who.gid == gid
+        || caller_status(who.pid)
+            .is_some_and(|s| s.groups.contains(&gid) || (s.same_userns && s.has(CAP_FSETID)))
+}
+
+/// Whether `who` may change the mode of a file owned by `uid`: its owner, or holding
+/// CAP_FOWNER in the daemon's user namespace (unreadable: the owner only).
+pub(crate) fn owner_or_capable(who: Caller, uid: u32) -> bool {
+    who.uid == uid || caller_status(who.pid).is_some_and(|s| s.same_userns && s.has(CAP_FOWNER))
+}
+
+/// Whether process `pid` (as a FUSE request names it) lacks CAP_FSETID in the initial user
+/// namespace, which is what the kernel's `capable(CAP_FSETID)` asks of a writing or
+/// truncating caller. When that cannot be told, it is taken to lack it: set-id bits are
+/// cleared, the safe way.
+pub(crate) fn lacks_fsetid(pid: u32) -> bool {
+    !caller_status(pid).is_some_and(|s| s.init_userns && s.has(CAP_FSETID))
 }
 
 #[cfg(test)]

@@ -150,6 +150,54 @@ pub enum SetTime {
     At(i64, i64),
 }
 
+/// Whether a setattr clears the file's set-user-ID and set-group-ID bits.
+///
+/// With FUSE_HANDLE_KILLPRIV_V2 (offered at INIT so that the kernel stops asking for
+/// `security.capability` before every write: see `fuse::UnionFs::init`) the kernel leaves that
+/// to the daemon where kernel overlayfs's VFS would clear them: a truncate by a caller without
+/// CAP_FSETID (it says FATTR_KILL_SUIDGID; fuser does not pass that on), a write by one (it
+/// sends a setattr that changes nothing before the write goes ahead — also before the writes
+/// it makes itself through passthrough, which we never see), and a `chown(f, -1, -1)` (the
+/// same empty setattr, from a caller that need not have the file open, and which must own it
+/// when there is a bit to clear). The rule is the VFS's (`setattr_should_drop_suidgid`): the
+/// set-user-ID bit goes, and the set-group-ID bit if the group may execute the file or the
+/// caller is neither in its group nor holds CAP_FSETID.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KillSuidgid {
+    /// The bits stay.
+    #[default]
+    No,
+    /// A truncate by `caller`; `lacks_fsetid`: what the kernel said, or None: looked up (only
+    /// when there is a bit to clear).
+    Truncate {
+        caller: super::Caller,
+        lacks_fsetid: Option<bool>,
+    },
+    /// A setattr that changes nothing, from `caller`: a write's (the file is open for
+    /// writing) or a `chown(f, -1, -1)`.
+    Nothing(super::Caller),
+}
+
+/// The set-id bits of `attr` the VFS clears for `caller` (`setattr_should_drop_suidgid`
+/// without its CAP_FSETID condition).
+fn set_id_bits(attr: &Attr, caller: super::Caller) -> u32 {
+    if attr.mode & libc::S_IFMT != libc::S_IFREG {
+        return 0;
+    }
+    let sgid = attr.mode & libc::S_ISGID != 0
+        && (attr.mode & libc::S_IXGRP != 0 || !super::acl::in_group_or_capable(caller, attr.gid));
+    (attr.mode & libc::S_ISUID) | if sgid { libc::S_ISGID } else { 0 }
+}
+
+/// [`set_id_bits`] if `caller` lacks CAP_FSETID (`lacks`: known, or looked up if it matters).
+fn set_id_bits_without_fsetid(attr: &Attr, caller: super::Caller, lacks: Option<bool>) -> u32 {
+    match set_id_bits(attr, caller) {
+        0 => 0,
+        bits if lacks.unwrap_or_else(|| super::acl::lacks_fsetid(caller.pid)) => bits,
+        _ => 0,
+    }
+}
+
 /// Attribute changes of one setattr call.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SetAttr {
@@ -167,6 +215,8 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
     /// Handle the change came through (ftruncate).
     pub fh: Option<u64>,
+    /// Clear the set-user-ID and set-group-ID bits after the change ([`KillSuidgid`]).
+    pub kill_suidgid: KillSuidgid,
 }
 
 fn ts(t: Option<SetTime>) -> TimeSpec {
@@ -1192,6 +1242,25 @@ impl Union {
         let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
         let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
+        // A setattr that changes nothing clears set-id bits ([`KillSuidgid`]): decided
+        // before anything changes (a chown refused with EPERM copies nothing up).
+        let clear_after = match a.kill_suidgid {
+            KillSuidgid::Nothing(caller) => {
+                let now = self.getattr(ino, None)?;
+                let writing = self.handles_on(ino).iter().any(|f| f.writable);
+                if writing {
+                    set_id_bits_without_fsetid(&now, caller, None)
+                } else {
+                    // chown(f, -1, -1): the bits go whoever asks, if allowed to ask.
+                    let bits = set_id_bits(&now, caller);
+                    if bits != 0 && !super::acl::owner_or_capable(caller, now.uid) {
+                        return Err(Error::new(Errno::EPERM, "chown: not the owner"));
+                    }
+                    bits
+                }
+            }
+            _ => 0,
+        };
         // Only times, of a node already in upper, change no xattr (`tar x` sets a file's
         // times right after writing it, then asks security.capability for its chown: the
         // cache loaded at the write stays good).
@@ -1200,14 +1269,37 @@ impl Union {
             && a.gid.is_none()
             && a.size.is_none()
             && node.st.lock().upper;
-        if times_only {
-            return self.setattr_node(&node, a);
+        let attr = if times_only {
+            self.setattr_node(&node, a)?
+        } else {
+            // chmod rewrites ACL xattrs, chown and truncate drop security.capability: reload
+            // xattrs next time — also after the change, so a load that ran meanwhile (a
+            // getfacl during the copy-up) cannot keep the old ACL for the kernel's next
+            // permission check.
+            node.invalidate_xattrs();
+            let r = self.setattr_node(&node, a);
+            node.invalidate_xattrs();
+            r?
+        };
+        // Set-id bits to clear ([`KillSuidgid`]): after the change, as one more mode change
+        // (through whichever way the node's object is reached).
+        let bits = match a.kill_suidgid {
+            KillSuidgid::No => 0,
+            KillSuidgid::Truncate {
+                caller,
+                lacks_fsetid,
+            } => set_id_bits_without_fsetid(&attr, caller, lacks_fsetid),
+            KillSuidgid::Nothing(_) => clear_after & attr.mode,
+        };
+        if bits == 0 {
+            return Ok(attr);
         }
-        // chmod rewrites ACL xattrs, chown and truncate drop security.capability: reload
-        // xattrs next time — also after the change, so a load that ran meanwhile (a getfacl
-        // during the copy-up) cannot keep the old ACL for the kernel's next permission check.
+        let clear = SetAttr {
+            mode: Some(attr.mode & 0o7777 & !bits),
+            ..SetAttr::default()
+        };
         node.invalidate_xattrs();
-        let r = self.setattr_node(&node, a);
+        let r = self.setattr_node(&node, &clear);
         node.invalidate_xattrs();
         r
     }

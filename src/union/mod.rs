@@ -445,6 +445,9 @@ pub struct Union {
     /// requests they served. Kept here for `stats`; the transport is the FUSE adapter's.
     pub uring_threads: std::sync::atomic::AtomicUsize,
     pub uring_requests: AtomicU64,
+    /// getxattr requests answered (`stats`: the kernel asks one before each write(2) unless
+    /// FUSE_HANDLE_KILLPRIV_V2 lets it remember that a file has no security.capability).
+    pub(crate) getxattr_requests: AtomicU64,
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
@@ -646,6 +649,7 @@ impl Union {
             direct_fallbacks: AtomicU64::new(0),
             uring_threads: Default::default(),
             uring_requests: AtomicU64::new(0),
+            getxattr_requests: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
             posix_acl: std::sync::atomic::AtomicBool::new(false),
             reflink: std::sync::atomic::AtomicBool::new(true),

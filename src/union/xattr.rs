@@ -65,6 +65,7 @@ impl Union {
 
     /// getxattr.
     pub fn getxattr(&self, ino: u64, xname: &OsStr) -> Result<Vec<u8>> {
+        self.getxattr_requests.fetch_add(1, Ordering::Relaxed);
         let lname = self.names.to_layer(xname);
         let node = self.node(ino)?;
         let all = self.xattrs_of(&node)?;

@@ -1,0 +1,108 @@
+//! Set-id bits and FUSE_HANDLE_KILLPRIV_V2 (src/union/file.rs `KillSuidgid`). The daemon asks
+//! the kernel to leave the clearing of set-id bits on a truncate to it, and in return the
+//! kernel stops asking for `security.capability` before every write(2) once it found a file
+//! without it. Kernel overlayfs is the oracle for the modes; the daemon's `getxattr_requests`
+//! count shows the round trips the writes no longer make.
+
+mod common;
+
+use common::*;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+
+const TIMEOUT: u64 = 120;
+
+/// World-writable files with set-id bits, so that another user may write and truncate them.
+fn set_id_files() -> Vec<Entry> {
+    vec![
+        file_mode("both_gx", "0123456789", 0o6777),
+        file_mode("suid", "0123456789", 0o4766),
+        file_mode("sgid_gx", "0123456789", 0o2777),
+        file_mode("sgid_nox", "0123456789", 0o2766),
+        file_mode("by_open", "0123456789", 0o6777),
+        file_mode("by_write", "0123456789", 0o6777),
+        file_mode("by_root", "0123456789", 0o6777),
+        file_mode("root_opens", "0123456789", 0o6777),
+        file_mode("chown_keep", "0123456789", 0o6777),
+        file_mode("chown_user", "0123456789", 0o6777),
+    ]
+}
+
+/// A user without CAP_FSETID that truncates a set-id file clears the set-user-ID bit, and the
+/// set-group-ID bit where the group may execute it; root keeps them. Through a lower file
+/// (copied up by the change) as kernel overlayfs does it: same modes after each step.
+#[test]
+fn a_truncate_by_another_user_clears_set_id_bits_as_on_kernel_overlayfs() {
+    let user = |op| as_user(1000, 0o022, op);
+    Differential::new("killpriv_truncate")
+        .lower(set_id_files())
+        .ok(user(op_truncate("both_gx", 3)))
+        .ok(user(op_truncate("suid", 0)))
+        .ok(user(op_truncate("sgid_gx", 20)))
+        .ok(user(op_truncate("sgid_nox", 1)))
+        .ok(user(Op::OpenTrunc {
+            path: "by_open".into(),
+        }))
+        .ok(user(op_write("by_write", 2, "x")))
+        .ok(op_truncate("by_root", 4))
+        .ok(Op::OpenTrunc {
+            path: "root_opens".into(),
+        })
+        // chown(-1, -1): by root, and by another user (EPERM: not the owner).
+        .ok(op_chown("chown_keep", u32::MAX, u32::MAX))
+        .err(
+            user(op_chown("chown_user", u32::MAX, u32::MAX)),
+            libc::EPERM,
+        )
+        // Once more on files in upper now, with the bits set again.
+        .ok(op_chmod("both_gx", 0o6777))
+        .ok(user(op_truncate("both_gx", 0)))
+        .ok(op_chmod("by_write", 0o6777))
+        .ok(user(op_write("by_write", 0, "again")))
+        .run();
+}
+
+/// Many small writes to one file: the kernel asks security.capability once (its first write),
+/// not before each write — and a set-user-ID bit set after that is still cleared by the next
+/// write of another user (chmod makes the kernel look again).
+#[test]
+fn small_writes_ask_for_security_capability_once() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(vec![file("seed", "x")], &[]);
+        let p = m.path("f");
+        let mut f = fs::File::create(&p).expect("create");
+        let before = daemon_stats(&m.merged)["getxattr_requests"];
+        let block = [0x5au8; 4096];
+        for _ in 0..500 {
+            f.write_all(&block).expect("write");
+        }
+        f.sync_all().expect("fsync");
+        drop(f);
+        let asked = daemon_stats(&m.merged)["getxattr_requests"] - before;
+        assert!(
+            asked <= 5,
+            "500 writes asked {asked} getxattrs (one per write without KILLPRIV_V2)"
+        );
+        assert_eq!(fs::metadata(&p).unwrap().len(), 500 * 4096);
+        // Set-user-ID now: another user's write clears it.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o4777)).expect("chmod");
+        let r = apply(&m.merged, &as_user(1000, 0o022, op_append("f", "more")));
+        assert_eq!(r, Ok(Vec::new()));
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(
+            mode, 0o777,
+            "the set-user-ID bit survived a write by another user"
+        );
+        // And root's own writes keep it (CAP_FSETID).
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o4755)).expect("chmod");
+        OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .and_then(|mut f| f.write_all(b"root"))
+            .expect("append as root");
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o4755);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
