@@ -26,6 +26,10 @@ fn set_id_files() -> Vec<Entry> {
         file_mode("root_opens", "0123456789", 0o6777),
         file_mode("chown_keep", "0123456789", 0o6777),
         file_mode("chown_user", "0123456789", 0o6777),
+        file_mode("grp_owner", "0123456789", 0o2664),
+        chown("grp_owner", 1000, 0),
+        file_mode("grp_owner_x", "0123456789", 0o6775),
+        chown("grp_owner_x", 1000, 0),
     ]
 }
 
@@ -55,6 +59,10 @@ fn a_truncate_by_another_user_clears_set_id_bits_as_on_kernel_overlayfs() {
             user(op_chown("chown_user", u32::MAX, u32::MAX)),
             libc::EPERM,
         )
+        // A chown by the owner, who is not in the file's group: the set-group-ID bit goes
+        // without group execute too.
+        .ok(user(op_chown("grp_owner", u32::MAX, 1000)))
+        .ok(user(op_chown("grp_owner_x", u32::MAX, 1000)))
         // Once more on files in upper now, with the bits set again.
         .ok(op_chmod("both_gx", 0o6777))
         .ok(user(op_truncate("both_gx", 0)))
@@ -104,5 +112,64 @@ fn small_writes_ask_for_security_capability_once() {
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o4755);
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// `chown(f, -1, -1)` by a user who does not own the file fails with EPERM and changes
+/// nothing, also while another process has the file open for writing (the daemon tells that
+/// chown from the setattr a write sends, which looks the same to it); root's clears the bits.
+/// Both mounts over the same layers, kernel overlayfs first.
+#[test]
+fn chown_minus_one_while_the_file_is_open_for_writing() {
+    with_timeout(TIMEOUT, || {
+        let lower = vec![
+            file_mode("held", "0123456789", 0o6755),
+            file_mode("held_root", "0123456789", 0o6755),
+        ];
+        let mut seen = Vec::new();
+        for kernel in [true, false] {
+            let d = Dirs::new(std::slice::from_ref(&lower), &[]);
+            let (merged, unmount): (std::path::PathBuf, Box<dyn FnOnce()>) = if kernel {
+                let k = OverlayMount::start(&d, &MountOpts::default())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (
+                    k.merged.clone(),
+                    Box::new(move || k.unmount().expect("umount")),
+                )
+            } else {
+                let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+                (
+                    m.merged.clone(),
+                    Box::new(move || m.unmount().expect("umount")),
+                )
+            };
+            let open = |n: &str| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(merged.join(n))
+                    .expect("open for writing")
+            };
+            let held = (open("held"), open("held_root"));
+            let user = apply(
+                &merged,
+                &as_user(1000, 0o022, op_chown("held", u32::MAX, u32::MAX)),
+            );
+            let root = apply(&merged, &op_chown("held_root", u32::MAX, u32::MAX));
+            let mode =
+                |n: &str| fs::metadata(merged.join(n)).unwrap().permissions().mode() & 0o7777;
+            seen.push((user, mode("held"), root, mode("held_root")));
+            drop(held);
+            unmount();
+        }
+        assert_eq!(
+            seen[0],
+            (Err(libc::EPERM), 0o6755, Ok(Vec::new()), 0o755),
+            "kernel overlayfs"
+        );
+        assert_eq!(
+            seen[1], seen[0],
+            "unionfs-rs (right) against kernel overlayfs (left)"
+        );
     });
 }

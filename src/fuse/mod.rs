@@ -369,7 +369,7 @@ impl Filesystem for UnionFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        ctime: Option<SystemTime>,
+        _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -387,12 +387,14 @@ impl Filesystem for UnionFs {
             fh: fh.map(|f| f.0),
             // A truncate, or a change of nothing: what the kernel leaves to us (fuser drops
             // FATTR_KILL_SUIDGID, so the caller's capabilities are looked up: KillSuidgid).
-            kill_suidgid: match (mode, uid, gid, size, atime, mtime, ctime) {
+            kill_suidgid: match (mode, uid, gid, size, atime, mtime) {
                 (_, _, _, Some(_), ..) => KillSuidgid::Truncate {
                     caller: caller(req),
                     lacks_fsetid: None,
                 },
-                (None, None, None, None, None, None, None) => KillSuidgid::Nothing(caller(req)),
+                (_, Some(_), ..) | (_, _, Some(_), ..) => KillSuidgid::Chown(caller(req)),
+                // (ctime alone: chown(f, -1, -1) with the kernel's write-back cache.)
+                (None, None, None, None, None, None) => KillSuidgid::Nothing(caller(req)),
                 _ => KillSuidgid::No,
             },
         };

@@ -730,23 +730,29 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
                 ),
                 fh: field64(wire::FATTR_FH, 8)?,
                 kill_suidgid: {
+                    // (ctime alone is a change of nothing: chown(f, -1, -1) with the kernel's
+                    // write-back cache. See KillSuidgid.)
                     let changes = wire::FATTR_MODE
                         | wire::FATTR_UID
                         | wire::FATTR_GID
                         | wire::FATTR_SIZE
                         | wire::FATTR_ATIME
-                        | wire::FATTR_MTIME
-                        | wire::FATTR_CTIME;
-                    let said = valid & wire::FATTR_KILL_SUIDGID != 0;
-                    // A truncate: as the kernel said. A change of nothing: what the kernel
-                    // leaves to us before a write (see KillSuidgid).
-                    match (valid & wire::FATTR_SIZE != 0, valid & changes == 0) {
-                        (true, _) if said => KillSuidgid::Truncate {
-                            caller: who,
-                            lacks_fsetid: Some(true),
-                        },
-                        (false, true) => KillSuidgid::Nothing(who),
-                        _ => KillSuidgid::No,
+                        | wire::FATTR_MTIME;
+                    if valid & wire::FATTR_SIZE != 0 {
+                        // As the kernel said (it decides on the caller's CAP_FSETID).
+                        match valid & wire::FATTR_KILL_SUIDGID {
+                            0 => KillSuidgid::No,
+                            _ => KillSuidgid::Truncate {
+                                caller: who,
+                                lacks_fsetid: Some(true),
+                            },
+                        }
+                    } else if valid & (wire::FATTR_UID | wire::FATTR_GID) != 0 {
+                        KillSuidgid::Chown(who)
+                    } else if valid & changes == 0 {
+                        KillSuidgid::Nothing(who)
+                    } else {
+                        KillSuidgid::No
                     }
                 },
             };

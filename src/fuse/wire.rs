@@ -59,7 +59,6 @@ pub const FATTR_MTIME: u32 = 1 << 5;
 pub const FATTR_FH: u32 = 1 << 6;
 pub const FATTR_ATIME_NOW: u32 = 1 << 7;
 pub const FATTR_MTIME_NOW: u32 = 1 << 8;
-pub const FATTR_CTIME: u32 = 1 << 10;
 /// The daemon clears the set-id bits (a truncate by a caller without CAP_FSETID, with
 /// FUSE_HANDLE_KILLPRIV_V2).
 pub const FATTR_KILL_SUIDGID: u32 = 1 << 11;

@@ -222,7 +222,9 @@ impl Union {
 
 /// What /proc/PID/status says of a caller's thread: its supplementary groups and effective
 /// capabilities, and whether it runs in the daemon's user namespace and in the initial one.
-/// None where it cannot be read (the process is gone, or hidden from us).
+/// None where it cannot be read (the process is gone, or hidden from us), or where the
+/// thread's fsuid and fsgid are not the request's (the request's pid is numbered in the
+/// mounter's pid namespace: another process's status must not speak for the caller).
 struct CallerStatus {
     groups: Vec<u32>,
     cap_eff: u64,
@@ -230,13 +232,14 @@ struct CallerStatus {
     init_userns: bool,
 }
 
+const CAP_DAC_OVERRIDE: u32 = 1;
 const CAP_FOWNER: u32 = 3;
 const CAP_FSETID: u32 = 4;
 
-fn caller_status(pid: u32) -> Option<CallerStatus> {
+fn caller_status(who: Caller) -> Option<CallerStatus> {
     /// The initial user namespace's inode number (PROC_USER_INIT_INO), whoever looks.
     const INIT_USER_NS: &str = "user:[4026531837]";
-    let proc = format!("/proc/{pid}");
+    let proc = format!("/proc/{}", who.pid);
     let status = std::fs::read_to_string(format!("{proc}/status")).ok()?;
     let ns = std::fs::read_link(format!("{proc}/ns/user")).ok();
     let own = std::fs::read_link("/proc/self/ns/user").ok();
@@ -246,6 +249,13 @@ fn caller_status(pid: u32) -> Option<CallerStatus> {
         same_userns: ns.is_some() && ns == own,
         init_userns: ns.is_some_and(|n| n.as_os_str() == INIT_USER_NS),
     };
+    // "Uid:/Gid: real effective saved fs".
+    let fs_id = |l: &str| {
+        l.split_whitespace()
+            .nth(3)
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    let (mut fsuid, mut fsgid) = (None, None);
     for l in status.lines() {
         if let Some(g) = l.strip_prefix("Groups:") {
             st.groups = g
@@ -254,9 +264,13 @@ fn caller_status(pid: u32) -> Option<CallerStatus> {
                 .collect();
         } else if let Some(c) = l.strip_prefix("CapEff:") {
             st.cap_eff = u64::from_str_radix(c.trim(), 16).unwrap_or(0);
+        } else if let Some(u) = l.strip_prefix("Uid:") {
+            fsuid = fs_id(u);
+        } else if let Some(g) = l.strip_prefix("Gid:") {
+            fsgid = fs_id(g);
         }
     }
-    Some(st)
+    (fsuid == Some(who.uid) && fsgid == Some(who.gid)).then_some(st)
 }
 
 impl CallerStatus {
@@ -271,22 +285,39 @@ impl CallerStatus {
 /// not count: the file's ids are not mapped there.
 pub(crate) fn in_group_or_capable(who: Caller, gid: u32) -> bool {
     who.gid == gid
-        || caller_status(who.pid)
+        || caller_status(who)
             .is_some_and(|s| s.groups.contains(&gid) || (s.same_userns && s.has(CAP_FSETID)))
 }
 
 /// Whether `who` may change the mode of a file owned by `uid`: its owner, or holding
 /// CAP_FOWNER in the daemon's user namespace (unreadable: the owner only).
 pub(crate) fn owner_or_capable(who: Caller, uid: u32) -> bool {
-    who.uid == uid || caller_status(who.pid).is_some_and(|s| s.same_userns && s.has(CAP_FOWNER))
+    who.uid == uid || caller_status(who).is_some_and(|s| s.same_userns && s.has(CAP_FOWNER))
 }
 
-/// Whether process `pid` (as a FUSE request names it) lacks CAP_FSETID in the initial user
-/// namespace, which is what the kernel's `capable(CAP_FSETID)` asks of a writing or
-/// truncating caller. When that cannot be told, it is taken to lack it: set-id bits are
-/// cleared, the safe way.
-pub(crate) fn lacks_fsetid(pid: u32) -> bool {
-    !caller_status(pid).is_some_and(|s| s.init_userns && s.has(CAP_FSETID))
+/// Whether the mode bits (`mode`, owner `uid`, group `gid`) let `who` write, or it holds
+/// CAP_DAC_OVERRIDE in the daemon's user namespace. (ACLs are the caller's to consult.)
+pub(crate) fn mode_lets_write(who: Caller, mode: u32, uid: u32, gid: u32) -> bool {
+    let status = std::cell::OnceCell::new();
+    let status = || status.get_or_init(|| caller_status(who));
+    let bit = if who.uid == uid {
+        0o200
+    } else if who.gid == gid || status().as_ref().is_some_and(|s| s.groups.contains(&gid)) {
+        0o020
+    } else {
+        0o002
+    };
+    mode & bit != 0
+        || status()
+            .as_ref()
+            .is_some_and(|s| s.same_userns && s.has(CAP_DAC_OVERRIDE))
+}
+
+/// Whether `who` lacks CAP_FSETID in the initial user namespace, which is what the kernel's
+/// `capable(CAP_FSETID)` asks of a writing or truncating caller. When that cannot be told, it
+/// is taken to lack it: set-id bits are cleared, the safe way.
+pub(crate) fn lacks_fsetid(who: Caller) -> bool {
+    !caller_status(who).is_some_and(|s| s.init_userns && s.has(CAP_FSETID))
 }
 
 #[cfg(test)]

@@ -154,14 +154,17 @@ pub enum SetTime {
 ///
 /// With FUSE_HANDLE_KILLPRIV_V2 (offered at INIT so that the kernel stops asking for
 /// `security.capability` before every write: see `fuse::UnionFs::init`) the kernel leaves that
-/// to the daemon where kernel overlayfs's VFS would clear them: a truncate by a caller without
-/// CAP_FSETID (it says FATTR_KILL_SUIDGID; fuser does not pass that on), a write by one (it
-/// sends a setattr that changes nothing before the write goes ahead — also before the writes
-/// it makes itself through passthrough, which we never see), and a `chown(f, -1, -1)` (the
-/// same empty setattr, from a caller that need not have the file open, and which must own it
-/// when there is a bit to clear). The rule is the VFS's (`setattr_should_drop_suidgid`): the
-/// set-user-ID bit goes, and the set-group-ID bit if the group may execute the file or the
-/// caller is neither in its group nor holds CAP_FSETID.
+/// to the daemon where kernel overlayfs's VFS would clear them, and drops the mode it worked
+/// out: a truncate by a caller without CAP_FSETID (it says FATTR_KILL_SUIDGID; fuser does not
+/// pass that on), a chown, a write by a caller without CAP_FSETID (a setattr that changes
+/// nothing, sent before the write goes ahead — also before the writes the kernel makes itself
+/// through passthrough, which we never see), and `chown(f, -1, -1)` (the same empty setattr,
+/// or one of ctime only with the kernel's write-back cache, from a caller who must own the
+/// file when there is a bit to clear). The rules are the VFS's: a write or truncate
+/// (`setattr_should_drop_suidgid`) clears the set-user-ID bit, and the set-group-ID bit if the
+/// group may execute the file or the caller is neither in its group nor holds CAP_FSETID; a
+/// chown clears the same whatever the caller's CAP_FSETID. Decided on the attributes before
+/// the change, as the kernel decides, and made with it (the mode is set before a truncate).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum KillSuidgid {
     /// The bits stay.
@@ -173,15 +176,16 @@ pub enum KillSuidgid {
         caller: super::Caller,
         lacks_fsetid: Option<bool>,
     },
-    /// A setattr that changes nothing, from `caller`: a write's (the file is open for
-    /// writing) or a `chown(f, -1, -1)`.
+    /// A change of owner or group by `caller`.
+    Chown(super::Caller),
+    /// A setattr that changes nothing, from `caller`: a write's, or a `chown(f, -1, -1)`.
     Nothing(super::Caller),
 }
 
-/// The set-id bits of `attr` the VFS clears for `caller` (`setattr_should_drop_suidgid`
-/// without its CAP_FSETID condition).
+/// The set-id bits of a file (`attr`) the VFS clears for `caller` on a chown, and on a write
+/// or truncate by a caller without CAP_FSETID.
 fn set_id_bits(attr: &Attr, caller: super::Caller) -> u32 {
-    if attr.mode & libc::S_IFMT != libc::S_IFREG {
+    if attr.mode & libc::S_IFMT == libc::S_IFDIR {
         return 0;
     }
     let sgid = attr.mode & libc::S_ISGID != 0
@@ -189,11 +193,15 @@ fn set_id_bits(attr: &Attr, caller: super::Caller) -> u32 {
     (attr.mode & libc::S_ISUID) | if sgid { libc::S_ISGID } else { 0 }
 }
 
-/// [`set_id_bits`] if `caller` lacks CAP_FSETID (`lacks`: known, or looked up if it matters).
+/// [`set_id_bits`] of a regular file if `caller` lacks CAP_FSETID (`lacks`: known, or looked
+/// up when it matters).
 fn set_id_bits_without_fsetid(attr: &Attr, caller: super::Caller, lacks: Option<bool>) -> u32 {
+    if attr.mode & libc::S_IFMT != libc::S_IFREG {
+        return 0;
+    }
     match set_id_bits(attr, caller) {
         0 => 0,
-        bits if lacks.unwrap_or_else(|| super::acl::lacks_fsetid(caller.pid)) => bits,
+        bits if lacks.unwrap_or_else(|| super::acl::lacks_fsetid(caller)) => bits,
         _ => 0,
     }
 }
@@ -1242,24 +1250,18 @@ impl Union {
         let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
         let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
-        // A setattr that changes nothing clears set-id bits ([`KillSuidgid`]): decided
-        // before anything changes (a chown refused with EPERM copies nothing up).
-        let clear_after = match a.kill_suidgid {
-            KillSuidgid::Nothing(caller) => {
-                let now = self.getattr(ino, None)?;
-                let writing = self.handles_on(ino).iter().any(|f| f.writable);
-                if writing {
-                    set_id_bits_without_fsetid(&now, caller, None)
-                } else {
-                    // chown(f, -1, -1): the bits go whoever asks, if allowed to ask.
-                    let bits = set_id_bits(&now, caller);
-                    if bits != 0 && !super::acl::owner_or_capable(caller, now.uid) {
-                        return Err(Error::new(Errno::EPERM, "chown: not the owner"));
-                    }
-                    bits
-                }
+        // Set-id bits that go with the change ([`KillSuidgid`]), decided before it (a chown
+        // refused with EPERM copies nothing up): the mode to set along.
+        let with_mode;
+        let a = match self.killed_mode(&node, a)? {
+            Some(mode) => {
+                with_mode = SetAttr {
+                    mode: Some(mode),
+                    ..*a
+                };
+                &with_mode
             }
-            _ => 0,
+            None => a,
         };
         // Only times, of a node already in upper, change no xattr (`tar x` sets a file's
         // times right after writing it, then asks security.capability for its chown: the
@@ -1281,27 +1283,58 @@ impl Union {
             node.invalidate_xattrs();
             r?
         };
-        // Set-id bits to clear ([`KillSuidgid`]): after the change, as one more mode change
-        // (through whichever way the node's object is reached).
+        Ok(attr)
+    }
+
+    /// The mode `node` gets with setattr `a` if set-id bits go ([`KillSuidgid`]); EPERM for a
+    /// `chown(f, -1, -1)` the caller may not make.
+    fn killed_mode(&self, node: &Node, a: &SetAttr) -> Result<Option<u32>> {
+        let caller = match a.kill_suidgid {
+            KillSuidgid::No => return Ok(None),
+            KillSuidgid::Truncate { caller, .. }
+            | KillSuidgid::Chown(caller)
+            | KillSuidgid::Nothing(caller) => caller,
+        };
+        if node.is_dir() {
+            return Ok(None);
+        }
+        let now = self.getattr(node.ino, None)?;
         let bits = match a.kill_suidgid {
             KillSuidgid::No => 0,
-            KillSuidgid::Truncate {
-                caller,
-                lacks_fsetid,
-            } => set_id_bits_without_fsetid(&attr, caller, lacks_fsetid),
-            KillSuidgid::Nothing(_) => clear_after & attr.mode,
+            KillSuidgid::Truncate { lacks_fsetid, .. } => {
+                set_id_bits_without_fsetid(&now, caller, lacks_fsetid)
+            }
+            KillSuidgid::Chown(_) => set_id_bits(&now, caller),
+            KillSuidgid::Nothing(_) => match set_id_bits(&now, caller) {
+                0 => 0,
+                bits => {
+                    // A write's or chown(f, -1, -1)'s. A write sends it only for a caller
+                    // without CAP_FSETID (or, to drop security.capability alone, one with
+                    // it), through a handle open for writing, so the caller may write the file
+                    // (and could clear the bits by writing anyway). Anything else is the
+                    // chown, which clears the bits whoever asks, if allowed to.
+                    let has_xattr = |name: &str| {
+                        self.xattrs_of(node).is_ok_and(|x| {
+                            x.iter()
+                                .any(|(n, _)| n.as_encoded_bytes() == name.as_bytes())
+                        })
+                    };
+                    let lacks = super::acl::lacks_fsetid(caller);
+                    let writing = self.handles_on(node.ino).iter().any(|f| f.writable)
+                        && (lacks || has_xattr("security.capability"))
+                        && (super::acl::mode_lets_write(caller, now.mode, now.uid, now.gid)
+                            || has_xattr(super::acl::ACCESS));
+                    if writing {
+                        if lacks { bits } else { 0 }
+                    } else if super::acl::owner_or_capable(caller, now.uid) {
+                        bits
+                    } else {
+                        return Err(Error::new(Errno::EPERM, "chown: not the owner"));
+                    }
+                }
+            },
         };
-        if bits == 0 {
-            return Ok(attr);
-        }
-        let clear = SetAttr {
-            mode: Some(attr.mode & 0o7777 & !bits),
-            ..SetAttr::default()
-        };
-        node.invalidate_xattrs();
-        let r = self.setattr_node(&node, &clear);
-        node.invalidate_xattrs();
-        r
+        Ok((bits != 0).then(|| a.mode.unwrap_or(now.mode) & 0o7777 & !bits))
     }
 
     fn setattr_node(&self, node: &Arc<Node>, a: &SetAttr) -> Result<Attr> {
