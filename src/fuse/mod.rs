@@ -268,7 +268,7 @@ impl Filesystem for UnionFs {
             InitFlags::FUSE_PARALLEL_DIROPS | rdp | InitFlags::FUSE_CACHE_SYMLINKS,
         );
         // Set-id bits and file capabilities cleared by the daemon where the VFS leaves it to
-        // the filesystem (a truncate: KillSuidgid; the upper filesystem drops
+        // the filesystem (writes, truncates, chowns: KillSuidgid; the upper filesystem drops
         // security.capability on our own writes and truncates). In return the kernel marks
         // the mount SB_NOSEC, as disk filesystems are: once it found a file with neither, it
         // stops asking for security.capability before each write(2) — a GETXATTR round trip
@@ -385,8 +385,8 @@ impl Filesystem for UnionFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
-            // A truncate, or a change of nothing: what the kernel leaves to us (fuser drops
-            // FATTR_KILL_SUIDGID, so the caller's capabilities are looked up: KillSuidgid).
+            // A truncate, a chown, or a change of nothing: what the kernel leaves to us (fuser
+            // drops FATTR_KILL_SUIDGID, so the caller's capabilities are looked up).
             kill_suidgid: match (mode, uid, gid, size, atime, mtime) {
                 (_, _, _, Some(_), ..) => KillSuidgid::Truncate {
                     caller: caller(req),

@@ -223,7 +223,7 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
     /// Handle the change came through (ftruncate).
     pub fh: Option<u64>,
-    /// Clear the set-user-ID and set-group-ID bits after the change ([`KillSuidgid`]).
+    /// Whether set-user-ID and set-group-ID bits go with the change ([`KillSuidgid`]).
     pub kill_suidgid: KillSuidgid,
 }
 
@@ -1271,19 +1271,16 @@ impl Union {
             && a.gid.is_none()
             && a.size.is_none()
             && node.st.lock().upper;
-        let attr = if times_only {
-            self.setattr_node(&node, a)?
-        } else {
-            // chmod rewrites ACL xattrs, chown and truncate drop security.capability: reload
-            // xattrs next time — also after the change, so a load that ran meanwhile (a
-            // getfacl during the copy-up) cannot keep the old ACL for the kernel's next
-            // permission check.
-            node.invalidate_xattrs();
-            let r = self.setattr_node(&node, a);
-            node.invalidate_xattrs();
-            r?
-        };
-        Ok(attr)
+        if times_only {
+            return self.setattr_node(&node, a);
+        }
+        // chmod rewrites ACL xattrs, chown and truncate drop security.capability: reload
+        // xattrs next time — also after the change, so a load that ran meanwhile (a getfacl
+        // during the copy-up) cannot keep the old ACL for the kernel's next permission check.
+        node.invalidate_xattrs();
+        let r = self.setattr_node(&node, a);
+        node.invalidate_xattrs();
+        r
     }
 
     /// The mode `node` gets with setattr `a` if set-id bits go ([`KillSuidgid`]); EPERM for a
