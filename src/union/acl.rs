@@ -327,6 +327,57 @@ mod tests {
     fn e(tag: u16, perm: u16, id: u32) -> Entry {
         Entry { tag, perm, id }
     }
+
+    /// This thread as a FUSE request would name it.
+    fn me() -> Caller {
+        // SAFETY: getuid/getgid/gettid have no preconditions.
+        let (uid, gid, tid) = unsafe { (libc::getuid(), libc::getgid(), libc::gettid()) };
+        Caller {
+            uid,
+            gid,
+            pid: tid as u32,
+        }
+    }
+
+    /// The status of a thread speaks for a caller only if its fsuid and fsgid are the
+    /// request's: a pid from another pid namespace must not lend another process's
+    /// capabilities (the safe answers then: not capable, lacking CAP_FSETID).
+    #[test]
+    fn caller_status_is_the_callers_only_if_its_ids_match() {
+        let me = me();
+        let st = caller_status(me).expect("own status");
+        assert!(st.same_userns);
+        let other = Caller {
+            uid: me.uid.wrapping_add(1),
+            ..me
+        };
+        assert!(
+            caller_status(other).is_none(),
+            "another fsuid's status was used"
+        );
+        assert!(
+            caller_status(Caller {
+                gid: me.gid.wrapping_add(1),
+                ..me
+            })
+            .is_none()
+        );
+        assert!(lacks_fsetid(other));
+        assert!(!owner_or_capable(other, me.uid.wrapping_add(2)));
+        if me.uid == 0 && st.init_userns && st.has(CAP_FSETID) {
+            // Root in the initial namespace (the test machines): capable, as the kernel says.
+            assert!(!lacks_fsetid(me));
+            assert!(owner_or_capable(me, 12345));
+            assert!(mode_lets_write(me, 0o100000, 12345, 12345));
+        }
+        // Gone or never there: unknown.
+        let gone = Caller {
+            pid: u32::MAX - 1,
+            ..me
+        };
+        assert!(caller_status(gone).is_none());
+        assert!(lacks_fsetid(gone));
+    }
     const U: u32 = u32::MAX;
 
     #[test]
