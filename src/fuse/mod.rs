@@ -377,7 +377,7 @@ impl Filesystem for UnionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let a = SetAttr {
+        let mut a = SetAttr {
             mode,
             uid,
             gid,
@@ -385,19 +385,10 @@ impl Filesystem for UnionFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
-            // A truncate, a chown, or a change of nothing: what the kernel leaves to us (fuser
-            // drops FATTR_KILL_SUIDGID, so the caller's capabilities are looked up).
-            kill_suidgid: match (mode, uid, gid, size, atime, mtime) {
-                (_, _, _, Some(_), ..) => KillSuidgid::Truncate {
-                    caller: caller(req),
-                    lacks_fsetid: None,
-                },
-                (_, Some(_), ..) | (_, _, Some(_), ..) => KillSuidgid::Chown(caller(req)),
-                // (ctime alone: chown(f, -1, -1) with the kernel's write-back cache.)
-                (None, None, None, None, None, None) => KillSuidgid::Nothing(caller(req)),
-                _ => KillSuidgid::No,
-            },
+            kill_suidgid: KillSuidgid::No,
         };
+        // (fuser drops FATTR_KILL_SUIDGID: the caller's capabilities are looked up.)
+        a.kill_suidgid = KillSuidgid::for_setattr(&a, caller(req), None);
         match self.u.setattr(ino.0, &a) {
             Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
             Err(e) => reply.error(errno(e)),

@@ -709,7 +709,7 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
                     .transpose()
                     .map_err(short)
             };
-            let sa = SetAttr {
+            let mut sa = SetAttr {
                 mode: field32(wire::FATTR_MODE, 68)?,
                 uid: field32(wire::FATTR_UID, 76)?,
                 gid: field32(wire::FATTR_GID, 80)?,
@@ -729,33 +729,10 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
                     a.u32(60).map_err(short)?,
                 ),
                 fh: field64(wire::FATTR_FH, 8)?,
-                kill_suidgid: {
-                    // (ctime alone is a change of nothing: chown(f, -1, -1) with the kernel's
-                    // write-back cache. See KillSuidgid.)
-                    let changes = wire::FATTR_MODE
-                        | wire::FATTR_UID
-                        | wire::FATTR_GID
-                        | wire::FATTR_SIZE
-                        | wire::FATTR_ATIME
-                        | wire::FATTR_MTIME;
-                    if valid & wire::FATTR_SIZE != 0 {
-                        // As the kernel said (it decides on the caller's CAP_FSETID).
-                        match valid & wire::FATTR_KILL_SUIDGID {
-                            0 => KillSuidgid::No,
-                            _ => KillSuidgid::Truncate {
-                                caller: who,
-                                lacks_fsetid: Some(true),
-                            },
-                        }
-                    } else if valid & (wire::FATTR_UID | wire::FATTR_GID) != 0 {
-                        KillSuidgid::Chown(who)
-                    } else if valid & changes == 0 {
-                        KillSuidgid::Nothing(who)
-                    } else {
-                        KillSuidgid::No
-                    }
-                },
+                kill_suidgid: KillSuidgid::No,
             };
+            let said = valid & wire::FATTR_KILL_SUIDGID != 0;
+            sa.kill_suidgid = KillSuidgid::for_setattr(&sa, who, Some(said));
             out.attr_out(&u.setattr(ino, &sa).map_err(err)?, s.ttl);
         }
         wire::READLINK => {

@@ -182,6 +182,34 @@ pub enum KillSuidgid {
     Nothing(super::Caller),
 }
 
+impl KillSuidgid {
+    /// What setattr `a` from `caller` leaves to us: a truncate, a chown, or a change of
+    /// nothing (ctime alone counts as nothing: chown(f, -1, -1) with the kernel's write-back
+    /// cache). `truncate_kills`: the kernel's FATTR_KILL_SUIDGID (it decides on the caller's
+    /// CAP_FSETID), or None where the transport drops it (fuser: looked up instead).
+    pub fn for_setattr(
+        a: &SetAttr,
+        caller: super::Caller,
+        truncate_kills: Option<bool>,
+    ) -> KillSuidgid {
+        if a.size.is_some() {
+            match truncate_kills {
+                Some(false) => KillSuidgid::No,
+                lacks_fsetid => KillSuidgid::Truncate {
+                    caller,
+                    lacks_fsetid,
+                },
+            }
+        } else if a.uid.is_some() || a.gid.is_some() {
+            KillSuidgid::Chown(caller)
+        } else if a.mode.is_none() && a.atime.is_none() && a.mtime.is_none() {
+            KillSuidgid::Nothing(caller)
+        } else {
+            KillSuidgid::No
+        }
+    }
+}
+
 /// The set-id bits of a file (`attr`) the VFS clears for `caller` on a chown, and on a write
 /// or truncate by a caller without CAP_FSETID.
 fn set_id_bits(attr: &Attr, caller: super::Caller) -> u32 {
