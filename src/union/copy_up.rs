@@ -173,6 +173,13 @@ impl Union {
         if src_layer != LayerRef::Upper {
             self.inomap.set(new.st_ino, node.ino);
         }
+        // A name of a file hard-linked in its lower layer: the copy is a file of its own
+        // (nlink 1, as kernel overlayfs without index=on shows it), but the kernel may hold the
+        // lower file's count from a lookup, and a copy-up made for another request (a whole
+        // tree's, dir_rename=copy) tells it nothing: have it fetch the attributes again.
+        if !node.is_dir() && fs.st_nlink > 1 && new.st_nlink != fs.st_nlink {
+            self.kernel_forget(vec![super::Forget::Inode(node.ino)]);
+        }
         // Pending before it is upper: whoever sees it upper also finds the commit to wait for.
         let staged = match (tx, tmp) {
             (Some(tx), Some(tmp)) => {
