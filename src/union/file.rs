@@ -1197,7 +1197,8 @@ impl Union {
     }
 
     /// Write every dirty page of the mount to its file and sync the upper filesystem
-    /// (`unionfs-rs sync`; FUSE's SYNCFS does not reach this daemon through fuser 0.18).
+    /// (`unionfs-rs sync`; the kernel sends FUSE_SYNCFS to virtiofs servers only, so sync(2)
+    /// and syncfs(2) on the mount never ask for this).
     pub fn sync_all(&self) -> Result<()> {
         self.commits.wait_all();
         if let Some(c) = &self.cache {
