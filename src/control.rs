@@ -245,6 +245,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 u8::from(pt),
                 u8::from(union.writeback_cache_on())
             ));
+            let (lower_opens, busy_waits, busy_refusals) = union.lower_passthrough_stats();
+            s.push_str(&format!(
+                ",\"lower_passthrough_opens\":{lower_opens},\"lower_busy_waits\":{busy_waits},\"lower_busy_refusals\":{busy_refusals}"
+            ));
             s.push_str(&format!(
                 ",\"uring_threads\":{},\"uring_requests\":{},\"getxattr_requests\":{}",
                 union.uring_threads.load(std::sync::atomic::Ordering::Relaxed),

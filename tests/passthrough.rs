@@ -1,6 +1,6 @@
 //! FUSE passthrough (DESIGN.md section 5): as root, files in upper (no quota) and every file of a
-//! read-only union are read and written by the kernel itself; lower files of a writable union,
-//! quota mounts and `--passthrough off` go through the daemon. The kernel refuses (EIO) an open
+//! read-only union are read and written by the kernel itself; lower files of a writable union
+//! (unless `--passthrough lower`), quota mounts and `--passthrough off` go through the daemon. The kernel refuses (EIO) an open
 //! that mixes the two modes on one inode, so these tests open files every way that could mix
 //! them: a lower file open for reading while another open copies it up, readers and writers of
 //! one file at once, mmap, and a handover from the page cache.
@@ -298,4 +298,157 @@ fn mount_readonly(lower: Vec<Entry>) -> Mount {
         },
     )
     .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `passthrough=lower`: read-only opens of lower files are passthrough too (the kernel reads
+/// the lower file itself), and nothing may change such a file while they last — they would
+/// read on from the lower file. An open for writing (which copies the file up) or a truncate
+/// waits for them to close, then fails with ETXTBSY; metadata changes go ahead. Once they are
+/// closed, the change is made and every later open sees it. A reader that has just closed
+/// does not hold up the next writer (its RELEASE comes after close(2) returns).
+#[test]
+fn lower_passthrough_reads_lower_files_and_holds_changes_off_while_they_are_open() {
+    if !can_test_passthrough() {
+        return;
+    }
+    with_timeout(TIMEOUT, || {
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 249) as u8).collect();
+        let mut lower = vec![file_bytes("big", data.clone()), file("f", "0123456789")];
+        for i in 0..50 {
+            lower.push(file(&format!("s{i}"), &format!("small {i}\n")));
+        }
+        let m = Mount::with_args(lower, &["--passthrough", "lower"]);
+        let lower_opens = |m: &Path| daemon_stats(m)["lower_passthrough_opens"];
+        assert_eq!(fs::read(m.path("big")).unwrap(), data);
+        assert_eq!(
+            lower_opens(&m.merged),
+            1,
+            "a lower file was not passthrough"
+        );
+
+        // A reader holds the lower file: changes of its data wait, then fail.
+        let mut reader = File::open(m.path("f")).unwrap();
+        let mut buf = [0u8; 4];
+        reader.read_exact(&mut buf).unwrap();
+        let t = std::time::Instant::now();
+        let e = OpenOptions::new()
+            .append(true)
+            .open(m.path("f"))
+            .unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ETXTBSY),
+            "open for writing: {e}"
+        );
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(900),
+            "refused without waiting for the reader: {:?}",
+            t.elapsed()
+        );
+        let e = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path("f"))
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "O_TRUNC: {e}");
+        let path =
+            std::ffi::CString::new(m.path("f").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: truncate(2) of a NUL-terminated path.
+        let r = unsafe { libc::truncate(path.as_ptr(), 3) };
+        assert_eq!(r, -1);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ETXTBSY),
+            "truncate(2)"
+        );
+        // Metadata changes copy up, and the data stays the same for everyone.
+        fs::set_permissions(
+            m.path("f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let second = fs::read_to_string(m.path("f")).unwrap();
+        assert_eq!(second, "0123456789");
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "456789");
+        drop(reader);
+        let s = daemon_stats(&m.merged);
+        assert_eq!(s["lower_busy_refusals"], 3, "{s:?}");
+
+        // Closed: the write goes ahead, and every later open sees it.
+        let w = OpenOptions::new().write(true).open(m.path("f")).unwrap();
+        w.write_all_at(b"AB", 0).unwrap();
+        drop(w);
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "AB23456789");
+        assert_eq!(
+            fs::read_to_string(m.dirs.upper.join("f")).unwrap(),
+            "AB23456789"
+        );
+
+        // A mapping of the file is the lower file's own (the kernel maps the backing file),
+        // so it holds nothing up once the descriptor is closed: the writer goes ahead, and the
+        // mapping goes on showing the lower file, as kernel overlayfs documents for a lower
+        // file mapped before a change.
+        let big = File::open(m.path("big")).unwrap();
+        // SAFETY: a private read-only mapping of an open descriptor, unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&big),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        drop(big);
+        let w = OpenOptions::new().write(true).open(m.path("big")).unwrap();
+        w.write_all_at(b"Z", 0).unwrap();
+        w.write_all_at(b"Z", 1_999_999).unwrap();
+        drop(w);
+        // SAFETY: the mapping is 4096 readable bytes.
+        let mapped = unsafe { std::slice::from_raw_parts(map as *const u8, 16) }.to_vec();
+        assert_eq!(mapped, data[..16], "the mapping of the lower file");
+        // SAFETY: unmapping the mapping made above, no longer used.
+        assert_eq!(unsafe { libc::munmap(map, 4096) }, 0);
+        let mut want = data.clone();
+        want[0] = b'Z';
+        want[1_999_999] = b'Z';
+        assert_eq!(fs::read(m.path("big")).unwrap(), want);
+
+        // Read, closed, then written at once: the reader's release is never in the way.
+        let before = daemon_stats(&m.merged);
+        for i in 0..50 {
+            let p = m.path(&format!("s{i}"));
+            assert_eq!(fs::read_to_string(&p).unwrap(), format!("small {i}\n"));
+            let mut a = OpenOptions::new().append(true).open(&p).unwrap();
+            a.write_all(b"more\n").unwrap();
+        }
+        for i in 0..50 {
+            let p = m.path(&format!("s{i}"));
+            assert_eq!(
+                fs::read_to_string(&p).unwrap(),
+                format!("small {i}\nmore\n")
+            );
+        }
+        let s = daemon_stats(&m.merged);
+        assert_eq!(
+            s["lower_passthrough_opens"],
+            before["lower_passthrough_opens"] + 50,
+            "{s:?}"
+        );
+        assert_eq!(
+            s["lower_busy_refusals"], before["lower_busy_refusals"],
+            "{s:?}"
+        );
+        // The lower layer is untouched.
+        assert_eq!(fs::read(m.dirs.lowers[0].join("big")).unwrap(), data);
+        assert_eq!(
+            fs::read_to_string(m.dirs.lowers[0].join("f")).unwrap(),
+            "0123456789"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
 }

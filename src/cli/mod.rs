@@ -138,8 +138,10 @@ struct MountArgs {
     /// Append the daemon's log (warnings, write-back errors, stop progress) to this file.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
-    /// FUSE passthrough where it is safe: auto (default; used as root) or off.
-    #[arg(long, value_name = "auto|off")]
+    /// FUSE passthrough where it is safe: auto (default; used as root), lower (auto, and
+    /// read-only opens of lower files too: an open for writing waits for them, then ETXTBSY)
+    /// or off.
+    #[arg(long, value_name = "auto|lower|off")]
     passthrough: Option<String>,
     /// The kernel's FUSE write-back cache: auto (default; on when passthrough cannot be used,
     /// i.e. rootless), on or off. Never with a quota.

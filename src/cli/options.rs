@@ -76,6 +76,8 @@ pub struct MountSpec {
     pub cache: crate::cache::CacheConfig,
     /// `passthrough=off`: every file's I/O goes through the daemon.
     pub no_passthrough: bool,
+    /// `passthrough=lower`: read-only opens of lower files too (see [`crate::union::Options`]).
+    pub lower_passthrough: bool,
     /// `writeback_cache=on|off` (None: auto, on where passthrough cannot be used).
     pub writeback_cache: Option<bool>,
     /// `readdirplus=auto|on|off`: directory listings with attributes.
@@ -323,13 +325,14 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                     .map_err(|_| format!("release_delay_ms: not a number: {}", v.unwrap_or("")))?
             }
             "passthrough" => {
-                spec.no_passthrough = match v.unwrap_or("auto") {
-                    "auto" | "on" => false,
-                    "off" => true,
-                    other => return Err(format!("passthrough: {other} is not auto or off")),
+                (spec.no_passthrough, spec.lower_passthrough) = match v.unwrap_or("auto") {
+                    "auto" | "on" => (false, false),
+                    "lower" => (false, true),
+                    "off" => (true, false),
+                    other => return Err(format!("passthrough: {other} is not auto, lower or off")),
                 }
             }
-            "nopassthrough" => spec.no_passthrough = true,
+            "nopassthrough" => (spec.no_passthrough, spec.lower_passthrough) = (true, false),
             "writeback_cache" | "writeback" => {
                 spec.writeback_cache = match v.unwrap_or("on") {
                     "auto" => None,
@@ -534,6 +537,20 @@ mod tests {
         apply_opts(&mut s, "dir_rename=exdev").unwrap();
         assert!(!s.dir_rename_copy);
         assert!(apply_opts(&mut s, "dir_rename=redirect").is_err());
+    }
+
+    #[test]
+    fn passthrough_values() {
+        let mut s = MountSpec::default();
+        apply_opts(&mut s, "passthrough=lower").unwrap();
+        assert!(!s.no_passthrough && s.lower_passthrough);
+        apply_opts(&mut s, "passthrough=auto").unwrap();
+        assert!(!s.no_passthrough && !s.lower_passthrough);
+        apply_opts(&mut s, "passthrough=lower,nopassthrough").unwrap();
+        assert!(s.no_passthrough && !s.lower_passthrough);
+        apply_opts(&mut s, "passthrough").unwrap();
+        assert!(!s.no_passthrough && !s.lower_passthrough);
+        assert!(apply_opts(&mut s, "passthrough=upper").is_err());
     }
 
     #[test]

@@ -315,6 +315,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         cache: Some(spec.cache),
         // Registering backing files needs CAP_SYS_ADMIN in the initial user namespace.
         passthrough: !spec.no_passthrough && privileged,
+        lower_passthrough: spec.lower_passthrough && !spec.no_passthrough && privileged,
         // Auto: where passthrough is impossible (the kernel excludes the two).
         writeback_cache: spec.writeback_cache.unwrap_or(!privileged),
         prefetch: !spec.no_prefetch,

@@ -272,6 +272,10 @@ fn is_writable(f: OFlag) -> bool {
 /// file is 16 TiB (4 KiB blocks) and FUSE lets writes reach 8 EiB.
 const CACHED_WRITE_END_MAX: u64 = 1 << 40;
 
+/// How long a change of a lower file waits for the opens that read it in passthrough mode
+/// (`passthrough=lower`) to close before it fails with ETXTBSY ([`Union::kio_for_change`]).
+pub(crate) const LOWER_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Union {
     /// Offer FUSE passthrough at INIT? (Asked for, and the daemon may register backing files:
     /// root in the initial user namespace.)
@@ -322,6 +326,16 @@ impl Union {
         )
     }
 
+    /// (`passthrough=lower`: opens of lower files answered in passthrough mode, changes that
+    /// waited for such opens to close, changes refused with ETXTBSY).
+    pub fn lower_passthrough_stats(&self) -> (u64, u64, u64) {
+        (
+            self.lower_direct_opens.load(Ordering::Relaxed),
+            self.lower_busy_waits.load(Ordering::Relaxed),
+            self.lower_busy_refusals.load(Ordering::Relaxed),
+        )
+    }
+
     /// open(2) of an existing file; `flags` as the kernel passes them. Returns a handle id.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
         Ok(self.open_with(ino, flags, None)?.fh)
@@ -344,7 +358,11 @@ impl Union {
         // The kernel-I/O state first: a copy staged here (commit deferred) is opened under
         // its scratch name by this thread only, and another open of the file, which would
         // wait for the commit, must not hold this lock meanwhile.
-        let mut k = node.kio.lock();
+        let mut k = if writable {
+            self.kio_for_change(&node)?
+        } else {
+            node.kio.lock()
+        };
         let was_lower = writable && {
             let st = node.st.lock();
             // (A metacopy file's data was read from the lower file, as a lower file's.)
@@ -422,6 +440,47 @@ impl Union {
         false
     }
 
+    /// The node's kernel-I/O state, locked, for an open or truncate that may change the file.
+    /// While the kernel reads its lower file in passthrough mode (`passthrough=lower`), the
+    /// file cannot change: those opens would go on reading the lower file (the kernel binds
+    /// every open of an inode to one backing file, and neither hands the upper file to the
+    /// ones there nor lets another open of the inode go through the daemon). So the change
+    /// waits for them to close — a reader's RELEASE comes after its close(2) has returned —
+    /// for up to [`LOWER_BUSY_WAIT`], then fails with ETXTBSY, as writing a running program
+    /// does.
+    pub(crate) fn kio_for_change<'a>(
+        &self,
+        node: &'a Node,
+    ) -> Result<parking_lot::MutexGuard<'a, super::inode::KernelIo>> {
+        let mut waited: Option<std::time::Instant> = None;
+        loop {
+            let k = node.kio.lock();
+            if k.direct == 0 || !k.backing_lower {
+                return Ok(k);
+            }
+            drop(k);
+            let since = *waited.get_or_insert_with(|| {
+                self.lower_busy_waits.fetch_add(1, Ordering::Relaxed);
+                std::time::Instant::now()
+            });
+            if since.elapsed() >= LOWER_BUSY_WAIT {
+                if self.lower_busy_refusals.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!(
+                        "passthrough=lower: a change of a lower file open for reading (node {}) \
+                         waited {} ms for those opens to close; refused with ETXTBSY",
+                        node.ino,
+                        LOWER_BUSY_WAIT.as_millis()
+                    );
+                }
+                return Err(Error::new(
+                    Errno::ETXTBSY,
+                    "lower file open for reading in passthrough mode (passthrough=lower)",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// Open in passthrough mode if that is safe; `Ok(None)`: open through the daemon.
     ///
     /// Safe means no write through this open can need the daemon: a file in upper when no
@@ -455,11 +514,14 @@ impl Union {
         let (backing, fd) = match &k.backing {
             Some(b) if k.direct > 0 => b.clone(),
             _ => {
+                // A lower file of a writable union only with `passthrough=lower`, and only to
+                // read: an open that changes it waits until such opens are gone
+                // ([`Union::kio_for_change`]), so they never read a stale file.
                 let safe = !st.unlinked
                     && if in_upper {
                         self.quota.is_none()
                     } else {
-                        self.upper.is_none()
+                        self.upper.is_none() || (self.lower_passthrough && !writable)
                     };
                 if !safe {
                     return Ok(None);
@@ -530,6 +592,12 @@ impl Union {
                 lost: std::sync::atomic::AtomicBool::new(false),
             }),
         );
+        if k.direct == 0 {
+            k.backing_lower = !in_upper && self.upper.is_some();
+        }
+        if k.backing_lower {
+            self.lower_direct_opens.fetch_add(1, Ordering::Relaxed);
+        }
         k.direct += 1;
         k.backing = Some((backing.clone(), fd));
         k.changed_directly |= writable;
@@ -1113,6 +1181,7 @@ impl Union {
                 if k.direct == 0 {
                     // The kernel has let go of it before sending RELEASE.
                     k.backing = None;
+                    k.backing_lower = false;
                 }
             } else {
                 k.daemon = k.daemon.saturating_sub(1);
@@ -1279,6 +1348,14 @@ impl Union {
         let (uid, gid) = self.disk_ids(a.uid, a.gid)?;
         let a = &SetAttr { uid, gid, ..*a };
         let node = self.node(ino)?;
+        // A truncate waits for passthrough readers of the lower file, and holds new ones
+        // off until it is done (`passthrough=lower`).
+        let _no_lower_readers = match a.size {
+            Some(_) if self.lower_passthrough && !node.is_dir() => {
+                Some(self.kio_for_change(&node)?)
+            }
+            _ => None,
+        };
         // Set-id bits that go with the change ([`KillSuidgid`]), decided before it (a chown
         // refused with EPERM copies nothing up): the mode to set along.
         let with_mode;

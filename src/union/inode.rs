@@ -197,6 +197,9 @@ pub struct KernelIo {
     pub direct: u32,
     /// While `direct` > 0: the registered backing file and our fd of it.
     pub backing: Option<(Backing, Arc<OwnedFd>)>,
+    /// That backing file is a lower layer's (`passthrough=lower`): no open may change the
+    /// file until `direct` is back to 0.
+    pub backing_lower: bool,
     /// A writable direct open happened since the daemon last served the file: the kernel's
     /// cached pages of the FUSE inode (and any of ours) may be stale.
     pub changed_directly: bool,

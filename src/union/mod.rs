@@ -206,6 +206,11 @@ pub struct Options {
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
     pub passthrough: bool,
+    /// Passthrough for read-only opens of lower files of a writable union too
+    /// (`passthrough=lower`): the kernel reads them itself, and an open that would change such
+    /// a file (copy it up and write) waits until they are closed, else fails with ETXTBSY
+    /// ([`Union::kio_for_change`]).
+    pub lower_passthrough: bool,
     /// Ask for the kernel's FUSE write-back cache (never kept with a quota).
     pub writeback_cache: bool,
     /// Read directories ahead of a tree walk (`prefetch.rs`).
@@ -441,6 +446,13 @@ pub struct Union {
     /// registration.
     pub(crate) direct_opens: AtomicU64,
     pub(crate) direct_fallbacks: AtomicU64,
+    /// `passthrough=lower` ([`Options::lower_passthrough`]).
+    pub(crate) lower_passthrough: bool,
+    /// Of those opens, the ones of lower files (`passthrough=lower`); changes that waited for
+    /// such opens to close, and the ones refused with ETXTBSY after waiting.
+    pub(crate) lower_direct_opens: AtomicU64,
+    pub(crate) lower_busy_waits: AtomicU64,
+    pub(crate) lower_busy_refusals: AtomicU64,
     /// FUSE over io_uring: serving threads (0: requests come through /dev/fuse only) and the
     /// requests they served. Kept here for `stats`; the transport is the FUSE adapter's.
     pub uring_threads: std::sync::atomic::AtomicUsize,
@@ -647,6 +659,10 @@ impl Union {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             direct_opens: AtomicU64::new(0),
             direct_fallbacks: AtomicU64::new(0),
+            lower_passthrough: opts.lower_passthrough,
+            lower_direct_opens: AtomicU64::new(0),
+            lower_busy_waits: AtomicU64::new(0),
+            lower_busy_refusals: AtomicU64::new(0),
             uring_threads: Default::default(),
             uring_requests: AtomicU64::new(0),
             getxattr_requests: AtomicU64::new(0),
