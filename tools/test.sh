@@ -118,13 +118,15 @@ if run "cargo build" cargo build --bins; then
         # compared with kernel overlayfs over the same upper and after a remount
         # (tools/concurrent-stress.py), with merged directories moving while others work
         # inside them: copied up whole (dir_rename=copy, the `-o lowerdir=` form's default),
-        # and with redirects (redirect_dir=on).
+        # and with redirects (redirect_dir=on), there with lower files read by passthrough
+        # (passthrough=lower: writers wait for readers, none may see a stale file).
         run "concurrency stress (dir_rename=copy)" python3 tools/concurrent-stress.py \
             --workers 3 --seconds 20 --seed 1 --bin "$UNIONFS_BIN" \
             --mount-opt=-o --mount-opt=dir_rename=copy
-        run "concurrency stress (redirect_dir=on)" python3 tools/concurrent-stress.py \
+        run "concurrency stress (redirect_dir=on, passthrough=lower)" \
+            python3 tools/concurrent-stress.py \
             --workers 3 --seconds 20 --seed 2 --bin "$UNIONFS_BIN" \
-            --mount-opt=-o --mount-opt=redirect_dir=on
+            --mount-opt=-o --mount-opt=redirect_dir=on,passthrough=lower
     fi
     if [ "${SKIP_PODMAN:-0}" != 1 ]; then
         run "podman e2e" bash tools/podman-e2e.sh "$UNIONFS_BIN"
