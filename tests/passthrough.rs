@@ -313,7 +313,11 @@ fn lower_passthrough_reads_lower_files_and_holds_changes_off_while_they_are_open
     }
     with_timeout(TIMEOUT, || {
         let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 249) as u8).collect();
-        let mut lower = vec![file_bytes("big", data.clone()), file("f", "0123456789")];
+        let mut lower = vec![
+            file_bytes("big", data.clone()),
+            file("f", "0123456789"),
+            file("g", "abcdefghij"),
+        ];
         for i in 0..50 {
             lower.push(file(&format!("s{i}"), &format!("small {i}\n")));
         }
@@ -341,7 +345,7 @@ fn lower_passthrough_reads_lower_files_and_holds_changes_off_while_they_are_open
             "open for writing: {e}"
         );
         assert!(
-            t.elapsed() >= std::time::Duration::from_millis(900),
+            t.elapsed() >= std::time::Duration::from_millis(90),
             "refused without waiting for the reader: {:?}",
             t.elapsed()
         );
@@ -385,6 +389,29 @@ fn lower_passthrough_reads_lower_files_and_holds_changes_off_while_they_are_open
             fs::read_to_string(m.dirs.upper.join("f")).unwrap(),
             "AB23456789"
         );
+
+        // An open after a metadata copy-up shares the readers' backing, the lower file: a
+        // change through it once the name is gone must not reach the lower file (the handle
+        // is not one of an upper file).
+        let reader = File::open(m.path("g")).unwrap();
+        fs::set_permissions(
+            m.path("g"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let late = File::open(m.path("g")).unwrap();
+        fs::remove_file(m.path("g")).unwrap();
+        let _ = late.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o751));
+        let lower_g = fs::metadata(m.dirs.lowers[0].join("g")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&lower_g.permissions()) & 0o7777,
+            0o644,
+            "a change through a reader of the lower file reached the lower file"
+        );
+        let mut all = String::new();
+        (&late).read_to_string(&mut all).unwrap();
+        assert_eq!(all, "abcdefghij");
+        drop((reader, late));
 
         // A mapping of the file is the lower file's own (the kernel maps the backing file),
         // so it holds nothing up once the descriptor is closed: the writer goes ahead, and the

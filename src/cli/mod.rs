@@ -139,7 +139,7 @@ struct MountArgs {
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
     /// FUSE passthrough where it is safe: auto (default; used as root), lower (auto, and
-    /// read-only opens of lower files too: an open for writing waits for them, then ETXTBSY)
+    /// read-only opens of lower files too: meanwhile an open for writing fails with ETXTBSY)
     /// or off.
     #[arg(long, value_name = "auto|lower|off")]
     passthrough: Option<String>,

@@ -274,7 +274,9 @@ const CACHED_WRITE_END_MAX: u64 = 1 << 40;
 
 /// How long a change of a lower file waits for the opens that read it in passthrough mode
 /// (`passthrough=lower`) to close before it fails with ETXTBSY ([`Union::kio_for_change`]).
-pub(crate) const LOWER_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Short: it covers a reader's RELEASE still on its way (it follows close(2)), not a reader
+/// that stays; the waiting request holds a serving thread meanwhile.
+pub(crate) const LOWER_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Union {
     /// Offer FUSE passthrough at INIT? (Asked for, and the daemon may register backing files:
@@ -447,7 +449,9 @@ impl Union {
     /// ones there nor lets another open of the inode go through the daemon). So the change
     /// waits for them to close — a reader's RELEASE comes after its close(2) has returned —
     /// for up to [`LOWER_BUSY_WAIT`], then fails with ETXTBSY, as writing a running program
-    /// does.
+    /// does. (Not longer: the wait holds a serving thread, and with every thread of a queue
+    /// waiting, the RELEASE that would end it could not be served; readers that keep
+    /// opening the file would keep a writer waiting anyway.)
     pub(crate) fn kio_for_change<'a>(
         &self,
         node: &'a Node,
@@ -510,10 +514,12 @@ impl Union {
             // A metacopy file's data is not in its upper file: read through the daemon.
             return Ok(None);
         }
-        let in_upper = st.upper;
-        let (backing, fd) = match &k.backing {
-            Some(b) if k.direct > 0 => b.clone(),
+        // Which layer's file the handle holds: the shared backing file's when there is one
+        // (`passthrough=lower`: a lower file's, also after a copy-up of the node's metadata).
+        let (backing, fd, in_upper) = match &k.backing {
+            Some((b, fd)) if k.direct > 0 => (b.clone(), fd.clone(), !k.backing_lower),
             _ => {
+                let in_upper = st.upper;
                 // A lower file of a writable union only with `passthrough=lower`, and only to
                 // read: an open that changes it waits until such opens are gone
                 // ([`Union::kio_for_change`]), so they never read a stale file.
@@ -558,7 +564,7 @@ impl Union {
                     return Err(e);
                 }
                 match register(fd.as_fd()) {
-                    Ok(b) => (b, Arc::new(fd)),
+                    Ok(b) => (b, Arc::new(fd), in_upper),
                     Err(e) => {
                         if self.direct_fallbacks.fetch_add(1, Ordering::Relaxed) == 0 {
                             log::warn!(

@@ -208,8 +208,8 @@ pub struct Options {
     pub passthrough: bool,
     /// Passthrough for read-only opens of lower files of a writable union too
     /// (`passthrough=lower`): the kernel reads them itself, and an open that would change such
-    /// a file (copy it up and write) waits until they are closed, else fails with ETXTBSY
-    /// ([`Union::kio_for_change`]).
+    /// a file (copy it up and write) fails with ETXTBSY while they last (after a short wait
+    /// for ones just closed; [`Union::kio_for_change`]).
     pub lower_passthrough: bool,
     /// Ask for the kernel's FUSE write-back cache (never kept with a quota).
     pub writeback_cache: bool,
