@@ -51,8 +51,10 @@ mkdir -p "$bench_dir"
 before=$(find "$bench_dir/results" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | sort | tail -n 1 || true)
 # Where the kernel has FUSE over io_uring, it is switched on for the run (put back after):
 # `unionfs-rs` then uses it (as root, the default), and `unionfs-rs/dev-fuse` is the same binary
-# with `--uring off`, i.e. what a machine without the switch gets.
-targets="$peers,unionfs-rs"
+# with `--uring off`, i.e. what a machine without the switch gets. `unionfs-rs/lower` is the
+# default mount with `--passthrough lower` (the kernel reads lower files itself; opt-in, see
+# README).
+targets="$peers,unionfs-rs,unionfs-rs/lower"
 devfuse=()
 uring_param=/sys/module/fuse/parameters/enable_uring
 if [ -w "$uring_param" ]; then
@@ -64,6 +66,7 @@ if [ -w "$uring_param" ]; then
 fi
 python3 "$harness" "${quick[@]}" "${runs[@]}" --bench-dir "$bench_dir" --targets "$targets" \
     --target "unionfs-rs|$bin mount {lowers} {upper} {merged} --workdir {work}|fusermount3 -u {merged}" \
+    --target "unionfs-rs/lower|$bin mount {lowers} {upper} {merged} --workdir {work} --passthrough lower|fusermount3 -u {merged}" \
     "${devfuse[@]}" "${extra[@]}"
 if [ -n "${uring_was:-}" ]; then
     echo "$uring_was" >"$uring_param"
