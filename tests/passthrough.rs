@@ -303,7 +303,8 @@ fn mount_readonly(lower: Vec<Entry>) -> Mount {
 /// `passthrough=lower`: read-only opens of lower files are passthrough too (the kernel reads
 /// the lower file itself), and nothing may change such a file while they last — they would
 /// read on from the lower file. An open for writing (which copies the file up) or a truncate
-/// waits for them to close, then fails with ETXTBSY; metadata changes go ahead. Once they are
+/// fails with ETXTBSY meanwhile (after a short wait for readers just closing it); metadata
+/// changes go ahead, and a handle opened after such a change holds the lower file. Once they are
 /// closed, the change is made and every later open sees it. A reader that has just closed
 /// does not hold up the next writer (its RELEASE comes after close(2) returns).
 #[test]
