@@ -276,7 +276,7 @@ const CACHED_WRITE_END_MAX: u64 = 1 << 40;
 /// (`passthrough=lower`) to close before it fails with ETXTBSY ([`Union::kio_for_change`]).
 /// Short: it covers a reader's RELEASE still on its way (it follows close(2)), not a reader
 /// that stays; the waiting request holds a serving thread meanwhile.
-pub(crate) const LOWER_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+const LOWER_BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Union {
     /// Offer FUSE passthrough at INIT? (Asked for, and the daemon may register backing files:
@@ -452,7 +452,7 @@ impl Union {
     /// does. (Not longer: the wait holds a serving thread, and with every thread of a queue
     /// waiting, the RELEASE that would end it could not be served; readers that keep
     /// opening the file would keep a writer waiting anyway.)
-    pub(crate) fn kio_for_change<'a>(
+    fn kio_for_change<'a>(
         &self,
         node: &'a Node,
     ) -> Result<parking_lot::MutexGuard<'a, super::inode::KernelIo>> {

@@ -209,7 +209,7 @@ pub struct Options {
     /// Passthrough for read-only opens of lower files of a writable union too
     /// (`passthrough=lower`): the kernel reads them itself, and an open that would change such
     /// a file (copy it up and write) fails with ETXTBSY while they last (after a short wait
-    /// for ones just closed; [`Union::kio_for_change`]).
+    /// for ones just closed; `kio_for_change` in file.rs).
     pub lower_passthrough: bool,
     /// Ask for the kernel's FUSE write-back cache (never kept with a quota).
     pub writeback_cache: bool,
