@@ -78,7 +78,15 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn writer_outrunning_the_flusher_stays_under_the_dirty_limit() {
     with_timeout(TIMEOUT, || {
         // 8 MiB budget: bg 0.8 MiB, limit 1.6 MiB. No expiry, so only the thresholds act.
-        let m = mount_with(&["--cache-size", "8M", "--dirty-expire-centisecs", "1000000"]);
+        // Closed files too (writeback_on_close=0): only the thresholds act.
+        let m = mount_with(&[
+            "--cache-size",
+            "8M",
+            "--dirty-expire-centisecs",
+            "1000000",
+            "--writeback-on-close",
+            "0",
+        ]);
         let s0 = stats(&m.merged);
         let (bg, thresh) = (s0["bg_thresh_bytes"], s0["dirty_thresh_bytes"]);
         assert_eq!(thresh, 8 * MIB / 100 * 20 + 8 * MIB % 100 * 20 / 100);
@@ -177,6 +185,8 @@ fn writer_outrunning_the_flusher_stays_under_the_dirty_limit() {
 fn expired_data_is_written_without_crossing_bg_thresh() {
     with_timeout(TIMEOUT, || {
         let m = mount_with(&[
+            "--writeback-on-close",
+            "0",
             "--dirty-expire-centisecs",
             "50",
             "--dirty-writeback-centisecs",
@@ -412,9 +422,126 @@ fn fsynced_data_survives_kill_9() {
     })
 }
 
+/// What was closed survives a SIGKILL of the daemon (`writeback_on_close`, the default):
+/// files written and closed, lines appended one open at a time, and a file replaced by a
+/// rename of a new one written just before (whose old content is gone with the rename, so
+/// the new one's data must be there). Only data of files still open may be lost.
+#[test]
+fn closed_files_survive_kill_9() {
+    with_timeout(TIMEOUT, || {
+        // Nothing is written back on its own: only closes, renames and fsyncs move data.
+        let m = mount_with(&[
+            "--dirty-expire-centisecs",
+            "1000000",
+            "--dirty-writeback-centisecs",
+            "0",
+        ]);
+        let closed = pattern(3 * MIB as usize, 11);
+        fs::write(m.path("closed"), &closed).expect("write");
+        fs::write(m.path("conf"), b"version 1").expect("write v1");
+        let (ok, _, err) = cli(&["sync", m.merged.to_str().expect("path")]);
+        assert!(ok, "sync: {err}");
+        let mut lines = String::new();
+        for i in 0..200 {
+            let line = format!("line {i}\n");
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(m.path("log"))
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .expect("append");
+            lines.push_str(&line);
+        }
+        // The replacement stays open across the rename (the rename itself writes it back),
+        // then a second one is closed first.
+        let mut new = File::create(m.path("conf.new")).expect("create");
+        new.write_all(b"version 2").expect("write v2");
+        fs::rename(m.path("conf.new"), m.path("conf")).expect("rename over");
+        fs::write(m.path("other.new"), b"other 2").expect("write");
+        fs::write(m.path("other"), b"other 1").expect("write");
+        fs::rename(m.path("other.new"), m.path("other")).expect("rename over");
+        let open = File::create(m.path("still-open")).expect("create");
+        (&open).write_all(b"not closed").expect("write");
+        // A RELEASE reaches the daemon just after close(2) returns: wait until it has been
+        // served (nothing of a closed file is dirty then), then kill.
+        assert!(
+            wait_until(Duration::from_secs(10), || stats(&m.merged)["dirty_files"]
+                <= 2),
+            "closed files still dirty: {:?}",
+            stats(&m.merged)
+        );
+        // (Fewer than one per close: a RELEASE that comes after the next append's write
+        // writes both.)
+        let s = stats(&m.merged);
+        assert!(s["close_writebacks"] > 0, "{s:?}");
+        let pid = m.pid.expect("daemon pid");
+        // SAFETY: kill(2) of the daemon process we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+        drop((new, open));
+        let up = |n: &str| fs::read(m.dirs.upper.join(n)).expect("upper file");
+        assert!(up("closed") == closed, "closed file lost data");
+        assert_eq!(String::from_utf8_lossy(&up("log")), lines);
+        assert_eq!(up("conf"), b"version 2");
+        assert_eq!(up("other"), b"other 2");
+        drop(m);
+    })
+}
+
+/// With `writeback_on_close=0` a closed file's data stays in the cache until the flusher,
+/// fsync or sync moves it.
+#[test]
+fn writeback_on_close_off_keeps_closed_files_cached() {
+    with_timeout(TIMEOUT, || {
+        let m = mount_with(&[
+            "--writeback-on-close",
+            "0",
+            "--dirty-expire-centisecs",
+            "1000000",
+            "--dirty-writeback-centisecs",
+            "0",
+        ]);
+        let data = pattern(MIB as usize, 12);
+        fs::write(m.path("f"), &data).expect("write");
+        fs::write(m.path("g.new"), b"g2").expect("write");
+        fs::write(m.path("g"), b"g1").expect("write");
+        fs::rename(m.path("g.new"), m.path("g")).expect("rename over");
+        std::thread::sleep(Duration::from_millis(300));
+        let s = stats(&m.merged);
+        assert_eq!(s["close_writebacks"], 0, "{s:?}");
+        assert!(s["dirty_bytes"] >= MIB, "{s:?}");
+        assert_eq!(
+            fs::metadata(m.dirs.upper.join("f")).expect("upper").len(),
+            0
+        );
+        // Live, back on: the next close writes the file.
+        let (ok, out, err) = cli(&[
+            "cache",
+            "set",
+            m.merged.to_str().expect("path"),
+            "writeback_on_close=1",
+        ]);
+        assert!(ok, "cache set: {out}{err}");
+        drop(
+            OpenOptions::new()
+                .append(true)
+                .open(m.path("f"))
+                .expect("open"),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || fs::read(m.dirs.upper.join("f"))
+                .is_ok_and(|d| d == data)),
+            "not written at close after cache set"
+        );
+        m.unmount().expect("unmount");
+    })
+}
+
 /// Write `n` MiB that the flusher will not touch on its own; return (mount, data).
 fn mount_with_dirty(n: u64) -> (Mount, Vec<u8>) {
     let m = mount_with(&[
+        "--writeback-on-close",
+        "0",
         "--cache-size",
         "512M",
         "--dirty-ratio",

@@ -202,6 +202,8 @@ fn page_cache_hands_a_file_over_only_when_written_back() {
         let m = Mount::with_args(
             vec![file("f", "lower")],
             &[
+                "--writeback-on-close",
+                "0",
                 "--dirty-expire-centisecs",
                 "100000",
                 "--dirty-writeback-centisecs",

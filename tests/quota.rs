@@ -1887,6 +1887,22 @@ fn quota_errno_edquot() {
 // statfs / df
 // ---------------------------------------------------------------------------------------------
 
+/// statvfs of the mount and the usage it reflects, once two readings of the usage around it
+/// agree (a closed file's write-back and allocation can still be settling).
+fn settled_statvfs(m: &Mount) -> (libc::statvfs, (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = usage(m);
+        let s = statvfs(&m.merged);
+        let after = usage(m);
+        if before == after {
+            return (s, after);
+        }
+        assert!(Instant::now() < deadline, "usage never settled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// statfs inside the mount shows the project: size = soft limit if set, else hard limit
 /// (clamped to the real filesystem); free = limit − used; inodes likewise.
 #[test]
@@ -1907,8 +1923,9 @@ fn statfs_shows_the_project_size() {
         assert_eq!(s.f_files, 100);
         assert_eq!(s.f_ffree, 100 - i0);
         fs::write(m.path("f"), pattern(0, 3 * MIB, 1)).unwrap();
-        let s2 = statvfs(&m.merged);
-        let (b1, i1) = usage(&m);
+        // The file's RELEASE, just after close(2), writes its cached data to upper, and the
+        // allocation settles with it: measure once the figures hold still.
+        let (s2, (b1, i1)) = settled_statvfs(&m);
         assert_eq!(s2.f_bavail, (10 * MIB / fr).saturating_sub(b1.div_ceil(fr)));
         assert!((s.f_bavail - s2.f_bavail) * fr >= 3 * MIB);
         assert_eq!(s2.f_ffree, 100 - i1);

@@ -607,6 +607,24 @@ impl PageCache {
         pending.map_or(Ok(()), Err)
     }
 
+    /// A handle that wrote `ino` was released, or a rename is about to replace a file with
+    /// it: with `writeback_on_close` (the default), write its dirty pages to its file now, so
+    /// that a daemon killed afterwards loses nothing of it (see [`super::CacheConfig`]). A
+    /// write-back error stays for the file's next fsync, as the flusher's do.
+    pub fn write_back_closed(&self, ino: u64) {
+        if !self.cfg.read().writeback_on_close {
+            return;
+        }
+        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
+            return;
+        };
+        if f.st.lock().dirty.is_empty() {
+            return;
+        }
+        self.stats.close_writebacks.fetch_add(1, Ordering::Relaxed);
+        let _ = self.writeback_file(&f, u64::MAX);
+    }
+
     /// Write every dirty page of every file. Returns the first error.
     pub fn sync_all(&self) -> Result<(), Errno> {
         let mut first = Ok(());

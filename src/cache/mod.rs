@@ -192,6 +192,8 @@ struct Counters {
     throttle_us: AtomicU64,
     flusher_runs: AtomicU64,
     written_back: AtomicU64,
+    /// Files written back at a close or before a rename over another ([`PageCache::write_back_closed`]).
+    close_writebacks: AtomicU64,
     evicted: AtomicU64,
     bg_crossings: AtomicU64,
     limit_waits: AtomicU64,
@@ -745,6 +747,7 @@ impl PageCache {
                 ("dirty_bytes", l(&self.dirty)),
                 ("writeback_bytes", l(&self.writeback)),
                 ("written_back_bytes", l(&s.written_back)),
+                ("close_writebacks", l(&s.close_writebacks)),
                 ("bg_thresh_bytes", bg),
                 ("dirty_thresh_bytes", thresh),
                 ("throttle_events", l(&s.throttle_events)),

@@ -30,6 +30,12 @@ pub struct CacheConfig {
     pub dirty_expire_centisecs: u64,
     /// The flusher wakes this often (centiseconds; 0: only when needed).
     pub dirty_writeback_centisecs: u64,
+    /// A file's dirty data is written to its upper file when a handle that wrote it is
+    /// released (the last close of an open file), and before a rename replaces a file with
+    /// it, as FUSE's own write-back cache and NFS write at close and ext4 writes before such a
+    /// rename (`auto_da_alloc`): a daemon killed afterwards loses nothing that was closed.
+    /// Off: closed files' data waits for the flusher (expiry, thresholds), fsync or sync.
+    pub writeback_on_close: bool,
 }
 
 impl Default for CacheConfig {
@@ -44,6 +50,7 @@ impl Default for CacheConfig {
             dirty_bytes: 0,
             dirty_expire_centisecs: 3000,
             dirty_writeback_centisecs: 500,
+            writeback_on_close: true,
         }
     }
 }
@@ -59,6 +66,7 @@ pub const KEYS: &[&str] = &[
     "dirty_bytes",
     "dirty_expire_centisecs",
     "dirty_writeback_centisecs",
+    "writeback_on_close",
 ];
 
 impl CacheConfig {
@@ -133,6 +141,13 @@ impl CacheConfig {
             }
             "dirty_expire_centisecs" => self.dirty_expire_centisecs = num(value)?,
             "dirty_writeback_centisecs" => self.dirty_writeback_centisecs = num(value)?,
+            "writeback_on_close" => {
+                self.writeback_on_close = match value {
+                    "1" | "on" => true,
+                    "0" | "off" => false,
+                    v => return Err(format!("{key}: expected 1 (on) or 0 (off), got {v:?}")),
+                }
+            }
             _ => {
                 return Err(format!(
                     "unknown cache setting {key:?} (known: {})",
@@ -155,6 +170,7 @@ impl CacheConfig {
             ("dirty_bytes", self.dirty_bytes),
             ("dirty_expire_centisecs", self.dirty_expire_centisecs),
             ("dirty_writeback_centisecs", self.dirty_writeback_centisecs),
+            ("writeback_on_close", u64::from(self.writeback_on_close)),
         ]
     }
 }

@@ -74,7 +74,7 @@ enum CacheCmd {
     },
     /// Change settings: KEY=VALUE… (cache_size, readahead_kb, dirty_background_ratio,
     /// dirty_ratio, dirty_background_bytes, dirty_bytes, dirty_expire_centisecs,
-    /// dirty_writeback_centisecs).
+    /// dirty_writeback_centisecs, writeback_on_close).
     Set {
         /// The merged directory.
         merged: PathBuf,
@@ -209,6 +209,10 @@ struct CacheFlags {
     /// The flusher wakes this often (default 500 = 5 s; 0: only when needed).
     #[arg(long, value_name = "CS")]
     dirty_writeback_centisecs: Option<String>,
+    /// Write a file's cached data to upper when it is closed and before a rename replaces a
+    /// file with it (default 1; 0: wait for the flusher, fsync or sync).
+    #[arg(long, value_name = "1|0")]
+    writeback_on_close: Option<String>,
 }
 
 impl CacheFlags {
@@ -223,6 +227,7 @@ impl CacheFlags {
             ("dirty_bytes", &self.dirty_bytes),
             ("dirty_expire_centisecs", &self.dirty_expire_centisecs),
             ("dirty_writeback_centisecs", &self.dirty_writeback_centisecs),
+            ("writeback_on_close", &self.writeback_on_close),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))

@@ -906,6 +906,16 @@ impl Union {
                 }
             }
         }
+        // Replacing a file (`mv conf.new conf`): what the new one holds reaches upper first,
+        // as ext4 writes it before such a rename (`auto_da_alloc`): else a daemon killed after
+        // the rename would leave the name with neither file's data (`writeback_on_close`).
+        if !exchange
+            && !src.is_dir()
+            && dst.is_some()
+            && let Some(c) = &self.cache
+        {
+            c.write_back_closed(src.ino);
+        }
         if copy_src {
             self.copy_up_tree(&src)?;
             sst = src.state();

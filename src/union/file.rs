@@ -1162,10 +1162,20 @@ impl Union {
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
     /// (and its cached pages, dirty ones too: nothing can reach them any more).
     pub fn release(&self, fh: u64) {
-        let Some(ino) = self.files.get(&fh).map(|f| f.ino) else {
+        let Some((ino, writable)) = self.files.get(&fh).map(|f| (f.ino, f.writable)) else {
             return;
         };
         let node = self.nodes.get(ino);
+        // What was written through it reaches upper now, not when the flusher comes to it
+        // (`writeback_on_close`, see CacheConfig): a daemon killed after a close must lose
+        // nothing of the file. Not for a removed file (nothing can read it back), and before
+        // the allocation lock below, which the write-back's accounting takes.
+        if writable
+            && let (Some(c), Some(n)) = (&self.cache, &node)
+            && !n.st.lock().unlinked
+        {
+            c.write_back_closed(ino);
+        }
         // With a quota, the handle goes and the last close is accounted under the node's
         // allocation lock, which an unlink holds from its "still open?" to its own
         // accounting: the object's release is counted by exactly one of the two.
