@@ -223,6 +223,37 @@ fn bad_input_is_refused_without_side_effects() {
             a.extend(["-o".into(), "metacopy=on,redirect_dir=nofollow".into()]);
             (a, None)
         });
+        // Links planted in the daemon's bookkeeping dir (a root daemon writes there): never
+        // followed; the victims are inside the test's tree, which must not change.
+        refused("workdir/unionfs is a symlink", |d| {
+            fs::create_dir(d.root.join("victim-dir")).unwrap();
+            std::os::unix::fs::symlink(d.root.join("victim-dir"), d.work.join("unionfs")).unwrap();
+            (
+                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work),
+                None,
+            )
+        });
+        refused("workdir/unionfs/inomap is a symlink", |d| {
+            fs::write(d.root.join("victim"), "untouched").unwrap();
+            fs::create_dir_all(d.work.join("work")).unwrap();
+            fs::create_dir(d.work.join("unionfs")).unwrap();
+            std::os::unix::fs::symlink(d.root.join("victim"), d.work.join("unionfs/inomap"))
+                .unwrap();
+            (
+                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work),
+                None,
+            )
+        });
+        refused("workdir/unionfs/inomap is a hard link", |d| {
+            fs::write(d.root.join("victim"), "untouched").unwrap();
+            fs::create_dir_all(d.work.join("work")).unwrap();
+            fs::create_dir(d.work.join("unionfs")).unwrap();
+            fs::hard_link(d.root.join("victim"), d.work.join("unionfs/inomap")).unwrap();
+            (
+                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work),
+                None,
+            )
+        });
         refused("workdir/work/incompat present", |d| {
             fs::create_dir_all(d.work.join("work/incompat")).unwrap();
             fs::write(d.work.join("work/incompat/x"), "").unwrap();

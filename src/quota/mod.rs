@@ -118,7 +118,7 @@ pub struct Quota {
     timers: Mutex<(Option<u64>, Option<u64>)>,
     errno: Errno,
     refusals: AtomicU64,
-    store: Option<PathBuf>,
+    store: Option<store::StateFile>,
     clock_file: Option<PathBuf>,
 }
 
@@ -137,7 +137,7 @@ impl Quota {
         used_inodes: u64,
         timers: (Option<u64>, Option<u64>),
         errno: Errno,
-        store: Option<PathBuf>,
+        store: Option<store::StateFile>,
     ) -> Quota {
         let q = Quota {
             limits: RwLock::new(limits),
@@ -340,7 +340,7 @@ impl Quota {
         if let Some(p) = &self.store
             && let Err(e) = store::save_state(p, &st, Some(self.errno))
         {
-            log::warn!("quota state {}: {e}", p.display());
+            log::warn!("quota state {}: {e}", p.shown().display());
         }
     }
 

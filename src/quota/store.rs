@@ -1,10 +1,15 @@
 //! The quota state file `workdir/unionfs/quota`: limits, usage, grace timers and a clean flag,
-//! as `key=value` lines, replaced atomically (write, fsync, rename).
+//! as `key=value` lines, replaced atomically (write, fsync, rename); and [`StateFile`], how
+//! every file of the daemon's bookkeeping dir `workdir/unionfs/` is reached.
 
 use std::io::Write;
-use std::path::Path;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use super::Limits;
 
@@ -25,8 +30,158 @@ pub struct State {
     pub errno: Errno,
 }
 
+/// Open the daemon's bookkeeping dir `name` in the workdir (`dir`), never through a symlink,
+/// and only if it is ours: a root daemon writes there, and whoever may write to the workdir
+/// must not point those writes elsewhere (a symlink `unionfs -> /etc`, a directory of theirs
+/// to plant links in). `shown` names it in messages.
+pub fn open_book_dir(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    shown: &Path,
+) -> std::io::Result<Arc<OwnedFd>> {
+    let err = |e: Errno, what: &str| {
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("{}: {what}: {e}", shown.display()),
+        )
+    };
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => err(e, "not a directory (a symlink?)"),
+        e => err(e, "open"),
+    })?;
+    let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| err(e, "stat"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me || st.st_mode & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: owned by uid {} with mode {:o}; it must be ours (uid {me}) and writable by us \
+                 alone (remove it: the daemon recreates it)",
+                shown.display(),
+                st.st_uid,
+                st.st_mode & 0o7777
+            ),
+        ));
+    }
+    Ok(Arc::new(fd))
+}
+
+/// A file of the bookkeeping dir, reached through the dir's fd by its single name, never
+/// through a symlink, and never written in place when it may be another file's link: state
+/// is replaced by a new file renamed over it, and a log appended to must be a regular file
+/// with one name.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    dir: Arc<OwnedFd>,
+    name: &'static str,
+    shown: PathBuf,
+}
+
+impl StateFile {
+    /// `name` in the bookkeeping dir `dir` (opened by [`open_book_dir`]), `shown` as its path.
+    pub fn new(dir: Arc<OwnedFd>, name: &'static str, shown: PathBuf) -> StateFile {
+        StateFile { dir, name, shown }
+    }
+
+    /// Its path, for messages.
+    pub fn shown(&self) -> &Path {
+        &self.shown
+    }
+
+    fn err(&self, e: Errno, what: &str) -> std::io::Error {
+        if e == Errno::ELOOP {
+            return std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: a symlink, which is never followed here (remove it: the daemon recreates it)",
+                    self.shown.display()
+                ),
+            );
+        }
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("{}: {what}: {e}", self.shown.display()),
+        )
+    }
+
+    /// The whole content; `Ok(None)` if there is no such file.
+    pub fn read(&self) -> std::io::Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        let fd = match nix::fcntl::openat(
+            self.dir.as_fd(),
+            self.name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(self.err(e, "open")),
+        };
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| self.err(e, "stat"))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(self.err(Errno::EINVAL, "not a regular file"));
+        }
+        let mut buf = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut buf)?;
+        Ok(Some(buf))
+    }
+
+    /// Replace the content atomically: a new file (`NAME.tmp`, created afresh), synced, then
+    /// renamed over the old one.
+    pub fn replace(&self, data: &[u8]) -> std::io::Result<()> {
+        let tmp = format!("{}.tmp", self.name);
+        let dir = self.dir.as_fd();
+        match nix::unistd::unlinkat(dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(self.err(e, "remove the old scratch copy")),
+        }
+        let fd = nix::fcntl::openat(
+            dir,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|e| self.err(e, "create the new copy"))?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(data)?;
+        f.sync_all()?;
+        nix::fcntl::renameat(dir, tmp.as_str(), dir, self.name)
+            .map_err(|e| self.err(e, "rename the new copy into place"))
+    }
+
+    /// Open for appending (created if absent): a regular file with this one name only.
+    pub fn open_append(&self) -> std::io::Result<std::fs::File> {
+        let fd = nix::fcntl::openat(
+            self.dir.as_fd(),
+            self.name,
+            OFlag::O_WRONLY
+                | OFlag::O_APPEND
+                | OFlag::O_CREAT
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|e| self.err(e, "open"))?;
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| self.err(e, "stat"))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink != 1 {
+            return Err(self.err(
+                Errno::EINVAL,
+                "not a regular file with one name (remove it: the daemon recreates it)",
+            ));
+        }
+        Ok(std::fs::File::from(fd))
+    }
+}
+
 /// Write a full state (with the errno when known).
-pub fn save_state(path: &Path, s: &State, errno: Option<Errno>) -> std::io::Result<()> {
+pub fn save_state(file: &StateFile, s: &State, errno: Option<Errno>) -> std::io::Result<()> {
     let l = &s.limits;
     let errno_name = match errno.unwrap_or(s.errno) {
         Errno::EDQUOT => "edquot",
@@ -48,33 +203,15 @@ pub fn save_state(path: &Path, s: &State, errno: Option<Errno>) -> std::io::Resu
         errno_name,
         u8::from(s.clean),
     );
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = private_file(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
-/// Create (truncate) a file only its owner can read: our bookkeeping, not user data.
-pub fn private_file(p: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
+    file.replace(text.as_bytes())
 }
 
 /// Read the state file; `Ok(None)` if there is none.
-pub fn load(path: &Path) -> std::io::Result<Option<State>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+pub fn load(file: &StateFile) -> std::io::Result<Option<State>> {
+    let Some(bytes) = file.read()? else {
+        return Ok(None);
     };
+    let text = String::from_utf8_lossy(&bytes);
     let mut s = State {
         limits: Limits::default(),
         used_bytes: 0,
@@ -119,10 +256,16 @@ pub fn load(path: &Path) -> std::io::Result<Option<State>> {
 mod tests {
     use super::*;
 
+    fn book(d: &tempfile::TempDir) -> Arc<OwnedFd> {
+        let root = std::fs::File::open(d.path()).unwrap();
+        std::fs::create_dir(d.path().join("unionfs")).unwrap();
+        open_book_dir(root.as_fd(), "unionfs", &d.path().join("unionfs")).unwrap()
+    }
+
     #[test]
     fn roundtrip() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("quota");
+        let p = StateFile::new(book(&d), "quota", d.path().join("unionfs/quota"));
         assert_eq!(load(&p).unwrap(), None);
         let st = State {
             limits: Limits {
@@ -142,5 +285,34 @@ mod tests {
         };
         save_state(&p, &st, None).unwrap();
         assert_eq!(load(&p).unwrap(), Some(st));
+    }
+
+    /// Links planted in the bookkeeping dir (or the dir itself a link) are never followed,
+    /// and a file with another name too is not appended to.
+    #[test]
+    fn planted_links_are_not_followed() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        let root = std::fs::File::open(d.path()).unwrap();
+        symlink(d.path(), d.path().join("linked")).unwrap();
+        assert!(open_book_dir(root.as_fd(), "linked", &d.path().join("linked")).is_err());
+        let dir = book(&d);
+        let u = d.path().join("unionfs");
+        symlink(&victim, u.join("quota")).unwrap();
+        symlink(&victim, u.join("quota.tmp")).unwrap();
+        symlink(&victim, u.join("inomap")).unwrap();
+        let q = StateFile::new(dir.clone(), "quota", u.join("quota"));
+        assert!(q.read().is_err(), "read through a symlink");
+        q.replace(b"state").unwrap();
+        assert_eq!(std::fs::read(u.join("quota")).unwrap(), b"state");
+        let m = StateFile::new(dir.clone(), "inomap", u.join("inomap"));
+        assert!(m.open_append().is_err(), "append through a symlink");
+        std::fs::remove_file(u.join("inomap")).unwrap();
+        std::fs::hard_link(&victim, u.join("inomap")).unwrap();
+        assert!(m.open_append().is_err(), "append to a hard link");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        assert!(std::fs::symlink_metadata(&victim).unwrap().is_file());
     }
 }

@@ -3,7 +3,6 @@
 //! releases when objects go away. Every change to upper's allocation passes through here.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::Path;
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -32,10 +31,10 @@ pub(crate) fn open_quota(
     cfg: Option<&QuotaConfig>,
     upper: &crate::layer::Layer,
     work: BorrowedFd<'_>,
-    state_path: &Path,
+    state: store::StateFile,
     progress: &mut dyn FnMut(String),
 ) -> std::io::Result<Option<Arc<Quota>>> {
-    let recorded = store::load(state_path)?;
+    let recorded = store::load(&state)?;
     let limits = match (cfg.and_then(|c| c.limits), &recorded) {
         (Some(l), Some(r)) if r.limits != l => {
             progress("quota: limits changed from the recorded ones by the mount options".into());
@@ -73,18 +72,11 @@ pub(crate) fn open_quota(
             (t.0, t.1, recorded.map(|r| r.timers).unwrap_or((None, None)))
         }
     };
-    let q = Quota::new(
-        limits,
-        bytes,
-        inodes,
-        timers,
-        errno,
-        Some(state_path.to_path_buf()),
-    );
+    let q = Quota::new(limits, bytes, inodes, timers, errno, Some(state.clone()));
     // Mark the record dirty while mounted: a crash means the next mount rescans.
     let r = q.report();
     store::save_state(
-        state_path,
+        &state,
         &store::State {
             limits,
             used_bytes: bytes,

@@ -2,10 +2,9 @@
 //! the FUSE node id), with the kernel's nlookup/forget reference counting.
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -561,12 +560,13 @@ impl InoMap {
         }
     }
 
-    /// Load (and keep appending to) the map file at `path`.
-    pub fn open(path: &Path) -> std::io::Result<InoMap> {
+    /// Load (and keep appending to) the map file (in the workdir's bookkeeping dir, reached
+    /// as [`crate::quota::store::StateFile`] does: never through a link).
+    pub fn open(file: &crate::quota::store::StateFile) -> std::io::Result<InoMap> {
         let map = crate::new_map();
-        if let Ok(mut f) = std::fs::File::open(path) {
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)?;
+        let buf = file.read()?.unwrap_or_default();
+        let records = buf.len() as u64 / 16;
+        {
             for rec in buf.chunks_exact(16) {
                 let up = u64::from_le_bytes(rec[..8].try_into().unwrap_or([0; 8]));
                 let or = u64::from_le_bytes(rec[8..].try_into().unwrap_or([0; 8]));
@@ -578,33 +578,19 @@ impl InoMap {
             }
         }
         // Compact when dead records dominate: rewrite live records only, then append.
-        let records = std::fs::metadata(path).map(|m| m.len() / 16).unwrap_or(0);
         if records > 2 * map.len() as u64 + 1024 {
-            let tmp = path.with_extension("tmp");
-            {
-                let mut f = crate::quota::store::private_file(&tmp)?;
-                let mut out = Vec::with_capacity(map.len() * 16);
-                for e in map.iter() {
-                    out.extend_from_slice(&e.key().to_le_bytes());
-                    out.extend_from_slice(&e.value().to_le_bytes());
-                }
-                f.write_all(&out)?;
-                f.sync_all()?;
+            let mut out = Vec::with_capacity(map.len() * 16);
+            for e in map.iter() {
+                out.extend_from_slice(&e.key().to_le_bytes());
+                out.extend_from_slice(&e.value().to_le_bytes());
             }
-            std::fs::rename(&tmp, path)?;
+            file.replace(&out)?;
         }
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(path)?
-        };
+        let f = file.open_append()?;
         Ok(InoMap {
             map,
-            file: Some(Mutex::new(file)),
-            path: Some(path.to_path_buf()),
+            file: Some(Mutex::new(f)),
+            path: Some(file.shown().to_path_buf()),
         })
     }
 

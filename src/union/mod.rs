@@ -563,18 +563,24 @@ impl Union {
         let (work, inomap) = match (&upper, &opts.workdir) {
             (Some(_), Some(wd)) => {
                 let workdir = Layer::open(wd)?;
-                for sub in ["work", "unionfs"] {
-                    match nix::sys::stat::mkdirat(
-                        workdir.root(),
-                        sub,
-                        nix::sys::stat::Mode::from_bits_truncate(0o700),
-                    ) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(e) => {
-                            return Err(layer::io_err(e, format!("create {}/{sub}", wd.display())));
-                        }
-                    }
-                }
+                let mkdir = |sub: &str| match nix::sys::stat::mkdirat(
+                    workdir.root(),
+                    sub,
+                    nix::sys::stat::Mode::from_bits_truncate(0o700),
+                ) {
+                    Ok(()) | Err(Errno::EEXIST) => Ok(()),
+                    Err(e) => Err(layer::io_err(e, format!("create {}/{sub}", wd.display()))),
+                };
+                // Our bookkeeping first (a planted link there refuses the mount before
+                // anything is created): reached through the dir's fd, never through a link.
+                mkdir("unionfs")?;
+                let book_path = wd.join("unionfs");
+                let book =
+                    crate::quota::store::open_book_dir(workdir.root(), "unionfs", &book_path)?;
+                let state = |name: &'static str| {
+                    crate::quota::store::StateFile::new(book.clone(), name, book_path.join(name))
+                };
+                mkdir("work")?;
                 let work = workdir
                     .open_dir(&[OsString::from("work")])
                     .map_err(|e| layer::io_err(e, "open workdir/work"))?;
@@ -588,13 +594,13 @@ impl Union {
                         wd.display()
                     );
                 }
-                let inomap = inode::InoMap::open(&wd.join("unionfs").join("inomap"))?;
+                let inomap = inode::InoMap::open(&state("inomap"))?;
                 if let Some(up) = &upper {
                     quota = charge::open_quota(
                         opts.quota.as_ref(),
                         up,
                         work.as_fd(),
-                        &wd.join("unionfs").join("quota"),
+                        state("quota"),
                         progress,
                     )?;
                 }
