@@ -213,6 +213,20 @@ fn bad_input_is_refused_without_side_effects() {
             a.extend(["-o".into(), "redirect_dir=sometimes".into()]);
             (a, None)
         });
+        refused("one lower twice", |d| {
+            let l = format!("{}:{}", d.lowerdir_arg(), s(&d.lowers[0]));
+            (std_args(&l, &d.upper, &d.merged, &d.work), None)
+        });
+        refused("threads out of range", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["--threads".into(), "20000".into()]);
+            (a, None)
+        });
+        refused("no threads", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "threads=0".into()]);
+            (a, None)
+        });
         refused("metacopy with a bad value", |d| {
             let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
             a.extend(["-o".into(), "metacopy=yes".into()]);
@@ -511,6 +525,58 @@ fn remount_right_after_unmount_and_upper_in_use() {
             "a second mount of a live upper must be refused: {err}"
         );
         assert!(err.contains("already in use"), "{err}");
+        // Another upper with the live mount's workdir: refused too (its quota state and
+        // inode map are that mount's).
+        let upper2 = dirs.root.join("upper2");
+        fs::create_dir(&upper2).unwrap();
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        let at = args
+            .iter()
+            .position(|a| Path::new(a) == dirs.upper)
+            .unwrap();
+        args[at] = s(&upper2);
+        let at = args
+            .iter()
+            .position(|a| Path::new(a) == dirs.merged)
+            .unwrap();
+        args[at] = s(&other);
+        assert!(
+            args.iter().any(|a| Path::new(a) == dirs.work),
+            "test setup: the workdir is given: {args:?}"
+        );
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_bin(&argv);
+        if is_mounted(&other) {
+            let _ = Command::new("umount").arg("-l").arg(&other).status();
+        }
+        assert_eq!(
+            code, 2,
+            "a second mount of a live workdir must be refused: {err}"
+        );
+        assert!(
+            err.contains("workdir") && err.contains("already in use"),
+            "{err}"
+        );
+        // A mount over the live one (other upper and workdir): refused, it would hide it.
+        let work3 = dirs.root.join("work3");
+        fs::create_dir(&work3).unwrap();
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        let at = args
+            .iter()
+            .position(|a| Path::new(a) == dirs.upper)
+            .unwrap();
+        args[at] = s(&upper2);
+        let at = args.iter().position(|a| Path::new(a) == dirs.work).unwrap();
+        args[at] = s(&work3);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_bin(&argv);
+        let stacked = count_mounts_at(&dirs.merged) > 1;
+        if stacked {
+            let _ = Command::new("umount").arg("-l").arg(&dirs.merged).status();
+        }
+        assert!(!stacked, "a second mount went over the live one");
+        assert_eq!(code, 2, "a mount over a live mount must be refused: {err}");
+        assert!(err.contains("already a live unionfs-rs mount"), "{err}");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
@@ -1061,4 +1127,18 @@ fn an_absent_selinux_label_is_unsupported_where_selinux_is_off() {
         );
         m.unmount().expect("unmount");
     })
+}
+
+/// How many mounts sit at `p` (stacked ones count each).
+fn count_mounts_at(p: &Path) -> usize {
+    let want = p.canonicalize().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| Path::new(&m.replace("\\040", " ")) == want)
+        })
+        .count()
 }

@@ -17,11 +17,15 @@ use crate::union::Union;
 
 /// Mount and serve. Returns the process exit code (the daemon child never returns here in
 /// background mode: it exits when the mount ends).
-pub fn start(c: Checked) -> i32 {
-    if let Some(w) = &c.create_workdir
-        && let Err(e) = std::fs::create_dir(w)
-    {
-        return fail(format!("create workdir {}: {e}", w.display()));
+pub fn start(mut c: Checked) -> i32 {
+    if let Some(w) = &c.create_workdir {
+        if let Err(e) = std::fs::create_dir(w) {
+            return fail(format!("create workdir {}: {e}", w.display()));
+        }
+        match super::validate::lock_dir(w, "workdir") {
+            Ok(f) => c.work_lock = Some(f),
+            Err(e) => return fail(e),
+        }
     }
     crate::logger::init(c.spec.debug, c.spec.foreground || c.log.is_some());
     if c.spec.foreground {
@@ -68,6 +72,7 @@ pub fn start(c: Checked) -> i32 {
             let keep: Vec<i32> = [
                 Some(std::os::fd::AsRawFd::as_raw_fd(&wr)),
                 c.lock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+                c.work_lock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
                 c.log.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             ]
             .into_iter()
@@ -441,7 +446,7 @@ pub fn umount(merged: &Path) -> Result<(), String> {
     let m = merged
         .canonicalize()
         .map_err(|e| format!("{}: {e}", merged.display()))?;
-    if !is_fuse_mount(&m) {
+    if !is_ours(&m) {
         return Err(format!("{} is not a unionfs-rs mount", m.display()));
     }
     // The daemon's pid, to wait until it has drained and recorded its state.
@@ -526,19 +531,32 @@ fn unmount_now(m: &Path) -> Result<(), String> {
     }
 }
 
-fn is_fuse_mount(m: &Path) -> bool {
-    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+/// The file system type and source of the topmost mount at `m` (canonical), if any.
+fn mount_at(m: &Path) -> Option<(String, String)> {
+    let s = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = m.to_string_lossy();
-    s.lines().any(|l| {
+    s.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            return false;
-        };
-        f.get(4).is_some_and(|p| unescape(p) == want)
-            && f.get(sep + 1).is_some_and(|t| t.starts_with("fuse"))
+        let sep = f.iter().position(|x| *x == "-")?;
+        (unescape(f.get(4)?) == want).then(|| {
+            (
+                f.get(sep + 1).map_or_else(String::new, |t| t.to_string()),
+                f.get(sep + 2).map_or_else(String::new, |t| unescape(t)),
+            )
+        })
     })
+}
+
+/// Is the topmost mount at `m` (canonical) one of ours: a FUSE mount of type
+/// `fuse.unionfs-rs`, named `unionfs-rs`, or with our control socket (custom `fsname=` and
+/// `subtype=`)?
+pub(crate) fn is_ours(m: &Path) -> bool {
+    match mount_at(m) {
+        Some((t, src)) if t.starts_with("fuse") => {
+            t == "fuse.unionfs-rs" || src == "unionfs-rs" || crate::control::socket_path(m).exists()
+        }
+        _ => false,
+    }
 }
 
 pub(crate) fn unescape(s: &str) -> String {

@@ -12,6 +12,9 @@ use crate::union::Options;
 /// How long a mount waits for the previous daemon of the same upper to finish exiting.
 const UPPER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Most FUSE worker threads a mount may ask for.
+const MAX_THREADS: usize = 256;
+
 /// A request that passed every check.
 #[derive(Debug)]
 pub struct Checked {
@@ -25,6 +28,8 @@ pub struct Checked {
     pub create_workdir: Option<PathBuf>,
     /// Exclusive lock on the upper dir, held for the daemon's life.
     pub lock: Option<File>,
+    /// The same on the workdir (taken when it is created, if it does not exist yet).
+    pub work_lock: Option<File>,
     /// The log file, opened for appending.
     pub log: Option<File>,
 }
@@ -108,6 +113,13 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     if spec.lowers.is_empty() {
         return Err("no lower directory given (lowerdir=…)".into());
     }
+    // Each worker holds a thread and a cloned /dev/fuse descriptor: thousands would run the
+    // daemon out of descriptors after the mount went live.
+    if let Some(n) = spec.threads
+        && !(1..=MAX_THREADS).contains(&n)
+    {
+        return Err(format!("threads: {n} is not between 1 and {MAX_THREADS}"));
+    }
     let merged_raw = spec.merged.clone().ok_or("no mount point given")?;
     let merged = existing_dir(&merged_raw, "mount point")?;
     let mut lowers = Vec::new();
@@ -117,6 +129,22 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     let mut data_lowers = Vec::new();
     for l in &spec.data_lowers {
         data_lowers.push(existing_dir(l, "data-only lower directory")?);
+    }
+    // One directory twice among the lowers (by inode, so a bind mount of it too): kernel
+    // overlayfs refuses it as a conflicting lowerdir.
+    let mut seen: Vec<((u64, u64), &Path)> = Vec::new();
+    for l in lowers.iter().chain(&data_lowers) {
+        let md =
+            std::fs::metadata(l).map_err(|e| format!("lower directory {}: {e}", l.display()))?;
+        let id = (md.dev(), md.ino());
+        if let Some((_, first)) = seen.iter().find(|(i, _)| *i == id) {
+            return Err(format!(
+                "lower directory {} is given twice (as {} too)",
+                l.display(),
+                first.display()
+            ));
+        }
+        seen.push((id, l));
     }
     if spec.read_only {
         spec.upper = None;
@@ -182,6 +210,14 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         }
     }
     for l in lowers.iter().chain(&data_lowers) {
+        // A second mount over a live one of ours would hide it, and `umount`, `stats` and the
+        // control socket (named after the mount point) would reach the hidden daemon.
+        if super::daemon::is_ours(&merged) {
+            return Err(format!(
+                "mount point {} is already a live unionfs-rs mount; unmount it first (`unionfs-rs umount {0}`)",
+                merged.display()
+            ));
+        }
         for (what, d) in [("upper", &upper), ("workdir", &workdir)] {
             if let Some(d) = d
                 && (within(d, l) || within(l, d))
@@ -221,30 +257,12 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
             "cannot open /dev/fuse: {e} (is the fuse module loaded and /dev/fuse accessible?)"
         ));
     }
-    let lock = match &upper {
-        Some(u) => {
-            let f = File::open(u).map_err(|e| format!("upper {}: {e}", u.display()))?;
-            // A daemon whose mount was just unmounted still holds the lock while it stores
-            // what it cached and exits; container engines mount the same layer again right
-            // after (podman diff, commit). Wait for it a little before calling it a conflict.
-            let deadline = std::time::Instant::now() + UPPER_LOCK_WAIT;
-            loop {
-                // SAFETY: f is an open descriptor for the whole call.
-                let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-                if r == 0 {
-                    break;
-                }
-                if std::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "upper {} is already in use by another unionfs-rs mount",
-                        u.display()
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Some(f)
-        }
-        None => None,
+    let lock = upper.as_deref().map(|u| lock_dir(u, "upper")).transpose()?;
+    // The workdir too (its quota state and inode map are one mount's); one that does not
+    // exist yet is locked when the daemon creates it.
+    let work_lock = match &workdir {
+        Some(w) if upper.is_some() && w.exists() => Some(lock_dir(w, "workdir")?),
+        _ => None,
     };
     if !spec.userxattr && in_user_namespace() {
         // trusted.* cannot be written from a user namespace (rootless podman passes no
@@ -327,6 +345,31 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         spec,
         create_workdir,
         lock,
+        work_lock,
         log,
     })
+}
+
+/// An exclusive `flock` on directory `d` (`what`: upper or workdir), held for the daemon's
+/// life: one unionfs-rs mount per upper and per workdir. A daemon whose mount was just
+/// unmounted still holds it while it stores what it cached and exits, and container engines
+/// mount the same layer again right after (podman diff, commit): wait for it a little before
+/// calling it a conflict.
+pub(crate) fn lock_dir(d: &std::path::Path, what: &str) -> Result<File, String> {
+    let f = File::open(d).map_err(|e| format!("{what} {}: {e}", d.display()))?;
+    let deadline = std::time::Instant::now() + UPPER_LOCK_WAIT;
+    loop {
+        // SAFETY: f is an open descriptor for the whole call.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(f);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{what} {} is already in use by another unionfs-rs mount",
+                d.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
