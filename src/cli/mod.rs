@@ -320,7 +320,21 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
         };
     }
     if args.len() <= 1 {
-        return fail("missing command: mount, umount or quota (see unionfs-rs --help)");
+        return fail(
+            "missing command: mount, umount, stats, quota, cache or sync (see unionfs-rs --help)",
+        );
+    }
+    if matches!(
+        first,
+        "stats" | "quota" | "cache" | "help" | "--help" | "-h"
+    ) {
+        // Commands that print: a reader that goes away (`| head`) ends them quietly, as it
+        // does coreutils, instead of a panic on EPIPE. (Not for mount: the daemon keeps
+        // ignoring SIGPIPE.)
+        // SAFETY: signal(2) with the default action, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
