@@ -794,6 +794,39 @@ impl Filesystem for UnionFs {
         }
     }
 
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // ENOSYS: the kernel stops asking and copies through read and write itself (which
+        // keeps our page cache, quota charges and copy-ups in their usual paths). Answered
+        // quietly: fuser's default logs a warning for it in every mount's log.
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        // ENOSYS: regular files are always ready, which the kernel then answers itself.
+        reply.error(Errno::ENOSYS)
+    }
+
     fn fallocate(
         &self,
         _req: &Request,
