@@ -50,6 +50,20 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// A bind mount of `src` at `at` instead (the same guard).
+    fn bind(src: &Path, at: &Path) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let (st, o, e) = run_with_timeout(
+            Command::new("mount").arg("--bind").arg(src).arg(at),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(st.success(), "mount --bind: {o}{e}");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = run_with_timeout(
@@ -212,6 +226,28 @@ fn bad_input_is_refused_without_side_effects() {
             let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
             a.extend(["-o".into(), "redirect_dir=sometimes".into()]);
             (a, None)
+        });
+        // The same directories by another path (a bind mount): overlaps all the same.
+        refused("upper is a lower, bind-mounted", |d| {
+            let b = Tmpfs::bind(&d.lowers[0], &d.root.join("bind"));
+            (
+                std_args(&d.lowerdir_arg(), &b.0, &d.merged, &d.work),
+                Some(b),
+            )
+        });
+        refused("workdir inside a lower, bind-mounted", |d| {
+            fs::create_dir(d.lowers[0].join("wd")).unwrap();
+            let b = Tmpfs::bind(&d.lowers[0], &d.root.join("bind"));
+            let w = b.0.join("wd");
+            (
+                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &w),
+                Some(b),
+            )
+        });
+        refused("one lower twice, once bind-mounted", |d| {
+            let b = Tmpfs::bind(&d.lowers[1], &d.root.join("bind"));
+            let l = format!("{}:{}", d.lowerdir_arg(), s(&b.0));
+            (std_args(&l, &d.upper, &d.merged, &d.work), Some(b))
         });
         refused("one lower twice", |d| {
             let l = format!("{}:{}", d.lowerdir_arg(), s(&d.lowers[0]));

@@ -85,9 +85,17 @@ fn existing_dir(p: &Path, what: &str) -> Result<PathBuf, String> {
         .map_err(|e| format!("{what} {}: {e}", p.display()))
 }
 
-/// Is `a` equal to or inside `b`?
+/// Is `a` equal to or inside `b` (both canonical)? By path, and by inode: an ancestor of
+/// `a` that is `b`'s directory under another path (a bind mount of it) counts too.
 fn within(a: &Path, b: &Path) -> bool {
-    a.starts_with(b)
+    if a.starts_with(b) {
+        return true;
+    }
+    let Ok(bm) = std::fs::metadata(b) else {
+        return false;
+    };
+    a.ancestors()
+        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.dev() == bm.dev() && m.ino() == bm.ino()))
 }
 
 /// Are we in a user namespace other than the initial one (rootless containers)?
@@ -209,15 +217,15 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
             ));
         }
     }
+    // A second mount over a live one of ours would hide it, and `umount`, `stats` and the
+    // control socket (named after the mount point) would reach the hidden daemon.
+    if super::daemon::is_ours(&merged) {
+        return Err(format!(
+            "mount point {} is already a live unionfs-rs mount; unmount it first (`unionfs-rs umount {0}`)",
+            merged.display()
+        ));
+    }
     for l in lowers.iter().chain(&data_lowers) {
-        // A second mount over a live one of ours would hide it, and `umount`, `stats` and the
-        // control socket (named after the mount point) would reach the hidden daemon.
-        if super::daemon::is_ours(&merged) {
-            return Err(format!(
-                "mount point {} is already a live unionfs-rs mount; unmount it first (`unionfs-rs umount {0}`)",
-                merged.display()
-            ));
-        }
         for (what, d) in [("upper", &upper), ("workdir", &workdir)] {
             if let Some(d) = d
                 && (within(d, l) || within(l, d))
