@@ -253,6 +253,16 @@ fn bad_input_is_refused_without_side_effects() {
             let l = format!("{}:{}", d.lowerdir_arg(), s(&d.lowers[0]));
             (std_args(&l, &d.upper, &d.merged, &d.work), None)
         });
+        refused("overlapping uid mapping ranges", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "uidmapping=0:100:10:5:200:10".into()]);
+            (a, None)
+        });
+        refused("squash to the invalid id", |d| {
+            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+            a.extend(["-o".into(), "squash_to_uid=4294967295".into()]);
+            (a, None)
+        });
         refused("threads out of range", |d| {
             let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
             a.extend(["--threads".into(), "20000".into()]);

@@ -391,15 +391,19 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
             "squash_to_uid" => {
                 spec.uid_map.squash = Some(
                     need(v)?
-                        .parse()
-                        .map_err(|_| format!("squash_to_uid: not an id: {}", v.unwrap_or("")))?,
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&id| id != u32::MAX)
+                        .ok_or_else(|| format!("squash_to_uid: not an id: {}", v.unwrap_or("")))?,
                 )
             }
             "squash_to_gid" => {
                 spec.gid_map.squash = Some(
                     need(v)?
-                        .parse()
-                        .map_err(|_| format!("squash_to_gid: not an id: {}", v.unwrap_or("")))?,
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&id| id != u32::MAX)
+                        .ok_or_else(|| format!("squash_to_gid: not an id: {}", v.unwrap_or("")))?,
                 )
             }
             "squash_to_root" => {

@@ -42,6 +42,30 @@ impl IdMap {
         if ranges.iter().any(|r| r.2 == 0) {
             return Err(format!("invalid id mapping '{s}': a range has count 0"));
         }
+        // As the kernel's uid_map rules: every range within the 32-bit ids (4294967295, the
+        // invalid id, never mapped), and no two
+        // overlapping on either side (an id would map two ways).
+        let end = |start: u32, n: u32| u64::from(start) + u64::from(n);
+        if let Some(r) = ranges
+            .iter()
+            .find(|r| end(r.0, r.2) > u64::from(u32::MAX) || end(r.1, r.2) > u64::from(u32::MAX))
+        {
+            return Err(format!(
+                "invalid id mapping '{s}': {}:{}:{} goes past the largest id",
+                r.1, r.0, r.2
+            ));
+        }
+        for (i, a) in ranges.iter().enumerate() {
+            for b in &ranges[i + 1..] {
+                let overlap = |x: u32, y: u32| u64::from(x.max(y)) < end(x, a.2).min(end(y, b.2));
+                if overlap(a.0, b.0) || overlap(a.1, b.1) {
+                    return Err(format!(
+                        "invalid id mapping '{s}': ranges {}:{}:{} and {}:{}:{} overlap",
+                        a.1, a.0, a.2, b.1, b.0, b.2
+                    ));
+                }
+            }
+        }
         Ok(IdMap {
             ranges,
             squash: None,
@@ -106,6 +130,13 @@ mod tests {
         assert_eq!(k.to_disk(1), Some(0));
         assert!(IdMap::parse("1:2").is_err());
         assert!(IdMap::parse("a:b:c").is_err());
+        // Overlapping ranges (either side) and ranges past the largest id.
+        assert!(IdMap::parse("0:100:10:5:200:10").is_err());
+        assert!(IdMap::parse("0:100:10:10:105:10").is_err());
+        assert!(IdMap::parse("0:0:4294967295").is_ok());
+        assert!(IdMap::parse("1:0:4294967296").is_err());
+        assert!(IdMap::parse("1:0:4294967295").is_err());
+        assert!(IdMap::parse("0:100:10:10:110:10").is_ok());
         assert!(IdMap::default().is_identity());
     }
 }
