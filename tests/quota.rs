@@ -2421,6 +2421,30 @@ fn clean_remount_keeps_usage_and_limits() {
 
 /// After kill -9 of the daemon the record is not clean; the next mount recomputes usage by
 /// scanning and gets exactly what a fresh scan gets, even if upper changed meanwhile.
+/// A damaged state file is neither trusted nor fatal: the mount says so, recomputes the
+/// usage, keeps the limits it was given and writes the file anew.
+#[test]
+fn a_damaged_state_file_is_reported_and_usage_recomputed() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(&[vec![file_bytes("lower", pattern(0, 100 * KIB, 1))]], &[]);
+        let args = ["--size", "50M"];
+        let m = mount_q(&dirs, &args);
+        fs::write(m.path("f"), pattern(0, MIB, 5)).unwrap();
+        m.unmount().unwrap();
+        let state = dirs.work.join("unionfs/quota");
+        fs::write(&state, "version=1\nbhard=lots\nused_bytes=1\nclean=1\n").unwrap();
+        let (m, err) = mount_capture(&dirs, &args, &[]);
+        assert!(err.contains("damaged state file"), "no word of it: {err:?}");
+        assert_report_matches_scan(&m, "after a damaged state file");
+        assert_eq!(report(&m).blocks.hard, 50 * MIB);
+        m.unmount().unwrap();
+        assert_eq!(
+            read_state(&dirs).get("bhard").map(String::as_str),
+            Some("52428800")
+        );
+    })
+}
+
 #[test]
 fn kill_9_then_remount_recomputes_usage() {
     with_timeout(TIMEOUT, || {

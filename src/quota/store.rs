@@ -211,7 +211,19 @@ pub fn load(file: &StateFile) -> std::io::Result<Option<State>> {
     let Some(bytes) = file.read()? else {
         return Ok(None);
     };
-    let text = String::from_utf8_lossy(&bytes);
+    parse(&String::from_utf8_lossy(&bytes))
+        .map(Some)
+        .map_err(|why| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {why}", file.shown().display()),
+            )
+        })
+}
+
+/// The state in `text`; what is wrong with it otherwise (a file that is not one we wrote,
+/// or damaged: every line is a comment, blank, or a known `key=number`, with `version=1`).
+fn parse(text: &str) -> Result<State, String> {
     let mut s = State {
         limits: Limits::default(),
         used_bytes: 0,
@@ -220,36 +232,47 @@ pub fn load(file: &StateFile) -> std::io::Result<Option<State>> {
         clean: false,
         errno: Errno::ENOSPC,
     };
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else {
+    let mut version = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
             continue;
-        };
-        let n = || v.trim().parse::<u64>().unwrap_or(0);
+        }
+        let bad = || format!("line {}: {line:?} is not a state line", i + 1);
+        let (k, v) = line.split_once('=').ok_or_else(bad)?;
+        let (k, v) = (k.trim(), v.trim());
+        if k == "errno" {
+            s.errno = match v {
+                "edquot" => Errno::EDQUOT,
+                "enospc" => Errno::ENOSPC,
+                _ => return Err(bad()),
+            };
+            continue;
+        }
+        let n: u64 = v.parse().map_err(|_| bad())?;
         let t = |x: u64| if x == 0 { None } else { Some(x) };
-        match k.trim() {
-            "project_id" => s.limits.project_id = n() as u32,
-            "bsoft" => s.limits.bsoft = n(),
-            "bhard" => s.limits.bhard = n(),
-            "isoft" => s.limits.isoft = n(),
-            "ihard" => s.limits.ihard = n(),
-            "bgrace" => s.limits.bgrace = n(),
-            "igrace" => s.limits.igrace = n(),
-            "btimer" => s.timers.0 = t(n()),
-            "itimer" => s.timers.1 = t(n()),
-            "used_bytes" => s.used_bytes = n(),
-            "used_inodes" => s.used_inodes = n(),
-            "clean" => s.clean = n() == 1,
-            "errno" => {
-                s.errno = if v.trim() == "edquot" {
-                    Errno::EDQUOT
-                } else {
-                    Errno::ENOSPC
-                }
-            }
-            _ => {}
+        match k {
+            "version" => version = Some(n),
+            "project_id" => s.limits.project_id = u32::try_from(n).map_err(|_| bad())?,
+            "bsoft" => s.limits.bsoft = n,
+            "bhard" => s.limits.bhard = n,
+            "isoft" => s.limits.isoft = n,
+            "ihard" => s.limits.ihard = n,
+            "bgrace" => s.limits.bgrace = n,
+            "igrace" => s.limits.igrace = n,
+            "btimer" => s.timers.0 = t(n),
+            "itimer" => s.timers.1 = t(n),
+            "used_bytes" => s.used_bytes = n,
+            "used_inodes" => s.used_inodes = n,
+            "clean" => s.clean = n == 1,
+            _ => return Err(bad()),
         }
     }
-    Ok(Some(s))
+    match version {
+        Some(1) => Ok(s),
+        Some(v) => Err(format!("version {v}, not 1")),
+        None => Err("no version line".into()),
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +308,15 @@ mod tests {
         };
         save_state(&p, &st, None).unwrap();
         assert_eq!(load(&p).unwrap(), Some(st));
+        for bad in [
+            "garbage\n",
+            "version=1\nbhard=12x\n",
+            "bhard=5\n",
+            "version=2\n",
+            "version=1\nerrno=eio\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     /// Links planted in the bookkeeping dir (or the dir itself a link) are never followed,

@@ -34,7 +34,18 @@ pub(crate) fn open_quota(
     state: store::StateFile,
     progress: &mut dyn FnMut(String),
 ) -> std::io::Result<Option<Arc<Quota>>> {
-    let recorded = store::load(&state)?;
+    // A state file we cannot read is neither trusted nor fatal: the usage is recomputed, the
+    // limits are the mount's options' (and the file is written anew with them).
+    let recorded = match store::load(&state) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            progress(format!(
+                "quota: ignoring a damaged state file ({e}); usage is recomputed"
+            ));
+            log::warn!("quota: ignoring a damaged state file ({e})");
+            None
+        }
+        r => r?,
+    };
     let limits = match (cfg.and_then(|c| c.limits), &recorded) {
         (Some(l), Some(r)) if r.limits != l => {
             progress("quota: limits changed from the recorded ones by the mount options".into());
