@@ -325,6 +325,49 @@ fn bad_input_is_refused_without_side_effects() {
     });
 }
 
+/// The config file's errors name the file (and the key): one named by `$UNIONFS_RS_CONFIG`
+/// must exist, and a bad value in it is not reported as if the caller had given it.
+#[test]
+fn config_file_errors_name_the_file() {
+    with_timeout(60, || {
+        let d = simple_dirs();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            d.lowerdir_arg(),
+            s(&d.upper),
+            s(&d.work)
+        );
+        let run = |conf: &Path| {
+            let out = Command::new(bin())
+                .env("UNIONFS_RS_CONFIG", conf)
+                .args(["-o", &opts, &s(&d.merged)])
+                .output()
+                .unwrap();
+            let mounted = is_mounted(&d.merged);
+            if mounted {
+                let _ = Command::new("umount").arg("-l").arg(&d.merged).status();
+            }
+            assert!(!mounted, "mounted despite {}", conf.display());
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let missing = d.root.join("no.conf");
+        let (code, err) = run(&missing);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(&s(&missing)), "{err}");
+        let bad = d.root.join("bad.conf");
+        fs::write(&bad, "mount_program_options = size=abc\n").unwrap();
+        let (code, err) = run(&bad);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains(&s(&bad)) && err.contains("mount_program_options"),
+            "{err}"
+        );
+    });
+}
+
 /// Usage errors follow the same contract (exit 2, one line on stderr, nothing touched).
 #[test]
 fn usage_errors_are_one_line() {

@@ -62,8 +62,10 @@ pub fn parse(text: &str) -> Result<Config, String> {
     Ok(c)
 }
 
-/// Read the first config file that exists (none: empty config).
+/// Read the first config file that exists (none: empty config). One named by
+/// `$UNIONFS_RS_CONFIG` must exist.
 pub fn load() -> Result<Config, String> {
+    let named = std::env::var_os("UNIONFS_RS_CONFIG").is_some();
     for p in candidates() {
         match std::fs::read_to_string(&p) {
             Ok(t) => {
@@ -71,7 +73,7 @@ pub fn load() -> Result<Config, String> {
                 c.path = Some(p);
                 return Ok(c);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => continue,
             Err(e) => return Err(format!("{}: {e}", p.display())),
         }
     }

@@ -306,10 +306,20 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             Err(e) => return fail(format!("config: {e}")),
         };
         let mut pre: Vec<OsString> = Vec::new();
-        for o in [&cfg.default_options, &cfg.mount_program_options]
-            .into_iter()
-            .flatten()
-        {
+        for (key, o) in [
+            ("default_options", &cfg.default_options),
+            ("mount_program_options", &cfg.mount_program_options),
+        ] {
+            let Some(o) = o else { continue };
+            // Checked alone first, so that a bad value names the file it came from.
+            let mut probe = options::MountSpec::default();
+            if let Err(e) = options::apply_opts(&mut probe, o) {
+                let at = cfg
+                    .path
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("config"));
+                return fail(format!("{}: {key}: {e}", at.display()));
+            }
             pre.push("-o".into());
             pre.push(o.into());
         }
