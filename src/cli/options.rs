@@ -233,8 +233,28 @@ pub fn split_lowers(s: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
 }
 
 /// Apply one comma-separated option string.
+/// Split an option string at its commas; `\,` is a comma inside a value (a path), as kernel
+/// overlayfs reads its options. Other backslashes stay (`\:` in `lowerdir=`).
+fn split_opts(opts: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut it = opts.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '\\' if it.peek() == Some(&',') => {
+                it.next();
+                cur.push(',');
+            }
+            ',' => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
 pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
-    for o in opts.split(',') {
+    for o in split_opts(opts) {
         let o = o.trim();
         if o.is_empty() {
             continue;
@@ -512,6 +532,10 @@ mod tests {
         // An empty element at either end is ignored; `\` escapes a `:`.
         assert_eq!(split_lowers(":a:b:"), Ok((p(&["a", "b"]), vec![])));
         assert_eq!(split_lowers("a\\:b:c"), Ok((p(&["a:b", "c"]), vec![])));
+        assert_eq!(
+            split_opts("lowerdir=/a\\,b:/c\\:d,upperdir=/u\\,v,,ro"),
+            vec!["lowerdir=/a,b:/c\\:d", "upperdir=/u,v", "", "ro"]
+        );
         // `::` begins the data-only layers, each after another `::`.
         assert_eq!(split_lowers("a:b::d1"), Ok((p(&["a", "b"]), p(&["d1"]))));
         assert_eq!(split_lowers("a::d1::d2"), Ok((p(&["a"]), p(&["d1", "d2"]))));
