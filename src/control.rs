@@ -348,6 +348,15 @@ fn is_fuse(p: &Path) -> bool {
 }
 
 /// Send one command to the daemon serving `merged`; returns its reply.
+/// Remove the control socket of `merged` if no daemon answers on it (one killed outright
+/// leaves it behind).
+pub fn remove_stale(merged: &Path) {
+    let path = socket_path(merged);
+    if path.exists() && UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
     let path = socket_path(merged);
     // A daemon opens its socket just after reporting the mount ready: on a FUSE mount, give a

@@ -707,9 +707,12 @@ fn a_dead_daemons_mount_is_named_and_cleared() {
             "{err}"
         );
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let sock = unionfs_rs::control::socket_path(&dirs.merged.canonicalize().unwrap());
+        assert!(sock.exists(), "test setup: the killed daemon's socket");
         let (code, _, err) = run_bin(&["umount", &s(&dirs.merged)]);
         assert_eq!(code, 0, "umount of a dead daemon's mount: {err}");
         assert!(!is_fuse_mounted(&dirs.merged), "still mounted after umount");
+        assert!(!sock.exists(), "the killed daemon's socket is left");
         drop(m);
         let m = mount_strict(&dirs, &args);
         assert_eq!(

@@ -454,6 +454,10 @@ pub fn umount(merged: &Path) -> Result<(), String> {
         .ok()
         .and_then(|r| json_u64(&r, "pid"));
     let r = unmount_now(&m);
+    if r.is_ok() && pid.is_none() {
+        // No daemon answered: one killed outright left its socket.
+        crate::control::remove_stale(&m);
+    }
     if r.is_ok()
         && let Some(pid) = pid
     {
