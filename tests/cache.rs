@@ -390,16 +390,29 @@ fn truncate_and_unlink_drop_pages() {
     })
 }
 
+/// A mount whose flusher never runs on its own (no expiry, no periodic wake-up).
+fn mount_without_flusher() -> Mount {
+    mount_with(&[
+        "--dirty-expire-centisecs",
+        "1000000",
+        "--dirty-writeback-centisecs",
+        "0",
+    ])
+}
+
+/// SIGKILL the mount's daemon and wait until it is gone.
+fn kill_9(m: &Mount) {
+    let pid = m.pid.expect("daemon pid");
+    // SAFETY: kill(2) of the daemon process we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+}
+
 #[test]
 fn fsynced_data_survives_kill_9() {
     with_timeout(TIMEOUT, || {
-        // Nothing is written back on its own: only fsync moves data.
-        let m = mount_with(&[
-            "--dirty-expire-centisecs",
-            "1000000",
-            "--dirty-writeback-centisecs",
-            "0",
-        ]);
+        // Nothing is written back on its own: only fsync (and closes) move data.
+        let m = mount_without_flusher();
         let synced = pattern(3 * MIB as usize, 5);
         let f = File::create(m.path("synced")).expect("create");
         (&f).write_all(&synced).expect("write");
@@ -408,10 +421,7 @@ fn fsynced_data_survives_kill_9() {
         (&g).write_all(b"datasync me").expect("write");
         g.sync_data().expect("fdatasync");
         fs::write(m.path("unsynced"), b"maybe").expect("write");
-        let pid = m.pid.expect("daemon pid");
-        // SAFETY: kill(2) of the daemon process we started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+        kill_9(&m);
         drop((f, g));
         assert!(fs::read(m.dirs.upper.join("synced")).expect("upper") == synced);
         assert_eq!(
@@ -430,12 +440,7 @@ fn fsynced_data_survives_kill_9() {
 fn closed_files_survive_kill_9() {
     with_timeout(TIMEOUT, || {
         // Nothing is written back on its own: only closes, renames and fsyncs move data.
-        let m = mount_with(&[
-            "--dirty-expire-centisecs",
-            "1000000",
-            "--dirty-writeback-centisecs",
-            "0",
-        ]);
+        let m = mount_without_flusher();
         let closed = pattern(3 * MIB as usize, 11);
         fs::write(m.path("closed"), &closed).expect("write");
         fs::write(m.path("conf"), b"version 1").expect("write v1");
@@ -474,10 +479,7 @@ fn closed_files_survive_kill_9() {
         // writes both.)
         let s = stats(&m.merged);
         assert!(s["close_writebacks"] > 0, "{s:?}");
-        let pid = m.pid.expect("daemon pid");
-        // SAFETY: kill(2) of the daemon process we started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+        kill_9(&m);
         drop((new, open));
         let up = |n: &str| fs::read(m.dirs.upper.join(n)).expect("upper file");
         assert!(up("closed") == closed, "closed file lost data");

@@ -126,6 +126,13 @@ fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
+/// The standard mount arguments of `d`, then `extra`.
+fn with_args(d: &Dirs, extra: &[&str]) -> Vec<String> {
+    let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
 fn std_args(lowers: &str, upper: &Path, merged: &Path, work: &Path) -> Vec<String> {
     vec![
         "mount".into(),
@@ -223,9 +230,7 @@ fn bad_input_is_refused_without_side_effects() {
             (a, None)
         });
         refused("redirect_dir with a bad value", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["-o".into(), "redirect_dir=sometimes".into()]);
-            (a, None)
+            (with_args(d, &["-o", "redirect_dir=sometimes"]), None)
         });
         // The same directories by another path (a bind mount): overlaps all the same.
         refused("upper is a lower, bind-mounted", |d| {
@@ -254,34 +259,23 @@ fn bad_input_is_refused_without_side_effects() {
             (std_args(&l, &d.upper, &d.merged, &d.work), None)
         });
         refused("overlapping uid mapping ranges", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["-o".into(), "uidmapping=0:100:10:5:200:10".into()]);
-            (a, None)
+            (with_args(d, &["-o", "uidmapping=0:100:10:5:200:10"]), None)
         });
         refused("squash to the invalid id", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["-o".into(), "squash_to_uid=4294967295".into()]);
-            (a, None)
+            (with_args(d, &["-o", "squash_to_uid=4294967295"]), None)
         });
         refused("threads out of range", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["--threads".into(), "20000".into()]);
-            (a, None)
+            (with_args(d, &["--threads", "20000"]), None)
         });
-        refused("no threads", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["-o".into(), "threads=0".into()]);
-            (a, None)
-        });
+        refused("no threads", |d| (with_args(d, &["-o", "threads=0"]), None));
         refused("metacopy with a bad value", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["-o".into(), "metacopy=yes".into()]);
-            (a, None)
+            (with_args(d, &["-o", "metacopy=yes"]), None)
         });
         refused("metacopy with redirects not followed", |d| {
-            let mut a = std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work);
-            a.extend(["-o".into(), "metacopy=on,redirect_dir=nofollow".into()]);
-            (a, None)
+            (
+                with_args(d, &["-o", "metacopy=on,redirect_dir=nofollow"]),
+                None,
+            )
         });
         // Links planted in the daemon's bookkeeping dir (a root daemon writes there): never
         // followed; the victims are inside the test's tree, which must not change.
@@ -293,27 +287,22 @@ fn bad_input_is_refused_without_side_effects() {
                 None,
             )
         });
-        refused("workdir/unionfs/inomap is a symlink", |d| {
-            fs::write(d.root.join("victim"), "untouched").unwrap();
-            fs::create_dir_all(d.work.join("work")).unwrap();
-            fs::create_dir(d.work.join("unionfs")).unwrap();
-            std::os::unix::fs::symlink(d.root.join("victim"), d.work.join("unionfs/inomap"))
-                .unwrap();
-            (
-                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work),
-                None,
-            )
-        });
-        refused("workdir/unionfs/inomap is a hard link", |d| {
-            fs::write(d.root.join("victim"), "untouched").unwrap();
-            fs::create_dir_all(d.work.join("work")).unwrap();
-            fs::create_dir(d.work.join("unionfs")).unwrap();
-            fs::hard_link(d.root.join("victim"), d.work.join("unionfs/inomap")).unwrap();
-            (
-                std_args(&d.lowerdir_arg(), &d.upper, &d.merged, &d.work),
-                None,
-            )
-        });
+        for hard in [false, true] {
+            let what = if hard { "a hard link" } else { "a symlink" };
+            refused(&format!("workdir/unionfs/inomap is {what}"), |d| {
+                // A workdir used before: its bookkeeping dir exists.
+                let (victim, at) = (d.root.join("victim"), d.work.join("unionfs/inomap"));
+                fs::write(&victim, "untouched").unwrap();
+                fs::create_dir_all(d.work.join("work")).unwrap();
+                fs::create_dir(d.work.join("unionfs")).unwrap();
+                if hard {
+                    fs::hard_link(&victim, &at).unwrap();
+                } else {
+                    std::os::unix::fs::symlink(&victim, &at).unwrap();
+                }
+                (with_args(d, &[]), None)
+            });
+        }
         refused("workdir/work/incompat present", |d| {
             fs::create_dir_all(d.work.join("work/incompat")).unwrap();
             fs::write(d.work.join("work/incompat/x"), "").unwrap();
@@ -596,19 +585,30 @@ fn remount_right_after_unmount_and_upper_in_use() {
             );
         }
         let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
-        let other = dirs.root.join("merged2");
-        fs::create_dir(&other).unwrap();
-        let mut args = Mount::command_args(&dirs, &MountOpts::default());
-        let at = args
-            .iter()
-            .position(|a| Path::new(a) == dirs.merged)
-            .unwrap();
-        args[at] = s(&other);
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, _, err) = run_bin(&argv);
-        if is_mounted(&other) {
-            let _ = Command::new("umount").arg("-l").arg(&other).status();
-        }
+        let mkdir = |n: &str| {
+            let p = dirs.root.join(n);
+            fs::create_dir(&p).unwrap();
+            p
+        };
+        let (other, upper2, work3) = (mkdir("merged2"), mkdir("upper2"), mkdir("work3"));
+        // The live mount's arguments with some directories replaced: run, and clear any
+        // mount it made at `at`. Returns (exit code, stderr, mounts seen at `at`).
+        let attempt = |swap: &[(&Path, &Path)], at: &Path| {
+            let mut args = Mount::command_args(&dirs, &MountOpts::default());
+            for (from, to) in swap {
+                let i = args.iter().position(|a| Path::new(a) == *from).unwrap();
+                args[i] = s(to);
+            }
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, _, err) = run_bin(&argv);
+            let n = count_mounts_at(at);
+            let extra = if at == dirs.merged { n - 1 } else { n };
+            if extra > 0 {
+                let _ = Command::new("umount").arg("-l").arg(at).status();
+            }
+            (code, err, extra)
+        };
+        let (code, err, _) = attempt(&[(&dirs.merged, &other)], &other);
         assert_eq!(
             code, 2,
             "a second mount of a live upper must be refused: {err}"
@@ -616,28 +616,7 @@ fn remount_right_after_unmount_and_upper_in_use() {
         assert!(err.contains("already in use"), "{err}");
         // Another upper with the live mount's workdir: refused too (its quota state and
         // inode map are that mount's).
-        let upper2 = dirs.root.join("upper2");
-        fs::create_dir(&upper2).unwrap();
-        let mut args = Mount::command_args(&dirs, &MountOpts::default());
-        let at = args
-            .iter()
-            .position(|a| Path::new(a) == dirs.upper)
-            .unwrap();
-        args[at] = s(&upper2);
-        let at = args
-            .iter()
-            .position(|a| Path::new(a) == dirs.merged)
-            .unwrap();
-        args[at] = s(&other);
-        assert!(
-            args.iter().any(|a| Path::new(a) == dirs.work),
-            "test setup: the workdir is given: {args:?}"
-        );
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, _, err) = run_bin(&argv);
-        if is_mounted(&other) {
-            let _ = Command::new("umount").arg("-l").arg(&other).status();
-        }
+        let (code, err, _) = attempt(&[(&dirs.upper, &upper2), (&dirs.merged, &other)], &other);
         assert_eq!(
             code, 2,
             "a second mount of a live workdir must be refused: {err}"
@@ -647,23 +626,11 @@ fn remount_right_after_unmount_and_upper_in_use() {
             "{err}"
         );
         // A mount over the live one (other upper and workdir): refused, it would hide it.
-        let work3 = dirs.root.join("work3");
-        fs::create_dir(&work3).unwrap();
-        let mut args = Mount::command_args(&dirs, &MountOpts::default());
-        let at = args
-            .iter()
-            .position(|a| Path::new(a) == dirs.upper)
-            .unwrap();
-        args[at] = s(&upper2);
-        let at = args.iter().position(|a| Path::new(a) == dirs.work).unwrap();
-        args[at] = s(&work3);
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, _, err) = run_bin(&argv);
-        let stacked = count_mounts_at(&dirs.merged) > 1;
-        if stacked {
-            let _ = Command::new("umount").arg("-l").arg(&dirs.merged).status();
-        }
-        assert!(!stacked, "a second mount went over the live one");
+        let (code, err, stacked) = attempt(
+            &[(&dirs.upper, &upper2), (&dirs.work, &work3)],
+            &dirs.merged,
+        );
+        assert_eq!(stacked, 0, "a second mount went over the live one");
         assert_eq!(code, 2, "a mount over a live mount must be refused: {err}");
         assert!(err.contains("already a live unionfs-rs mount"), "{err}");
         m.unmount().unwrap_or_else(|e| panic!("{e}"));

@@ -41,6 +41,25 @@ fn write_files(m: &Mount, n: usize, mib: u64) {
     }
 }
 
+/// Wait (up to 10 s) until `n` removed files have reached the reaper (pending or released).
+/// Returns whether one was seen pending meanwhile.
+fn wait_reaper(m: &Mount, n: u64) -> bool {
+    let t = std::time::Instant::now();
+    let mut seen_pending = false;
+    loop {
+        let pending = stat_of(m, "deferred_releases_pending");
+        seen_pending |= pending >= 1;
+        if pending + stat_of(m, "deferred_releases") >= n {
+            return seen_pending;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the removed files never reached the reaper"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn stat_of(m: &Mount, key: &str) -> u64 {
     let s = daemon_stats(&m.merged);
     *s.get(key)
@@ -68,21 +87,10 @@ fn removed_files_are_released_in_the_background_and_df_waits_for_them() {
         // Each removed file reaches the reaper once the kernel forgets it (through io_uring a
         // moment after the unlink's reply) and waits there 300 ms: wait until all 8 got there,
         // most still held by the daemon.
-        let t = std::time::Instant::now();
-        let mut seen_pending = false;
-        loop {
-            let pending = stat_of(&m, "deferred_releases_pending");
-            seen_pending |= pending >= 1;
-            if pending + stat_of(&m, "deferred_releases") >= 8 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the removed files never reached the reaper"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(seen_pending, "no release pending right after the unlinks");
+        assert!(
+            wait_reaper(&m, 8),
+            "no release pending right after the unlinks"
+        );
         assert!(
             lfs.avail() < full + 28 * MIB,
             "the space came back before the releases ran"
@@ -129,21 +137,7 @@ fn a_file_replaced_by_a_rename_is_released_in_the_background() {
         // The replaced files the kernel held go to the reaper once it forgets them (which
         // follows the rename's reply, a moment later through io_uring): each waits there
         // release_delay_ms.
-        let t = std::time::Instant::now();
-        let mut seen_pending = false;
-        loop {
-            let pending = stat_of(&m, "deferred_releases_pending");
-            seen_pending |= pending >= 1;
-            if pending + stat_of(&m, "deferred_releases") >= 4 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the replaced files never reached the reaper"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(seen_pending, "no release was deferred");
+        assert!(wait_reaper(&m, 4), "no release was deferred");
         let _ = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs of the mount");
         assert_eq!(stat_of(&m, "deferred_releases"), 4);
         assert!(
