@@ -490,6 +490,49 @@ fn closed_files_survive_kill_9() {
     })
 }
 
+/// A file whose name was removed while it was open for writing, but which has another name
+/// the daemon never looked up, is still written at its close (it still exists).
+#[test]
+fn a_closed_file_with_another_name_left_is_written_at_close() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(&[vec![]], &[file("a", "old")]);
+        fs::hard_link(dirs.upper.join("a"), dirs.upper.join("b")).expect("link in upper");
+        let extra = [
+            "--passthrough",
+            "off",
+            "--dirty-expire-centisecs",
+            "1000000",
+            "--dirty-writeback-centisecs",
+            "0",
+        ];
+        let opts = MountOpts {
+            extra: extra.iter().map(|x| x.to_string()).collect(),
+            ..MountOpts::default()
+        };
+        let m = Mount::start(&dirs, &opts).unwrap_or_else(|e| panic!("{e}"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path("a"))
+            .expect("open");
+        f.write_all(b"new data").expect("write");
+        fs::remove_file(m.path("a")).expect("unlink");
+        drop(f);
+        assert!(
+            wait_until(Duration::from_secs(10), || stats(&m.merged)["dirty_bytes"]
+                == 0),
+            "still dirty after the close: {:?}",
+            stats(&m.merged)
+        );
+        kill_9(&m);
+        assert_eq!(
+            fs::read(m.dirs.upper.join("b")).expect("upper b"),
+            b"new data"
+        );
+        drop(m);
+    })
+}
+
 /// With `writeback_on_close=0` a closed file's data stays in the cache until the flusher,
 /// fsync or sync moves it.
 #[test]

@@ -2435,6 +2435,11 @@ fn a_damaged_state_file_is_reported_and_usage_recomputed() {
         fs::write(&state, "version=1\nbhard=lots\nused_bytes=1\nclean=1\n").unwrap();
         let (m, err) = mount_capture(&dirs, &args, &[]);
         assert!(err.contains("damaged state file"), "no word of it: {err:?}");
+        assert_eq!(
+            fs::read_to_string(dirs.work.join("unionfs/quota.damaged")).unwrap(),
+            "version=1\nbhard=lots\nused_bytes=1\nclean=1\n",
+            "the damaged file is not kept aside"
+        );
         assert_report_matches_scan(&m, "after a damaged state file");
         assert_eq!(report(&m).blocks.hard, 50 * MIB);
         m.unmount().unwrap();

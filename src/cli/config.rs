@@ -28,7 +28,7 @@ pub struct Config {
 }
 
 fn candidates() -> Vec<PathBuf> {
-    if let Some(p) = std::env::var_os("UNIONFS_RS_CONFIG") {
+    if let Some(p) = std::env::var_os("UNIONFS_RS_CONFIG").filter(|p| !p.is_empty()) {
         return vec![PathBuf::from(p)];
     }
     let mut v = vec![PathBuf::from("/etc/unionfs-rs/unionfs-rs.conf")];
@@ -65,7 +65,8 @@ pub fn parse(text: &str) -> Result<Config, String> {
 /// Read the first config file that exists (none: empty config). One named by
 /// `$UNIONFS_RS_CONFIG` must exist.
 pub fn load() -> Result<Config, String> {
-    let named = std::env::var_os("UNIONFS_RS_CONFIG").is_some();
+    // (Set but empty: no config file, as unset.)
+    let named = std::env::var_os("UNIONFS_RS_CONFIG").is_some_and(|p| !p.is_empty());
     for p in candidates() {
         match std::fs::read_to_string(&p) {
             Ok(t) => {

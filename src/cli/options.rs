@@ -241,10 +241,16 @@ fn split_opts(opts: &str) -> Vec<String> {
     let mut it = opts.chars().peekable();
     while let Some(c) = it.next() {
         match c {
-            '\\' if it.peek() == Some(&',') => {
-                it.next();
-                cur.push(',');
-            }
+            // A backslash escapes the next character, whatever it is (as the kernel's
+            // splitter): `\,` is a comma; other pairs stay for the value's own unescaping.
+            '\\' => match it.next() {
+                Some(',') => cur.push(','),
+                Some(n) => {
+                    cur.push('\\');
+                    cur.push(n);
+                }
+                None => cur.push('\\'),
+            },
             ',' => out.push(std::mem::take(&mut cur)),
             c => cur.push(c),
         }
@@ -536,6 +542,8 @@ mod tests {
             split_opts("lowerdir=/a\\,b:/c\\:d,upperdir=/u\\,v,,ro"),
             vec!["lowerdir=/a,b:/c\\:d", "upperdir=/u,v", "", "ro"]
         );
+        // `\\` is a pair: the comma after it splits.
+        assert_eq!(split_opts("a\\\\,b"), vec!["a\\\\", "b"]);
         // `::` begins the data-only layers, each after another `::`.
         assert_eq!(split_lowers("a:b::d1"), Ok((p(&["a", "b"]), p(&["d1"]))));
         assert_eq!(split_lowers("a::d1::d2"), Ok((p(&["a"]), p(&["d1", "d2"]))));

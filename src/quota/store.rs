@@ -155,6 +155,14 @@ impl StateFile {
             .map_err(|e| self.err(e, "rename the new copy into place"))
     }
 
+    /// Rename it to `NAME.SUFFIX` (kept for a person to look at), replacing an older one.
+    pub fn set_aside(&self, suffix: &str) -> std::io::Result<PathBuf> {
+        let to = format!("{}.{suffix}", self.name);
+        nix::fcntl::renameat(self.dir.as_fd(), self.name, self.dir.as_fd(), to.as_str())
+            .map_err(|e| self.err(e, "set aside"))?;
+        Ok(self.shown.with_file_name(to))
+    }
+
     /// Open for appending (created if absent): a regular file with this one name only.
     pub fn open_append(&self) -> std::io::Result<std::fs::File> {
         let fd = nix::fcntl::openat(

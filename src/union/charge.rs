@@ -34,14 +34,26 @@ pub(crate) fn open_quota(
     state: store::StateFile,
     progress: &mut dyn FnMut(String),
 ) -> std::io::Result<Option<Arc<Quota>>> {
-    // A state file we cannot read is neither trusted nor fatal: the usage is recomputed, the
-    // limits are the mount's options' (and the file is written anew with them).
+    // A state file we cannot read is neither trusted nor fatal: it is kept aside (for a
+    // person: limits set live with `quota limit` were only there), the usage is recomputed,
+    // and the limits are the mount's options'.
     let recorded = match store::load(&state) {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            progress(format!(
-                "quota: ignoring a damaged state file ({e}); usage is recomputed"
-            ));
-            log::warn!("quota: ignoring a damaged state file ({e})");
+            let kept = match state.set_aside("damaged") {
+                Ok(p) => format!("kept as {}", p.display()),
+                Err(e2) => format!("could not be kept aside: {e2}"),
+            };
+            let given = cfg.and_then(|c| c.limits).is_some();
+            let msg = format!(
+                "quota: ignoring a damaged state file ({e}; {kept}); usage is recomputed, and {}",
+                if given {
+                    "the limits are the mount options'"
+                } else {
+                    "no limits are given by the mount options: this mount has NO quota"
+                }
+            );
+            progress(msg.clone());
+            log::warn!("{msg}");
             None
         }
         r => r?,

@@ -1162,20 +1162,27 @@ impl Union {
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
     /// (and its cached pages, dirty ones too: nothing can reach them any more).
     pub fn release(&self, fh: u64) {
-        let Some((ino, writable)) = self.files.get(&fh).map(|f| (f.ino, f.writable)) else {
+        let Some((ino, writable, fd)) = self
+            .files
+            .get(&fh)
+            .map(|f| (f.ino, f.writable, f.fd.clone()))
+        else {
             return;
         };
         let node = self.nodes.get(ino);
         // What was written through it reaches upper now, not when the flusher comes to it
         // (`writeback_on_close`, see CacheConfig): a daemon killed after a close must lose
-        // nothing of the file. Not for a removed file (nothing can read it back), and before
-        // the allocation lock below, which the write-back's accounting takes.
+        // nothing of the file. Not for a file with no name left (nothing can read it back:
+        // asked of the file itself, since a name we never looked up may still hold it), and
+        // before the allocation lock below, which the write-back's accounting takes.
         if writable
-            && let (Some(c), Some(n)) = (&self.cache, &node)
-            && !n.st.lock().unlinked
+            && let Some(c) = &self.cache
+            && c.is_dirty(ino)
+            && nix::sys::stat::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink > 0)
         {
             c.write_back_closed(ino);
         }
+        drop(fd);
         // With a quota, the handle goes and the last close is accounted under the node's
         // allocation lock, which an unlink holds from its "still open?" to its own
         // accounting: the object's release is counted by exactly one of the two.
