@@ -1661,6 +1661,109 @@ fn truncating_an_unlinked_open_file_frees_its_space() {
     })
 }
 
+/// Files replaced by renames while other threads open, truncate and write them by name (an
+/// editor's or a log rotator's `write tmp; rename tmp over name` against readers and appenders):
+/// every open of a name succeeds (an open that meets a file just replaced gets that file, as on
+/// any local filesystem, never ESTALE), and afterwards the usage is exactly what a fresh scan
+/// finds. (Both went wrong: a handle registered just after a rename's "is it open?" was charged
+/// for a file the rename had freed; and an open for writing of a just-replaced file failed.)
+#[test]
+fn files_replaced_while_opened_by_name_keep_usage_exact() {
+    with_timeout(TIMEOUT, || {
+        let m = new_mount(&[], &["--size", "256M"]);
+        let names: Vec<PathBuf> = (0..3).map(|i| m.path(&format!("f{i}"))).collect();
+        for n in &names {
+            fs::write(n, pattern(0, 64 * KIB, 1)).unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads: Vec<_> = (0..6u64)
+            .map(|t| {
+                let names = names.clone();
+                let tmp = m.path(&format!("tmp{t}"));
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                    let mut rnd = move |n: u64| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x % n
+                    };
+                    let (mut opens, mut failed) = (0u64, Vec::new());
+                    let mut held: Vec<File> = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let name = &names[rnd(3) as usize];
+                        if t % 2 == 0 {
+                            // The replacer: a new file renamed over a name, sometimes kept
+                            // open and written after the rename.
+                            let mut f = File::create(&tmp).unwrap();
+                            f.write_all(&pattern(0, 4096 * (1 + rnd(24)), t as u8))
+                                .unwrap();
+                            fs::rename(&tmp, name).unwrap();
+                            if rnd(2) == 0 {
+                                f.write_all(&pattern(0, 4096 * (1 + rnd(8)), 7)).unwrap();
+                                held.push(f);
+                            }
+                        } else {
+                            // The openers: by name, for writing; truncate or append.
+                            opens += 1;
+                            let r = if rnd(2) == 0 {
+                                OpenOptions::new()
+                                    .read(true)
+                                    .write(true)
+                                    .open(name)
+                                    .and_then(|f| {
+                                        f.set_len(4096 * rnd(40))?;
+                                        Ok(f)
+                                    })
+                            } else {
+                                OpenOptions::new()
+                                    .append(true)
+                                    .open(name)
+                                    .and_then(|mut f| {
+                                        f.write_all(&pattern(0, 4096 * (1 + rnd(6)), 9))?;
+                                        Ok(f)
+                                    })
+                            };
+                            match r {
+                                Ok(f) => held.push(f),
+                                Err(e) => failed.push(e.to_string()),
+                            }
+                        }
+                        while held.len() > 3 {
+                            held.remove(rnd(held.len() as u64) as usize);
+                        }
+                    }
+                    (opens, failed)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(4));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut opens, mut failed) = (0, Vec::new());
+        for th in threads {
+            let (o, f) = th.join().unwrap();
+            opens += o;
+            failed.extend(f);
+        }
+        assert!(opens > 100, "only {opens} opens in 4 s");
+        assert!(
+            failed.is_empty(),
+            "{} of {opens} opens of existing names failed, e.g. {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        // Every file is closed; the daemon's releases follow close(2) shortly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while usage(&m) != fresh_scan(&m.dirs) && Instant::now() < deadline {
+            let _ = run_bin(&["sync", p2s(&m.merged)]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_report_matches_scan(&m, "after the churn");
+        m.unmount().unwrap();
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inode limits
 // ---------------------------------------------------------------------------------------------

@@ -558,7 +558,7 @@ impl Union {
                 };
                 if let Err(e) = self.check_opened(node, st.top(), fd.as_fd()) {
                     // Replaced meanwhile: read what the kernel holds, through the daemon.
-                    if self.reopens_removed(writable) && self.removed_meanwhile(node) {
+                    if self.removed_meanwhile(node) {
                         return Ok(None);
                     }
                     return Err(e);
@@ -641,7 +641,11 @@ impl Union {
     /// a rename, which a reader had just looked up; a reopen through `/proc/self/fd`): the
     /// object the kernel holds is opened, as the kernel would open an unlinked inode of its
     /// own. ESTALE when the removed object is not held (the kernel then looks the name up
-    /// again), and for writing with a quota (see [`Union::reopens_removed`]).
+    /// again).
+    ///
+    /// With a quota a removed file nobody had open was accounted freed with its last name;
+    /// an open for writing counts it again (its space and inode, as XFS counts an unlinked
+    /// file until its last close), and its last close frees it once more.
     fn open_removed(&self, node: &Node, f: OFlag, flags: i32, writable: bool) -> Result<u64> {
         let data = node.st.lock().data.clone();
         if let Some(d) = data {
@@ -658,24 +662,26 @@ impl Union {
                 .ctx("open the data of a removed metacopy file")?;
             return Ok(self.add_handle_with(node.ino, fd, (false, false), flags, false));
         }
-        if !self.reopens_removed(writable) {
-            return Err(Error::new(
-                Errno::ESTALE,
-                "open for writing: the file was removed (quota)",
-            ));
-        }
         let flags_k = self.daemon_flags(f, writable);
+        // A removal in progress holds the node's allocation lock from before its name goes
+        // until it has pinned the object (or let it go), and a last close frees the object
+        // under it: the reopen, the accounting and the registration are one step for both.
+        let mut known = node.io_lock.lock();
         let fd = self
             .reopen_pinned(node, flags_k)
-            .or_else(|| {
-                // Marked removed but not pinned yet: a removal in progress holds the node's
-                // allocation lock from before its name goes until it has pinned the object
-                // (or let it go).
-                drop(node.io_lock.lock());
-                self.reopen_pinned(node, flags_k)
-            })
             .ok_or(Error::new(Errno::ESTALE, "open: the file was removed"))?;
+        if writable
+            && self.quota.is_some()
+            && node.freed.load(Ordering::Acquire)
+            && let Ok(st) = nix::sys::stat::fstat(fd.as_fd())
+            && st.st_nlink == 0
+        {
+            self.account(super::charge::alloc(&st), 1);
+            *known = Some((super::charge::alloc(&st), st.st_size));
+            node.freed.store(false, Ordering::Release);
+        }
         let fh = self.add_handle_with(node.ino, fd, (writable, true), flags, false);
+        drop(known);
         if writable && f.contains(OFlag::O_TRUNC) {
             // (reopen_pinned does not pass O_TRUNC on: through the cache, as any truncate.)
             let h = self.handle(fh)?;
@@ -685,13 +691,6 @@ impl Union {
             }
         }
         Ok(fh)
-    }
-
-    /// Whether an open for `writable` may reopen a removed file the kernel holds. For
-    /// reading always; for writing not with a quota, which counts a removed file freed with
-    /// its last name (a write to it would be charged for a file that is not counted).
-    fn reopens_removed(&self, writable: bool) -> bool {
-        !writable || self.quota.is_none()
     }
 
     /// After an open by `node`'s name found another object: whether `node` was removed
@@ -729,21 +728,29 @@ impl Union {
             }
             Err(e) => return Err(Error::new(e, "open")),
         };
+        // The check that the name still leads to the node's object and the handle's
+        // registration are one step for a removal of that name, which decides under the
+        // node's allocation lock whether a handle is open (then the last close frees the
+        // object, and its pages stay) or not (then the removal frees it): a handle
+        // registered after that look would be charged for a file no longer counted.
+        let decided = (in_upper && (self.quota.is_some() || cached)).then(|| node.io_lock.lock());
         let checked = if in_upper {
             self.check_opened(node, LayerRef::Upper, fd.as_fd())
         } else {
             Ok(())
         };
         if let Err(e) = checked {
+            drop(decided);
             // Its name was replaced between our look and the open: once that removal is
             // through, the object may be held for the kernel.
             drop(fd);
-            if self.reopens_removed(writable) && self.removed_meanwhile(node) {
+            if self.removed_meanwhile(node) {
                 return self.open_removed(node, f, flags, writable);
             }
             return Err(e);
         }
         let fh = self.add_handle_with(ino, fd, (writable, in_upper), flags, nocache);
+        drop(decided);
         drop(st);
         if cached && !nocache && f.contains(OFlag::O_TRUNC) {
             // O_TRUNC through the cache, so pages and size follow.
@@ -950,8 +957,7 @@ impl Union {
     /// (an `O_PATH` fd, or a file just closed: with its write-back cache the kernel hands a
     /// closed file's times over later, also after the unlink; a chmod through
     /// `/proc/self/fd`). Made on the pinned object through its descriptor's `/proc/self/fd`
-    /// link, which names our own descriptor, never a path in a layer. With a quota a removed
-    /// file is accounted freed: its size stays (ESTALE, as a writable open of it).
+    /// link, which names our own descriptor, never a path in a layer.
     fn setattr_pinned(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
         let gone = || Error::new(Errno::ENOENT, "setattr of a removed file");
         // Refused before anything is changed.
@@ -959,13 +965,23 @@ impl Union {
             if node.is_dir() {
                 return Err(Error::new(Errno::EISDIR, "truncate of a directory"));
             }
-            if self.quota.is_some() {
-                return Err(Error::new(
-                    Errno::ESTALE,
-                    "truncate of a removed file (quota)",
-                ));
-            }
         }
+        // With a quota the removed object, which no handle has open, was accounted freed with
+        // its last name: what a truncate frees or takes of it is not counted. Unless an open
+        // for writing counted it again meanwhile (its handle is the way then).
+        let uncounted = match (&self.quota, a.size) {
+            (Some(_), Some(_)) => {
+                let known = node.io_lock.lock();
+                if !node.freed.load(Ordering::Acquire) {
+                    return Err(Error::new(
+                        Errno::ESTALE,
+                        "truncate of a removed file opened meanwhile",
+                    ));
+                }
+                Some(known)
+            }
+            _ => None,
+        };
         // Our own duplicate: the object stays whatever an unpin does meanwhile.
         let fd = {
             let pin = node.pin.lock();
@@ -999,6 +1015,7 @@ impl Union {
                 None => trunc()?,
             }
         }
+        drop(uncounted);
         self.set_times(node.ino, a, || {
             nix::sys::stat::utimensat(
                 nix::fcntl::AT_FDCWD,
