@@ -1764,6 +1764,28 @@ fn files_replaced_while_opened_by_name_keep_usage_exact() {
     })
 }
 
+/// A file with a second name the daemon has not looked up loses the name it knew while its
+/// written data waits in the page cache; the other name is looked up next. The file is the same
+/// and still counted: once the cache writes its data, the usage must include it. (It did not:
+/// the lookup took the node for a new object, forgot what was accounted for the file, and the
+/// write-back's allocation was taken as already counted while the cache handed its charge back.)
+#[test]
+fn a_file_found_again_by_an_unseen_hard_link_stays_counted() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(&[vec![]], &[file_bytes("a", pattern(0, 8 * KIB, 1))]);
+        fs::hard_link(dirs.upper.join("a"), dirs.upper.join("b")).unwrap();
+        let m = mount_q(&dirs, &["--size", "64M", "--writeback-on-close", "0"]);
+        let mut f = OpenOptions::new().append(true).open(m.path("a")).unwrap();
+        f.write_all(&pattern(0, MIB, 2)).unwrap();
+        drop(f);
+        fs::remove_file(m.path("a")).unwrap();
+        let md = fs::metadata(m.path("b")).unwrap();
+        assert_eq!(md.len(), 8 * KIB + MIB, "b is the same file");
+        assert_report_matches_scan(&m, "after the write-back of the file now named b");
+        m.unmount().unwrap();
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inode limits
 // ---------------------------------------------------------------------------------------------

@@ -763,7 +763,8 @@ impl Union {
         if !created {
             let mut st = node.st.lock();
             if st.unlinked {
-                if node.gone.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                let gone = node.gone.swap(false, std::sync::atomic::Ordering::AcqRel);
+                if gone {
                     // The inode number of a removed object, now another's: a new generation,
                     // so that the kernel does not take the new object for the old one it may
                     // hold. (Not gone: the same object under a hard link not seen before.)
@@ -774,10 +775,15 @@ impl Union {
                 self.unpin(&node);
                 node.reset_dirfds();
                 node.invalidate_xattrs();
-                // A new object under the inode number: nothing is accounted for it yet.
-                *node.io_lock.lock() = None;
-                node.freed
-                    .store(false, std::sync::atomic::Ordering::Release);
+                if gone {
+                    // A new object under the inode number: nothing is accounted for it yet.
+                    // (The same object is still counted, as its removed name's link was not
+                    // its last: what is known of its allocation stays, and with it the
+                    // settling of its cached writes.)
+                    *node.io_lock.lock() = None;
+                    node.freed
+                        .store(false, std::sync::atomic::Ordering::Release);
+                }
             } else if is_dir && !self.upper_only_marks.unchanged(f.stamp) {
                 // Made upper-only since the lookup read it (or being made so): its state
                 // is newer than what was read (checked under the node's lock, which the change
