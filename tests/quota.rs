@@ -1087,7 +1087,8 @@ fn usage_tracks_allocation_after_writeback() {
     })
 }
 
-/// copy_file_range(2) into the mount (the kernel falls back to writes) is limited like write.
+/// copy_file_range(2) inside the mount (copied by upper's filesystem for the daemon) is limited
+/// like write: the copy is cut to what fits, the next call fails.
 #[test]
 fn copy_file_range_is_limited() {
     with_timeout(TIMEOUT, || {

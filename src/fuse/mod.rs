@@ -798,19 +798,24 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
+        fh_in: FileHandle,
+        offset_in: u64,
         _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: fuser::CopyFileRangeFlags,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        // ENOSYS: the kernel stops asking and copies through read and write itself (which
-        // keeps our page cache, quota charges and copy-ups in their usual paths). Answered
-        // quietly: fuser's default logs a warning for it in every mount's log.
-        reply.error(Errno::ENOSYS)
+        match self.u.copy_file_range(
+            (fh_in.0, offset_in),
+            (fh_out.0, offset_out),
+            len,
+            flags.bits(),
+        ) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn poll(

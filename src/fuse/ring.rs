@@ -911,6 +911,21 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
             );
             out.lseek(u.lseek(fh, off, whence).map_err(err)?);
         }
+        wire::COPY_FILE_RANGE => {
+            // fuse_copy_file_range_in: fh_in, off_in, nodeid_out, fh_out, off_out, len, flags.
+            let (fh_in, off_in, fh_out, off_out, len, flags) = (
+                a.u64(0).map_err(short)?,
+                a.u64(8).map_err(short)?,
+                a.u64(24).map_err(short)?,
+                a.u64(32).map_err(short)?,
+                a.u64(40).map_err(short)?,
+                a.u64(48).map_err(short)?,
+            );
+            let n = u
+                .copy_file_range((fh_in, off_in), (fh_out, off_out), len, flags)
+                .map_err(err)?;
+            out.write(n as u32);
+        }
         wire::DESTROY => u.shutdown(),
         // FORGET, BATCH_FORGET, INTERRUPT, INIT come through /dev/fuse; anything else is not
         // implemented (what fuser answers too).

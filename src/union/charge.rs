@@ -337,7 +337,23 @@ impl Union {
         data: &[u8],
         known: &mut Option<(i64, i64)>,
     ) -> Result<usize> {
-        if data.is_empty() {
+        self.quota_io(q, fd, off, data.len() as u64, known, |n| {
+            super::file::pwrite_all(fd, &data[..n as usize], off)
+        })
+    }
+
+    /// Run `io`, which writes at most its argument's bytes at `off` of `fd`, within the quota
+    /// (as [`Union::quota_write`]: `io` may be asked for fewer bytes than `len` near the limit).
+    pub(crate) fn quota_io(
+        &self,
+        q: &Quota,
+        fd: BorrowedFd<'_>,
+        off: u64,
+        len: u64,
+        known: &mut Option<(i64, i64)>,
+        io: impl FnOnce(u64) -> Result<usize>,
+    ) -> Result<usize> {
+        if len == 0 {
             return Ok(0);
         }
         // The allocation and size as left by our last write (all size-changing I/O of the
@@ -349,7 +365,7 @@ impl Union {
                 (alloc(&st), st.st_size, block_size(&st))
             }
         };
-        let mut len = data.len() as u64;
+        let mut len = len;
         let mut est = estimate(alloc_before, size_before, off, len, bs);
         if q.reserve_bytes(est).is_err() {
             let avail = q.available_bytes();
@@ -368,7 +384,7 @@ impl Union {
             bytes: est as i64,
             inodes: 0,
         };
-        let res = super::file::pwrite_all(fd, &data[..len as usize], off);
+        let res = io(len);
         let after = match nix::sys::stat::fstat(fd) {
             Ok(st) => st,
             Err(e) => {

@@ -272,6 +272,10 @@ fn is_writable(f: OFlag) -> bool {
 /// file is 16 TiB (4 KiB blocks) and FUSE lets writes reach 8 EiB.
 const CACHED_WRITE_END_MAX: u64 = 1 << 40;
 
+/// The most one COPY_FILE_RANGE answers for: its reply counts in 32 bits (the kernel asks
+/// for at most `MAX_RW_COUNT`, 2 GiB less a page, anyway).
+const COPY_RANGE_MAX: u64 = (u32::MAX as u64) & !4095;
+
 /// How long a change of a lower file waits for the opens that read it in passthrough mode
 /// (`passthrough=lower`) to close before it fails with ETXTBSY ([`Union::kio_for_change`]).
 /// Short: it covers a reader's RELEASE still on its way (it follows close(2)), not a reader
@@ -961,10 +965,8 @@ impl Union {
     fn setattr_pinned(&self, node: &super::Node, a: &SetAttr) -> Result<Attr> {
         let gone = || Error::new(Errno::ENOENT, "setattr of a removed file");
         // Refused before anything is changed.
-        if a.size.is_some() {
-            if node.is_dir() {
-                return Err(Error::new(Errno::EISDIR, "truncate of a directory"));
-            }
+        if a.size.is_some() && node.is_dir() {
+            return Err(Error::new(Errno::EISDIR, "truncate of a directory"));
         }
         // With a quota the removed object, which no handle has open, was accounted freed with
         // its last name: what a truncate frees or takes of it is not counted. Unless an open
@@ -1084,16 +1086,7 @@ impl Union {
             // Durable includes the name: a pending copy-up commit first.
             self.commits.wait_node(f.ino);
         }
-        // A write drops security.capability on disk: keep the xattr cache honest.
-        if let Some(node) = self.nodes.get(f.ino) {
-            let has_cap = node.xattrs.lock().as_ref().is_some_and(|c| {
-                c.iter()
-                    .any(|(n, _)| n.as_encoded_bytes() == b"security.capability")
-            });
-            if has_cap {
-                node.invalidate_xattrs();
-            }
-        }
+        self.written_to(f.ino);
         if let (Some(c), false, true) = (&self.cache, f.nocache, f.in_upper)
             && off.saturating_add(data.len() as u64) <= CACHED_WRITE_END_MAX
             && !self.upper_nearly_full(c, data.len() as u64)
@@ -1350,6 +1343,101 @@ impl Union {
         r
     }
 
+    /// A write drops security.capability on disk: keep the xattr cache honest.
+    fn written_to(&self, ino: u64) {
+        if let Some(node) = self.nodes.get(ino) {
+            let has_cap = node.xattrs.lock().as_ref().is_some_and(|c| {
+                c.iter()
+                    .any(|(n, _)| n.as_encoded_bytes() == b"security.capability")
+            });
+            if has_cap {
+                node.invalidate_xattrs();
+            }
+        }
+    }
+
+    /// copy_file_range(2) from one open file to another, made by upper's filesystem (a
+    /// reflink where it shares extents, else its own in-kernel copy) instead of the kernel's
+    /// reads and writes through the mount. Returns the bytes copied (fewer at the source's
+    /// end, or near the quota's limit). EOPNOTSUPP where upper's filesystem cannot copy
+    /// between the two (a lower layer on another filesystem): the kernel then copies this
+    /// range through reads and writes, as for a filesystem without the operation.
+    pub fn copy_file_range(
+        &self,
+        (fh_in, off_in): (u64, u64),
+        (fh_out, off_out): (u64, u64),
+        len: u64,
+        flags: u64,
+    ) -> Result<u64> {
+        if flags != 0 {
+            return Err(Error::new(Errno::EINVAL, "copy_file_range: flags"));
+        }
+        let fi = self.handle(fh_in)?;
+        let fo = self.handle(fh_out)?;
+        fo.check_lost()?;
+        if !fo.writable || !fo.in_upper {
+            return Err(Error::new(
+                Errno::EBADF,
+                "copy_file_range: not open for writing",
+            ));
+        }
+        // What one reply can count (and the kernel's own cap on one call).
+        let len = len.min(COPY_RANGE_MAX);
+        if len == 0 {
+            return Ok(0);
+        }
+        let sync = fo.sync;
+        if sync.is_some() {
+            // Durable includes the name: a pending copy-up commit first.
+            self.commits.wait_node(fo.ino);
+        }
+        self.written_to(fo.ino);
+        if let Some(c) = &self.cache {
+            // The copy reads the source file and writes the destination behind the cache:
+            // cached writes of both reach their files first, the destination's clean pages
+            // in the range go.
+            if c.is_dirty(fi.ino) {
+                c.sync_file(fi.ino).ctx("write-back")?;
+            }
+            c.invalidate(fo.ino, off_out, len).ctx("write-back")?;
+        }
+        let src = if self.cache.is_some() {
+            self.read_fd(&fi)
+        } else {
+            fi.fd.clone()
+        };
+        let copy = |n: u64| -> Result<usize> {
+            copy_range(src.as_fd(), off_in, fo.fd.as_fd(), off_out, n)
+        };
+        let r = match &self.quota {
+            Some(q) => {
+                let node = self.node(fo.ino)?;
+                let mut known = node.io_lock.lock();
+                let r = self.quota_io(q, fo.fd.as_fd(), off_out, len, &mut known, copy);
+                drop(known);
+                self.mark_unsettled(fo.ino);
+                r
+            }
+            None => copy(len),
+        };
+        if let Some(c) = &self.cache
+            && let Ok(st) = nix::sys::stat::fstat(fo.fd.as_fd())
+        {
+            c.set_size(fo.ino, &st);
+        }
+        let n = r?;
+        self.copy_ranges.fetch_add(1, Ordering::Relaxed);
+        self.copy_range_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if !self.volatile && n > 0 {
+            match sync {
+                Some(true) => nix::unistd::fsync(fo.fd.as_fd()).ctx("fsync")?,
+                Some(false) => nix::unistd::fdatasync(fo.fd.as_fd()).ctx("fdatasync")?,
+                None => {}
+            }
+        }
+        Ok(n as u64)
+    }
+
     /// lseek SEEK_DATA / SEEK_HOLE on an open file.
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let f = self.handle(fh)?;
@@ -1593,6 +1681,38 @@ fn upper_free_in(up: &layer::Layer, cached: &mut Option<(std::time::Instant, u64
             free
         }
     }
+}
+
+/// Copy up to `len` bytes from `src` at `off_in` to `dst` at `off_out` with copy_file_range(2),
+/// as far as the source goes. Upper's filesystem unable to copy between the two files
+/// (another filesystem, or one without the operation): EOPNOTSUPP, before anything is copied.
+fn copy_range(
+    src: BorrowedFd<'_>,
+    off_in: u64,
+    dst: BorrowedFd<'_>,
+    off_out: u64,
+    len: u64,
+) -> Result<usize> {
+    let (mut oi, mut oo) = (off_in as i64, off_out as i64);
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut oi), dst, Some(&mut oo), want) {
+            Ok(0) => break,
+            Ok(n) => done += n as u64,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EXDEV) | Err(Errno::EOPNOTSUPP) | Err(Errno::ENOSYS) if done == 0 => {
+                return Err(Error::new(
+                    Errno::EOPNOTSUPP,
+                    "copy_file_range between these files",
+                ));
+            }
+            // What was copied counts (a full upper or quota stops the next call).
+            Err(_) if done > 0 => break,
+            Err(e) => return Err(Error::new(e, "copy_file_range")),
+        }
+    }
+    Ok(done as usize)
 }
 
 #[cfg(test)]

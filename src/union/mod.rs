@@ -460,6 +460,9 @@ pub struct Union {
     /// getxattr requests answered (`stats`: the kernel asks one before each write(2) unless
     /// FUSE_HANDLE_KILLPRIV_V2 lets it remember that a file has no security.capability).
     pub(crate) getxattr_requests: AtomicU64,
+    /// copy_file_range requests copied by upper's filesystem, and their bytes.
+    pub(crate) copy_ranges: AtomicU64,
+    pub(crate) copy_range_bytes: AtomicU64,
     /// The kernel's FUSE write-back cache is on (asked for, no quota, the kernel agreed): it
     /// reads pages through write-only handles and places appends itself.
     pub(crate) writeback_cache: std::sync::atomic::AtomicBool,
@@ -672,6 +675,8 @@ impl Union {
             uring_threads: Default::default(),
             uring_requests: AtomicU64::new(0),
             getxattr_requests: AtomicU64::new(0),
+            copy_ranges: AtomicU64::new(0),
+            copy_range_bytes: AtomicU64::new(0),
             writeback_cache: std::sync::atomic::AtomicBool::new(false),
             posix_acl: std::sync::atomic::AtomicBool::new(false),
             reflink: std::sync::atomic::AtomicBool::new(true),
