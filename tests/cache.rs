@@ -638,8 +638,12 @@ fn unmount_drains_dirty_data() {
     with_timeout(TIMEOUT, || {
         let (mut m, data) = mount_with_dirty(64);
         let merged = m.merged.clone();
-        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&merged))
-            .expect("fusermount3 -u");
+        m.unmount_retrying(|| {
+            let mut c = Command::new("fusermount3");
+            c.arg("-u").arg(&merged);
+            c
+        })
+        .expect("fusermount3 -u");
         assert!(fs::read(m.dirs.upper.join("pending")).expect("upper") == data);
         drop(m);
 

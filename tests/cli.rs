@@ -704,8 +704,12 @@ fn fusermount_unmount_stops_daemon() {
         let dirs = simple_dirs();
         let mut m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
         assert!(m.pid.is_some(), "daemon process not found");
-        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&dirs.merged))
-            .unwrap_or_else(|e| panic!("{e}"));
+        m.unmount_retrying(|| {
+            let mut c = Command::new("fusermount3");
+            c.arg("-u").arg(&dirs.merged);
+            c
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     });
 }
 
@@ -715,8 +719,12 @@ fn plain_umount_stops_daemon() {
         let dirs = simple_dirs();
         let mut m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
         assert!(m.pid.is_some(), "daemon process not found");
-        m.unmount_with(Command::new("umount").arg(&dirs.merged))
-            .unwrap_or_else(|e| panic!("{e}"));
+        m.unmount_retrying(|| {
+            let mut c = Command::new("umount");
+            c.arg(&dirs.merged);
+            c
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     });
 }
 

@@ -350,11 +350,11 @@ fn every_request_through_the_ring_answers_as_through_dev_fuse() {
         let (mut ring, mut dev) = (ring, dev);
         for m in [&mut ring, &mut dev] {
             let umount = m.merged.clone();
-            m.unmount_with(
-                std::process::Command::new("fusermount3")
-                    .arg("-u")
-                    .arg(umount),
-            )
+            m.unmount_retrying(|| {
+                let mut c = std::process::Command::new("fusermount3");
+                c.arg("-u").arg(&umount);
+                c
+            })
             .unwrap_or_else(|e| panic!("{e}"));
         }
         assert_same_tree(

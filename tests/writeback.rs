@@ -94,8 +94,15 @@ fn appends_partial_pages_mmap_and_truncate_with(args: &[&str]) {
         assert_eq!(fs::read(m.path("eight")).unwrap(), want);
         assert_eq!(fs::metadata(m.path("eight")).unwrap().len(), 6000);
         let mut m = m;
-        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&m.dirs.merged))
-            .unwrap_or_else(|e| panic!("{e}"));
+        {
+            let merged = m.dirs.merged.clone();
+            m.unmount_retrying(|| {
+                let mut c = Command::new("fusermount3");
+                c.arg("-u").arg(&merged);
+                c
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(fs::read(m.dirs.upper.join("eight")).unwrap(), want);
         assert_eq!(
             fs::read_to_string(m.dirs.upper.join("log")).unwrap(),
@@ -113,8 +120,15 @@ fn kernel_held_data_reaches_upper() {
         // Unmount right after writing.
         let mut m = mount(vec![], &[]);
         fs::write(m.path("u"), &data).unwrap();
-        m.unmount_with(Command::new("fusermount3").arg("-u").arg(&m.dirs.merged))
-            .unwrap_or_else(|e| panic!("{e}"));
+        {
+            let merged = m.dirs.merged.clone();
+            m.unmount_retrying(|| {
+                let mut c = Command::new("fusermount3");
+                c.arg("-u").arg(&merged);
+                c
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             fs::read(m.dirs.upper.join("u")).unwrap(),
             data,
