@@ -92,6 +92,16 @@ fn open_file_at(
     })
 }
 
+/// An open of an upper object by the name it had failed the way it fails when the name no
+/// longer leads to it: gone (ENOENT), a whiteout or another device or socket in its place
+/// (ENXIO, ENODEV), a symlink (ELOOP with O_NOFOLLOW), a directory (EISDIR).
+fn name_changed_hands(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::ENOENT | Errno::ENXIO | Errno::ENODEV | Errno::ELOOP | Errno::EISDIR
+    )
+}
+
 /// Flags to open a backing file with. With the page cache, O_APPEND (the kernel passes the
 /// offset of an append), O_DIRECT (page buffers are not aligned), O_SYNC/O_DSYNC (done by
 /// [`Union::write_flags`]) and O_TRUNC (done through the cache) stay off, and a writable
@@ -558,6 +568,8 @@ impl Union {
                     Ok(fd) => fd,
                     // An immutable or append-only file: the daemon applies the rules.
                     Err(Errno::EPERM) | Err(Errno::EACCES) => return Ok(None),
+                    // Removed or replaced meanwhile: the daemon's open sorts that out.
+                    Err(e) if in_upper && name_changed_hands(e) => return Ok(None),
                     Err(e) => return Err(Error::new(e, "open backing file")),
                 };
                 if let Err(e) = self.check_opened(node, st.top(), fd.as_fd()) {
@@ -723,12 +735,27 @@ impl Union {
         let cached = self.cache.is_some();
         let open = |flags: OFlag| open_file_at(dir.as_fd(), &name, flags);
         let mut nocache = false;
-        let fd = match open(self.daemon_flags(f, writable)) {
-            Ok(fd) => fd,
+        let opened = match open(self.daemon_flags(f, writable)) {
             // Not readable by us: serve this handle without the cache.
             Err(Errno::EACCES) | Err(Errno::EPERM) if cached && writable => {
                 nocache = true;
-                open(backing_flags(f, writable, false)).ctx("open")?
+                open(backing_flags(f, writable, false))
+            }
+            r => r,
+        };
+        let fd = match opened {
+            Ok(fd) => fd,
+            // The upper name was removed or replaced since the kernel looked it up (a
+            // whiteout in its place opens as a device without a driver, ENXIO): as when it
+            // leads to another file, below.
+            Err(e) if in_upper && name_changed_hands(e) => {
+                if self.removed_meanwhile(node) {
+                    return self.open_removed(node, f, flags, writable);
+                }
+                return Err(Error::new(
+                    Errno::ESTALE,
+                    "open: the name changed meanwhile",
+                ));
             }
             Err(e) => return Err(Error::new(e, "open")),
         };

@@ -235,6 +235,10 @@ pub struct Caller {
 /// them, before it gives up with ESTALE.
 const DIR_MOVE_RETRIES: u32 = 1000;
 
+/// How often a getattr looks again when the node's name led to another object (a removal or
+/// a rename over it in progress): ten yields, then every 0.1 ms, ~10 ms in all.
+const GETATTR_TRIES: u32 = 100;
+
 /// statfs settles recently written files itself up to this many ([`Union::statfs`]).
 const STATFS_SETTLE_MAX: usize = 4096;
 
@@ -1065,6 +1069,27 @@ impl Union {
     /// Fresh attributes of a node from its top layer (through an open handle `fh` if the
     /// node was unlinked while open).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        // A removal (a whiteout swapped in) or a rename over the name in progress: the stat by
+        // name found another object. Its attributes are not the node's (another type would
+        // make the kernel take its inode for a stale one and fail every use of it with EIO):
+        // once the change is through, the node is removed and answered for by the object it
+        // pins or a handle of it.
+        for i in 0..GETATTR_TRIES {
+            match self.getattr_once(ino, fh) {
+                Err(e) if e.errno == Errno::EAGAIN && i < 10 => std::thread::yield_now(),
+                Err(e) if e.errno == Errno::EAGAIN => {
+                    std::thread::sleep(std::time::Duration::from_micros(100))
+                }
+                r => return r,
+            }
+        }
+        Err(Error::new(
+            Errno::ENOENT,
+            "getattr: the name leads to another object",
+        ))
+    }
+
+    fn getattr_once(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
         // (A directory a deferred rename moves a file from or into has its new times
         // already: rename_deferred sets them.)
@@ -1098,11 +1123,31 @@ impl Union {
                     })
                 })?
             }
-            (None, None) => self.read_in(&node, top, |dir, name| {
-                layer::stat_at(dir, name).ctx("stat")
-            })?,
+            (None, None) => self
+                .read_in(&node, top, |dir, name| {
+                    layer::stat_at(dir, name).ctx("stat")
+                })
+                .map_err(|e| match e.errno {
+                    // Marked removed since we looked: answered from what it holds next time.
+                    Errno::ESTALE if !unlinked && top == LayerRef::Upper => {
+                        Error::new(Errno::EAGAIN, "getattr: removed meanwhile")
+                    }
+                    _ => e,
+                })?,
         };
-        Ok(self.attr_for(&node, &node.st.lock(), &fs))
+        let st = node.st.lock();
+        if !unlinked
+            && ino != inode::ROOT_INO
+            && top == LayerRef::Upper
+            && (fs.st_mode & libc::S_IFMT != node.kind
+                || self.node_ino(top, &fs, st.parent, &st.name) != node.ino)
+        {
+            return Err(Error::new(
+                Errno::EAGAIN,
+                "getattr: another object under the name",
+            ));
+        }
+        Ok(self.attr_for(&node, &st, &fs))
     }
 
     /// Merged-view attributes from the top object's stat.

@@ -1,0 +1,205 @@
+//! Operations racing the removal of the name they use, two threads for a few seconds each, on
+//! unionfs-rs and on kernel overlayfs (the oracle): every call either works or fails the way a
+//! vanished name fails (ENOENT, EEXIST, ENOTEMPTY). Found by a QA soak: a getattr that met the
+//! whiteout an unlink had just swapped in answered with a character device's attributes, and
+//! the kernel then took the file's inode for a stale one and failed every use of it with EIO
+//! (writes through a descriptor open all along included); an open that met the whiteout failed
+//! with ENXIO, and an `open(O_CREAT)` that met the name gone with ENOENT.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const TIMEOUT: u64 = 120;
+const RUN: Duration = Duration::from_secs(2);
+
+type Counts = BTreeMap<String, u64>;
+
+fn count(c: &mut Counts, what: &str, r: std::io::Result<()>) {
+    let k = match r {
+        Ok(()) => what.to_string(),
+        Err(e) => format!("{what}:{}", errno_name(e.raw_os_error().unwrap_or(0))),
+    };
+    *c.entry(k).or_default() += 1;
+}
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::ENOENT => "ENOENT",
+        libc::EEXIST => "EEXIST",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::ESTALE => "ESTALE",
+        _ => "other",
+    }
+}
+
+/// Run `a` and `b` in two threads for [`RUN`], each called in a loop with its counts.
+fn race(
+    a: impl Fn(&mut Counts) + Send + 'static,
+    b: impl Fn(&mut Counts) + Send + 'static,
+) -> Counts {
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawn = |f: Box<dyn Fn(&mut Counts) + Send>, stop: Arc<AtomicBool>| {
+        std::thread::spawn(move || {
+            let mut c = Counts::new();
+            while !stop.load(Ordering::Relaxed) {
+                f(&mut c);
+            }
+            c
+        })
+    };
+    let ta = spawn(Box::new(a), stop.clone());
+    let tb = spawn(Box::new(b), stop.clone());
+    std::thread::sleep(RUN);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = ta.join().unwrap();
+    for (k, v) in tb.join().unwrap() {
+        *all.entry(k).or_default() += v;
+    }
+    all
+}
+
+#[track_caller]
+fn assert_only_vanished_name_errors(c: &Counts, what: &str) {
+    let bad: Vec<_> = c
+        .iter()
+        .filter(|(k, _)| {
+            k.contains(':')
+                && !k.ends_with(":ENOENT")
+                && !k.ends_with(":EEXIST")
+                && !k.ends_with(":ENOTEMPTY")
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: unexpected errors {bad:?} (all: {c:?})"
+    );
+}
+
+/// A file with a lower name opened, written, unlinked (a whiteout takes its place) and written
+/// again through its descriptor, against a thread that stats it by name and opens it.
+fn open_write_unlink_vs_stat_open(root: &Path) -> Counts {
+    let f: PathBuf = root.join("d/f");
+    let g = f.clone();
+    race(
+        move |c| match fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&f)
+        {
+            Ok(file) => {
+                count(c, "write", file.write_all_at(&[b'w'; 5000], 0));
+                count(c, "unlink", fs::remove_file(&f));
+                count(c, "pwrite", file.write_all_at(&[b'z'; 3000], 1000));
+                count(c, "fstat", file.metadata().map(|_| ()));
+            }
+            Err(e) => count(c, "create", Err(e)),
+        },
+        move |c| {
+            count(c, "stat", fs::metadata(&g).map(|_| ()));
+            match fs::File::open(&g) {
+                Ok(file) => count(c, "fstat-reader", file.metadata().map(|_| ())),
+                Err(e) => count(c, "open", Err(e)),
+            }
+        },
+    )
+}
+
+/// `open(O_CREAT)` of a name another thread unlinks in a loop.
+fn create_vs_unlink(root: &Path) -> Counts {
+    let f: PathBuf = root.join("d/g");
+    let g = f.clone();
+    race(
+        move |c| {
+            count(
+                c,
+                "open-creat",
+                fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o644)
+                    .open(&f)
+                    .map(|_| ()),
+            )
+        },
+        move |c| count(c, "unlink", fs::remove_file(&g)),
+    )
+}
+
+/// A directory with a lower name made and filled by one thread, emptied and removed by the
+/// other.
+fn dir_made_vs_removed(root: &Path) -> Counts {
+    let d: PathBuf = root.join("d/sub");
+    let e = d.clone();
+    race(
+        move |c| {
+            count(c, "mkdir", fs::create_dir(&d));
+            count(
+                c,
+                "create",
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o644)
+                    .open(d.join("f"))
+                    .map(|_| ()),
+            );
+        },
+        move |c| {
+            if let Ok(rd) = fs::read_dir(&e) {
+                for n in rd.flatten() {
+                    count(c, "unlink", fs::remove_file(n.path()));
+                }
+            }
+            count(c, "rmdir", fs::remove_dir(&e));
+        },
+    )
+}
+
+fn lower() -> Vec<Entry> {
+    vec![
+        file("d/f", "lower f"),
+        file("d/g", "lower g"),
+        file("d/sub/f", "lower sub/f"),
+    ]
+}
+
+fn check(root: &Path, what: &str) {
+    let c = open_write_unlink_vs_stat_open(root);
+    assert!(c.get("pwrite").copied().unwrap_or(0) > 100, "{what}: {c:?}");
+    assert_only_vanished_name_errors(&c, &format!("{what}, open/write/unlink against stat/open"));
+    let c = create_vs_unlink(root);
+    assert_only_vanished_name_errors(&c, &format!("{what}, open(O_CREAT) against unlink"));
+    let c = dir_made_vs_removed(root);
+    assert!(c.get("rmdir").copied().unwrap_or(0) > 100, "{what}: {c:?}");
+    assert_only_vanished_name_errors(&c, &format!("{what}, a lower dir made and removed"));
+}
+
+#[test]
+fn removals_race_other_uses_of_the_name() {
+    with_timeout(TIMEOUT, || {
+        let k = OverlayMount::new(&[lower()], &[]);
+        check(&k.merged, "kernel overlayfs");
+        k.unmount().unwrap();
+        for args in [&[][..], &["--passthrough", "off"], &["--size", "1G"]] {
+            let m = Mount::with_args(lower(), args);
+            check(&m.merged, &format!("unionfs-rs {args:?}"));
+            m.unmount().unwrap();
+        }
+    })
+}
