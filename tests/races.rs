@@ -4,7 +4,8 @@
 //! whiteout an unlink had just swapped in answered with a character device's attributes, and
 //! the kernel then took the file's inode for a stale one and failed every use of it with EIO
 //! (writes through a descriptor open all along included); an open that met the whiteout failed
-//! with ENXIO, and an `open(O_CREAT)` that met the name gone with ENOENT.
+//! with ENXIO, and an `open(O_CREAT)` that met the name gone with ENOENT; a setxattr racing a
+//! rename over its file failed with ESTALE (and could set the xattr on the new file).
 
 mod common;
 
@@ -171,11 +172,45 @@ fn dir_made_vs_removed(root: &Path) -> Counts {
     )
 }
 
+/// setxattr by name against a thread that replaces the file by a rename over it.
+fn setxattr_vs_rename_over(root: &Path) -> Counts {
+    let f: PathBuf = root.join("d/x");
+    let tmp = root.join("d/x.tmp");
+    race(
+        move |c| count(c, "setxattr", xattr_set(&f, "user.a", &[b'v'; 200])),
+        move |c| {
+            count(c, "write", fs::write(&tmp, b"new"));
+            count(c, "rename", fs::rename(&tmp, tmp.with_file_name("x")));
+        },
+    )
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: NUL-terminated path and name; value pointer and length from a slice.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 fn lower() -> Vec<Entry> {
     vec![
         file("d/f", "lower f"),
         file("d/g", "lower g"),
         file("d/sub/f", "lower sub/f"),
+        file("d/x", "lower x"),
     ]
 }
 
@@ -188,6 +223,12 @@ fn check(root: &Path, what: &str) {
     let c = dir_made_vs_removed(root);
     assert!(c.get("rmdir").copied().unwrap_or(0) > 100, "{what}: {c:?}");
     assert_only_vanished_name_errors(&c, &format!("{what}, a lower dir made and removed"));
+    let c = setxattr_vs_rename_over(root);
+    assert!(
+        c.get("setxattr").copied().unwrap_or(0) > 100,
+        "{what}: {c:?}"
+    );
+    assert_only_vanished_name_errors(&c, &format!("{what}, setxattr against a rename over"));
 }
 
 #[test]

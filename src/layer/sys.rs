@@ -267,6 +267,43 @@ pub fn remove_xattr(dir: BorrowedFd<'_>, name: &OsStr, xname: &OsStr) -> Result<
     Errno::result(r).map(drop)
 }
 
+/// Set xattr `xname` = `value` on the object `fd` refers to, which may be an `O_PATH`
+/// descriptor of any kind of file: through its `/proc/self/fd` link, which names the object
+/// itself, a symlink included (never its target). (setxattrat refuses `O_PATH` descriptors.)
+pub fn set_xattr_of(
+    fd: BorrowedFd<'_>,
+    xname: &OsStr,
+    value: &[u8],
+    flags: i32,
+) -> Result<(), Errno> {
+    let x = cstr(xname)?;
+    let path = fd_link(fd)?;
+    // SAFETY: path and x NUL-terminated; value pointer/len from a slice.
+    Errno::result(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            x.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// Remove xattr `xname` from the object `fd` refers to (see [`set_xattr_of`]).
+pub fn remove_xattr_of(fd: BorrowedFd<'_>, xname: &OsStr) -> Result<(), Errno> {
+    let x = cstr(xname)?;
+    let path = fd_link(fd)?;
+    // SAFETY: path and x NUL-terminated.
+    Errno::result(unsafe { libc::removexattr(path.as_ptr(), x.as_ptr()) }).map(drop)
+}
+
+/// `/proc/self/fd/N` of a descriptor of ours.
+fn fd_link(fd: BorrowedFd<'_>) -> Result<CString, Errno> {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| Errno::EINVAL)
+}
+
 /// chmod that never follows a final symlink (fchmodat2 with AT_SYMLINK_NOFOLLOW, Linux 6.6+;
 /// falls back to fchmodat, which is safe for the non-symlink objects we call it on).
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<(), Errno> {

@@ -432,25 +432,28 @@ impl Union {
         ran
     }
 
-    /// Run `op` on `node`'s upper object `name` in `dir` and settle the change of its
-    /// allocation (an xattr may take a block of its own).
-    pub(crate) fn with_realloc<T>(
+    /// Run `op`, a change of the upper object `obj` (of `node`) that may allocate or free a
+    /// block (an xattr), and account the change of its allocation. Through the descriptor,
+    /// never the name: a rename over the name meanwhile must not make the change of one
+    /// object be settled against another's (it was, a block at a time).
+    pub(crate) fn with_realloc_of<T>(
         &self,
         node: &super::Node,
-        dir: BorrowedFd<'_>,
-        name: &std::ffi::OsStr,
+        obj: BorrowedFd<'_>,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         if self.quota.is_none() {
             return op();
         }
         let mut known = node.io_lock.lock();
-        let before = crate::layer::stat_at(dir, name).ok();
+        // A removed object not open was accounted freed with its last name: nothing to settle.
+        let counted = !node.freed.load(std::sync::atomic::Ordering::Acquire);
+        let before = nix::sys::stat::fstat(obj).ok().filter(|_| counted);
         if let (Some(b), false) = (&before, node.is_dir()) {
             self.sync_known(&mut known, b);
         }
         let r = op();
-        if let (Some(b), Ok(a)) = (before, crate::layer::stat_at(dir, name)) {
+        if let (Some(b), Ok(a)) = (before, nix::sys::stat::fstat(obj)) {
             self.account(alloc(&a) - alloc(&b), 0);
             if !node.is_dir() {
                 *known = Some((alloc(&a), a.st_size));

@@ -4,12 +4,14 @@
 //! nested overlays); setting or removing copies up first.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use super::inode::XattrCache;
 use super::{Caller, Ctx, Error, LayerRef, Node, Result, Union, acl};
@@ -124,9 +126,9 @@ impl Union {
         };
         let node = self.node(ino)?;
         self.copy_up(&node)?;
-        let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
-        let r = self.with_realloc(&node, dir.as_fd(), &name, || {
-            sys::set_xattr(dir.as_fd(), &name, &lname, value, flags).ctx("setxattr")
+        let obj = self.upper_object(&node)?;
+        let r = self.with_realloc_of(&node, obj.as_fd(), || {
+            sys::set_xattr_of(obj.as_fd(), &lname, value, flags).ctx("setxattr")
         });
         node.invalidate_xattrs();
         r
@@ -140,12 +142,70 @@ impl Union {
             self.getxattr(ino, xname)?;
         }
         self.copy_up(&node)?;
-        let (dir, name) = self.open_parent_in(&node, LayerRef::Upper)?;
+        let obj = self.upper_object(&node)?;
         let lname = self.names.to_layer(xname);
-        let r = self.with_realloc(&node, dir.as_fd(), &name, || {
-            sys::remove_xattr(dir.as_fd(), &name, &lname).ctx("removexattr")
+        let r = self.with_realloc_of(&node, obj.as_fd(), || {
+            sys::remove_xattr_of(obj.as_fd(), &lname).ctx("removexattr")
         });
         node.invalidate_xattrs();
         r
+    }
+
+    /// The upper object of `node` (copied up), held by an `O_PATH` descriptor: opened by its
+    /// name and checked to be the node's (a rename over the name or its removal may have
+    /// come in between), or the removed object the daemon holds for the kernel (an open file's
+    /// xattrs change after its unlink, as on any filesystem). ESTALE when neither: the
+    /// kernel then looks the name up again.
+    pub(crate) fn upper_object(&self, node: &super::Node) -> Result<OwnedFd> {
+        if !node.st.lock().unlinked {
+            let (dir, name) = self.open_parent_in(node, LayerRef::Upper)?;
+            if name.is_empty() {
+                // The root: its name never changes hands.
+                return nix::unistd::dup(dir.as_fd()).ctx("dup");
+            }
+            let obj = {
+                match nix::fcntl::openat(
+                    dir.as_fd(),
+                    name.as_os_str(),
+                    OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::ENOENT) => {
+                        return self.removed_object(node);
+                    }
+                    Err(e) => return Err(Error::new(e, "open the object")),
+                }
+            };
+            if self
+                .check_opened(node, LayerRef::Upper, obj.as_fd())
+                .is_ok()
+            {
+                return Ok(obj);
+            }
+        }
+        self.removed_object(node)
+    }
+
+    /// The removed object of `node`, once a removal in progress is through: one of its open
+    /// handles' descriptors, or the one the daemon pins for the kernel.
+    fn removed_object(&self, node: &super::Node) -> Result<OwnedFd> {
+        if !node.is_dir() {
+            drop(node.io_lock.lock());
+        }
+        if !node.st.lock().unlinked {
+            return Err(Error::new(
+                Errno::ESTALE,
+                "the name leads to another object",
+            ));
+        }
+        if let Some(h) = self.upper_handle_of(node.ino, None) {
+            return nix::unistd::dup(h.fd.as_fd()).ctx("dup");
+        }
+        let pin = node.pin.lock();
+        match pin.as_ref().and_then(|p| p.fd()) {
+            Some(fd) => nix::unistd::dup(fd).ctx("dup"),
+            None => Err(Error::new(Errno::ESTALE, "the object was removed")),
+        }
     }
 }
