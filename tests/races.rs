@@ -86,20 +86,24 @@ fn assert_only_vanished_name_errors(c: &Counts, what: &str) {
     );
 }
 
+/// open(O_RDWR | O_CREAT), mode 0644.
+fn open_creat(p: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(p)
+}
+
 /// A file with a lower name opened, written, unlinked (a whiteout takes its place) and written
 /// again through its descriptor, against a thread that stats it by name and opens it.
 fn open_write_unlink_vs_stat_open(root: &Path) -> Counts {
     let f: PathBuf = root.join("d/f");
     let g = f.clone();
     race(
-        move |c| match fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&f)
-        {
+        move |c| match open_creat(&f) {
             Ok(file) => {
                 count(c, "write", file.write_all_at(&[b'w'; 5000], 0));
                 count(c, "unlink", fs::remove_file(&f));
@@ -123,20 +127,7 @@ fn create_vs_unlink(root: &Path) -> Counts {
     let f: PathBuf = root.join("d/g");
     let g = f.clone();
     race(
-        move |c| {
-            count(
-                c,
-                "open-creat",
-                fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o644)
-                    .open(&f)
-                    .map(|_| ()),
-            )
-        },
+        move |c| count(c, "open-creat", open_creat(&f).map(|_| ())),
         move |c| count(c, "unlink", fs::remove_file(&g)),
     )
 }
@@ -149,17 +140,7 @@ fn dir_made_vs_removed(root: &Path) -> Counts {
     race(
         move |c| {
             count(c, "mkdir", fs::create_dir(&d));
-            count(
-                c,
-                "create",
-                fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o644)
-                    .open(d.join("f"))
-                    .map(|_| ()),
-            );
+            count(c, "create", open_creat(&d.join("f")).map(|_| ()));
         },
         move |c| {
             if let Ok(rd) = fs::read_dir(&e) {

@@ -10,16 +10,9 @@ cd "$(dirname "$0")/.."
 rounds=${1:-3}
 mib=${2:-1024}
 [ "$(id -u)" = 0 ] || { echo "copy-bench: run as root" >&2; exit 2; }
-cargo build --release --quiet
-bin=$PWD/target/release/unionfs-rs
-base=$(mktemp -d /var/tmp/unionfs-cpbench.XXXXXX)
-cleanup() {
-  for m in "$base"/*/m; do
-    grep -qs " $m " /proc/mounts && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
-  done
-  rm -rf "$base"
-}
-trap cleanup EXIT
+# shellcheck source=tools/lib-bench.sh
+. tools/lib-bench.sh
+bench_setup unionfs-cpbench
 mkdir -p "$base/lower"
 head -c $((mib << 20)) /dev/urandom >"$base/lower/big"
 sync

@@ -6,16 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
 mib=${2:-1024}
-cargo build --release --quiet
-bin=$PWD/target/release/unionfs-rs
-base=$(mktemp -d /var/tmp/unionfs-qbench.XXXXXX)
-cleanup() {
-  for m in "$base"/*/m; do
-    grep -qs " $m " /proc/mounts && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
-  done
-  rm -rf "$base"
-}
-trap cleanup EXIT
+# shellcheck source=tools/lib-bench.sh
+. tools/lib-bench.sh
+bench_setup unionfs-qbench
 
 run() { # $1 = name, rest = extra mount args; prints MB/s
   local d=$base/$1; shift
