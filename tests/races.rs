@@ -39,6 +39,7 @@ fn errno_name(e: i32) -> &'static str {
         libc::EIO => "EIO",
         libc::ENXIO => "ENXIO",
         libc::ESTALE => "ESTALE",
+        libc::ENOTDIR => "ENOTDIR",
         _ => "other",
     }
 }

@@ -922,7 +922,13 @@ impl Union {
             }
         });
         // Moves without pause: the kernel looks the name up again on ESTALE.
-        let fd = Arc::new(opened.ok_or(Errno::ESTALE)??);
+        let fd = Arc::new(opened.ok_or(Errno::ESTALE)?.map_err(|e| match e {
+            // The directory's upper name leads to something else now (a whiteout its removal
+            // put there, a file renamed over it): the kernel looks it up again, as after a
+            // move (not ENOTDIR for a create in a directory removed meanwhile).
+            Errno::ENOTDIR | Errno::ELOOP | Errno::ENXIO if r == LayerRef::Upper => Errno::ESTALE,
+            e => e,
+        })?);
         let mut c = node.dirfds.lock();
         if node.dirgen.load(std::sync::atomic::Ordering::Acquire) != generation {
             // The node was reset meanwhile: this fd may name the directory it used to be.
