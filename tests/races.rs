@@ -70,15 +70,22 @@ fn race(
     all
 }
 
+/// ESTALE is what the daemon answers when a name it looked at changed hands before it could
+/// act, and the kernel then looks the name up again, once: a second change in that window
+/// reaches the caller (README, Semantics). Rare, never zero under such churn; EIO, ENXIO,
+/// ENOTDIR or anything else never.
+const ESTALE_MAX: u64 = 5;
+
 #[track_caller]
 fn assert_only_vanished_name_errors(c: &Counts, what: &str) {
     let bad: Vec<_> = c
         .iter()
-        .filter(|(k, _)| {
-            k.contains(':')
-                && !k.ends_with(":ENOENT")
-                && !k.ends_with(":EEXIST")
-                && !k.ends_with(":ENOTEMPTY")
+        .filter(|(k, n)| {
+            let allowed = [":ENOENT", ":EEXIST", ":ENOTEMPTY"]
+                .iter()
+                .any(|e| k.ends_with(e))
+                || (k.ends_with(":ESTALE") && **n <= ESTALE_MAX);
+            k.contains(':') && !allowed
         })
         .collect();
     assert!(
