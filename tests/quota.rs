@@ -1328,6 +1328,64 @@ fn directory_growth_from_whiteouts_is_accounted() {
     })
 }
 
+/// A big xattr set on and removed from a directory while entries come and go in it (creates,
+/// copy-ups, whiteouts): both change the directory's allocation, the kernel serializes neither
+/// against the other, and each change must be counted once. (It was counted by each operation
+/// that saw it happen: the usage drifted a block at a time, mostly below the disk.)
+#[test]
+fn directory_xattrs_changed_while_entries_change_count_once() {
+    with_timeout(TIMEOUT, || {
+        let lower: Vec<Entry> = (0..600).map(|i| file(&format!("d/l{i}"), "x")).collect();
+        let m = new_mount(&[lower], &["--size", "100M"]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = m.path("d");
+        let toggler = {
+            let (d, stop) = (d.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c = cstr(&d);
+                let n = std::ffi::CString::new("user.big").unwrap();
+                let mut toggles = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    lsetxattr(&d, "user.big", &[b'v'; 3000]).unwrap();
+                    // SAFETY: NUL-terminated strings.
+                    rc(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) }).unwrap();
+                    toggles += 1;
+                }
+                toggles
+            })
+        };
+        let workers: Vec<_> = (0..3usize)
+            .map(|t| {
+                let (d, stop) = (d.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut i = t;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        // A copy-up into d, a whiteout in d, a create and a removal in d.
+                        let l = d.join(format!("l{}", i % 600));
+                        let _ = chmod(&l, 0o600);
+                        let _ = fs::remove_file(&l);
+                        let f = d.join(format!("new{t}"));
+                        create_new(&f).unwrap();
+                        fs::remove_file(&f).unwrap();
+                        i += 3;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        let toggles = toggler.join().unwrap();
+        assert!(toggles > 50, "only {toggles} xattr toggles in 3 s");
+        assert_report_matches_scan(&m, "after xattrs toggled on a directory under churn");
+        lsetxattr(&d, "user.big", &[b'v'; 3000]).unwrap();
+        assert_report_matches_scan(&m, "with the xattr set once more");
+        m.unmount().unwrap();
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Copy-up
 // ---------------------------------------------------------------------------------------------

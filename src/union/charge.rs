@@ -232,22 +232,10 @@ impl Union {
         if self.quota.is_none() {
             return op();
         }
-        let before: Vec<i64> = dirs
-            .iter()
-            .map(|d| nix::sys::stat::fstat(*d).map(|s| alloc(&s)).unwrap_or(0))
-            .collect();
         let res = self.reserve(0, if reserve { 4096 * dirs.len() as u64 } else { 0 })?;
+        let turn = DirTurn::begin(self, dirs);
         let r = op();
-        let grown: i64 = dirs
-            .iter()
-            .zip(&before)
-            .map(|(d, b)| {
-                nix::sys::stat::fstat(*d)
-                    .map(|s| alloc(&s) - b)
-                    .unwrap_or(0)
-            })
-            .sum();
-        res.settle(grown, 0);
+        res.settle(turn.end(), 0);
         r
     }
 
@@ -448,18 +436,115 @@ impl Union {
         let mut known = node.io_lock.lock();
         // A removed object not open was accounted freed with its last name: nothing to settle.
         let counted = !node.freed.load(std::sync::atomic::Ordering::Acquire);
+        if node.is_dir() {
+            if !counted {
+                return op();
+            }
+            // Entries added to it meanwhile change its allocation too: settled in turn with
+            // those operations, against one record.
+            let turn = DirTurn::begin(self, &[obj]);
+            let r = op();
+            self.account(turn.end(), 0);
+            return r;
+        }
         let before = nix::sys::stat::fstat(obj).ok().filter(|_| counted);
-        if let (Some(b), false) = (&before, node.is_dir()) {
+        if let Some(b) = &before {
             self.sync_known(&mut known, b);
         }
         let r = op();
         if let (Some(b), Ok(a)) = (before, nix::sys::stat::fstat(obj)) {
             self.account(alloc(&a) - alloc(&b), 0);
-            if !node.is_dir() {
-                *known = Some((alloc(&a), a.st_size));
-            }
+            *known = Some((alloc(&a), a.st_size));
         }
         r
+    }
+}
+
+/// The allocation accounted for an upper directory while operations change it, and how many
+/// operations are at it (`Union::dir_alloc`). Each operation, when done, settles the difference
+/// between the directory's allocation and this record and moves the record: a block that two
+/// concurrent operations both see appear — an entry added by one, an xattr set by the other on
+/// the same directory, which the kernel does not serialize — is counted once, not by each
+/// (a removal counted twice left the usage a block short).
+#[derive(Debug)]
+pub(crate) struct DirAlloc {
+    accounted: i64,
+    users: u32,
+}
+
+/// Upper directories taking part in one operation, from before it changes them until
+/// [`DirTurn::end`] (or drop: a failed or unwound operation settles what it changed too).
+struct DirTurn<'a> {
+    u: &'a Union,
+    dirs: Vec<(BorrowedFd<'a>, Option<(u64, u64)>)>,
+}
+
+impl<'a> DirTurn<'a> {
+    fn begin(u: &'a Union, dirs: &[BorrowedFd<'a>]) -> DirTurn<'a> {
+        let dirs = dirs
+            .iter()
+            .map(|d| {
+                // Not a directory we can stat: nothing is settled for it (as nothing changed).
+                let key = nix::sys::stat::fstat(*d).ok().map(|st| {
+                    let key = (st.st_dev, st.st_ino);
+                    // A new record takes the allocation as it is once no other operation can
+                    // settle it meanwhile (under the map's lock): a stat from before another
+                    // operation's change and its settling would count that change again.
+                    u.dir_alloc
+                        .entry(key)
+                        .or_insert_with(|| DirAlloc {
+                            accounted: nix::sys::stat::fstat(*d)
+                                .map(|st| alloc(&st))
+                                .unwrap_or(alloc(&st)),
+                            users: 0,
+                        })
+                        .users += 1;
+                    key
+                });
+                (*d, key)
+            })
+            .collect();
+        DirTurn { u, dirs }
+    }
+
+    /// How much the directories grew (negative: shrank) since what was accounted for them.
+    fn end(mut self) -> i64 {
+        self.settle()
+    }
+
+    fn settle(&mut self) -> i64 {
+        let mut grown = 0;
+        for (d, key) in self.dirs.drain(..) {
+            let Some(key) = key else { continue };
+            let last = match self.u.dir_alloc.get_mut(&key) {
+                Some(mut rec) => {
+                    match nix::sys::stat::fstat(d) {
+                        // Removed meanwhile: its removal freed what was accounted for it.
+                        Ok(st) if st.st_nlink > 0 => {
+                            grown += alloc(&st) - rec.accounted;
+                            rec.accounted = alloc(&st);
+                        }
+                        _ => {}
+                    }
+                    rec.users -= 1;
+                    rec.users == 0
+                }
+                None => false,
+            };
+            if last {
+                self.u.dir_alloc.remove_if(&key, |_, r| r.users == 0);
+            }
+        }
+        grown
+    }
+}
+
+impl Drop for DirTurn<'_> {
+    fn drop(&mut self) {
+        if !self.dirs.is_empty() {
+            let grown = self.settle();
+            self.u.account(grown, 0);
+        }
     }
 }
 

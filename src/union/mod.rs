@@ -432,6 +432,9 @@ pub struct Union {
     pub(crate) volatile: bool,
     /// Files written recently whose allocation may still change (quota settling).
     pub(crate) unsettled: DashMap<u64, std::time::Instant>,
+    /// Upper directories whose allocation operations are changing now: what was accounted for
+    /// each, shared by the operations so that each change is counted once (`charge::DirAlloc`).
+    pub(crate) dir_alloc: DashMap<(u64, u64), charge::DirAlloc>,
     /// The page cache for file data.
     pub(crate) cache: Option<Arc<crate::cache::PageCache>>,
     /// `kernel_readahead_kb` as configured (it applies with the page cache off too).
@@ -663,6 +666,7 @@ impl Union {
             gid_map: opts.gid_map.clone(),
             volatile: opts.volatile,
             unsettled: crate::new_map(),
+            dir_alloc: crate::new_map(),
             cache,
             kernel_ra_configured: opts.cache.map_or(0, |c| c.kernel_readahead_kb),
             mount_dev: std::sync::OnceLock::new(),
