@@ -734,6 +734,15 @@ impl Union {
         let in_upper = st.upper && metacopy.is_none();
         let cached = self.cache.is_some();
         let open = |flags: OFlag| open_file_at(dir.as_fd(), &name, flags);
+        // The name was removed or replaced since the kernel looked it up: once that removal
+        // is through, the object may be held for the kernel; else the kernel looks again.
+        let changed_hands = |e: Error| {
+            if self.removed_meanwhile(node) {
+                self.open_removed(node, f, flags, writable)
+            } else {
+                Err(e)
+            }
+        };
         let mut nocache = false;
         let opened = match open(self.daemon_flags(f, writable)) {
             // Not readable by us: serve this handle without the cache.
@@ -745,14 +754,9 @@ impl Union {
         };
         let fd = match opened {
             Ok(fd) => fd,
-            // The upper name was removed or replaced since the kernel looked it up (a
-            // whiteout in its place opens as a device without a driver, ENXIO): as when it
-            // leads to another file, below.
+            // (A whiteout in its place opens as a device without a driver, ENXIO.)
             Err(e) if in_upper && name_changed_hands(e) => {
-                if self.removed_meanwhile(node) {
-                    return self.open_removed(node, f, flags, writable);
-                }
-                return Err(Error::new(
+                return changed_hands(Error::new(
                     Errno::ESTALE,
                     "open: the name changed meanwhile",
                 ));
@@ -771,14 +775,10 @@ impl Union {
             Ok(())
         };
         if let Err(e) = checked {
+            // Its name was replaced between our look and the open.
             drop(decided);
-            // Its name was replaced between our look and the open: once that removal is
-            // through, the object may be held for the kernel.
             drop(fd);
-            if self.removed_meanwhile(node) {
-                return self.open_removed(node, f, flags, writable);
-            }
-            return Err(e);
+            return changed_hands(e);
         }
         let fh = self.add_handle_with(ino, fd, (writable, in_upper), flags, nocache);
         drop(decided);
@@ -1135,13 +1135,7 @@ impl Union {
             let sync = sync_of(flags).or(f.sync);
             if f.direct || sync.is_some() {
                 c.sync_file(f.ino).ctx("write-back")?;
-                if !self.volatile {
-                    match sync {
-                        Some(true) => nix::unistd::fsync(f.fd.as_fd()).ctx("fsync")?,
-                        Some(false) => nix::unistd::fdatasync(f.fd.as_fd()).ctx("fdatasync")?,
-                        None => {}
-                    }
-                }
+                self.make_durable(f.fd.as_fd(), sync)?;
             }
             return Ok(n);
         }
@@ -1455,14 +1449,21 @@ impl Union {
         let n = r?;
         self.copy_ranges.fetch_add(1, Ordering::Relaxed);
         self.copy_range_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        if !self.volatile && n > 0 {
-            match sync {
-                Some(true) => nix::unistd::fsync(fo.fd.as_fd()).ctx("fsync")?,
-                Some(false) => nix::unistd::fdatasync(fo.fd.as_fd()).ctx("fdatasync")?,
-                None => {}
-            }
+        if n > 0 {
+            self.make_durable(fo.fd.as_fd(), sync)?;
         }
         Ok(n as u64)
+    }
+
+    /// What an O_SYNC (`Some(true)`) or O_DSYNC (`Some(false)`) write owes when it returns
+    /// (nothing on a volatile mount).
+    fn make_durable(&self, fd: BorrowedFd<'_>, sync: Option<bool>) -> Result<()> {
+        match sync {
+            _ if self.volatile => Ok(()),
+            Some(true) => nix::unistd::fsync(fd).ctx("fsync"),
+            Some(false) => nix::unistd::fdatasync(fd).ctx("fdatasync"),
+            None => Ok(()),
+        }
     }
 
     /// lseek SEEK_DATA / SEEK_HOLE on an open file.
