@@ -1823,6 +1823,82 @@ fn files_replaced_while_opened_by_name_keep_usage_exact() {
     })
 }
 
+/// Writes (`open(O_CREAT)` + `pwrite`), `truncate(2)` by name and unlinks of the same three
+/// names from four threads, starting from lower files: the usage must end where a fresh scan
+/// is. (It drifted by whole files: a truncate by name could act on another file than the one
+/// the kernel asked about, once an unlink and a create had put it there; a truncate through a
+/// handle could be charged after the file's last close had freed it; an open could register
+/// its handle on a file removed a moment before, whose writes were then charged.)
+#[test]
+fn truncates_by_name_racing_unlinks_and_creates_keep_usage_exact() {
+    with_timeout(TIMEOUT, || {
+        let lower: Vec<Entry> = (0..3)
+            .map(|i| file_bytes(&format!("s{i}"), pattern(0, 3 * MIB, i as u8)))
+            .collect();
+        for args in [
+            &["--size", "1G"][..],
+            &["--size", "1G", "--cache-size", "0"],
+        ] {
+            let m = new_mount(std::slice::from_ref(&lower), args);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let threads: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let names: Vec<PathBuf> = (0..3).map(|i| m.path(&format!("s{i}"))).collect();
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                        let mut rnd = move |n: u64| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x % n
+                        };
+                        let mut ops = 0u64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let name = &names[rnd(3) as usize];
+                            // Errors (a name just removed) are part of the race.
+                            let _ = match rnd(100) {
+                                0..75 => OpenOptions::new()
+                                    .write(true)
+                                    .create(true)
+                                    .truncate(false)
+                                    .open(name)
+                                    .and_then(|f| {
+                                        let len = [1, 100, 4096, 10_000, 200_000][rnd(5) as usize];
+                                        f.write_all_at(&vec![b'w'; len], rnd(6 * MIB))
+                                    }),
+                                75..94 => {
+                                    let c = cstr(name);
+                                    // SAFETY: a NUL-terminated path.
+                                    match unsafe { libc::truncate(c.as_ptr(), rnd(7 * MIB) as i64) }
+                                    {
+                                        0 => Ok(()),
+                                        _ => Err(std::io::Error::last_os_error()),
+                                    }
+                                }
+                                _ => fs::remove_file(name),
+                            };
+                            ops += 1;
+                        }
+                        ops
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_secs(4));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let ops: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert!(ops > 200, "{args:?}: only {ops} operations in 4 s");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while usage(&m) != fresh_scan(&m.dirs) && Instant::now() < deadline {
+                let _ = run_bin(&["sync", p2s(&m.merged)]);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_report_matches_scan(&m, &format!("{args:?}: after the churn"));
+            m.unmount().unwrap();
+        }
+    })
+}
+
 /// A file with a second name the daemon has not looked up loses the name it knew while its
 /// written data waits in the page cache; the other name is looked up next. The file is the same
 /// and still counted: once the cache writes its data, the usage must include it. (It did not:

@@ -644,7 +644,11 @@ impl Union {
         }
         let fs = nix::sys::stat::fstat(fd).ctx("fstat")?;
         let st = node.st.lock();
-        if st.unlinked || self.node_ino(r, &fs, st.parent, &st.name) != node.ino {
+        // (No name left: removed since the open, by a removal not yet marked in the node —
+        // it marks it once it has let go of the node's allocation lock. A handle registered
+        // on it now would be charged for a file its removal has freed.)
+        if st.unlinked || fs.st_nlink == 0 || self.node_ino(r, &fs, st.parent, &st.name) != node.ino
+        {
             return Err(Error::new(
                 Errno::ESTALE,
                 "open: another file has its name now",
@@ -840,7 +844,10 @@ impl Union {
         let mut known = node.io_lock.lock();
         let fd = f.fd.as_fd();
         let before = nix::sys::stat::fstat(fd).ctx("fstat")?;
-        if self.quota.is_some() {
+        // A removed file whose last close (another handle's, while this truncate came in
+        // through a handle it had found) has freed it: nothing of it is counted any more.
+        let counted = self.quota.is_some() && !node.freed.load(Ordering::Acquire);
+        if counted {
             self.sync_known(&mut known, &before);
         }
         let trunc = || {
@@ -855,7 +862,7 @@ impl Union {
             Some(c) => c.truncate_with(node.ino, size, trunc)?,
             None => trunc()?,
         }
-        if self.quota.is_some() {
+        if counted {
             let after = nix::sys::stat::fstat(fd).ctx("fstat")?;
             self.account(
                 super::charge::alloc(&after) - super::charge::alloc(&before),
@@ -1638,37 +1645,63 @@ impl Union {
                 a.fh.and_then(|fh| self.handle(fh).ok())
                     .filter(|f| f.writable);
             let mut known = node.io_lock.lock();
+            // Without a handle, the node's upper file opened by name and checked to be the
+            // node's object under the lock a removal of the name takes: since the kernel
+            // looked the name up, an unlink and a create may have put another file there,
+            // whose truncate would be settled against this node (the usage drifted by
+            // whole files under truncate(2) / unlink / open(O_CREAT) churn).
+            let opened = match via {
+                Some(_) => None,
+                None => {
+                    let fd = match nix::fcntl::openat(
+                        dir.as_fd(),
+                        name.as_os_str(),
+                        OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+                        Mode::empty(),
+                    ) {
+                        Ok(fd) => Ok(fd),
+                        Err(e) if name_changed_hands(e) => Err(Error::new(
+                            Errno::ESTALE,
+                            "truncate: the name changed meanwhile",
+                        )),
+                        Err(e) => return Err(Error::new(e, "truncate: open")),
+                    };
+                    match fd.and_then(|fd| {
+                        self.check_opened(&node, LayerRef::Upper, fd.as_fd())
+                            .map(|()| fd)
+                    }) {
+                        Ok(fd) => Some(fd),
+                        Err(e) => {
+                            drop(known);
+                            // Removed meanwhile and held for the kernel: truncated there.
+                            if self.removed_meanwhile(&node) {
+                                return self.setattr_unlinked(&node, a);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let fd = match (&via, &opened) {
+                (Some(f), _) => f.fd.as_fd(),
+                (None, Some(o)) => o.as_fd(),
+                (None, None) => return Err(Error::new(Errno::EBADF, "truncate: no file")),
+            };
             let before = match &self.quota {
-                Some(_) => layer::stat_at(dir.as_fd(), &name).ok(),
+                Some(_) => nix::sys::stat::fstat(fd).ok(),
                 None => None,
             };
             if let Some(b) = &before {
                 self.sync_known(&mut known, b);
             }
-            let trunc = || -> Result<()> {
-                match &via {
-                    Some(f) => nix::unistd::ftruncate(f.fd.as_fd(), size as i64).ctx("ftruncate"),
-                    None => {
-                        let fd = nix::fcntl::openat(
-                            dir.as_fd(),
-                            name.as_os_str(),
-                            OFlag::O_WRONLY
-                                | OFlag::O_NOFOLLOW
-                                | OFlag::O_CLOEXEC
-                                | OFlag::O_NONBLOCK,
-                            Mode::empty(),
-                        )
-                        .ctx("truncate: open")?;
-                        nix::unistd::ftruncate(fd.as_fd(), size as i64).ctx("truncate")
-                    }
-                }
-            };
+            let trunc =
+                || -> Result<()> { nix::unistd::ftruncate(fd, size as i64).ctx("truncate") };
             match &self.cache {
                 Some(c) => c.truncate_with(node.ino, size, trunc)?,
                 None => trunc()?,
             }
             // Growing is sparse (nothing allocated); shrinking frees blocks.
-            if let (Some(b), Ok(a)) = (before, layer::stat_at(dir.as_fd(), &name)) {
+            if let (Some(b), Ok(a)) = (before, nix::sys::stat::fstat(fd)) {
                 self.account(super::charge::alloc(&a) - super::charge::alloc(&b), 0);
                 *known = Some((super::charge::alloc(&a), a.st_size));
                 drop(known);
