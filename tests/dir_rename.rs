@@ -207,9 +207,9 @@ fn exchange_copies_and_exdev_mode_refuses() {
 }
 
 /// A directory whose copy does not fit the project quota: the rename fails with ENOSPC (as
-/// XFS answers at the limit; `mv` reports it, it does not copy), the merged view is what it
-/// was (what got copied up before the limit is there, with the same content), and removing
-/// the directory gives the space back.
+/// XFS answers at the limit; `mv` reports it, it does not copy) before anything is copied:
+/// the merged view is what it was, and neither upper nor the quota holds copies that would
+/// change nothing in it (they did: the copy stopped at the limit, which it left reached).
 #[test]
 fn a_copy_over_the_quota_fails_and_changes_nothing_in_view() {
     with_timeout(TIMEOUT, || {
@@ -232,15 +232,61 @@ fn a_copy_over_the_quota_fails_and_changes_nothing_in_view() {
             diff.join("\n")
         );
         assert!(!m.merged.join("moved").exists());
-        // Something was copied up before the limit, and it is charged.
         let used = |m: &Mount| {
             let s = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs");
             (s.blocks() - s.blocks_free()) * s.fragment_size()
         };
-        assert!(used(&m) >= 1 << 20, "nothing charged: {}", used(&m));
+        assert!(used(&m) < 64 << 10, "copies left charged: {}", used(&m));
+        assert!(!d.upper.join("big/f0").exists(), "a copy was left in upper");
+        fs::write(m.merged.join("small"), "fits").expect("a small write after the refusal");
         fs::remove_dir_all(m.merged.join("big")).expect("rm -rf big");
         assert!(used(&m) < 64 << 10, "space not given back: {}", used(&m));
         assert_eq!(fs::read_to_string(m.merged.join("other")).unwrap(), "other");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// The same on a nearly full upper filesystem (no quota): ENOSPC before anything is copied, so
+/// the space left is still there for the next write; with room made, the rename goes through.
+#[test]
+fn a_copy_that_does_not_fit_upper_fails_before_copying() {
+    with_timeout(TIMEOUT, || {
+        let chunk = "0123456789abcdef".repeat(64 * 1024); // 1 MiB
+        let entries: Vec<Entry> = (0..12)
+            .map(|i| file(&format!("big/d{}/f{i}", i % 3), &chunk))
+            .chain([file("other", "other")])
+            .collect();
+        let dirs = Dirs::new(&[entries], &[]);
+        let lfs = LoopFs::new(&dirs, 32);
+        let mut d = dirs.clone();
+        d.upper = lfs.mnt.join("upper");
+        d.work = lfs.mnt.join("work");
+        fs::create_dir_all(&d.upper).expect("mkdir upper");
+        fs::create_dir_all(&d.work).expect("mkdir work");
+        // Leave ~6 MiB free: less than the 12 MiB the copy needs.
+        let filler = lfs.mnt.join("filler");
+        let fill = lfs.avail().saturating_sub(6 << 20);
+        fs::write(&filler, vec![0u8; fill as usize]).expect("filler");
+        let m = Mount::start_args(&d, &legacy_args(&d, "")).unwrap_or_else(|e| panic!("{e}"));
+        let before = snapshot(&m.merged, &SnapOpts::merged());
+        let free = lfs.avail();
+        let e = fs::rename(m.merged.join("big"), m.merged.join("moved")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        let after = snapshot(&m.merged, &SnapOpts::merged());
+        let diff = diff_snapshots("before", &before, "after", &after);
+        assert!(diff.is_empty(), "the view changed:\n{}", diff.join("\n"));
+        assert!(
+            lfs.avail() + (256 << 10) >= free,
+            "the failed rename took {} of {free} free bytes",
+            free - lfs.avail()
+        );
+        fs::remove_file(&filler).expect("rm filler");
+        fs::rename(m.merged.join("big"), m.merged.join("moved")).expect("rename with room");
+        assert_eq!(
+            fs::read_to_string(m.merged.join("moved/d1/f4")).unwrap(),
+            chunk,
+            "moved content"
+        );
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }

@@ -276,6 +276,16 @@ impl Quota {
         }
     }
 
+    /// Inodes that may still be reserved now (u64::MAX: unlimited).
+    pub fn available_inodes(&self) -> u64 {
+        match self.ceiling(Kind::Inodes) {
+            None => u64::MAX,
+            Some(c) => (c.min(i64::MAX as u64) as i64)
+                .saturating_sub(self.inodes.load(Ordering::Acquire))
+                .max(0) as u64,
+        }
+    }
+
     /// Adjust usage by what really happened (no check: reconciliation and releases).
     pub fn adjust_bytes(&self, delta: i64) {
         if delta != 0 {

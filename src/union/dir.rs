@@ -684,16 +684,25 @@ impl Union {
         // it stay in the table for the walks to upper (and new ones go with the last).
         let mut held: Vec<Arc<Node>> = Vec::new();
         let res = (|| -> Result<()> {
+            // The tree is walked first and what its copy needs added up: a rename that cannot
+            // fit is refused (ENOSPC, or the quota's errno) before anything is copied, not
+            // after filling upper or the quota with copies that change nothing in the view.
             let mut merged: Vec<Arc<Node>> = Vec::new();
+            let mut files: Vec<Arc<Node>> = Vec::new();
+            let (mut bytes, mut inodes) = (0u64, 0u64);
             let mut stack = vec![dir.clone()];
             while let Some(d) = stack.pop() {
                 // (A directory below removed meanwhile is skipped.)
-                let gone = |e: &Error| e.errno == Errno::ENOENT && d.ino != dir.ino;
-                let entries = match self.copy_up(&d).and_then(|()| self.merged_entries(&d)) {
+                let entries = match self.merged_entries(&d) {
                     Ok(v) => v,
-                    Err(e) if gone(&e) => continue,
+                    Err(e) if e.errno == Errno::ENOENT && d.ino != dir.ino => continue,
                     Err(e) => return Err(e),
                 };
+                if !d.state().upper {
+                    // (A directory's first block.)
+                    bytes += 4096;
+                    inodes += 1;
+                }
                 merged.push(d.clone());
                 for e in entries {
                     let f = match self.find(&d, &e.name) {
@@ -710,11 +719,27 @@ impl Union {
                         }
                         continue;
                     }
-                    match self.copy_up(&child) {
-                        Ok(()) => {}
-                        Err(e) if e.errno == Errno::ENOENT => {}
-                        Err(e) => return Err(e),
+                    if !child.state().upper {
+                        bytes += super::charge::alloc(&f.stat).max(0) as u64;
+                        inodes += 1;
                     }
+                    files.push(child);
+                }
+            }
+            self.room_for_copies(bytes, inodes)?;
+            // Parents first (the walk's order), then the files.
+            for d in &merged {
+                match self.copy_up(d) {
+                    Ok(()) => {}
+                    Err(e) if e.errno == Errno::ENOENT && d.ino != dir.ino => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            for child in &files {
+                match self.copy_up(child) {
+                    Ok(()) => {}
+                    Err(e) if e.errno == Errno::ENOENT => {}
+                    Err(e) => return Err(e),
                 }
             }
             for d in merged.iter().rev() {
@@ -726,6 +751,41 @@ impl Union {
             self.forget(n.ino, 1);
         }
         res
+    }
+
+    /// Is there room in upper (and the quota) for copies of `bytes` and `inodes`? A check
+    /// before a copy of many files, each of which reserves its own when it is made.
+    fn room_for_copies(&self, bytes: u64, inodes: u64) -> Result<()> {
+        if let Some(q) = &self.quota
+            && (q.available_bytes() < bytes || q.available_inodes() < inodes)
+        {
+            return Err(Error::new(
+                q.errno(),
+                "copy of a directory tree: over the quota",
+            ));
+        }
+        // Upper's free space now (not the figure writes use, up to 100 ms old: room made a
+        // moment ago counts), and if short, once more after what removed files still hold
+        // (the reaper) is given back.
+        let Some(up) = self.upper.as_ref() else {
+            return Ok(());
+        };
+        let free = || {
+            layer::sys::statfs(up.root())
+                .map(|s| s.f_bavail * s.f_bsize as u64)
+                .unwrap_or(u64::MAX)
+        };
+        if free() >= bytes {
+            return Ok(());
+        }
+        self.reaper.flush();
+        if free() >= bytes {
+            return Ok(());
+        }
+        Err(Error::new(
+            Errno::ENOSPC,
+            "copy of a directory tree: upper is too full",
+        ))
     }
 
     /// Merged directory `d`, whose visible content is all in upper now, made an upper-only
