@@ -986,3 +986,54 @@ fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
         drop(lfs);
     })
 }
+
+/// Cached writes that cannot be stored when the mount is to go (upper filled up behind the
+/// daemon's back, after the writes were cached): `unionfs-rs umount` refuses, says why, and
+/// keeps the mount and the data; with room made it unmounts and the data is on disk. (It
+/// unmounted and exited 0, and the data was gone: only the daemon's log said so.)
+#[test]
+fn umount_refuses_while_cached_writes_cannot_be_stored() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(&[vec![]], &[]);
+        let lfs = LoopFs::new(&dirs, 64);
+        let mut d = dirs.clone();
+        d.upper = lfs.mnt.join("upper");
+        d.work = lfs.mnt.join("work");
+        fs::create_dir_all(&d.upper).expect("mkdir");
+        fs::create_dir_all(&d.work).expect("mkdir");
+        let mut m = Mount::start(
+            &d,
+            &MountOpts {
+                extra: ["--cache-size", "64M", "--passthrough", "off"]
+                    .map(String::from)
+                    .to_vec(),
+                ..MountOpts::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let data = pattern((2 * MIB) as usize, 7);
+        let mut f = File::create(m.path("a")).expect("create");
+        f.write_all(&data).expect("write");
+        // Upper fills up from outside while the data is still cached.
+        let filler = lfs.mnt.join("filler");
+        {
+            let mut g = File::create(&filler).expect("filler");
+            let chunk = vec![0u8; MIB as usize];
+            while g.write_all(&chunk).is_ok() {}
+        }
+        drop(f);
+        assert!(stats(&m.merged)["dirty_bytes"] > 0, "nothing left cached");
+        let merged = m.merged.to_str().expect("path").to_string();
+        let (ok, _, err) = cli(&["umount", &merged]);
+        assert!(!ok, "umount lost cached data without a word");
+        assert!(err.contains("cannot be stored"), "{err}");
+        assert!(is_fuse_mounted(&m.merged), "unmounted anyway");
+        assert!(fs::read(m.path("a")).expect("read") == data);
+        fs::remove_file(&filler).expect("rm filler");
+        m.unmount_with(Command::new(bin()).args(["umount", &merged]))
+            .expect("unionfs-rs umount once there is room");
+        assert!(fs::read(d.upper.join("a")).expect("upper") == data);
+        drop(m);
+        drop(lfs);
+    })
+}

@@ -441,8 +441,10 @@ fn own_mount(c: &Checked, mo: &[MountOption]) -> Result<OwnedFd, nix::errno::Err
     Ok(dev)
 }
 
-/// Unmount MERGED: umount(2) as root, else `fusermount3 -u`.
-pub fn umount(merged: &Path) -> Result<(), String> {
+/// Unmount MERGED: umount(2) as root, else `fusermount3 -u`. Unless `force`, cached writes
+/// are stored first, and if they cannot be (a full upper, the quota) the mount stays: an
+/// unmount now would lose them, and only the daemon's log would say so.
+pub fn umount(merged: &Path, force: bool) -> Result<(), String> {
     let m = merged
         .canonicalize()
         .map_err(|e| format!("{}: {e}", merged.display()))?;
@@ -453,6 +455,9 @@ pub fn umount(merged: &Path) -> Result<(), String> {
     let pid = crate::control::request(&m, "stats")
         .ok()
         .and_then(|r| json_u64(&r, "pid"));
+    if pid.is_some() && !force {
+        store_cached_writes(&m)?;
+    }
     let r = unmount_now(&m);
     if r.is_ok() && pid.is_none() {
         // No daemon answered: one killed outright left its socket.
@@ -493,6 +498,32 @@ pub fn umount(merged: &Path) -> Result<(), String> {
         }
     }
     r
+}
+
+/// Have the daemon of `m` store what it caches; an error if it cannot, saying what to do.
+fn store_cached_writes(m: &Path) -> Result<(), String> {
+    let reply = match crate::control::request(m, "sync") {
+        Ok(r) => r,
+        // (The unmount goes ahead: the daemon stores what it caches when it stops.)
+        Err(_) => return Ok(()),
+    };
+    let Some(err) = reply.strip_prefix("{\"error\":\"") else {
+        return Ok(());
+    };
+    let err = err
+        .trim_end_matches("\"}")
+        .replace("\\\"", "\"")
+        .replace("\\\\", "\\");
+    let dirty = crate::control::request(m, "stats")
+        .ok()
+        .and_then(|r| json_u64(&r, "dirty_bytes"))
+        .map_or_else(String::new, |d| format!(" ({d} bytes)"));
+    Err(format!(
+        "{}: not unmounted: cached writes{dirty} cannot be stored ({err}); make room on upper \
+         (or raise the quota) and unmount again, or `unionfs-rs umount --force` to unmount and \
+         lose them",
+        m.display()
+    ))
 }
 
 /// A field of a flat JSON object (our own control replies).

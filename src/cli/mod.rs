@@ -34,8 +34,12 @@ struct Cli {
 enum Cmd {
     /// Mount LOWER1[:LOWER2…] [UPPER] MERGED (no UPPER: a read-only union).
     Mount(Box<MountArgs>),
-    /// Unmount a union mounted at MERGED.
+    /// Unmount a union mounted at MERGED (refused while cached writes cannot be stored).
     Umount {
+        /// Unmount even if cached writes cannot be stored (a full upper, the quota): they are
+        /// lost.
+        #[arg(long)]
+        force: bool,
         /// The merged directory.
         merged: PathBuf,
     },
@@ -456,7 +460,7 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
             }
             run_mount(spec)
         }
-        Cmd::Umount { merged } => match daemon::umount(&merged) {
+        Cmd::Umount { force, merged } => match daemon::umount(&merged, force) {
             Ok(()) => 0,
             Err(e) => fail(e),
         },
