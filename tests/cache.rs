@@ -939,11 +939,7 @@ fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
     with_timeout(TIMEOUT, || {
         let dirs = Dirs::new(&[vec![]], &[]);
         let lfs = LoopFs::new(&dirs, 64);
-        let mut d = dirs.clone();
-        d.upper = lfs.mnt.join("upper");
-        d.work = lfs.mnt.join("work");
-        fs::create_dir_all(&d.upper).expect("mkdir");
-        fs::create_dir_all(&d.work).expect("mkdir");
+        let d = lfs.holding_upper(&dirs);
         let m = Mount::start(
             &d,
             &MountOpts {
@@ -996,11 +992,7 @@ fn umount_refuses_while_cached_writes_cannot_be_stored() {
     with_timeout(TIMEOUT, || {
         let dirs = Dirs::new(&[vec![]], &[]);
         let lfs = LoopFs::new(&dirs, 64);
-        let mut d = dirs.clone();
-        d.upper = lfs.mnt.join("upper");
-        d.work = lfs.mnt.join("work");
-        fs::create_dir_all(&d.upper).expect("mkdir");
-        fs::create_dir_all(&d.work).expect("mkdir");
+        let d = lfs.holding_upper(&dirs);
         let mut m = Mount::start(
             &d,
             &MountOpts {

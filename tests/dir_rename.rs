@@ -258,11 +258,7 @@ fn a_copy_that_does_not_fit_upper_fails_before_copying() {
             .collect();
         let dirs = Dirs::new(&[entries], &[]);
         let lfs = LoopFs::new(&dirs, 32);
-        let mut d = dirs.clone();
-        d.upper = lfs.mnt.join("upper");
-        d.work = lfs.mnt.join("work");
-        fs::create_dir_all(&d.upper).expect("mkdir upper");
-        fs::create_dir_all(&d.work).expect("mkdir work");
+        let d = lfs.holding_upper(&dirs);
         // Leave ~6 MiB free: less than the 12 MiB the copy needs.
         let filler = lfs.mnt.join("filler");
         let fill = lfs.avail().saturating_sub(6 << 20);

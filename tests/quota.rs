@@ -535,6 +535,17 @@ fn kill_daemon(m: Mount) {
 // Syscall helpers (errno-preserving)
 // ---------------------------------------------------------------------------------------------
 
+/// A small random stream for thread `t` of a churn (xorshift): `rnd(n)` is below `n`.
+fn xorshift(t: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+    move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
+}
+
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error()
         .unwrap_or_else(|| panic!("not an OS error: {e}"))
@@ -1741,13 +1752,7 @@ fn files_replaced_while_opened_by_name_keep_usage_exact() {
                 let tmp = m.path(&format!("tmp{t}"));
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
-                    let mut rnd = move |n: u64| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x % n
-                    };
+                    let mut rnd = xorshift(t);
                     let (mut opens, mut failed) = (0u64, Vec::new());
                     let mut held: Vec<File> = Vec::new();
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1846,13 +1851,7 @@ fn truncates_by_name_racing_unlinks_and_creates_keep_usage_exact() {
                     let names: Vec<PathBuf> = (0..3).map(|i| m.path(&format!("s{i}"))).collect();
                     let stop = stop.clone();
                     std::thread::spawn(move || {
-                        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
-                        let mut rnd = move |n: u64| {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            x % n
-                        };
+                        let mut rnd = xorshift(t);
                         let mut ops = 0u64;
                         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                             let name = &names[rnd(3) as usize];

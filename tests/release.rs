@@ -18,11 +18,7 @@ const MIB: u64 = 1 << 20;
 fn mount_on_loop(size_mib: u64, extra: &[&str]) -> (Mount, LoopFs) {
     let dirs = Dirs::new(&[vec![file("lower-file", "from below")]], &[]);
     let lfs = LoopFs::new(&dirs, size_mib);
-    let mut d = dirs.clone();
-    d.upper = lfs.mnt.join("upper");
-    d.work = lfs.mnt.join("work");
-    fs::create_dir_all(&d.upper).expect("mkdir upper");
-    fs::create_dir_all(&d.work).expect("mkdir work");
+    let d = lfs.holding_upper(&dirs);
     let opts = MountOpts {
         extra: extra.iter().map(|s| s.to_string()).collect(),
         ..MountOpts::default()

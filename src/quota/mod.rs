@@ -268,20 +268,23 @@ impl Quota {
 
     /// Bytes that may still be reserved now (u64::MAX: unlimited).
     pub fn available_bytes(&self) -> u64 {
-        match self.ceiling(Kind::Blocks) {
-            None => u64::MAX,
-            Some(c) => (c.min(i64::MAX as u64) as i64)
-                .saturating_sub(self.bytes.load(Ordering::Acquire))
-                .max(0) as u64,
-        }
+        self.available(Kind::Blocks)
     }
 
     /// Inodes that may still be reserved now (u64::MAX: unlimited).
     pub fn available_inodes(&self) -> u64 {
-        match self.ceiling(Kind::Inodes) {
+        self.available(Kind::Inodes)
+    }
+
+    fn available(&self, kind: Kind) -> u64 {
+        let used = match kind {
+            Kind::Blocks => &self.bytes,
+            Kind::Inodes => &self.inodes,
+        };
+        match self.ceiling(kind) {
             None => u64::MAX,
             Some(c) => (c.min(i64::MAX as u64) as i64)
-                .saturating_sub(self.inodes.load(Ordering::Acquire))
+                .saturating_sub(used.load(Ordering::Acquire))
                 .max(0) as u64,
         }
     }

@@ -37,6 +37,16 @@ impl LoopFs {
         }
     }
 
+    /// `dirs` with upper and work on this filesystem (created).
+    pub fn holding_upper(&self, dirs: &Dirs) -> Dirs {
+        let mut d = dirs.clone();
+        d.upper = self.mnt.join("upper");
+        d.work = self.mnt.join("work");
+        fs::create_dir_all(&d.upper).expect("mkdir upper");
+        fs::create_dir_all(&d.work).expect("mkdir work");
+        d
+    }
+
     /// Free bytes for unprivileged use, as `df` shows them.
     pub fn avail(&self) -> u64 {
         let s = nix::sys::statvfs::statvfs(&self.mnt).expect("statvfs");
