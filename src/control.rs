@@ -339,7 +339,13 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             Ok(()) => String::new(),
             Err(e) => format!("{{\"error\":{}}}", json_str(&e.to_string())),
         },
-        _ => "{\"error\":\"unknown command (quota-report, quota-limit k=v…, stats, cache-show, cache-set k=v…, sync)\"}".into(),
+        // What `umount` asks first: cached writes stored, without the syncfs of upper's
+        // filesystem (whose error may be another program's file's; the stop syncs anyway).
+        Some("store-cached") => match union.store_cached() {
+            Ok(()) => String::new(),
+            Err(e) => format!("{{\"error\":{}}}", json_str(&e.to_string())),
+        },
+        _ => "{\"error\":\"unknown command (quota-report, quota-limit k=v…, stats, cache-show, cache-set k=v…, sync, store-cached)\"}".into(),
     }
 }
 

@@ -502,7 +502,7 @@ pub fn umount(merged: &Path, force: bool) -> Result<(), String> {
 
 /// Have the daemon of `m` store what it caches; an error if it cannot, saying what to do.
 fn store_cached_writes(m: &Path) -> Result<(), String> {
-    let reply = match crate::control::request(m, "sync") {
+    let reply = match crate::control::request(m, "store-cached") {
         Ok(r) => r,
         // (The unmount goes ahead: the daemon stores what it caches when it stops.)
         Err(_) => return Ok(()),
@@ -510,6 +510,10 @@ fn store_cached_writes(m: &Path) -> Result<(), String> {
     let Some(err) = reply.strip_prefix("{\"error\":\"") else {
         return Ok(());
     };
+    // A daemon of an older version, which stores its cache when it stops anyway.
+    if err.starts_with("unknown command") {
+        return Ok(());
+    }
     let err = err
         .trim_end_matches("\"}")
         .replace("\\\"", "\"")

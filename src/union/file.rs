@@ -1330,14 +1330,20 @@ impl Union {
     /// (`unionfs-rs sync`; the kernel sends FUSE_SYNCFS to virtiofs servers only, so sync(2)
     /// and syncfs(2) on the mount never ask for this).
     pub fn sync_all(&self) -> Result<()> {
-        self.commits.wait_all();
-        if let Some(c) = &self.cache {
-            c.sync_all().ctx("write-back")?;
-        }
+        self.store_cached()?;
         if let (Some(up), false) = (&self.upper, self.volatile) {
             nix::unistd::syncfs(up.root()).ctx("syncfs")?;
         }
         self.settle_allocations();
+        Ok(())
+    }
+
+    /// Pending copy-up commits done and cached writes stored in upper (not synced).
+    pub fn store_cached(&self) -> Result<()> {
+        self.commits.wait_all();
+        if let Some(c) = &self.cache {
+            c.sync_all().ctx("write-back")?;
+        }
         Ok(())
     }
 
