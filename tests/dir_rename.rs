@@ -286,3 +286,50 @@ fn a_copy_that_does_not_fit_upper_fails_before_copying() {
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+/// A limit at what the moved tree ends up using, and a little above: the rename either goes
+/// through whole or is refused with nothing left charged. (At the limit it failed partway: each
+/// copy-up holds a block for each directory it adds an entry to until it settles, which the
+/// check before the copy did not count, and the copies made stayed charged.)
+#[test]
+fn a_copy_right_at_the_quota_goes_through_or_leaves_nothing() {
+    with_timeout(TIMEOUT, || {
+        let entries = || -> Vec<Entry> {
+            (0..40)
+                .map(|i| {
+                    let body = "x".repeat(i * 1777);
+                    file(&format!("t/d{}/f{i}", i % 4), &body)
+                })
+                .collect()
+        };
+        let used = |m: &Mount| {
+            let s = nix::sys::statvfs::statvfs(&m.merged).expect("statvfs");
+            (s.blocks() - s.blocks_free()) * s.fragment_size()
+        };
+        let d = Dirs::new(&[entries()], &[]);
+        let m =
+            Mount::start_args(&d, &legacy_args(&d, ",size=1G")).unwrap_or_else(|e| panic!("{e}"));
+        fs::rename(m.merged.join("t"), m.merged.join("t2")).expect("rename with room");
+        let cost = used(&m);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        for extra in [0u64, 4096, 8191, 8192, 65536] {
+            let d = Dirs::new(&[entries()], &[]);
+            let limit = format!(",size={}", cost + extra);
+            let m =
+                Mount::start_args(&d, &legacy_args(&d, &limit)).unwrap_or_else(|e| panic!("{e}"));
+            let before = used(&m);
+            match fs::rename(m.merged.join("t"), m.merged.join("t2")) {
+                Ok(()) => assert_eq!(
+                    fs::read_to_string(m.merged.join("t2/d3/f39")).unwrap(),
+                    "x".repeat(39 * 1777),
+                    "limit +{extra}: moved content"
+                ),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "limit +{extra}: {e}");
+                    assert_eq!(used(&m), before, "limit +{extra}: copies left charged");
+                }
+            }
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}

@@ -756,8 +756,11 @@ impl Union {
     /// Is there room in upper (and the quota) for copies of `bytes` and `inodes`? A check
     /// before a copy of many files, each of which reserves its own when it is made.
     fn room_for_copies(&self, bytes: u64, inodes: u64) -> Result<()> {
+        // (Each copy-up also holds a block for each of the two directories it adds an entry
+        // to until it settles: the last one needs that much more than what stays.)
         if let Some(q) = &self.quota
-            && (q.available_bytes() < bytes || q.available_inodes() < inodes)
+            && (q.available_bytes() < bytes.saturating_add(2 * 4096)
+                || q.available_inodes() < inodes)
         {
             return Err(Error::new(
                 q.errno(),
