@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -983,6 +983,37 @@ fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
     })
 }
 
+/// A mount (`extra` options) with upper on a 64 MiB loop filesystem, 2 MiB written to `a` and
+/// still cached, then upper filled up from outside (`filler`): its cached writes cannot be
+/// stored. Returns the mount, the filesystem, the dirs, the data and the filler's path.
+fn cached_writes_on_a_full_upper(extra: &[&str]) -> (Mount, LoopFs, Dirs, Vec<u8>, PathBuf) {
+    let dirs = Dirs::new(&[vec![]], &[]);
+    let lfs = LoopFs::new(&dirs, 64);
+    let d = lfs.holding_upper(&dirs);
+    let mut args = vec!["--cache-size", "64M", "--passthrough", "off"];
+    args.extend_from_slice(extra);
+    let m = Mount::start(
+        &d,
+        &MountOpts {
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            ..MountOpts::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let data = pattern((2 * MIB) as usize, 7);
+    let mut f = File::create(m.path("a")).expect("create");
+    f.write_all(&data).expect("write");
+    let filler = lfs.mnt.join("filler");
+    {
+        let mut g = File::create(&filler).expect("filler");
+        let chunk = vec![0u8; MIB as usize];
+        while g.write_all(&chunk).is_ok() {}
+    }
+    drop(f);
+    assert!(stats(&m.merged)["dirty_bytes"] > 0, "nothing left cached");
+    (m, lfs, d, data, filler)
+}
+
 /// Cached writes that cannot be stored when the mount is to go (upper filled up behind the
 /// daemon's back, after the writes were cached): `unionfs-rs umount` refuses, says why, and
 /// keeps the mount and the data; with room made it unmounts and the data is on disk. (It
@@ -990,31 +1021,7 @@ fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
 #[test]
 fn umount_refuses_while_cached_writes_cannot_be_stored() {
     with_timeout(TIMEOUT, || {
-        let dirs = Dirs::new(&[vec![]], &[]);
-        let lfs = LoopFs::new(&dirs, 64);
-        let d = lfs.holding_upper(&dirs);
-        let mut m = Mount::start(
-            &d,
-            &MountOpts {
-                extra: ["--cache-size", "64M", "--passthrough", "off"]
-                    .map(String::from)
-                    .to_vec(),
-                ..MountOpts::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let data = pattern((2 * MIB) as usize, 7);
-        let mut f = File::create(m.path("a")).expect("create");
-        f.write_all(&data).expect("write");
-        // Upper fills up from outside while the data is still cached.
-        let filler = lfs.mnt.join("filler");
-        {
-            let mut g = File::create(&filler).expect("filler");
-            let chunk = vec![0u8; MIB as usize];
-            while g.write_all(&chunk).is_ok() {}
-        }
-        drop(f);
-        assert!(stats(&m.merged)["dirty_bytes"] > 0, "nothing left cached");
+        let (mut m, lfs, d, data, filler) = cached_writes_on_a_full_upper(&[]);
         let merged = m.merged.to_str().expect("path").to_string();
         let (ok, _, err) = cli(&["umount", &merged]);
         assert!(!ok, "umount lost cached data without a word");
@@ -1026,6 +1033,41 @@ fn umount_refuses_while_cached_writes_cannot_be_stored() {
             .expect("unionfs-rs umount once there is room");
         assert!(fs::read(d.upper.join("a")).expect("upper") == data);
         drop(m);
+        drop(lfs);
+    })
+}
+
+/// `umount --force` unmounts all the same; the cached writes are lost, and the quota, which
+/// had charged them, records its usage as not exact, so that the next mount recomputes it.
+/// (It recorded it as exact, the lost bytes included, and kept that figure from then on.)
+#[test]
+fn umount_force_loses_cached_writes_and_the_next_mount_recounts() {
+    with_timeout(TIMEOUT, || {
+        let (mut m, lfs, d, _, filler) = cached_writes_on_a_full_upper(&["--size", "1G"]);
+        let merged = m.merged.to_str().expect("path").to_string();
+        m.unmount_with(Command::new(bin()).args(["umount", "--force", &merged]))
+            .expect("umount --force");
+        let state = fs::read_to_string(d.work.join("unionfs/quota")).expect("quota state");
+        assert!(
+            state.contains("clean=0"),
+            "usage recorded as exact:\n{state}"
+        );
+        drop(m);
+        fs::remove_file(&filler).expect("rm filler");
+        let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let (ok, out, err) = cli(&["quota", "report", "--json", &merged]);
+        assert!(ok, "{err}");
+        let used: u64 = out
+            .split("\"used\":")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no usage in {out}"));
+        assert!(
+            used < MIB,
+            "the lost writes are still charged: {used} bytes used"
+        );
+        m.unmount().expect("unmount");
         drop(lfs);
     })
 }

@@ -1583,6 +1583,7 @@ impl Union {
             let freed = copy_up::remove_tmp(work, &name, false);
             self.account(-freed.0, -freed.1);
         }
+        let mut lost = false;
         if let Some(c) = &self.cache {
             let dirty = c.dirty_bytes();
             if dirty > 0 {
@@ -1593,6 +1594,8 @@ impl Union {
                     "write-back at shutdown failed ({e}): {} bytes of written data could not be stored",
                     c.dirty_bytes()
                 );
+                // Their charge is still in the usage: not a figure to keep as exact.
+                lost = true;
             }
         }
         if let (Some(up), false) = (&self.upper, self.volatile)
@@ -1602,7 +1605,10 @@ impl Union {
         }
         self.settle_allocations();
         if let Some(q) = &self.quota {
-            q.persist(true);
+            if lost {
+                log::warn!("quota: usage recorded as not exact; the next mount recomputes it");
+            }
+            q.persist(!lost);
         }
     }
 }
