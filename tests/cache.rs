@@ -1055,14 +1055,7 @@ fn umount_force_loses_cached_writes_and_the_next_mount_recounts() {
         drop(m);
         fs::remove_file(&filler).expect("rm filler");
         let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
-        let (ok, out, err) = cli(&["quota", "report", "--json", &merged]);
-        assert!(ok, "{err}");
-        let used: u64 = out
-            .split("\"used\":")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no usage in {out}"));
+        let (used, _) = quota_used(&m.merged);
         assert!(
             used < MIB,
             "the lost writes are still charged: {used} bytes used"

@@ -223,6 +223,29 @@ pub(super) fn tail(path: &Path, max: usize) -> String {
     }
 }
 
+/// (used bytes, used inodes) of the quota of the mount at `merged` (`quota report --json`).
+pub fn quota_used(merged: &Path) -> (u64, u64) {
+    let out = Command::new(bin())
+        .args(["quota", "report", "--json"])
+        .arg(merged)
+        .output()
+        .expect("run quota report");
+    assert!(
+        out.status.success(),
+        "quota report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let used = |key: &str| -> u64 {
+        text.split(&format!("\"{key}\":{{\"used\":"))
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} usage in {text}"))
+    };
+    (used("blocks"), used("inodes"))
+}
+
 /// `unionfs-rs stats --json MERGED` as numbers (the `mount` string is left out).
 pub fn daemon_stats(merged: &Path) -> HashMap<String, u64> {
     let out = Command::new(bin())
