@@ -690,6 +690,72 @@ fn a_dead_daemons_mount_is_named_and_cleared() {
     });
 }
 
+/// A bind mount of the merged dir keeps the file system (and so the daemon) alive after the
+/// merged dir itself is unmounted, as does a mount namespace made while it was mounted (the copy
+/// of a private mount stays there). `unionfs-rs umount` says where it is still mounted and
+/// returns at once instead of waiting a minute for a daemon that has every reason to run on;
+/// the daemon serves the other mount point and exits once that is unmounted too.
+#[test]
+fn umount_names_where_the_file_system_is_still_mounted() {
+    struct Unbind(PathBuf);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            if is_fuse_mounted(&self.0) {
+                let _ = run_with_timeout(
+                    Command::new("umount").arg("-l").arg(&self.0),
+                    Duration::from_secs(10),
+                );
+            }
+        }
+    }
+    with_timeout(90, || {
+        let dirs = simple_dirs();
+        let m = mount_strict(&dirs, &Mount::command_args(&dirs, &MountOpts::default()));
+        let pid = m.pid.expect("daemon process not found");
+        let other = dirs.root.join("bound");
+        fs::create_dir(&other).unwrap();
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(&dirs.merged)
+            .arg(&other)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount --bind: {st}");
+        let bind = Unbind(other.clone());
+        // (run_bin gives up after 20 s; a daemon that does not exit was waited for 60 s.)
+        let (code, _, err) = run_bin(&["umount", &s(&dirs.merged)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(!is_fuse_mounted(&dirs.merged), "still mounted after umount");
+        assert!(
+            err.contains("still mounted at")
+                && err.contains(&other.canonicalize().unwrap().display().to_string())
+                && err.contains(&format!("pid {pid}")),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            !err.contains("bytes of cached data"),
+            "waited for the daemon: {err}"
+        );
+        // It serves the other mount point still, then exits once that goes.
+        assert!(!is_zombie(pid) && Path::new(&format!("/proc/{pid}")).exists());
+        assert_eq!(fs::read_to_string(other.join("f")).unwrap(), "top lower");
+        fs::write(other.join("through the bind"), "b").unwrap();
+        let st = Command::new("umount").arg(&other).status().unwrap();
+        assert!(st.success(), "umount of the bind mount: {st}");
+        drop(bind);
+        assert!(
+            wait_pid_gone(pid, Duration::from_secs(20)),
+            "the daemon did not exit after the last mount point went"
+        );
+        assert_eq!(
+            fs::read_to_string(dirs.upper.join("through the bind")).unwrap(),
+            "b"
+        );
+        drop(m);
+    });
+}
+
 fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit(')')

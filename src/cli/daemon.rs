@@ -455,6 +455,7 @@ pub fn umount(merged: &Path, force: bool) -> Result<(), String> {
     let pid = crate::control::request(&m, "stats")
         .ok()
         .and_then(|r| json_u64(&r, "pid"));
+    let dev = mount_info_at(&m).map(|(d, _, _)| d);
     if pid.is_some() && !force {
         store_cached_writes(&m)?;
     }
@@ -470,11 +471,32 @@ pub fn umount(merged: &Path, force: bool) -> Result<(), String> {
         // when it makes no progress for a minute.
         use std::time::{Duration, Instant};
         let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let started = Instant::now();
         let mut progress_at = Instant::now();
         let mut noted_at = Instant::now();
+        let mut looked_elsewhere = false;
         let mut last_dirty: Option<u64> = None;
         while proc_dir.exists() && !is_zombie(pid) {
             std::thread::sleep(Duration::from_millis(20));
+            // A daemon that has not exited soon after the unmount: is its file system mounted
+            // somewhere else still? Then it goes on serving that, and waiting is pointless.
+            if !looked_elsewhere
+                && started.elapsed() >= Duration::from_millis(200)
+                && let Some(dev) = &dev
+            {
+                looked_elsewhere = true;
+                let places = mounted_elsewhere(dev);
+                if !places.is_empty() {
+                    eprintln!(
+                        "unionfs-rs: unmounted {}, but the same file system is still mounted at {}; \
+                         the daemon (pid {pid}) goes on serving it there and exits once it is \
+                         unmounted there too",
+                        m.display(),
+                        places.join("; ")
+                    );
+                    return Ok(());
+                }
+            }
             if noted_at.elapsed() >= Duration::from_secs(5) {
                 noted_at = Instant::now();
                 let dirty = crate::control::request(&m, "stats")
@@ -485,9 +507,13 @@ pub fn umount(merged: &Path, force: bool) -> Result<(), String> {
                         progress_at = Instant::now();
                     }
                     last_dirty = Some(d);
-                    eprintln!(
-                        "unionfs-rs: waiting for the daemon (pid {pid}) to write {d} bytes of cached data"
-                    );
+                    if d > 0 {
+                        eprintln!(
+                            "unionfs-rs: waiting for the daemon (pid {pid}) to write {d} bytes of cached data"
+                        );
+                    } else {
+                        eprintln!("unionfs-rs: waiting for the daemon (pid {pid}) to finish");
+                    }
                 }
             }
             if progress_at.elapsed() >= Duration::from_secs(60) {
@@ -572,6 +598,12 @@ fn unmount_now(m: &Path) -> Result<(), String> {
 
 /// The file system type and source of the topmost mount at `m` (canonical), if any.
 fn mount_at(m: &Path) -> Option<(String, String)> {
+    mount_info_at(m).map(|(_, t, src)| (t, src))
+}
+
+/// The device (`major:minor`), file system type and source of the topmost mount at `m`
+/// (canonical), if any.
+fn mount_info_at(m: &Path) -> Option<(String, String, String)> {
     let s = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = m.to_string_lossy();
     s.lines().rev().find_map(|l| {
@@ -579,11 +611,60 @@ fn mount_at(m: &Path) -> Option<(String, String)> {
         let sep = f.iter().position(|x| *x == "-")?;
         (unescape(f.get(4)?) == want).then(|| {
             (
+                f.get(2).map_or_else(String::new, |t| t.to_string()),
                 f.get(sep + 1).map_or_else(String::new, |t| t.to_string()),
                 f.get(sep + 2).map_or_else(String::new, |t| unescape(t)),
             )
         })
     })
+}
+
+/// Where the file system on device `dev` (`major:minor`, as in mountinfo) is still mounted:
+/// its other mount points in this mount namespace (a bind mount) and in other namespaces (one
+/// process named for each). A namespace made while it was mounted (`unshare -m`, a container
+/// runtime's, podman's rootless pause process) holds a copy of the mount that an unmount here
+/// does not remove where mounts do not propagate (a private `/`); the daemon serves every copy
+/// until the last one goes. Namespaces whose processes we may not inspect are not seen.
+fn mounted_elsewhere(dev: &str) -> Vec<String> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()));
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    for pid in std::iter::once("self".to_string()).chain(pids) {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if !seen.insert(ns.clone()) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let points: Vec<String> = info
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let d = f.nth(2)?;
+                let point = f.nth(1)?;
+                (d == dev).then(|| unescape(point))
+            })
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        let place = if own.as_ref() == Some(&ns) {
+            "in this mount namespace".to_string()
+        } else {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("in the mount namespace of pid {pid} ({})", comm.trim())
+        };
+        found.push(format!("{} {place}", points.join(", ")));
+    }
+    found
 }
 
 /// Is the topmost mount at `m` (canonical) one of ours: a FUSE mount of type
