@@ -27,13 +27,93 @@ pub fn socket_path(merged: &Path) -> PathBuf {
 }
 
 fn runtime_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
+    if nix::unistd::geteuid().is_root() && initial_userns() {
         return PathBuf::from("/run/unionfs-rs");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("unionfs-rs"),
         _ => PathBuf::from(format!("/tmp/unionfs-rs-{}", nix::unistd::geteuid())),
     }
+}
+
+/// Are we in the initial user namespace? (Root of another one, podman's rootless mount
+/// program, cannot own a directory in the host's `/run`.)
+fn initial_userns() -> bool {
+    /// The initial user namespace's inode number (PROC_USER_INIT_INO), whoever looks.
+    const INIT_USER_NS: &str = "user:[4026531837]";
+    std::fs::read_link("/proc/self/ns/user").is_ok_and(|n| n.as_os_str() == INIT_USER_NS)
+}
+
+/// Check the directory of the control sockets: a directory (not a link) of ours that no one
+/// else may write to. Whoever could write there could swap a socket for a link to another
+/// file (which the daemon then gives mode 0666), or put a socket of its own in our place and
+/// answer our requests. With `make`, the daemon's: made (0755) if missing, and closed to others
+/// if it is ours but open (older versions made it under the daemon's umask 0: mode 0777).
+fn check_runtime_dir(dir: &Path, make: bool) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if make {
+        match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+        }
+    }
+    let md = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !md.file_type().is_dir() {
+        return Err(Error::other(format!(
+            "{} is not a directory (a link?): not used for control sockets",
+            dir.display()
+        )));
+    }
+    if md.uid() != me {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {}, not to uid {me}: not used for control sockets",
+                dir.display(),
+                md.uid()
+            ),
+        ));
+    }
+    if md.mode() & 0o022 != 0 {
+        if !make {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "{} may be written by others (mode {:o}): not trusted for control sockets \
+                     (a mount by this version closes it)",
+                    dir.display(),
+                    md.mode() & 0o7777
+                ),
+            ));
+        }
+        // The same directory, through a descriptor that no rename or link can redirect.
+        let fd = nix::fcntl::open(
+            dir,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let st = nix::sys::stat::fstat(&fd)?;
+        if st.st_ino != md.ino() || st.st_dev != md.dev() || st.st_uid != me {
+            return Err(Error::other(format!(
+                "{} changed while it was checked",
+                dir.display()
+            )));
+        }
+        nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o755))?;
+        log::warn!(
+            "{}: was writable by others (mode {:o}); now 0755",
+            dir.display(),
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 /// JSON string escaping.
@@ -145,9 +225,9 @@ impl Control {
     pub fn start(merged: &Path, union: Arc<Union>) -> std::io::Result<Control> {
         let path = socket_path(merged);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            check_runtime_dir(dir, true)?;
         }
-        if path.exists() {
+        if std::fs::symlink_metadata(&path).is_ok() {
             // A live daemon answers; a stale socket from a killed one is replaced.
             if UnixStream::connect(&path).is_ok() {
                 return Err(std::io::Error::new(
@@ -159,11 +239,12 @@ impl Control {
         }
         let listener = UnixListener::bind(&path)?;
         // Anyone who can see the mount may read reports; changes are checked per request.
+        // (Not through a link: nobody else can put one there, see check_runtime_dir.)
         let _ = nix::sys::stat::fchmodat(
             nix::fcntl::AT_FDCWD,
             &path,
             nix::sys::stat::Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
         );
         let mount = merged.to_string_lossy().into_owned();
         std::thread::Builder::new()
@@ -367,6 +448,12 @@ pub fn remove_stale(merged: &Path) {
 
 pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
     let path = socket_path(merged);
+    if let Some(dir) = path.parent()
+        && let Err(e) = check_runtime_dir(dir, false)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(format!("{}: {e}", merged.display()));
+    }
     // A daemon opens its socket just after reporting the mount ready: on a FUSE mount, give a
     // missing or not yet listening socket a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
@@ -399,4 +486,59 @@ pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
     let mut out = String::new();
     std::io::Read::read_to_string(&mut s, &mut out).map_err(|e| e.to_string())?;
     Ok(out.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_socket_directory_is_ours_and_closed_to_others() {
+        let t = tempfile::tempdir().unwrap();
+        // Missing: made, 0755 whatever the umask (the daemon's is 0).
+        let d = t.path().join("made");
+        check_runtime_dir(&d, true).unwrap();
+        assert_eq!(mode(&d), 0o755);
+        check_runtime_dir(&d, false).unwrap();
+        // Ours but open to others (what older versions made): a client does not trust it,
+        // the daemon closes it.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_runtime_dir(&d, false).unwrap_err();
+        assert!(e.to_string().contains("written by others"), "{e}");
+        assert_eq!(mode(&d), 0o777, "a client changed it");
+        check_runtime_dir(&d, true).unwrap();
+        assert_eq!(mode(&d), 0o755);
+        // A link to a directory (of ours, closed): refused, the target untouched.
+        let target = t.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for make in [false, true] {
+            let e = check_runtime_dir(&link, make).unwrap_err();
+            assert!(e.to_string().contains("not a directory"), "{e}");
+        }
+        assert_eq!(mode(&target), 0o777);
+        // A file in its place.
+        let f = t.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(check_runtime_dir(&f, true).is_err());
+        // Someone else's (made there first, as anyone may in /tmp): refused, left as it is.
+        if nix::unistd::geteuid().is_root() {
+            let other = t.path().join("other");
+            std::fs::create_dir(&other).unwrap();
+            std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o777)).unwrap();
+            nix::unistd::chown(&other, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            for make in [false, true] {
+                let e = check_runtime_dir(&other, make).unwrap_err();
+                assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+            }
+            assert_eq!(mode(&other), 0o777);
+        }
+    }
 }
