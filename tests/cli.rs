@@ -303,6 +303,48 @@ fn bad_input_is_refused_without_side_effects() {
                 (with_args(d, &[]), None)
             });
         }
+        // What is in the workdir is checked before anything is made there (QA: a refusal
+        // for work/ left a new unionfs/ behind, one for a planted inomap link a new work/).
+        for hard in [false, true] {
+            let what = if hard { "a hard link" } else { "a symlink" };
+            refused(
+                &format!("workdir/unionfs/inomap is {what}, no work/ yet"),
+                |d| {
+                    let (victim, at) = (d.root.join("victim"), d.work.join("unionfs/inomap"));
+                    fs::write(&victim, "untouched").unwrap();
+                    fs::create_dir(d.work.join("unionfs")).unwrap();
+                    if hard {
+                        fs::hard_link(&victim, &at).unwrap();
+                    } else {
+                        std::os::unix::fs::symlink(&victim, &at).unwrap();
+                    }
+                    (with_args(d, &[]), None)
+                },
+            );
+        }
+        refused("workdir/work is a file", |d| {
+            fs::write(d.work.join("work"), "a file").unwrap();
+            (with_args(d, &[]), None)
+        });
+        refused("workdir/work is a symlink", |d| {
+            fs::create_dir(d.root.join("victim-dir")).unwrap();
+            std::os::unix::fs::symlink(d.root.join("victim-dir"), d.work.join("work")).unwrap();
+            (with_args(d, &[]), None)
+        });
+        // Anyone else who may write in work/ can swap the daemon's whiteout or a copy-up's
+        // scratch file for a link to a file of theirs, which the daemon then renames into upper
+        // (a QA run got a file of `nobody`'s, still theirs to edit, in root's merged view).
+        refused("workdir/work writable by others", |d| {
+            fs::create_dir(d.work.join("work")).unwrap();
+            fs::set_permissions(d.work.join("work"), fs::Permissions::from_mode(0o777)).unwrap();
+            (with_args(d, &[]), None)
+        });
+        refused("workdir/work owned by another user", |d| {
+            fs::create_dir(d.work.join("work")).unwrap();
+            fs::set_permissions(d.work.join("work"), fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(d.work.join("work"), Some(65534), Some(65534)).unwrap();
+            (with_args(d, &[]), None)
+        });
         refused("workdir/work/incompat present", |d| {
             fs::create_dir_all(d.work.join("work/incompat")).unwrap();
             fs::write(d.work.join("work/incompat/x"), "").unwrap();

@@ -56,6 +56,37 @@ pub fn open_book_dir(
         e => err(e, "open"),
     })?;
     let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| err(e, "stat"))?;
+    check_ours(&st, shown)?;
+    Ok(Arc::new(fd))
+}
+
+/// What [`open_book_dir`] checks, without opening or making anything: `name` in `dir`, if it
+/// is there, is a directory (not a link) of ours that only we may write to. Run before the
+/// mount makes anything in the workdir, so that a mount refused for what is there leaves the
+/// workdir as it found it.
+pub fn check_book_dir(dir: BorrowedFd<'_>, name: &str, shown: &Path) -> std::io::Result<()> {
+    let st = match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => {
+            return Err(std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!("{}: stat: {e}", shown.display()),
+            ));
+        }
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a directory (a symlink?)", shown.display()),
+        ));
+    }
+    check_ours(&st, shown)
+}
+
+/// A directory the daemon writes in must be its user's and writable by it alone: whoever else
+/// may write there can swap what the daemon made for links to files of their choice.
+fn check_ours(st: &nix::sys::stat::FileStat, shown: &Path) -> std::io::Result<()> {
     let me = nix::unistd::geteuid().as_raw();
     if st.st_uid != me || st.st_mode & 0o022 != 0 {
         return Err(std::io::Error::new(
@@ -69,7 +100,7 @@ pub fn open_book_dir(
             ),
         ));
     }
-    Ok(Arc::new(fd))
+    Ok(())
 }
 
 /// A file of the bookkeeping dir, reached through the dir's fd by its single name, never

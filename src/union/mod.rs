@@ -581,6 +581,14 @@ impl Union {
                     Ok(()) | Err(Errno::EEXIST) => Ok(()),
                     Err(e) => Err(layer::io_err(e, format!("create {}/{sub}", wd.display()))),
                 };
+                // Both directories the daemon writes in are checked before anything is made
+                // (a mount refused for what is there leaves the workdir as it was): ours,
+                // writable by us alone, never a link (anyone else who could write in work/
+                // could swap the whiteout or a copy-up's scratch file for a link to a file of
+                // theirs, which the daemon then renames into upper).
+                for sub in ["unionfs", "work"] {
+                    crate::quota::store::check_book_dir(workdir.root(), sub, &wd.join(sub))?;
+                }
                 // Our bookkeeping first (a planted link there refuses the mount before
                 // anything is created): reached through the dir's fd, never through a link.
                 mkdir("unionfs")?;
@@ -590,10 +598,10 @@ impl Union {
                 let state = |name: &'static str| {
                     crate::quota::store::StateFile::new(book.clone(), name, book_path.join(name))
                 };
+                let inomap = inode::InoMap::open(&state("inomap"))?;
                 mkdir("work")?;
-                let work = workdir
-                    .open_dir(&[OsString::from("work")])
-                    .map_err(|e| layer::io_err(e, "open workdir/work"))?;
+                let work =
+                    crate::quota::store::open_book_dir(workdir.root(), "work", &wd.join("work"))?;
                 // Scratch left by an earlier daemon that did not stop cleanly (a copy-up
                 // whose commit was pending, a half-built object): nothing there is in the
                 // union's view, and kernel overlayfs empties work/ at mount too.
@@ -604,7 +612,6 @@ impl Union {
                         wd.display()
                     );
                 }
-                let inomap = inode::InoMap::open(&state("inomap"))?;
                 if let Some(up) = &upper {
                     quota = charge::open_quota(
                         opts.quota.as_ref(),
@@ -614,7 +621,7 @@ impl Union {
                         progress,
                     )?;
                 }
-                (Some(Arc::new(work)), inomap)
+                (Some(work), inomap)
             }
             (Some(_), None) => {
                 return Err(std::io::Error::new(
