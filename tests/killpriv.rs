@@ -173,3 +173,116 @@ fn chown_minus_one_while_the_file_is_open_for_writing() {
         );
     });
 }
+
+/// Run `script` (sh) as root of a user namespace made below ours that maps ids 0–65535 to
+/// themselves (as podman's `--userns=keep-id` containers are made under a rootless mount
+/// program): it holds every capability there, over files whose ids are mapped, but none in
+/// ours. Returns its stdout.
+fn as_root_of_a_child_userns(script: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // The shell waits for its maps before it execs the script: a program exec'd before has
+    // no capabilities (its uid was unmapped then).
+    let mut child = Command::new("unshare")
+        .args(["-U", "sh", "-c", "read x; exec sh -c \"$0\"", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("unshare -U");
+    let pid = child.id();
+    // Mapped once it is in its namespace (not before unshare(2) ran).
+    let ours = fs::read_link("/proc/self/ns/user").unwrap();
+    let t = std::time::Instant::now();
+    while fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|n| n == ours) {
+        assert!(t.elapsed().as_secs() < 10, "unshare -U did not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for map in ["uid_map", "gid_map"] {
+        fs::write(format!("/proc/{pid}/{map}"), "0 0 65536\n").expect(map);
+    }
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"go\n")
+        .expect("start the script");
+    let out: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(child.wait().expect("wait").success(), "{out:?}");
+    out.join("\n")
+}
+
+/// Root of a user namespace below ours (podman `--userns=keep-id --user 0`) writing set-id
+/// files of another user, whose ids its namespace maps: the write goes through and clears the
+/// bits, a `chown(f, -1, -1)` too, as on kernel overlayfs. (QA: the daemon counted
+/// capabilities only in its own namespace, took the write's request to clear the bits for a
+/// chown by someone without CAP_FOWNER, and failed the write.)
+#[test]
+fn root_of_a_child_user_namespace_writes_set_id_files_of_others() {
+    with_timeout(TIMEOUT, || {
+        // (The mode after the owner: a chown clears set-id bits, root's too.)
+        let lower = vec![
+            file_mode("suid", "0123456789", 0o644),
+            chown("suid", 5000, 5000),
+            chmod_entry("suid", 0o4755),
+            file_mode("sgid", "0123456789", 0o644),
+            chown("sgid", 5000, 5000),
+            chmod_entry("sgid", 0o2755),
+            file_mode("both", "0123456789", 0o644),
+            chown("both", 5000, 5000),
+            chmod_entry("both", 0o6755),
+        ];
+        let mut seen = Vec::new();
+        for kernel in [true, false] {
+            let d = Dirs::new(std::slice::from_ref(&lower), &[]);
+            let (merged, unmount): (std::path::PathBuf, Box<dyn FnOnce()>) = if kernel {
+                let k = OverlayMount::start(&d, &MountOpts::default())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (
+                    k.merged.clone(),
+                    Box::new(move || k.unmount().expect("umount")),
+                )
+            } else {
+                let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+                (
+                    m.merged.clone(),
+                    Box::new(move || m.unmount().expect("umount")),
+                )
+            };
+            let m = merged.display();
+            let out = as_root_of_a_child_userns(&format!(
+                "cd '{m}' || exit 9; \
+                 echo x >> suid; echo \"suid $?\"; \
+                 echo y >> sgid; echo \"sgid $?\"; \
+                 chown -h -- -1:-1 both 2>/dev/null || chown :5000 both; echo \"chown $?\""
+            ));
+            let meta = |n: &str| {
+                let md = fs::metadata(merged.join(n)).unwrap();
+                use std::os::unix::fs::MetadataExt;
+                (
+                    md.permissions().mode() & 0o7777,
+                    md.uid(),
+                    md.gid(),
+                    md.len(),
+                )
+            };
+            seen.push((out, meta("suid"), meta("sgid"), meta("both")));
+            unmount();
+        }
+        assert_eq!(
+            seen[0].0, "suid 0\nsgid 0\nchown 0",
+            "kernel overlayfs: {seen:?}"
+        );
+        assert_eq!(
+            (seen[0].1.0, seen[0].2.0, seen[0].3.0),
+            (0o755, 0o755, 0o755),
+            "kernel overlayfs: the bits cleared: {seen:?}"
+        );
+        assert_eq!(
+            seen[1], seen[0],
+            "unionfs-rs (right) against kernel overlayfs (left)"
+        );
+    });
+}

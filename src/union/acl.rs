@@ -174,7 +174,7 @@ impl Union {
     /// CVE-2016-7097; FUSE reports it only with FUSE_SETXATTR_EXT, which fuser cannot parse).
     pub(crate) fn kill_sgid_for_acl(&self, ino: u64, who: Caller) -> super::Result<()> {
         let a = self.getattr(ino, None)?;
-        if a.mode & libc::S_ISGID == 0 || in_group_or_capable(who, a.gid) {
+        if a.mode & libc::S_ISGID == 0 || in_group_or_capable(who, a.uid, a.gid) {
             return Ok(());
         }
         let clear = SetAttr {
@@ -277,26 +277,53 @@ impl CallerStatus {
     fn has(&self, cap: u32) -> bool {
         self.cap_eff & (1 << cap) != 0
     }
+
+    /// Does `who` hold `cap` over a file owned by `uid`:`gid` (ids of the daemon's user
+    /// namespace)? As the kernel's `capable_wrt_inode_uidgid`: the capability in the caller's
+    /// own user namespace, and both ids mapped there. So root of the daemon's namespace, and
+    /// root of a namespace made below it that maps the file's ids (podman's
+    /// `--userns=keep-id` containers under a rootless mount program); not root of a
+    /// namespace of the caller's own that maps only itself (`unshare -Ur`).
+    fn capable_over(&self, who: Caller, cap: u32, uid: u32, gid: u32) -> bool {
+        self.has(cap) && (self.same_userns || ids_mapped(who.pid, uid, gid))
+    }
 }
 
-/// Is `who` in group `gid` (its fsgid or a supplementary group) or holding CAP_FSETID in the
-/// daemon's user namespace? Read from /proc/PID (the caller's thread); unreadable: only the
-/// fsgid counts. Capabilities held in a user namespace of the caller's own (`unshare -Ur`) do
-/// not count: the file's ids are not mapped there.
-pub(crate) fn in_group_or_capable(who: Caller, gid: u32) -> bool {
+/// Are `uid` and `gid` (ids of the daemon's user namespace) mapped in the user namespace of
+/// thread `pid`? Its `uid_map` and `gid_map`, read from another namespace, give the outside
+/// ids in the reader's terms (user_namespaces(7)); unreadable: no.
+fn ids_mapped(pid: u32, uid: u32, gid: u32) -> bool {
+    let mapped = |file: &str, id: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}")).is_ok_and(|m| {
+            m.lines().any(|l| {
+                let v: Vec<u64> = l
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                v.len() == 3 && u64::from(id) >= v[1] && u64::from(id) < v[1] + v[2]
+            })
+        })
+    };
+    mapped("uid_map", uid) && mapped("gid_map", gid)
+}
+
+/// Is `who` in the group of a file owned by `uid`:`gid` (its fsgid or a supplementary group)
+/// or holding CAP_FSETID over it ([`CallerStatus::capable_over`])? Read from /proc/PID (the
+/// caller's thread); unreadable: only the fsgid counts.
+pub(crate) fn in_group_or_capable(who: Caller, uid: u32, gid: u32) -> bool {
     who.gid == gid
         || caller_status(who)
-            .is_some_and(|s| s.groups.contains(&gid) || (s.same_userns && s.has(CAP_FSETID)))
+            .is_some_and(|s| s.groups.contains(&gid) || s.capable_over(who, CAP_FSETID, uid, gid))
 }
 
-/// Whether `who` may change the mode of a file owned by `uid`: its owner, or holding
-/// CAP_FOWNER in the daemon's user namespace (unreadable: the owner only).
-pub(crate) fn owner_or_capable(who: Caller, uid: u32) -> bool {
-    who.uid == uid || caller_status(who).is_some_and(|s| s.same_userns && s.has(CAP_FOWNER))
+/// Whether `who` may change the mode of a file owned by `uid`:`gid`: its owner, or holding
+/// CAP_FOWNER over it (unreadable: the owner only).
+pub(crate) fn owner_or_capable(who: Caller, uid: u32, gid: u32) -> bool {
+    who.uid == uid || caller_status(who).is_some_and(|s| s.capable_over(who, CAP_FOWNER, uid, gid))
 }
 
 /// Whether the mode bits (`mode`, owner `uid`, group `gid`) let `who` write, or it holds
-/// CAP_DAC_OVERRIDE in the daemon's user namespace. (ACLs are the caller's to consult.)
+/// CAP_DAC_OVERRIDE over the file. (ACLs are the caller's to consult.)
 pub(crate) fn mode_lets_write(who: Caller, mode: u32, uid: u32, gid: u32) -> bool {
     let status = std::cell::OnceCell::new();
     let status = || status.get_or_init(|| caller_status(who));
@@ -310,7 +337,7 @@ pub(crate) fn mode_lets_write(who: Caller, mode: u32, uid: u32, gid: u32) -> boo
     mode & bit != 0
         || status()
             .as_ref()
-            .is_some_and(|s| s.same_userns && s.has(CAP_DAC_OVERRIDE))
+            .is_some_and(|s| s.capable_over(who, CAP_DAC_OVERRIDE, uid, gid))
 }
 
 /// Whether `who` lacks CAP_FSETID in the initial user namespace, which is what the kernel's
@@ -363,11 +390,11 @@ mod tests {
             .is_none()
         );
         assert!(lacks_fsetid(other));
-        assert!(!owner_or_capable(other, me.uid.wrapping_add(2)));
+        assert!(!owner_or_capable(other, me.uid.wrapping_add(2), 0));
         if me.uid == 0 && st.init_userns && st.has(CAP_FSETID) {
             // Root in the initial namespace (the test machines): capable, as the kernel says.
             assert!(!lacks_fsetid(me));
-            assert!(owner_or_capable(me, 12345));
+            assert!(owner_or_capable(me, 12345, 12345));
             assert!(mode_lets_write(me, 0o100000, 12345, 12345));
         }
         // Gone or never there: unknown.

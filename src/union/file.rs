@@ -227,7 +227,8 @@ fn set_id_bits(attr: &Attr, caller: super::Caller) -> u32 {
         return 0;
     }
     let sgid = attr.mode & libc::S_ISGID != 0
-        && (attr.mode & libc::S_IXGRP != 0 || !super::acl::in_group_or_capable(caller, attr.gid));
+        && (attr.mode & libc::S_IXGRP != 0
+            || !super::acl::in_group_or_capable(caller, attr.uid, attr.gid));
     (attr.mode & libc::S_ISUID) | if sgid { libc::S_ISGID } else { 0 }
 }
 
@@ -1598,7 +1599,7 @@ impl Union {
                             || has_xattr(super::acl::ACCESS));
                     if writing {
                         if lacks { bits } else { 0 }
-                    } else if super::acl::owner_or_capable(caller, now.uid) {
+                    } else if super::acl::owner_or_capable(caller, now.uid, now.gid) {
                         bits
                     } else {
                         return Err(Error::new(Errno::EPERM, "chown: not the owner"));
