@@ -588,3 +588,71 @@ fn concurrent_listings_of_a_changing_directory_are_whole_on_kernel_overlayfs() {
         m.unmount().expect("unmount");
     })
 }
+
+/// (name, d_ino, st_ino) of every entry of `dir` whose listed inode number is not the one a
+/// stat of its name gives.
+fn dino_mismatches(dir: &Path) -> Vec<(String, u64, u64)> {
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let st = fs::symlink_metadata(e.path()).unwrap().ino();
+        if e.ino() != st {
+            out.push((e.file_name().to_string_lossy().into_owned(), e.ino(), st));
+        }
+    }
+    out
+}
+
+/// A listing gives each entry the inode number a stat of it gives, as kernel overlayfs
+/// does: a copied-up file keeps its origin's number in both (QA: listings gave the upper
+/// copy's own number, so `find -inum` missed copied-up files), before and after a remount;
+/// with READDIRPLUS off (every batch names only) and on.
+#[test]
+fn listed_inode_numbers_are_the_stat_ones() {
+    with_timeout(TIMEOUT * 2, || {
+        let mut lower = vec![dir("d"), dir("d/sub"), dir("e")];
+        for i in 0..300 {
+            lower.push(file(&format!("d/f{i:03}"), "x"));
+        }
+        let dirs = Dirs::new(&[lower], &[]);
+        for mode in ["off", "on"] {
+            let args = {
+                let mut a = Mount::command_args(&dirs, &MountOpts::default());
+                a.extend(["-o".to_string(), format!("readdirplus={mode}")]);
+                a
+            };
+            let m = Mount::start_args(&dirs, &args).unwrap_or_else(|e| panic!("{e}"));
+            // Copies up: files by a chmod, `d/sub` by a file made in it.
+            for i in (0..300).step_by(2) {
+                fs::set_permissions(
+                    m.path(&format!("d/f{i:03}")),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+            }
+            fs::write(m.path("d/sub/new"), "n").unwrap();
+            fs::write(m.path("e/new"), "n").unwrap();
+            for d in ["d", "d/sub", "e", ""] {
+                let bad = dino_mismatches(&m.path(d));
+                assert!(
+                    bad.is_empty(),
+                    "{mode}: {d}: {} of them: {bad:?}",
+                    bad.len()
+                );
+            }
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+            // A fresh mount lists before anything is looked up.
+            let m = Mount::start_args(&dirs, &args).unwrap_or_else(|e| panic!("{e}"));
+            for d in ["d", "d/sub", "e", ""] {
+                let bad = dino_mismatches(&m.path(d));
+                assert!(
+                    bad.is_empty(),
+                    "{mode}, remounted: {d}: {} of them: {bad:?}",
+                    bad.len()
+                );
+            }
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}

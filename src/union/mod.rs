@@ -1201,7 +1201,12 @@ impl Union {
 
     /// The merged-view inode number for a real object.
     pub(crate) fn ino_for(&self, r: LayerRef, fs: &FileStat) -> u64 {
-        let real = fs.st_ino;
+        self.ino_for_real(r, fs.st_ino)
+    }
+
+    /// [`Union::ino_for`] of the object with inode number `real` in layer `r` (a listing's
+    /// d_ino, which must be the st_ino a stat of the name gives).
+    pub(crate) fn ino_for_real(&self, r: LayerRef, real: u64) -> u64 {
         let base = match r {
             LayerRef::Upper => self.inomap.get(real).unwrap_or(real),
             LayerRef::Lower(_) => real,

@@ -21,7 +21,7 @@ pub struct DirEntry {
     pub name: OsString,
     /// File type bits (S_IFMT), 0 if unknown.
     pub kind: u32,
-    /// Inode number as seen in the layer (merged-view number where cheaply known).
+    /// Inode number in the merged view (st_ino), but for a lower file with several names.
     pub ino: u64,
     /// The topmost layer holding it when listed (none for `.` and `..`): no layer above it
     /// has the name or a whiteout of it.
@@ -239,7 +239,11 @@ impl Union {
                 out.push(DirEntry {
                     name: name.to_os_string(),
                     kind,
-                    ino: e.ino(),
+                    // The number a stat of the name gives (a copy-up keeps its origin's; a
+                    // layer on another filesystem is tagged), as kernel overlayfs lists it.
+                    // (Not for a lower file with more than one name, whose st_ino is one per
+                    // name: that needs the stat a listing does not make.)
+                    ino: self.ino_for_real(r, e.ino()),
                     layer: Some(r),
                 });
             }
