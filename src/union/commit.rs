@@ -537,6 +537,8 @@ impl Union {
             let mut s = node.st.lock();
             if revert && !s.unlinked {
                 s.upper = false;
+                node.upper_obj
+                    .store(0, std::sync::atomic::Ordering::Release);
             }
         }
         // An open handle on the copy releases its charge at its last close; else release now.

@@ -195,6 +195,8 @@ impl Union {
             st.upper = true;
             st.data = None;
         }
+        node.upper_obj
+            .store(new.st_ino, std::sync::atomic::Ordering::Release);
         Ok(staged)
     }
 

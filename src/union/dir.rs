@@ -286,6 +286,7 @@ impl Union {
             c.drop_file(ino);
         }
         let node = self.insert_fresh(ino, fs.st_mode & libc::S_IFMT, st);
+        node.upper_obj.store(fs.st_ino, Ordering::Release);
         let nst = node.state();
         Ok((self.attr_for(&node, &nst, &fs), fd))
     }

@@ -648,8 +648,7 @@ impl Union {
         // (No name left: removed since the open, by a removal not yet marked in the node —
         // it marks it once it has let go of the node's allocation lock. A handle registered
         // on it now would be charged for a file its removal has freed.)
-        if st.unlinked || fs.st_nlink == 0 || self.node_ino(r, &fs, st.parent, &st.name) != node.ino
-        {
+        if st.unlinked || fs.st_nlink == 0 || !self.is_nodes_object(node, r, &fs, &st) {
             return Err(Error::new(
                 Errno::ESTALE,
                 "open: another file has its name now",

@@ -137,6 +137,11 @@ pub struct Node {
     pub generation: AtomicU64,
     /// Kernel lookup count.
     pub nlookup: AtomicU64,
+    /// The inode number in upper of the node's object once it is there (0: not known to be in
+    /// upper). Two upper objects must never share a node: a stale entry of the inode map (its
+    /// origin removed offline, its number since given to a new upper file; or a damaged map)
+    /// would otherwise send one file's reads and writes to the other (`Union::node_for`).
+    pub upper_obj: AtomicU64,
     /// The object was removed (not just one of its names): its inode number may come back
     /// as another object's, which then needs a new generation.
     pub gone: std::sync::atomic::AtomicBool,
@@ -290,6 +295,7 @@ impl Node {
             kind,
             generation: AtomicU64::new(0),
             nlookup: AtomicU64::new(0),
+            upper_obj: AtomicU64::new(0),
             gone: std::sync::atomic::AtomicBool::new(false),
             pin: Mutex::new(None),
             st: Mutex::new(st),

@@ -1157,7 +1157,7 @@ impl Union {
             && ino != inode::ROOT_INO
             && top == LayerRef::Upper
             && (fs.st_mode & libc::S_IFMT != node.kind
-                || self.node_ino(top, &fs, st.parent, &st.name) != node.ino)
+                || !self.is_nodes_object(&node, top, &fs, &st))
         {
             return Err(Error::new(
                 Errno::EAGAIN,
@@ -1165,6 +1165,21 @@ impl Union {
             ));
         }
         Ok(self.attr_for(&node, &st, &fs))
+    }
+
+    /// Is `fs`, found in layer `r` under the name of `node` (state `st`), the node's object?
+    /// Its number is the node's, or it is the node's upper object itself (a node given a number
+    /// of its own because the inode map's gave another's: `Union::node_for`).
+    pub(crate) fn is_nodes_object(
+        &self,
+        node: &Node,
+        r: LayerRef,
+        fs: &FileStat,
+        st: &NodeState,
+    ) -> bool {
+        self.node_ino(r, fs, st.parent, &st.name) == node.ino
+            || (r == LayerRef::Upper
+                && node.upper_obj.load(std::sync::atomic::Ordering::Acquire) == fs.st_ino)
     }
 
     /// Merged-view attributes from the top object's stat.

@@ -730,7 +730,21 @@ impl Union {
             },
             false => f,
         };
-        let ino = self.node_ino(f.top, &f.stat, parent, name);
+        let mut ino = self.node_ino(f.top, &f.stat, parent, name);
+        if self.taken_by_another(ino, f, parent, name) {
+            // Two objects under one number (a stale or damaged inode map): this one gets a
+            // number of its own (per name, as a lower file with several names), so that
+            // neither is served as the other.
+            let alt = per_name_ino(parent, name, f.stat.st_ino);
+            log::warn!(
+                "inode number {ino} is another object's (the inode map's entry for an upper \
+                 object is stale: its origin removed from a lower layer and the number reused, \
+                 or the map damaged): {name:?} ({:?} inode {}) is given {alt}",
+                f.top,
+                f.stat.st_ino
+            );
+            ino = alt;
+        }
         let fresh = NodeState {
             parent,
             name: name.to_os_string(),
@@ -751,6 +765,15 @@ impl Union {
         let (node, created) = self
             .nodes
             .insert_or_get(Node::new(ino, kind, fresh.clone()), refs);
+        if f.top == LayerRef::Upper {
+            // (Set once: a node keeps its upper object until removed.)
+            let _ = node.upper_obj.compare_exchange(
+                0,
+                f.stat.st_ino,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            );
+        }
         if !created && node.st.lock().unlinked && !self.names_it_now(parent, name, &node) {
             // Found just before its removal (the stat raced an unlink or a rename over it):
             // the removed object, as the kernel may still hold it, under the same generation
@@ -772,6 +795,10 @@ impl Union {
                 }
                 *st = fresh.clone();
                 drop(st);
+                node.upper_obj.store(
+                    if fresh.upper { f.stat.st_ino } else { 0 },
+                    std::sync::atomic::Ordering::Release,
+                );
                 self.unpin(&node);
                 node.reset_dirfds();
                 node.invalidate_xattrs();
@@ -829,6 +856,36 @@ impl Union {
         }
         let attr = self.attr_for(&node, &node.st.lock(), &f.stat);
         (node, attr)
+    }
+
+    /// Is node id `ino` already another live object's than the one found at (`parent`,
+    /// `name`)? Only through an inode map entry that is stale or damaged: an upper object
+    /// mapped to a number that another upper object (a different inode) holds, or that an
+    /// object known only below holds under other names; or a lower object whose number an
+    /// upper object under other names holds. (The kernel holds the directories' locks over
+    /// lookups, renames and removals, so a lookup never meets a rename of what it found.)
+    fn taken_by_another(&self, ino: u64, f: &Found, parent: u64, name: &OsStr) -> bool {
+        let Some(n) = self.nodes.get(ino) else {
+            return false;
+        };
+        if n.kind != f.stat.st_mode & libc::S_IFMT {
+            return false; // (a node of its own anyway: `NodeTable::insert_or_get`)
+        }
+        let st = n.st.lock();
+        if st.unlinked {
+            return false; // (its number reused: `node_for`)
+        }
+        let other_name = || {
+            !(st.parent == parent && st.name.as_os_str() == name)
+                && !st.aliases.contains(&(parent, name.to_os_string()))
+        };
+        let x = n.upper_obj.load(std::sync::atomic::Ordering::Acquire);
+        match (f.top == LayerRef::Upper, x) {
+            (true, 0) => !st.upper && other_name(),
+            (true, x) => x != f.stat.st_ino,
+            (false, 0) => false,
+            (false, _) => other_name(),
+        }
     }
 
     /// `name` in `parent` looked up again, until no directory is made upper-only meanwhile;
