@@ -656,3 +656,42 @@ fn listed_inode_numbers_are_the_stat_ones() {
         }
     });
 }
+
+/// A directory of one lower layer shows that layer's link count; once something in it is
+/// copied up it is merged and shows 1 at once, as on kernel overlayfs (QA: the kernel kept
+/// the count it had cached until its attribute timeout ran out).
+#[test]
+fn a_directory_merged_by_a_copy_up_shows_one_link_at_once() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    with_timeout(TIMEOUT, || {
+        let lower = vec![dir("d"), dir("d/s1"), dir("d/s2"), file("d/x", "x")];
+        let mut seen = Vec::new();
+        for kernel in [true, false] {
+            let d = Dirs::new(std::slice::from_ref(&lower), &[]);
+            let (merged, unmount): (std::path::PathBuf, Box<dyn FnOnce()>) = if kernel {
+                let k = OverlayMount::start(&d, &MountOpts::default())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (
+                    k.merged.clone(),
+                    Box::new(move || k.unmount().expect("umount")),
+                )
+            } else {
+                let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+                (
+                    m.merged.clone(),
+                    Box::new(move || m.unmount().expect("umount")),
+                )
+            };
+            let links = |p: &str| fs::metadata(merged.join(p)).unwrap().nlink();
+            let before = links("d");
+            fs::set_permissions(merged.join("d/x"), fs::Permissions::from_mode(0o600)).unwrap();
+            seen.push((before, links("d")));
+            unmount();
+        }
+        assert_eq!(seen[0], (4, 1), "kernel overlayfs");
+        assert_eq!(
+            seen[1], seen[0],
+            "unionfs-rs (left) against kernel overlayfs (right)"
+        );
+    });
+}

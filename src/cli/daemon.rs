@@ -283,6 +283,8 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
                 notifier.inval_entry(fuser::INodeNo(*parent), name)
             }
             crate::union::Forget::Inode(ino) => notifier.inval_inode(fuser::INodeNo(*ino), 0, 0),
+            // (A negative offset: the attributes alone, as fuse_reverse_inval_inode reads it.)
+            crate::union::Forget::Attr(ino) => notifier.inval_inode(fuser::INodeNo(*ino), -1, 0),
         },
     ));
     let mut unmounter = session.unmount_callable();

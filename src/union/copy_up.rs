@@ -197,6 +197,12 @@ impl Union {
         }
         node.upper_obj
             .store(new.st_ino, std::sync::atomic::Ordering::Release);
+        // A directory of a lower layer is merged once it is in upper too: its link count is 1
+        // from now on (`attr_for`), as the kernel shows it at once; the kernel's copy of its
+        // attributes, with the layer's count, goes.
+        if node.is_dir() && src_layer != LayerRef::Upper && fs.st_nlink != 1 {
+            self.kernel_forget_now(&super::Forget::Attr(node.ino));
+        }
         Ok(staged)
     }
 

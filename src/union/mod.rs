@@ -276,7 +276,10 @@ impl Union {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Forget {
     Entry(u64, OsString),
+    /// An inode's attributes and cached pages (a directory's listing).
     Inode(u64),
+    /// An inode's attributes only.
+    Attr(u64),
 }
 
 /// Sends [`Forget`]s to the kernel (the FUSE adapter's notifier).
