@@ -169,7 +169,7 @@ fn chown_minus_one_while_the_file_is_open_for_writing() {
         );
         assert_eq!(
             seen[1], seen[0],
-            "unionfs-rs (right) against kernel overlayfs (left)"
+            "unionfs-rs (left) against kernel overlayfs (right)"
         );
     });
 }
@@ -282,7 +282,7 @@ fn root_of_a_child_user_namespace_writes_set_id_files_of_others() {
         );
         assert_eq!(
             seen[1], seen[0],
-            "unionfs-rs (right) against kernel overlayfs (left)"
+            "unionfs-rs (left) against kernel overlayfs (right)"
         );
     });
 }
