@@ -588,35 +588,45 @@ fn held_removed_files_take_writes_through_every_cache() {
 /// from a lower layer offline and the number since given to a new upper file, or the map
 /// damaged. Two objects then claim one number; neither may be served as the other (QA: `cat`
 /// of the new file printed the copied-up one's data, and a write to it went into the other
-/// file). Both lookup orders; each object keeps its own data, writes go to the right file.
+/// file). Both lookup orders; each file keeps its own data and number, writes go to the right
+/// file; a hard link of the one given a number of its own shares it.
 #[test]
 fn a_stale_inode_map_entry_does_not_merge_two_files() {
-    use std::os::unix::fs::MetadataExt;
     with_timeout(60, || {
-        for upper_first in [false, true] {
-            let dirs = Dirs::new(&[vec![file("a", "lower a")]], &[file("b", "upper b")]);
-            let a = fs::metadata(dirs.lowers[0].join("a")).unwrap().ino();
+        for b_first in [false, true] {
+            let dirs = Dirs::new(&[vec![]], &[file("b", "upper b"), file("c", "upper c")]);
             let b = fs::metadata(dirs.upper.join("b")).unwrap().ino();
-            // The map says upper `b` is a copy of lower `a`.
+            let c = fs::metadata(dirs.upper.join("c")).unwrap().ino();
+            // The map says upper `b` is a copy of something numbered as upper `c` is.
             fs::create_dir_all(dirs.work.join("unionfs")).unwrap();
             let mut rec = b.to_le_bytes().to_vec();
-            rec.extend_from_slice(&a.to_le_bytes());
+            rec.extend_from_slice(&c.to_le_bytes());
             fs::write(dirs.work.join("unionfs/inomap"), rec).unwrap();
             let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
-            let order = if upper_first { ["b", "a"] } else { ["a", "b"] };
+            let order = if b_first { ["b", "c"] } else { ["c", "b"] };
             let inos: Vec<u64> = order
                 .iter()
                 .map(|n| fs::symlink_metadata(m.path(n)).unwrap().ino())
                 .collect();
-            assert_ne!(inos[0], inos[1], "upper first {upper_first}: one st_ino");
-            assert_eq!(fs::read_to_string(m.path("a")).unwrap(), "lower a");
+            assert_ne!(inos[0], inos[1], "b first {b_first}: one st_ino");
             assert_eq!(fs::read_to_string(m.path("b")).unwrap(), "upper b");
+            assert_eq!(fs::read_to_string(m.path("c")).unwrap(), "upper c");
             fs::write(m.path("b"), "b again").unwrap();
-            assert_eq!(fs::read_to_string(m.path("a")).unwrap(), "lower a");
-            assert_eq!(fs::read_to_string(m.path("b")).unwrap(), "b again");
+            fs::write(m.path("c"), "c again").unwrap();
+            fs::hard_link(m.path("b"), m.path("b2")).unwrap();
+            fs::hard_link(m.path("c"), m.path("c2")).unwrap();
+            for (x, y) in [("b", "b2"), ("c", "c2")] {
+                let (x, y) = (
+                    fs::symlink_metadata(m.path(x)).unwrap(),
+                    fs::symlink_metadata(m.path(y)).unwrap(),
+                );
+                assert_eq!((x.ino(), x.nlink()), (y.ino(), 2), "b first {b_first}");
+            }
+            assert_eq!(fs::read_to_string(m.path("b2")).unwrap(), "b again");
+            assert_eq!(fs::read_to_string(m.path("c2")).unwrap(), "c again");
             m.unmount().unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(fs::read_to_string(dirs.upper.join("b")).unwrap(), "b again");
-            assert!(!dirs.upper.join("a").exists(), "a copied up");
+            assert_eq!(fs::read_to_string(dirs.upper.join("c")).unwrap(), "c again");
         }
     });
 }

@@ -280,7 +280,16 @@ impl Union {
             impure: 0,
             unlinked: false,
         };
-        let ino = self.ino_for(LayerRef::Upper, &fs);
+        let mut ino = self.ino_for(LayerRef::Upper, &fs);
+        if let Some(n) = self.nodes.get(ino)
+            && !n.st.lock().unlinked
+            && !matches!(n.upper_obj.load(Ordering::Acquire), x if x == 0 || x == fs.st_ino)
+        {
+            // A live node of another upper object under the number (a stale inode map entry:
+            // its origin's number given to this new file): not taken over. (The same number
+            // is a removed object's whose removal is not marked yet: `insert_fresh` renews it.)
+            ino = self.own_number(ino, fs.st_ino, name);
+        }
         if let Some(c) = &self.cache {
             // A reused inode number must not see the pages of the file it named before.
             c.drop_file(ino);

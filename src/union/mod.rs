@@ -1180,8 +1180,10 @@ impl Union {
         fs: &FileStat,
         st: &NodeState,
     ) -> bool {
-        self.node_ino(r, fs, st.parent, &st.name) == node.ino
+        let computed = self.node_ino(r, fs, st.parent, &st.name);
+        computed == node.ino
             || (r == LayerRef::Upper
+                && node.ino == self.own_number_of(fs.st_ino)
                 && node.upper_obj.load(std::sync::atomic::Ordering::Acquire) == fs.st_ino)
     }
 

@@ -731,19 +731,12 @@ impl Union {
             false => f,
         };
         let mut ino = self.node_ino(f.top, &f.stat, parent, name);
-        if self.taken_by_another(ino, f, parent, name) {
-            // Two objects under one number (a stale or damaged inode map): this one gets a
-            // number of its own (per name, as a lower file with several names), so that
-            // neither is served as the other.
-            let alt = per_name_ino(parent, name, f.stat.st_ino);
-            log::warn!(
-                "inode number {ino} is another object's (the inode map's entry for an upper \
-                 object is stale: its origin removed from a lower layer and the number reused, \
-                 or the map damaged): {name:?} ({:?} inode {}) is given {alt}",
-                f.top,
-                f.stat.st_ino
-            );
-            ino = alt;
+        if f.top == LayerRef::Upper
+            && let Some(n) = self.nodes.get(ino)
+            && self.taken_by_another(&n, f, parent, name)
+        {
+            // (Checked before the insert too: one of another type would be replaced.)
+            ino = self.own_number(ino, f.stat.st_ino, name);
         }
         let fresh = NodeState {
             parent,
@@ -762,11 +755,24 @@ impl Union {
             impure: f.impure,
             unlinked: false,
         };
-        let (node, created) = self
-            .nodes
-            .insert_or_get(Node::new(ino, kind, fresh.clone()), refs);
+        let new_node = |ino| {
+            let n = Node::new(ino, kind, fresh.clone());
+            if f.top == LayerRef::Upper {
+                // With the node, before anyone else can find it in the table.
+                n.upper_obj
+                    .store(f.stat.st_ino, std::sync::atomic::Ordering::Release);
+            }
+            n
+        };
+        let (mut node, mut created) = self.nodes.insert_or_get(new_node(ino), refs);
+        if !created && f.top == LayerRef::Upper && self.taken_by_another(&node, f, parent, name) {
+            // Another lookup put the other object there meanwhile: its references back.
+            self.nodes.forget(ino, refs);
+            ino = self.own_number(ino, f.stat.st_ino, name);
+            (node, created) = self.nodes.insert_or_get(new_node(ino), refs);
+        }
         if f.top == LayerRef::Upper {
-            // (Set once: a node keeps its upper object until removed.)
+            // (An existing node learns it: found in upper now.)
             let _ = node.upper_obj.compare_exchange(
                 0,
                 f.stat.st_ino,
@@ -858,34 +864,45 @@ impl Union {
         (node, attr)
     }
 
-    /// Is node id `ino` already another live object's than the one found at (`parent`,
-    /// `name`)? Only through an inode map entry that is stale or damaged: an upper object
-    /// mapped to a number that another upper object (a different inode) holds, or that an
-    /// object known only below holds under other names; or a lower object whose number an
-    /// upper object under other names holds. (The kernel holds the directories' locks over
-    /// lookups, renames and removals, so a lookup never meets a rename of what it found.)
-    fn taken_by_another(&self, ino: u64, f: &Found, parent: u64, name: &OsStr) -> bool {
-        let Some(n) = self.nodes.get(ino) else {
-            return false;
-        };
-        if n.kind != f.stat.st_mode & libc::S_IFMT {
-            return false; // (a node of its own anyway: `NodeTable::insert_or_get`)
-        }
+    /// Is live node `n`, whose id an upper object `f` found at (`parent`, `name`) computes,
+    /// another object's? Only through an inode map entry that is stale or damaged: the number
+    /// is another upper object's (a different inode), or an object's known only below, under
+    /// other names (a copy-up of it would have gone through us and recorded it). A removed
+    /// object's node is not (its number reused: `node_for`).
+    fn taken_by_another(&self, n: &Node, f: &Found, parent: u64, name: &OsStr) -> bool {
         let st = n.st.lock();
         if st.unlinked {
-            return false; // (its number reused: `node_for`)
+            return false;
         }
-        let other_name = || {
-            !(st.parent == parent && st.name.as_os_str() == name)
-                && !st.aliases.contains(&(parent, name.to_os_string()))
-        };
-        let x = n.upper_obj.load(std::sync::atomic::Ordering::Acquire);
-        match (f.top == LayerRef::Upper, x) {
-            (true, 0) => !st.upper && other_name(),
-            (true, x) => x != f.stat.st_ino,
-            (false, 0) => false,
-            (false, _) => other_name(),
+        match n.upper_obj.load(std::sync::atomic::Ordering::Acquire) {
+            0 => {
+                let same_name = (st.parent == parent && st.name.as_os_str() == name)
+                    || st.aliases.contains(&(parent, name.to_os_string()));
+                !st.upper && !same_name
+            }
+            x => x != f.stat.st_ino,
         }
+    }
+
+    /// The number [`Union::own_number`] gives upper inode `real`.
+    pub(crate) fn own_number_of(&self, real: u64) -> u64 {
+        per_name_ino(u64::MAX, OsStr::new(""), real)
+    }
+
+    /// A number of its own for upper object `real` whose number `ino` is another object's
+    /// ([`Union::taken_by_another`]): from its upper inode alone, so that it stays the same
+    /// under every name of it and across renames.
+    pub(crate) fn own_number(&self, ino: u64, real: u64, name: &OsStr) -> u64 {
+        let own = self.own_number_of(real);
+        static WARNED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        if WARNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 20 {
+            log::warn!(
+                "inode number {ino} is another object's (the inode map's entry for an upper \
+                 object is stale: its origin removed from a lower layer and the number reused, \
+                 or the map damaged): {name:?} (upper inode {real}) is given {own}"
+            );
+        }
+        own
     }
 
     /// `name` in `parent` looked up again, until no directory is made upper-only meanwhile;
