@@ -47,8 +47,9 @@ fn initial_userns() -> bool {
 /// Check the directory of the control sockets: a directory (not a link) of ours that no one
 /// else may write to. Whoever could write there could swap a socket for a link to another
 /// file (which the daemon then gives mode 0666), or put a socket of its own in our place and
-/// answer our requests. With `make`, the daemon's: made (0755) if missing, and closed to others
-/// if it is ours but open (older versions made it under the daemon's umask 0: mode 0777).
+/// answer our requests. With `make`: made (0755) if missing, and closed to others if it is ours
+/// but open (older versions made it under the daemon's umask 0: mode 0777); the daemon's, and
+/// a client's where the directory exists.
 fn check_runtime_dir(dir: &Path, make: bool) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -448,8 +449,10 @@ pub fn remove_stale(merged: &Path) {
 
 pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
     let path = socket_path(merged);
+    // (A directory of ours made open by an older version is closed here too: its daemons
+    // still answer.)
     if let Some(dir) = path.parent()
-        && let Err(e) = check_runtime_dir(dir, false)
+        && let Err(e) = check_runtime_dir(dir, dir.exists())
         && e.kind() != std::io::ErrorKind::NotFound
     {
         return Err(format!("{}: {e}", merged.display()));

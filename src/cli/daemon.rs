@@ -457,7 +457,7 @@ pub fn umount(merged: &Path, force: bool) -> Result<(), String> {
     let pid = crate::control::request(&m, "stats")
         .ok()
         .and_then(|r| json_u64(&r, "pid"));
-    let dev = mount_info_at(&m).map(|(d, _, _)| d);
+    let dev = mount_info_at(&m);
     if pid.is_some() && !force {
         store_cached_writes(&m)?;
     }
@@ -627,7 +627,7 @@ fn mount_info_at(m: &Path) -> Option<(String, String, String)> {
 /// runtime's, podman's rootless pause process) holds a copy of the mount that an unmount here
 /// does not remove where mounts do not propagate (a private `/`); the daemon serves every copy
 /// until the last one goes. Namespaces whose processes we may not inspect are not seen.
-fn mounted_elsewhere(dev: &str) -> Vec<String> {
+fn mounted_elsewhere((dev, fstype, source): &(String, String, String)) -> Vec<String> {
     let own = std::fs::read_link("/proc/self/ns/mnt").ok();
     let pids = std::fs::read_dir("/proc")
         .into_iter()
@@ -649,10 +649,14 @@ fn mounted_elsewhere(dev: &str) -> Vec<String> {
         let points: Vec<String> = info
             .lines()
             .filter_map(|l| {
-                let mut f = l.split(' ');
-                let d = f.nth(2)?;
-                let point = f.nth(1)?;
-                (d == dev).then(|| unescape(point))
+                // The device number alone may be a new mount's: the number of one gone is
+                // handed out again at once. Its type and source too.
+                let f: Vec<&str> = l.split(' ').collect();
+                let sep = f.iter().position(|x| *x == "-")?;
+                (f.get(2)? == dev
+                    && f.get(sep + 1)? == fstype
+                    && unescape(f.get(sep + 2)?) == *source)
+                    .then(|| unescape(f.get(4).copied().unwrap_or_default()))
             })
             .collect();
         if points.is_empty() {
