@@ -287,13 +287,18 @@ fn bad_input_is_refused_without_side_effects() {
                 None,
             )
         });
-        for hard in [false, true] {
+        // A workdir used before (its work/ there) or not: what is in the workdir is checked
+        // before anything is made there (QA: a refusal for a planted inomap link left a new
+        // work/ behind, one for work/ a new unionfs/).
+        for (hard, used) in [(false, true), (true, true), (false, false), (true, false)] {
             let what = if hard { "a hard link" } else { "a symlink" };
-            refused(&format!("workdir/unionfs/inomap is {what}"), |d| {
-                // A workdir used before: its bookkeeping dir exists.
+            let when = if used { "" } else { ", no work/ yet" };
+            refused(&format!("workdir/unionfs/inomap is {what}{when}"), |d| {
                 let (victim, at) = (d.root.join("victim"), d.work.join("unionfs/inomap"));
                 fs::write(&victim, "untouched").unwrap();
-                fs::create_dir_all(d.work.join("work")).unwrap();
+                if used {
+                    fs::create_dir_all(d.work.join("work")).unwrap();
+                }
                 fs::create_dir(d.work.join("unionfs")).unwrap();
                 if hard {
                     fs::hard_link(&victim, &at).unwrap();
@@ -302,25 +307,6 @@ fn bad_input_is_refused_without_side_effects() {
                 }
                 (with_args(d, &[]), None)
             });
-        }
-        // What is in the workdir is checked before anything is made there (QA: a refusal
-        // for work/ left a new unionfs/ behind, one for a planted inomap link a new work/).
-        for hard in [false, true] {
-            let what = if hard { "a hard link" } else { "a symlink" };
-            refused(
-                &format!("workdir/unionfs/inomap is {what}, no work/ yet"),
-                |d| {
-                    let (victim, at) = (d.root.join("victim"), d.work.join("unionfs/inomap"));
-                    fs::write(&victim, "untouched").unwrap();
-                    fs::create_dir(d.work.join("unionfs")).unwrap();
-                    if hard {
-                        fs::hard_link(&victim, &at).unwrap();
-                    } else {
-                        std::os::unix::fs::symlink(&victim, &at).unwrap();
-                    }
-                    (with_args(d, &[]), None)
-                },
-            );
         }
         refused("workdir/work is a file", |d| {
             fs::write(d.work.join("work"), "a file").unwrap();

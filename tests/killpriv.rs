@@ -129,20 +129,7 @@ fn chown_minus_one_while_the_file_is_open_for_writing() {
         let mut seen = Vec::new();
         for kernel in [true, false] {
             let d = Dirs::new(std::slice::from_ref(&lower), &[]);
-            let (merged, unmount): (std::path::PathBuf, Box<dyn FnOnce()>) = if kernel {
-                let k = OverlayMount::start(&d, &MountOpts::default())
-                    .unwrap_or_else(|e| panic!("{e}"));
-                (
-                    k.merged.clone(),
-                    Box::new(move || k.unmount().expect("umount")),
-                )
-            } else {
-                let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
-                (
-                    m.merged.clone(),
-                    Box::new(move || m.unmount().expect("umount")),
-                )
-            };
+            let (merged, unmount) = mount_either(&d, kernel);
             let open = |n: &str| {
                 OpenOptions::new()
                     .read(true)
@@ -237,20 +224,7 @@ fn root_of_a_child_user_namespace_writes_set_id_files_of_others() {
         let mut seen = Vec::new();
         for kernel in [true, false] {
             let d = Dirs::new(std::slice::from_ref(&lower), &[]);
-            let (merged, unmount): (std::path::PathBuf, Box<dyn FnOnce()>) = if kernel {
-                let k = OverlayMount::start(&d, &MountOpts::default())
-                    .unwrap_or_else(|e| panic!("{e}"));
-                (
-                    k.merged.clone(),
-                    Box::new(move || k.unmount().expect("umount")),
-                )
-            } else {
-                let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
-                (
-                    m.merged.clone(),
-                    Box::new(move || m.unmount().expect("umount")),
-                )
-            };
+            let (merged, unmount) = mount_either(&d, kernel);
             let m = merged.display();
             let out = as_root_of_a_child_userns(&format!(
                 "cd '{m}' || exit 9; \

@@ -668,20 +668,7 @@ fn a_directory_merged_by_a_copy_up_shows_one_link_at_once() {
         let mut seen = Vec::new();
         for kernel in [true, false] {
             let d = Dirs::new(std::slice::from_ref(&lower), &[]);
-            let (merged, unmount): (std::path::PathBuf, Box<dyn FnOnce()>) = if kernel {
-                let k = OverlayMount::start(&d, &MountOpts::default())
-                    .unwrap_or_else(|e| panic!("{e}"));
-                (
-                    k.merged.clone(),
-                    Box::new(move || k.unmount().expect("umount")),
-                )
-            } else {
-                let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
-                (
-                    m.merged.clone(),
-                    Box::new(move || m.unmount().expect("umount")),
-                )
-            };
+            let (merged, unmount) = mount_either(&d, kernel);
             let links = |p: &str| fs::metadata(merged.join(p)).unwrap().nlink();
             let before = links("d");
             fs::set_permissions(merged.join("d/x"), fs::Permissions::from_mode(0o600)).unwrap();

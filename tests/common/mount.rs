@@ -449,3 +449,22 @@ impl Drop for SharedMap {
         }
     }
 }
+
+/// A mount of `dirs` with default options: kernel overlayfs (the reference) or ours. Returns the
+/// merged dir and what unmounts it (checking that it went, and for ours that the daemon exited).
+/// Dropped without calling that, the guard inside still unmounts.
+pub fn mount_either(dirs: &Dirs, kernel: bool) -> (PathBuf, Box<dyn FnOnce()>) {
+    if kernel {
+        let k = OverlayMount::start(dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        (
+            k.merged.clone(),
+            Box::new(move || k.unmount().expect("umount kernel overlayfs")),
+        )
+    } else {
+        let m = Mount::start(dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        (
+            m.merged.clone(),
+            Box::new(move || m.unmount().expect("umount unionfs-rs")),
+        )
+    }
+}
