@@ -682,3 +682,46 @@ fn a_directory_merged_by_a_copy_up_shows_one_link_at_once() {
         );
     });
 }
+
+/// A listing with attributes (READDIRPLUS: a lookup of each entry) made while a directory of a
+/// lower layer is being copied up, its copy already in upper, gives it the number it had, not
+/// the copy's own: the copy's number is recorded before the copy shows in upper (review: it
+/// was recorded after, and a lookup in between made a second node, and a second kernel inode,
+/// for the directory). The copy-up waits in that window (`copyup_window_ms`).
+#[test]
+fn a_listing_during_a_directory_copy_up_keeps_its_number() {
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    with_timeout(TIMEOUT, || {
+        let lower = vec![dir("d"), file("d/x", "x"), file("y", "y")];
+        let dirs = Dirs::new(&[lower], &[]);
+        let mut args = Mount::command_args(&dirs, &MountOpts::default());
+        args.extend([
+            "-o".to_string(),
+            "copyup_window_ms=700,readdirplus=on".to_string(),
+        ]);
+        let m = Mount::start_args(&dirs, &args).unwrap_or_else(|e| panic!("{e}"));
+        let before = fs::symlink_metadata(m.path("d")).unwrap().ino();
+        let sub = m.path("d/sub");
+        let mkdir = std::thread::spawn(move || fs::create_dir(sub));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        // The copy of `d` is in upper now (the mkdir in it waits in the window).
+        let listed: Vec<(String, u64, u64)> = fs::read_dir(&m.merged)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let st = fs::symlink_metadata(e.path()).unwrap().ino();
+                (e.file_name().to_string_lossy().into_owned(), e.ino(), st)
+            })
+            .collect();
+        mkdir.join().unwrap().unwrap();
+        let d = listed.iter().find(|(n, _, _)| n == "d").expect("d listed");
+        assert_eq!((d.1, d.2), (before, before), "listed during the copy-up");
+        assert_eq!(
+            fs::symlink_metadata(m.path("d")).unwrap().ino(),
+            before,
+            "after the copy-up"
+        );
+        assert!(m.path("d/sub").is_dir() && m.path("d/x").is_file());
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

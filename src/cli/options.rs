@@ -62,6 +62,10 @@ pub struct MountSpec {
     /// directory's times and renaming into it, and N ms again before restoring them, so tests
     /// can run operations and stats in that window.
     pub commit_window_ms: u64,
+    /// `copyup_window_ms=N` (testing aid): a copy-up made in the request (not committed in the
+    /// background) waits N ms right after its copy shows in upper, so tests can look the name
+    /// up meanwhile.
+    pub copyup_window_ms: u64,
     /// Debug logging.
     pub debug: bool,
     /// Where the daemon logs once the mount is live (default: nowhere in the background).
@@ -344,6 +348,11 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                 spec.commit_window_ms = need(v)?
                     .parse()
                     .map_err(|_| format!("commit_window_ms: not a number: {}", v.unwrap_or("")))?
+            }
+            "copyup_window_ms" => {
+                spec.copyup_window_ms = need(v)?
+                    .parse()
+                    .map_err(|_| format!("copyup_window_ms: not a number: {}", v.unwrap_or("")))?
             }
             "release_delay_ms" => {
                 spec.release_delay_ms = need(v)?

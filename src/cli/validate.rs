@@ -338,6 +338,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         commit_delay_ms: spec.commit_delay_ms,
         release_delay_ms: spec.release_delay_ms,
         commit_window_ms: spec.commit_window_ms,
+        copyup_window_ms: spec.copyup_window_ms,
         cache: Some(spec.cache),
         // Registering backing files needs CAP_SYS_ADMIN in the initial user namespace.
         passthrough: !spec.no_passthrough && privileged,

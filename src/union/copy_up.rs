@@ -158,6 +158,7 @@ impl Union {
                 &fs,
                 (dst_dir.as_fd(), &name),
                 deferred,
+                (src_layer != LayerRef::Upper).then_some(node.ino),
             )
         })?;
         res.settle(super::charge::alloc(&new), 1);
@@ -169,8 +170,9 @@ impl Union {
             // reservation is dropped before the blocks are added): charged twice for good.
             *node.io_lock.lock() = Some((super::charge::alloc(&new), new.st_size));
         }
-        // Keep st_ino (the node id) across copy-up and remounts.
-        if src_layer != LayerRef::Upper {
+        // Keep st_ino (the node id) across copy-up and remounts. (A copy renamed into upper
+        // already was recorded before the rename: `copy_object`.)
+        if src_layer != LayerRef::Upper && tmp.is_some() {
             self.inomap.set(new.st_ino, node.ino);
         }
         // A name of a file hard-linked in its lower layer: the copy is a file of its own
@@ -209,7 +211,9 @@ impl Union {
     /// Copy the object `name` (stat `fs`) from `src_dir` to `dst_dir/dst_name` through the work
     /// dir, a regular file's data from `data` if given (a metacopy file's). Returns the new
     /// upper object's stat. `deferred` (regular files): stop before the fsync and the rename,
-    /// and return the copy's scratch name in the work dir too.
+    /// and return the copy's scratch name in the work dir too. `origin`: the node id the copy
+    /// keeps (recorded in the inode map before the copy shows in upper).
+    #[allow(clippy::too_many_arguments)]
     fn copy_object(
         &self,
         (src_dir, name): (BorrowedFd<'_>, &OsStr),
@@ -217,10 +221,12 @@ impl Union {
         fs: &FileStat,
         (dst_dir, dst_name): (BorrowedFd<'_>, &OsStr),
         deferred: bool,
+        origin: Option<u64>,
     ) -> Result<(FileStat, Option<OsString>)> {
         let work = self.work_fd()?;
         let tmp = self.tmp_name();
         let kind = fs.st_mode & libc::S_IFMT;
+        let recorded = std::cell::Cell::new(None);
         let res = (|| -> Result<()> {
             match kind {
                 libc::S_IFDIR => {
@@ -291,6 +297,15 @@ impl Union {
             if deferred {
                 return Ok(());
             }
+            // Its number recorded before it shows in upper: a lookup of the name meanwhile (a
+            // stat while a chmod copies the file up; the kernel holds no lock of the parent
+            // for the chmod) must give it the node's number, not its own — which would make a
+            // second node, and a second kernel inode, for it.
+            if let Some(o) = origin {
+                let c = layer::stat_at(work, &tmp).ctx("copy-up: stat copy")?;
+                self.inomap.set(c.st_ino, o);
+                recorded.set(Some(c.st_ino));
+            }
             // A copy-up is no change of the parent the user could see: its times are read
             // just before the rename into it and restored after, as the kernel does (best
             // effort; a deferred commit does the same when it renames, holding the directory
@@ -312,12 +327,19 @@ impl Union {
             Ok(())
         })();
         if let Err(e) = res {
+            if let Some(i) = recorded.get() {
+                self.inomap.set(i, 0);
+            }
             remove_tmp(work, &tmp, kind == libc::S_IFDIR);
             return Err(e);
         }
         if deferred {
             let st = layer::stat_at(work, &tmp).ctx("copy-up: stat copy")?;
             return Ok((st, Some(tmp)));
+        }
+        if !self.copyup_window.is_zero() {
+            // (Testing aid: the copy is in upper, no lock of ours held.)
+            std::thread::sleep(self.copyup_window);
         }
         Ok((
             layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")?,

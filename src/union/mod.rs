@@ -202,6 +202,8 @@ pub struct Options {
     /// Testing aid: a background commit waits this long between reading its directory's times
     /// and renaming into it, and again before restoring them.
     pub commit_window_ms: u64,
+    /// Testing aid: a copy-up made in the request waits this long once its copy is in upper.
+    pub copyup_window_ms: u64,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
@@ -492,6 +494,8 @@ pub struct Union {
     pub(crate) commit_delay: std::time::Duration,
     /// Testing aid: background commits wait this long inside their directory-times window.
     pub(crate) commit_window: std::time::Duration,
+    /// Testing aid: a copy-up made in the request waits this long once its copy is in upper.
+    pub(crate) copyup_window: std::time::Duration,
     /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
     pub(crate) reflink: std::sync::atomic::AtomicBool,
     /// Our pid, for scratch names.
@@ -703,6 +707,7 @@ impl Union {
             dir_times: DirTimes::default(),
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             commit_window: std::time::Duration::from_millis(opts.commit_window_ms),
+            copyup_window: std::time::Duration::from_millis(opts.copyup_window_ms),
             pid: std::process::id(),
             commits: commit::Commits::default(),
             // Its descriptors count against the limit as cached directory fds do.
