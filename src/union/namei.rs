@@ -766,8 +766,9 @@ impl Union {
         };
         let (mut node, mut created) = self.nodes.insert_or_get(new_node(ino), refs);
         if !created && f.top == LayerRef::Upper && self.taken_by_another(&node, f, parent, name) {
-            // Another lookup put the other object there meanwhile: its references back.
-            self.nodes.forget(ino, refs);
+            // Another lookup put the other object there meanwhile: its references back (as a
+            // kernel FORGET gives them: a node whose quota charge is unsettled stays).
+            self.forget(ino, refs);
             ino = self.own_number(ino, f.stat.st_ino, name);
             (node, created) = self.nodes.insert_or_get(new_node(ino), refs);
         }
