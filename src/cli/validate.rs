@@ -64,11 +64,34 @@ fn open_log(p: &Path, roots: &[&Path]) -> Result<File, String> {
         .map_err(|e| format!("log file {}: {e}", p.display()))
 }
 
+/// `metadata(p)`, asked again for up to a second while it fails with ECANCELED: a request
+/// the kernel handed to the io_uring queue of a FUSE daemon that has just died is cancelled
+/// (the task is gone) until the kernel aborts the connection, which then answers ENOTCONN or
+/// ECONNABORTED for good.
+fn metadata_settled(p: &Path) -> std::io::Result<std::fs::Metadata> {
+    let start = std::time::Instant::now();
+    loop {
+        match std::fs::metadata(p) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ECANCELED)
+                    && start.elapsed() < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn existing_dir(p: &Path, what: &str) -> Result<PathBuf, String> {
-    let md = std::fs::metadata(p).map_err(|e| {
-        if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
+    let md = metadata_settled(p).map_err(|e| {
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+        ) {
             // A FUSE mount whose daemon died (killed, crashed) stays until unmounted (its
-            // connection aborted: ECONNABORTED where it was served through io_uring).
+            // connection aborted: ECONNABORTED where it was served through io_uring;
+            // ECANCELED while the kernel has yet to abort it).
             format!(
                 "{what} {}: {e}: a FUSE filesystem whose daemon has stopped is still mounted \
                  there; unmount it first (`unionfs-rs umount {0}` or `fusermount3 -u {0}`)",
