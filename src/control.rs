@@ -2,7 +2,7 @@
 //! (and scripts) talk to.
 //!
 //! Where: `/run/unionfs-rs/<fnv64 of the canonical mount point>.sock` for root, else
-//! `$XDG_RUNTIME_DIR/unionfs-rs/…` (or `/tmp/unionfs-rs-<uid>/…`). Protocol: the client sends one
+//! `$XDG_RUNTIME_DIR/unionfs-rs/…` (or `/tmp/unionfs-rs-<uid outside the user namespace>/…`). Protocol: the client sends one
 //! line (`quota-report`, `quota-limit key=value …`, `stats`) and reads the reply until EOF. Replies
 //! are one JSON object; errors are `{"error": "…"}`. Commands that change something are accepted
 //! only from root or the daemon's own user (checked with SO_PEERCRED).
@@ -32,8 +32,33 @@ fn runtime_dir() -> PathBuf {
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("unionfs-rs"),
-        _ => PathBuf::from(format!("/tmp/unionfs-rs-{}", nix::unistd::geteuid())),
+        _ => {
+            // Named by the user outside: root of two users' namespaces would otherwise share
+            // `/tmp/unionfs-rs-0`, which is only the first one's (the second got no control
+            // socket); and the user outside finds the same directory as its namespace's root.
+            let uid = nix::unistd::geteuid().as_raw();
+            let outside = std::fs::read_to_string("/proc/self/uid_map")
+                .ok()
+                .and_then(|m| outside_id(&m, uid))
+                .unwrap_or(uid);
+            PathBuf::from(format!("/tmp/unionfs-rs-{outside}"))
+        }
     }
+}
+
+/// The id that `id` of this user namespace is in the parent namespace, from a `uid_map`'s
+/// lines (`inside outside count`); None if no line maps it.
+fn outside_id(map: &str, id: u32) -> Option<u32> {
+    map.lines().find_map(|l| {
+        let v: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let id = u64::from(id);
+        (v.len() == 3 && id >= v[0] && id < v[0] + v[2])
+            .then(|| u32::try_from(v[1] + (id - v[0])).ok())
+            .flatten()
+    })
 }
 
 /// Are we in the initial user namespace? (Root of another one, podman's rootless mount
@@ -498,6 +523,20 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_fallback_directory_is_named_by_the_user_outside() {
+        let init = "         0          0 4294967295\n";
+        assert_eq!(outside_id(init, 0), Some(0));
+        assert_eq!(outside_id(init, 1000), Some(1000));
+        // podman's rootless namespace: root is the user, the rest its subordinate ids.
+        let podman = "         0       1000          1\n         1     100000      65536\n";
+        assert_eq!(outside_id(podman, 0), Some(1000));
+        assert_eq!(outside_id(podman, 1), Some(100000));
+        assert_eq!(outside_id(podman, 65536), Some(165535));
+        assert_eq!(outside_id(podman, 65537), None);
+        assert_eq!(outside_id("", 0), None);
     }
 
     #[test]

@@ -1305,3 +1305,74 @@ fn count_mounts_at(p: &Path) -> usize {
         })
         .count()
 }
+
+/// Root of two users' user namespaces without `$XDG_RUNTIME_DIR` (podman's rootless mount
+/// program run by hand, `unshare -Ur`) each mount and each get a control socket: the socket
+/// directory in /tmp is named by the uid outside (before: both used `/tmp/unionfs-rs-0`, the
+/// first's, and the second mount had no control socket: `stats` failed).
+#[test]
+fn roots_of_two_users_namespaces_each_get_a_control_socket() {
+    with_timeout(90, || {
+        let base = tempfile::Builder::new()
+            .prefix("unionfs-userns-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        // /dev/fuse is root's 0600 here: a 0666 node bound over it in the test's own mount
+        // namespace lets the users open it (podman-e2e chmods the real one instead).
+        let dev = base.path().join("fuse");
+        let st = Command::new("mknod")
+            .args(["-m", "0666", &s(&dev), "c", "10", "229"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mknod");
+        let users = [3101u32, 3102];
+        let sock_dir = |u: u32| PathBuf::from(format!("/tmp/unionfs-rs-{u}"));
+        for (i, u) in users.iter().enumerate() {
+            let _ = fs::remove_dir_all(sock_dir(*u));
+            let d = base.path().join(format!("u{u}"));
+            for sub in ["l", "u", "m"] {
+                fs::create_dir_all(d.join(sub)).unwrap();
+            }
+            fs::write(d.join("l/f"), format!("user {i}\n")).unwrap();
+            let st = Command::new("chown")
+                .args(["-R", &format!("{u}:{u}"), &s(&d)])
+                .status()
+                .unwrap();
+            assert!(st.success(), "chown");
+        }
+        let mut outs = Vec::new();
+        for u in users {
+            let d = base.path().join(format!("u{u}"));
+            let (l, up, m) = (s(&d.join("l")), s(&d.join("u")), s(&d.join("m")));
+            let b = BIN;
+            // Unmounted on every path of the inner script; the namespaces go with it.
+            let inner = format!(
+                "{b} mount --userxattr {l} {up} {m} || exit 3; \
+                 cat {m}/f; {b} stats {m}; r=$?; {b} umount {m} || umount -l {m}; exit $r"
+            );
+            let outer = format!(
+                "mount --bind {dev} /dev/fuse && exec setpriv --reuid={u} --regid={u} \
+                 --clear-groups unshare -U -m -r sh -c \"$0\"",
+                dev = s(&dev)
+            );
+            let (st, out, err) = run_with_timeout(
+                Command::new("unshare")
+                    .args(["-m", "sh", "-c", &outer, &inner])
+                    .env_remove("XDG_RUNTIME_DIR")
+                    .env("HOME", &d),
+                Duration::from_secs(40),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            outs.push((u, st.code(), out, err));
+        }
+        for u in users {
+            let _ = fs::remove_dir_all(sock_dir(u));
+        }
+        for (i, (u, code, out, err)) in outs.iter().enumerate() {
+            assert_eq!(*code, Some(0), "user {u}: stdout {out}\nstderr {err}");
+            assert!(out.starts_with(&format!("user {i}\n")), "user {u}: {out}");
+            assert!(out.contains("pid:"), "user {u}: no stats: {out}\n{err}");
+        }
+    });
+}
