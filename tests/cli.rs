@@ -1376,3 +1376,38 @@ fn roots_of_two_users_namespaces_each_get_a_control_socket() {
         }
     });
 }
+
+/// A request whose handler panics (the testing aid `panic_name`: a lookup of that name) fails
+/// with EIO, and the daemon goes on serving on every thread. (Before: on `/dev/fuse` the
+/// panicking fuser loop thread ended; once the first one had, the session ended and the
+/// mount answered ENOTCONN.) Through `/dev/fuse` and through whatever transport the machine
+/// gives by default (io_uring where the CI pass switches it on).
+#[test]
+fn a_panicking_request_fails_with_eio_and_the_daemon_serves_on() {
+    with_timeout(60, || {
+        for transport in ["uring=off", "uring=auto"] {
+            let m = Mount::with_args(
+                vec![file("f", "lower\n")],
+                &["-o", &format!("panic_name=boom,{transport}")],
+            );
+            // More than the worker threads, so that each one meets a panic (the kernel hands
+            // requests to whichever waits).
+            for i in 0..40 {
+                let e = fs::metadata(m.path("boom")).expect_err("a lookup that panics");
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::EIO),
+                    "{transport}, stat {i}: {e}"
+                );
+                let name = format!("g{i}");
+                fs::write(m.path(&name), &name).unwrap_or_else(|e| panic!("{transport}: {e}"));
+                assert_eq!(fs::read_to_string(m.path(&name)).unwrap(), name);
+            }
+            assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "lower\n");
+            assert_eq!(fs::read_dir(&m.merged).unwrap().count(), 41);
+            let log = m.log_text();
+            assert!(log.contains("panicked"), "{transport}: {log}");
+            m.unmount().unwrap_or_else(|e| panic!("{transport}: {e}"));
+        }
+    });
+}

@@ -66,6 +66,9 @@ pub struct MountSpec {
     /// background) waits N ms right after its copy shows in upper, so tests can look the name
     /// up meanwhile.
     pub copyup_window_ms: u64,
+    /// `panic_name=NAME` (testing aid): a lookup of NAME panics in the handler (the tests check
+    /// that the request fails with EIO and the daemon serves on).
+    pub panic_name: Option<std::ffi::OsString>,
     /// Debug logging.
     pub debug: bool,
     /// Where the daemon logs once the mount is live (default: nowhere in the background).
@@ -349,6 +352,7 @@ pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
                     .parse()
                     .map_err(|_| format!("commit_window_ms: not a number: {}", v.unwrap_or("")))?
             }
+            "panic_name" => spec.panic_name = Some(need(v)?.into()),
             "copyup_window_ms" => {
                 spec.copyup_window_ms = need(v)?
                     .parse()

@@ -362,6 +362,7 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         release_delay_ms: spec.release_delay_ms,
         commit_window_ms: spec.commit_window_ms,
         copyup_window_ms: spec.copyup_window_ms,
+        panic_name: spec.panic_name.clone(),
         cache: Some(spec.cache),
         // Registering backing files needs CAP_SYS_ADMIN in the initial user namespace.
         passthrough: !spec.no_passthrough && privileged,

@@ -256,6 +256,15 @@ impl UnionFs {
     }
 }
 
+/// A request whose handler panicked is answered EIO (its fuser reply, dropped unsent while
+/// unwinding, sends that) and its thread serves on: fuser ends the whole session once one of
+/// its loop threads has ended, and the requests of the others with it.
+fn guarded(op: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        log::error!("{op}: the handler panicked; answered EIO");
+    }
+}
+
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
@@ -345,18 +354,20 @@ impl Filesystem for UnionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(lookup_entry(&self.u, parent.0, name), reply)
+        guarded("lookup", || {
+            self.entry(lookup_entry(&self.u, parent.0, name), reply)
+        })
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.u.forget(ino.0, nlookup)
+        guarded("forget", || self.u.forget(ino.0, nlookup))
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.u.getattr(ino.0, fh.map(|f| f.0)) {
+        guarded("getattr", || match self.u.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn setattr(
@@ -377,30 +388,34 @@ impl Filesystem for UnionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let mut a = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
-            fh: fh.map(|f| f.0),
-            kill_suidgid: KillSuidgid::No,
-        };
-        // (fuser drops FATTR_KILL_SUIDGID: the caller's capabilities are looked up.)
-        a.kill_suidgid = KillSuidgid::for_setattr(&a, caller(req), None);
-        match self.u.setattr(ino.0, &a) {
-            Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("setattr", || {
+            let mut a = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: set_time(atime),
+                mtime: set_time(mtime),
+                fh: fh.map(|f| f.0),
+                kill_suidgid: KillSuidgid::No,
+            };
+            // (fuser drops FATTR_KILL_SUIDGID: the caller's capabilities are looked up.)
+            a.kill_suidgid = KillSuidgid::for_setattr(&a, caller(req), None);
+            match self.u.setattr(ino.0, &a) {
+                Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        use std::os::unix::ffi::OsStrExt;
-        match self.u.readlink(ino.0) {
-            Ok(t) => reply.data(t.as_bytes()),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("readlink", || {
+            use std::os::unix::ffi::OsStrExt;
+            match self.u.readlink(ino.0) {
+                Ok(t) => reply.data(t.as_bytes()),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn mknod(
@@ -413,14 +428,16 @@ impl Filesystem for UnionFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let kind = NewKind::Node {
-            kind: mode & libc::S_IFMT,
-            rdev: rdev as u64,
-        };
-        let r = self
-            .u
-            .create_node(parent.0, name, kind, mode, umask, caller(req));
-        self.entry(r.map(|(a, _)| a), reply)
+        guarded("mknod", || {
+            let kind = NewKind::Node {
+                kind: mode & libc::S_IFMT,
+                rdev: rdev as u64,
+            };
+            let r = self
+                .u
+                .create_node(parent.0, name, kind, mode, umask, caller(req));
+            self.entry(r.map(|(a, _)| a), reply)
+        })
     }
 
     fn mkdir(
@@ -432,24 +449,26 @@ impl Filesystem for UnionFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .u
-            .create_node(parent.0, name, NewKind::Dir, mode, umask, caller(req));
-        self.entry(r.map(|(a, _)| a), reply)
+        guarded("mkdir", || {
+            let r = self
+                .u
+                .create_node(parent.0, name, NewKind::Dir, mode, umask, caller(req));
+            self.entry(r.map(|(a, _)| a), reply)
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.u.unlink(parent.0, name) {
+        guarded("unlink", || match self.u.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.u.rmdir(parent.0, name) {
+        guarded("rmdir", || match self.u.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn symlink(
@@ -460,15 +479,17 @@ impl Filesystem for UnionFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.u.create_node(
-            parent.0,
-            link_name,
-            NewKind::Symlink(target.as_os_str()),
-            0o777,
-            0,
-            caller(req),
-        );
-        self.entry(r.map(|(a, _)| a), reply)
+        guarded("symlink", || {
+            let r = self.u.create_node(
+                parent.0,
+                link_name,
+                NewKind::Symlink(target.as_os_str()),
+                0o777,
+                0,
+                caller(req),
+            );
+            self.entry(r.map(|(a, _)| a), reply)
+        })
     }
 
     fn rename(
@@ -481,13 +502,15 @@ impl Filesystem for UnionFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
-            .u
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("rename", || {
+            match self
+                .u
+                .rename(parent.0, name, newparent.0, newname, flags.bits())
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn link(
@@ -498,22 +521,26 @@ impl Filesystem for UnionFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(self.u.link(ino.0, newparent.0, newname), reply)
+        guarded("link", || {
+            self.entry(self.u.link(ino.0, newparent.0, newname), reply)
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
-            Ok(Arc::new(reply.open_backing(fd)?))
-        };
-        let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
-        let r = self.u.open_with(ino.0, flags.0, register);
-        match r {
-            Ok(o) => match backing_id(&o) {
-                Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
-                None => reply.opened(FileHandle(o.fh), keep_cache(&o)),
-            },
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("open", || {
+            let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
+                Ok(Arc::new(reply.open_backing(fd)?))
+            };
+            let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
+            let r = self.u.open_with(ino.0, flags.0, register);
+            match r {
+                Ok(o) => match backing_id(&o) {
+                    Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),
+                    None => reply.opened(FileHandle(o.fh), keep_cache(&o)),
+                },
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn read(
@@ -527,10 +554,10 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.u.read(fh.0, offset, size) {
+        guarded("read", || match self.u.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn write(
@@ -545,10 +572,12 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.u.write_flags(fh.0, offset, data, flags.0) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("write", || {
+            match self.u.write_flags(fh.0, offset, data, flags.0) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn flush(
@@ -559,10 +588,12 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing to do at close (no locks of our own; cached data is written back by the
-        // flusher, fsync, sync and unmount, as a disk filesystem does): ENOSYS tells the
-        // kernel to stop sending FLUSH at all, saving a round trip per close.
-        reply.error(Errno::ENOSYS)
+        guarded("flush", || {
+            // Nothing to do at close (no locks of our own; cached data is written back by the
+            // flusher, fsync, sync and unmount, as a disk filesystem does): ENOSYS tells the
+            // kernel to stop sending FLUSH at all, saving a round trip per close.
+            reply.error(Errno::ENOSYS)
+        })
     }
 
     fn release(
@@ -575,8 +606,10 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.u.release(fh.0);
-        reply.ok()
+        guarded("release", || {
+            self.u.release(fh.0);
+            reply.ok()
+        })
     }
 
     fn fsync(
@@ -587,19 +620,21 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.u.fsync(fh.0, datasync) {
+        guarded("fsync", || match self.u.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
-        // directory read) and opens directories itself with FOPEN_KEEP_CACHE |
-        // FOPEN_CACHE_DIR (what we used to answer): it may cache listings, since every change
-        // to a directory goes through us and the kernel drops a directory's cached listing
-        // when it changes it. readdir then works from (directory, offset) alone.
-        reply.error(Errno::ENOSYS)
+        guarded("opendir", || {
+            // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
+            // directory read) and opens directories itself with FOPEN_KEEP_CACHE |
+            // FOPEN_CACHE_DIR (what we used to answer): it may cache listings, since every change
+            // to a directory goes through us and the kernel drops a directory's cached listing
+            // when it changes it. readdir then works from (directory, offset) alone.
+            reply.error(Errno::ENOSYS)
+        })
     }
 
     fn readdir(
@@ -610,12 +645,14 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match readdir_batch(&self.u, ino.0, offset, |ino, next, kind, name| {
-            !reply.add(INodeNo(ino), next, kind_of(kind), name)
-        }) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("readdir", || {
+            match readdir_batch(&self.u, ino.0, offset, |ino, next, kind, name| {
+                !reply.add(INodeNo(ino), next, kind_of(kind), name)
+            }) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn readdirplus(
@@ -626,21 +663,23 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let ttl = self.ttl;
-        let r = readdirplus_batch(&self.u, ino.0, offset, |attr, next, name| {
-            !reply.add(
-                INodeNo(attr.ino),
-                next,
-                name,
-                &ttl,
-                &fattr(attr),
-                Generation(attr.generation),
-            )
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("readdirplus", || {
+            let ttl = self.ttl;
+            let r = readdirplus_batch(&self.u, ino.0, offset, |attr, next, name| {
+                !reply.add(
+                    INodeNo(attr.ino),
+                    next,
+                    name,
+                    &ttl,
+                    &fattr(attr),
+                    Generation(attr.generation),
+                )
+            });
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn releasedir(
@@ -651,8 +690,10 @@ impl Filesystem for UnionFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        // Not sent once opendir answered ENOSYS.
-        reply.ok()
+        guarded("releasedir", || {
+            // Not sent once opendir answered ENOSYS.
+            reply.ok()
+        })
     }
 
     /// No ioctls of our own. The kernel forwards every ioctl on a FUSE file (a shell's `read`
@@ -671,12 +712,14 @@ impl Filesystem for UnionFs {
         out_size: u32,
         reply: ReplyIoctl,
     ) {
-        // File attribute flags (lsattr / chattr); anything else is not ours to answer.
-        match self.u.fileattr(ino.0, fh.0, cmd, in_data) {
-            Ok(out) if out.len() <= out_size as usize => reply.ioctl(0, &out),
-            Ok(_) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("ioctl", || {
+            // File attribute flags (lsattr / chattr); anything else is not ours to answer.
+            match self.u.fileattr(ino.0, fh.0, cmd, in_data) {
+                Ok(out) if out.len() <= out_size as usize => reply.ioctl(0, &out),
+                Ok(_) => reply.error(Errno::EINVAL),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn fsyncdir(
@@ -687,14 +730,14 @@ impl Filesystem for UnionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.u.fsyncdir(ino.0) {
+        guarded("fsyncdir", || match self.u.fsyncdir(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.u.statfs() {
+        guarded("statfs", || match self.u.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -706,7 +749,7 @@ impl Filesystem for UnionFs {
                 s.f_frsize as u32,
             ),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn setxattr(
@@ -719,36 +762,40 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.u.setxattr(ino.0, name, value, flags, caller(req)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("setxattr", || {
+            match self.u.setxattr(ino.0, name, value, flags, caller(req)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.u.getxattr(ino.0, name) {
+        guarded("getxattr", || match self.u.getxattr(ino.0, name) {
             Ok(v) => xattr_reply(&v, size, reply),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.u.listxattr(ino.0, req.uid()) {
+        guarded("listxattr", || match self.u.listxattr(ino.0, req.uid()) {
             Ok(names) => xattr_reply(&xattr_list(&names), size, reply),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.u.removexattr(ino.0, name) {
+        guarded("removexattr", || match self.u.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // default_permissions: the kernel has already checked.
-        reply.ok()
+        guarded("access", || {
+            // default_permissions: the kernel has already checked.
+            reply.ok()
+        })
     }
 
     fn create(
@@ -761,37 +808,41 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
-            Ok(Arc::new(reply.open_backing(fd)?))
-        };
-        let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
-        let r = create_open(
-            &self.u,
-            parent.0,
-            name,
-            mode,
-            umask,
-            flags,
-            caller(req),
-            register,
-        );
-        match r {
-            Ok((a, o)) => {
-                let (ttl, attr, fh) = (&self.ttl, &fattr(&a), FileHandle(o.fh));
-                match backing_id(&o) {
-                    Some(id) => reply.created_passthrough(
-                        ttl,
-                        attr,
-                        Generation(a.generation),
-                        fh,
-                        FopenFlags::empty(),
-                        id,
-                    ),
-                    None => reply.created(ttl, attr, Generation(a.generation), fh, keep_cache(&o)),
+        guarded("create", || {
+            let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
+                Ok(Arc::new(reply.open_backing(fd)?))
+            };
+            let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
+            let r = create_open(
+                &self.u,
+                parent.0,
+                name,
+                mode,
+                umask,
+                flags,
+                caller(req),
+                register,
+            );
+            match r {
+                Ok((a, o)) => {
+                    let (ttl, attr, fh) = (&self.ttl, &fattr(&a), FileHandle(o.fh));
+                    match backing_id(&o) {
+                        Some(id) => reply.created_passthrough(
+                            ttl,
+                            attr,
+                            Generation(a.generation),
+                            fh,
+                            FopenFlags::empty(),
+                            id,
+                        ),
+                        None => {
+                            reply.created(ttl, attr, Generation(a.generation), fh, keep_cache(&o))
+                        }
+                    }
                 }
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn copy_file_range(
@@ -807,15 +858,17 @@ impl Filesystem for UnionFs {
         flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.u.copy_file_range(
-            (fh_in.0, offset_in),
-            (fh_out.0, offset_out),
-            len,
-            flags.bits(),
-        ) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("copy_file_range", || {
+            match self.u.copy_file_range(
+                (fh_in.0, offset_in),
+                (fh_out.0, offset_out),
+                len,
+                flags.bits(),
+            ) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn poll(
@@ -828,8 +881,10 @@ impl Filesystem for UnionFs {
         _flags: fuser::PollFlags,
         reply: fuser::ReplyPoll,
     ) {
-        // ENOSYS: regular files are always ready, which the kernel then answers itself.
-        reply.error(Errno::ENOSYS)
+        guarded("poll", || {
+            // ENOSYS: regular files are always ready, which the kernel then answers itself.
+            reply.error(Errno::ENOSYS)
+        })
     }
 
     fn fallocate(
@@ -842,10 +897,12 @@ impl Filesystem for UnionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.u.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        guarded("fallocate", || {
+            match self.u.fallocate(fh.0, offset, length, mode) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn lseek(
@@ -857,10 +914,10 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.u.lseek(fh.0, offset, whence) {
+        guarded("lseek", || match self.u.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 }
 

@@ -204,6 +204,8 @@ pub struct Options {
     pub commit_window_ms: u64,
     /// Testing aid: a copy-up made in the request waits this long once its copy is in upper.
     pub copyup_window_ms: u64,
+    /// Testing aid: a lookup of this name panics.
+    pub panic_name: Option<std::ffi::OsString>,
     /// Page cache settings (None or size 0: file data goes straight to the layer files).
     pub cache: Option<crate::cache::CacheConfig>,
     /// Use FUSE passthrough where it is safe, if the kernel agrees (see [`Union::set_passthrough`]).
@@ -496,6 +498,7 @@ pub struct Union {
     pub(crate) commit_window: std::time::Duration,
     /// Testing aid: a copy-up made in the request waits this long once its copy is in upper.
     pub(crate) copyup_window: std::time::Duration,
+    panic_name: Option<std::ffi::OsString>,
     /// FICLONE is worth trying for copy-up (cleared when upper's filesystem lacks it).
     pub(crate) reflink: std::sync::atomic::AtomicBool,
     /// Our pid, for scratch names.
@@ -708,6 +711,7 @@ impl Union {
             commit_delay: std::time::Duration::from_millis(opts.commit_delay_ms),
             commit_window: std::time::Duration::from_millis(opts.commit_window_ms),
             copyup_window: std::time::Duration::from_millis(opts.copyup_window_ms),
+            panic_name: opts.panic_name.clone(),
             pid: std::process::id(),
             commits: commit::Commits::default(),
             // Its descriptors count against the limit as cached directory fds do.

@@ -938,6 +938,9 @@ impl Union {
 
     /// FUSE lookup: find `name` in `parent`, take one kernel reference on the result.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        if self.panic_name.as_deref() == Some(name) {
+            panic!("testing aid panic_name: a lookup of {name:?}");
+        }
         self.lookup_from(parent, name, None)
     }
 
