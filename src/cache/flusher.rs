@@ -44,7 +44,14 @@ pub(super) fn flusher_main(weak: Weak<PageCache>, sig: Arc<Signal>) {
         if periodic {
             last_periodic = Instant::now();
         }
-        c.flush_pass(periodic);
+        // The flusher lives on past a panic (writers at the dirty limit wait for it), after a
+        // pause so that one repeating does not spin.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.flush_pass(periodic)))
+            .is_err()
+        {
+            log::error!("page cache flusher: a pass panicked");
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 }
 

@@ -830,6 +830,33 @@ mod tests {
         assert!(c.stats().get("cache_bytes").unwrap_or(0) >= 32 * P + 3 * P);
     }
 
+    /// A read whose page load panics leaves no page loading: the next read of them (which
+    /// would wait for the load for good) reads them itself.
+    #[test]
+    fn a_read_that_panics_leaves_no_page_loading() {
+        let data: Vec<u8> = (0..64 * PAGE).map(|i| (i % 249) as u8).collect();
+        let (_d, fd) = tmpfile(&data);
+        let c = Arc::new(PageCache::new(cfg(16 << 20), None).expect("cache"));
+        let ra = Arc::new(Mutex::new(RaState::default()));
+        read::PANIC_IN_READ.with(|p| p.set(true));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.read(1, &ra, &fd, 3 * P, 100)
+        }));
+        assert!(r.is_err(), "the injected panic");
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (c, ra, fd) = (c.clone(), ra.clone(), fd.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(c.read(1, &ra, &fd, 3 * P, 100));
+            });
+        }
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the second read waits for a load that will never end")
+            .expect("read");
+        assert_eq!(&got[..], &data[3 * PAGE..3 * PAGE + 100]);
+    }
+
     #[test]
     fn read_hits_after_a_miss_and_reads_ahead() {
         let data: Vec<u8> = (0..64 * PAGE).map(|i| (i % 251) as u8).collect();

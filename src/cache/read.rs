@@ -45,7 +45,26 @@ pub(super) fn assemble(segs: Vec<(PageData, usize, usize)>) -> ReadData {
 }
 
 /// Read `n` pages from `start` (zero past EOF) into one buffer; returns the pages.
+/// Drop the pages of `range` still loading for `token` (a read that failed or panicked).
+fn unload(st: &mut FileState, range: std::ops::Range<u64>, token: u64) {
+    for i in range {
+        if matches!(st.pages.get(&i), Some(Slot::Loading(t)) if *t == token) {
+            st.pages.remove(&i);
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests: the next `read_pages` of this thread panics.
+    pub(super) static PANIC_IN_READ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 pub(super) fn read_pages(fd: &Fd, start: u64, n: usize) -> Result<Vec<PageData>, Errno> {
+    #[cfg(test)]
+    if PANIC_IN_READ.with(|p| p.replace(false)) {
+        panic!("unit test: read_pages panics");
+    }
     let buf = Arc::new(crate::layer::sys::pread_vec(
         fd.as_fd(),
         n * PAGE,
@@ -165,18 +184,22 @@ impl PageCache {
                         self.queue_readahead(&f, &mut st, fd, idx + n..w.end(), marker);
                     }
                     let read = MutexGuard::unlocked(&mut st, || {
-                        let room = !drop_behind && self.make_room(n * P);
-                        read_pages(fd, idx, n as usize).map(|p| (p, room))
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            let room = !drop_behind && self.make_room(n * P);
+                            read_pages(fd, idx, n as usize).map(|p| (p, room))
+                        }))
+                    });
+                    let read = read.unwrap_or_else(|panic| {
+                        // Not left loading: every later reader and writer of them would wait
+                        // for good (the request's own handler answers EIO).
+                        unload(&mut st, idx..idx + n, token);
+                        f.cv.notify_all();
+                        std::panic::resume_unwind(panic)
                     });
                     let (pages, room) = match read {
                         Ok(x) => x,
                         Err(e) => {
-                            for i in idx..idx + n {
-                                if matches!(st.pages.get(&i), Some(Slot::Loading(t)) if *t == token)
-                                {
-                                    st.pages.remove(&i);
-                                }
-                            }
+                            unload(&mut st, idx..idx + n, token);
                             f.cv.notify_all();
                             return Err(e);
                         }
@@ -321,23 +344,31 @@ impl PageCache {
             return;
         }
         let n = job.pages.len() as u64;
-        let room = self.make_room(n * P);
-        // Contiguous runs, one read each.
-        let mut loaded: Vec<(u64, PageData)> = Vec::with_capacity(job.pages.len());
-        if room {
-            let mut i = 0;
-            while i < job.pages.len() {
-                let mut j = i + 1;
-                while j < job.pages.len() && job.pages[j] == job.pages[j - 1] + 1 {
-                    j += 1;
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let room = self.make_room(n * P);
+            // Contiguous runs, one read each.
+            let mut loaded: Vec<(u64, PageData)> = Vec::with_capacity(job.pages.len());
+            if room {
+                let mut i = 0;
+                while i < job.pages.len() {
+                    let mut j = i + 1;
+                    while j < job.pages.len() && job.pages[j] == job.pages[j - 1] + 1 {
+                        j += 1;
+                    }
+                    match read_pages(&job.fd, job.pages[i], j - i) {
+                        Ok(ps) => loaded.extend(job.pages[i..j].iter().copied().zip(ps)),
+                        Err(e) => log::debug!("readahead of node {}: {e}", f.ino),
+                    }
+                    i = j;
                 }
-                match read_pages(&job.fd, job.pages[i], j - i) {
-                    Ok(ps) => loaded.extend(job.pages[i..j].iter().copied().zip(ps)),
-                    Err(e) => log::debug!("readahead of node {}: {e}", f.ino),
-                }
-                i = j;
             }
-        }
+            loaded
+        }));
+        // A panic loaded nothing: the pages are dropped below as any not loaded.
+        let loaded = loaded.unwrap_or_else(|_| {
+            log::error!("readahead of node {}: panicked", f.ino);
+            Vec::new()
+        });
         let mut st = f.st.lock();
         let mut inserted = Vec::new();
         for (i, data) in loaded {

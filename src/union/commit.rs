@@ -457,7 +457,14 @@ impl Union {
 
     /// [`Union::commit_now`] with the copy already opened (or the error opening it).
     fn commit_with(&self, c: &Commit, fd: std::result::Result<OwnedFd, Errno>) {
-        match self.commit_inner(c, fd) {
+        // A panic is a failed commit: it must still finish, or everything that waits for it
+        // (each lookup of its name) would wait for good.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_inner(c, fd)))
+            .unwrap_or_else(|_| {
+                log::error!("copy-up commit of {:?}: panicked", c.name);
+                Err(Errno::EIO)
+            });
+        match r {
             Ok(true) => {
                 self.commits.done.fetch_add(1, Ordering::Relaxed);
             }
