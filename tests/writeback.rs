@@ -200,3 +200,53 @@ fn quota_keeps_the_kernel_write_back_cache_off() {
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+/// A lower file open for reading is removed (unlink, or a rename over it), then closed: the
+/// kernel hands the file's times (made dirty by the removal) over at the close, and nothing of
+/// the file is kept in upper to put them on. The close succeeds, as on kernel overlayfs.
+/// (QA: the daemon answered the SETATTR with ENOENT and close(2) failed with EIO.) Upper
+/// files, and a lower file renamed away, for comparison.
+#[test]
+fn closing_a_removed_lower_file_succeeds() {
+    with_timeout(TIMEOUT, || {
+        let lower = vec![
+            file("gone", "lower 1\n"),
+            file("over", "lower 2\n"),
+            file("by", "lower 3\n"),
+            file("away", "lower 4\n"),
+        ];
+        let m = mount(lower, &[]);
+        assert_on(&m);
+        let close = |f: File| {
+            use std::os::fd::IntoRawFd;
+            // SAFETY: close(2) of the descriptor just taken out of `f`.
+            let r = unsafe { libc::close(f.into_raw_fd()) };
+            (r == 0)
+                .then_some(())
+                .ok_or_else(std::io::Error::last_os_error)
+        };
+        let read_open = |name: &str| {
+            let f = File::open(m.path(name)).unwrap();
+            let mut b = [0u8; 3];
+            f.read_at(&mut b, 0).unwrap();
+            f
+        };
+        let f = read_open("gone");
+        fs::remove_file(m.path("gone")).unwrap();
+        close(f).unwrap_or_else(|e| panic!("close after unlink: {e}"));
+        let f = read_open("over");
+        fs::write(m.path("new"), "new\n").unwrap();
+        fs::rename(m.path("new"), m.path("over")).unwrap();
+        close(f).unwrap_or_else(|e| panic!("close after a rename over it: {e}"));
+        let f = read_open("over");
+        fs::rename(m.path("by"), m.path("over")).unwrap();
+        close(f).unwrap_or_else(|e| panic!("close after a lower file renamed over it: {e}"));
+        let f = read_open("away");
+        fs::rename(m.path("away"), m.path("moved")).unwrap();
+        close(f).unwrap_or_else(|e| panic!("close after renamed away: {e}"));
+        assert_eq!(fs::read_to_string(m.path("over")).unwrap(), "lower 3\n");
+        assert_eq!(fs::read_to_string(m.path("moved")).unwrap(), "lower 4\n");
+        assert!(!m.path("gone").exists());
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

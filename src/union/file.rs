@@ -1021,8 +1021,10 @@ impl Union {
         // Our own duplicate: the object stays whatever an unpin does meanwhile.
         let fd = {
             let pin = node.pin.lock();
-            let fd = pin.as_ref().and_then(|p| p.fd()).ok_or_else(gone)?;
-            nix::unistd::dup(fd).ctx("dup")?
+            match pin.as_ref().and_then(|p| p.fd()) {
+                Some(fd) => nix::unistd::dup(fd).ctx("dup")?,
+                None => return self.setattr_of_nothing_kept(node, a).ok_or_else(gone)?,
+            }
         };
         let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
         if a.uid.is_some() || a.gid.is_some() {
@@ -1064,6 +1066,40 @@ impl Union {
         })?;
         let fs = nix::sys::stat::fstat(fd.as_fd()).ctx("fstat")?;
         Ok(self.attr_for(node, &node.state(), &fs))
+    }
+
+    /// setattr of a removed file of which nothing is kept in upper (a lower file removed while
+    /// open for reading): only times can be asked of it — the kernel's write-back cache hands
+    /// a file's times over when it is closed, and its unlink made them dirty — and they can go
+    /// nowhere: answered with the attributes of an open handle's file and the times asked, so
+    /// that the close does not fail. None: something else was asked, or no handle is left.
+    fn setattr_of_nothing_kept(&self, node: &super::Node, a: &SetAttr) -> Option<Result<Attr>> {
+        if a.size.is_some() || a.mode.is_some() || a.uid.is_some() || a.gid.is_some() {
+            return None;
+        }
+        let f = self.handles_on(node.ino).into_iter().next()?;
+        let fs = match nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat") {
+            Ok(fs) => fs,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut attr = self.attr_for(node, &node.state(), &fs);
+        let now = || {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (t.as_secs() as i64, i64::from(t.subsec_nanos()))
+        };
+        let pick = |t: &SetTime| match t {
+            SetTime::Now => now(),
+            SetTime::At(s, ns) => (*s, *ns),
+        };
+        if let Some(t) = &a.atime {
+            attr.atime = pick(t);
+        }
+        if let Some(t) = &a.mtime {
+            attr.mtime = pick(t);
+        }
+        Some(Ok(attr))
     }
 
     /// The times of setattr `a`, if it sets any, made by `set` on file `ino`: the page
