@@ -49,6 +49,12 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
+    /// Its backing fd keeps the caller's O_DIRECT (a handle that bypasses the page cache:
+    /// [`backing_flags`]): reads and writes through it need aligned buffers.
+    fn direct_fd(&self) -> bool {
+        self.direct && self.nocache
+    }
+
     /// EIO once the copy this handle was opened on could not be committed (see `lost`).
     fn check_lost(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
@@ -142,6 +148,9 @@ pub(crate) fn pwrite_all(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], off: u64)
     let mut done = 0;
     while done < data.len() {
         match nix::sys::uio::pwrite(fd, &data[done..], off as i64 + done as i64) {
+            // (Never for a regular file; not an endless loop if it did.)
+            Ok(0) if done == 0 => return Err(Error::new(Errno::EIO, "write: nothing written")),
+            Ok(0) => break,
             Ok(n) => done += n,
             Err(Errno::EINTR) => {}
             Err(e) if done == 0 => return Err(Error::new(e, "write")),
@@ -149,6 +158,60 @@ pub(crate) fn pwrite_all(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], off: u64)
         }
     }
     Ok(done)
+}
+
+/// The alignment O_DIRECT asks of buffers (the page size; enough for every block size).
+const DIO_ALIGN: usize = 4096;
+
+/// A copy of some bytes at an address aligned for O_DIRECT: a backing file opened with it
+/// (a handle that bypasses the page cache keeps the caller's O_DIRECT) refuses other buffers
+/// with EINVAL, and FUSE hands us requests in buffers of its own.
+struct AlignedBuf {
+    v: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> AlignedBuf {
+        let v = vec![0u8; len + DIO_ALIGN];
+        let at = v.as_ptr().align_offset(DIO_ALIGN).min(DIO_ALIGN);
+        AlignedBuf { v, at, len }
+    }
+
+    fn copy_of(data: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(data.len());
+        b.bytes_mut().copy_from_slice(data);
+        b
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.v[self.at..self.at + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.v[self.at..self.at + self.len]
+    }
+
+    /// The first `n` bytes, as a Vec of their own (moved to its start).
+    fn into_vec(mut self, n: usize) -> Vec<u8> {
+        self.v.truncate(self.at + n.min(self.len));
+        self.v.drain(..self.at);
+        self.v
+    }
+}
+
+/// read(2) through a backing fd opened with O_DIRECT: into an aligned buffer, and a short
+/// read is the end of the file (a second read would start at an unaligned offset).
+fn direct_read(fd: std::os::fd::BorrowedFd<'_>, size: usize, off: u64) -> Result<Vec<u8>> {
+    let mut b = AlignedBuf::zeroed(size);
+    let n = loop {
+        match nix::sys::uio::pread(fd, b.bytes_mut(), off as i64) {
+            Err(Errno::EINTR) => continue,
+            r => break r.ctx("read")?,
+        }
+    };
+    Ok(b.into_vec(n))
 }
 
 /// A time to set.
@@ -1135,6 +1198,10 @@ impl Union {
             let fd = self.read_fd(&f);
             return c.read(f.ino, &f.ra, &fd, off, size).ctx("read");
         }
+        if f.direct_fd() {
+            return direct_read(f.fd.as_fd(), size as usize, off)
+                .map(crate::cache::ReadData::Owned);
+        }
         let mut buf = vec![0u8; size as usize];
         let n = layer::sys::pread_full(f.fd.as_fd(), &mut buf, off as i64).ctx("read")?;
         buf.truncate(n);
@@ -1189,6 +1256,13 @@ impl Union {
             c.invalidate(f.ino, off, data.len() as u64)
                 .ctx("write-back")?;
         }
+        let aligned;
+        let data = if f.direct_fd() {
+            aligned = AlignedBuf::copy_of(data);
+            aligned.bytes()
+        } else {
+            data
+        };
         let r = match &self.quota {
             Some(q) if f.in_upper => {
                 // One writer at a time per inode keeps the before/after accounting exact.
