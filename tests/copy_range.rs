@@ -226,3 +226,53 @@ fn copies_see_cached_writes_and_leave_no_stale_pages() {
         }
     })
 }
+
+/// A file of a lower layer open for reading while another descriptor copies a range into it
+/// (which copies it up): the reader sees the copied data at once, through its old descriptor,
+/// with the page cache and without it, as on kernel overlayfs, which switches such a file to
+/// the copy. (QA: with `--cache-size 0` the old descriptor went on reading the lower file —
+/// the kernel, having dropped its pages of the range, asked the daemon — and returned the old
+/// length and data.) Its SEEK_HOLE sees the new end too.
+#[test]
+fn a_reader_of_a_lower_file_sees_a_range_copied_into_it() {
+    with_timeout(TIMEOUT, || {
+        let lower = vec![file("f", &"L".repeat(4096)), file("src", &"S".repeat(8192))];
+        let run = |m: &Path| {
+            let r = File::open(m.join("f")).unwrap();
+            let mut b = vec![0u8; 8192];
+            let n = r.read_at(&mut b, 0).unwrap();
+            assert_eq!(n, 4096);
+            let s = File::open(m.join("src")).unwrap();
+            let d = OpenOptions::new().write(true).open(m.join("f")).unwrap();
+            let copied = cfr(&s, 0, &d, 2048, 4096);
+            drop((s, d));
+            let n = r.read_at(&mut b, 0).unwrap();
+            // SAFETY: lseek(2) on a descriptor we own.
+            let hole = unsafe { libc::lseek(r.as_raw_fd(), 0, libc::SEEK_HOLE) };
+            (
+                copied,
+                n,
+                b[..n].iter().filter(|c| **c == b'S').count(),
+                hole,
+            )
+        };
+        let d = Dirs::new(std::slice::from_ref(&lower), &[]);
+        let (merged, unmount) = mount_either(&d, true);
+        let kernel = run(&merged);
+        unmount();
+        assert_eq!(kernel, (Ok(4096), 6144, 4096, 6144), "kernel overlayfs");
+        for args in [
+            &[][..],
+            &["--cache-size", "0"][..],
+            &["--passthrough", "off", "--cache-size", "0"][..],
+        ] {
+            let m = Mount::with_args(lower.clone(), args);
+            assert_eq!(
+                run(&m.merged),
+                kernel,
+                "{args:?} (left) against kernel overlayfs"
+            );
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}

@@ -938,8 +938,9 @@ impl Union {
         Ok(())
     }
 
-    /// The fd to fill the cache from for a read through `f`: the upper file once the node
-    /// has been copied up, even if `f` was opened on a lower one.
+    /// The fd to read through `f` with (the cache's fills, reads without it, a copy's source,
+    /// lseek, fsync): the upper file once the node has been copied up, even if `f` was opened
+    /// on a lower one, as kernel overlayfs switches such a file to the copy.
     fn read_fd(&self, f: &OpenFile) -> Arc<OwnedFd> {
         if f.in_upper {
             return f.fd.clone();
@@ -1198,12 +1199,15 @@ impl Union {
             let fd = self.read_fd(&f);
             return c.read(f.ino, &f.ra, &fd, off, size).ctx("read");
         }
-        if f.direct_fd() {
-            return direct_read(f.fd.as_fd(), size as usize, off)
-                .map(crate::cache::ReadData::Owned);
+        // A handle opened on a lower file reads the upper file once the file is copied up,
+        // as through the cache. (Before, it went on reading the lower file: stale wherever
+        // the kernel had no page of its own, as after a copy_file_range into the file.)
+        let fd = self.read_fd(&f);
+        if f.direct_fd() && Arc::ptr_eq(&fd, &f.fd) {
+            return direct_read(fd.as_fd(), size as usize, off).map(crate::cache::ReadData::Owned);
         }
         let mut buf = vec![0u8; size as usize];
-        let n = layer::sys::pread_full(f.fd.as_fd(), &mut buf, off as i64).ctx("read")?;
+        let n = layer::sys::pread_full(fd.as_fd(), &mut buf, off as i64).ctx("read")?;
         buf.truncate(n);
         Ok(crate::cache::ReadData::Owned(buf))
     }
@@ -1417,11 +1421,7 @@ impl Union {
         if self.volatile {
             return Ok(());
         }
-        let fd = if self.cache.is_some() {
-            self.read_fd(&f)
-        } else {
-            f.fd.clone()
-        };
+        let fd = self.read_fd(&f);
         let r = if datasync {
             nix::unistd::fdatasync(fd.as_fd()).ctx("fdatasync")
         } else {
@@ -1545,11 +1545,7 @@ impl Union {
             }
             c.invalidate(fo.ino, off_out, len).ctx("write-back")?;
         }
-        let src = if self.cache.is_some() {
-            self.read_fd(&fi)
-        } else {
-            fi.fd.clone()
-        };
+        let src = self.read_fd(&fi);
         let copy = |n: u64| -> Result<usize> {
             copy_range(src.as_fd(), off_in, fo.fd.as_fd(), off_out, n)
         };
@@ -1603,11 +1599,7 @@ impl Union {
             libc::SEEK_END => nix::unistd::Whence::SeekEnd,
             _ => return Err(Error::new(Errno::EINVAL, "lseek whence")),
         };
-        let fd = if self.cache.is_some() {
-            self.read_fd(&f)
-        } else {
-            f.fd.clone()
-        };
+        let fd = self.read_fd(&f);
         nix::unistd::lseek(fd.as_fd(), off, w).ctx("lseek")
     }
 
