@@ -1150,3 +1150,47 @@ fn o_direct_reads_and_writes_in_every_configuration() {
         }
     });
 }
+
+/// st_blocks of files written through the page cache, before and after fsync, as on kernel
+/// overlayfs (ext4's delayed allocation counts the blocks it has reserved for data not yet on
+/// disk): a dense 1 MiB file counts its pages at once, a 4 KiB write at 100 MiB one block, not
+/// the 100 MiB its size spans. (QA: `du` of such a sparse file showed 100 MiB, for good.)
+#[test]
+fn blocks_of_written_files_are_their_data_not_their_size() {
+    with_timeout(TIMEOUT, || {
+        let run = |m: &Path| {
+            let mut seen = Vec::new();
+            for (name, off, len) in [("dense", 0u64, MIB as usize), ("sparse", 100 * MIB, 4096)] {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(m.join(name))
+                    .unwrap();
+                f.write_all_at(&vec![b'd'; len], off).unwrap();
+                let before = fs::metadata(m.join(name)).unwrap().blocks();
+                f.sync_all().unwrap();
+                drop(f);
+                let after = fs::metadata(m.join(name)).unwrap().blocks();
+                seen.push((name, before, after));
+            }
+            seen
+        };
+        let d = Dirs::new(&[vec![]], &[]);
+        let (merged, unmount) = mount_either(&d, true);
+        let kernel = run(&merged);
+        unmount();
+        assert_eq!(
+            kernel,
+            [("dense", 2048, 2048), ("sparse", 8, 8)],
+            "kernel overlayfs (ext4 upper)"
+        );
+        let m = mount_with(&[]);
+        assert_eq!(
+            run(&m.merged),
+            kernel,
+            "unionfs-rs (left) against kernel overlayfs"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

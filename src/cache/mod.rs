@@ -509,11 +509,12 @@ impl PageCache {
         }
     }
 
-    /// Size and mtime to show for `ino` after writes through the cache.
-    pub fn attr_override(&self, ino: u64) -> Option<(u64, (i64, i64))> {
+    /// Size and mtime to show for `ino` after writes through the cache, and how many of its
+    /// pages are dirty (not on disk yet).
+    pub fn attr_override(&self, ino: u64) -> Option<(u64, (i64, i64), u64)> {
         let f = self.files.get(&ino)?.clone();
         let st = f.st.lock();
-        st.mtime.map(|m| (st.size, m))
+        st.mtime.map(|m| (st.size, m, st.dirty.len() as u64))
     }
 
     /// Change the size of `ino` to `size` through `op` (which truncates the backing file),

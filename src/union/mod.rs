@@ -1201,11 +1201,15 @@ impl Union {
         let mut a = Attr::from_stat(fs, node.ino);
         a.generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
         if node.kind == libc::S_IFREG
-            && let Some((size, mtime)) = self.cache.as_ref().and_then(|c| c.attr_override(node.ino))
+            && let Some((size, mtime, dirty)) =
+                self.cache.as_ref().and_then(|c| c.attr_override(node.ino))
         {
-            // Written data not yet on disk: its size and time are already the file's.
+            // Written data not yet on disk: its size and time are already the file's, and its
+            // pages count as blocks (as a filesystem's delayed allocation counts its reserved
+            // ones), at most as many as the whole size takes. (Before: the whole size's
+            // blocks, for good — a sparse file written through the mount showed as full.)
             a.size = size;
-            a.blocks = a.blocks.max(size.div_ceil(4096) * 8);
+            a.blocks = (a.blocks + dirty * 8).min(a.blocks.max(size.div_ceil(4096) * 8));
             a.mtime = mtime;
             a.ctime = a.ctime.max(mtime);
         }
