@@ -250,3 +250,61 @@ fn closing_a_removed_lower_file_succeeds() {
         m.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+/// SEEK_DATA / SEEK_HOLE under the kernel's write-back cache. A file nobody writes: its holes
+/// as the upper file has them. A file written through a descriptor still open, whose pages the
+/// kernel may hold unseen by the daemon: never ENXIO inside the file (QA: SEEK_DATA and
+/// SEEK_HOLE from 0 both answered ENXIO, the daemon's file being still empty); the daemon
+/// leaves the answer to the kernel then (no holes, data up to the size).
+#[test]
+fn seek_data_and_hole_with_kernel_held_pages() {
+    use std::os::fd::AsRawFd;
+    with_timeout(TIMEOUT, || {
+        let m = mount(vec![], &[]);
+        assert_on(&m);
+        let seek = |f: &File, off: i64, whence: i32| {
+            // SAFETY: lseek(2) on a descriptor we own.
+            let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+            } else {
+                Ok(r)
+            }
+        };
+        const MIB: i64 = 1 << 20;
+        let f = File::create(m.path("closed")).unwrap();
+        f.write_all_at(&[b'c'; 4096], MIB as u64).unwrap();
+        drop(f);
+        let f = File::open(m.path("closed")).unwrap();
+        assert_eq!(
+            seek(&f, 0, libc::SEEK_DATA),
+            Ok(MIB),
+            "a closed sparse file"
+        );
+        assert_eq!(seek(&f, 0, libc::SEEK_HOLE), Ok(0));
+        drop(f);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.path("open"))
+            .unwrap();
+        f.write_all_at(&[b'o'; 4096], MIB as u64).unwrap();
+        let data = seek(&f, 0, libc::SEEK_DATA);
+        let hole = seek(&f, 0, libc::SEEK_HOLE);
+        assert!(
+            matches!(data, Ok(0) | Ok(MIB)),
+            "SEEK_DATA from 0 of a file with data at 1 MiB: {data:?}"
+        );
+        assert!(
+            matches!(hole, Ok(0) | Ok(1_052_672)),
+            "SEEK_HOLE from 0: {hole:?}"
+        );
+        assert_eq!(seek(&f, MIB + 100, libc::SEEK_DATA), Ok(MIB + 100));
+        assert_eq!(seek(&f, MIB + 100, libc::SEEK_HOLE), Ok(1_052_672));
+        assert_eq!(seek(&f, 1_052_672, libc::SEEK_DATA), Err(libc::ENXIO));
+        drop(f);
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

@@ -1588,6 +1588,19 @@ impl Union {
     /// lseek SEEK_DATA / SEEK_HOLE on an open file.
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let f = self.handle(fh)?;
+        if self.writeback_cache_on()
+            && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE)
+            && self.handles_on(f.ino).iter().any(|h| h.writable)
+        {
+            // The kernel's write-back cache may hold written pages of the file (and its size)
+            // that we have not seen: where they are cannot be told from here (before: ENXIO
+            // for offsets inside the file). ENOSYS makes the kernel answer itself from then on
+            // for the whole mount, as for a filesystem without holes: data up to its size.
+            return Err(Error::new(
+                Errno::ENOSYS,
+                "SEEK_DATA/SEEK_HOLE under the kernel's write-back cache",
+            ));
+        }
         if let Some(c) = &self.cache {
             // Holes and data as the file will be: write what is cached first.
             c.sync_file(f.ino).ctx("write-back")?;
