@@ -630,3 +630,42 @@ fn a_stale_inode_map_entry_does_not_merge_two_files() {
         }
     });
 }
+
+/// An inode map cut short inside a record (a part of one left at its end): the whole records
+/// before it still count, and the records appended by the next mount are read back aligned.
+/// (Review: they were appended after the partial record, so every later one was read
+/// misaligned and the copied-up files lost their numbers at the next mount.)
+#[test]
+fn an_inode_map_cut_inside_a_record_is_realigned() {
+    with_timeout(60, || {
+        let dirs = Dirs::new(&[vec![file("a", "lower a"), file("b", "lower b")]], &[]);
+        let ino = |m: &Mount, n: &str| fs::symlink_metadata(m.path(n)).unwrap().ino();
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let a0 = ino(&m, "a");
+        fs::write(m.path("a"), "a copied up").unwrap();
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        let map = dirs.work.join("unionfs/inomap");
+        let mut bytes = fs::read(&map).unwrap();
+        assert!(
+            !bytes.is_empty() && bytes.len() % 16 == 0,
+            "test setup: {}",
+            bytes.len()
+        );
+        bytes.extend_from_slice(&[0xab; 7]);
+        fs::write(&map, &bytes).unwrap();
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ino(&m, "a"), a0, "a record before the cut");
+        let b0 = ino(&m, "b");
+        fs::write(m.path("b"), "b copied up").unwrap();
+        assert!(m.log_text().contains("dropped"), "{}", m.log_text());
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fs::metadata(&map).unwrap().len() % 16, 0);
+        let m = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (ino(&m, "a"), ino(&m, "b")),
+            (a0, b0),
+            "numbers of the copied-up files after a remount"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

@@ -571,6 +571,9 @@ impl InoMap {
     pub fn open(file: &crate::quota::store::StateFile) -> std::io::Result<InoMap> {
         let map = crate::new_map();
         let buf = file.read()?.unwrap_or_default();
+        // Checked (a regular file with one name) before anything rewrites it: a refused mount
+        // leaves it as it was.
+        let mut f = file.open_append()?;
         let records = buf.len() as u64 / 16;
         {
             for rec in buf.chunks_exact(16) {
@@ -583,16 +586,27 @@ impl InoMap {
                 }
             }
         }
+        // A part of a record at the end (the file cut short by hand or by a disk error):
+        // records appended after it would all be read misaligned at the next mount. Rewritten
+        // whole records only.
+        let torn = buf.len() % 16 != 0;
+        if torn {
+            log::warn!(
+                "{}: {} bytes after the last whole record dropped",
+                file.shown().display(),
+                buf.len() % 16
+            );
+        }
         // Compact when dead records dominate: rewrite live records only, then append.
-        if records > 2 * map.len() as u64 + 1024 {
+        if torn || records > 2 * map.len() as u64 + 1024 {
             let mut out = Vec::with_capacity(map.len() * 16);
             for e in map.iter() {
                 out.extend_from_slice(&e.key().to_le_bytes());
                 out.extend_from_slice(&e.value().to_le_bytes());
             }
             file.replace(&out)?;
+            f = file.open_append()?;
         }
-        let f = file.open_append()?;
         Ok(InoMap {
             map,
             file: Some(Mutex::new(f)),
