@@ -1306,6 +1306,61 @@ fn count_mounts_at(p: &Path) -> usize {
         .count()
 }
 
+/// A private 0666 `/dev/fuse` for users of a test: /dev/fuse is root's 0600 here, so a 0666
+/// node is bound over it in the test's own mount namespace (podman-e2e chmods the real one).
+fn user_fuse_dev(base: &Path) -> PathBuf {
+    let dev = base.join("fuse");
+    let st = Command::new("mknod")
+        .args(["-m", "0666", &s(&dev), "c", "10", "229"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mknod");
+    dev
+}
+
+/// Run `inner` (sh) as root of a user namespace (and mount namespace) of its own whose root
+/// is host uid/gid `uid` (`unshare -Ur`, as podman's rootless mount program runs), with HOME
+/// `home` and no XDG_RUNTIME_DIR: (exit code, stdout, stderr).
+fn as_root_of_users_namespace(
+    dev: &Path,
+    uid: u32,
+    home: &Path,
+    inner: &str,
+) -> (Option<i32>, String, String) {
+    let outer = format!(
+        "mount --bind {dev} /dev/fuse && exec setpriv --reuid={uid} --regid={uid} \
+         --clear-groups unshare -U -m -r sh -c \"$0\"",
+        dev = s(dev)
+    );
+    let (st, out, err) = run_with_timeout(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &outer, inner])
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("HOME", home),
+        Duration::from_secs(40),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (st.code(), out, err)
+}
+
+/// A fresh 0755 directory under /var/tmp for a test run by other users.
+fn users_base(prefix: &str) -> tempfile::TempDir {
+    let base = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    base
+}
+
+fn chown_r(p: &Path, uid: u32) {
+    let st = Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}"), &s(p)])
+        .status()
+        .unwrap();
+    assert!(st.success(), "chown");
+}
+
 /// Root of two users' user namespaces without `$XDG_RUNTIME_DIR` (podman's rootless mount
 /// program run by hand, `unshare -Ur`) each mount and each get a control socket: the socket
 /// directory in /tmp is named by the uid outside (before: both used `/tmp/unionfs-rs-0`, the
@@ -1313,19 +1368,8 @@ fn count_mounts_at(p: &Path) -> usize {
 #[test]
 fn roots_of_two_users_namespaces_each_get_a_control_socket() {
     with_timeout(90, || {
-        let base = tempfile::Builder::new()
-            .prefix("unionfs-userns-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        // /dev/fuse is root's 0600 here: a 0666 node bound over it in the test's own mount
-        // namespace lets the users open it (podman-e2e chmods the real one instead).
-        let dev = base.path().join("fuse");
-        let st = Command::new("mknod")
-            .args(["-m", "0666", &s(&dev), "c", "10", "229"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "mknod");
+        let base = users_base("unionfs-userns-");
+        let dev = user_fuse_dev(base.path());
         let users = [3101u32, 3102];
         let sock_dir = |u: u32| PathBuf::from(format!("/tmp/unionfs-rs-{u}"));
         for (i, u) in users.iter().enumerate() {
@@ -1335,11 +1379,7 @@ fn roots_of_two_users_namespaces_each_get_a_control_socket() {
                 fs::create_dir_all(d.join(sub)).unwrap();
             }
             fs::write(d.join("l/f"), format!("user {i}\n")).unwrap();
-            let st = Command::new("chown")
-                .args(["-R", &format!("{u}:{u}"), &s(&d)])
-                .status()
-                .unwrap();
-            assert!(st.success(), "chown");
+            chown_r(&d, *u);
         }
         let mut outs = Vec::new();
         for u in users {
@@ -1351,20 +1391,8 @@ fn roots_of_two_users_namespaces_each_get_a_control_socket() {
                 "{b} mount --userxattr {l} {up} {m} || exit 3; \
                  cat {m}/f; {b} stats {m}; r=$?; {b} umount {m} || umount -l {m}; exit $r"
             );
-            let outer = format!(
-                "mount --bind {dev} /dev/fuse && exec setpriv --reuid={u} --regid={u} \
-                 --clear-groups unshare -U -m -r sh -c \"$0\"",
-                dev = s(&dev)
-            );
-            let (st, out, err) = run_with_timeout(
-                Command::new("unshare")
-                    .args(["-m", "sh", "-c", &outer, &inner])
-                    .env_remove("XDG_RUNTIME_DIR")
-                    .env("HOME", &d),
-                Duration::from_secs(40),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-            outs.push((u, st.code(), out, err));
+            let (code, out, err) = as_root_of_users_namespace(&dev, u, &d, &inner);
+            outs.push((u, code, out, err));
         }
         for u in users {
             let _ = fs::remove_dir_all(sock_dir(u));
@@ -1374,6 +1402,83 @@ fn roots_of_two_users_namespaces_each_get_a_control_socket() {
             assert!(out.starts_with(&format!("user {i}\n")), "user {u}: {out}");
             assert!(out.contains("pid:"), "user {u}: no stats: {out}\n{err}");
         }
+    });
+}
+
+/// Rootless, a lower file's ACL and a lower directory's default ACL name a user the
+/// namespace does not map: `getfacl` works (the entry is left out: from inside it reads as
+/// (uid_t)-1, which FUSE refuses in an ACL), the file can be written (copied up, its ACL
+/// without that entry, the rest kept) and files can be made in the directory. (QA: EINVAL
+/// for all four; kernel overlayfs keeps the raw entry, which no daemon can write.)
+#[test]
+fn acls_naming_unmapped_users_do_not_stop_a_rootless_mount() {
+    with_timeout(90, || {
+        let base = users_base("unionfs-userns-acl-");
+        let dev = user_fuse_dev(base.path());
+        let u = 3103u32;
+        let _ = fs::remove_dir_all(format!("/tmp/unionfs-rs-{u}"));
+        let d = base.path().join("d");
+        for sub in ["l/dacl", "u", "m"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        fs::write(d.join("l/acl"), "lower\n").unwrap();
+        chown_r(&d, u);
+        for (p, spec) in [
+            ("l/acl", "u:4321:r,u:3103:rw,g:4321:r"),
+            ("l/dacl", "d:u:4321:rwx,d:g::rx"),
+        ] {
+            let st = Command::new("setfacl")
+                .args(["-m", spec, &s(&d.join(p))])
+                .status()
+                .unwrap();
+            assert!(st.success(), "setfacl {p}");
+        }
+        let (l, up, m) = (s(&d.join("l")), s(&d.join("u")), s(&d.join("m")));
+        let b = BIN;
+        let inner = format!(
+            "{b} mount --userxattr {l} {up} {m} || exit 3; cd {m} || exit 4; \
+             getfacl -cn acl | tr '\\n' ' '; echo; \
+             echo more >> acl && echo appended; touch dacl/new && echo created; \
+             cd /; {b} umount {m} || umount -l {m}"
+        );
+        let (code, out, err) = as_root_of_users_namespace(&dev, u, &d, &inner);
+        let _ = fs::remove_dir_all(format!("/tmp/unionfs-rs-{u}"));
+        assert_eq!(code, Some(0), "stdout {out}\nstderr {err}");
+        let lines: Vec<String> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "user::rw- user:0:rw- group::r-- mask::rw- other::r--",
+                "appended",
+                "created"
+            ],
+            "stderr {err}"
+        );
+        assert_eq!(
+            fs::read_to_string(d.join("u/acl")).unwrap(),
+            "lower\nmore\n"
+        );
+        let acl = Command::new("getfacl")
+            .args(["-cn", &s(&d.join("u/acl"))])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&acl.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [
+                "user::rw-",
+                "user:3103:rw-",
+                "group::r--",
+                "mask::rw-",
+                "other::r--"
+            ],
+            "the copy's ACL on disk"
+        );
+        assert!(d.join("u/dacl/new").exists());
     });
 }
 

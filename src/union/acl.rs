@@ -69,6 +69,27 @@ pub fn encode(acl: &[Entry]) -> Vec<u8> {
     v
 }
 
+/// The id a named entry shows when its user or group has no id in the reader's user namespace
+/// ((uid_t)-1: the kernel's posix_acl_to_xattr gives it for an unmapped kuid).
+const UNMAPPED: u32 = u32::MAX;
+
+/// `v` without its named entries of users or groups unmapped in the daemon's user namespace
+/// (None: there are none, or `v` is not an ACL). Rootless, a layer's ACL may name a host id
+/// the namespace does not map: read from here it names (uid_t)-1, which the FUSE kernel refuses
+/// in an ACL we answer with (EINVAL for every getxattr, and so `getfacl`) and which no setxattr
+/// accepts (EINVAL for every copy-up of the file, and every create under a default ACL naming
+/// it). Left out, they grant nothing to anyone in the namespace, where no process can be that
+/// id. (Kernel overlayfs keeps the kernel's raw entry, which no userspace daemon can reach.)
+pub fn strip_unmapped(v: &[u8]) -> Option<Vec<u8>> {
+    let acl = parse(v).ok()?;
+    let named = |e: &Entry| matches!(e.tag, USER | GROUP) && e.id == UNMAPPED;
+    if !acl.iter().any(named) {
+        return None;
+    }
+    let kept: Vec<Entry> = acl.into_iter().filter(|e| !named(e)).collect();
+    Some(encode(&kept))
+}
+
 /// Is `name` one of the two ACL xattrs?
 pub fn is_acl_name(name: &[u8]) -> bool {
     name == ACCESS.as_bytes() || name == DEFAULT.as_bytes()
@@ -142,7 +163,7 @@ fn map_ids(
 /// grant that user (nobody) what they grant, while no process of the view can be their id.
 pub fn to_view(v: &[u8], uids: &IdMap, gids: &IdMap) -> Result<Vec<u8>, Errno> {
     if uids.is_identity() && gids.is_identity() {
-        return Ok(v.to_vec());
+        return Ok(strip_unmapped(v).unwrap_or_else(|| v.to_vec()));
     }
     map_ids(v, |u| uids.view_of(u), |g| gids.view_of(g), true)
 }
@@ -202,6 +223,8 @@ impl Union {
         let Some((_, dv)) = all.iter().find(|(n, _)| n.as_bytes() == DEFAULT.as_bytes()) else {
             return Ok((mode & !(umask & 0o777), Vec::new()));
         };
+        let stripped = strip_unmapped(dv);
+        let dv = stripped.as_ref().unwrap_or(dv);
         let default = parse(dv).map_err(|e| super::Error::new(e, "parent's default ACL"))?;
         if default.is_empty() {
             // No entries: no default ACL (posix_acl_from_xattr gives none).

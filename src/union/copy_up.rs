@@ -400,6 +400,14 @@ pub(crate) fn copy_meta(
     Ok(())
 }
 
+/// An ACL xattr's value without its entries for unmapped ids, if it has any.
+fn acl_stripped(name: &OsStr, v: &[u8]) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    super::acl::is_acl_name(name.as_bytes())
+        .then(|| super::acl::strip_unmapped(v))
+        .flatten()
+}
+
 /// Copy every xattr except the overlay-private ones.
 fn copy_xattrs(
     u: &Union,
@@ -424,6 +432,18 @@ fn copy_xattrs(
             // as the kernel skips what it may not copy.
             Err(Errno::EPERM) | Err(Errno::EACCES) | Err(Errno::ENOTSUP) => continue,
             Err(e) => return Err(Error::new(e, "copy-up: getxattr")),
+        };
+        // (Entries for ids our user namespace does not map cannot be set again: see
+        // acl::strip_unmapped.)
+        let v = match acl_stripped(&x, &v) {
+            Some(s) => {
+                log::warn!(
+                    "copy-up of {name:?}: {x:?} names users or groups this user namespace \
+                     does not map; those entries are left out of the copy"
+                );
+                s
+            }
+            None => v,
         };
         match sys::set_xattr(dst_dir, dst_name, &x, &v, 0) {
             Ok(()) => {}
