@@ -233,3 +233,59 @@ fn removals_race_other_uses_of_the_name() {
         }
     })
 }
+
+/// Lookups racing the removal of the name they look up (revalidations, which the kernel sends
+/// without the directory's lock; `ttl=0` makes every stat one) must not leave the file's node
+/// with a name that is gone: `a`, `b`, `c` are one file; threads stat `b` while `b` and then
+/// `a` are removed; `c` must still stat, and a link of `c` must be a name of that file, not of
+/// a new `b`. (Review: the lookup added `b` back to the node after the unlink had taken it;
+/// the node then went by `b`: `stat(c)` failed with ENOENT, and `link(c, d)` linked the new
+/// `b` — 7 of 3000 rounds.)
+#[test]
+fn lookups_racing_a_removal_leave_no_stale_name() {
+    with_timeout(TIMEOUT, || {
+        let m = Mount::with_args(vec![], &["-o", "ttl=0"]);
+        let p = |n: &str| m.path(n);
+        let (stat_failed, wrong_link) = (&mut 0u32, &mut 0u32);
+        for _round in 0..3000 {
+            for n in ["a", "b", "c", "d"] {
+                let _ = fs::remove_file(p(n));
+            }
+            fs::write(p("a"), "AAAA").unwrap();
+            fs::hard_link(p("a"), p("b")).unwrap();
+            fs::hard_link(p("a"), p("c")).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let lookers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (stop, b) = (stop.clone(), p("b"));
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let _ = fs::symlink_metadata(&b);
+                        }
+                    })
+                })
+                .collect();
+            fs::remove_file(p("b")).unwrap();
+            fs::remove_file(p("a")).unwrap();
+            if fs::symlink_metadata(p("c")).is_err() {
+                *stat_failed += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+            for t in lookers {
+                t.join().unwrap();
+            }
+            fs::write(p("b"), "XXXX").unwrap();
+            if fs::hard_link(p("c"), p("d")).is_ok()
+                && fs::read_to_string(p("d")).unwrap_or_default() != "AAAA"
+            {
+                *wrong_link += 1;
+            }
+        }
+        assert_eq!(
+            (*stat_failed, *wrong_link),
+            (0, 0),
+            "(stat(c) failed, link(c, d) made a name of another file) in 3000 rounds"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

@@ -332,6 +332,15 @@ impl Union {
         }
         self.copy_up(&node)?;
         let (sdir, sname) = self.open_parent_in(&node, LayerRef::Upper)?;
+        // The name the node goes by must still be its object's (a link by a name taken by
+        // another file since would make a name of that one).
+        let sfs = layer::stat_at(sdir.as_fd(), &sname).ctx("stat link source")?;
+        if !self.is_nodes_object(&node, LayerRef::Upper, &sfs, &node.state()) {
+            return Err(Error::new(
+                Errno::ESTALE,
+                "link: the source's name is another file's now",
+            ));
+        }
         let build = |d: BorrowedFd<'_>, n: &OsStr| -> Result<Option<OwnedFd>> {
             nix::unistd::linkat(sdir.as_fd(), sname.as_os_str(), d, n, AtFlags::empty())
                 .ctx("link")?;

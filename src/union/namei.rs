@@ -34,6 +34,9 @@ pub struct Found {
     pub impure: u64,
     /// [`Union::upper_only_marks`] when the lookup began.
     pub stamp: Option<u64>,
+    /// [`Union::dir_stamp`] of the parent when the lookup began: a removal or rename in it
+    /// since may have taken the name from the object found.
+    pub dir_stamp: Option<u64>,
 }
 
 impl Found {
@@ -116,6 +119,7 @@ impl Union {
         // A copy-up of this name not yet committed is not in upper yet.
         self.commits.wait_name(parent.ino, name);
         let stamp = self.upper_only_marks.stamp();
+        let dir_stamp = self.dir_stamp(parent.ino);
         // Only what lookup needs, without cloning names (the hot path).
         let (p_upper, p_lowers, p_impure) = {
             let st = parent.st.lock();
@@ -161,6 +165,7 @@ impl Union {
                             redirects: Vec::new(),
                             data: None,
                             stamp,
+                            dir_stamp,
                             impure: if marks.impure {
                                 impure_bit(LayerRef::Upper)
                             } else {
@@ -278,6 +283,7 @@ impl Union {
                     data: None,
                     impure: 0,
                     stamp,
+                    dir_stamp,
                 }),
                 Some(f) => {
                     f.lowers.push(li);
@@ -851,12 +857,34 @@ impl Union {
                 // A set: 60,000 names of one file are looked up in O(1) each, not a scan of
                 // them all (quadratic; review).
                 if !same && !st.aliases.contains(&(parent, name.to_os_string())) {
+                    // A name new to the node, found before a removal or rename in the
+                    // directory that began meanwhile: it may be gone from the object already
+                    // (a revalidating LOOKUP runs beside an UNLINK or RENAME of the name). Not
+                    // taken on trust: the node would keep a name that is not its own, and
+                    // whatever goes by the node's name (getattr, link) would reach nothing or
+                    // another file (review: a link made a second name of another file).
+                    let settled = self.dir_unchanged(parent, f.dir_stamp);
                     if is_dir {
                         // A directory has one name: it moved.
-                        st.parent = parent;
-                        st.name = name.to_os_string();
+                        if settled || {
+                            drop(st);
+                            let now = self.names_it_now(parent, name, &node);
+                            st = node.st.lock();
+                            now
+                        } {
+                            st.parent = parent;
+                            st.name = name.to_os_string();
+                        }
                     } else {
                         Arc::make_mut(&mut st.aliases).insert((parent, name.to_os_string()));
+                        if !settled {
+                            drop(st);
+                            // Checked once it is in: a removal that took it from the disk
+                            // before this check is seen here, one after it drops it itself.
+                            if !self.names_it_now(parent, name, &node) {
+                                drop_name(&node, parent, name);
+                            }
+                        }
                     }
                 }
             }
@@ -930,7 +958,9 @@ impl Union {
         match self.find(&p, name) {
             Ok(Some(f)) => {
                 f.stat.st_mode & libc::S_IFMT == node.kind
-                    && self.node_ino(f.top, &f.stat, parent, name) == node.ino
+                    && (self.node_ino(f.top, &f.stat, parent, name) == node.ino
+                        // (A node with a number of its own: by its upper object.)
+                        || self.is_nodes_object(node, f.top, &f.stat, &node.state()))
             }
             _ => false,
         }
