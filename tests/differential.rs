@@ -1372,3 +1372,58 @@ fn posix_acls_are_enforced_and_inherited() {
         })
         .run();
 }
+
+/// The `-o` form with AUFS whiteouts in upper (containers-storage mounts a committed layer as
+/// upper to diff it): a directory made where `.wh.d` hides a lower `d` is opaque and the
+/// `.wh.d` is gone (before: a plain directory, and the hidden lower `d`'s files showed in it
+/// after a remount); a file made over `.wh.f` replaces it; and `.wh.*` names cannot be made
+/// through the mount (EPERM, as aufs): one would hide NAME and itself, with no way to remove
+/// it (QA: `echo > .wh.victim` hid `victim` for good).
+#[test]
+fn aufs_whiteouts_in_upper_are_replaced_and_aufs_names_refused() {
+    with_timeout(60, || {
+        use std::fs;
+        let lower = vec![
+            file("d/secret", "hidden"),
+            file("f", "hidden file"),
+            file("victim", "kept"),
+        ];
+        let ud = Dirs::new(&[lower], &[file(".wh.d", ""), file(".wh.f", "")]);
+        let args = |ud: &Dirs| {
+            vec![
+                "-o".to_string(),
+                format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    ud.lowerdir_arg(),
+                    ud.upper.display(),
+                    ud.work.display()
+                ),
+                ud.merged.to_str().unwrap().to_string(),
+            ]
+        };
+        let u = Mount::start_args(&ud, &args(&ud)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !u.path("d").exists() && !u.path("f").exists(),
+            "hidden by upper's .wh."
+        );
+        fs::create_dir(u.path("d")).unwrap();
+        fs::write(u.path("f"), "new").unwrap();
+        for name in [".wh.victim", ".wh..wh..opq", ".wh.new"] {
+            let e = fs::write(u.path(name), "x").expect_err(name);
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "create {name}");
+        }
+        let e = fs::rename(u.path("f"), u.path(".wh.victim")).expect_err("rename to .wh.");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        assert_eq!(fs::read_to_string(u.path("victim")).unwrap(), "kept");
+        u.unmount().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!ud.upper.join(".wh.d").exists() && !ud.upper.join(".wh.f").exists());
+        let u = Mount::start_args(&ud, &args(&ud)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fs::read_dir(u.path("d")).unwrap().count(),
+            0,
+            "the hidden lower d merged with the new one after a remount"
+        );
+        assert_eq!(fs::read_to_string(u.path("f")).unwrap(), "new");
+        u.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}

@@ -45,13 +45,23 @@ impl Union {
         is_dir: bool,
         build: &dyn Fn(BorrowedFd<'_>, &OsStr) -> Result<Option<OwnedFd>>,
     ) -> Result<(Arc<OwnedFd>, Option<OwnedFd>, bool)> {
+        refuse_aufs_meta(self, name)?;
         self.copy_up(parent)?;
         let _changing = self.dir_changing(&[parent.ino]);
         let dir = self.dir_fd(parent, LayerRef::Upper).ctx("open upper dir")?;
         // Made in place unless the name is taken (every kind of creation refuses an existing
         // name): then a whiteout there is replaced, anything else is EEXIST.
         match self.dir_op(&[dir.as_fd()], true, || build(dir.as_fd(), name)) {
-            Ok(f) => return Ok((dir, f, false)),
+            Ok(f) => {
+                // An AUFS whiteout of the name in upper (a committed layer mounted as upper)
+                // is replaced too: a directory made opaque (else the lower one it hid would
+                // merge with it at the next lookup), the `.wh.` file removed.
+                let over_wh = self.names.aufs_whiteout(dir.as_fd(), name);
+                if over_wh {
+                    self.drop_aufs_whiteout(dir.as_fd(), name, is_dir)?;
+                }
+                return Ok((dir, f, over_wh));
+            }
             Err(e) if e.errno == Errno::EEXIST => {}
             Err(e) => return Err(e),
         }
@@ -93,6 +103,27 @@ impl Union {
                 self.account(-freed.0, -freed.1);
                 Err(e)
             }
+        }
+    }
+
+    /// Replace upper's AUFS whiteout of `name` by the object just made there: a directory is
+    /// marked opaque, then `.wh.NAME` is removed (a crash in between leaves both, which hide
+    /// the lower object all the same).
+    fn drop_aufs_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
+        if is_dir {
+            self.names
+                .set_opaque(dir, name)
+                .ctx("create over an AUFS whiteout: set opaque")?;
+        }
+        let mut wh = std::ffi::OsString::from(".wh.");
+        wh.push(name);
+        let st = layer::stat_at(dir, &wh).ctx("stat AUFS whiteout")?;
+        match nix::unistd::unlinkat(dir, wh.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {
+                self.account(-super::charge::alloc(&st), -i64::from(st.st_nlink <= 1));
+                Ok(())
+            }
+            Err(e) => Err(Error::new(e, "remove AUFS whiteout")),
         }
     }
 
@@ -929,6 +960,7 @@ impl Union {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
+        refuse_aufs_meta(self, newname)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
@@ -1195,4 +1227,17 @@ impl Union {
         drop(dst_known);
         Ok(())
     }
+}
+
+/// With AUFS whiteouts honoured, `.wh.*` names are whiteout metadata (as in the OCI layer
+/// format), never entries: one made through the mount would hide NAME and itself (and could
+/// not be removed again). Refused, as aufs refuses them (EPERM).
+fn refuse_aufs_meta(u: &Union, name: &OsStr) -> Result<()> {
+    if u.names.is_aufs_meta(name) {
+        return Err(Error::new(
+            Errno::EPERM,
+            "a `.wh.` name is AUFS whiteout metadata here",
+        ));
+    }
+    Ok(())
 }
