@@ -978,9 +978,24 @@ impl Union {
     pub fn lookup_from(&self, parent: u64, name: &OsStr, from: Option<LayerRef>) -> Result<Attr> {
         let p = self.node(parent)?;
         // (A copy-up since the listing is found: upper is always searched, `find_from`.)
-        let f = self
+        let mut f = self
             .find_from(&p, name, from)?
             .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
+        // Found below while a directory was being made upper-only (dir_rename=copy): its
+        // lower layers may have been read before they were dropped and its whiteouts after
+        // they were removed, so a removed lower file would show again. Looked up again, with
+        // a moment for a marking still running to end (a few times at most: they are rare,
+        // and one runs only while a directory is renamed).
+        let mut tries = 0u32;
+        while f.top != LayerRef::Upper && !self.upper_only_marks.unchanged(f.stamp) && tries < 4 {
+            if f.stamp.is_none() || tries > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(250 << tries));
+            }
+            tries += 1;
+            f = self
+                .find_from(&p, name, from)?
+                .ok_or(Error::new(Errno::ENOENT, "lookup"))?;
+        }
         let (_, attr) = self.node_for(parent, name, &f, 1);
         Ok(attr)
     }
