@@ -290,11 +290,20 @@ impl Union {
         let res = self.reserve(1, if is_dir { 4096 } else { 0 })?;
         let (dir, fd, over_wh) = self.install(&p, name, is_dir, &build)?;
         let made = self.set_owner(dir.as_fd(), name, fd.as_ref().map(|f| f.as_fd()), who);
-        let fs = made.inspect_err(|_| {
-            // The object is there although the create failed: the kernel must not keep the
-            // negative entry it looked up before.
-            self.kernel_forget(vec![super::Forget::Entry(parent, name.to_os_string())]);
-        })?;
+        let fs = match made {
+            Ok(fs) => fs,
+            Err(e) => {
+                // The object is there although the create failed: the kernel must not keep
+                // the negative entry it looked up before, and the quota counts it (review:
+                // its reservation was dropped, one inode short for good).
+                self.kernel_forget(vec![super::Forget::Entry(parent, name.to_os_string())]);
+                if let Ok(st) = layer::stat_at(dir.as_fd(), name) {
+                    res.settle(super::charge::alloc(&st), 1);
+                    self.inomap.set(st.st_ino, 0);
+                }
+                return Err(e);
+            }
+        };
         res.settle(super::charge::alloc(&fs), 1);
         // A new upper inode: forget any stale origin recorded for a reused inode number.
         self.inomap.set(fs.st_ino, 0);
