@@ -261,6 +261,20 @@ fn aufs_names_are_ordinary_files_in_positional_form() {
         .run();
 }
 
+/// The fuse-overlayfs `-o lowerdir=…,upperdir=…,workdir=… MERGED` arguments for `d`.
+fn option_form(d: &Dirs) -> Vec<String> {
+    vec![
+        "-o".to_string(),
+        format!(
+            "lowerdir={},upperdir={},workdir={}",
+            d.lowerdir_arg(),
+            d.upper.display(),
+            d.work.display()
+        ),
+        d.merged.to_str().unwrap().to_string(),
+    ]
+}
+
 /// The fuse-overlayfs `-o lowerdir=` form honours AUFS whiteouts in lowers (DESIGN.md section 2):
 /// its view must equal kernel overlayfs over the same layers in overlayfs form.
 #[test]
@@ -269,17 +283,7 @@ fn aufs_whiteouts_honoured_in_option_form() {
         let kd = Dirs::new(&aufs_lowers_as_overlay(), &[]);
         let ud = Dirs::new(&aufs_lowers(), &[]);
         let k = OverlayMount::start(&kd, &MountOpts::default()).unwrap();
-        let args = vec![
-            "-o".to_string(),
-            format!(
-                "lowerdir={},upperdir={},workdir={}",
-                ud.lowerdir_arg(),
-                ud.upper.display(),
-                ud.work.display()
-            ),
-            ud.merged.to_str().unwrap().to_string(),
-        ];
-        let u = Mount::start_args(&ud, &args).unwrap_or_else(|e| panic!("{e}"));
+        let u = Mount::start_args(&ud, &option_form(&ud)).unwrap_or_else(|e| panic!("{e}"));
         let ops = [
             op_readdir(""),
             op_readdir("d"),
@@ -1389,19 +1393,7 @@ fn aufs_whiteouts_in_upper_are_replaced_and_aufs_names_refused() {
             file("victim", "kept"),
         ];
         let ud = Dirs::new(&[lower], &[file(".wh.d", ""), file(".wh.f", "")]);
-        let args = |ud: &Dirs| {
-            vec![
-                "-o".to_string(),
-                format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    ud.lowerdir_arg(),
-                    ud.upper.display(),
-                    ud.work.display()
-                ),
-                ud.merged.to_str().unwrap().to_string(),
-            ]
-        };
-        let u = Mount::start_args(&ud, &args(&ud)).unwrap_or_else(|e| panic!("{e}"));
+        let u = Mount::start_args(&ud, &option_form(&ud)).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             !u.path("d").exists() && !u.path("f").exists(),
             "hidden by upper's .wh."
@@ -1417,7 +1409,7 @@ fn aufs_whiteouts_in_upper_are_replaced_and_aufs_names_refused() {
         assert_eq!(fs::read_to_string(u.path("victim")).unwrap(), "kept");
         u.unmount().unwrap_or_else(|e| panic!("{e}"));
         assert!(!ud.upper.join(".wh.d").exists() && !ud.upper.join(".wh.f").exists());
-        let u = Mount::start_args(&ud, &args(&ud)).unwrap_or_else(|e| panic!("{e}"));
+        let u = Mount::start_args(&ud, &option_form(&ud)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             fs::read_dir(u.path("d")).unwrap().count(),
             0,
