@@ -631,3 +631,36 @@ fn a_failed_copy_up_commit_reverts_to_the_lower_file() {
         m.unmount().expect("unmount");
     })
 }
+
+/// After files of a directory are copied up (their commits in the background), the
+/// directory's ctime in the view is the one on disk: the commits' renames changed it after the
+/// kernel had cached the attributes. (QA: 194 directories of a git tree showed a ctime a few
+/// ms old until a remount.)
+#[test]
+fn a_directory_shows_the_ctime_its_commits_left() {
+    with_timeout(TIMEOUT, || {
+        let lower: Vec<Entry> = (0..50).map(|i| file(&format!("d/f{i}"), "lower")).collect();
+        let m = Mount::with_args(lower, &[]);
+        for i in 0..50 {
+            append(&m.path(&format!("d/f{i}")), b" more");
+        }
+        // Cached by the kernel now, while commits may still be pending.
+        let _ = fs::metadata(m.path("d")).unwrap();
+        sync_mount(&m);
+        let ctime = |p: &Path| {
+            let md = fs::metadata(p).unwrap();
+            (md.ctime(), md.ctime_nsec())
+        };
+        let s = daemon_stats(&m.merged);
+        assert!(
+            s.get("copyup_deferred_commits").copied().unwrap_or(0) > 0,
+            "test setup: no commit deferred: {s:?}"
+        );
+        assert_eq!(
+            ctime(&m.path("d")),
+            ctime(&m.dirs.upper.join("d")),
+            "the view's ctime of d (left) against upper's"
+        );
+        m.unmount().expect("unmount");
+    })
+}

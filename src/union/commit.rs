@@ -607,6 +607,10 @@ impl Union {
         if committing.quiet() {
             restore_mtime(dst, &pstat);
         }
+        // The rename (and the restore) changed the directory's ctime after the kernel had
+        // been answered: it fetches the attributes again (QA: a directory's ctime stayed a
+        // few ms old until a remount, after the copy-ups of files in it).
+        self.kernel_forget_now(&super::Forget::Attr(c.parent));
         let Some(m) = c.moving.get() else {
             return Ok(true);
         };
@@ -632,6 +636,7 @@ impl Union {
             ]);
             return Ok(false);
         }
+        self.kernel_forget_now(&super::Forget::Attr(m.newparent));
         Ok(true)
     }
 
