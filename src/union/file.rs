@@ -973,6 +973,19 @@ impl Union {
             .filter(|fd| {
                 self.check_opened(&node, LayerRef::Upper, fd.as_fd())
                     .is_ok()
+            })
+            // Removed since its copy-up (unlinked, or replaced by a rename): the object the
+            // daemon holds for the kernel, reopened through our own descriptor of it (review:
+            // the handle went back to reading the lower file).
+            .or_else(|| {
+                let pin = node.pin.lock();
+                let held = pin.as_ref().and_then(|p| p.fd())?;
+                nix::fcntl::open(
+                    format!("/proc/self/fd/{}", held.as_raw_fd()).as_str(),
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .ok()
             });
         match opened {
             Some(fd) => f.upper_fd.get_or_init(|| Arc::new(fd)).clone(),
@@ -1594,11 +1607,12 @@ impl Union {
         {
             // The kernel's write-back cache may hold written pages of the file (and its size)
             // that we have not seen: where they are cannot be told from here (before: ENXIO
-            // for offsets inside the file). ENOSYS makes the kernel answer itself from then on
-            // for the whole mount, as for a filesystem without holes: data up to its size.
+            // for offsets inside the file). EINVAL, as a filesystem without SEEK_DATA answers:
+            // copying tools then read the file whole. (Not ENOSYS: the kernel would stop
+            // asking for every file of the mount, whose holes we do know.)
             return Err(Error::new(
-                Errno::ENOSYS,
-                "SEEK_DATA/SEEK_HOLE under the kernel's write-back cache",
+                Errno::EINVAL,
+                "SEEK_DATA/SEEK_HOLE of a file the kernel may hold written pages of",
             ));
         }
         if let Some(c) = &self.cache {
