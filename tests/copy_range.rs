@@ -276,3 +276,63 @@ fn a_reader_of_a_lower_file_sees_a_range_copied_into_it() {
         }
     });
 }
+
+/// The same reader after the file it reads is copied up by an append and then removed
+/// (unlinked, or replaced by a rename): it reads the copy, as on kernel overlayfs. (Review:
+/// without the page cache the handle went back to reading the lower file once the copy's
+/// name was gone.)
+#[test]
+fn a_reader_of_a_lower_file_sees_the_copy_after_its_removal() {
+    with_timeout(TIMEOUT, || {
+        let lower = vec![file("f", "old\n"), file("g", "old\n")];
+        let run = |m: &Path| {
+            let mut seen = Vec::new();
+            for (name, replace) in [("f", false), ("g", true)] {
+                let r = File::open(m.join(name)).unwrap();
+                let mut b = vec![0u8; 64];
+                let n = r.read_at(&mut b, 0).unwrap();
+                assert_eq!(&b[..n], b"old\n");
+                OpenOptions::new()
+                    .append(true)
+                    .open(m.join(name))
+                    .unwrap()
+                    .write_all(b"new\n")
+                    .unwrap();
+                if replace {
+                    fs::write(m.join("other"), "other\n").unwrap();
+                    fs::rename(m.join("other"), m.join(name)).unwrap();
+                } else {
+                    fs::remove_file(m.join(name)).unwrap();
+                }
+                let n = r.read_at(&mut b, 0).unwrap();
+                seen.push((name, String::from_utf8_lossy(&b[..n]).into_owned()));
+            }
+            seen
+        };
+        let d = Dirs::new(std::slice::from_ref(&lower), &[]);
+        let (merged, unmount) = mount_either(&d, true);
+        let kernel = run(&merged);
+        unmount();
+        assert_eq!(
+            kernel,
+            [
+                ("f", "old\nnew\n".to_string()),
+                ("g", "old\nnew\n".to_string())
+            ],
+            "kernel overlayfs"
+        );
+        for args in [
+            &[][..],
+            &["--cache-size", "0"][..],
+            &["--passthrough", "off", "--cache-size", "0"][..],
+        ] {
+            let m = Mount::with_args(lower.clone(), args);
+            assert_eq!(
+                run(&m.merged),
+                kernel,
+                "{args:?} (left) against kernel overlayfs"
+            );
+            m.unmount().unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+}

@@ -107,24 +107,24 @@ impl Union {
     }
 
     /// Replace upper's AUFS whiteout of `name` by the object just made there: a directory is
-    /// marked opaque, then `.wh.NAME` is removed (a crash in between leaves both, which hide
-    /// the lower object all the same).
+    /// marked opaque (if that fails, the directory is removed again and the create fails),
+    /// then `.wh.NAME` is removed — best effort: the object hides the lower one without it.
     fn drop_aufs_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
-        if is_dir {
-            self.names
-                .set_opaque(dir, name)
-                .ctx("create over an AUFS whiteout: set opaque")?;
+        if is_dir && let Err(e) = self.names.set_opaque(dir, name) {
+            let _ = nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir);
+            return Err(Error::new(e, "create over an AUFS whiteout: set opaque"));
         }
         let mut wh = std::ffi::OsString::from(".wh.");
         wh.push(name);
-        let st = layer::stat_at(dir, &wh).ctx("stat AUFS whiteout")?;
-        match nix::unistd::unlinkat(dir, wh.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {
-                self.account(-super::charge::alloc(&st), -i64::from(st.st_nlink <= 1));
-                Ok(())
-            }
-            Err(e) => Err(Error::new(e, "remove AUFS whiteout")),
+        let Ok(st) = layer::stat_at(dir, &wh) else {
+            return Ok(());
+        };
+        match nix::unistd::unlinkat(dir, wh.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => self.account(-super::charge::alloc(&st), -i64::from(st.st_nlink <= 1)),
+            Err(Errno::ENOENT) => {}
+            Err(e) => log::warn!("create of {name:?} over an AUFS whiteout: removing {wh:?}: {e}"),
         }
+        Ok(())
     }
 
     /// Give a new object its owner: the caller, with the group of a set-gid parent. Returns

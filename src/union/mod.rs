@@ -1126,22 +1126,24 @@ impl Union {
             let st = node.st.lock();
             (st.unlinked, st.top())
         };
-        // An unlinked but open file is reached through one of its handles (an upper one
-        // if any: a handle opened on the lower file before a copy-up shows the lower file).
-        let handle = unlinked
-            .then(|| {
-                self.upper_handle_of(ino, fh)
-                    .or_else(|| self.handles_on(ino).into_iter().next())
-            })
-            .flatten();
-        // Removed, not open, held for the kernel (an O_PATH fd of a process, a cwd): the
-        // object the daemon pins.
-        let pinned = (handle.is_none() && unlinked)
+        // An unlinked but open file is reached through one of its handles open on upper's
+        // object; else (removed, held for the kernel: an O_PATH fd of a process, a cwd, a
+        // handle opened on the lower file before a copy-up) the object the daemon pins; else
+        // a handle on the lower file, for a file removed before any copy-up. (Review: a
+        // lower handle came first, and a copied-up file removed while a reader opened before
+        // its copy-up held it showed the lower file's size: the kernel cut its pages to it.)
+        let upper_handle = unlinked.then(|| self.upper_handle_of(ino, fh)).flatten();
+        let pinned = (upper_handle.is_none() && unlinked)
             .then(|| {
                 let pin = node.pin.lock();
                 pin.as_ref()?.fd().map(nix::sys::stat::fstat)
             })
             .flatten();
+        let handle = upper_handle.or_else(|| {
+            (unlinked && pinned.is_none())
+                .then(|| self.handles_on(ino).into_iter().next())
+                .flatten()
+        });
         let fs = match (handle, pinned) {
             (Some(f), _) => nix::sys::stat::fstat(f.fd.as_fd()).ctx("fstat")?,
             (None, Some(st)) => st.ctx("fstat")?,

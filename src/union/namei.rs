@@ -787,7 +787,9 @@ impl Union {
                 std::sync::atomic::Ordering::Acquire,
             );
         }
-        if !created && node.st.lock().unlinked && !self.names_it_now(parent, name, &node) {
+        // (The state's lock is let go before names_it_now, which takes it.)
+        let unlinked = !created && node.st.lock().unlinked;
+        if unlinked && !self.names_it_now(parent, name, &node) {
             // Found just before its removal (the stat raced an unlink or a rename over it):
             // the removed object, as the kernel may still hold it, under the same generation
             // (a new one would make the kernel retire its inode, and every read of a file
