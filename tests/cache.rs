@@ -1133,21 +1133,16 @@ fn o_direct_reads_and_writes_in_every_configuration() {
             }
             out
         };
-        let d = Dirs::new(std::slice::from_ref(&lower), &[]);
-        let (merged, unmount) = mount_either(&d, true);
-        let kernel = run(&merged);
-        unmount();
-        for args in [
-            &[][..],
-            &["--cache-size", "0"][..],
-            &["--cache-size", "0", "--passthrough", "off"][..],
-            &["--passthrough", "off"][..],
-        ] {
-            let m = Mount::with_args(lower.clone(), args);
-            let ours = run(&m.merged);
-            assert_eq!(ours, kernel, "{args:?} (left) against kernel overlayfs");
-            m.unmount().unwrap_or_else(|e| panic!("{e}"));
-        }
+        against_kernel(
+            &lower,
+            &[
+                &[],
+                &["--cache-size", "0"],
+                &["--cache-size", "0", "--passthrough", "off"],
+                &["--passthrough", "off"],
+            ],
+            run,
+        );
     });
 }
 

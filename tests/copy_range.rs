@@ -17,6 +17,12 @@ use std::path::{Path, PathBuf};
 const TIMEOUT: u64 = 120;
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
+/// With the page cache, without it, and without it or passthrough.
+const CACHE_CONFIGS: &[&[&str]] = &[
+    &[],
+    &["--cache-size", "0"],
+    &["--passthrough", "off", "--cache-size", "0"],
+];
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -256,24 +262,8 @@ fn a_reader_of_a_lower_file_sees_a_range_copied_into_it() {
                 hole,
             )
         };
-        let d = Dirs::new(std::slice::from_ref(&lower), &[]);
-        let (merged, unmount) = mount_either(&d, true);
-        let kernel = run(&merged);
-        unmount();
+        let kernel = against_kernel(&lower, CACHE_CONFIGS, run);
         assert_eq!(kernel, (Ok(4096), 6144, 4096, 6144), "kernel overlayfs");
-        for args in [
-            &[][..],
-            &["--cache-size", "0"][..],
-            &["--passthrough", "off", "--cache-size", "0"][..],
-        ] {
-            let m = Mount::with_args(lower.clone(), args);
-            assert_eq!(
-                run(&m.merged),
-                kernel,
-                "{args:?} (left) against kernel overlayfs"
-            );
-            m.unmount().unwrap_or_else(|e| panic!("{e}"));
-        }
     });
 }
 
@@ -309,10 +299,7 @@ fn a_reader_of_a_lower_file_sees_the_copy_after_its_removal() {
             }
             seen
         };
-        let d = Dirs::new(std::slice::from_ref(&lower), &[]);
-        let (merged, unmount) = mount_either(&d, true);
-        let kernel = run(&merged);
-        unmount();
+        let kernel = against_kernel(&lower, CACHE_CONFIGS, run);
         assert_eq!(
             kernel,
             [
@@ -321,18 +308,5 @@ fn a_reader_of_a_lower_file_sees_the_copy_after_its_removal() {
             ],
             "kernel overlayfs"
         );
-        for args in [
-            &[][..],
-            &["--cache-size", "0"][..],
-            &["--passthrough", "off", "--cache-size", "0"][..],
-        ] {
-            let m = Mount::with_args(lower.clone(), args);
-            assert_eq!(
-                run(&m.merged),
-                kernel,
-                "{args:?} (left) against kernel overlayfs"
-            );
-            m.unmount().unwrap_or_else(|e| panic!("{e}"));
-        }
     });
 }

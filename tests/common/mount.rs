@@ -468,3 +468,26 @@ pub fn mount_either(dirs: &Dirs, kernel: bool) -> (PathBuf, Box<dyn FnOnce()>) {
         )
     }
 }
+
+/// `run` on kernel overlayfs over `lower`, then on unionfs-rs mounted with each of `configs`
+/// (extra arguments): each must give what the kernel gave, which is returned.
+pub fn against_kernel<T: PartialEq + std::fmt::Debug>(
+    lower: &[Entry],
+    configs: &[&[&str]],
+    run: impl Fn(&Path) -> T,
+) -> T {
+    let d = Dirs::new(&[lower.to_vec()], &[]);
+    let (merged, unmount) = mount_either(&d, true);
+    let kernel = run(&merged);
+    unmount();
+    for args in configs {
+        let m = Mount::with_args(lower.to_vec(), args);
+        assert_eq!(
+            run(&m.merged),
+            kernel,
+            "{args:?} (left) against kernel overlayfs"
+        );
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    }
+    kernel
+}
