@@ -142,6 +142,9 @@ pub struct Node {
     /// origin removed offline, its number since given to a new upper file; or a damaged map)
     /// would otherwise send one file's reads and writes to the other (`Union::node_for`).
     pub upper_obj: AtomicU64,
+    /// Bumped (under `st`'s lock) whenever a name of the node is dropped or moved: a lookup
+    /// that checked a name on disk adds it only if no removal was recorded since.
+    pub names_gen: AtomicU64,
     /// The object was removed (not just one of its names): its inode number may come back
     /// as another object's, which then needs a new generation.
     pub gone: std::sync::atomic::AtomicBool,
@@ -296,6 +299,7 @@ impl Node {
             generation: AtomicU64::new(0),
             nlookup: AtomicU64::new(0),
             upper_obj: AtomicU64::new(0),
+            names_gen: AtomicU64::new(0),
             gone: std::sync::atomic::AtomicBool::new(false),
             pin: Mutex::new(None),
             st: Mutex::new(st),

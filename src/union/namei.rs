@@ -878,14 +878,28 @@ impl Union {
                             st.name = name.to_os_string();
                         }
                     } else {
-                        Arc::make_mut(&mut st.aliases).insert((parent, name.to_os_string()));
-                        if !settled {
+                        // Checked on disk before it is added, and added only if no name of
+                        // the node was dropped or moved meanwhile (else checked again): a
+                        // removal after the check drops it itself. (Added first and checked
+                        // after, it could become the node's name for a moment when the other
+                        // names went: a stat of one of them then failed; review.)
+                        let mut ok = settled;
+                        for _ in 0..(if settled { 0 } else { 3 }) {
+                            let g = node.names_gen.load(std::sync::atomic::Ordering::Acquire);
                             drop(st);
-                            // Checked once it is in: a removal that took it from the disk
-                            // before this check is seen here, one after it drops it itself.
-                            if !self.names_it_now(parent, name, &node) {
-                                drop_name(&node, parent, name);
+                            let now = self.names_it_now(parent, name, &node);
+                            st = node.st.lock();
+                            if !now {
+                                break;
                             }
+                            if node.names_gen.load(std::sync::atomic::Ordering::Acquire) == g {
+                                ok = true;
+                                break;
+                            }
+                        }
+                        let primary = st.parent == parent && st.name.as_os_str() == name;
+                        if ok && !primary && !st.aliases.contains(&(parent, name.to_os_string())) {
+                            Arc::make_mut(&mut st.aliases).insert((parent, name.to_os_string()));
                         }
                     }
                 }
@@ -1040,6 +1054,8 @@ pub(crate) fn name_removed(node: &Node, parent: u64, name: &OsStr, gone: bool) {
 
 pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
     let mut st = node.st.lock();
+    node.names_gen
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     if st.parent == parent && st.name.as_os_str() == name {
         let next = st.aliases.iter().next().cloned();
         if let Some((p, n)) = next {
@@ -1062,6 +1078,8 @@ pub(crate) fn drop_name(node: &Node, parent: u64, name: &OsStr) {
 /// Rename one (parent, name) of a node to (np, nn).
 pub(crate) fn move_name(node: &Node, parent: u64, name: &OsStr, np: u64, nn: &OsStr) {
     let mut st = node.st.lock();
+    node.names_gen
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     if st.parent == parent && st.name.as_os_str() == name {
         st.parent = np;
         st.name = OsString::from(nn);
