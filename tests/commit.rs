@@ -664,3 +664,43 @@ fn a_directory_shows_the_ctime_its_commits_left() {
         m.unmount().expect("unmount");
     })
 }
+
+/// An upper on a filesystem that cannot make whiteouts (here another unionfs-rs mount: FUSE has
+/// no RENAME_WHITEOUT, and no union lets a whiteout be created through it): a rename or a
+/// removal of a lower file is refused when it is asked (EPERM, as the mknod of the whiteout
+/// fails), and nothing changes. Before, the rename of a lower file was answered at once and its
+/// commit failed in the background: the file went back to its old name after `mv` succeeded.
+/// Kernel overlayfs refuses such an upper at mount time.
+#[test]
+fn an_upper_without_whiteouts_refuses_lower_renames_when_asked() {
+    with_timeout(TIMEOUT, || {
+        let inner = Mount::new(&[vec![]], &[dir("u"), dir("w")]);
+        let mut dirs = Dirs::new(&[vec![file("a", "lower a"), file("t/f", "lower f")]], &[]);
+        dirs.upper = inner.path("u");
+        dirs.work = inner.path("w");
+        let outer = Mount::start(&dirs, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+        assert_eq!(
+            errno(fs::rename(outer.path("a"), outer.path("b"))),
+            Some(libc::EPERM),
+            "rename of a lower file"
+        );
+        assert_eq!(
+            errno(fs::remove_file(outer.path("t/f"))),
+            Some(libc::EPERM),
+            "unlink of a lower file"
+        );
+        // Names of upper files move and go as usual.
+        fs::write(outer.path("c"), "upper c").unwrap();
+        fs::rename(outer.path("c"), outer.path("d")).expect("rename of an upper file");
+        sync_mount(&outer);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(fs::read_to_string(outer.path("a")).unwrap(), "lower a");
+        assert!(!outer.path("b").exists(), "b appeared");
+        assert_eq!(fs::read_to_string(outer.path("t/f")).unwrap(), "lower f");
+        assert_eq!(fs::read_to_string(outer.path("d")).unwrap(), "upper c");
+        assert!(!outer.path("c").exists(), "c is still there");
+        outer.unmount().expect("unmount outer");
+        inner.unmount().expect("unmount inner");
+    })
+}

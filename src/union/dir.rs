@@ -14,7 +14,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
-use super::copy_up::{remove_dir_contents, remove_tmp};
+use super::copy_up::remove_tmp;
 use super::inode::Locator;
 use super::namei::{move_name, name_removed};
 use super::ondisk::{Redirect, is_whiteout_stat, make_whiteout};
@@ -457,16 +457,23 @@ impl Union {
                     self.account_unlinked(&before, still_open);
                 }
             } else {
-                if is_dir {
-                    self.clear_whiteouts(dir.as_fd(), name)?;
-                }
                 let f = if is_dir {
                     UnlinkatFlags::RemoveDir
                 } else {
                     UnlinkatFlags::NoRemoveDir
                 };
-                nix::unistd::unlinkat(dir.as_fd(), name, f).ctx("unlink")?;
-                self.account_unlinked(&before, still_open);
+                match nix::unistd::unlinkat(dir.as_fd(), name, f) {
+                    Ok(()) => self.account_unlinked(&before, still_open),
+                    Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) if is_dir => {
+                        // Empty in the merged view, so only whiteouts are inside (of a
+                        // redirected directory's lower content): the directory leaves its
+                        // name first, into the work dir, and is emptied there — a failure
+                        // then leaves the name with everything it hid still hidden.
+                        let freed = self.move_out(work, dir.as_fd(), name)?;
+                        self.account(-freed.0, -freed.1);
+                    }
+                    Err(e) => return Err(Error::new(e, "unlink")),
+                }
             }
             // Released with its last name: nothing of it is accounted any more.
             if let Some(k) = known.as_deref_mut()
@@ -516,6 +523,12 @@ impl Union {
             Err(e) => return Err(Error::new(e, "stat rename target")),
         }
         let whiteout = self.lower_positive(p, name)?;
+        // The commit puts the whiteout with the move (RENAME_WHITEOUT); where upper's
+        // filesystem cannot (a FUSE filesystem), it would have to make one after answering,
+        // and fail the rename then if it cannot: the synchronous path finds out first.
+        if whiteout && !self.renames_with_whiteout() {
+            return Ok(false);
+        }
         let Some(staged) = self.copy_up_for_use(src)? else {
             return Ok(false);
         };
@@ -547,6 +560,48 @@ impl Union {
         move_name(src, p.ino, name, np.ino, newname);
         drop(staged);
         Ok(true)
+    }
+
+    /// Does upper's filesystem do RENAME_WHITEOUT? Tried once in the work dir (a scratch
+    /// file renamed with it, both names removed after); a failure other than "not supported"
+    /// (no space for the whiteout's inode) answers no without deciding.
+    fn renames_with_whiteout(&self) -> bool {
+        if let Some(&yes) = self.rename_whiteout.get() {
+            return yes;
+        }
+        let Ok(work) = self.work_fd() else {
+            return false;
+        };
+        let (a, b) = (self.tmp_name(), self.tmp_name());
+        let made = nix::fcntl::openat(
+            work,
+            a.as_os_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        );
+        if made.is_err() {
+            return false;
+        }
+        let r = nix::fcntl::renameat2(
+            work,
+            a.as_os_str(),
+            work,
+            b.as_os_str(),
+            RenameFlags::RENAME_WHITEOUT,
+        );
+        for n in [&a, &b] {
+            let _ = nix::unistd::unlinkat(work, n.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        match r {
+            Ok(()) => *self.rename_whiteout.get_or_init(|| true),
+            Err(Errno::EINVAL) | Err(Errno::EPERM) => {
+                log::info!(
+                    "upper's filesystem has no RENAME_WHITEOUT: renames over lower files are made at once"
+                );
+                *self.rename_whiteout.get_or_init(|| false)
+            }
+            Err(_) => false,
+        }
     }
 
     /// lstat of `name` in `dir`; with `may_hold`, a regular file whose last name this is and
@@ -654,19 +709,39 @@ impl Union {
         Ok(())
     }
 
-    /// Remove what is left inside upper directory `name` of `dir` — only whiteouts can be, in a
-    /// directory that is empty in the merged view — and account for it.
-    fn clear_whiteouts(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-        let sub = nix::fcntl::openat(
-            dir,
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("open directory to clear")?;
-        let freed = remove_dir_contents(&sub);
-        self.account(-freed.0, -freed.1);
-        Ok(())
+    /// Move upper directory `name` of `dir` into the work dir and remove it there with what is
+    /// inside (only whiteouts can be, in a directory that is empty in the merged view).
+    /// Returns what was freed. An error: nothing moved.
+    fn move_out(
+        &self,
+        work: BorrowedFd<'_>,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> Result<(i64, i64)> {
+        let tmp = self.move_aside(work, dir, name)?;
+        Ok(remove_tmp(work, &tmp, true))
+    }
+
+    /// Rename `name` of `dir` to a scratch name in the work dir (no entry is added to upper's
+    /// directories: the name is only moved), returned.
+    fn move_aside(
+        &self,
+        work: BorrowedFd<'_>,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> Result<std::ffi::OsString> {
+        let tmp = self.tmp_name();
+        self.dir_op(&[work, dir], false, || {
+            nix::fcntl::renameat2(
+                dir,
+                name,
+                work,
+                tmp.as_os_str(),
+                RenameFlags::RENAME_NOREPLACE,
+            )
+            .ctx("move into the work dir")
+        })?;
+        Ok(tmp)
     }
 
     /// unlink(2).
@@ -1144,13 +1219,16 @@ impl Union {
         if let (Some(known), Some(t)) = (dst_known.as_deref_mut(), &target) {
             self.sync_known(known, t);
         }
-        if let (Some(d), Some(t)) = (&dst, &target)
-            && d.is_dir()
-            && t.st_mode & libc::S_IFMT == libc::S_IFDIR
-        {
-            // Empty in the merged view: only whiteouts can be inside.
-            self.clear_whiteouts(ddir.as_fd(), newname)?;
-        }
+        // A directory replaced is empty in the merged view, but whiteouts may be inside (of its
+        // lower content), which rename(2) would refuse: it leaves its name for the work dir
+        // first, comes back if the rename fails, and is removed there once it is done.
+        let work = self.work_fd()?;
+        let target_aside = match (&dst, &target) {
+            (Some(d), Some(t)) if d.is_dir() && t.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                Some(self.move_aside(work, ddir.as_fd(), newname)?)
+            }
+            _ => None,
+        };
         // The target directory may need a block for the new name.
         let moved = self.dir_op(&[ddir.as_fd()], false, || -> Result<()> {
             if target_is_wh && src.is_dir() {
@@ -1172,9 +1250,42 @@ impl Union {
                     match mv(RenameFlags::RENAME_WHITEOUT) {
                         Ok(()) => {}
                         Err(Errno::EINVAL) | Err(Errno::EPERM) => {
-                            // No RENAME_WHITEOUT here: rename, then put the whiteout.
-                            mv(RenameFlags::empty()).ctx("rename")?;
-                            make_whiteout(sdir.as_fd(), name).ctx("whiteout after rename")?;
+                            // No RENAME_WHITEOUT here: the whiteout is made in the work dir
+                            // first (what can fail for want of space), then the rename, then
+                            // the whiteout takes the old name; the file goes back if that fails.
+                            let tmp = self.tmp_name();
+                            make_whiteout(work, &tmp).ctx("whiteout for rename")?;
+                            let drop_tmp = || {
+                                let _ = nix::unistd::unlinkat(
+                                    work,
+                                    tmp.as_os_str(),
+                                    UnlinkatFlags::NoRemoveDir,
+                                );
+                            };
+                            if let Err(e) = mv(RenameFlags::empty()) {
+                                drop_tmp();
+                                return Err(Error::new(e, "rename"));
+                            }
+                            let wh = nix::fcntl::renameat2(
+                                work,
+                                tmp.as_os_str(),
+                                sdir.as_fd(),
+                                name,
+                                RenameFlags::RENAME_NOREPLACE,
+                            );
+                            if let Err(e) = wh {
+                                drop_tmp();
+                                if target.is_none() || target_aside.is_some() {
+                                    let _ = nix::fcntl::renameat2(
+                                        ddir.as_fd(),
+                                        newname,
+                                        sdir.as_fd(),
+                                        name,
+                                        RenameFlags::RENAME_NOREPLACE,
+                                    );
+                                }
+                                return Err(Error::new(e, "whiteout after rename"));
+                            }
                         }
                         Err(e) => return Err(Error::new(e, "rename")),
                     }
@@ -1183,6 +1294,19 @@ impl Union {
             Ok(())
         });
         if moved.is_err() {
+            if let Some(tmp) = &target_aside
+                && let Err(e) = nix::fcntl::renameat2(
+                    work,
+                    tmp.as_os_str(),
+                    ddir.as_fd(),
+                    newname,
+                    RenameFlags::RENAME_NOREPLACE,
+                )
+            {
+                log::error!(
+                    "rename: the replaced directory {newname:?} could not be put back from the work dir ({e}); it stays there as {tmp:?} until the next mount"
+                );
+            }
             // Part of it may have happened (moved, but no whiteout put at the old name): the
             // kernel must look both names up again, not keep entries it had.
             self.kernel_forget(vec![
@@ -1199,7 +1323,13 @@ impl Union {
                 Some(t) if target_is_wh => {
                     self.account(-super::charge::alloc(t), -i64::from(t.st_nlink <= 1))
                 }
-                Some(t) => self.account_unlinked(t, target_open),
+                Some(t) => match &target_aside {
+                    Some(tmp) => {
+                        let freed = remove_tmp(work, tmp, true);
+                        self.account(-freed.0, -freed.1);
+                    }
+                    None => self.account_unlinked(t, target_open),
+                },
                 None => {}
             }
         }

@@ -518,6 +518,9 @@ pub struct Union {
     pub(crate) whiteout_sharing: std::sync::atomic::AtomicBool,
     /// Directory times guards, striped by directory node (see [`Union::dir_changing`]).
     dir_locks: Box<[DirStripe]>,
+    /// Whether upper's filesystem makes whiteouts with RENAME_WHITEOUT (tried once, when a
+    /// deferred rename first needs one: `dir.rs` `rename_deferred`).
+    pub(crate) rename_whiteout: std::sync::OnceLock<bool>,
 }
 
 /// One stripe of the directory times guards: the lock, and how many operations under it
@@ -733,6 +736,7 @@ impl Union {
             shared_whiteout: parking_lot::Mutex::new(None),
             dir_locks: (0..DIR_LOCKS).map(|_| DirStripe::default()).collect(),
             whiteout_sharing: std::sync::atomic::AtomicBool::new(true),
+            rename_whiteout: std::sync::OnceLock::new(),
         };
         // With a quota, the kernel would acknowledge writes the quota must refuse.
         u.writeback_cache.store(
