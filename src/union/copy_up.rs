@@ -79,20 +79,39 @@ impl Union {
         let mut span = data;
         span.st_size = before.st_size;
         let durable = !self.volatile;
-        copy_data(src.as_fd(), dst.as_fd(), &span, durable, &self.reflink)?;
-        nix::unistd::ftruncate(dst.as_fd(), before.st_size).ctx("data copy-up: set size")?;
-        nix::sys::stat::futimens(
-            dst.as_fd(),
-            &TimeSpec::new(before.st_atime, before.st_atime_nsec),
-            &TimeSpec::new(before.st_mtime, before.st_mtime_nsec),
-        )
-        .ctx("data copy-up: keep times")?;
-        if durable {
-            nix::unistd::fsync(dst.as_fd()).ctx("data copy-up: fsync")?;
-        }
-        match sys::remove_xattr(udir.as_fd(), &name, &self.names.metacopy) {
-            Ok(()) | Err(Errno::ENODATA) => {}
-            Err(e) => return Err(Error::new(e, "data copy-up: remove the metacopy mark")),
+        let keep_times = || {
+            nix::sys::stat::futimens(
+                dst.as_fd(),
+                &TimeSpec::new(before.st_atime, before.st_atime_nsec),
+                &TimeSpec::new(before.st_mtime, before.st_mtime_nsec),
+            )
+        };
+        let copied = (|| -> Result<()> {
+            copy_data(src.as_fd(), dst.as_fd(), &span, durable, &self.reflink)?;
+            nix::unistd::ftruncate(dst.as_fd(), before.st_size).ctx("data copy-up: set size")?;
+            keep_times().ctx("data copy-up: keep times")?;
+            if durable {
+                nix::unistd::fsync(dst.as_fd()).ctx("data copy-up: fsync")?;
+            }
+            match sys::remove_xattr(udir.as_fd(), &name, &self.names.metacopy) {
+                Ok(()) | Err(Errno::ENODATA) => Ok(()),
+                Err(e) => Err(Error::new(e, "data copy-up: remove the metacopy mark")),
+            }
+        })();
+        if let Err(e) = copied {
+            // Back to the metacopy file it was (its data still read from below, its mark
+            // still on): the blocks copied so far (a full upper, say) go, and whatever the
+            // file is left holding is what is charged for it.
+            let _ = nix::unistd::ftruncate(dst.as_fd(), 0);
+            let _ = nix::unistd::ftruncate(dst.as_fd(), before.st_size);
+            let _ = keep_times();
+            if let Ok(now) = nix::sys::stat::fstat(dst.as_fd()) {
+                res.settle(
+                    super::charge::alloc(&now) - super::charge::alloc(&before),
+                    0,
+                );
+            }
+            return Err(e);
         }
         let after = nix::sys::stat::fstat(dst.as_fd()).ctx("data copy-up: stat")?;
         res.settle(
@@ -227,7 +246,7 @@ impl Union {
         let tmp = self.tmp_name();
         let kind = fs.st_mode & libc::S_IFMT;
         let recorded = std::cell::Cell::new(None);
-        let res = (|| -> Result<()> {
+        let res = (|| -> Result<FileStat> {
             match kind {
                 libc::S_IFDIR => {
                     nix::sys::stat::mkdirat(work, tmp.as_os_str(), Mode::from_bits_truncate(0o700))
@@ -294,15 +313,17 @@ impl Union {
             if kind != libc::S_IFREG {
                 copy_meta(self, src_dir, name, work, &tmp, fs)?;
             }
+            // The copy as it is (taken before it shows in upper: once it is there, a failure
+            // would leave it in upper while the copy-up fails).
+            let c = layer::stat_at(work, &tmp).ctx("copy-up: stat copy")?;
             if deferred {
-                return Ok(());
+                return Ok(c);
             }
             // Its number recorded before it shows in upper: a lookup of the name meanwhile (a
             // stat while a chmod copies the file up; the kernel holds no lock of the parent
             // for the chmod) must give it the node's number, not its own — which would make a
             // second node, and a second kernel inode, for it.
             if let Some(o) = origin {
-                let c = layer::stat_at(work, &tmp).ctx("copy-up: stat copy")?;
                 self.inomap.set(c.st_ino, o);
                 recorded.set(Some(c.st_ino));
             }
@@ -324,27 +345,27 @@ impl Union {
                 .ctx("copy-up: rename into upper")
             })?;
             super::commit::restore_mtime(dst_dir, &pstat);
-            Ok(())
+            Ok(c)
         })();
-        if let Err(e) = res {
-            if let Some(i) = recorded.get() {
-                self.inomap.set(i, 0);
+        let c = match res {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(i) = recorded.get() {
+                    self.inomap.set(i, 0);
+                }
+                remove_tmp(work, &tmp, kind == libc::S_IFDIR);
+                return Err(e);
             }
-            remove_tmp(work, &tmp, kind == libc::S_IFDIR);
-            return Err(e);
-        }
+        };
         if deferred {
-            let st = layer::stat_at(work, &tmp).ctx("copy-up: stat copy")?;
-            return Ok((st, Some(tmp)));
+            return Ok((c, Some(tmp)));
         }
         if !self.copyup_window.is_zero() {
             // (Testing aid: the copy is in upper, no lock of ours held.)
             std::thread::sleep(self.copyup_window);
         }
-        Ok((
-            layer::stat_at(dst_dir, dst_name).ctx("copy-up: stat new")?,
-            None,
-        ))
+        // (Its ctime is the rename's now; nothing here uses it.)
+        Ok((c, None))
     }
 }
 
