@@ -526,17 +526,29 @@ impl PageCache {
         size: u64,
         op: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
-        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
-            return op();
-        };
-        let _wb = f.wb.lock();
+        let before = self.files.get(&ino).map(|f| f.clone());
+        let wb = before.as_ref().map(|f| f.wb.lock());
         let r = op()?;
+        // An entry made meanwhile (by a reader, from a stat that may predate the truncate) is
+        // brought to the new size too.
+        let Some(f) = before
+            .clone()
+            .or_else(|| self.files.get(&ino).map(|f| f.clone()))
+        else {
+            return Ok(r);
+        };
         let mut st = f.st.lock();
         self.drop_pages(&f, &mut st, size.div_ceil(P));
-        if size % P != 0
-            && let Some(Slot::Ready(p)) = st.pages.get_mut(&(size / P))
-        {
-            p.data.make_mut()[(size % P) as usize..].fill(0);
+        if size % P != 0 {
+            match st.pages.get_mut(&(size / P)) {
+                Some(Slot::Ready(p)) => p.data.make_mut()[(size % P) as usize..].fill(0),
+                // A load of the last page, whose read may predate the truncate (the old bytes
+                // past the new end): it does not land, its waiters read the page again.
+                Some(_) => {
+                    st.pages.remove(&(size / P));
+                }
+                None => {}
+            }
         }
         st.size = size;
         st.disk_size = size;
@@ -545,6 +557,7 @@ impl PageCache {
         st.mtime_pending = !st.dirty.is_empty();
         st.mtime = st.mtime_pending.then(now);
         drop(st);
+        drop(wb);
         f.cv.notify_all();
         Ok(r)
     }
@@ -651,22 +664,41 @@ impl PageCache {
         true
     }
 
-    /// Before `ino`'s file is changed behind the cache (fallocate, a write that bypasses
-    /// it): write its dirty pages, then forget its clean ones in `[off, off + len)` (len 0:
-    /// to the end).
-    pub fn invalidate(&self, ino: u64, off: u64, len: u64) -> Result<(), Errno> {
+    /// Change `ino`'s file behind the cache with `op` (fallocate, a write that bypasses it, a
+    /// copy into it): its dirty pages are written first, and its clean pages in
+    /// `[off, off + len)` (len 0: to the end) are forgotten before and again after `op`, with
+    /// the loads that started meanwhile (their reads may predate the change: they do not
+    /// land). Errors of the write-back come before `op` runs.
+    pub fn invalidate_with<T>(
+        &self,
+        ino: u64,
+        off: u64,
+        len: u64,
+        op: impl FnOnce() -> T,
+    ) -> Result<T, Errno> {
         self.sync_file(ino)?;
-        let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
-            return Ok(());
-        };
-        let _wb = f.wb.lock();
-        let mut st = f.st.lock();
         let from = off / P;
         let to = if len == 0 {
             u64::MAX
         } else {
             (off + len).div_ceil(P)
         };
+        let before = self.files.get(&ino).map(|f| f.clone());
+        if let Some(f) = &before {
+            self.forget_clean(f, from, to);
+        }
+        let r = op();
+        // (The file's entry may have been made meanwhile, by a reader.)
+        if let Some(f) = before.or_else(|| self.files.get(&ino).map(|f| f.clone())) {
+            self.forget_clean(&f, from, to);
+        }
+        Ok(r)
+    }
+
+    /// Forget the pages of `f` in `[from, to)` that are not dirty, and the loads of any.
+    fn forget_clean(&self, f: &CachedFile, from: u64, to: u64) {
+        let _wb = f.wb.lock();
+        let mut st = f.st.lock();
         // Removed one by one: O(pages in the range), not a rebuild of the file's whole map.
         let gone: Vec<u64> = st
             .pages
@@ -687,9 +719,8 @@ impl PageCache {
         f.cv.notify_all();
         let mut lru = self.lru.lock();
         for i in keys {
-            lru.pop(&(ino, i));
+            lru.pop(&(f.ino, i));
         }
-        Ok(())
     }
 
     /// The backing file of `ino` was changed behind the cache (fallocate, a direct write):

@@ -394,10 +394,12 @@ impl PageCache {
                 st.pages.remove(i);
             }
         }
-        drop(st);
-        f.cv.notify_all();
+        // Counted before the file's lock goes: a truncate dropping them meanwhile must not
+        // take them off the count first.
         self.bytes
             .fetch_add(inserted.len() as u64 * P, Ordering::AcqRel);
+        drop(st);
+        f.cv.notify_all();
         self.stats
             .ra_pages
             .fetch_add(inserted.len() as u64, Ordering::Relaxed);

@@ -1266,13 +1266,6 @@ impl Union {
             }
             return Ok(n);
         }
-        if let Some(c) = &self.cache {
-            // A handle that bypasses the cache, or upper's filesystem is nearly full (so a
-            // full disk fails this write, not a later write-back): what the cache holds of the
-            // file goes first.
-            c.invalidate(f.ino, off, data.len() as u64)
-                .ctx("write-back")?;
-        }
         let aligned;
         let data = if f.direct_fd() {
             aligned = AlignedBuf::copy_of(data);
@@ -1280,7 +1273,7 @@ impl Union {
         } else {
             data
         };
-        let r = match &self.quota {
+        let write = || match &self.quota {
             Some(q) if f.in_upper => {
                 // One writer at a time per inode keeps the before/after accounting exact.
                 let node = self.node(f.ino)?;
@@ -1291,6 +1284,15 @@ impl Union {
                 r
             }
             _ => pwrite_all(f.fd.as_fd(), data, off),
+        };
+        let r = match &self.cache {
+            // A handle that bypasses the cache, or upper's filesystem is nearly full (so a
+            // full disk fails this write, not a later write-back): what the cache holds of the
+            // file goes first, and what was loaded while the write ran.
+            Some(c) => c
+                .invalidate_with(f.ino, off, data.len() as u64, write)
+                .ctx("write-back")?,
+            None => write(),
         };
         if let Some(c) = &self.cache
             && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
@@ -1474,14 +1476,7 @@ impl Union {
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
         let f = self.handle(fh)?;
         f.check_lost()?;
-        if let Some(c) = &self.cache {
-            // The file changes behind the cache: dirty pages out, affected clean pages gone.
-            let shifts =
-                mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
-            c.invalidate(f.ino, off, if shifts { 0 } else { len })
-                .ctx("write-back")?;
-        }
-        let r = match &self.quota {
+        let alloc = || match &self.quota {
             Some(q) if f.in_upper && len > 0 => {
                 let node = self.node(f.ino)?;
                 let mut known = node.io_lock.lock();
@@ -1491,6 +1486,16 @@ impl Union {
                 r
             }
             _ => super::charge::fallocate(f.fd.as_fd(), off, len, mode),
+        };
+        let r = match &self.cache {
+            // The file changes behind the cache: dirty pages out, affected clean pages gone.
+            Some(c) => {
+                let shifts =
+                    mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
+                c.invalidate_with(f.ino, off, if shifts { 0 } else { len }, alloc)
+                    .ctx("write-back")?
+            }
+            None => alloc(),
         };
         if let Some(c) = &self.cache
             && let Ok(st) = nix::sys::stat::fstat(f.fd.as_fd())
@@ -1556,13 +1561,12 @@ impl Union {
             if c.is_dirty(fi.ino) {
                 c.sync_file(fi.ino).ctx("write-back")?;
             }
-            c.invalidate(fo.ino, off_out, len).ctx("write-back")?;
         }
         let src = self.read_fd(&fi);
         let copy = |n: u64| -> Result<usize> {
             copy_range(src.as_fd(), off_in, fo.fd.as_fd(), off_out, n)
         };
-        let r = match &self.quota {
+        let copy_all = || match &self.quota {
             Some(q) => {
                 let node = self.node(fo.ino)?;
                 let mut known = node.io_lock.lock();
@@ -1572,6 +1576,12 @@ impl Union {
                 r
             }
             None => copy(len),
+        };
+        let r = match &self.cache {
+            Some(c) => c
+                .invalidate_with(fo.ino, off_out, len, copy_all)
+                .ctx("write-back")?,
+            None => copy_all(),
         };
         if let Some(c) = &self.cache
             && let Ok(st) = nix::sys::stat::fstat(fo.fd.as_fd())
