@@ -72,10 +72,12 @@ pub const KEYS: &[&str] = &[
 impl CacheConfig {
     /// (bg_thresh, dirty_thresh) in bytes, as `domain_dirty_limits` computes them: the
     /// `*_bytes` settings win over the ratios; a background threshold at or above the limit
-    /// becomes half the limit.
+    /// becomes half the limit. `dirty_bytes` above the cache's size counts as the size (as
+    /// `dirty_ratio` 100: dirty pages live in the cache, whose size bounds its memory; the
+    /// kernel's own bound is the machine's memory).
     pub fn thresholds(&self) -> (u64, u64) {
         let thresh = if self.dirty_bytes > 0 {
-            self.dirty_bytes
+            self.dirty_bytes.min(self.size.max(2 * super::PAGE as u64))
         } else {
             self.size / 100 * self.dirty_ratio + self.size % 100 * self.dirty_ratio / 100
         };
@@ -241,6 +243,15 @@ mod tests {
             ..c
         };
         assert_eq!(c4.thresholds().0, c4.thresholds().1 / 2);
+        // No more dirty than the cache holds (review: --cache-size 16M --dirty-bytes 160M
+        // let 120 MiB of dirty pages into a 16 MiB cache).
+        let c5 = CacheConfig {
+            size: 16 << 20,
+            dirty_bytes: 160 << 20,
+            dirty_background_bytes: 150 << 20,
+            ..c
+        };
+        assert_eq!(c5.thresholds(), (8 << 20, 16 << 20));
     }
 
     #[test]
