@@ -11,8 +11,9 @@ use nix::errno::Errno;
 
 use super::{
     CachedFile, Fd, FileState, P, PAGE, Page, PageCache, PageData, Signal, Slot, WB_BATCH,
-    WB_CHUNK, now, read::read_pages, writeback,
+    WB_CHUNK, WbError, now, read::read_pages, writeback,
 };
+use std::sync::atomic::AtomicU64;
 
 pub(super) fn flusher_main(weak: Weak<PageCache>, sig: Arc<Signal>) {
     let mut last_periodic = Instant::now();
@@ -129,7 +130,7 @@ impl PageCache {
         }
         if self.closing.load(Ordering::Acquire) {
             // Stopping: nothing may stay behind in the cache.
-            self.sync_file(ino)?;
+            self.write_out(ino)?;
         }
         Ok(done)
     }
@@ -540,7 +541,7 @@ impl PageCache {
                         self.finish_clean(f, &mut st, &fd);
                     }
                 }
-                Err(e) => st.error = Some(e),
+                Err(e) => self.record_error(f.ino, e),
             }
             drop(st);
             f.cv.notify_all();
@@ -603,15 +604,69 @@ impl PageCache {
         self.dirty_files.lock().remove(&f.ino);
     }
 
-    /// Write every dirty page of `ino` to its file; returns (and clears) a write-back error.
-    pub fn sync_file(&self, ino: u64) -> Result<(), Errno> {
+    /// Write every dirty page of `ino` to its file; the error of this attempt, if it failed
+    /// (recorded for the file's fsyncs too). For operations that need the file's data on it
+    /// first (a change behind the cache, a seek for holes, times set after the writes).
+    pub fn write_out(&self, ino: u64) -> Result<(), Errno> {
         let Some(f) = self.files.get(&ino).map(|f| f.clone()) else {
             return Ok(());
         };
-        let r = self.writeback_file(&f, u64::MAX);
-        let pending = f.st.lock().error.take();
-        r?;
-        pending.map_or(Ok(()), Err)
+        self.writeback_file(&f, u64::MAX).map(|_| ())
+    }
+
+    /// Record a write-back error of `ino` (`writeback_file`).
+    pub(super) fn record_error(&self, ino: u64, errno: Errno) {
+        let seq = self.error_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        self.errors.lock().insert(
+            ino,
+            WbError {
+                seq,
+                errno,
+                seen: false,
+            },
+        );
+    }
+
+    /// What a new open of `ino` starts from ([`PageCache::fsync_file`]'s `seen`): the last
+    /// error if a sync has reported it, else 0, so that an error nobody was told of is told
+    /// to this one (errseq_sample).
+    pub fn error_sample(&self, ino: u64) -> u64 {
+        match self.errors.lock().get(&ino) {
+            Some(w) if w.seen => w.seq,
+            _ => 0,
+        }
+    }
+
+    /// fsync of a handle of `ino` that has seen the errors up to sequence `seen`: write every
+    /// dirty page, then report the file's last write-back error if it came after `seen` (and
+    /// note it seen), as the kernel's errseq does: an error reaches every descriptor that was
+    /// open when it happened, once each, whoever synced first.
+    pub fn fsync_file(&self, ino: u64, seen: &AtomicU64) -> Result<(), Errno> {
+        let r = self.write_out(ino);
+        let mut errors = self.errors.lock();
+        if let Some(w) = errors.get_mut(&ino)
+            && w.seq > seen.load(Ordering::Acquire)
+        {
+            w.seen = true;
+            seen.store(w.seq, Ordering::Release);
+            return Err(w.errno);
+        }
+        r
+    }
+
+    /// Write every dirty page of `ino` to its file, and report a write-back error no sync has
+    /// reported yet (noting it seen; descriptors open when it happened still get it at their
+    /// fsync).
+    pub fn sync_file(&self, ino: u64) -> Result<(), Errno> {
+        let r = self.write_out(ino);
+        let mut errors = self.errors.lock();
+        if let Some(w) = errors.get_mut(&ino)
+            && !w.seen
+        {
+            w.seen = true;
+            return Err(w.errno);
+        }
+        r
     }
 
     /// A handle that wrote `ino` was released, or a rename is about to replace a file with

@@ -164,8 +164,6 @@ struct FileState {
     mtime: Option<(i64, i64)>,
     /// `mtime` is not on disk yet.
     mtime_pending: bool,
-    /// A write-back error not yet reported (fsync returns it, as errseq does).
-    error: Option<Errno>,
     /// Pages were dropped at write-back (EFBIG): `size` may show writes that never reached
     /// the file; it is taken from the file once nothing dirty is left.
     size_lost: bool,
@@ -280,6 +278,16 @@ struct RaJob {
     marker: u64,
 }
 
+/// The last write-back error of a file: its sequence (larger for a later error), the error,
+/// and whether a sync has reported it yet (errseq's SEEN: a file opened after an error that
+/// nobody was told of is told at its fsync).
+#[derive(Debug, Clone, Copy)]
+struct WbError {
+    seq: u64,
+    errno: Errno,
+    seen: bool,
+}
+
 /// The page cache of one mount.
 pub struct PageCache {
     cfg: RwLock<CacheConfig>,
@@ -296,6 +304,12 @@ pub struct PageCache {
     /// Measured write-back bandwidth, bytes/s.
     bw: AtomicU64,
     flush_error: AtomicI32,
+    /// Write-back errors by file, reported as the kernel's errseq reports them (see
+    /// [`PageCache::fsync_file`]); kept when the file's pages are evicted, until the file is
+    /// forgotten ([`PageCache::drop_file`]).
+    errors: Mutex<HashMap<u64, WbError>>,
+    /// The sequence of the last write-back error recorded (of any file).
+    error_seq: AtomicU64,
     quota: Option<Arc<Quota>>,
     sink: RwLock<Option<Weak<dyn WritebackSink>>>,
     ra: Mutex<RaPool>,
@@ -354,6 +368,8 @@ impl PageCache {
             throttle: (Mutex::new(()), Condvar::new()),
             bw: AtomicU64::new(100 << 20),
             flush_error: AtomicI32::new(0),
+            errors: Mutex::new(HashMap::new()),
+            error_seq: AtomicU64::new(0),
             quota,
             sink: RwLock::new(None),
             ra: Mutex::new(RaPool {
@@ -418,7 +434,6 @@ impl PageCache {
                 size_lost: false,
                 mtime: None,
                 mtime_pending: false,
-                error: None,
                 seq: 0,
             }),
             cv: Condvar::new(),
@@ -623,6 +638,7 @@ impl PageCache {
     /// Forget everything about `ino` (its last name is gone and nothing holds it open, or the
     /// inode number now names a new file). Dirty data is discarded.
     pub fn drop_file(&self, ino: u64) {
+        self.errors.lock().remove(&ino);
         let Some((_, f)) = self.files.remove(&ino) else {
             return;
         };
@@ -653,9 +669,12 @@ impl PageCache {
         };
         {
             let st = f.st.lock();
-            if !st.dirty.is_empty() || st.mtime_pending || st.error.is_some() {
+            if !st.dirty.is_empty() || st.mtime_pending {
                 return false;
             }
+        }
+        if self.errors.lock().get(&ino).is_some_and(|w| !w.seen) {
+            return false;
         }
         if self.dirty_files.lock().contains_key(&ino) {
             return false;
@@ -676,7 +695,7 @@ impl PageCache {
         len: u64,
         op: impl FnOnce() -> T,
     ) -> Result<T, Errno> {
-        self.sync_file(ino)?;
+        self.write_out(ino)?;
         let from = off / P;
         let to = if len == 0 {
             u64::MAX

@@ -46,6 +46,9 @@ pub struct OpenFile {
     upper_fd: std::sync::OnceLock<Arc<OwnedFd>>,
     /// Opened in passthrough mode: the kernel reads and writes the backing file itself.
     pub passthrough: bool,
+    /// The last write-back error of the file that this handle's fsync has reported (or that
+    /// was reported before it was opened): `PageCache::fsync_file`.
+    pub wb_err_seen: std::sync::atomic::AtomicU64,
 }
 
 impl OpenFile {
@@ -676,6 +679,7 @@ impl Union {
                 nocache: true,
                 upper_fd: std::sync::OnceLock::new(),
                 lost: std::sync::atomic::AtomicBool::new(false),
+                wb_err_seen: self.error_sample(node.ino),
             }),
         );
         if k.direct == 0 {
@@ -894,9 +898,16 @@ impl Union {
                 upper_fd: std::sync::OnceLock::new(),
                 lost: std::sync::atomic::AtomicBool::new(false),
                 passthrough: false,
+                wb_err_seen: self.error_sample(ino),
             }),
         );
         fh
+    }
+
+    /// Where a new handle of `ino` starts in the file's write-back errors
+    /// (`OpenFile::wb_err_seen`).
+    fn error_sample(&self, ino: u64) -> std::sync::atomic::AtomicU64 {
+        std::sync::atomic::AtomicU64::new(self.cache.as_ref().map_or(0, |c| c.error_sample(ino)))
     }
 
     /// Truncate an open upper file to `size` through its handle `f`, through the cache and
@@ -1187,7 +1198,7 @@ impl Union {
             return Ok(());
         }
         if let Some(c) = &self.cache {
-            c.sync_file(ino).ctx("write-back")?;
+            c.write_out(ino).ctx("write-back")?;
         }
         set()?;
         if let Some(c) = &self.cache {
@@ -1261,7 +1272,7 @@ impl Union {
             let n = c.write(f.ino, &f.fd, off, data).ctx("write")?;
             let sync = sync_of(flags).or(f.sync);
             if f.direct || sync.is_some() {
-                c.sync_file(f.ino).ctx("write-back")?;
+                c.fsync_file(f.ino, &f.wb_err_seen).ctx("write-back")?;
                 self.make_durable(f.fd.as_fd(), sync)?;
             }
             return Ok(n);
@@ -1431,7 +1442,7 @@ impl Union {
             return Err(Error::new(e, "fsync of copied-up file"));
         }
         if let Some(c) = &self.cache {
-            c.sync_file(f.ino).ctx("write-back")?;
+            c.fsync_file(f.ino, &f.wb_err_seen).ctx("write-back")?;
         }
         if self.volatile {
             return Ok(());
@@ -1559,7 +1570,7 @@ impl Union {
             // cached writes of both reach their files first, the destination's clean pages
             // in the range go.
             if c.is_dirty(fi.ino) {
-                c.sync_file(fi.ino).ctx("write-back")?;
+                c.write_out(fi.ino).ctx("write-back")?;
             }
         }
         let src = self.read_fd(&fi);
@@ -1627,7 +1638,7 @@ impl Union {
         }
         if let Some(c) = &self.cache {
             // Holes and data as the file will be: write what is cached first.
-            c.sync_file(f.ino).ctx("write-back")?;
+            c.write_out(f.ino).ctx("write-back")?;
         }
         let w = match whence {
             libc::SEEK_DATA => nix::unistd::Whence::SeekData,
