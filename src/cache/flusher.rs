@@ -86,6 +86,15 @@ pub(super) fn pwritev_all(fd: &Fd, parts: &[&[u8]], off: u64) -> Result<(), Errn
     Ok(())
 }
 
+/// Room reserved under the dirty limit and not used (yet): handed back when dropped.
+struct Unreserve<'a>(&'a PageCache, u64);
+
+impl Drop for Unreserve<'_> {
+    fn drop(&mut self) {
+        self.0.dirty.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
 impl PageCache {
     /// write(2) of `data` at `off` of node `ino` (an upper file; `fd` open for reading and
     /// writing): the data lands in the cache as dirty pages. Returns the bytes accepted (short
@@ -104,6 +113,8 @@ impl PageCache {
             let len = ((data.len() - done) as u64).min(chunk_cap - pos % P) as usize;
             let span = ((pos + len as u64 - 1) / P - pos / P + 1) * P;
             self.reserve_dirty(span)?;
+            // What is reserved and not dirtied is handed back, also if `apply` panics.
+            let mut unused = Unreserve(self, span);
             if !self.make_room(span) {
                 // Everything cached is dirty or in flight: the dirty limit keeps this short.
                 log::debug!("page cache over budget while writing node {ino}");
@@ -112,7 +123,8 @@ impl PageCache {
             // Writers at once each made room for their own chunk only.
             self.trim_to_budget();
             let newly = r.as_ref().map(|x| x.1).unwrap_or(0);
-            self.dirty.fetch_sub(span - newly * P, Ordering::AcqRel);
+            unused.1 = span - newly * P;
+            drop(unused);
             match r {
                 Ok((n, newly)) => {
                     done += n;
@@ -153,6 +165,10 @@ impl PageCache {
             .any(|(_, s)| matches!(s, Slot::Loading(_)))
         {
             f.cv.wait(&mut st);
+        }
+        if st.dead {
+            // Forgotten meanwhile (the copy-up its handle was opened on was lost).
+            return Err(Errno::EIO);
         }
         let mut charged: Vec<u64> = Vec::new();
         if let Some(q) = &self.quota {

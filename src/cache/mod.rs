@@ -167,6 +167,9 @@ struct FileState {
     /// Pages were dropped at write-back (EFBIG): `size` may show writes that never reached
     /// the file; it is taken from the file once nothing dirty is left.
     size_lost: bool,
+    /// Forgotten ([`PageCache::drop_file`]): a writer that still holds it must not dirty it
+    /// (its pages would count as dirty with no file for the flusher to write).
+    dead: bool,
     seq: u64,
 }
 
@@ -434,6 +437,7 @@ impl PageCache {
                 size_lost: false,
                 mtime: None,
                 mtime_pending: false,
+                dead: false,
                 seq: 0,
             }),
             cv: Condvar::new(),
@@ -644,6 +648,7 @@ impl PageCache {
         };
         let _wb = f.wb.lock();
         let mut st = f.st.lock();
+        st.dead = true;
         self.drop_pages(&f, &mut st, 0);
         st.mtime = None;
         st.mtime_pending = false;
@@ -939,6 +944,20 @@ mod tests {
                 .expect("read")
                 .is_empty()
         );
+    }
+
+    /// A writer holding a file the cache has forgotten meanwhile (a lost copy-up) dirties
+    /// nothing: its pages would count as dirty for good, with no file for the flusher to write
+    /// (review), until every writer waited at the dirty limit.
+    #[test]
+    fn a_forgotten_file_takes_no_writes() {
+        let (_d, fd) = tmpfile(&[7u8; 10_000]);
+        let c = PageCache::new(cfg(16 << 20), None).expect("cache");
+        let f = c.file(3, &fd).expect("file");
+        c.drop_file(3);
+        assert_eq!(c.apply(&f, &fd, 0, b"late").err(), Some(Errno::EIO));
+        assert_eq!(c.dirty_bytes(), 0);
+        assert!(!c.is_dirty(3));
     }
 
     #[test]
