@@ -423,6 +423,12 @@ impl PageCache {
         if let Some(f) = self.files.get(&ino) {
             return Ok(f.clone());
         }
+        // The stat is taken with the map's entry held: a truncate that finds no entry after
+        // changing the file (`truncate_with`) knows any entry made later has its new size.
+        let entry = match self.files.entry(ino) {
+            dashmap::mapref::entry::Entry::Occupied(o) => return Ok(o.get().clone()),
+            dashmap::mapref::entry::Entry::Vacant(v) => v,
+        };
         let st = nix::sys::stat::fstat(fd.as_fd())?;
         let size = st.st_size.max(0) as u64;
         let f = Arc::new(CachedFile {
@@ -443,7 +449,7 @@ impl PageCache {
             cv: Condvar::new(),
             wb: Mutex::new(()),
         });
-        Ok(self.files.entry(ino).or_insert(f).clone())
+        Ok(entry.insert(f).value().clone())
     }
 
     fn next_token(&self) -> u64 {
