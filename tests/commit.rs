@@ -704,3 +704,69 @@ fn an_upper_without_whiteouts_refuses_lower_renames_when_asked() {
         inner.unmount().expect("unmount inner");
     })
 }
+
+/// Near a full upper a copy-up is committed before the operation is answered: a full disk
+/// fails the chmod, rename or open (ENOSPC, as kernel overlayfs), and nothing it was told
+/// happened is undone later. (QA: with upper's directory block full and no block free, chmod
+/// and mv of lower files returned 0 and their background commits failed: the mode went back,
+/// the file kept its old name; an append through a copy-up for writing was lost.)
+#[test]
+fn a_full_upper_fails_the_operation_not_a_later_commit() {
+    with_timeout(TIMEOUT, || {
+        let dirs = Dirs::new(
+            &[vec![
+                file_mode("d/z0", "", 0o644),
+                file("d/z1", "z1"),
+                file("d/c0", "orig\n"),
+            ]],
+            &[],
+        );
+        let lfs = LoopFs::new(&dirs, 64);
+        let d = lfs.holding_upper(&dirs);
+        fs::create_dir(d.upper.join("d")).expect("mkdir upper d");
+        let m = Mount::start(&d, &MountOpts::default()).unwrap_or_else(|e| panic!("{e}"));
+        // No block free, and upper's d has no room for another entry.
+        {
+            let mut g = fs::File::create(lfs.mnt.join("filler")).expect("filler");
+            let chunk = vec![0u8; 64 << 10];
+            while g.write_all(&chunk).is_ok() {}
+            let small = vec![0u8; 1024];
+            while g.write_all(&small).is_ok() {}
+        }
+        let mut i = 0;
+        while fs::File::create(d.upper.join("d").join(format!("q{i:040}"))).is_ok() {
+            i += 1;
+        }
+        let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(
+            errno(fs::set_permissions(
+                m.path("d/z0"),
+                fs::Permissions::from_mode(0o600)
+            )),
+            Some(libc::ENOSPC),
+            "chmod of a lower file"
+        );
+        assert_eq!(
+            errno(fs::rename(m.path("d/z1"), m.path("d/z1moved"))),
+            Some(libc::ENOSPC),
+            "rename of a lower file"
+        );
+        let appended = OpenOptions::new()
+            .append(true)
+            .open(m.path("d/c0"))
+            .and_then(|mut f| f.write_all(b"appended\n").and_then(|()| f.sync_all()));
+        assert_eq!(
+            errno(appended),
+            Some(libc::ENOSPC),
+            "append to a lower file"
+        );
+        sync_mount(&m);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(mode(&m.path("d/z0")), 0o644, "z0's mode");
+        assert!(m.path("d/z1").exists() && !m.path("d/z1moved").exists());
+        assert_eq!(fs::read_to_string(m.path("d/c0")).unwrap(), "orig\n");
+        m.unmount().expect("unmount");
+        drop(lfs);
+    })
+}

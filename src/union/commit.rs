@@ -377,6 +377,7 @@ impl Union {
             || self.sync_commit
             || self.commits.pending_count() >= MAX_PENDING
             || self.commits.bytes.load(Ordering::Acquire) + size > MAX_PENDING_BYTES
+            || !self.room_to_commit_later(size)
         {
             return None;
         }

@@ -1323,9 +1323,9 @@ impl Union {
             return false;
         };
         let mut cached = self.upper_free.lock();
-        let free = upper_free_in(up, &mut cached);
+        let (free, _) = upper_free_in(up, &mut cached);
         let full = free < c.config().thresholds().1 + len + (16 << 20);
-        if !full && let Some((_, f)) = cached.as_mut() {
+        if !full && let Some((_, f, _)) = cached.as_mut() {
             *f = f.saturating_sub(len);
         }
         full
@@ -1334,7 +1334,22 @@ impl Union {
     /// Free bytes of upper's filesystem, read at most every 100 ms (None: no upper).
     pub(crate) fn upper_free(&self) -> Option<u64> {
         let up = self.upper.as_ref()?;
-        Some(upper_free_in(up, &mut self.upper_free.lock()))
+        Some(upper_free_in(up, &mut self.upper_free.lock()).0)
+    }
+
+    /// Is there room on upper's filesystem for what a background commit still needs (an entry
+    /// in the target directory, which may take a new block, and a rename's whiteout, an
+    /// inode)? Near a full upper a copy-up is committed before it is answered, so that a
+    /// full disk fails the operation (ENOSPC, as kernel overlayfs), not the commit after the
+    /// caller was told it succeeded. Read at most every 100 ms: the margins (16 MiB beyond
+    /// the copy's own `size`, 1024 inodes) cover what the pending commits and others take
+    /// meanwhile.
+    pub(crate) fn room_to_commit_later(&self, size: u64) -> bool {
+        let Some(up) = &self.upper else {
+            return false;
+        };
+        let (bytes, inodes) = upper_free_in(up, &mut self.upper_free.lock());
+        bytes >= (16 << 20) + size && inodes >= 1024
     }
 
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
@@ -1886,19 +1901,34 @@ impl Union {
 }
 
 /// `cached`'s figure of upper's free bytes if younger than 100 ms, else a fresh one.
-fn upper_free_in(up: &layer::Layer, cached: &mut Option<(std::time::Instant, u64)>) -> u64 {
+/// Free (bytes, inodes) of upper's filesystem, from `cached` if read in the last 100 ms.
+/// Inodes: u64::MAX where the filesystem has no fixed number (btrfs says 0 of 0).
+fn upper_free_in(up: &layer::Layer, cached: &mut Option<UpperFree>) -> (u64, u64) {
     let now = std::time::Instant::now();
     match *cached {
-        Some((t, free)) if now.duration_since(t) < std::time::Duration::from_millis(100) => free,
+        Some((t, free, inodes))
+            if now.duration_since(t) < std::time::Duration::from_millis(100) =>
+        {
+            (free, inodes)
+        }
         _ => {
-            let free = layer::sys::statfs(up.root())
-                .map(|s| s.f_bavail * s.f_bsize as u64)
-                .unwrap_or(u64::MAX);
-            *cached = Some((now, free));
-            free
+            let (free, inodes) = layer::sys::statfs(up.root())
+                .map(|s| {
+                    let inodes = match s.f_files {
+                        0 => u64::MAX,
+                        _ => s.f_ffree,
+                    };
+                    (s.f_bavail * s.f_bsize as u64, inodes)
+                })
+                .unwrap_or((u64::MAX, u64::MAX));
+            *cached = Some((now, free, inodes));
+            (free, inodes)
         }
     }
 }
+
+/// When upper's free space was read, its free bytes and free inodes ([`upper_free_in`]).
+pub(crate) type UpperFree = (std::time::Instant, u64, u64);
 
 /// Copy up to `len` bytes from `src` at `off_in` to `dst` at `off_out` with copy_file_range(2),
 /// as far as the source goes. Upper's filesystem unable to copy between the two files

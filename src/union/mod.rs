@@ -450,8 +450,9 @@ pub struct Union {
     mount_dev: std::sync::OnceLock<String>,
     /// Held through a shutdown, so a second caller waits for the first to finish.
     shutdown_lock: parking_lot::Mutex<()>,
-    /// Free bytes of upper's filesystem, and when they were read (write-back safety margin).
-    pub(crate) upper_free: parking_lot::Mutex<Option<(std::time::Instant, u64)>>,
+    /// Free bytes and inodes of upper's filesystem, and when they were read (write-back and
+    /// background commit safety margins).
+    pub(crate) upper_free: parking_lot::Mutex<Option<file::UpperFree>>,
     /// Passthrough was asked for (and the process may register backing files).
     pub(crate) passthrough_wanted: bool,
     /// The kernel agreed to passthrough at FUSE INIT.
