@@ -287,6 +287,52 @@ fn a_copy_that_does_not_fit_upper_fails_before_copying() {
     });
 }
 
+/// The same when upper has the bytes but too few free inodes: ENOSPC before anything is
+/// copied. (QA: with 48 inodes free, a tree of 100 files took all of them before it failed, 47
+/// copies stayed in upper, and every later create failed.)
+#[test]
+fn a_copy_with_too_few_free_inodes_fails_before_copying() {
+    with_timeout(TIMEOUT, || {
+        let entries: Vec<Entry> = (0..100)
+            .map(|i| file(&format!("many/f{i}"), "x"))
+            .chain([file("other", "other")])
+            .collect();
+        let dirs = Dirs::new(&[entries], &[]);
+        let lfs = LoopFs::new(&dirs, 32);
+        let d = lfs.holding_upper(&dirs);
+        let m = Mount::start_args(&d, &legacy_args(&d, "")).unwrap_or_else(|e| panic!("{e}"));
+        // Every inode taken, then 48 given back.
+        let ifill = lfs.mnt.join("ifill");
+        fs::create_dir(&ifill).expect("mkdir ifill");
+        let mut n = 0;
+        while fs::File::create(ifill.join(n.to_string())).is_ok() {
+            n += 1;
+        }
+        for i in 0..48 {
+            fs::remove_file(ifill.join(i.to_string())).expect("rm");
+        }
+        let free_inodes = || {
+            nix::sys::statvfs::statvfs(&lfs.mnt)
+                .expect("statvfs")
+                .files_free()
+        };
+        let before = snapshot(&m.merged, &SnapOpts::merged());
+        let free = free_inodes();
+        let e = fs::rename(m.merged.join("many"), m.merged.join("moved")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        let after = snapshot(&m.merged, &SnapOpts::merged());
+        let diff = diff_snapshots("before", &before, "after", &after);
+        assert!(diff.is_empty(), "the view changed:\n{}", diff.join("\n"));
+        assert!(
+            free_inodes() + 2 >= free,
+            "the failed rename took {} of {free} free inodes",
+            free - free_inodes()
+        );
+        fs::write(m.merged.join("new"), "new").expect("a create after it");
+        m.unmount().unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
 /// A limit at what the moved tree ends up using, and a little above: the rename either goes
 /// through whole or is refused with nothing left charged. (At the limit it failed partway: each
 /// copy-up holds a block for each directory it adds an entry to until it settles, which the
