@@ -770,3 +770,51 @@ fn a_full_upper_fails_the_operation_not_a_later_commit() {
         drop(lfs);
     })
 }
+
+/// An open with O_TRUNC of a lower file copies its metadata up, not its data, as kernel
+/// overlayfs does: `> big` and `cp new big` work on an upper with no room for the old data,
+/// and the copy keeps the file's mode, owner and xattrs. (QA: ENOSPC for a 20 MiB lower file
+/// on a 16 MiB upper, where the kernel's succeeded; the data was copied to be thrown away.)
+#[test]
+fn an_open_with_o_trunc_copies_no_data() {
+    with_timeout(TIMEOUT, || {
+        let big = "x".repeat(24 << 20);
+        let dirs = Dirs::new(
+            &[vec![
+                file_mode("big", &big, 0o640),
+                xattr("big", "user.keep", "kept"),
+                chown("big", 1234, 5678),
+            ]],
+            &[],
+        );
+        let lfs = LoopFs::new(&dirs, 16);
+        let d = lfs.holding_upper(&dirs);
+        for extra in [vec![], vec!["--passthrough".to_string(), "off".to_string()]] {
+            let _ = fs::remove_file(d.upper.join("big"));
+            let m = Mount::start(
+                &d,
+                &MountOpts {
+                    extra: extra.clone(),
+                    ..MountOpts::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            fs::write(m.path("big"), "new\n").unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+            assert_eq!(fs::read_to_string(m.path("big")).unwrap(), "new\n");
+            let md = fs::metadata(m.path("big")).unwrap();
+            assert_eq!(
+                (md.permissions().mode() & 0o7777, md.uid(), md.gid()),
+                (0o640, 1234, 5678),
+                "{extra:?}"
+            );
+            assert_eq!(
+                lgetxattr(&m.path("big"), "user.keep").as_deref(),
+                Ok(&b"kept"[..]),
+                "{extra:?}"
+            );
+            m.unmount().expect("unmount");
+            assert_eq!(fs::read_to_string(d.upper.join("big")).unwrap(), "new\n");
+        }
+        drop(lfs);
+    })
+}

@@ -273,8 +273,14 @@ impl Filesystem for UnionFs {
             Readdirplus::On => InitFlags::FUSE_DO_READDIRPLUS,
             Readdirplus::Off => InitFlags::empty(),
         };
+        // FUSE_ATOMIC_O_TRUNC: an open with O_TRUNC carries the flag and the kernel sends no
+        // SETATTR after it: one round trip less, and the open knows the data will go (a lower
+        // file is copied up without it, as kernel overlayfs does: `Union::open_as`).
         let _ = config.add_capabilities(
-            InitFlags::FUSE_PARALLEL_DIROPS | rdp | InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS
+                | rdp
+                | InitFlags::FUSE_CACHE_SYMLINKS
+                | InitFlags::FUSE_ATOMIC_O_TRUNC,
         );
         // Set-id bits and file capabilities cleared by the daemon where the VFS leaves it to
         // the filesystem (writes, truncates, chowns: KillSuidgid; the upper filesystem drops
@@ -526,13 +532,16 @@ impl Filesystem for UnionFs {
         })
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || {
             let register = |fd: BorrowedFd<'_>| -> std::io::Result<Backing> {
                 Ok(Arc::new(reply.open_backing(fd)?))
             };
             let register: Option<RegisterBacking<'_>> = self.may_register().then_some(&register);
-            let r = self.u.open_with(ino.0, flags.0, register);
+            // (fuser drops FUSE_OPEN_KILL_SUIDGID: the caller's capabilities are looked up.)
+            let r = self
+                .u
+                .open_as(ino.0, flags.0, register, Some((caller(req), None)));
             match r {
                 Ok(o) => match backing_id(&o) {
                     Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id),

@@ -797,8 +797,11 @@ fn dispatch(s: &Served, h: &InHeader, op_in: &[u8], input: &[u8], out: &mut Out<
         }
         wire::OPEN => {
             let flags = a.i32(0).map_err(short)?;
+            let kill = a.u32(4).map_err(short)? & wire::FUSE_OPEN_KILL_SUIDGID != 0;
             let register = s.register();
-            let o = u.open_with(ino, flags, Some(&register)).map_err(err)?;
+            let o = u
+                .open_as(ino, flags, Some(&register), Some((who, Some(kill))))
+                .map_err(err)?;
             s.open_reply(&o, out);
         }
         wire::CREATE => {

@@ -63,6 +63,9 @@ pub const FATTR_MTIME_NOW: u32 = 1 << 8;
 /// The daemon clears the set-id bits (a truncate by a caller without CAP_FSETID, with
 /// FUSE_HANDLE_KILLPRIV_V2).
 pub const FATTR_KILL_SUIDGID: u32 = 1 << 11;
+/// fuse_open_in.open_flags: an open with O_TRUNC (atomic O_TRUNC) by a caller without
+/// CAP_FSETID: the daemon clears the set-id bits.
+pub const FUSE_OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// fuse_getattr_in.getattr_flags: `fh` is valid.
 pub const GETATTR_FH: u32 = 1 << 0;

@@ -29,7 +29,7 @@ impl Union {
             }
             return Ok(());
         }
-        self.copy_up_as(node, false).map(|_| ())
+        self.copy_up_as(node, false, false).map(|_| ())
     }
 
     /// Copy `node` up for an operation on the file itself (open for writing, setattr): a
@@ -47,7 +47,20 @@ impl Union {
             }
             return Ok(None);
         }
-        self.copy_up_as(node, true)
+        self.copy_up_as(node, true, false)
+    }
+
+    /// [`Union::copy_up_for_use`] for an open with O_TRUNC: a lower regular file's data is not
+    /// copied (the open empties the copy at once), only its metadata, as kernel overlayfs
+    /// copies up for O_TRUNC.
+    pub(crate) fn copy_up_for_truncate(
+        &self,
+        node: &Node,
+    ) -> Result<Option<super::commit::Staged>> {
+        if node.st.lock().upper || node.kind != libc::S_IFREG {
+            return self.copy_up_for_use(node);
+        }
+        self.copy_up_as(node, true, true)
     }
 
     /// Give metacopy file `node` in upper (kernel overlayfs `metacopy=on`: its metadata was
@@ -126,7 +139,13 @@ impl Union {
         Ok(())
     }
 
-    fn copy_up_as(&self, node: &Node, defer: bool) -> Result<Option<super::commit::Staged>> {
+    /// `empty`: a regular file's data is not copied (an open with O_TRUNC).
+    fn copy_up_as(
+        &self,
+        node: &Node,
+        defer: bool,
+        empty: bool,
+    ) -> Result<Option<super::commit::Staged>> {
         self.upper_layer()?;
         // Parents first (the root always has an upper when the union is writable).
         let parent = node.st.lock().parent;
@@ -149,8 +168,14 @@ impl Union {
         let (src_dir, name) = self.open_parent_in(node, src_layer)?;
         let (dst_dir, _) = self.open_parent_in(node, LayerRef::Upper)?;
         let mut fs = layer::stat_at(src_dir.as_fd(), &name).ctx("copy-up: stat lower")?;
+        let empty = empty && fs.st_mode & libc::S_IFMT == libc::S_IFREG;
+        if empty {
+            fs.st_size = 0;
+            fs.st_blocks = 0;
+        }
         // A metacopy file in a lower layer: its data from further below.
         let data = match &st.data {
+            Some(_) if empty => None,
             Some(d) => {
                 fs.st_blocks = d.blocks;
                 Some(self.data_parent(node, d)?)

@@ -432,6 +432,49 @@ impl Union {
         flags: i32,
         register: Option<RegisterBacking<'_>>,
     ) -> Result<Opened> {
+        self.open_as(ino, flags, register, None)
+    }
+
+    /// [`Union::open_with`] for `who`. With O_TRUNC (the kernel's atomic O_TRUNC: no SETATTR
+    /// follows) the file is emptied by this call, as by a truncate(2) of `who` right after the
+    /// open (set-id bits cleared as `kill` says, the kernel's FUSE_OPEN_KILL_SUIDGID, or as
+    /// looked up where the transport drops it); a lower file's data is not copied up for it,
+    /// only its metadata, as kernel overlayfs copies up for O_TRUNC: `> big-lower-file` needs
+    /// no room for the old data and no time to copy it.
+    pub fn open_as(
+        &self,
+        ino: u64,
+        flags: i32,
+        register: Option<RegisterBacking<'_>>,
+        who: Option<(super::Caller, Option<bool>)>,
+    ) -> Result<Opened> {
+        if flags & libc::O_TRUNC == 0 {
+            return self.open_inner(ino, flags, register, false);
+        }
+        let o = self.open_inner(ino, flags & !libc::O_TRUNC, register, true)?;
+        let mut a = SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        };
+        if let Some((caller, kill)) = who {
+            a.kill_suidgid = KillSuidgid::for_setattr(&a, caller, kill);
+        }
+        if let Err(e) = self.setattr(ino, &a) {
+            self.release(o.fh);
+            return Err(e);
+        }
+        Ok(o)
+    }
+
+    /// open(2) without O_TRUNC; `trunc`: the caller truncates the file right after (no data
+    /// is copied up for it, the kernel's pages of it need not be kept).
+    fn open_inner(
+        &self,
+        ino: u64,
+        flags: i32,
+        register: Option<RegisterBacking<'_>>,
+        trunc: bool,
+    ) -> Result<Opened> {
         let node = self.node(ino)?;
         if node.is_dir() {
             return Err(Error::new(Errno::EISDIR, "open of a directory"));
@@ -457,6 +500,8 @@ impl Union {
             // Synchronous writes are durable when they return, name included: no deferral.
             self.copy_up(&node)?;
             None
+        } else if trunc {
+            self.copy_up_for_truncate(&node)?
         } else {
             self.copy_up_for_use(&node)?
         };
@@ -465,7 +510,7 @@ impl Union {
         // (~50 ms per 256 MiB here) to append a byte. Served by the daemon, they stay valid
         // (our writes go through them) and the next open after this one closes is
         // passthrough again. O_TRUNC drops them anyway.
-        let keep_pages = was_lower && k.kernel_pages && !f.contains(OFlag::O_TRUNC);
+        let keep_pages = was_lower && k.kernel_pages && !trunc;
         if !keep_pages && let Some(o) = self.try_direct(&node, &mut k, flags, register)? {
             return Ok(o);
         }
