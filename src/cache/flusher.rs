@@ -557,7 +557,9 @@ impl PageCache {
                         self.finish_clean(f, &mut st, &fd);
                     }
                 }
-                Err(e) => self.record_error(f.ino, e),
+                // (None for a file forgotten meanwhile: its number may name another soon.)
+                Err(e) if !st.dead => self.record_error(f.ino, e),
+                Err(_) => {}
             }
             drop(st);
             f.cv.notify_all();

@@ -313,6 +313,8 @@ pub struct PageCache {
     errors: Mutex<HashMap<u64, WbError>>,
     /// The sequence of the last write-back error recorded (of any file).
     error_seq: AtomicU64,
+    /// Truncates that found no entry of their file (see [`PageCache::file`]).
+    unseen_truncates: AtomicU64,
     quota: Option<Arc<Quota>>,
     sink: RwLock<Option<Weak<dyn WritebackSink>>>,
     ra: Mutex<RaPool>,
@@ -373,6 +375,7 @@ impl PageCache {
             flush_error: AtomicI32::new(0),
             errors: Mutex::new(HashMap::new()),
             error_seq: AtomicU64::new(0),
+            unseen_truncates: AtomicU64::new(0),
             quota,
             sink: RwLock::new(None),
             ra: Mutex::new(RaPool {
@@ -423,13 +426,18 @@ impl PageCache {
         if let Some(f) = self.files.get(&ino) {
             return Ok(f.clone());
         }
-        // The stat is taken with the map's entry held: a truncate that finds no entry after
-        // changing the file (`truncate_with`) knows any entry made later has its new size.
+        // A truncate that finds no entry after changing the file (`truncate_with`) counts
+        // itself in `unseen_truncates`: a stat taken before that is taken again, with the
+        // map's slot held (the next truncate then finds the entry).
+        let epoch = self.unseen_truncates.load(Ordering::Acquire);
+        let mut st = nix::sys::stat::fstat(fd.as_fd())?;
         let entry = match self.files.entry(ino) {
             dashmap::mapref::entry::Entry::Occupied(o) => return Ok(o.get().clone()),
             dashmap::mapref::entry::Entry::Vacant(v) => v,
         };
-        let st = nix::sys::stat::fstat(fd.as_fd())?;
+        if self.unseen_truncates.load(Ordering::Acquire) != epoch {
+            st = nix::sys::stat::fstat(fd.as_fd())?;
+        }
         let size = st.st_size.max(0) as u64;
         let f = Arc::new(CachedFile {
             ino,
@@ -556,6 +564,11 @@ impl PageCache {
         let r = op()?;
         // An entry made meanwhile (by a reader, from a stat that may predate the truncate) is
         // brought to the new size too.
+        if before.is_none() {
+            // (Before the look: a reader that made its entry since either finds the count
+            // moved and stats again, or had inserted it before this look finds it.)
+            self.unseen_truncates.fetch_add(1, Ordering::AcqRel);
+        }
         let Some(f) = before
             .clone()
             .or_else(|| self.files.get(&ino).map(|f| f.clone()))
@@ -648,13 +661,26 @@ impl PageCache {
     /// Forget everything about `ino` (its last name is gone and nothing holds it open, or the
     /// inode number now names a new file). Dirty data is discarded.
     pub fn drop_file(&self, ino: u64) {
-        self.errors.lock().remove(&ino);
+        self.forget_file(ino, false);
+    }
+
+    /// [`PageCache::drop_file`]; `keep_error`: the file's write-back error stays for its
+    /// descriptors' fsyncs (the file lives on, read and written behind the cache).
+    fn forget_file(&self, ino: u64, keep_error: bool) {
         let Some((_, f)) = self.files.remove(&ino) else {
+            if !keep_error {
+                self.errors.lock().remove(&ino);
+            }
             return;
         };
         let _wb = f.wb.lock();
         let mut st = f.st.lock();
         st.dead = true;
+        // (Under the file's locks: a write-back in flight records its error under them,
+        // and records none once the file is dead.)
+        if !keep_error {
+            self.errors.lock().remove(&ino);
+        }
         self.drop_pages(&f, &mut st, 0);
         st.mtime = None;
         st.mtime_pending = false;
@@ -690,7 +716,8 @@ impl PageCache {
         if self.dirty_files.lock().contains_key(&ino) {
             return false;
         }
-        self.drop_file(ino);
+        // (A reported error stays: a descriptor open before it has not necessarily been told.)
+        self.forget_file(ino, true);
         true
     }
 

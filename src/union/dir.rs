@@ -1223,11 +1223,16 @@ impl Union {
             self.sync_known(known, t);
         }
         // A directory replaced is empty in the merged view, but whiteouts may be inside (of its
-        // lower content), which rename(2) would refuse: it leaves its name for the work dir
-        // first, comes back if the rename fails, and is removed there once it is done.
+        // lower content), which rename(2) would refuse: then it leaves its name for the work dir
+        // first, comes back if the rename fails, and is removed there once it is done (an
+        // empty one is replaced by the rename itself, in one step).
         let work = self.work_fd()?;
         let target_aside = match (&dst, &target) {
-            (Some(d), Some(t)) if d.is_dir() && t.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+            (Some(d), Some(t))
+                if d.is_dir()
+                    && t.st_mode & libc::S_IFMT == libc::S_IFDIR
+                    && has_entries(ddir.as_fd(), newname)? =>
+            {
                 Some(self.move_aside(work, ddir.as_fd(), newname)?)
             }
             _ => None,
@@ -1369,6 +1374,25 @@ impl Union {
         drop(dst_known);
         Ok(())
     }
+}
+
+/// Does directory `name` of `dir` hold anything?
+fn has_entries(dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
+    let mut d = nix::dir::Dir::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx("open directory replaced")?;
+    for e in d.iter() {
+        let e = e.ctx("list directory replaced")?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// With AUFS whiteouts honoured, `.wh.*` names are whiteout metadata (as in the OCI layer

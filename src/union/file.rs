@@ -1387,14 +1387,16 @@ impl Union {
     /// inode)? Near a full upper a copy-up is committed before it is answered, so that a
     /// full disk fails the operation (ENOSPC, as kernel overlayfs), not the commit after the
     /// caller was told it succeeded. Read at most every 100 ms: the margins (16 MiB beyond
-    /// the copy's own `size`, 1024 inodes) cover what the pending commits and others take
-    /// meanwhile.
+    /// the copy's own `size` and a block per pending commit, 1024 inodes beyond one per
+    /// pending commit) cover what others take meanwhile.
     pub(crate) fn room_to_commit_later(&self, size: u64) -> bool {
         let Some(up) = &self.upper else {
             return false;
         };
         let (bytes, inodes) = upper_free_in(up, &mut self.upper_free.lock());
-        bytes >= (16 << 20) + size && inodes >= 1024
+        // (Each commit still pending may take a block and an inode too.)
+        let pending = self.commits.pending_count() as u64;
+        bytes >= (16 << 20) + size + pending * 4096 && inodes >= 1024 + pending
     }
 
     /// release(2): drop a handle. The last close of an unlinked upper file frees its space
