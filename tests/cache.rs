@@ -951,19 +951,7 @@ fn a_full_upper_disk_fails_the_write_and_loses_nothing_acknowledged() {
         let dirs = Dirs::new(&[vec![]], &[]);
         let lfs = LoopFs::new(&dirs, 64);
         let d = lfs.holding_upper(&dirs);
-        let m = Mount::start(
-            &d,
-            &MountOpts {
-                extra: vec![
-                    "--cache-size".into(),
-                    "16M".into(),
-                    "--passthrough".into(),
-                    "off".into(),
-                ],
-                ..MountOpts::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let m = Mount::on(&d, &["--cache-size", "16M", "--passthrough", "off"]);
         let data = pattern((128 * MIB) as usize, 6);
         let mut f = File::create(m.path("fill")).expect("create");
         let mut acked = 0usize;
@@ -1003,14 +991,7 @@ fn cached_writes_on_a_full_upper(extra: &[&str]) -> (Mount, LoopFs, Dirs, Vec<u8
     let d = lfs.holding_upper(&dirs);
     let mut args = vec!["--cache-size", "64M", "--passthrough", "off"];
     args.extend_from_slice(extra);
-    let m = Mount::start(
-        &d,
-        &MountOpts {
-            extra: args.iter().map(|s| s.to_string()).collect(),
-            ..MountOpts::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let m = Mount::on(&d, &args);
     let data = pattern((2 * MIB) as usize, 7);
     let mut f = File::create(m.path("a")).expect("create");
     f.write_all(&data).expect("write");
@@ -1302,14 +1283,7 @@ fn a_write_back_error_reaches_every_descriptors_fsync_once() {
             "--dirty-writeback-centisecs",
             "0",
         ];
-        let m = Mount::start(
-            &d,
-            &MountOpts {
-                extra: args.iter().map(|s| s.to_string()).collect(),
-                ..MountOpts::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let m = Mount::on(&d, &args);
         let data = pattern(MIB as usize, 9);
         let mut fd1 = File::create(m.path("g")).expect("create");
         let fd2 = OpenOptions::new()

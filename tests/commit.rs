@@ -789,16 +789,9 @@ fn an_open_with_o_trunc_copies_no_data() {
         );
         let lfs = LoopFs::new(&dirs, 16);
         let d = lfs.holding_upper(&dirs);
-        for extra in [vec![], vec!["--passthrough".to_string(), "off".to_string()]] {
+        for extra in [&[][..], &["--passthrough", "off"][..]] {
             let _ = fs::remove_file(d.upper.join("big"));
-            let m = Mount::start(
-                &d,
-                &MountOpts {
-                    extra: extra.clone(),
-                    ..MountOpts::default()
-                },
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            let m = Mount::on(&d, extra);
             fs::write(m.path("big"), "new\n").unwrap_or_else(|e| panic!("{extra:?}: {e}"));
             assert_eq!(fs::read_to_string(m.path("big")).unwrap(), "new\n");
             let md = fs::metadata(m.path("big")).unwrap();

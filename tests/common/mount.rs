@@ -37,12 +37,16 @@ impl Mount {
     /// One lower layer built from `lower`, an empty upper, and `args` added to the mount
     /// command. Panics if mounting fails.
     pub fn with_args(lower: Vec<Entry>, args: &[&str]) -> Mount {
-        let dirs = Dirs::new(&[lower], &[]);
+        Mount::on(&Dirs::new(&[lower], &[]), args)
+    }
+
+    /// Mount `dirs` with `args` added to the mount command. Panics if mounting fails.
+    pub fn on(dirs: &Dirs, args: &[&str]) -> Mount {
         let opts = MountOpts {
             extra: args.iter().map(|s| s.to_string()).collect(),
             ..MountOpts::default()
         };
-        Mount::start(&dirs, &opts).unwrap_or_else(|e| panic!("{e}"))
+        Mount::start(dirs, &opts).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The arguments `unionfs-rs` is run with for `dirs` and `opts`.
