@@ -357,9 +357,10 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 ",\"lower_passthrough_opens\":{lower_opens},\"lower_busy_waits\":{busy_waits},\"lower_busy_refusals\":{busy_refusals}"
             ));
             s.push_str(&format!(
-                ",\"uring_threads\":{},\"uring_requests\":{},\"getxattr_requests\":{},\"copy_ranges\":{},\"copy_range_bytes\":{}",
+                ",\"uring_threads\":{},\"uring_requests\":{},\"uring_rescues\":{},\"getxattr_requests\":{},\"copy_ranges\":{},\"copy_range_bytes\":{}",
                 union.uring_threads.load(std::sync::atomic::Ordering::Relaxed),
                 union.uring_requests.load(std::sync::atomic::Ordering::Relaxed),
+                union.uring_rescues.load(std::sync::atomic::Ordering::Relaxed),
                 union.getxattr_requests.load(std::sync::atomic::Ordering::Relaxed),
                 union.copy_ranges.load(std::sync::atomic::Ordering::Relaxed),
                 union.copy_range_bytes.load(std::sync::atomic::Ordering::Relaxed)

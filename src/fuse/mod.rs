@@ -21,6 +21,7 @@ use crate::union::readdir::dir_offset;
 use crate::union::{Attr, Caller, Error, Union};
 
 pub mod ring;
+mod watchdog;
 pub mod wire;
 
 /// Kernel cache lifetime for entries and attributes. Safe to make long: every change to the

@@ -13,7 +13,10 @@
 //! idle CPU again (measured: no faster than /dev/fuse). Hence the hand-over: a thread commits
 //! each answer as a SCHED_IDLE thread; a CPU that runs only idle-policy threads counts as free,
 //! so the caller is woken right there, and the thread is SCHED_OTHER again before it handles
-//! the next request. Returning from SCHED_IDLE needs CAP_SYS_NICE (probed at INIT).
+//! the next request. Returning from SCHED_IDLE needs CAP_SYS_NICE (probed at INIT). An
+//! idle-policy thread runs about once a second while other work keeps its CPU busy, so a
+//! watchdog (`watchdog.rs`) puts a thread that stays idle for a few milliseconds back to
+//! SCHED_OTHER.
 //!
 //! The kernel keeps using /dev/fuse (fuser's loop) for FORGET, INTERRUPT and everything before
 //! the ring is complete (every possible CPU's queue has an entry). Each entry is one request at
@@ -29,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::watchdog::Watchdog;
 use super::wire::{self, Arg, InHeader, Names, Out, Short};
 use crate::union::dir::NewKind;
 use crate::union::file::{KillSuidgid, Opened, SetAttr, SetTime};
@@ -157,8 +161,9 @@ struct Served {
     u: Arc<Union>,
     ttl: Duration,
     dev: Arc<OwnedFd>,
-    /// Commit replies at idle policy (see `run`).
+    /// Commit replies at idle policy (see `run`), under the watchdog's eye.
     hand_over: bool,
+    watch: Option<Arc<Watchdog>>,
 }
 
 type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
@@ -181,15 +186,8 @@ pub fn start(
     fail_for_test: bool,
     state: Arc<RingState>,
 ) -> std::io::Result<()> {
-    let hand_over = state.hand_over();
     let union = u.clone();
     let r = dev.try_clone_to_owned().and_then(|fd| {
-        let served = Arc::new(Served {
-            u,
-            ttl,
-            dev: Arc::new(fd),
-            hand_over,
-        });
         let plan = plan(per_cpu)?;
         if fail_for_test {
             return Err(std::io::Error::other(
@@ -202,9 +200,37 @@ pub fn start(
             .map(|(_, qids)| new_ring(8.max(2 * qids.len().next_power_of_two() as u32)))
             .collect::<std::io::Result<Vec<Ring>>>()?;
         let n = plan.len();
-        for ((cpu, qids), ring) in plan.into_iter().zip(rings) {
-            let h = spawn(served.clone(), ring, cpu, qids, state.clone())?;
-            state.threads.lock().push(h);
+        // No hand-over without its watchdog (see watchdog.rs).
+        let watch = match state.hand_over() {
+            true => match Watchdog::start(n, u.clone()) {
+                Ok((w, h)) => {
+                    state.threads.lock().push(h);
+                    Some(w)
+                }
+                Err(e) => {
+                    log::warn!("FUSE over io_uring: no watchdog thread ({e}): no hand-over");
+                    None
+                }
+            },
+            false => None,
+        };
+        let served = Arc::new(Served {
+            u,
+            ttl,
+            dev: Arc::new(fd),
+            hand_over: watch.is_some(),
+            watch,
+        });
+        for (i, ((cpu, qids), ring)) in plan.into_iter().zip(rings).enumerate() {
+            match spawn(served.clone(), ring, cpu, qids, i, state.clone()) {
+                Ok(h) => state.threads.lock().push(h),
+                Err(e) => {
+                    if let Some(w) = &served.watch {
+                        w.gone(n - i);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(n)
     });
@@ -314,6 +340,7 @@ fn spawn(
     ring: Ring,
     cpu: Option<usize>,
     qids: Vec<u16>,
+    slot: usize,
     state: Arc<RingState>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let name = match cpu {
@@ -321,6 +348,7 @@ fn spawn(
         None => "uring-rest".into(),
     };
     std::thread::Builder::new().name(name).spawn(move || {
+        let _running = served.watch.as_ref().map(|w| w.enter(slot));
         if let Some(c) = cpu {
             let mut set = nix::sched::CpuSet::new();
             if set.set(c).is_ok()
@@ -329,7 +357,7 @@ fn spawn(
                 log::debug!("uring: pinning to CPU {c}: {e}");
             }
         }
-        match serve(&served, ring, &qids) {
+        match serve(&served, ring, &qids, slot) {
             Ok(()) => {}
             Err((e, false)) => {
                 // Before this thread served anything: tell the kernel to go on through
@@ -389,7 +417,7 @@ fn register_sqe(dev: BorrowedFd<'_>, e: &Entry, index: usize) -> squeue::Entry12
 }
 
 /// Serve `qids` until the connection is gone. Err((error, whether it served requests)).
-fn serve(s: &Served, ring: Ring, qids: &[u16]) -> Result<(), (std::io::Error, bool)> {
+fn serve(s: &Served, ring: Ring, qids: &[u16], slot: usize) -> Result<(), (std::io::Error, bool)> {
     let max_payload = MAX_PAYLOAD;
     // The kernel holds the buffers' addresses from registration on: they are freed only once
     // every entry is finished, never on an error or a panic (then they are leaked).
@@ -422,7 +450,7 @@ fn serve(s: &Served, ring: Ring, qids: &[u16]) -> Result<(), (std::io::Error, bo
             .collect::<Vec<Entry>>(),
     );
     let mut served = false;
-    run(s, &mut ring, &mut entries, &mut served).map_err(|e| (e, served))?;
+    run(s, &mut ring, &mut entries, &mut served, slot).map_err(|e| (e, served))?;
     // SAFETY: every entry is finished (the kernel completed all their commands): nothing of
     // the kernel's points into the buffers or uses the ring any more; each is dropped once.
     unsafe {
@@ -437,6 +465,7 @@ fn run(
     ring: &mut Ring,
     entries: &mut [Entry],
     registered: &mut bool,
+    slot: usize,
 ) -> std::io::Result<()> {
     let dev = s.dev.as_fd();
     // The hand-over puts the thread back to SCHED_OTHER: only for threads that run so (a daemon
@@ -472,9 +501,13 @@ fn run(
                     // Commit as an idle-policy thread: the scheduler then counts this CPU as
                     // free and wakes the caller here, where its next request is queued and
                     // served, instead of on an idle CPU it must wake (see the module notes).
+                    // The watchdog ends the episode if other work keeps this CPU busy.
+                    let episode = s.watch.as_ref().map(|w| w.idle(slot));
                     set_policy(libc::SCHED_IDLE);
                     let r = ring.submit();
-                    if !set_policy(libc::SCHED_OTHER) {
+                    let back = set_policy(libc::SCHED_OTHER);
+                    drop(episode);
+                    if !back {
                         log::error!(
                             "FUSE over io_uring: cannot leave SCHED_IDLE: {}",
                             std::io::Error::last_os_error()

@@ -472,6 +472,8 @@ pub struct Union {
     /// requests they served. Kept here for `stats`; the transport is the FUSE adapter's.
     pub uring_threads: std::sync::atomic::AtomicUsize,
     pub uring_requests: AtomicU64,
+    /// Ring threads the hand-over's watchdog put back to SCHED_OTHER (fuse/watchdog.rs).
+    pub uring_rescues: AtomicU64,
     /// getxattr requests answered (`stats`: the kernel asks one before each write(2) unless
     /// FUSE_HANDLE_KILLPRIV_V2 lets it remember that a file has no security.capability).
     pub(crate) getxattr_requests: AtomicU64,
@@ -703,6 +705,7 @@ impl Union {
             lower_busy_refusals: AtomicU64::new(0),
             uring_threads: Default::default(),
             uring_requests: AtomicU64::new(0),
+            uring_rescues: AtomicU64::new(0),
             getxattr_requests: AtomicU64::new(0),
             copy_ranges: AtomicU64::new(0),
             copy_range_bytes: AtomicU64::new(0),
