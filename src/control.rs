@@ -463,7 +463,6 @@ fn is_fuse(p: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
 }
 
-/// Send one command to the daemon serving `merged`; returns its reply.
 /// Remove the control socket of `merged` if no daemon answers on it (one killed outright
 /// leaves it behind).
 pub fn remove_stale(merged: &Path) {
@@ -473,6 +472,7 @@ pub fn remove_stale(merged: &Path) {
     }
 }
 
+/// Send one command to the daemon serving `merged`; returns its reply.
 pub fn request(merged: &Path, cmd: &str) -> Result<String, String> {
     let path = socket_path(merged);
     // (A directory of ours made open by an older version is closed here too: its daemons

@@ -2250,6 +2250,69 @@ fn statfs_shows_the_project_size() {
 // quota report / quota limit
 // ---------------------------------------------------------------------------------------------
 
+/// Reports taken while the page cache writes files back never count a page twice: once as
+/// the charge taken when the write was accepted and once as the block the write-back gave it
+/// (a CI run saw a report right after a 1 MiB write show 2 MiB). Files are written one after
+/// another while another thread asks for reports; every report stays within what was
+/// written so far, and the last one equals a fresh scan.
+#[test]
+fn reports_during_write_back_count_each_page_once() {
+    with_timeout(TIMEOUT, || {
+        const FILES: u64 = 24;
+        const LEN: u64 = 4 * MIB;
+        let m = new_mount(&[], &["--size", "256M"]);
+        let base = report(&m).blocks.used;
+        let merged = m.merged.canonicalize().unwrap();
+        // Straight to the control socket: many reports while the files are written back.
+        let report = |m: &Mount| -> QReport {
+            let out = unionfs_rs::control::request(&merged, "quota-report")
+                .unwrap_or_else(|e| panic!("quota report: {e}"));
+            let j = Json::parse(&out).unwrap_or_else(|e| panic!("report is not JSON ({e}): {out}"));
+            let r = QReport::from_json(&j);
+            assert_eq!(Path::new(&r.mount), m.merged, "report names the mount");
+            r
+        };
+        let started = std::sync::atomic::AtomicU64::new(0);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let worst = std::thread::scope(|sc| {
+            let reporter = sc.spawn(|| {
+                use std::sync::atomic::Ordering::SeqCst;
+                let mut worst: Option<(u64, u64)> = None;
+                while !done.load(SeqCst) {
+                    let used = report(&m).blocks.used;
+                    // Files begun by now (read after the report: an upper bound).
+                    let n = started.load(SeqCst);
+                    // Directory growth: a few blocks at most.
+                    let bound = base + n * LEN + 8 * BLOCK;
+                    if used > bound && worst.is_none_or(|(u, b)| used - bound > u - b) {
+                        worst = Some((used, bound));
+                    }
+                }
+                worst
+            });
+            for i in 0..FILES {
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                fs::write(m.path(&format!("f{i}")), pattern(0, LEN, i as u8)).unwrap();
+                let used = report(&m).blocks.used;
+                let bound = base + (i + 1) * LEN + 8 * BLOCK;
+                assert!(
+                    used <= bound,
+                    "after {} files of {LEN} bytes: {used} bytes used, at most {bound} expected",
+                    i + 1
+                );
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            reporter.join().unwrap()
+        });
+        assert_eq!(
+            worst, None,
+            "a report counted more than was written (used, bound)"
+        );
+        assert_report_matches_scan(&m, "after the writes");
+        m.unmount().unwrap();
+    })
+}
+
 /// After a mixed workload (dirs, files, symlinks, fifos, hard links, big xattrs, copy-ups,
 /// whiteouts, renames, truncates), `quota report --json` equals a fresh scan; the table forms
 /// show the same numbers.

@@ -450,6 +450,13 @@ impl PageCache {
             };
             from = last + 1;
             let n = batch.len() as u64;
+            // Quota: from the first write of the batch until its charge is handed back, a
+            // stat of the file may count pages still charged (see `charge_token`).
+            let flushing = self.quota.as_ref().map(|_| {
+                f.flushing.fetch_add(1, Ordering::SeqCst);
+                f.flush_gen.fetch_add(1, Ordering::SeqCst);
+                Flushing(&f.flushing)
+            });
             self.writeback.fetch_add(n * P, Ordering::AcqRel);
             let t0 = Instant::now();
             let mut res = Ok(());
@@ -575,16 +582,18 @@ impl PageCache {
                 self.trim_to_budget();
             }
             if let Some(q) = &self.quota {
-                // Settle the file's real allocation first, then hand the charge back. Not
-                // under the write-back lock: the settle takes the node's allocation lock,
-                // which a truncate holds while it waits for the write-back lock.
+                // Settle the file's real allocation and hand the charge back, in one step (a
+                // report between the two counted these pages twice). Not under the
+                // write-back lock: the settle takes the node's allocation lock, which a
+                // truncate holds while it waits for the write-back lock.
                 parking_lot::MutexGuard::unlocked(&mut wb, || {
-                    if let Some(s) = self.sink.read().as_ref().and_then(|w| w.upgrade()) {
-                        s.written(f.ino, fd.as_fd());
+                    match self.sink.read().as_ref().and_then(|w| w.upgrade()) {
+                        Some(s) => s.written(f.ino, fd.as_fd(), released),
+                        None => q.adjust_bytes(-(released as i64)),
                     }
-                    q.adjust_bytes(-(released as i64));
                 });
             }
+            drop(flushing);
             self.throttle.1.notify_all();
             match res {
                 Ok(()) => {
@@ -774,5 +783,15 @@ impl PageCache {
         if ran {
             self.stats.flusher_runs.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// A write-back batch counted in `CachedFile::flushing` (counted out when dropped, also by a
+/// panic).
+struct Flushing<'a>(&'a AtomicU64);
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -104,10 +104,11 @@ impl std::ops::Deref for ReadData {
 }
 
 /// What the union does after the flusher wrote pages of a file (quota: settle the file's
-/// real allocation before the charge taken at accept time is handed back).
+/// real allocation and hand back the charge taken at accept time, in one step).
 pub trait WritebackSink: Send + Sync {
-    /// Pages of node `ino` were written through `fd`.
-    fn written(&self, ino: u64, fd: std::os::fd::BorrowedFd<'_>);
+    /// Pages of node `ino` were written through `fd`; `released` bytes of quota charged for
+    /// them are to be handed back together with the allocation they now have.
+    fn written(&self, ino: u64, fd: std::os::fd::BorrowedFd<'_>, released: u64);
 }
 
 #[derive(Debug)]
@@ -180,6 +181,11 @@ pub struct CachedFile {
     st: Mutex<FileState>,
     cv: Condvar,
     wb: Mutex<()>,
+    /// Write-back batches between their first write to the file and the hand-back of their
+    /// quota charge (with a quota only), and a number that changes at each one's start: see
+    /// [`PageCache::charge_token`].
+    flushing: AtomicU64,
+    flush_gen: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -441,6 +447,8 @@ impl PageCache {
         let size = st.st_size.max(0) as u64;
         let f = Arc::new(CachedFile {
             ino,
+            flushing: AtomicU64::new(0),
+            flush_gen: AtomicU64::new(0),
             st: Mutex::new(FileState {
                 pages: BTreeMap::new(),
                 size,
@@ -656,6 +664,25 @@ impl PageCache {
         }
         drop(st);
         q.adjust_bytes(-(released as i64));
+    }
+
+    /// A token for settling the quota of `ino` from its upper file's stat: None while a
+    /// write-back batch of it is in flight (its pages may be on disk, and so in a stat, while
+    /// their charge is still counted: the flusher settles the file itself once it hands the
+    /// charge back). Take one before the stat and one after; if they differ, a batch began in
+    /// between and the stat may count pages still charged.
+    pub fn charge_token(&self, ino: u64) -> Option<u64> {
+        let Some(f) = self.files.get(&ino) else {
+            // Not cached: nothing charged (a batch of a file cached meanwhile changes the
+            // token: generations start at 1).
+            return Some(0);
+        };
+        // (The flusher counts a batch in before it moves the generation on.)
+        let generation = f.flush_gen.load(Ordering::SeqCst);
+        if f.flushing.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(generation)
     }
 
     /// Forget everything about `ino` (its last name is gone and nothing holds it open, or the

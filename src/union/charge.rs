@@ -244,9 +244,18 @@ impl Union {
     /// blocks at writeback), so each time we look we settle the drift. Unknown: take `st` as
     /// what was accounted (the scan or copy-up that brought the file in counted it).
     pub(crate) fn sync_known(&self, known: &mut Option<(i64, i64)>, st: &FileStat) {
-        if let Some((a, _)) = *known {
-            self.account(alloc(st) - a, 0);
-        }
+        self.sync_known_less(known, st, 0);
+    }
+
+    /// [`Union::sync_known`], handing back `released` bytes of charge in the same step.
+    pub(crate) fn sync_known_less(
+        &self,
+        known: &mut Option<(i64, i64)>,
+        st: &FileStat,
+        released: u64,
+    ) {
+        let drift = known.map_or(0, |(a, _)| alloc(st) - a);
+        self.account(drift - released as i64, 0);
         *known = Some((alloc(st), st.st_size));
     }
 
@@ -259,6 +268,16 @@ impl Union {
         if known.is_none() {
             return;
         }
+        // Pages the flusher is writing may show in the stat while their charge still counts:
+        // the flusher settles the file itself when it hands that back.
+        let token = || {
+            self.cache
+                .as_ref()
+                .map_or(Some(0), |c| c.charge_token(node.ino))
+        };
+        let Some(before) = token() else {
+            return;
+        };
         let st = match self.upper_handle_of(node.ino, None) {
             Some(f) => nix::sys::stat::fstat(f.fd.as_fd()).ok(),
             // Removed and not open: its space went with its last name, and that name is a
@@ -273,7 +292,9 @@ impl Union {
                 .ok(),
         };
         match st {
-            Some(st) if st.st_nlink > 0 => self.sync_known(&mut known, &st),
+            Some(st) if st.st_nlink > 0 && token() == Some(before) => {
+                self.sync_known(&mut known, &st)
+            }
             _ => {}
         }
     }

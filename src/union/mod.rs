@@ -1669,23 +1669,31 @@ impl Union {
 }
 
 impl crate::cache::WritebackSink for Union {
-    fn written(&self, ino: u64, fd: std::os::fd::BorrowedFd<'_>) {
+    fn written(&self, ino: u64, fd: std::os::fd::BorrowedFd<'_>, released: u64) {
         if self.quota.is_none() {
             return;
         }
         // An unlinked file still open counts too (until its last close releases it); one
         // accounted freed with its last name (pinned for the kernel, its pages kept) not.
-        if let Some(node) = self.nodes.get(ino)
-            && !node.freed.load(std::sync::atomic::Ordering::Acquire)
-            && let Ok(st) = nix::sys::stat::fstat(fd)
-        {
-            let mut known = node.io_lock.lock();
-            self.sync_known(&mut known, &st);
-            drop(known);
-            // The filesystem may still allocate for what was just written (ext4 places
-            // delayed blocks, and an extent tree block, at its own write-back): settle again
-            // after the next sync and for a while.
-            self.mark_unsettled(ino);
+        let node = self
+            .nodes
+            .get(ino)
+            .filter(|n| !n.freed.load(std::sync::atomic::Ordering::Acquire));
+        let Some(node) = node else {
+            self.account(-(released as i64), 0);
+            return;
+        };
+        // The stat under the allocation lock: a settle holding it does not see these pages'
+        // blocks before their charge is handed back (`PageCache::charge_token`).
+        let mut known = node.io_lock.lock();
+        match nix::sys::stat::fstat(fd) {
+            Ok(st) => self.sync_known_less(&mut known, &st, released),
+            Err(_) => self.account(-(released as i64), 0),
         }
+        drop(known);
+        // The filesystem may still allocate for what was just written (ext4 places delayed
+        // blocks, and an extent tree block, at its own write-back): settle again after the
+        // next sync and for a while.
+        self.mark_unsettled(ino);
     }
 }
