@@ -458,6 +458,11 @@ impl PageCache {
                 Flushing(&f.flushing)
             });
             self.writeback.fetch_add(n * P, Ordering::AcqRel);
+            let marked = Marked {
+                cache: self,
+                f,
+                pages: batch.iter().map(|b| b.0).collect(),
+            };
             let t0 = Instant::now();
             let mut res = Ok(());
             let mut written_end = 0u64;
@@ -480,6 +485,10 @@ impl PageCache {
                         .map(|(k, (_, d, _))| &d.bytes()[..(len - (k * PAGE).min(len)).min(PAGE)])
                         .filter(|b| !b.is_empty())
                         .collect();
+                    #[cfg(test)]
+                    if PANIC_IN_WRITEBACK.with(|p| p.replace(false)) {
+                        panic!("unit test: write-back panics");
+                    }
                     res = pwritev_all(&fd, &parts, start);
                     if res.is_err() {
                         (ok_upto, failed_to) = (i, j);
@@ -498,6 +507,7 @@ impl PageCache {
             } else {
                 ok_upto
             };
+            marked.sorted();
             self.writeback.fetch_sub(n * P, Ordering::AcqRel);
             let mut st = f.st.lock();
             let mut cleaned = 0u64;
@@ -793,5 +803,48 @@ struct Flushing<'a>(&'a AtomicU64);
 impl Drop for Flushing<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests: the next write-back write of this thread panics.
+    pub(super) static PANIC_IN_WRITEBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A write-back batch's pages, marked under write-back. If the batch unwinds before it sorts
+/// them out (a panic), they are unmarked, still dirty, and counted out of write-back, so that a
+/// later pass writes them: left marked, every pass would skip them, and a sync would return
+/// as if they were written.
+struct Marked<'a> {
+    cache: &'a PageCache,
+    f: &'a CachedFile,
+    pages: Vec<u64>,
+}
+
+impl Marked<'_> {
+    /// The batch sorts its pages out itself from here on.
+    fn sorted(mut self) {
+        self.pages.clear();
+    }
+}
+
+impl Drop for Marked<'_> {
+    fn drop(&mut self) {
+        if self.pages.is_empty() {
+            return;
+        }
+        let mut st = self.f.st.lock();
+        for i in &self.pages {
+            if let Some(Slot::Ready(p)) = st.pages.get_mut(i) {
+                p.writeback = false;
+            }
+        }
+        drop(st);
+        self.cache
+            .writeback
+            .fetch_sub(self.pages.len() as u64 * P, Ordering::AcqRel);
+        self.f.cv.notify_all();
+        self.cache.throttle.1.notify_all();
     }
 }

@@ -1020,6 +1020,36 @@ mod tests {
         assert!(!c.is_dirty(3));
     }
 
+    /// A write-back that panics leaves its pages dirty and unmarked: the next sync writes
+    /// them (left marked under write-back, every pass skipped them and the sync returned as
+    /// if they were on disk).
+    #[test]
+    fn a_write_back_that_panics_leaves_its_pages_to_the_next() {
+        let (_d, fd) = tmpfile(&[7u8; 3 * PAGE]);
+        let c = Arc::new(PageCache::new(cfg(16 << 20), None).expect("cache"));
+        c.write(4, &fd, 100, b"written").expect("write");
+        flusher::PANIC_IN_WRITEBACK.with(|p| p.set(true));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.sync_file(4)));
+        assert!(r.is_err(), "the injected panic");
+        assert_eq!(c.stats().get("writeback_bytes"), Some(0));
+        assert!(c.is_dirty(4), "the page is still to be written");
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(c.sync_file(4));
+            });
+        }
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the second sync waits for good")
+            .expect("sync");
+        let mut disk = vec![0u8; 7];
+        crate::layer::sys::pread_full(fd.as_fd(), &mut disk, 100).expect("pread");
+        assert_eq!(&disk, b"written");
+        assert_eq!(c.dirty_bytes(), 0);
+        assert!(!c.is_dirty(4));
+    }
+
     #[test]
     fn writes_are_read_back_and_flushed() {
         let (_d, fd) = tmpfile(&[7u8; 10_000]);
