@@ -461,7 +461,7 @@ impl PageCache {
             let marked = Marked {
                 cache: self,
                 f,
-                pages: batch.iter().map(|b| b.0).collect(),
+                batch: &batch,
             };
             let t0 = Instant::now();
             let mut res = Ok(());
@@ -819,23 +819,24 @@ thread_local! {
 struct Marked<'a> {
     cache: &'a PageCache,
     f: &'a CachedFile,
-    pages: Vec<u64>,
+    /// (page, data, write sequence), as the batch holds them.
+    batch: &'a [(u64, PageData, u64)],
 }
 
 impl Marked<'_> {
     /// The batch sorts its pages out itself from here on.
     fn sorted(mut self) {
-        self.pages.clear();
+        self.batch = &[];
     }
 }
 
 impl Drop for Marked<'_> {
     fn drop(&mut self) {
-        if self.pages.is_empty() {
+        if self.batch.is_empty() {
             return;
         }
         let mut st = self.f.st.lock();
-        for i in &self.pages {
+        for (i, _, _) in self.batch {
             if let Some(Slot::Ready(p)) = st.pages.get_mut(i) {
                 p.writeback = false;
             }
@@ -843,7 +844,7 @@ impl Drop for Marked<'_> {
         drop(st);
         self.cache
             .writeback
-            .fetch_sub(self.pages.len() as u64 * P, Ordering::AcqRel);
+            .fetch_sub(self.batch.len() as u64 * P, Ordering::AcqRel);
         self.f.cv.notify_all();
         self.cache.throttle.1.notify_all();
     }

@@ -161,8 +161,8 @@ struct Served {
     u: Arc<Union>,
     ttl: Duration,
     dev: Arc<OwnedFd>,
-    /// Commit replies at idle policy (see `run`), under the watchdog's eye.
-    hand_over: bool,
+    /// Commit replies at idle policy (see `run`) under this watchdog's eye; None: no
+    /// hand-over.
     watch: Option<Arc<Watchdog>>,
 }
 
@@ -218,7 +218,6 @@ pub fn start(
             u,
             ttl,
             dev: Arc::new(fd),
-            hand_over: watch.is_some(),
             watch,
         });
         for (i, ((cpu, qids), ring)) in plan.into_iter().zip(rings).enumerate() {
@@ -471,7 +470,8 @@ fn run(
     // The hand-over puts the thread back to SCHED_OTHER: only for threads that run so (a daemon
     // started under another policy keeps it).
     // SAFETY: sched_getscheduler(2) of the calling thread; no memory involved.
-    let mut hand_over = s.hand_over && unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER;
+    let mut hand_over =
+        s.watch.is_some() && unsafe { libc::sched_getscheduler(0) } == libc::SCHED_OTHER;
     for (i, e) in entries.iter().enumerate() {
         push(ring, &register_sqe(dev, e, i))?;
     }
