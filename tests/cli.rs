@@ -960,6 +960,19 @@ fn acl_ids_follow_the_id_mapping() {
                         (0x20, 0, u),
                     ]),
                 },
+                // ... and one that keeps a user no range maps from reading what others may.
+                file_mode("r", "r", 0o644),
+                Entry::Xattr {
+                    path: "r".into(),
+                    name: "system.posix_acl_access".into(),
+                    value: acl_bytes(&[
+                        (1, 6, u),
+                        (2, 0, 70000),
+                        (4, 4, u),
+                        (0x10, 4, u),
+                        (0x20, 4, u),
+                    ]),
+                },
             ]],
             &[],
         );
@@ -1013,16 +1026,32 @@ fn acl_ids_follow_the_id_mapping() {
             apply(&m.merged, &as_user(65534, 0o022, op_read("h"))),
             Err(libc::EACCES)
         );
-        let set = |entries: &[(u16, u16, u32)]| {
+        let set_on = |path: &str, entries: &[(u16, u16, u32)]| {
             apply(
                 &m.merged,
                 &Op::SetXattr {
-                    path: "g".into(),
+                    path: path.into(),
                     name: "system.posix_acl_access".into(),
                     value: acl_bytes(entries),
                 },
             )
         };
+        let set = |entries: &[(u16, u16, u32)]| set_on("g", entries);
+        // An ACL set through the mount cannot name 70000: where its entry restricts, setting
+        // one would lift the restriction on the disk. Refused, nothing copied up; where it
+        // restricts nothing (h: 70000 may read and write, others nothing), allowed.
+        let plain = [(1, 6, u), (4, 4, u), (0x10, 4, u), (0x20, 4, u)];
+        assert_eq!(set_on("r", &plain), Err(libc::EPERM));
+        let h_acl = [
+            (1, 6, u),
+            (2, 4, 101000),
+            (4, 0, u),
+            (0x10, 4, u),
+            (0x20, 0, u),
+        ];
+        assert_eq!(set_on("h", &h_acl), Ok(Vec::new()));
+        // A chmod copies it up with the entry (root copies the raw ACL): checked below.
+        fs::set_permissions(m.merged.join("r"), fs::Permissions::from_mode(0o640)).unwrap();
         let g_acl = [
             (1, 6, u),
             (2, 6, 101005),
@@ -1053,6 +1082,26 @@ fn acl_ids_follow_the_id_mapping() {
             ]))
         );
         assert_eq!(fs::read_to_string(dirs.upper.join("g")).unwrap(), "g+");
+        assert_eq!(
+            lgetxattr(&dirs.upper.join("r"), "system.posix_acl_access"),
+            Ok(acl_bytes(&[
+                (1, 6, u),
+                (2, 0, 70000),
+                (4, 4, u),
+                (0x10, 4, u),
+                (0x20, 0, u)
+            ]))
+        );
+        assert_eq!(
+            lgetxattr(&dirs.upper.join("h"), "system.posix_acl_access"),
+            Ok(acl_bytes(&[
+                (1, 6, u),
+                (2, 4, 1000),
+                (4, 0, u),
+                (0x10, 4, u),
+                (0x20, 0, u)
+            ]))
+        );
     });
 }
 
@@ -1479,6 +1528,113 @@ fn acls_naming_unmapped_users_do_not_stop_a_rootless_mount() {
             "the copy's ACL on disk"
         );
         assert!(d.join("u/dacl/new").exists());
+    });
+}
+
+/// Rootless, an ACL entry naming a user or group the namespace does not map that gives them
+/// *less* than others get cannot be left out of an ACL the daemon writes: left out, it would
+/// give them more on the host. So a copy-up of such a file (access ACL, user or group) or
+/// directory (default ACL), a create under such a default ACL, and a replacement or removal
+/// of such an ACL are refused (EACCES / EPERM), nothing half done; a `chmod` keeps working
+/// (the filesystem keeps the entry), and an entry that restricts nothing is left out as before.
+/// (Before: each of them went through and the host user 4321 could read the copies.)
+#[test]
+fn acls_restricting_unmapped_users_are_never_dropped() {
+    with_timeout(90, || {
+        let base = users_base("unionfs-userns-aclw-");
+        let dev = user_fuse_dev(base.path());
+        let u = 3104u32;
+        let _ = fs::remove_dir_all(format!("/tmp/unionfs-rs-{u}"));
+        let d = base.path().join("d");
+        for sub in ["l/dnarrow", "u/dup", "m"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        for f in ["l/narrow", "l/gnarrow", "l/wide", "u/up"] {
+            fs::write(d.join(f), "data\n").unwrap();
+            fs::set_permissions(d.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        chown_r(&d, u);
+        let setfacl = |p: &str, spec: &str| {
+            let st = Command::new("setfacl")
+                .args(["-m", spec, &s(&d.join(p))])
+                .status()
+                .unwrap();
+            assert!(st.success(), "setfacl {p}");
+        };
+        setfacl("l/narrow", "u:4321:---");
+        setfacl("l/gnarrow", "g:4321:---");
+        setfacl("l/wide", "u:4321:rwx");
+        setfacl("l/dnarrow", "d:u:4321:---");
+        setfacl("u/dup", "d:u:4321:---");
+        setfacl("u/up", "u:4321:---,u:3104:rw");
+        let getfacl = |p: &str| {
+            let out = Command::new("getfacl")
+                .args(["-cnE", &s(&d.join(p))])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "getfacl {p}");
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let up_before = getfacl("u/up");
+        let (l, up, m) = (s(&d.join("l")), s(&d.join("u")), s(&d.join("m")));
+        let b = BIN;
+        let inner = format!(
+            "{b} mount --userxattr {l} {up} {m} || exit 3; cd {m} || exit 4; \
+             echo more >> narrow; echo narrow $?; echo more >> gnarrow; echo gnarrow $?; \
+             touch dnarrow/new; echo dnarrow $?; touch dup/new; echo dup $?; \
+             echo more >> wide; echo wide $?; \
+             setfacl -m u:0:r up; echo setfacl $?; setfacl -b up; echo setfacl-b $?; \
+             chmod 600 up; echo chmod $?; cat narrow; \
+             cd /; {b} umount {m} || umount -l {m}"
+        );
+        let (code, out, err) = as_root_of_users_namespace(&dev, u, &d, &inner);
+        let _ = fs::remove_dir_all(format!("/tmp/unionfs-rs-{u}"));
+        assert_eq!(code, Some(0), "stdout {out}\nstderr {err}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [
+                "narrow 2",
+                "gnarrow 2",
+                "dnarrow 1",
+                "dup 1",
+                "wide 0",
+                "setfacl 1",
+                "setfacl-b 1",
+                "chmod 0",
+                "data"
+            ],
+            "stderr {err}"
+        );
+        assert!(err.contains("Permission denied"), "{err}");
+        assert!(err.contains("Operation not permitted"), "{err}");
+        for gone in ["u/narrow", "u/gnarrow", "u/dnarrow", "u/dup/new"] {
+            assert!(!d.join(gone).exists(), "{gone} was made");
+        }
+        // Nothing left in the workdir from the refused copies.
+        let work: Vec<_> = fs::read_dir(d.join("u.work/work"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(work.is_empty(), "left in work/: {work:?}");
+        assert_eq!(
+            fs::read_to_string(d.join("u/wide")).unwrap(),
+            "data\nmore\n"
+        );
+        assert!(!getfacl("u/wide").contains("4321"), "{}", getfacl("u/wide"));
+        // The entries stay; chmod changed the mask and other, as on any filesystem.
+        assert_eq!(
+            getfacl("u/up"),
+            up_before
+                .replace("mask::rw-", "mask::---")
+                .replace("other::r--", "other::---"),
+        );
+        assert_eq!(
+            fs::metadata(d.join("u/up")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     });
 }
 

@@ -90,6 +90,74 @@ pub fn strip_unmapped(v: &[u8]) -> Option<Vec<u8>> {
     Some(encode(&kept))
 }
 
+/// The first of `old`'s entries picked by `hidden` (users and groups the mount cannot show)
+/// whose holder could get more access than that entry gives it now if the ACL became `new`
+/// (None: no ACL, the mode's group and other bits `mode` deciding instead). Such an entry
+/// can only narrow (a user who may read nothing where everyone else may): left out of an ACL
+/// the daemon writes, it would widen that user's access to the file on the host. Which
+/// groups a hidden user is in is not known, so what any group-class entry grants counts for
+/// it; a hidden group's members who match no other entry fall to `other`.
+pub fn widening(
+    old: &[Entry],
+    hidden: impl Fn(&Entry) -> bool,
+    new: Option<&[Entry]>,
+    mode: u32,
+) -> Option<Entry> {
+    let mask_of = |acl: &[Entry]| acl.iter().find(|e| e.tag == MASK).map_or(7, |e| e.perm & 7);
+    let (group_class, other) = match new {
+        Some(acl) => {
+            let m = mask_of(acl);
+            let g = acl
+                .iter()
+                .filter(|e| matches!(e.tag, GROUP_OBJ | GROUP))
+                .fold(0, |a, e| a | (e.perm & m));
+            let o = acl
+                .iter()
+                .find(|e| e.tag == OTHER)
+                .map_or(0, |e| e.perm & 7);
+            (g, o)
+        }
+        None => (((mode >> 3) & 7) as u16, (mode & 7) as u16),
+    };
+    let old_mask = mask_of(old);
+    old.iter()
+        .filter(|e| matches!(e.tag, USER | GROUP) && hidden(e))
+        .find(|e| {
+            let now = e.perm & old_mask;
+            let fall = if e.tag == USER {
+                group_class | other
+            } else {
+                other
+            };
+            fall & !now != 0
+        })
+        .copied()
+}
+
+/// [`strip_unmapped`] of `v` would widen access (see [`widening`]) for this entry.
+pub fn strip_widens(v: &[u8]) -> Option<Entry> {
+    let acl = parse(v).ok()?;
+    let unmapped = |e: &Entry| e.id == UNMAPPED;
+    let kept: Vec<Entry> = acl
+        .iter()
+        .filter(|e| !(matches!(e.tag, USER | GROUP) && unmapped(e)))
+        .copied()
+        .collect();
+    widening(&acl, unmapped, Some(&kept), 0)
+}
+
+/// How an entry reads in a message.
+pub fn describe(e: &Entry) -> String {
+    let who = if e.tag == USER { "user" } else { "group" };
+    let id = if e.id == UNMAPPED {
+        "(unmapped)".to_string()
+    } else {
+        e.id.to_string()
+    };
+    let p = |bit: u16, c: char| if e.perm & bit != 0 { c } else { '-' };
+    format!("{who}:{id}:{}{}{}", p(4, 'r'), p(2, 'w'), p(1, 'x'))
+}
+
 /// Is `name` one of the two ACL xattrs?
 pub fn is_acl_name(name: &[u8]) -> bool {
     name == ACCESS.as_bytes() || name == DEFAULT.as_bytes()
@@ -205,6 +273,63 @@ impl Union {
         self.setattr(ino, &clear).map(drop)
     }
 
+    /// Refuse (EPERM) to set `node`'s ACL xattr `lname` to `new` (as stored; None: remove
+    /// it) when its ACL now names a user or group the mount cannot show (an id its user
+    /// namespace or its id mapping does not cover, left out of the ACL the mount shows) and
+    /// the change would give that user or group more access on the host than it has (see
+    /// [`widening`]): an ACL set through the mount cannot name it again.
+    pub(crate) fn check_acl_change(
+        &self,
+        node: &Node,
+        lname: &[u8],
+        new: Option<&[u8]>,
+    ) -> super::Result<()> {
+        let all = self.xattrs_of(node)?;
+        let Some(old) = all
+            .iter()
+            .find(|(n, _)| n.as_bytes() == lname)
+            .and_then(|(_, v)| parse(v).ok())
+        else {
+            return Ok(());
+        };
+        let hidden = |e: &Entry| {
+            e.id == UNMAPPED
+                || match e.tag {
+                    USER => self.uid_map.view_of(e.id).is_none(),
+                    _ => self.gid_map.view_of(e.id).is_none(),
+                }
+        };
+        if !old
+            .iter()
+            .any(|e| matches!(e.tag, USER | GROUP) && hidden(e))
+        {
+            return Ok(());
+        }
+        let new = match new {
+            Some(v) => Some(parse(v).map_err(|e| super::Error::new(e, "setxattr: ACL"))?),
+            None => None,
+        };
+        // Without a default ACL, new objects get what their creators ask for.
+        let mode = if lname == DEFAULT.as_bytes() {
+            0o777
+        } else {
+            self.getattr(node.ino, None)?.mode
+        };
+        let Some(e) = widening(&old, hidden, new.as_deref(), mode) else {
+            return Ok(());
+        };
+        log::warn!(
+            "refusing to {} an ACL that restricts {}, which the mount cannot show: \
+             it would lose that restriction on the host",
+            if new.is_some() { "replace" } else { "remove" },
+            describe(&e)
+        );
+        Err(super::Error::new(
+            Errno::EPERM,
+            "ACL change would drop a restriction of an id the mount cannot show",
+        ))
+    }
+
     /// The mode of a new object under `parent` created with `mode` by a caller with `umask`,
     /// and the ACL xattrs to give it: the parent's default ACL decides if there is one
     /// (posix_acl_create: the umask does not apply), else the umask does. With ACLs off the
@@ -224,6 +349,22 @@ impl Union {
             return Ok((mode & !(umask & 0o777), Vec::new()));
         };
         let stripped = strip_unmapped(dv);
+        if stripped.is_some()
+            && let Some(e) = strip_widens(dv)
+        {
+            // Left out, the entry would give that user or group more on the new object
+            // than the directory asks for; it cannot be written from this user namespace.
+            log::warn!(
+                "refusing to create under a directory whose default ACL restricts {}, \
+                 which this user namespace does not map (the new object would not be \
+                 restricted on the host)",
+                describe(&e)
+            );
+            return Err(super::Error::new(
+                Errno::EACCES,
+                "parent's default ACL restricts an unmapped id",
+            ));
+        }
         let dv = stripped.as_ref().unwrap_or(dv);
         let default = parse(dv).map_err(|e| super::Error::new(e, "parent's default ACL"))?;
         if default.is_empty() {
@@ -376,6 +517,58 @@ mod tests {
 
     fn e(tag: u16, perm: u16, id: u32) -> Entry {
         Entry { tag, perm, id }
+    }
+
+    #[test]
+    fn dropping_hidden_entries_that_restrict_widens() {
+        let x = UNMAPPED;
+        let hidden = |e: &Entry| e.id == x;
+        let strip = |acl: &[Entry]| -> Vec<Entry> {
+            acl.iter()
+                .filter(|e| !(matches!(e.tag, USER | GROUP) && e.id == x))
+                .copied()
+                .collect()
+        };
+        let base = |named: Entry, group: u16, mask: u16, other: u16| {
+            vec![
+                e(USER_OBJ, 6, 0),
+                named,
+                e(GROUP_OBJ, group, 0),
+                e(MASK, mask, 0),
+                e(OTHER, other, 0),
+            ]
+        };
+        // A user who may read nothing where others may read: dropped, they could read.
+        let acl = base(e(USER, 0, x), 4, 6, 4);
+        assert_eq!(widening(&acl, hidden, Some(&strip(&acl)), 0), Some(acl[1]));
+        // Others get nothing, but the user may be in the owning group, which may read.
+        let acl = base(e(USER, 0, x), 4, 6, 0);
+        assert!(widening(&acl, hidden, Some(&strip(&acl)), 0).is_some());
+        // The mask limits what the user had: r-x masked to r-- against a group's r--.
+        let acl = base(e(USER, 5, x), 4, 4, 4);
+        assert_eq!(widening(&acl, hidden, Some(&strip(&acl)), 0), None);
+        // A user granted at least what everyone else gets: nothing to lose.
+        let acl = base(e(USER, 7, x), 4, 7, 4);
+        assert_eq!(widening(&acl, hidden, Some(&strip(&acl)), 0), None);
+        // A group's members fall to other only.
+        let acl = base(e(GROUP, 0, x), 6, 6, 0);
+        assert_eq!(widening(&acl, hidden, Some(&strip(&acl)), 0), None);
+        let acl = base(e(GROUP, 0, x), 6, 6, 4);
+        assert_eq!(widening(&acl, hidden, Some(&strip(&acl)), 0), Some(acl[1]));
+        // Removing the ACL: the mode's bits decide.
+        let acl = base(e(USER, 4, x), 4, 4, 0);
+        assert_eq!(widening(&acl, hidden, None, 0o640), None);
+        assert!(widening(&acl, hidden, None, 0o660).is_some());
+        // Entries that are not hidden are none of its business.
+        let acl = base(e(USER, 0, 1000), 4, 6, 4);
+        assert_eq!(widening(&acl, hidden, Some(&strip(&acl)), 0), None);
+        assert_eq!(strip_widens(&encode(&acl)), None);
+        assert_eq!(
+            strip_widens(&encode(&base(e(USER, 0, x), 4, 6, 4))),
+            Some(e(USER, 0, x))
+        );
+        assert_eq!(describe(&e(USER, 5, x)), "user:(unmapped):r-x");
+        assert_eq!(describe(&e(GROUP, 6, 7)), "group:7:rw-");
     }
 
     /// This thread as a FUSE request would name it.

@@ -483,6 +483,20 @@ fn copy_xattrs(
         // acl::strip_unmapped.)
         let v = match acl_stripped(&x, &v) {
             Some(s) => {
+                if let Some(e) = super::acl::strip_widens(&v) {
+                    // Left out, that entry would give its user or group more on the copy (on
+                    // the host) than on the original.
+                    log::warn!(
+                        "refusing to copy {name:?} up: its {x:?} restricts {}, which this \
+                         user namespace does not map, and the copy could not keep that \
+                         restriction",
+                        super::acl::describe(&e)
+                    );
+                    return Err(Error::new(
+                        Errno::EACCES,
+                        "copy-up: an ACL restricts an unmapped id",
+                    ));
+                }
                 log::warn!(
                     "copy-up of {name:?}: {x:?} names users or groups this user namespace \
                      does not map; those entries are left out of the copy"

@@ -125,6 +125,9 @@ impl Union {
             value
         };
         let node = self.node(ino)?;
+        if acl::is_acl_name(lname.as_bytes()) {
+            self.check_acl_change(&node, lname.as_bytes(), Some(value))?;
+        }
         self.copy_up(&node)?;
         let obj = self.upper_object(&node)?;
         let r = self.with_realloc_of(&node, obj.as_fd(), || {
@@ -141,9 +144,12 @@ impl Union {
             // Nothing to remove: fail without copying up, as the kernel does.
             self.getxattr(ino, xname)?;
         }
+        let lname = self.names.to_layer(xname);
+        if acl::is_acl_name(lname.as_bytes()) {
+            self.check_acl_change(&node, lname.as_bytes(), None)?;
+        }
         self.copy_up(&node)?;
         let obj = self.upper_object(&node)?;
-        let lname = self.names.to_layer(xname);
         let r = self.with_realloc_of(&node, obj.as_fd(), || {
             sys::remove_xattr_of(obj.as_fd(), &lname).ctx("removexattr")
         });
