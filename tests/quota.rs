@@ -1197,7 +1197,12 @@ fn mmap_writes_are_charged() {
             e, 0,
             "msync of 8 MiB of dirty pages under a 4 MiB limit succeeded"
         );
-        assert!(fresh_scan(&m.dirs).0 <= limit);
+        let scan = fresh_scan(&m.dirs).0;
+        assert!(
+            scan <= limit,
+            "a mapped write past the limit allocated {scan} bytes:\n{}",
+            describe_tree(&m.dirs)
+        );
         assert_report_matches_scan(&m, "after a mapped write past the limit");
         m.unmount().unwrap();
     })
