@@ -218,6 +218,36 @@ impl Union {
         }
     }
 
+    /// Run `op`, a change by name of upper directory `name` in `dir` that may allocate or
+    /// free a block for its xattrs (an opaque mark or a redirect set by a rename), and
+    /// account the change as [`Union::with_realloc_of`] does for a directory. (Unaccounted, a
+    /// mark that took the directory's xattrs past the inode's own space was a block never
+    /// charged: a stress run with user xattrs on directories under renames found blocks
+    /// missing from the usage.)
+    pub(crate) fn realloc_dir_at<T>(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        use nix::fcntl::OFlag;
+        if self.quota.is_none() {
+            return op();
+        }
+        let Ok(fd) = nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) else {
+            return op();
+        };
+        let turn = DirTurn::begin(self, &[fd.as_fd()]);
+        let r = op();
+        self.account(turn.end(), 0);
+        r
+    }
+
     /// Run a namespace operation that adds entries to the directories `dirs`, and settle with
     /// how much they really grew. A creation (`reserve`) first reserves a block per directory (a
     /// directory may need one more block for the new entry; at the limit the creation is
@@ -478,6 +508,84 @@ impl Union {
             *known = Some((alloc(&a), a.st_size));
         }
         r
+    }
+}
+
+/// An upper directory about to be removed, taking part in its allocation record
+/// ([`DirAlloc`]) until it is gone, so that what its removal frees for it is what was
+/// accounted for it ([`DirRemoval::accounted`], asked once it is gone). An operation on it
+/// still running then (an xattr set through its descriptor) finds it removed and settles
+/// nothing: what it changed was never counted, and is not freed either. (Before, a removal
+/// freed the directory's allocation as a stat found it, which could already hold such an
+/// operation's new block: a block freed that had never been charged, for good.) Dropped
+/// while the directory is still there (the removal failed), it settles as any operation.
+pub(crate) struct DirRemoval<'a> {
+    u: &'a Union,
+    fd: std::os::fd::OwnedFd,
+    key: (u64, u64),
+}
+
+impl Union {
+    /// [`DirRemoval`] of directory `name` in `dir`; None without a quota, or if it cannot be
+    /// opened (its stat then decides, as for any removal).
+    pub(crate) fn dir_removal(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+    ) -> Option<DirRemoval<'_>> {
+        use nix::fcntl::OFlag;
+        self.quota.as_ref()?;
+        let fd = nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()?;
+        let st = nix::sys::stat::fstat(fd.as_fd()).ok()?;
+        let key = (st.st_dev, st.st_ino);
+        // (As DirTurn::begin: a new record takes the allocation under the map's lock.)
+        self.dir_alloc
+            .entry(key)
+            .or_insert_with(|| DirAlloc {
+                accounted: nix::sys::stat::fstat(fd.as_fd())
+                    .map(|st| alloc(&st))
+                    .unwrap_or(alloc(&st)),
+                users: 0,
+            })
+            .users += 1;
+        Some(DirRemoval { u: self, fd, key })
+    }
+}
+
+impl DirRemoval<'_> {
+    /// What is accounted for the directory itself (to free once it is gone).
+    pub(crate) fn accounted(&self) -> Option<i64> {
+        self.u.dir_alloc.get(&self.key).map(|r| r.accounted)
+    }
+}
+
+impl Drop for DirRemoval<'_> {
+    fn drop(&mut self) {
+        let mut grown = 0;
+        let last = match self.u.dir_alloc.get_mut(&self.key) {
+            Some(mut rec) => {
+                match nix::sys::stat::fstat(self.fd.as_fd()) {
+                    Ok(st) if st.st_nlink > 0 => {
+                        grown = alloc(&st) - rec.accounted;
+                        rec.accounted = alloc(&st);
+                    }
+                    _ => {}
+                }
+                rec.users -= 1;
+                rec.users == 0
+            }
+            None => false,
+        };
+        if last {
+            self.u.dir_alloc.remove_if(&self.key, |_, r| r.users == 0);
+        }
+        self.u.account(grown, 0);
     }
 }
 

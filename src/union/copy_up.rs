@@ -674,6 +674,17 @@ fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: i64, len: u64) ->
 /// Remove a scratch object from the work dir (recursively for a directory). Returns what was
 /// freed (allocated bytes, inodes), counting only objects whose last link went away.
 pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> (i64, i64) {
+    remove_tmp_as(work, name, is_dir, None)
+}
+
+/// [`remove_tmp`] of a directory whose allocation `removal` follows: freed for the directory
+/// itself is what was accounted for it ([`super::charge::DirRemoval`]).
+pub(crate) fn remove_tmp_as(
+    work: BorrowedFd<'_>,
+    name: &OsStr,
+    is_dir: bool,
+    removal: Option<&super::charge::DirRemoval<'_>>,
+) -> (i64, i64) {
     let st = layer::stat_at(work, name).ok();
     let mut freed = (0, 0);
     if is_dir {
@@ -694,7 +705,9 @@ pub(crate) fn remove_tmp(work: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> (i
     if let Some(st) = st
         && (is_dir || st.st_nlink <= 1)
     {
-        freed.0 += super::charge::alloc(&st);
+        freed.0 += removal
+            .and_then(|r| r.accounted())
+            .unwrap_or_else(|| super::charge::alloc(&st));
         freed.1 += 1;
     }
     freed

@@ -14,7 +14,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
-use super::copy_up::remove_tmp;
+use super::copy_up::{remove_tmp, remove_tmp_as};
 use super::inode::Locator;
 use super::namei::{move_name, name_removed};
 use super::ondisk::{Redirect, is_whiteout_stat, make_whiteout};
@@ -445,11 +445,14 @@ impl Union {
             if let Some(k) = known.as_deref_mut() {
                 self.sync_known(k, &before);
             }
+            let removal = is_dir
+                .then(|| self.dir_removal(dir.as_fd(), name))
+                .flatten();
             if wh {
                 // Swap a whiteout in; the old object lands in the work dir.
                 let tmp = self.swap_in_whiteout(dir.as_fd(), name, RenameFlags::RENAME_EXCHANGE)?;
                 if is_dir {
-                    let freed = remove_tmp(work, &tmp, true);
+                    let freed = remove_tmp_as(work, &tmp, true, removal.as_ref());
                     self.account(-freed.0, -freed.1);
                 } else {
                     let _ =
@@ -463,13 +466,16 @@ impl Union {
                     UnlinkatFlags::NoRemoveDir
                 };
                 match nix::unistd::unlinkat(dir.as_fd(), name, f) {
-                    Ok(()) => self.account_unlinked(&before, still_open),
+                    Ok(()) => match removal.as_ref().and_then(|r| r.accounted()) {
+                        Some(accounted) => self.account(-accounted, -1),
+                        None => self.account_unlinked(&before, still_open),
+                    },
                     Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) if is_dir => {
                         // Empty in the merged view, so only whiteouts are inside (of a
                         // redirected directory's lower content): the directory leaves its
                         // name first, into the work dir, and is emptied there — a failure
                         // then leaves the name with everything it hid still hidden.
-                        let freed = self.move_out(work, dir.as_fd(), name)?;
+                        let freed = self.move_out(work, dir.as_fd(), name, removal.as_ref())?;
                         self.account(-freed.0, -freed.1);
                     }
                     Err(e) => return Err(Error::new(e, "unlink")),
@@ -717,9 +723,10 @@ impl Union {
         work: BorrowedFd<'_>,
         dir: BorrowedFd<'_>,
         name: &OsStr,
+        removal: Option<&super::charge::DirRemoval<'_>>,
     ) -> Result<(i64, i64)> {
         let tmp = self.move_aside(work, dir, name)?;
-        Ok(remove_tmp(work, &tmp, true))
+        Ok(remove_tmp_as(work, &tmp, true, removal))
     }
 
     /// Rename `name` of `dir` to a scratch name in the work dir (no entry is added to upper's
@@ -944,9 +951,9 @@ impl Union {
         let _marking = self.upper_only_marks.begin();
         self.commits.wait_dir(d.ino);
         let (pdir, name) = self.open_parent_in(d, LayerRef::Upper)?;
-        self.names
-            .set_opaque(pdir.as_fd(), &name)
-            .ctx("set opaque")?;
+        self.realloc_dir_at(pdir.as_fd(), &name, || {
+            self.names.set_opaque(pdir.as_fd(), &name).ctx("set opaque")
+        })?;
         {
             let mut st = d.st.lock();
             st.opaque = true;
@@ -1155,20 +1162,25 @@ impl Union {
             Some(d) if dst_redirect => Some(self.lower_paths(d)?),
             _ => None,
         };
+        // (The marks may need a block for the directory's xattrs: accounted.)
         if let Some(paths) = src_paths {
-            self.set_redirect(&p, name, samedir, sdir.as_fd())?;
+            self.realloc_dir_at(sdir.as_fd(), name, || {
+                self.set_redirect(&p, name, samedir, sdir.as_fd())
+            })?;
             src.set_locators(paths);
         } else if src.is_dir() && !sst.opaque && np_merge {
             // Kernel (ovl_rename): a directory moved into a merged directory is marked opaque,
             // so that no lower directory of its new name shows through it; in an exchange the
             // target moves too, into the source's directory.
-            self.names
-                .set_opaque(sdir.as_fd(), name)
-                .ctx("set opaque")?;
+            self.realloc_dir_at(sdir.as_fd(), name, || {
+                self.names.set_opaque(sdir.as_fd(), name).ctx("set opaque")
+            })?;
             src.st.lock().opaque = true;
         }
         if let (Some(d), Some(paths)) = (&dst, dst_paths) {
-            self.set_redirect(&np, newname, samedir, ddir.as_fd())?;
+            self.realloc_dir_at(ddir.as_fd(), newname, || {
+                self.set_redirect(&np, newname, samedir, ddir.as_fd())
+            })?;
             d.set_locators(paths);
         } else if exchange
             && let Some(d) = &dst
@@ -1176,9 +1188,11 @@ impl Union {
             && !d.state().opaque
             && !p.state().lowers.is_empty()
         {
-            self.names
-                .set_opaque(ddir.as_fd(), newname)
-                .ctx("set opaque")?;
+            self.realloc_dir_at(ddir.as_fd(), newname, || {
+                self.names
+                    .set_opaque(ddir.as_fd(), newname)
+                    .ctx("set opaque")
+            })?;
             d.st.lock().opaque = true;
         }
         // From the disk's change until the names' (`move_name`, at the end): walks by name
@@ -1227,6 +1241,13 @@ impl Union {
         // first, comes back if the rename fails, and is removed there once it is done (an
         // empty one is replaced by the rename itself, in one step).
         let work = self.work_fd()?;
+        // What a replaced directory frees is what was accounted for it.
+        let target_removal = match &target {
+            Some(t) if t.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                self.dir_removal(ddir.as_fd(), newname)
+            }
+            _ => None,
+        };
         let target_aside = match (&dst, &target) {
             (Some(d), Some(t))
                 if d.is_dir()
@@ -1333,10 +1354,13 @@ impl Union {
                 }
                 Some(t) => match &target_aside {
                     Some(tmp) => {
-                        let freed = remove_tmp(work, tmp, true);
+                        let freed = remove_tmp_as(work, tmp, true, target_removal.as_ref());
                         self.account(-freed.0, -freed.1);
                     }
-                    None => self.account_unlinked(t, target_open),
+                    None => match target_removal.as_ref().and_then(|r| r.accounted()) {
+                        Some(accounted) => self.account(-accounted, -1),
+                        None => self.account_unlinked(t, target_open),
+                    },
                 },
                 None => {}
             }
