@@ -324,6 +324,15 @@ impl PageCache {
     /// dirty_thresh.
     pub(super) fn reserve_dirty(&self, need: u64) -> Result<(), Errno> {
         let mut waited: Option<Instant> = None;
+        // Counted among the writers waiting at the limit from the first wait on (out again
+        // on every way out).
+        struct Waiting<'a>(&'a AtomicU64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let mut waiting = None;
         loop {
             let (_, thresh) = self.cfg.read().thresholds();
             let cur = self.dirty.load(Ordering::Acquire);
@@ -341,6 +350,10 @@ impl PageCache {
                 self.stats.limit_waits.fetch_add(1, Ordering::Relaxed);
                 Instant::now()
             });
+            if waiting.is_none() {
+                self.limit_waiters.fetch_add(1, Ordering::AcqRel);
+                waiting = Some(Waiting(&self.limit_waiters));
+            }
             let err = self.flush_error.load(Ordering::Acquire);
             if err != 0 && t0.elapsed() > Duration::from_secs(2) {
                 // The flusher cannot write (a full or failing disk): do not wait forever.
@@ -738,11 +751,36 @@ impl PageCache {
         first
     }
 
+    /// Write every dirty page of every file, for an unmount: an error only if some cannot be
+    /// written now. (Errors of earlier write-backs stay for the files' fsyncs: reported here
+    /// as well, the first unmount after room was made on a full upper was refused, saying
+    /// "0 bytes" could not be stored — a QA run.)
+    pub fn store_all(&self) -> Result<(), Errno> {
+        let mut first = Ok(());
+        let inos: Vec<u64> = self.dirty_files.lock().keys().copied().collect();
+        for ino in inos {
+            if let Err(e) = self.write_out(ino)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
     /// One flusher pass: background write-back while above bg_thresh, and (on the periodic
     /// wake-up) files whose dirty data has expired.
     pub(super) fn flush_pass(&self, periodic: bool) {
         let mut ran = false;
-        let over_bg = || self.dirty.load(Ordering::Acquire) > self.cfg.read().thresholds().0;
+        // Above bg_thresh; or a writer waits at dirty_thresh, which can be less than a page
+        // above bg_thresh (tiny budgets): without this, a page below bg_thresh was written
+        // only when it expired, and the writer waited that long for every page (as the
+        // kernel's balance_dirty_pages starts write-back for a writer over the limit).
+        let over_bg = || {
+            let d = self.dirty.load(Ordering::Acquire);
+            d > self.cfg.read().thresholds().0
+                || (d > 0 && self.limit_waiters.load(Ordering::Acquire) > 0)
+        };
         // Oldest files first, a chunk each, round after round while above bg_thresh; a file
         // that cannot be written (its error waits for fsync) does not hold up the others.
         while over_bg() {

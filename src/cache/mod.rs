@@ -329,6 +329,8 @@ pub struct PageCache {
     kernel_ra_kb: AtomicU64,
     /// Dirty data was above bg_thresh at the last look (to count crossings).
     above_bg: AtomicBool,
+    /// Writers waiting at dirty_thresh: the flusher writes for them even below bg_thresh.
+    limit_waiters: AtomicU64,
     token: AtomicU64,
     stats: Counters,
 }
@@ -382,6 +384,7 @@ impl PageCache {
             errors: Mutex::new(HashMap::new()),
             error_seq: AtomicU64::new(0),
             unseen_truncates: AtomicU64::new(0),
+            limit_waiters: AtomicU64::new(0),
             quota,
             sink: RwLock::new(None),
             ra: Mutex::new(RaPool {

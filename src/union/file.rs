@@ -1540,7 +1540,7 @@ impl Union {
     pub fn store_cached(&self) -> Result<()> {
         self.commits.wait_all();
         if let Some(c) = &self.cache {
-            c.sync_all().ctx("write-back")?;
+            c.store_all().ctx("write-back")?;
         }
         Ok(())
     }
