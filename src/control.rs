@@ -423,6 +423,7 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                 return "{\"error\":\"this mount has no page cache (mounted with cache_size=0)\"}".into();
             };
             let mut cfg = c.config();
+            let size_before = cfg.size;
             for kv in &words[1..] {
                 let Some((k, v)) = kv.split_once('=') else {
                     return format!("{{\"error\":{}}}", json_str(&format!("expected KEY=VALUE, got {kv}")));
@@ -433,6 +434,9 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             }
             match c.set_config(cfg) {
                 Ok(()) => {
+                    if cfg.size != size_before {
+                        crate::cli::daemon::retune_malloc(cfg.size);
+                    }
                     if words[1..].iter().any(|kv| kv.starts_with("kernel_readahead_kb=")) {
                         if let Err(e) = union.apply_kernel_readahead() {
                             return format!("{{\"error\":{}}}", json_str(&e));

@@ -119,10 +119,11 @@ if run "cargo build" cargo build --bins; then
         # (tools/concurrent-stress.py), with merged directories moving while others work
         # inside them: copied up whole (dir_rename=copy, the `-o lowerdir=` form's default),
         # and with redirects (redirect_dir=on), there with lower files read by passthrough
-        # (passthrough=lower: writers wait for readers, none may see a stale file).
-        run "concurrency stress (dir_rename=copy)" python3 tools/concurrent-stress.py \
+        # (passthrough=lower: writers wait for readers, none may see a stale file). The first
+        # has a quota: the usage it records must be what upper and the work dir hold.
+        run "concurrency stress (dir_rename=copy, quota)" python3 tools/concurrent-stress.py \
             --workers 3 --seconds 20 --seed 1 --bin "$UNIONFS_BIN" \
-            --mount-opt=-o --mount-opt=dir_rename=copy
+            --mount-opt=-o --mount-opt=dir_rename=copy --mount-opt=--size=4G
         run "concurrency stress (redirect_dir=on, passthrough=lower)" \
             python3 tools/concurrent-stress.py \
             --workers 3 --seconds 20 --seed 2 --bin "$UNIONFS_BIN" \

@@ -128,6 +128,24 @@ fn tune_malloc(cache_size: u64) {
     let _ = cache_size;
 }
 
+/// The budget changed on a live mount (`cache set cache_size=`): keep no more freed memory
+/// than the new budget allows, and give back what is above it now. (A QA run shrank a 128 MiB
+/// cache to 1 MiB: the cache let its pages go, the daemon's RSS stayed at 141 MiB.)
+pub fn retune_malloc(cache_size: u64) {
+    #[cfg(target_env = "gnu")]
+    {
+        let keep = (cache_size + (64 << 20)).min(i32::MAX as u64) as i32;
+        // SAFETY: mallopt and malloc_trim only change and apply allocator parameters; glibc
+        // takes its arenas' locks for both, so other threads may be allocating meanwhile.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
+            libc::malloc_trim(0);
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = cache_size;
+}
+
 /// Point stdin/stdout at /dev/null, and stderr at the log file or /dev/null, so a caller
 /// reading our stderr sees EOF.
 fn detach_stdio(log: Option<&std::fs::File>) {
