@@ -230,16 +230,10 @@ impl Union {
         name: &std::ffi::OsStr,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        use nix::fcntl::OFlag;
         if self.quota.is_none() {
             return op();
         }
-        let Ok(fd) = nix::fcntl::openat(
-            dir,
-            name,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        ) else {
+        let Some(fd) = open_dir_path(dir, name) else {
             return op();
         };
         let turn = DirTurn::begin(self, &[fd.as_fd()]);
@@ -533,27 +527,9 @@ impl Union {
         dir: BorrowedFd<'_>,
         name: &std::ffi::OsStr,
     ) -> Option<DirRemoval<'_>> {
-        use nix::fcntl::OFlag;
         self.quota.as_ref()?;
-        let fd = nix::fcntl::openat(
-            dir,
-            name,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .ok()?;
-        let st = nix::sys::stat::fstat(fd.as_fd()).ok()?;
-        let key = (st.st_dev, st.st_ino);
-        // (As DirTurn::begin: a new record takes the allocation under the map's lock.)
-        self.dir_alloc
-            .entry(key)
-            .or_insert_with(|| DirAlloc {
-                accounted: nix::sys::stat::fstat(fd.as_fd())
-                    .map(|st| alloc(&st))
-                    .unwrap_or(alloc(&st)),
-                users: 0,
-            })
-            .users += 1;
+        let fd = open_dir_path(dir, name)?;
+        let key = join_dir_record(self, fd.as_fd())?;
         Some(DirRemoval { u: self, fd, key })
     }
 }
@@ -567,24 +543,7 @@ impl DirRemoval<'_> {
 
 impl Drop for DirRemoval<'_> {
     fn drop(&mut self) {
-        let mut grown = 0;
-        let last = match self.u.dir_alloc.get_mut(&self.key) {
-            Some(mut rec) => {
-                match nix::sys::stat::fstat(self.fd.as_fd()) {
-                    Ok(st) if st.st_nlink > 0 => {
-                        grown = alloc(&st) - rec.accounted;
-                        rec.accounted = alloc(&st);
-                    }
-                    _ => {}
-                }
-                rec.users -= 1;
-                rec.users == 0
-            }
-            None => false,
-        };
-        if last {
-            self.u.dir_alloc.remove_if(&self.key, |_, r| r.users == 0);
-        }
+        let grown = leave_dir_record(self.u, self.fd.as_fd(), self.key);
         self.u.account(grown, 0);
     }
 }
@@ -610,29 +569,7 @@ struct DirTurn<'a> {
 
 impl<'a> DirTurn<'a> {
     fn begin(u: &'a Union, dirs: &[BorrowedFd<'a>]) -> DirTurn<'a> {
-        let dirs = dirs
-            .iter()
-            .map(|d| {
-                // Not a directory we can stat: nothing is settled for it (as nothing changed).
-                let key = nix::sys::stat::fstat(*d).ok().map(|st| {
-                    let key = (st.st_dev, st.st_ino);
-                    // A new record takes the allocation as it is once no other operation can
-                    // settle it meanwhile (under the map's lock): a stat from before another
-                    // operation's change and its settling would count that change again.
-                    u.dir_alloc
-                        .entry(key)
-                        .or_insert_with(|| DirAlloc {
-                            accounted: nix::sys::stat::fstat(*d)
-                                .map(|st| alloc(&st))
-                                .unwrap_or(alloc(&st)),
-                            users: 0,
-                        })
-                        .users += 1;
-                    key
-                });
-                (*d, key)
-            })
-            .collect();
+        let dirs = dirs.iter().map(|d| (*d, join_dir_record(u, *d))).collect();
         DirTurn { u, dirs }
     }
 
@@ -644,28 +581,70 @@ impl<'a> DirTurn<'a> {
     fn settle(&mut self) -> i64 {
         let mut grown = 0;
         for (d, key) in self.dirs.drain(..) {
-            let Some(key) = key else { continue };
-            let last = match self.u.dir_alloc.get_mut(&key) {
-                Some(mut rec) => {
-                    match nix::sys::stat::fstat(d) {
-                        // Removed meanwhile: its removal freed what was accounted for it.
-                        Ok(st) if st.st_nlink > 0 => {
-                            grown += alloc(&st) - rec.accounted;
-                            rec.accounted = alloc(&st);
-                        }
-                        _ => {}
-                    }
-                    rec.users -= 1;
-                    rec.users == 0
-                }
-                None => false,
-            };
-            if last {
-                self.u.dir_alloc.remove_if(&key, |_, r| r.users == 0);
+            if let Some(key) = key {
+                grown += leave_dir_record(self.u, d, key);
             }
         }
         grown
     }
+}
+
+/// Take part in the allocation record of upper directory `d` ([`DirAlloc`]), made with its
+/// allocation if there is none; its key. None for what cannot be stat'ed: nothing is settled
+/// for it (as nothing changed).
+fn join_dir_record(u: &Union, d: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let st = nix::sys::stat::fstat(d).ok()?;
+    let key = (st.st_dev, st.st_ino);
+    // A new record takes the allocation as it is once no other operation can settle it
+    // meanwhile (under the map's lock): a stat from before another operation's change and
+    // its settling would count that change again.
+    u.dir_alloc
+        .entry(key)
+        .or_insert_with(|| DirAlloc {
+            accounted: nix::sys::stat::fstat(d)
+                .map(|st| alloc(&st))
+                .unwrap_or(alloc(&st)),
+            users: 0,
+        })
+        .users += 1;
+    Some(key)
+}
+
+/// Leave the record joined by [`join_dir_record`]: settle how much the directory grew
+/// (negative: shrank) since what the record accounted, and return that (to account).
+fn leave_dir_record(u: &Union, d: BorrowedFd<'_>, key: (u64, u64)) -> i64 {
+    let mut grown = 0;
+    let last = match u.dir_alloc.get_mut(&key) {
+        Some(mut rec) => {
+            match nix::sys::stat::fstat(d) {
+                // Removed meanwhile: its removal freed what was accounted for it.
+                Ok(st) if st.st_nlink > 0 => {
+                    grown = alloc(&st) - rec.accounted;
+                    rec.accounted = alloc(&st);
+                }
+                _ => {}
+            }
+            rec.users -= 1;
+            rec.users == 0
+        }
+        None => false,
+    };
+    if last {
+        u.dir_alloc.remove_if(&key, |_, r| r.users == 0);
+    }
+    grown
+}
+
+/// An `O_PATH` descriptor of directory `name` in `dir` (no symlink followed).
+fn open_dir_path(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> Option<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()
 }
 
 impl Drop for DirTurn<'_> {

@@ -111,10 +111,6 @@ impl Union {
         flags: i32,
         who: Caller,
     ) -> Result<()> {
-        if self.posix_acl_on() && xname == acl::ACCESS {
-            // As ovl_set_or_remove_acl: the bit goes first.
-            self.kill_sgid_for_acl(ino, who)?;
-        }
         let lname = self.names.to_layer(xname);
         let mapped;
         let value = if acl::is_acl_name(lname.as_bytes()) {
@@ -127,6 +123,11 @@ impl Union {
         let node = self.node(ino)?;
         if acl::is_acl_name(lname.as_bytes()) {
             self.check_acl_change(&node, lname.as_bytes(), Some(value))?;
+        }
+        if self.posix_acl_on() && xname == acl::ACCESS {
+            // As ovl_set_or_remove_acl: the bit goes first (once the ACL is known to be
+            // taken).
+            self.kill_sgid_for_acl(ino, who)?;
         }
         self.copy_up(&node)?;
         let obj = self.upper_object(&node)?;
