@@ -739,10 +739,15 @@ impl PageCache {
 
     /// Write every dirty page of every file. Returns the first error.
     pub fn sync_all(&self) -> Result<(), Errno> {
+        self.each_dirty_file(Self::sync_file)
+    }
+
+    /// `op` on every file with dirty pages; the first error.
+    fn each_dirty_file(&self, op: impl Fn(&Self, u64) -> Result<(), Errno>) -> Result<(), Errno> {
         let mut first = Ok(());
         let inos: Vec<u64> = self.dirty_files.lock().keys().copied().collect();
         for ino in inos {
-            if let Err(e) = self.sync_file(ino)
+            if let Err(e) = op(self, ino)
                 && first.is_ok()
             {
                 first = Err(e);
@@ -756,16 +761,7 @@ impl PageCache {
     /// as well, the first unmount after room was made on a full upper was refused, saying
     /// "0 bytes" could not be stored — a QA run.)
     pub fn store_all(&self) -> Result<(), Errno> {
-        let mut first = Ok(());
-        let inos: Vec<u64> = self.dirty_files.lock().keys().copied().collect();
-        for ino in inos {
-            if let Err(e) = self.write_out(ino)
-                && first.is_ok()
-            {
-                first = Err(e);
-            }
-        }
-        first
+        self.each_dirty_file(Self::write_out)
     }
 
     /// One flusher pass: background write-back while above bg_thresh, and (on the periodic
