@@ -387,6 +387,11 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             s.push_str(&format!(
                 ",\"copyup_deferred_commits\":{deferred},\"copyup_pending_commits\":{pending},\"copyup_failed_commits\":{failed}"
             ));
+            if let Some((used, free)) = crate::alloc::heap() {
+                s.push_str(&format!(
+                    ",\"heap_in_use_bytes\":{used},\"heap_free_bytes\":{free}"
+                ));
+            }
             if let Some(c) = union.cache() {
                 for (k, v) in c.stats().fields {
                     s.push_str(&format!(",\"{k}\":{v}"));
@@ -435,7 +440,7 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             match c.set_config(cfg) {
                 Ok(()) => {
                     if cfg.size != size_before {
-                        crate::cli::daemon::retune_malloc(cfg.size);
+                        crate::alloc::retune(cfg.size);
                     }
                     if words[1..].iter().any(|kv| kv.starts_with("kernel_readahead_kb=")) {
                         if let Err(e) = union.apply_kernel_readahead() {

@@ -3,6 +3,7 @@
 //! Layout (DESIGN.md section 1): `layer` (symlink-safe access beneath a layer root),
 //! `union` (the overlay semantics, FUSE-free), `fuse` (the thin fuser adapter), `cli`.
 
+pub mod alloc;
 pub mod cache;
 pub mod cli;
 pub mod control;

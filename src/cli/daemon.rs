@@ -105,47 +105,6 @@ fn close_inherited_fds(keep: &[i32]) {
     }
 }
 
-/// Keep the allocator from handing page-cache memory back to the kernel only to fault it in
-/// again a moment later: cache pages are freed by eviction and allocated by the next read all
-/// the time, and read/reply buffers (up to 1 MiB) come and go with every request. With glibc's
-/// defaults each of those trims or maps fresh memory, and the page faults and zeroing cost more
-/// CPU than the copying itself. The budget bounds what stays allocated.
-fn tune_malloc(cache_size: u64) {
-    #[cfg(target_env = "gnu")]
-    {
-        let keep = (cache_size + (64 << 20)).min(i32::MAX as u64) as i32;
-        // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
-        unsafe {
-            libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-            // One arena: pages are allocated by one thread and freed by another, and with an
-            // arena per thread each would keep its own share of freed pages — up to the budget
-            // several times over (measured: 340 MiB RSS for a 256 MiB budget, 277 with one).
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
-    }
-    #[cfg(not(target_env = "gnu"))]
-    let _ = cache_size;
-}
-
-/// The budget changed on a live mount (`cache set cache_size=`): keep no more freed memory
-/// than the new budget allows, and give back what is above it now. (A QA run shrank a 128 MiB
-/// cache to 1 MiB: the cache let its pages go, the daemon's RSS stayed at 141 MiB.)
-pub fn retune_malloc(cache_size: u64) {
-    #[cfg(target_env = "gnu")]
-    {
-        let keep = (cache_size + (64 << 20)).min(i32::MAX as u64) as i32;
-        // SAFETY: mallopt and malloc_trim only change and apply allocator parameters; glibc
-        // takes its arenas' locks for both, so other threads may be allocating meanwhile.
-        unsafe {
-            libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
-            libc::malloc_trim(0);
-        }
-    }
-    #[cfg(not(target_env = "gnu"))]
-    let _ = cache_size;
-}
-
 /// Point stdin/stdout at /dev/null, and stderr at the log file or /dev/null, so a caller
 /// reading our stderr sees EOF.
 fn detach_stdio(log: Option<&std::fs::File>) {
@@ -194,7 +153,7 @@ fn serve(c: &Checked, ready: Option<OwnedFd>) -> Result<(), String> {
         let _ =
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
-    tune_malloc(c.spec.cache.size);
+    crate::alloc::tune(c.spec.cache.size);
     // Modes arrive from the kernel with the caller's umask applied; ours must not apply again.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Signals are taken by a dedicated thread: block them before any thread starts.
