@@ -56,3 +56,15 @@ pub fn heap() -> Option<(u64, u64)> {
     #[cfg(not(target_env = "gnu"))]
     None
 }
+
+/// The machine's memory in bytes (None if it cannot be read).
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}

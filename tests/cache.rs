@@ -885,6 +885,11 @@ fn settings_change_on_a_live_mount() {
         assert_eq!(s["dirty_thresh_bytes"], 8 * MIB);
         let (ok, out, _) = cli(&["cache", "show", merged]);
         assert!(ok && out.contains("readahead_kb=1024"), "{out}");
+        // The ratio dirty_bytes overrides reads 0, as the sysctl does.
+        assert!(
+            out.contains("\ndirty_ratio=0\n") && out.contains("\ndirty_bytes=8388608\n"),
+            "{out}"
+        );
         // Bad settings: refused with a clear message, nothing changed.
         for bad in [
             "dirty_ratio=150",
@@ -967,11 +972,35 @@ fn cache_size_zero_turns_the_cache_off() {
 #[test]
 fn bad_cache_options_are_refused() {
     with_timeout(TIMEOUT, || {
-        for args in [
-            vec!["--cache-size", "10"],
-            vec!["--cache-size", "lots"],
-            vec!["--dirty-ratio", "101"],
-            vec!["-o", "dirty_background_ratio=x"],
+        // (arguments, what the message names). QA: a negative number got clap's "unexpected
+        // argument", and out-of-range windows and intervals were taken (a readahead_kb of
+        // 2^64-1 wrapped when turned into bytes).
+        for (args, names) in [
+            (vec!["--cache-size", "10"], "cache_size"),
+            (vec!["--cache-size", "lots"], "cache_size"),
+            (vec!["--dirty-ratio", "101"], "dirty_ratio"),
+            (vec!["--dirty-ratio", "-5"], "dirty_ratio"),
+            (vec!["--bhard", "-1G"], "size"),
+            (
+                vec!["-o", "dirty_background_ratio=x"],
+                "dirty_background_ratio",
+            ),
+            (
+                vec!["--readahead-kb", "18446744073709551615"],
+                "readahead_kb",
+            ),
+            (
+                vec!["--kernel-readahead-kb", "2000000"],
+                "kernel_readahead_kb",
+            ),
+            (
+                vec!["--dirty-expire-centisecs", "3000000000"],
+                "dirty_expire_centisecs",
+            ),
+            (
+                vec!["-o", "dirty_writeback_centisecs=99999999999"],
+                "dirty_writeback_centisecs",
+            ),
         ] {
             let dirs = Dirs::new(&[vec![]], &[]);
             let mut a = Mount::command_args(&dirs, &MountOpts::default());
@@ -980,6 +1009,7 @@ fn bad_cache_options_are_refused() {
             assert_eq!(out.status.code(), Some(2), "{args:?}");
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(err.starts_with("unionfs-rs: "), "{args:?}: {err}");
+            assert!(err.contains(names), "{args:?}: {err}");
             assert!(!is_fuse_mounted(&dirs.merged));
         }
     })

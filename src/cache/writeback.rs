@@ -124,11 +124,22 @@ impl CacheConfig {
             }
             Ok(n)
         };
+        let at_most = |v: &str, max: u64, what: &str| -> Result<u64, String> {
+            let n = num(v)?;
+            if n > max {
+                return Err(format!("{key}: at most {max}{what}, got {n}"));
+            }
+            Ok(n)
+        };
+        // Windows in KiB: 1 GiB at most (larger ones would be cut by any budget anyway, and
+        // their byte counts must not overflow). Centiseconds: the sysctls are ints.
+        let kb = |v: &str| at_most(v, 1 << 20, " (1 GiB)");
+        let cs = |v: &str| at_most(v, i32::MAX as u64, ", as the vm.* sysctl");
         let size = |v: &str| crate::quota::parse_size(v).map_err(|e| format!("{key}: {e}"));
         match key.as_str() {
             "cache_size" => self.size = size(value)?,
-            "readahead_kb" => self.readahead_kb = num(value)?,
-            "kernel_readahead_kb" => self.kernel_readahead_kb = num(value)?,
+            "readahead_kb" => self.readahead_kb = kb(value)?,
+            "kernel_readahead_kb" => self.kernel_readahead_kb = kb(value)?,
             "dirty_background_ratio" => {
                 self.dirty_background_ratio = ratio(value)?;
                 self.dirty_background_bytes = 0;
@@ -157,8 +168,8 @@ impl CacheConfig {
                 }
                 self.dirty_bytes = b;
             }
-            "dirty_expire_centisecs" => self.dirty_expire_centisecs = num(value)?,
-            "dirty_writeback_centisecs" => self.dirty_writeback_centisecs = num(value)?,
+            "dirty_expire_centisecs" => self.dirty_expire_centisecs = cs(value)?,
+            "dirty_writeback_centisecs" => self.dirty_writeback_centisecs = cs(value)?,
             "writeback_on_close" => {
                 self.writeback_on_close = match value {
                     "1" | "on" => true,
@@ -176,14 +187,19 @@ impl CacheConfig {
         Ok(())
     }
 
-    /// The settings as `key=value` pairs, in [`KEYS`] order.
+    /// The settings as `key=value` pairs, in [`KEYS`] order; a ratio that its `*_bytes`
+    /// overrides shows as 0, as the sysctls read.
     pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+        let unless = |bytes: u64, ratio: u64| if bytes > 0 { 0 } else { ratio };
         vec![
             ("cache_size", self.size),
             ("readahead_kb", self.readahead_kb),
             ("kernel_readahead_kb", self.kernel_readahead_kb),
-            ("dirty_background_ratio", self.dirty_background_ratio),
-            ("dirty_ratio", self.dirty_ratio),
+            (
+                "dirty_background_ratio",
+                unless(self.dirty_background_bytes, self.dirty_background_ratio),
+            ),
+            ("dirty_ratio", unless(self.dirty_bytes, self.dirty_ratio)),
             ("dirty_background_bytes", self.dirty_background_bytes),
             ("dirty_bytes", self.dirty_bytes),
             ("dirty_expire_centisecs", self.dirty_expire_centisecs),

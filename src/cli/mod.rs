@@ -168,7 +168,7 @@ struct MountArgs {
     #[arg(short = 'o', value_name = "OPTS")]
     opts: Vec<String>,
     /// Project quota: block hard limit (like `--storage-opt size=`), e.g. 10G.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     size: Option<String>,
     #[command(flatten)]
     limits: LimitFlags,
@@ -187,35 +187,35 @@ struct MountArgs {
 #[derive(Debug, clap::Args)]
 struct CacheFlags {
     /// Page cache budget (default 256M; 0 turns the cache off).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     cache_size: Option<String>,
     /// Largest readahead window in KiB (default 128; 0: no readahead).
-    #[arg(long, value_name = "KB")]
+    #[arg(long, value_name = "KB", allow_negative_numbers = true)]
     readahead_kb: Option<String>,
     /// The kernel's readahead on this mount in KiB (as root; default 0: as the layers' disks).
-    #[arg(long, value_name = "KB")]
+    #[arg(long, value_name = "KB", allow_negative_numbers = true)]
     kernel_readahead_kb: Option<String>,
     /// Background write-back starts above this % of the budget (default 10).
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
     dirty_background_ratio: Option<String>,
     /// Writers are paced above the midpoint and block at this % of the budget (default 20).
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
     dirty_ratio: Option<String>,
     /// Background threshold in bytes (overrides the ratio).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     dirty_background_bytes: Option<String>,
     /// Dirty limit in bytes (overrides the ratio).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     dirty_bytes: Option<String>,
     /// Dirty data older than this is written out (default 3000 = 30 s).
-    #[arg(long, value_name = "CS")]
+    #[arg(long, value_name = "CS", allow_negative_numbers = true)]
     dirty_expire_centisecs: Option<String>,
     /// The flusher wakes this often (default 500 = 5 s; 0: only when needed).
-    #[arg(long, value_name = "CS")]
+    #[arg(long, value_name = "CS", allow_negative_numbers = true)]
     dirty_writeback_centisecs: Option<String>,
     /// Write a file's cached data to upper when it is closed and before a rename replaces a
     /// file with it (default 1; 0: wait for the flusher, fsync or sync).
-    #[arg(long, value_name = "1|0")]
+    #[arg(long, value_name = "1|0", allow_negative_numbers = true)]
     writeback_on_close: Option<String>,
 }
 
@@ -243,22 +243,22 @@ impl CacheFlags {
 #[derive(Debug, clap::Args)]
 struct LimitFlags {
     /// Block hard limit (same as --size on mount).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     bhard: Option<String>,
     /// Block soft limit (enforced after the grace period).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     bsoft: Option<String>,
     /// Inode hard limit.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     ihard: Option<String>,
     /// Inode soft limit.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     isoft: Option<String>,
     /// Block grace period (default 7d).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_negative_numbers = true)]
     bgrace: Option<String>,
     /// Inode grace period (default 7d).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_negative_numbers = true)]
     igrace: Option<String>,
 }
 
@@ -457,6 +457,16 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
                 if let Err(e) = options::apply_opts(&mut spec, o) {
                     return fail(e);
                 }
+            }
+            if let Some(mem) = crate::alloc::physical_memory()
+                && spec.cache.size > mem
+            {
+                eprintln!(
+                    "unionfs-rs: warning: cache_size {} is more than this machine's memory ({} MiB): \
+                     the cache may grow until the daemon is out of memory",
+                    spec.cache.size,
+                    mem >> 20
+                );
             }
             run_mount(spec)
         }
