@@ -1391,8 +1391,18 @@ fn aufs_whiteouts_in_upper_are_replaced_and_aufs_names_refused() {
             file("d/secret", "hidden"),
             file("f", "hidden file"),
             file("victim", "kept"),
+            file("g", "hidden g"),
+            file("e/secret", "hidden e"),
         ];
-        let ud = Dirs::new(&[lower], &[file(".wh.d", ""), file(".wh.f", "")]);
+        let ud = Dirs::new(
+            &[lower],
+            &[
+                file(".wh.d", ""),
+                file(".wh.f", ""),
+                file(".wh.g", ""),
+                file(".wh.e", ""),
+            ],
+        );
         let u = Mount::start_args(&ud, &option_form(&ud)).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             !u.path("d").exists() && !u.path("f").exists(),
@@ -1407,8 +1417,17 @@ fn aufs_whiteouts_in_upper_are_replaced_and_aufs_names_refused() {
         let e = fs::rename(u.path("f"), u.path(".wh.victim")).expect_err("rename to .wh.");
         assert_eq!(e.raw_os_error(), Some(libc::EPERM));
         assert_eq!(fs::read_to_string(u.path("victim")).unwrap(), "kept");
+        // Renames onto hidden names replace the `.wh.` files too (session-25 review: they
+        // stayed beside the renamed objects).
+        fs::write(u.path("src"), "renamed").unwrap();
+        fs::rename(u.path("src"), u.path("g")).unwrap();
+        fs::create_dir(u.path("srcdir")).unwrap();
+        fs::write(u.path("srcdir/mine"), "m").unwrap();
+        fs::rename(u.path("srcdir"), u.path("e")).unwrap();
         u.unmount().unwrap_or_else(|e| panic!("{e}"));
-        assert!(!ud.upper.join(".wh.d").exists() && !ud.upper.join(".wh.f").exists());
+        for wh in [".wh.d", ".wh.f", ".wh.g", ".wh.e"] {
+            assert!(!ud.upper.join(wh).exists(), "{wh} left in upper");
+        }
         let u = Mount::start_args(&ud, &option_form(&ud)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             fs::read_dir(u.path("d")).unwrap().count(),
@@ -1416,6 +1435,16 @@ fn aufs_whiteouts_in_upper_are_replaced_and_aufs_names_refused() {
             "the hidden lower d merged with the new one after a remount"
         );
         assert_eq!(fs::read_to_string(u.path("f")).unwrap(), "new");
+        assert_eq!(fs::read_to_string(u.path("g")).unwrap(), "renamed");
+        let names: Vec<_> = fs::read_dir(u.path("e"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["mine"],
+            "the hidden lower e merged with the renamed one"
+        );
         u.unmount().unwrap_or_else(|e| panic!("{e}"));
     });
 }

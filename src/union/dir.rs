@@ -1344,6 +1344,12 @@ impl Union {
             ]);
         }
         moved?;
+        // An AUFS whiteout of the new name in upper goes, as at a create: what is there now
+        // hides the lower object by itself (a directory coming into a merged one was marked
+        // opaque above). Left, a layer diff of upper would carry both.
+        if self.names.aufs_whiteout(ddir.as_fd(), newname) {
+            self.drop_aufs_whiteout(ddir.as_fd(), newname, false)?;
+        }
         if !(target_is_wh && src.is_dir()) {
             if old_wh {
                 self.account(0, 1);
