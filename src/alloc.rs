@@ -9,7 +9,7 @@
 /// Freed heap memory kept for reuse with a cache budget of `cache_size` bytes.
 #[cfg(target_env = "gnu")]
 fn keep(cache_size: u64) -> i32 {
-    (cache_size + (64 << 20)).min(i32::MAX as u64) as i32
+    cache_size.saturating_add(64 << 20).min(i32::MAX as u64) as i32
 }
 
 /// Tune malloc for a cache budget of `cache_size` bytes. Call before any thread starts.

@@ -305,7 +305,7 @@ fn serve_one(conn: UnixStream, union: &Union, mount: &str) -> std::io::Result<()
 fn cache_kv(c: &crate::cache::CacheConfig) -> String {
     let mut out: Vec<String> = c.pairs().iter().map(|(k, v)| format!("{k}={v}")).collect();
     let (bg, th) = c.thresholds();
-    out.push(format!("page_budget_bytes={}", c.page_budget()));
+    out.push(format!("cache_page_budget={}", c.page_budget()));
     out.push(format!("bg_thresh_bytes={bg}"));
     out.push(format!("dirty_thresh_bytes={th}"));
     out.join("\n")

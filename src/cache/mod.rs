@@ -46,6 +46,8 @@ const WB_BATCH: usize = 256;
 const WB_CHUNK: u64 = 1024;
 /// Readahead worker threads.
 const RA_WORKERS: usize = 4;
+/// Fewest pages eviction takes off the LRU list at once (the kernel's SWAP_CLUSTER_MAX).
+const EVICT_BATCH: usize = 32;
 
 /// A backing file descriptor shared between handles, jobs and the flusher.
 pub type Fd = Arc<OwnedFd>;
@@ -83,24 +85,40 @@ impl PageData {
     }
 }
 
-/// Pages still cached from `buf` (a buffer of several pages, the first at index `first`) get
-/// buffers of their own: once one of its pages is evicted, the cache would account fewer pages
-/// than the buffer holds in memory, and the buffer would stay until its last page went (a QA
-/// run under a mixed random load: 10 MB held that way on a 256 MiB budget). Each page is
-/// copied once at most; pages evicted together (a readahead window, adjacent on the LRU list)
-/// copy nothing.
-fn unshare(st: &mut FileState, first: u64, buf: &Arc<Vec<u8>>) {
-    if Arc::strong_count(buf) == 1 {
-        return;
+/// Buffers of several pages that lost some of them (evicted, truncated, invalidated, or not
+/// inserted after a load), each with the index of its first page. Once the removal is done,
+/// the pages still cached from them get buffers of their own ([`Split::apply`]): else the cache
+/// would count fewer pages than the buffer holds in memory, and the buffer would stay until
+/// its last page went (a mixed random load held 10 MB that way on a 256 MiB budget). Each page
+/// is copied once at most, and the copies are at most a buffer's size (a load's run, within
+/// the readahead window); pages removed together copy nothing (eviction takes at least
+/// [`EVICT_BATCH`] pages at a time, and a load's pages lie together at the cold end).
+#[derive(Default)]
+struct Split(Vec<(u64, Arc<Vec<u8>>)>);
+
+impl Split {
+    /// Page `idx`, holding `d`, is being removed.
+    fn note(&mut self, idx: u64, d: &PageData) {
+        if d.buf.len() > PAGE && !self.0.iter().any(|(_, b)| Arc::ptr_eq(b, &d.buf)) {
+            self.0.push((idx - (d.off / PAGE) as u64, d.buf.clone()));
+        }
     }
-    for (_, slot) in st.pages.range_mut(first..first + (buf.len() / PAGE) as u64) {
-        if let Slot::Ready(p) = slot
-            && Arc::ptr_eq(&p.data.buf, buf)
-        {
-            p.data = PageData {
-                buf: Arc::new(p.data.bytes().to_vec()),
-                off: 0,
-            };
+
+    fn apply(self, st: &mut FileState) {
+        for (first, buf) in self.0 {
+            if Arc::strong_count(&buf) == 1 {
+                continue;
+            }
+            for (_, slot) in st.pages.range_mut(first..first + (buf.len() / PAGE) as u64) {
+                if let Slot::Ready(p) = slot
+                    && Arc::ptr_eq(&p.data.buf, &buf)
+                {
+                    p.data = PageData {
+                        buf: Arc::new(p.data.bytes().to_vec()),
+                        off: 0,
+                    };
+                }
+            }
         }
     }
 }
@@ -510,13 +528,22 @@ impl PageCache {
     /// Evict clean pages until `extra` more bytes fit in the budget. False if they do not.
     fn make_room(&self, extra: u64) -> bool {
         let budget = self.cfg.read().page_budget();
+        if extra > budget {
+            // Evicting everything would not make it fit: keep what is cached.
+            return false;
+        }
         loop {
             let used = self.bytes.load(Ordering::Acquire);
             if used + extra <= budget {
                 return true;
             }
-            // Take a batch of the least recently used keys, then visit their files in turn.
-            let want = ((used + extra - budget).div_ceil(P) as usize).clamp(1, 256);
+            // Take a batch of the least recently used keys, then visit their files in turn: at
+            // least EVICT_BATCH (as the kernel's reclaim isolates SWAP_CLUSTER_MAX pages at a
+            // time), so that a load's pages, together at the cold end, go together.
+            let need = (used + extra - budget).div_ceil(P) as usize;
+            let want = need
+                .max(EVICT_BATCH.min((budget / P / 16) as usize))
+                .clamp(1, 256);
             let mut victims: Vec<(u64, u64)> = {
                 let mut lru = self.lru.lock();
                 (0..want)
@@ -540,25 +567,18 @@ impl PageCache {
                 };
                 let mut st = f.st.lock();
                 let mut freed = 0u64;
-                // Buffers of several pages that lost one here (with the index of their first).
-                let mut split: Vec<(u64, Arc<Vec<u8>>)> = Vec::new();
+                let mut split = Split::default();
                 for &(_, idx) in &victims[i..j] {
                     if let Some(Slot::Ready(p)) = st.pages.get(&idx)
                         && !p.dirty
                         && !p.writeback
                     {
-                        if p.data.buf.len() > PAGE
-                            && !split.iter().any(|(_, b)| Arc::ptr_eq(b, &p.data.buf))
-                        {
-                            split.push((idx - (p.data.off / PAGE) as u64, p.data.buf.clone()));
-                        }
+                        split.note(idx, &p.data);
                         st.pages.remove(&idx);
                         freed += 1;
                     }
                 }
-                for (first, buf) in split {
-                    unshare(&mut st, first, &buf);
-                }
+                split.apply(&mut st);
                 let empty = st.pages.is_empty() && st.dirty.is_empty() && !st.mtime_pending;
                 drop(st);
                 self.bytes.fetch_sub(freed * P, Ordering::AcqRel);
@@ -649,8 +669,10 @@ impl PageCache {
         let undirty = st.dirty.split_off(&from).len() as u64;
         let (mut freed, mut released) = (0u64, 0u64);
         let mut keys = Vec::new();
+        let mut split = Split::default();
         for (i, s) in gone {
             if let Slot::Ready(p) = s {
+                split.note(i, &p.data);
                 freed += 1;
                 keys.push(i);
                 if p.charged {
@@ -658,6 +680,7 @@ impl PageCache {
                 }
             }
         }
+        split.apply(st);
         self.bytes.fetch_sub(freed * P, Ordering::AcqRel);
         self.dirty.fetch_sub(undirty * P, Ordering::AcqRel);
         if let Some(q) = &self.quota {
@@ -827,12 +850,15 @@ impl PageCache {
             .collect();
         let mut freed = 0u64;
         let mut keys = Vec::new();
+        let mut split = Split::default();
         for i in gone {
-            if let Some(Slot::Ready(_)) = st.pages.remove(&i) {
+            if let Some(Slot::Ready(p)) = st.pages.remove(&i) {
+                split.note(i, &p.data);
                 freed += 1;
                 keys.push(i);
             }
         }
+        split.apply(&mut st);
         self.bytes.fetch_sub(freed * P, Ordering::AcqRel);
         drop(st);
         f.cv.notify_all();
@@ -881,13 +907,14 @@ impl PageCache {
 
     /// The current figures.
     pub fn stats(&self) -> CacheStats {
-        let (bg, thresh) = self.cfg.read().thresholds();
+        let cfg = *self.cfg.read();
+        let (bg, thresh) = cfg.thresholds();
         let s = &self.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
             fields: vec![
-                ("cache_size", self.cfg.read().size),
-                ("cache_page_budget", self.cfg.read().page_budget()),
+                ("cache_size", cfg.size),
+                ("cache_page_budget", cfg.page_budget()),
                 ("cache_bytes", l(&self.bytes)),
                 ("cache_hits", l(&s.hits)),
                 ("cache_misses", l(&s.misses)),
@@ -1351,12 +1378,28 @@ mod tests {
             assert!(!Arc::ptr_eq(&p.data.buf, &buf), "page {idx} unshared");
             assert_eq!(p.data.bytes(), &data[idx as usize * PAGE..][..PAGE]);
         }
+        // Pages 8-15 came in one buffer too: forgetting 10-11 (an invalidation) splits it.
+        let Some(Slot::Ready(p)) = st.pages.get(&8) else {
+            panic!("page 8 kept")
+        };
+        let second = p.data.buf.clone();
+        assert_eq!(second.len(), 8 * PAGE);
+        drop(st);
+        c.forget_clean(&f, 10, 12);
+        let st = f.st.lock();
+        for idx in [8, 9, 12, 13, 14, 15] {
+            let Some(Slot::Ready(p)) = st.pages.get(&idx) else {
+                panic!("page {idx} kept")
+            };
+            assert!(!Arc::ptr_eq(&p.data.buf, &second), "page {idx} unshared");
+        }
         drop(st);
         assert_eq!(
             Arc::strong_count(&buf),
             1,
             "only this test holds the buffer"
         );
+        assert_eq!(Arc::strong_count(&second), 1);
         let got = c.read(1, &ra, &fd, 0, 32 * PAGE as u32).expect("read");
         assert_eq!(&got[..], &data[..]);
     }

@@ -90,7 +90,10 @@ impl PageCache {
         size: u32,
     ) -> Result<ReadData, Errno> {
         let f = self.file(ino, fd)?;
-        let mut max_ra = self.cfg.read().readahead_kb * 1024 / P;
+        let cfg = *self.cfg.read();
+        // No window above a quarter of what pages may take: a larger one would push out most
+        // of the cache for one reader.
+        let mut max_ra = (cfg.readahead_kb * 1024 / P).min(cfg.page_budget() / P / 4);
         let kernel_ra = self.kernel_ra_kb.load(Ordering::Relaxed) * 1024 / P;
         // Set at open, never changed.
         let buffered = ra.lock().drop_behind;
@@ -212,6 +215,7 @@ impl PageCache {
                         .map(|w| w.marker())
                         .filter(|m| (idx..idx + n).contains(m));
                     end = end.min(st.size);
+                    let mut split = super::Split::default();
                     for (i, data) in pages.into_iter().enumerate() {
                         let pi = idx + i as u64;
                         let ps = pi * P;
@@ -223,6 +227,10 @@ impl PageCache {
                         let mine =
                             matches!(st.pages.get(&pi), Some(Slot::Loading(t)) if *t == token);
                         if !mine {
+                            // Dropped meanwhile (truncate, invalidation).
+                            if room {
+                                split.note(pi, &data);
+                            }
                             continue;
                         }
                         if room {
@@ -244,6 +252,7 @@ impl PageCache {
                             st.pages.remove(&pi);
                         }
                     }
+                    split.apply(&mut st);
                     f.cv.notify_all();
                     if let Some(m) = marker_in_run {
                         self.async_readahead(&f, &mut st, ra, fd, m, last - m + 1, max_ra);
@@ -371,8 +380,12 @@ impl PageCache {
         });
         let mut st = f.st.lock();
         let mut inserted = Vec::new();
+        let mut split = super::Split::default();
         for (i, data) in loaded {
-            if matches!(st.pages.get(&i), Some(Slot::Loading(t)) if *t == job.token) {
+            if !matches!(st.pages.get(&i), Some(Slot::Loading(t)) if *t == job.token) {
+                // Dropped meanwhile (truncate, invalidation).
+                split.note(i, &data);
+            } else {
                 st.pages.insert(
                     i,
                     Slot::Ready(Page {
@@ -388,6 +401,7 @@ impl PageCache {
                 inserted.push(i);
             }
         }
+        split.apply(&mut st);
         // Whatever did not load is dropped (a reader will read it itself).
         for i in &job.pages {
             if matches!(st.pages.get(i), Some(Slot::Loading(t)) if *t == job.token) {

@@ -86,10 +86,9 @@ impl CacheConfig {
 
     /// (bg_thresh, dirty_thresh) in bytes, as `domain_dirty_limits` computes them: the
     /// `*_bytes` settings win over the ratios; a background threshold at or above the limit
-    /// becomes half the limit. `dirty_bytes` above the cache's size counts as the size (as
-    /// `dirty_ratio` 100: dirty pages live in the cache, whose size bounds its memory; the
-    /// kernel's own bound is the machine's memory); no limit passes what pages may take
-    /// ([`CacheConfig::page_budget`]).
+    /// becomes half the limit. No limit passes what pages may take
+    /// ([`CacheConfig::page_budget`]): dirty pages live in the cache, whose size bounds its
+    /// memory (the kernel's own bound is the machine's memory).
     pub fn thresholds(&self) -> (u64, u64) {
         let thresh = if self.dirty_bytes > 0 {
             self.dirty_bytes
@@ -131,8 +130,9 @@ impl CacheConfig {
             }
             Ok(n)
         };
-        // Windows in KiB: 1 GiB at most (larger ones would be cut by any budget anyway, and
-        // their byte counts must not overflow). Centiseconds: the sysctls are ints.
+        // Windows in KiB: 1 GiB at most (their byte counts must not overflow; a window is
+        // also kept to a quarter of the page budget where it is used). Centiseconds: the
+        // sysctls are ints.
         let kb = |v: &str| at_most(v, 1 << 20, " (1 GiB)");
         let cs = |v: &str| at_most(v, i32::MAX as u64, ", as the vm.* sysctl");
         let size = |v: &str| crate::quota::parse_size(v).map_err(|e| format!("{key}: {e}"));
