@@ -323,16 +323,15 @@ impl PageCache {
     /// Take room for `need` more dirty bytes, waiting (throttled) while that would pass
     /// dirty_thresh.
     pub(super) fn reserve_dirty(&self, need: u64) -> Result<(), Errno> {
-        let mut waited: Option<Instant> = None;
-        // Counted among the writers waiting at the limit from the first wait on (out again
-        // on every way out).
-        struct Waiting<'a>(&'a AtomicU64);
+        // From the first wait on: when it began, and the writer counted among those waiting
+        // at the limit (out again on every way out).
+        struct Waiting<'a>(Instant, &'a AtomicU64);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
+                self.1.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        let mut waiting = None;
+        let mut waited: Option<Waiting> = None;
         loop {
             let (_, thresh) = self.cfg.read().thresholds();
             let cur = self.dirty.load(Ordering::Acquire);
@@ -346,14 +345,13 @@ impl PageCache {
                 }
                 continue;
             }
-            let t0 = *waited.get_or_insert_with(|| {
-                self.stats.limit_waits.fetch_add(1, Ordering::Relaxed);
-                Instant::now()
-            });
-            if waiting.is_none() {
-                self.limit_waiters.fetch_add(1, Ordering::AcqRel);
-                waiting = Some(Waiting(&self.limit_waiters));
-            }
+            let t0 = waited
+                .get_or_insert_with(|| {
+                    self.stats.limit_waits.fetch_add(1, Ordering::Relaxed);
+                    self.limit_waiters.fetch_add(1, Ordering::AcqRel);
+                    Waiting(Instant::now(), &self.limit_waiters)
+                })
+                .0;
             let err = self.flush_error.load(Ordering::Acquire);
             if err != 0 && t0.elapsed() > Duration::from_secs(2) {
                 // The flusher cannot write (a full or failing disk): do not wait forever.
@@ -364,8 +362,8 @@ impl PageCache {
             let mut g = self.throttle.0.lock();
             self.throttle.1.wait_for(&mut g, Duration::from_millis(50));
         }
-        if let Some(t0) = waited {
-            self.note_throttle(t0);
+        if let Some(w) = waited {
+            self.note_throttle(w.0);
         }
         Ok(())
     }
