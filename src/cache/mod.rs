@@ -1303,10 +1303,19 @@ mod tests {
         assert_eq!(c.dirty_bytes(), 0);
     }
 
-    #[test]
-    fn reads_reply_from_shared_buffers_and_writes_copy() {
-        let data: Vec<u8> = (0..16 * PAGE).map(|i| (i % 253) as u8).collect();
-        let (_d, fd) = tmpfile(&data);
+    /// A file of `pages` pages of `data` and a 16 MiB cache without readahead (each read reads
+    /// what it asks for, into one buffer).
+    fn no_readahead(
+        pages: usize,
+    ) -> (
+        Vec<u8>,
+        tempfile::TempDir,
+        Fd,
+        Arc<PageCache>,
+        Mutex<RaState>,
+    ) {
+        let data: Vec<u8> = (0..pages * PAGE).map(|i| (i % 251) as u8).collect();
+        let (d, fd) = tmpfile(&data);
         let c = PageCache::new(
             CacheConfig {
                 readahead_kb: 0,
@@ -1315,7 +1324,12 @@ mod tests {
             None,
         )
         .expect("cache");
-        let ra = Mutex::new(RaState::default());
+        (data, d, fd, c, Mutex::new(RaState::default()))
+    }
+
+    #[test]
+    fn reads_reply_from_shared_buffers_and_writes_copy() {
+        let (data, _d, fd, c, ra) = no_readahead(16);
         // One miss reads 8 pages into one buffer; the reply is that buffer.
         let got = c.read(1, &ra, &fd, 0, 8 * PAGE as u32).expect("read");
         assert!(matches!(got, ReadData::Shared(..)));
@@ -1340,17 +1354,7 @@ mod tests {
     /// buffer's memory goes with the pages the cache no longer counts.
     #[test]
     fn evicting_part_of_a_buffer_unshares_the_rest() {
-        let data: Vec<u8> = (0..32 * PAGE).map(|i| (i % 251) as u8).collect();
-        let (_d, fd) = tmpfile(&data);
-        let c = PageCache::new(
-            CacheConfig {
-                readahead_kb: 0,
-                ..cfg(16 << 20)
-            },
-            None,
-        )
-        .expect("cache");
-        let ra = Mutex::new(RaState::default());
+        let (data, _d, fd, c, ra) = no_readahead(32);
         let first = c.read(1, &ra, &fd, 0, 8 * PAGE as u32).expect("read");
         let ReadData::Shared(buf, _) = first else {
             panic!("one buffer for one miss")
