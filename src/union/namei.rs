@@ -866,37 +866,34 @@ impl Union {
                     // whatever goes by the node's name (getattr, link) would reach nothing or
                     // another file (review: a link made a second name of another file).
                     let settled = self.dir_unchanged(parent, f.dir_stamp);
+                    // Checked on disk before it is taken, and taken only if no name of the
+                    // node was dropped or moved meanwhile (else checked again): a removal or
+                    // rename after the check changes it itself. (Added first and checked
+                    // after, it could become the node's name for a moment when the other
+                    // names went: a stat of one of them then failed; review. Checked and then
+                    // set without the generation, a directory renamed between the two took
+                    // its old name back.)
+                    let mut ok = settled;
+                    for _ in 0..(if settled { 0 } else { 3 }) {
+                        let g = node.names_gen.load(std::sync::atomic::Ordering::Acquire);
+                        drop(st);
+                        let now = self.names_it_now(parent, name, &node);
+                        st = node.st.lock();
+                        if !now {
+                            break;
+                        }
+                        if node.names_gen.load(std::sync::atomic::Ordering::Acquire) == g {
+                            ok = true;
+                            break;
+                        }
+                    }
                     if is_dir {
                         // A directory has one name: it moved.
-                        if settled || {
-                            drop(st);
-                            let now = self.names_it_now(parent, name, &node);
-                            st = node.st.lock();
-                            now
-                        } {
+                        if ok {
                             st.parent = parent;
                             st.name = name.to_os_string();
                         }
                     } else {
-                        // Checked on disk before it is added, and added only if no name of
-                        // the node was dropped or moved meanwhile (else checked again): a
-                        // removal after the check drops it itself. (Added first and checked
-                        // after, it could become the node's name for a moment when the other
-                        // names went: a stat of one of them then failed; review.)
-                        let mut ok = settled;
-                        for _ in 0..(if settled { 0 } else { 3 }) {
-                            let g = node.names_gen.load(std::sync::atomic::Ordering::Acquire);
-                            drop(st);
-                            let now = self.names_it_now(parent, name, &node);
-                            st = node.st.lock();
-                            if !now {
-                                break;
-                            }
-                            if node.names_gen.load(std::sync::atomic::Ordering::Acquire) == g {
-                                ok = true;
-                                break;
-                            }
-                        }
                         let primary = st.parent == parent && st.name.as_os_str() == name;
                         if ok && !primary && !st.aliases.contains(&(parent, name.to_os_string())) {
                             Arc::make_mut(&mut st.aliases).insert((parent, name.to_os_string()));
