@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 
 pub(super) fn flusher_main(weak: Weak<PageCache>, sig: Arc<Signal>) {
     let mut last_periodic = Instant::now();
+    let mut last_trim = Instant::now();
     loop {
         let interval = match weak.upgrade() {
             Some(c) => c.cfg.read().dirty_writeback_centisecs,
@@ -41,6 +42,14 @@ pub(super) fn flusher_main(weak: Weak<PageCache>, sig: Arc<Signal>) {
             g.kick = false;
         }
         let Some(c) = weak.upgrade() else { return };
+        // At most every 200 ms (the flusher wakes at least every dirty_writeback_centisecs,
+        // and whenever writers kick it): freed memory beyond what the budget keeps goes back.
+        if last_trim.elapsed() >= Duration::from_millis(200) {
+            last_trim = Instant::now();
+            if crate::alloc::trim_excess(c.cfg.read().size) {
+                c.stats.heap_trims.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let periodic = period.is_some_and(|p| last_periodic.elapsed() >= p);
         if periodic {
             last_periodic = Instant::now();

@@ -242,6 +242,8 @@ struct Counters {
     /// Files written back at a close or before a rename over another ([`PageCache::write_back_closed`]).
     close_writebacks: AtomicU64,
     evicted: AtomicU64,
+    /// Times the flusher gave freed heap memory beyond the budget's keep back.
+    heap_trims: AtomicU64,
     bg_crossings: AtomicU64,
     limit_waits: AtomicU64,
 }
@@ -919,6 +921,7 @@ impl PageCache {
                 ("cache_hits", l(&s.hits)),
                 ("cache_misses", l(&s.misses)),
                 ("evicted_pages", l(&s.evicted)),
+                ("heap_trims", l(&s.heap_trims)),
                 ("readahead_pages", l(&s.ra_pages)),
                 ("readahead_used_pages", l(&s.ra_used)),
                 ("kernel_readahead_kb", l(&self.kernel_ra_kb)),

@@ -76,7 +76,8 @@ enum CacheCmd {
         /// The merged directory.
         merged: PathBuf,
     },
-    /// Change settings: KEY=VALUE… (cache_size, readahead_kb, dirty_background_ratio,
+    /// Change settings: KEY=VALUE… (cache_size, readahead_kb, kernel_readahead_kb,
+    /// dirty_background_ratio,
     /// dirty_ratio, dirty_background_bytes, dirty_bytes, dirty_expire_centisecs,
     /// dirty_writeback_centisecs, writeback_on_close).
     Set {
