@@ -401,6 +401,89 @@ fn usage_errors_are_one_line() {
     });
 }
 
+/// A setting given both as a flag (or argument) and in `-o`, with different effects, is
+/// refused whichever comes first (QA: `--cache-size 64M -o cache_size=1G` mounted with 1G
+/// without a word). The same value both ways is fine, and flags still win over the config
+/// file's default options.
+#[test]
+fn a_setting_given_twice_differently_is_refused() {
+    with_timeout(120, || {
+        for (extra, flag, opt) in [
+            (
+                &["--cache-size", "64M", "-o", "cache_size=1G"][..],
+                "--cache-size 64M",
+                "-o cache_size=1G",
+            ),
+            (
+                &["-o", "dirty_bytes=1M", "--dirty-ratio", "30"],
+                "--dirty-ratio 30",
+                "-o dirty_bytes=1M",
+            ),
+            (
+                &["--size", "1G", "-o", "noaufs,bhard=2G"],
+                "--size 1G",
+                "-o bhard=2G",
+            ),
+            (
+                &["--aufs-whiteouts", "-o", "noaufs"],
+                "--aufs-whiteouts",
+                "-o noaufs",
+            ),
+            (
+                &["--passthrough", "off", "-o", "passthrough=lower"],
+                "--passthrough off",
+                "-o passthrough=lower",
+            ),
+            (&["-o", "lowerdir=/tmp"], "LOWERS ", "-o lowerdir=/tmp"),
+            (
+                &["--threads", "2", "-o", "threads=3"],
+                "--threads 2",
+                "-o threads=3",
+            ),
+        ] {
+            let name = extra.join(" ");
+            refused(&name, |d| (with_args(d, extra), None));
+            let d = simple_dirs();
+            let (code, _, err) = run_bin(
+                &with_args(&d, extra)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(code, 2, "{name}: {err}");
+            assert!(
+                err.contains(flag) && err.contains(opt) && err.contains("disagree"),
+                "{name}: {err}"
+            );
+        }
+        // The same setting the same way twice: mounted.
+        let d = simple_dirs();
+        let m = mount_strict(
+            &d,
+            &with_args(&d, &["--cache-size", "64M", "-o", "cache_size=65536K"]),
+        );
+        let (code, out, err) = run_bin(&["stats", &s(&d.merged)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("\ncache_size: 67108864\n"), "{out}");
+        m.unmount().expect("unmount");
+        // The config file's default options give way to flags.
+        let conf = d.root.join("u.conf");
+        fs::write(&conf, "default_options = cache_size=32M,noaufs\n").unwrap();
+        let (st, _, err) = run_with_timeout(
+            Command::new(bin())
+                .env("UNIONFS_RS_CONFIG", &conf)
+                .args(with_args(&d, &["--cache-size", "48M"])),
+            MOUNT_CMD_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let m = Mount::adopt_existing(&d);
+        assert!(st.success(), "{err}");
+        let (_, out, _) = run_bin(&["stats", &s(&d.merged)]);
+        assert!(out.contains("\ncache_size: 50331648\n"), "{out}");
+        m.unmount().expect("unmount");
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Mounting and unmounting
 // ---------------------------------------------------------------------------------------------

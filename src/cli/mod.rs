@@ -280,6 +280,135 @@ impl LimitFlags {
     }
 }
 
+/// What a command-line flag or argument does to a mount's spec.
+type Setter = Box<dyn Fn(&mut MountSpec) -> Result<(), String>>;
+
+/// The `mount` form's spec: the config file's default options, then the command line's
+/// arguments and flags, then its `-o` options. A setting given both as a flag (or argument)
+/// and in `-o` with different effects is refused, whichever order they came in: neither
+/// silently wins (a QA run's `--cache-size 64M -o cache_size=1G` got 1G without a word).
+fn mount_spec(m: MountArgs) -> Result<MountSpec, String> {
+    let (lowers, data_lowers) = options::split_lowers(&m.lowers)?;
+    let mut base = MountSpec {
+        merged: m.dirs.last().cloned(),
+        ..MountSpec::default()
+    };
+    let cfg = config::load().map_err(|e| format!("config: {e}"))?;
+    if let Some(d) = &cfg.default_options {
+        options::apply_opts(&mut base, d).map_err(|e| {
+            let at = cfg
+                .path
+                .as_deref()
+                .unwrap_or(std::path::Path::new("config"));
+            format!("{}: default_options: {e}", at.display())
+        })?;
+    }
+    let mut flags: Vec<(String, Setter)> = vec![(
+        format!("LOWERS {}", m.lowers),
+        Box::new(move |s| {
+            s.lowers = lowers.clone();
+            s.data_lowers = data_lowers.clone();
+            Ok(())
+        }),
+    )];
+    if let [upper, _] = m.dirs.as_slice() {
+        let upper = upper.clone();
+        flags.push((
+            format!("UPPER {}", upper.display()),
+            Box::new(move |s| {
+                s.upper = Some(upper.clone());
+                Ok(())
+            }),
+        ));
+    }
+    if let Some(w) = m.workdir {
+        flags.push((
+            format!("--workdir {}", w.display()),
+            Box::new(move |s| {
+                s.workdir = Some(w.clone());
+                Ok(())
+            }),
+        ));
+    }
+    if let Some(l) = m.log_file {
+        flags.push((
+            format!("--log-file {}", l.display()),
+            Box::new(move |s| {
+                s.log_file = Some(l.clone());
+                Ok(())
+            }),
+        ));
+    }
+    // The rest are options of the -o form under their flag's name.
+    let mut kv: Vec<(&str, String)> = Vec::new();
+    if m.foreground {
+        flags.push((
+            "--foreground".into(),
+            Box::new(|s| {
+                s.foreground = true;
+                Ok(())
+            }),
+        ));
+    }
+    for (on, k) in [
+        (m.userxattr, "userxattr"),
+        (m.aufs_whiteouts, "aufs_whiteouts"),
+        (m.debug, "debug"),
+    ] {
+        if on {
+            kv.push((k, String::new()));
+        }
+    }
+    kv.extend(
+        [
+            ("threads", m.threads.map(|t| t.to_string())),
+            ("size", m.size),
+            ("project_id", m.project_id),
+            ("quota_errno", m.quota_errno),
+            ("passthrough", m.passthrough),
+            ("writeback_cache", m.writeback_cache),
+            ("readdirplus", m.readdirplus),
+            ("prefetch", m.prefetch),
+            ("uring", m.uring),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v))),
+    );
+    kv.extend(m.limits.given());
+    kv.extend(m.cache.given());
+    for (k, v) in kv {
+        let flag = format!("--{}", k.replace('_', "-"));
+        let (shown, opt) = if v.is_empty() {
+            (flag, k.to_string())
+        } else {
+            (format!("{flag} {v}"), format!("{k}={v}"))
+        };
+        flags.push((shown, Box::new(move |s| options::apply_opt(s, &opt))));
+    }
+    let opts: Vec<String> = m.opts.iter().flat_map(|o| options::split_opts(o)).collect();
+    for (shown, set) in &flags {
+        for o in opts.iter().filter(|o| !o.trim().is_empty()) {
+            let (mut a, mut b) = (base.clone(), base.clone());
+            let flag_first = set(&mut a).and_then(|()| options::apply_opt(&mut a, o));
+            let opt_first = options::apply_opt(&mut b, o).and_then(|()| set(&mut b));
+            if flag_first.is_ok() && opt_first.is_ok() && format!("{a:?}") != format!("{b:?}") {
+                return Err(format!(
+                    "{shown} and -o {} disagree: give the setting once",
+                    o.trim()
+                ));
+            }
+        }
+    }
+    let mut spec = base;
+    for (_, set) in &flags {
+        set(&mut spec)?;
+    }
+    for o in &opts {
+        options::apply_opt(&mut spec, o)?;
+    }
+    Ok(spec)
+}
+
 /// Print one clear line and return the usage exit code.
 pub fn fail(msg: impl std::fmt::Display) -> i32 {
     eprintln!("unionfs-rs: {msg}");
@@ -376,101 +505,10 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
         }
     };
     match cli.cmd {
-        Cmd::Mount(m) => {
-            let (lowers, data_lowers) = match options::split_lowers(&m.lowers) {
-                Ok(l) => l,
-                Err(e) => return fail(e),
-            };
-            let mut spec = MountSpec {
-                lowers,
-                data_lowers,
-                workdir: m.workdir,
-                foreground: m.foreground,
-                userxattr: m.userxattr,
-                aufs_whiteouts: m.aufs_whiteouts,
-                threads: m.threads,
-                debug: m.debug,
-                log_file: m.log_file,
-                ..MountSpec::default()
-            };
-            match m.dirs.len() {
-                1 => spec.merged = Some(m.dirs[0].clone()),
-                _ => {
-                    spec.upper = Some(m.dirs[0].clone());
-                    spec.merged = Some(m.dirs[1].clone());
-                }
-            }
-            // Config defaults first; the command line's own options override them.
-            let cfg = match config::load() {
-                Ok(c) => c,
-                Err(e) => return fail(format!("config: {e}")),
-            };
-            if let Some(d) = &cfg.default_options
-                && let Err(e) = options::apply_opts(&mut spec, d)
-            {
-                return fail(format!("config default_options: {e}"));
-            }
-            let mut quota_flags: Vec<(&str, String)> = [
-                ("size", m.size),
-                ("project_id", m.project_id),
-                ("quota_errno", m.quota_errno),
-            ]
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect();
-            quota_flags.extend(m.limits.given());
-            for (k, v) in quota_flags {
-                if let Err(e) = spec.quota_args.set(k, &v) {
-                    return fail(e);
-                }
-            }
-            for (k, v) in m.cache.given() {
-                if let Err(e) = spec.cache.set(k, &v) {
-                    return fail(e);
-                }
-            }
-            if let Some(p) = &m.passthrough
-                && let Err(e) = options::apply_opts(&mut spec, &format!("passthrough={p}"))
-            {
-                return fail(e);
-            }
-            if let Some(w) = &m.writeback_cache
-                && let Err(e) = options::apply_opts(&mut spec, &format!("writeback_cache={w}"))
-            {
-                return fail(e);
-            }
-            if let Some(r) = &m.readdirplus
-                && let Err(e) = options::apply_opts(&mut spec, &format!("readdirplus={r}"))
-            {
-                return fail(e);
-            }
-            if let Some(p) = &m.prefetch
-                && let Err(e) = options::apply_opts(&mut spec, &format!("prefetch={p}"))
-            {
-                return fail(e);
-            }
-            if let Some(r) = &m.uring
-                && let Err(e) = options::apply_opts(&mut spec, &format!("uring={r}"))
-            {
-                return fail(e);
-            }
-            for o in &m.opts {
-                if let Err(e) = options::apply_opts(&mut spec, o) {
-                    return fail(e);
-                }
-            }
-            if let Some(mem) = crate::alloc::physical_memory()
-                && spec.cache.size > mem
-            {
-                eprintln!(
-                    "unionfs-rs: warning: cache_size {} is more than this machine's memory ({} MiB): \
-                     the cache may grow until the daemon is out of memory",
-                    spec.cache.size,
-                    mem >> 20
-                );
-            }
-            run_mount(spec)
-        }
+        Cmd::Mount(m) => match mount_spec(*m) {
+            Ok(spec) => run_mount(spec),
+            Err(e) => fail(e),
+        },
         Cmd::Umount { force, merged } => match daemon::umount(&merged, force) {
             Ok(()) => 0,
             Err(e) => fail(e),

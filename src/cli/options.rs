@@ -239,10 +239,9 @@ pub fn split_lowers(s: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
     Ok((lowers, data))
 }
 
-/// Apply one comma-separated option string.
 /// Split an option string at its commas; `\,` is a comma inside a value (a path), as kernel
 /// overlayfs reads its options. Other backslashes stay (`\:` in `lowerdir=`).
-fn split_opts(opts: &str) -> Vec<String> {
+pub fn split_opts(opts: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut it = opts.chars().peekable();
@@ -266,222 +265,229 @@ fn split_opts(opts: &str) -> Vec<String> {
     out
 }
 
+/// Apply one comma-separated option string.
 pub fn apply_opts(spec: &mut MountSpec, opts: &str) -> Result<(), String> {
     for o in split_opts(opts) {
-        let o = o.trim();
-        if o.is_empty() {
-            continue;
+        apply_opt(spec, &o)?;
+    }
+    Ok(())
+}
+
+/// Apply one option (`key` or `key=value`, commas already split off).
+pub fn apply_opt(spec: &mut MountSpec, o: &str) -> Result<(), String> {
+    let o = o.trim();
+    if o.is_empty() {
+        return Ok(());
+    }
+    let (k, v) = match o.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (o, None),
+    };
+    let need = |v: Option<&str>| -> Result<String, String> {
+        match v {
+            Some(v) if !v.is_empty() => Ok(v.to_string()),
+            _ => Err(format!("option '{k}' needs a value")),
         }
-        let (k, v) = match o.split_once('=') {
-            Some((k, v)) => (k, Some(v)),
-            None => (o, None),
-        };
-        let need = |v: Option<&str>| -> Result<String, String> {
-            match v {
-                Some(v) if !v.is_empty() => Ok(v.to_string()),
-                _ => Err(format!("option '{k}' needs a value")),
+    };
+    if let Some(v) = v
+        && spec.quota_args.set(k, v)?
+    {
+        return Ok(());
+    }
+    if crate::cache::writeback::KEYS.contains(&k.replace('-', "_").as_str()) {
+        spec.cache.set(k, &need(v)?)?;
+        return Ok(());
+    }
+    match k {
+        "lowerdir" => (spec.lowers, spec.data_lowers) = split_lowers(&need(v)?)?,
+        "upperdir" => spec.upper = Some(PathBuf::from(need(v)?)),
+        "workdir" => spec.workdir = Some(PathBuf::from(need(v)?)),
+        "userxattr" => spec.userxattr = true,
+        "aufs_whiteouts" | "aufs" => spec.aufs_whiteouts = true,
+        "noaufs" => spec.aufs_whiteouts = false,
+        "redirect_dir" => {
+            let v = need(v)?;
+            if !matches!(v.as_str(), "on" | "follow" | "off" | "nofollow") {
+                return Err(format!(
+                    "redirect_dir: {v} is not on, follow, off or nofollow"
+                ));
             }
-        };
-        if let Some(v) = v
-            && spec.quota_args.set(k, v)?
-        {
-            continue;
+            spec.redirect_dir = Some(v);
         }
-        if crate::cache::writeback::KEYS.contains(&k.replace('-', "_").as_str()) {
-            spec.cache.set(k, &need(v)?)?;
-            continue;
+        "dir_rename" => {
+            spec.dir_rename_copy = match need(v)?.as_str() {
+                "copy" => true,
+                "exdev" => false,
+                other => return Err(format!("dir_rename: {other} is not copy or exdev")),
+            }
         }
-        match k {
-            "lowerdir" => (spec.lowers, spec.data_lowers) = split_lowers(&need(v)?)?,
-            "upperdir" => spec.upper = Some(PathBuf::from(need(v)?)),
-            "workdir" => spec.workdir = Some(PathBuf::from(need(v)?)),
-            "userxattr" => spec.userxattr = true,
-            "aufs_whiteouts" | "aufs" => spec.aufs_whiteouts = true,
-            "noaufs" => spec.aufs_whiteouts = false,
-            "redirect_dir" => {
-                let v = need(v)?;
-                if !matches!(v.as_str(), "on" | "follow" | "off" | "nofollow") {
-                    return Err(format!(
-                        "redirect_dir: {v} is not on, follow, off or nofollow"
-                    ));
-                }
-                spec.redirect_dir = Some(v);
-            }
-            "dir_rename" => {
-                spec.dir_rename_copy = match need(v)?.as_str() {
-                    "copy" => true,
-                    "exdev" => false,
-                    other => return Err(format!("dir_rename: {other} is not copy or exdev")),
-                }
-            }
-            "metacopy" => {
-                spec.metacopy = Some(match need(v)?.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    other => return Err(format!("metacopy: {other} is not on or off")),
-                })
-            }
-            "ro" => spec.read_only = true,
-            "rw" => spec.read_only = false,
-            "fsname" => spec.fsname = Some(need(v)?),
-            "subtype" => spec.subtype = Some(need(v)?),
-            "threads" => {
-                spec.threads = Some(
-                    need(v)?
-                        .parse()
-                        .map_err(|_| format!("threads: not a number: {}", v.unwrap_or("")))?,
-                )
-            }
-            "debug" => spec.debug = true,
-            "log_file" | "logfile" => spec.log_file = Some(PathBuf::from(need(v)?)),
-            "volatile" => spec.volatile = true,
-            "copyup_commit" => {
-                spec.sync_commit = match need(v)?.as_str() {
-                    "defer" => false,
-                    "sync" => true,
-                    other => return Err(format!("copyup_commit: {other} is not defer or sync")),
-                }
-            }
-            "commit_delay_ms" => {
-                spec.commit_delay_ms = need(v)?
-                    .parse()
-                    .map_err(|_| format!("commit_delay_ms: not a number: {}", v.unwrap_or("")))?
-            }
-            "commit_window_ms" => {
-                spec.commit_window_ms = need(v)?
-                    .parse()
-                    .map_err(|_| format!("commit_window_ms: not a number: {}", v.unwrap_or("")))?
-            }
-            "panic_name" => spec.panic_name = Some(need(v)?.into()),
-            "copyup_window_ms" => {
-                spec.copyup_window_ms = need(v)?
-                    .parse()
-                    .map_err(|_| format!("copyup_window_ms: not a number: {}", v.unwrap_or("")))?
-            }
-            "release_delay_ms" => {
-                spec.release_delay_ms = need(v)?
-                    .parse()
-                    .map_err(|_| format!("release_delay_ms: not a number: {}", v.unwrap_or("")))?
-            }
-            "passthrough" => {
-                (spec.no_passthrough, spec.lower_passthrough) = match v.unwrap_or("auto") {
-                    "auto" | "on" => (false, false),
-                    "lower" => (false, true),
-                    "off" => (true, false),
-                    other => return Err(format!("passthrough: {other} is not auto, lower or off")),
-                }
-            }
-            "nopassthrough" => (spec.no_passthrough, spec.lower_passthrough) = (true, false),
-            "writeback_cache" | "writeback" => {
-                spec.writeback_cache = match v.unwrap_or("on") {
-                    "auto" => None,
-                    "on" => Some(true),
-                    "off" => Some(false),
-                    other => {
-                        return Err(format!("writeback_cache: {other} is not auto, on or off"));
-                    }
-                }
-            }
-            "nowriteback_cache" | "nowriteback" => spec.writeback_cache = Some(false),
-            "readdirplus" => {
-                spec.readdirplus = match v.unwrap_or("on") {
-                    "auto" => crate::fuse::Readdirplus::Auto,
-                    "on" => crate::fuse::Readdirplus::On,
-                    "off" => crate::fuse::Readdirplus::Off,
-                    other => return Err(format!("readdirplus: {other} is not auto, on or off")),
-                }
-            }
-            "noreaddirplus" => spec.readdirplus = crate::fuse::Readdirplus::Off,
-            "prefetch" => {
-                spec.no_prefetch = match v.unwrap_or("on") {
-                    "on" => false,
-                    "off" => true,
-                    other => return Err(format!("prefetch: {other} is not on or off")),
-                };
-            }
-            "noprefetch" => spec.no_prefetch = true,
-            "selinux_xattr" => {
-                spec.selinux_enodata = match need(v)?.as_str() {
-                    "auto" => false,
-                    "enodata" => true,
-                    other => return Err(format!("selinux_xattr: {other} is not auto or enodata")),
-                };
-            }
-            "uring" => {
-                spec.uring = match v.unwrap_or("on") {
-                    "auto" => crate::fuse::Uring::Auto,
-                    "on" => crate::fuse::Uring::On,
-                    "off" => crate::fuse::Uring::Off,
-                    other => return Err(format!("uring: {other} is not auto, on or off")),
-                }
-            }
-            "nouring" => spec.uring = crate::fuse::Uring::Off,
-            "uring_test_fail" => spec.uring_test_fail = true,
-            "uidmapping" => {
-                let squash = spec.uid_map.squash;
-                spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
-                spec.uid_map.squash = squash;
-            }
-            "gidmapping" => {
-                let squash = spec.gid_map.squash;
-                spec.gid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
-                spec.gid_map.squash = squash;
-            }
-            "squash_to_uid" => {
-                spec.uid_map.squash = Some(
-                    need(v)?
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|&id| id != u32::MAX)
-                        .ok_or_else(|| format!("squash_to_uid: not an id: {}", v.unwrap_or("")))?,
-                )
-            }
-            "squash_to_gid" => {
-                spec.gid_map.squash = Some(
-                    need(v)?
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|&id| id != u32::MAX)
-                        .ok_or_else(|| format!("squash_to_gid: not an id: {}", v.unwrap_or("")))?,
-                )
-            }
-            "squash_to_root" => {
-                spec.uid_map.squash = Some(0);
-                spec.gid_map.squash = Some(0);
-            }
-            "ttl" => {
-                let t: f64 = need(v)?
-                    .parse()
-                    .map_err(|_| format!("ttl: not a number of seconds: {}", v.unwrap_or("")))?;
-                if !(0.0..=86400.0).contains(&t) {
-                    return Err(format!("ttl: {t} is outside 0..86400 seconds"));
-                }
-                spec.ttl = Some(t);
-            }
-            "nodev" | "nosuid" | "noexec" | "noatime" | "dev" | "suid" | "exec" | "atime"
-            | "sync" | "async" | "dirsync" => spec.kernel_flags.push(k.to_string()),
-            // Always on, or meaningless for us: accept silently.
-            "default_permissions"
-            | "allow_other"
-            | "allow_root"
-            | "auto_unmount"
-            | "nonempty"
-            | "defaults"
-            | "auto"
-            | "noauto"
-            | "user"
-            | "nouser"
-            | "_netdev"
-            | "nofail"
-            | "relatime"
-            | "strictatime"
-            | "lazytime"
-            | "index"
-            | "xino"
-            | "uuid"
-            | "nfs_export" => {}
-            _ => spec.unknown.push(o.to_string()),
+        "metacopy" => {
+            spec.metacopy = Some(match need(v)?.as_str() {
+                "on" => true,
+                "off" => false,
+                other => return Err(format!("metacopy: {other} is not on or off")),
+            })
         }
+        "ro" => spec.read_only = true,
+        "rw" => spec.read_only = false,
+        "fsname" => spec.fsname = Some(need(v)?),
+        "subtype" => spec.subtype = Some(need(v)?),
+        "threads" => {
+            spec.threads = Some(
+                need(v)?
+                    .parse()
+                    .map_err(|_| format!("threads: not a number: {}", v.unwrap_or("")))?,
+            )
+        }
+        "debug" => spec.debug = true,
+        "log_file" | "logfile" => spec.log_file = Some(PathBuf::from(need(v)?)),
+        "volatile" => spec.volatile = true,
+        "copyup_commit" => {
+            spec.sync_commit = match need(v)?.as_str() {
+                "defer" => false,
+                "sync" => true,
+                other => return Err(format!("copyup_commit: {other} is not defer or sync")),
+            }
+        }
+        "commit_delay_ms" => {
+            spec.commit_delay_ms = need(v)?
+                .parse()
+                .map_err(|_| format!("commit_delay_ms: not a number: {}", v.unwrap_or("")))?
+        }
+        "commit_window_ms" => {
+            spec.commit_window_ms = need(v)?
+                .parse()
+                .map_err(|_| format!("commit_window_ms: not a number: {}", v.unwrap_or("")))?
+        }
+        "panic_name" => spec.panic_name = Some(need(v)?.into()),
+        "copyup_window_ms" => {
+            spec.copyup_window_ms = need(v)?
+                .parse()
+                .map_err(|_| format!("copyup_window_ms: not a number: {}", v.unwrap_or("")))?
+        }
+        "release_delay_ms" => {
+            spec.release_delay_ms = need(v)?
+                .parse()
+                .map_err(|_| format!("release_delay_ms: not a number: {}", v.unwrap_or("")))?
+        }
+        "passthrough" => {
+            (spec.no_passthrough, spec.lower_passthrough) = match v.unwrap_or("auto") {
+                "auto" | "on" => (false, false),
+                "lower" => (false, true),
+                "off" => (true, false),
+                other => return Err(format!("passthrough: {other} is not auto, lower or off")),
+            }
+        }
+        "nopassthrough" => (spec.no_passthrough, spec.lower_passthrough) = (true, false),
+        "writeback_cache" | "writeback" => {
+            spec.writeback_cache = match v.unwrap_or("on") {
+                "auto" => None,
+                "on" => Some(true),
+                "off" => Some(false),
+                other => {
+                    return Err(format!("writeback_cache: {other} is not auto, on or off"));
+                }
+            }
+        }
+        "nowriteback_cache" | "nowriteback" => spec.writeback_cache = Some(false),
+        "readdirplus" => {
+            spec.readdirplus = match v.unwrap_or("on") {
+                "auto" => crate::fuse::Readdirplus::Auto,
+                "on" => crate::fuse::Readdirplus::On,
+                "off" => crate::fuse::Readdirplus::Off,
+                other => return Err(format!("readdirplus: {other} is not auto, on or off")),
+            }
+        }
+        "noreaddirplus" => spec.readdirplus = crate::fuse::Readdirplus::Off,
+        "prefetch" => {
+            spec.no_prefetch = match v.unwrap_or("on") {
+                "on" => false,
+                "off" => true,
+                other => return Err(format!("prefetch: {other} is not on or off")),
+            };
+        }
+        "noprefetch" => spec.no_prefetch = true,
+        "selinux_xattr" => {
+            spec.selinux_enodata = match need(v)?.as_str() {
+                "auto" => false,
+                "enodata" => true,
+                other => return Err(format!("selinux_xattr: {other} is not auto or enodata")),
+            };
+        }
+        "uring" => {
+            spec.uring = match v.unwrap_or("on") {
+                "auto" => crate::fuse::Uring::Auto,
+                "on" => crate::fuse::Uring::On,
+                "off" => crate::fuse::Uring::Off,
+                other => return Err(format!("uring: {other} is not auto, on or off")),
+            }
+        }
+        "nouring" => spec.uring = crate::fuse::Uring::Off,
+        "uring_test_fail" => spec.uring_test_fail = true,
+        "uidmapping" => {
+            let squash = spec.uid_map.squash;
+            spec.uid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
+            spec.uid_map.squash = squash;
+        }
+        "gidmapping" => {
+            let squash = spec.gid_map.squash;
+            spec.gid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
+            spec.gid_map.squash = squash;
+        }
+        "squash_to_uid" => {
+            spec.uid_map.squash = Some(
+                need(v)?
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&id| id != u32::MAX)
+                    .ok_or_else(|| format!("squash_to_uid: not an id: {}", v.unwrap_or("")))?,
+            )
+        }
+        "squash_to_gid" => {
+            spec.gid_map.squash = Some(
+                need(v)?
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&id| id != u32::MAX)
+                    .ok_or_else(|| format!("squash_to_gid: not an id: {}", v.unwrap_or("")))?,
+            )
+        }
+        "squash_to_root" => {
+            spec.uid_map.squash = Some(0);
+            spec.gid_map.squash = Some(0);
+        }
+        "ttl" => {
+            let t: f64 = need(v)?
+                .parse()
+                .map_err(|_| format!("ttl: not a number of seconds: {}", v.unwrap_or("")))?;
+            if !(0.0..=86400.0).contains(&t) {
+                return Err(format!("ttl: {t} is outside 0..86400 seconds"));
+            }
+            spec.ttl = Some(t);
+        }
+        "nodev" | "nosuid" | "noexec" | "noatime" | "dev" | "suid" | "exec" | "atime" | "sync"
+        | "async" | "dirsync" => spec.kernel_flags.push(k.to_string()),
+        // Always on, or meaningless for us: accept silently.
+        "default_permissions"
+        | "allow_other"
+        | "allow_root"
+        | "auto_unmount"
+        | "nonempty"
+        | "defaults"
+        | "auto"
+        | "noauto"
+        | "user"
+        | "nouser"
+        | "_netdev"
+        | "nofail"
+        | "relatime"
+        | "strictatime"
+        | "lazytime"
+        | "index"
+        | "xino"
+        | "uuid"
+        | "nfs_export" => {}
+        _ => spec.unknown.push(o.to_string()),
     }
     Ok(())
 }

@@ -137,6 +137,16 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     for u in &spec.unknown {
         eprintln!("unionfs-rs: warning: ignoring unknown option '{u}'");
     }
+    if let Some(mem) = crate::alloc::physical_memory()
+        && spec.cache.size > mem
+    {
+        eprintln!(
+            "unionfs-rs: warning: cache_size {} is more than this machine's memory ({} MiB): \
+             the cache may grow until the daemon is out of memory",
+            spec.cache.size,
+            mem >> 20
+        );
+    }
     spec.quota = spec.quota_args.to_config()?;
     if spec.quota.is_some() && spec.upper.is_none() {
         return Err("a quota needs an upper directory".into());
