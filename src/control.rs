@@ -448,7 +448,15 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                             return format!("{{\"error\":{}}}", json_str(&e));
                         }
                     }
-                    cache_kv(&c.config())
+                    // What the new settings do that their values do not say, on lines
+                    // of their own (the CLI prints them on stderr).
+                    let cfg = c.config();
+                    let mut out = cache_kv(&cfg);
+                    for w in cfg.warnings(crate::alloc::physical_memory()) {
+                        out.push_str("\nwarning: ");
+                        out.push_str(&w);
+                    }
+                    out
                 }
                 Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
             }

@@ -902,6 +902,29 @@ fn settings_change_on_a_live_mount() {
             assert!(!err.trim().is_empty(), "no message for {bad}");
         }
         assert_eq!(stats(&m.merged)["dirty_thresh_bytes"], 8 * MIB);
+        // Settings taken that do not do what they say are warned of on stderr (QA: a
+        // cache_size above the machine's memory warned at mount only); stdout keeps the
+        // settings alone.
+        let (ok, out, err) = cli(&["cache", "set", merged, "dirty_background_bytes=16M"]);
+        assert!(ok, "{err}");
+        assert!(
+            err.contains("unionfs-rs: warning: dirty_background_bytes 16777216 ")
+                && err.contains("not below the dirty limit (8388608 bytes)"),
+            "{err}"
+        );
+        assert!(!out.contains("warning"), "{out}");
+        assert_eq!(stats(&m.merged)["bg_thresh_bytes"], 4 * MIB);
+        let (ok, _, err) = cli(&["cache", "set", merged, "cache_size=100T"]);
+        assert!(ok, "{err}");
+        assert!(err.contains("more than this machine's memory"), "{err}");
+        let (ok, _, err) = cli(&[
+            "cache",
+            "set",
+            merged,
+            "cache_size=64M",
+            "dirty_background_bytes=1M",
+        ]);
+        assert!(ok && err.is_empty(), "{err}");
         m.unmount().expect("unmount");
     })
 }

@@ -90,22 +90,69 @@ impl CacheConfig {
     /// ([`CacheConfig::page_budget`]): dirty pages live in the cache, whose size bounds its
     /// memory (the kernel's own bound is the machine's memory).
     pub fn thresholds(&self) -> (u64, u64) {
+        let (bg, thresh) = self.asked_thresholds();
+        (if bg >= thresh { thresh / 2 } else { bg }, thresh)
+    }
+
+    /// (background threshold as asked, dirty limit): [`CacheConfig::thresholds`] before a
+    /// background threshold at or above the limit is halved.
+    fn asked_thresholds(&self) -> (u64, u64) {
         let thresh = if self.dirty_bytes > 0 {
             self.dirty_bytes
         } else {
             self.size / 100 * self.dirty_ratio + self.size % 100 * self.dirty_ratio / 100
         }
         .min(self.page_budget().max(2 * super::PAGE as u64));
-        let mut bg = if self.dirty_background_bytes > 0 {
+        let bg = if self.dirty_background_bytes > 0 {
             self.dirty_background_bytes
         } else {
             self.size / 100 * self.dirty_background_ratio
                 + self.size % 100 * self.dirty_background_ratio / 100
         };
-        if bg >= thresh {
-            bg = thresh / 2;
-        }
         (bg, thresh)
+    }
+
+    /// What these settings do that their values do not say (`physical_memory`: the machine's
+    /// memory, if known): each a sentence for a warning. The settings are taken as the kernel
+    /// takes its sysctls' (a background threshold at or above the limit is halved), but
+    /// whoever set them should hear it.
+    pub fn warnings(&self, physical_memory: Option<u64>) -> Vec<String> {
+        let mut w = Vec::new();
+        if let Some(mem) = physical_memory
+            && self.size > mem
+        {
+            w.push(format!(
+                "cache_size {} is more than this machine's memory ({} MiB): the cache may grow \
+                 until the daemon is out of memory",
+                self.size,
+                mem >> 20
+            ));
+        }
+        if self.size == 0 {
+            return w;
+        }
+        let budget = self.page_budget();
+        if self.dirty_bytes > budget {
+            w.push(format!(
+                "dirty_bytes {} is more than the cache's pages may take ({budget} bytes of \
+                 cache_size {}): the dirty limit is {budget}",
+                self.dirty_bytes, self.size
+            ));
+        }
+        let (bg, thresh) = self.asked_thresholds();
+        if bg > 0 && bg >= thresh {
+            let asked = if self.dirty_background_bytes > 0 {
+                format!("dirty_background_bytes {}", self.dirty_background_bytes)
+            } else {
+                format!("dirty_background_ratio {}", self.dirty_background_ratio)
+            };
+            w.push(format!(
+                "{asked} ({bg} bytes) is not below the dirty limit ({thresh} bytes): background \
+                 write-back starts at half the limit ({} bytes), as the kernel does",
+                thresh / 2
+            ));
+        }
+        w
     }
 
     /// Set one setting by name (`cache_size=64M`, `dirty-ratio=30`). Setting a ratio clears
@@ -247,6 +294,72 @@ pub fn pause(bytes: u64, dirty: u64, bg: u64, thresh: u64, bw: u64) -> Option<Du
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_do_not_do_what_they_say_are_warned_of() {
+        let c = CacheConfig {
+            size: 1000 << 20,
+            ..CacheConfig::default()
+        };
+        assert!(c.warnings(Some(1 << 40)).is_empty());
+        // More than the machine has.
+        let w = c.warnings(Some(512 << 20));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("more than this machine's memory (512 MiB)"),
+            "{w:?}"
+        );
+        // A background threshold at or above the limit (the kernel halves it).
+        let c2 = CacheConfig {
+            dirty_background_ratio: 30,
+            ..c
+        };
+        let w = c2.warnings(None);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("dirty_background_ratio 30 (314572800 bytes) is not below the dirty limit (209715200 bytes)")
+                && w[0].contains("half the limit (104857600 bytes)"),
+            "{w:?}"
+        );
+        let c3 = CacheConfig {
+            dirty_background_bytes: 300 << 20,
+            ..c
+        };
+        assert!(c3.warnings(None)[0].starts_with("dirty_background_bytes 314572800 "));
+        // Equal is not below either; just below is fine.
+        let c4 = CacheConfig {
+            dirty_background_bytes: 200 << 20,
+            ..c
+        };
+        assert_eq!(c4.warnings(None).len(), 1);
+        let c5 = CacheConfig {
+            dirty_background_bytes: (200 << 20) - 1,
+            ..c
+        };
+        assert!(c5.warnings(None).is_empty());
+        // A dirty limit above what pages may take; the background threshold under it is
+        // then compared with the capped limit.
+        let c6 = CacheConfig {
+            size: 16 << 20,
+            dirty_bytes: 160 << 20,
+            ..c
+        };
+        let w = c6.warnings(None);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("dirty_bytes 167772160 is more than the cache's pages may take"));
+        // A ratio of 0 asks for no background threshold; no cache, nothing to say.
+        let c7 = CacheConfig {
+            dirty_background_ratio: 0,
+            ..c
+        };
+        assert!(c7.warnings(None).is_empty());
+        let c8 = CacheConfig {
+            size: 0,
+            dirty_background_ratio: 50,
+            ..c
+        };
+        assert!(c8.warnings(None).is_empty());
+    }
 
     #[test]
     fn thresholds_like_the_sysctls() {

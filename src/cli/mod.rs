@@ -609,8 +609,11 @@ fn control_call(merged: &std::path::Path, line: &str) -> i32 {
                 .replace("\\\\", "\\"),
         ),
         Ok(r) => {
-            if !r.is_empty() {
-                println!("{r}");
+            for line in r.lines() {
+                match line.strip_prefix("warning: ") {
+                    Some(w) => eprintln!("unionfs-rs: warning: {w}"),
+                    None => println!("{line}"),
+                }
             }
             0
         }

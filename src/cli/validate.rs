@@ -137,15 +137,8 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     for u in &spec.unknown {
         eprintln!("unionfs-rs: warning: ignoring unknown option '{u}'");
     }
-    if let Some(mem) = crate::alloc::physical_memory()
-        && spec.cache.size > mem
-    {
-        eprintln!(
-            "unionfs-rs: warning: cache_size {} is more than this machine's memory ({} MiB): \
-             the cache may grow until the daemon is out of memory",
-            spec.cache.size,
-            mem >> 20
-        );
+    for w in spec.cache.warnings(crate::alloc::physical_memory()) {
+        eprintln!("unionfs-rs: warning: {w}");
     }
     spec.quota = spec.quota_args.to_config()?;
     if spec.quota.is_some() && spec.upper.is_none() {
