@@ -302,12 +302,20 @@ fn serve_one(conn: UnixStream, union: &Union, mount: &str) -> std::io::Result<()
 }
 
 /// Cache settings as `key=value` lines, with the thresholds they give.
-fn cache_kv(c: &crate::cache::CacheConfig) -> String {
+/// A cache's settings as `key=value` lines, then what they come to: the page budget, the
+/// thresholds, and the kernel's readahead in use (`kernel_readahead_kb=0` is auto; QA: `cache
+/// show` said 0 where stats said 8192).
+fn cache_kv(cache: &crate::cache::PageCache) -> String {
+    let c = cache.config();
     let mut out: Vec<String> = c.pairs().iter().map(|(k, v)| format!("{k}={v}")).collect();
     let (bg, th) = c.thresholds();
     out.push(format!("cache_page_budget={}", c.page_budget()));
     out.push(format!("bg_thresh_bytes={bg}"));
     out.push(format!("dirty_thresh_bytes={th}"));
+    out.push(format!(
+        "kernel_readahead_in_use_kb={}",
+        cache.kernel_readahead_kb()
+    ));
     out.join("\n")
 }
 
@@ -417,7 +425,7 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             s
         }
         Some("cache-show") => match union.cache() {
-            Some(c) => cache_kv(&c.config()),
+            Some(c) => cache_kv(c),
             None => "{\"error\":\"this mount has no page cache (mounted with cache_size=0)\"}".into(),
         },
         Some("cache-set") => {
@@ -450,9 +458,8 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                     }
                     // What the new settings do that their values do not say, on lines
                     // of their own (the CLI prints them on stderr).
-                    let cfg = c.config();
-                    let mut out = cache_kv(&cfg);
-                    for w in cfg.warnings(crate::alloc::physical_memory()) {
+                    let mut out = cache_kv(c);
+                    for w in c.config().warnings(crate::alloc::physical_memory()) {
                         out.push_str("\nwarning: ");
                         out.push_str(&w);
                     }

@@ -839,6 +839,12 @@ fn kernel_readahead_follows_the_setting_and_the_layers_disk() {
         assert!(out.status.success(), "{out:?}");
         assert_eq!(bdi_kb(&m.merged), 2048);
         assert_eq!(stats(&m.merged)["kernel_readahead_kb"], 2048);
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            shown.contains("\nkernel_readahead_kb=2048\n")
+                && shown.contains("\nkernel_readahead_in_use_kb=2048"),
+            "{shown}"
+        );
         m.unmount().expect("unmount");
 
         let m = mount_with(&[]);
@@ -857,6 +863,15 @@ fn kernel_readahead_follows_the_setting_and_the_layers_disk() {
             None => assert_eq!(got, 128, "no block device under the layers: the kernel's"),
         }
         assert_eq!(stats(&m.merged)["kernel_readahead_kb"], got);
+        // `cache show` gives the setting (0: auto) and what it came to (QA: it said 0 where
+        // stats said 8192).
+        let (ok, shown, err) = cli(&["cache", "show", m.merged.to_str().expect("path")]);
+        assert!(ok, "{err}");
+        assert!(
+            shown.contains("\nkernel_readahead_kb=0\n")
+                && shown.contains(&format!("\nkernel_readahead_in_use_kb={got}")),
+            "{shown}"
+        );
         m.unmount().expect("unmount");
     })
 }

@@ -907,6 +907,12 @@ impl PageCache {
         self.kernel_ra_kb.store(kb, Ordering::Relaxed);
     }
 
+    /// The kernel's readahead on the mount in KiB, as last applied (what
+    /// `kernel_readahead_kb=0`, auto, came to).
+    pub fn kernel_readahead_kb(&self) -> u64 {
+        self.kernel_ra_kb.load(Ordering::Relaxed)
+    }
+
     /// The current figures.
     pub fn stats(&self) -> CacheStats {
         let cfg = *self.cfg.read();
