@@ -301,7 +301,6 @@ fn serve_one(conn: UnixStream, union: &Union, mount: &str) -> std::io::Result<()
     w.write_all(b"\n")
 }
 
-/// Cache settings as `key=value` lines, with the thresholds they give.
 /// A cache's settings as `key=value` lines, then what they come to: the page budget, the
 /// thresholds, and the kernel's readahead in use (`kernel_readahead_kb=0` is auto; QA: `cache
 /// show` said 0 where stats said 8192).
@@ -438,6 +437,7 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
             };
             let mut cfg = c.config();
             let size_before = cfg.size;
+            let warned_before = cfg.warnings(crate::alloc::physical_memory());
             for kv in &words[1..] {
                 let Some((k, v)) = kv.split_once('=') else {
                     return format!("{{\"error\":{}}}", json_str(&format!("expected KEY=VALUE, got {kv}")));
@@ -457,11 +457,13 @@ fn handle(words: &[&str], peer: u32, union: &Union, mount: &str) -> String {
                         }
                     }
                     // What the new settings do that their values do not say, on lines
-                    // of their own (the CLI prints them on stderr).
+                    // of their own (the CLI prints them on stderr); not again what was
+                    // already so before this change.
                     let mut out = cache_kv(c);
-                    for w in c.config().warnings(crate::alloc::physical_memory()) {
+                    let warnings = c.config().warnings(crate::alloc::physical_memory());
+                    for w in warnings.iter().filter(|w| !warned_before.contains(w)) {
                         out.push_str("\nwarning: ");
-                        out.push_str(&w);
+                        out.push_str(w);
                     }
                     out
                 }

@@ -929,6 +929,9 @@ fn settings_change_on_a_live_mount() {
         );
         assert!(!out.contains("warning"), "{out}");
         assert_eq!(stats(&m.merged)["bg_thresh_bytes"], 4 * MIB);
+        // Not again for a change that does not cause it.
+        let (ok, _, err) = cli(&["cache", "set", merged, "readahead_kb=256"]);
+        assert!(ok && err.is_empty(), "{err}");
         let (ok, _, err) = cli(&["cache", "set", merged, "cache_size=100T"]);
         assert!(ok, "{err}");
         assert!(err.contains("more than this machine's memory"), "{err}");

@@ -84,6 +84,11 @@ impl CacheConfig {
         self.size / (p + PAGE_META) * p
     }
 
+    /// The most the dirty limit may be: what pages may take, and at least two pages.
+    fn dirty_cap(&self) -> u64 {
+        self.page_budget().max(2 * super::PAGE as u64)
+    }
+
     /// (bg_thresh, dirty_thresh) in bytes, as `domain_dirty_limits` computes them: the
     /// `*_bytes` settings win over the ratios; a background threshold at or above the limit
     /// becomes half the limit. No limit passes what pages may take
@@ -102,7 +107,7 @@ impl CacheConfig {
         } else {
             self.size / 100 * self.dirty_ratio + self.size % 100 * self.dirty_ratio / 100
         }
-        .min(self.page_budget().max(2 * super::PAGE as u64));
+        .min(self.dirty_cap());
         let bg = if self.dirty_background_bytes > 0 {
             self.dirty_background_bytes
         } else {
@@ -131,24 +136,28 @@ impl CacheConfig {
         if self.size == 0 {
             return w;
         }
-        let budget = self.page_budget();
-        if self.dirty_bytes > budget {
+        let cap = self.dirty_cap();
+        if self.dirty_bytes > cap {
             w.push(format!(
-                "dirty_bytes {} is more than the cache's pages may take ({budget} bytes of \
-                 cache_size {}): the dirty limit is {budget}",
+                "dirty_bytes {} is more than the cache's pages may take ({cap} bytes of \
+                 cache_size {}): the dirty limit is {cap}",
                 self.dirty_bytes, self.size
             ));
         }
         let (bg, thresh) = self.asked_thresholds();
         if bg > 0 && bg >= thresh {
             let asked = if self.dirty_background_bytes > 0 {
-                format!("dirty_background_bytes {}", self.dirty_background_bytes)
+                format!("dirty_background_bytes {bg}")
             } else {
-                format!("dirty_background_ratio {}", self.dirty_background_ratio)
+                format!(
+                    "dirty_background_ratio {} ({bg} bytes)",
+                    self.dirty_background_ratio
+                )
             };
             w.push(format!(
-                "{asked} ({bg} bytes) is not below the dirty limit ({thresh} bytes): background \
-                 write-back starts at half the limit ({} bytes), as the kernel does",
+                "{asked} is not below the dirty limit ({thresh} bytes): background write-back \
+                 starts at half the limit ({} bytes), as the kernel does; set \
+                 dirty_background_bytes or dirty_background_ratio below the limit to choose",
                 thresh / 2
             ));
         }
@@ -325,7 +334,10 @@ mod tests {
             dirty_background_bytes: 300 << 20,
             ..c
         };
-        assert!(c3.warnings(None)[0].starts_with("dirty_background_bytes 314572800 "));
+        assert!(
+            c3.warnings(None)[0]
+                .starts_with("dirty_background_bytes 314572800 is not below the dirty limit")
+        );
         // Equal is not below either; just below is fine.
         let c4 = CacheConfig {
             dirty_background_bytes: 200 << 20,
@@ -347,6 +359,16 @@ mod tests {
         let w = c6.warnings(None);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].starts_with("dirty_bytes 167772160 is more than the cache's pages may take"));
+        // The limit named is the one used: at least two pages (review: a 8K cache with
+        // dirty_bytes=8K was told 4096).
+        let tiny = CacheConfig {
+            size: 8192,
+            dirty_bytes: 8192,
+            dirty_background_bytes: 4096,
+            ..c
+        };
+        assert_eq!(tiny.thresholds().1, 8192);
+        assert!(tiny.warnings(None).is_empty(), "{:?}", tiny.warnings(None));
         // A ratio of 0 asks for no background threshold; no cache, nothing to say.
         let c7 = CacheConfig {
             dirty_background_ratio: 0,

@@ -303,44 +303,38 @@ fn mount_spec(m: MountArgs) -> Result<MountSpec, String> {
             format!("{}: default_options: {e}", at.display())
         })?;
     }
-    let mut flags: Vec<(String, Setter)> = vec![(
-        format!("LOWERS {}", m.lowers),
-        Box::new(move |s| {
-            s.lowers = lowers.clone();
-            s.data_lowers = data_lowers.clone();
-            Ok(())
-        }),
-    )];
-    if let [upper, _] = m.dirs.as_slice() {
-        let upper = upper.clone();
+    let mut flags: Vec<(String, Setter)> = Vec::new();
+    // (`mount "" MERGED -o lowerdir=…` gives the layers in -o only.)
+    if !lowers.is_empty() {
         flags.push((
-            format!("UPPER {}", upper.display()),
+            format!("LOWERS {}", m.lowers),
             Box::new(move |s| {
-                s.upper = Some(upper.clone());
+                s.lowers = lowers.clone();
+                s.data_lowers = data_lowers.clone();
                 Ok(())
             }),
         ));
     }
-    if let Some(w) = m.workdir {
+    let paths = [
+        ("UPPER", (m.dirs.len() == 2).then(|| m.dirs[0].clone())),
+        ("--workdir", m.workdir),
+        ("--log-file", m.log_file),
+    ];
+    for (name, path) in paths {
+        let Some(path) = path else { continue };
         flags.push((
-            format!("--workdir {}", w.display()),
+            format!("{name} {}", path.display()),
             Box::new(move |s| {
-                s.workdir = Some(w.clone());
+                let p = Some(path.clone());
+                match name {
+                    "UPPER" => s.upper = p,
+                    "--workdir" => s.workdir = p,
+                    _ => s.log_file = p,
+                }
                 Ok(())
             }),
         ));
     }
-    if let Some(l) = m.log_file {
-        flags.push((
-            format!("--log-file {}", l.display()),
-            Box::new(move |s| {
-                s.log_file = Some(l.clone());
-                Ok(())
-            }),
-        ));
-    }
-    // The rest are options of the -o form under their flag's name.
-    let mut kv: Vec<(&str, String)> = Vec::new();
     if m.foreground {
         flags.push((
             "--foreground".into(),
@@ -350,53 +344,67 @@ fn mount_spec(m: MountArgs) -> Result<MountSpec, String> {
             }),
         ));
     }
+    // The rest are options of the -o form under their flag's name: the switches as bare
+    // options, the others always as `key=value` (an empty value is refused as in -o).
     for (on, k) in [
         (m.userxattr, "userxattr"),
         (m.aufs_whiteouts, "aufs_whiteouts"),
         (m.debug, "debug"),
     ] {
         if on {
-            kv.push((k, String::new()));
+            let shown = format!("--{}", k.replace('_', "-"));
+            flags.push((shown, Box::new(move |s| options::apply_opt(s, k))));
         }
     }
-    kv.extend(
-        [
-            ("threads", m.threads.map(|t| t.to_string())),
-            ("size", m.size),
-            ("project_id", m.project_id),
-            ("quota_errno", m.quota_errno),
-            ("passthrough", m.passthrough),
-            ("writeback_cache", m.writeback_cache),
-            ("readdirplus", m.readdirplus),
-            ("prefetch", m.prefetch),
-            ("uring", m.uring),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v))),
-    );
+    let mut kv: Vec<(&str, String)> = [
+        ("threads", m.threads.map(|t| t.to_string())),
+        ("size", m.size),
+        ("project_id", m.project_id),
+        ("quota_errno", m.quota_errno),
+        ("passthrough", m.passthrough),
+        ("writeback_cache", m.writeback_cache),
+        ("readdirplus", m.readdirplus),
+        ("prefetch", m.prefetch),
+        ("uring", m.uring),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
     kv.extend(m.limits.given());
     kv.extend(m.cache.given());
     for (k, v) in kv {
-        let flag = format!("--{}", k.replace('_', "-"));
-        let (shown, opt) = if v.is_empty() {
-            (flag, k.to_string())
-        } else {
-            (format!("{flag} {v}"), format!("{k}={v}"))
-        };
+        let shown = format!("--{} {v:?}", k.replace('_', "-"));
+        let opt = format!("{k}={v}");
         flags.push((shown, Box::new(move |s| options::apply_opt(s, &opt))));
     }
-    let opts: Vec<String> = m.opts.iter().flat_map(|o| options::split_opts(o)).collect();
+    let opts: Vec<String> = m
+        .opts
+        .iter()
+        .flat_map(|o| options::split_opts(o))
+        .filter(|o| !o.trim().is_empty())
+        .collect();
+    // A flag conflicts with -o when the two orders give different mounts: -o as a whole
+    // (within it the last occurrence wins), so `--threads 2 -o threads=3,threads=2` is fine.
+    let all_opts = |s: &mut MountSpec| opts.iter().try_for_each(|o| options::apply_opt(s, o));
+    let differ = |set: &Setter, opt: &dyn Fn(&mut MountSpec) -> Result<(), String>| {
+        let (mut a, mut b) = (base.clone(), base.clone());
+        let flag_first = set(&mut a).and_then(|()| opt(&mut a));
+        let opt_first = opt(&mut b).and_then(|()| set(&mut b));
+        // (A value that is refused either way is reported below, when it is applied.)
+        flag_first.is_ok() && opt_first.is_ok() && a != b
+    };
     for (shown, set) in &flags {
-        for o in opts.iter().filter(|o| !o.trim().is_empty()) {
-            let (mut a, mut b) = (base.clone(), base.clone());
-            let flag_first = set(&mut a).and_then(|()| options::apply_opt(&mut a, o));
-            let opt_first = options::apply_opt(&mut b, o).and_then(|()| set(&mut b));
-            if flag_first.is_ok() && opt_first.is_ok() && format!("{a:?}") != format!("{b:?}") {
-                return Err(format!(
-                    "{shown} and -o {} disagree: give the setting once",
-                    o.trim()
-                ));
-            }
+        if differ(set, &all_opts) {
+            // Name the last -o element that disagrees alone (there is one unless only a
+            // combination of elements does).
+            let culprit = opts
+                .iter()
+                .rev()
+                .find(|o| differ(set, &|s: &mut MountSpec| options::apply_opt(s, o)))
+                .map_or_else(|| opts.join(","), |o| o.trim().to_string());
+            return Err(format!(
+                "{shown} and -o {culprit} conflict: give only one of them"
+            ));
         }
     }
     let mut spec = base;

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// Everything a mount request says, before validation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MountSpec {
     /// Lower dirs, top first.
     pub lowers: Vec<PathBuf>,

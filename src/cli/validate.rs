@@ -137,9 +137,6 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
     for u in &spec.unknown {
         eprintln!("unionfs-rs: warning: ignoring unknown option '{u}'");
     }
-    for w in spec.cache.warnings(crate::alloc::physical_memory()) {
-        eprintln!("unionfs-rs: warning: {w}");
-    }
     spec.quota = spec.quota_args.to_config()?;
     if spec.quota.is_some() && spec.upper.is_none() {
         return Err("a quota needs an upper directory".into());
@@ -375,6 +372,10 @@ pub fn validate(mut spec: MountSpec) -> Result<Checked, String> {
         prefetch: !spec.no_prefetch,
         selinux_enodata: spec.selinux_enodata,
     };
+    // Once the request is known to be good (a refused one says one thing).
+    for w in spec.cache.warnings(crate::alloc::physical_memory()) {
+        eprintln!("unionfs-rs: warning: {w}");
+    }
     Ok(Checked {
         opts,
         merged,

@@ -12,7 +12,7 @@ use super::{Error, Result, Union};
 use crate::quota::{Limits, Quota, scan, store};
 
 /// Quota settings of a mount request.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuotaConfig {
     /// Limits given on the command line (None: keep what the workdir recorded, if anything).
     pub limits: Option<Limits>,
