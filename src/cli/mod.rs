@@ -221,22 +221,19 @@ struct CacheFlags {
 }
 
 impl CacheFlags {
-    fn given(&self) -> Vec<(&'static str, String)> {
-        [
-            ("cache_size", &self.cache_size),
-            ("readahead_kb", &self.readahead_kb),
-            ("kernel_readahead_kb", &self.kernel_readahead_kb),
-            ("dirty_background_ratio", &self.dirty_background_ratio),
-            ("dirty_ratio", &self.dirty_ratio),
-            ("dirty_background_bytes", &self.dirty_background_bytes),
-            ("dirty_bytes", &self.dirty_bytes),
-            ("dirty_expire_centisecs", &self.dirty_expire_centisecs),
-            ("dirty_writeback_centisecs", &self.dirty_writeback_centisecs),
-            ("writeback_on_close", &self.writeback_on_close),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
-        .collect()
+    fn given(self) -> Vec<(&'static str, String)> {
+        given([
+            ("cache_size", self.cache_size),
+            ("readahead_kb", self.readahead_kb),
+            ("kernel_readahead_kb", self.kernel_readahead_kb),
+            ("dirty_background_ratio", self.dirty_background_ratio),
+            ("dirty_ratio", self.dirty_ratio),
+            ("dirty_background_bytes", self.dirty_background_bytes),
+            ("dirty_bytes", self.dirty_bytes),
+            ("dirty_expire_centisecs", self.dirty_expire_centisecs),
+            ("dirty_writeback_centisecs", self.dirty_writeback_centisecs),
+            ("writeback_on_close", self.writeback_on_close),
+        ])
     }
 }
 
@@ -266,18 +263,25 @@ struct LimitFlags {
 impl LimitFlags {
     /// The flags given, as (option name, value).
     fn given(self) -> Vec<(&'static str, String)> {
-        [
+        given([
             ("bhard", self.bhard),
             ("bsoft", self.bsoft),
             ("ihard", self.ihard),
             ("isoft", self.isoft),
             ("bgrace", self.bgrace),
             ("igrace", self.igrace),
-        ]
+        ])
+    }
+}
+
+/// The flags given among `flags`, as (option name, value).
+fn given<const N: usize>(
+    flags: [(&'static str, Option<String>); N],
+) -> Vec<(&'static str, String)> {
+    flags
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect()
-    }
 }
 
 /// What a command-line flag or argument does to a mount's spec.
@@ -356,7 +360,7 @@ fn mount_spec(m: MountArgs) -> Result<MountSpec, String> {
             flags.push((shown, Box::new(move |s| options::apply_opt(s, k))));
         }
     }
-    let mut kv: Vec<(&str, String)> = [
+    let mut kv = given([
         ("threads", m.threads.map(|t| t.to_string())),
         ("size", m.size),
         ("project_id", m.project_id),
@@ -366,10 +370,7 @@ fn mount_spec(m: MountArgs) -> Result<MountSpec, String> {
         ("readdirplus", m.readdirplus),
         ("prefetch", m.prefetch),
         ("uring", m.uring),
-    ]
-    .into_iter()
-    .filter_map(|(k, v)| v.map(|v| (k, v)))
-    .collect();
+    ]);
     kv.extend(m.limits.given());
     kv.extend(m.cache.given());
     for (k, v) in kv {

@@ -434,23 +434,17 @@ pub fn apply_opt(spec: &mut MountSpec, o: &str) -> Result<(), String> {
             spec.gid_map = crate::union::idmap::IdMap::parse(&need(v)?)?;
             spec.gid_map.squash = squash;
         }
-        "squash_to_uid" => {
-            spec.uid_map.squash = Some(
-                need(v)?
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|&id| id != u32::MAX)
-                    .ok_or_else(|| format!("squash_to_uid: not an id: {}", v.unwrap_or("")))?,
-            )
-        }
-        "squash_to_gid" => {
-            spec.gid_map.squash = Some(
-                need(v)?
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|&id| id != u32::MAX)
-                    .ok_or_else(|| format!("squash_to_gid: not an id: {}", v.unwrap_or("")))?,
-            )
+        "squash_to_uid" | "squash_to_gid" => {
+            let id = need(v)?
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| id != u32::MAX)
+                .ok_or_else(|| format!("{k}: not an id: {}", v.unwrap_or("")))?;
+            let map = match k {
+                "squash_to_uid" => &mut spec.uid_map,
+                _ => &mut spec.gid_map,
+            };
+            map.squash = Some(id);
         }
         "squash_to_root" => {
             spec.uid_map.squash = Some(0);
@@ -592,6 +586,25 @@ mod tests {
         apply_opts(&mut s, "dir_rename=exdev").unwrap();
         assert!(!s.dir_rename_copy);
         assert!(apply_opts(&mut s, "dir_rename=redirect").is_err());
+    }
+
+    #[test]
+    fn squash_ids() {
+        let mut s = MountSpec::default();
+        apply_opts(
+            &mut s,
+            "uidmapping=0:1000:1,squash_to_uid=5,squash_to_gid=6",
+        )
+        .unwrap();
+        assert_eq!((s.uid_map.squash, s.gid_map.squash), (Some(5), Some(6)));
+        // A mapping given after the squash keeps it.
+        apply_opts(&mut s, "gidmapping=0:1000:1").unwrap();
+        assert_eq!(s.gid_map.squash, Some(6));
+        for bad in ["squash_to_gid=x", "squash_to_gid=4294967295"] {
+            let e = apply_opts(&mut s, bad).unwrap_err();
+            assert!(e.starts_with("squash_to_gid: not an id"), "{e}");
+        }
+        assert_eq!(s.gid_map.squash, Some(6));
     }
 
     #[test]
