@@ -731,6 +731,10 @@ impl Union {
                     self.whiteout_sharing.store(false, Ordering::Relaxed);
                 }
             }
+            // Its name in the work dir goes with it (QA: left there until the next mount,
+            // it kept the inode from being freed with its last whiteout in upper, and the
+            // quota from counting that, for good). Its whiteouts in upper stay.
+            let _ = nix::unistd::unlinkat(work, s.as_os_str(), UnlinkatFlags::NoRemoveDir);
             *shared = None;
         }
         make_whiteout(work, tmp).ctx("make whiteout")?;
